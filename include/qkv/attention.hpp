@@ -1,0 +1,93 @@
+// Attention forward: scores, masks, stable softmax, and the weighted average of the values.
+// The semantics are those of shared/DESIGN.md §1–4; this header restates what a caller needs.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+#include "qkv/tensor.hpp"
+
+namespace qkv {
+
+// How a query q (row i) and a key k (row j) of one head are compared.
+enum class Score {
+  dot,         // q·k                      default scale 1
+  scaled_dot,  // q·k                      default scale 1/sqrt(Dq)
+  bilinear,    // qᵀ W k   (Luong)          default scale 1
+  additive,    // vᵀ tanh(Wq q + Wk k)      default scale 1 (Bahdanau)
+};
+
+// Where a causal mask puts its diagonal when Nq != Nk.
+enum class CausalAlign {
+  bottom_right,  // key j visible to query i iff j <= i + Nk - Nq   (FlashAttention, the default)
+  top_left,      // key j visible to query i iff j <= i             (PyTorch is_causal)
+};
+
+// "dot", "scaled_dot", "bilinear", "additive" (and back; throws qkv::Error on an unknown name).
+const char* score_name(Score score);
+Score parse_score(std::string_view name);
+const char* causal_align_name(CausalAlign align);
+CausalAlign parse_causal_align(std::string_view name);
+
+// Everything besides Q, K and V. Optional tensors are float32 or float64 unless said otherwise.
+struct AttentionOptions {
+  Score score = Score::scaled_dot;
+
+  // Multiplies every score; unset means the score's default (see Score).
+  std::optional<double> scale;
+  // Soft cap c > 0: s ← c·tanh(s/c) after scaling; 0 disables it.
+  double softcap = 0.0;
+
+  // bilinear: W [Dq, Dk] shared by all heads, or [Hq, Dq, Dk] one per query head.
+  std::optional<TensorView> w;
+  // additive: Wq [A, Dq], Wk [A, Dk], va [A] shared; or each with a leading Hq dimension.
+  std::optional<TensorView> wq;
+  std::optional<TensorView> wk;
+  std::optional<TensorView> va;
+
+  // ALiBi: adds -slope[h]·|i + Nk - Nq - j|. Shape [Hq], or [B, Hq] (one set per batch).
+  std::optional<TensorView> alibi_slopes;
+  // Float bias added to the scores, broadcastable to [B, Hq, Nq, Nk] (numpy rules, rank <= 4,
+  // aligned to the right). -inf entries hide a key, like a false mask entry.
+  std::optional<TensorView> bias;
+
+  // Masks; a key is visible only if every one of them lets it through.
+  bool causal = false;
+  CausalAlign causal_align = CausalAlign::bottom_right;
+  // Visible iff i + Nk - Nq - left <= j <= i + Nk - Nq + right; -1 leaves a side unbounded.
+  std::int64_t window_left = -1;
+  std::int64_t window_right = -1;
+  // [B], int32 or int64: keys j >= key_lengths[b] are padding. 0 <= key_lengths[b] <= Nk.
+  std::optional<TensorView> key_lengths;
+  // Boolean, broadcastable to [B, Hq, Nq, Nk]: true = may attend (PyTorch SDPA meaning).
+  std::optional<TensorView> mask;
+
+  // Worker threads; 0 uses the OpenMP default.
+  int threads = 0;
+};
+
+// Where results go. `out` is required; the others are computed only when given.
+struct AttentionOutputs {
+  // O [B, Nq, Hq, Dv], float32 or float64.
+  MutableTensorView out;
+  // LSE [B, Hq, Nq], float32 or float64: natural log of each row's softmax denominator.
+  std::optional<MutableTensorView> lse;
+  // P [B, Hq, Nq, Nk], float32 or float64: the softmax weights. O(N²) memory: only on request.
+  std::optional<MutableTensorView> weights;
+};
+
+// Attention forward.
+//   q: [B, Nq, Hq, Dq]   k: [B, Nk, Hk, Dk]   v: [B, Nk, Hk, Dv]
+// q, k, v share one dtype, float32 or float64, and may have any strides (PyTorch's [B, H, N, D]
+// storage is the view with strides permuted); a unit stride in the last dimension avoids a copy.
+// Hq % Hk == 0: query head h reads key/value head h / (Hq / Hk) (Hk == 1 is multi-query).
+// Dk == Dq for dot and scaled_dot. Results (DESIGN.md §4):
+//   P[i, j] = exp(s_ij - LSE_i) over visible keys, 0 elsewhere;  O_i = Σ_j P[i, j] V_j;
+//   LSE_i = log Σ_visible exp(s_ij). A row with no visible key gets O = 0, P = 0, LSE = -inf.
+// Never builds the Nq×Nk matrix unless `weights` is requested. Throws qkv::Error on bad input
+// before writing anything.
+void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const AttentionOptions& options, const AttentionOutputs& outputs);
+
+}  // namespace qkv

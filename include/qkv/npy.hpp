@@ -1,0 +1,51 @@
+// .npy files: numpy's array format, read as untrusted input.
+#pragma once
+
+#include <cstdint>
+#include <iosfwd>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "qkv/tensor.hpp"
+
+namespace qkv {
+
+// Reads a .npy file (format versions 1.0, 2.0, 3.0) holding a C-order, little-endian array of
+// float32 ('<f4'), float64 ('<f8'), bool ('|b1'), int32 ('<i4') or int64 ('<i8'), of any rank.
+// The file is untrusted: a bad magic string, an oversized or malformed header, an unsupported
+// dtype, Fortran order, a shape whose byte count overflows, or a data section shorter or longer
+// than the header promises all throw qkv::Error naming the file. Nothing is allocated for the
+// data until its size has been checked against the file's.
+Tensor load_npy(const std::string& path);
+
+// Parses .npy content from a stream of known total size `stream_bytes` (used by load_npy).
+// `what` names the source in error messages.
+Tensor read_npy(std::istream& in, std::uint64_t stream_bytes, const std::string& what);
+
+// Writes `array` (any strides; written densely in C order) as a .npy version 1.0 stream.
+void write_npy(std::ostream& out, const TensorView& array);
+
+// Writes `array` to `path` atomically: into a temporary file in the same folder, renamed over
+// `path` only when complete. Throws qkv::Error if the file cannot be written.
+void save_npy(const std::string& path, const TensorView& array);
+
+// Several .npy files written all or nothing. add_npy() writes each array completely into a
+// temporary file beside its target; commit() renames them all into place. Files not committed
+// (an error in between, or no commit at all) are removed when the object is destroyed, so a
+// failed command leaves no partial output behind.
+class StagedFiles {
+ public:
+  StagedFiles() = default;
+  StagedFiles(const StagedFiles&) = delete;
+  StagedFiles& operator=(const StagedFiles&) = delete;
+  ~StagedFiles();
+
+  void add_npy(const std::string& path, const TensorView& array);
+  void commit();
+
+ private:
+  std::vector<std::pair<std::string, std::string>> staged_;  // (temporary, final) paths
+};
+
+}  // namespace qkv

@@ -1,0 +1,8 @@
+// All of qkv's public API.
+#pragma once
+
+#include "qkv/attention.hpp"
+#include "qkv/error.hpp"
+#include "qkv/npy.hpp"
+#include "qkv/reference.hpp"
+#include "qkv/tensor.hpp"

@@ -1,0 +1,46 @@
+// attention_forward: validate once at the door, then hand the plain problem to a kernel.
+
+#include "qkv/attention.hpp"
+
+#include <fmt/format.h>
+
+#include "core/problem.hpp"
+#include "kernels/streaming_attention.hpp"
+#include "qkv/error.hpp"
+
+namespace qkv {
+
+const char* score_name(Score score) {
+  switch (score) {
+    case Score::dot: return "dot";
+    case Score::scaled_dot: return "scaled_dot";
+    case Score::bilinear: return "bilinear";
+    case Score::additive: return "additive";
+  }
+  return "unknown";
+}
+
+Score parse_score(std::string_view name) {
+  for (Score score : {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive}) {
+    if (name == score_name(score)) return score;
+  }
+  throw Error(fmt::format("score: expected dot, scaled_dot, bilinear or additive, got '{}'", name));
+}
+
+const char* causal_align_name(CausalAlign align) {
+  return align == CausalAlign::bottom_right ? "bottom-right" : "top-left";
+}
+
+CausalAlign parse_causal_align(std::string_view name) {
+  if (name == "bottom-right") return CausalAlign::bottom_right;
+  if (name == "top-left") return CausalAlign::top_left;
+  throw Error(fmt::format("causal_align: expected bottom-right or top-left, got '{}'", name));
+}
+
+void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
+                       const AttentionOptions& options, const AttentionOutputs& outputs) {
+  const detail::AttentionProblem problem = detail::make_problem(q, k, v, options, outputs);
+  kernels::streaming_attention(problem);
+}
+
+}  // namespace qkv

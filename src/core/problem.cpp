@@ -1,0 +1,349 @@
+#include "core/problem.hpp"
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+
+#include "qkv/error.hpp"
+
+namespace qkv::detail {
+
+double StridedInput::load(std::int64_t i0, std::int64_t i1, std::int64_t i2,
+                          std::int64_t i3) const {
+  const std::int64_t at = offset(i0, i1, i2, i3);
+  switch (dtype) {
+    case DType::float32: return reinterpret_cast<const float*>(data)[at];
+    case DType::float64: return reinterpret_cast<const double*>(data)[at];
+    case DType::boolean: return data[at] != std::byte{0} ? 1.0 : 0.0;
+    case DType::int32: return reinterpret_cast<const std::int32_t*>(data)[at];
+    case DType::int64:
+      return static_cast<double>(reinterpret_cast<const std::int64_t*>(data)[at]);
+  }
+  return 0.0;
+}
+
+void StridedOutput::store(double value, std::int64_t i0, std::int64_t i1, std::int64_t i2,
+                          std::int64_t i3) const {
+  const std::int64_t at = offset(i0, i1, i2, i3);
+  if (dtype == DType::float32) {
+    reinterpret_cast<float*>(data)[at] = static_cast<float>(value);
+  } else {
+    reinterpret_cast<double*>(data)[at] = value;
+  }
+}
+
+namespace {
+
+using Shape = std::array<std::int64_t, 4>;
+
+std::string dims(const TensorView& view) { return view.shape_string(); }
+
+bool is_float(DType dtype) { return dtype == DType::float32 || dtype == DType::float64; }
+
+// Rejects views whose addressed span overflows int64 (a lying stride or size).
+void check_extent(const TensorView& view, const char* name) {
+  checked_numel(std::span<const std::int64_t>(view.shape.data(), view.rank),
+                dtype_size(view.dtype), name);
+  if (view.numel() == 0) return;
+  constexpr auto kMax = std::numeric_limits<std::int64_t>::max() / 16;
+  std::int64_t reach = 0;
+  for (int d = 0; d < view.rank; ++d) {
+    const std::int64_t stride = std::llabs(view.strides[d]);
+    if (stride != 0 && view.shape[d] - 1 > (kMax - reach) / stride) {
+      throw Error(fmt::format("{}: expected strides that address memory, got strides [{}]", name,
+                              fmt::join(view.strides.begin(), view.strides.begin() + view.rank,
+                                        ", ")));
+    }
+    reach += stride * (view.shape[d] - 1);
+  }
+}
+
+void require_view(const TensorView& view, const char* name) {
+  if (view.rank < 0 || view.rank > kMaxRank) {
+    throw Error(fmt::format("{}: expected rank <= {}, got rank {}", name, kMaxRank, view.rank));
+  }
+  if (view.data == nullptr && view.numel() != 0) {
+    throw Error(fmt::format("{}: expected data for shape {}, got a null pointer", name, dims(view)));
+  }
+  check_extent(view, name);
+}
+
+void require_float(const TensorView& view, const char* name) {
+  if (!is_float(view.dtype)) {
+    throw Error(fmt::format("{}: expected dtype float32 or float64, got {}", name,
+                            dtype_name(view.dtype)));
+  }
+}
+
+StridedInput input_of(const TensorView& view) {
+  StridedInput input;
+  input.data = static_cast<const std::byte*>(view.data);
+  input.dtype = view.dtype;
+  input.present = true;
+  for (int d = 0; d < view.rank; ++d) input.strides[d] = view.strides[d];
+  return input;
+}
+
+// A [B, N, H, D] operand (q, k or v).
+StridedInput sequence_operand(const TensorView& view, const char* name, const char* layout) {
+  require_view(view, name);
+  if (view.rank != 4) {
+    throw Error(fmt::format("{}: expected rank 4 {}, got rank {} {}", name, layout, view.rank,
+                            dims(view)));
+  }
+  require_float(view, name);
+  return input_of(view);
+}
+
+// A parameter that is either shared (`shared_rank` dims matching `tail`) or per query head (one
+// more leading dim of size Hq). Returned with a leading head index whose stride is 0 if shared.
+StridedInput per_head_parameter(const TensorView& view, const char* name, const Shape& tail,
+                                int shared_rank, std::int64_t q_heads, const std::string& expect) {
+  require_view(view, name);
+  require_float(view, name);
+  const bool per_head = view.rank == shared_rank + 1;
+  bool ok = view.rank == shared_rank || per_head;
+  if (ok && per_head) ok = view.shape[0] == q_heads;
+  for (int d = 0; ok && d < shared_rank; ++d) {
+    ok = view.shape[d + (per_head ? 1 : 0)] == tail[d];
+  }
+  if (!ok) throw Error(fmt::format("{}: expected {}, got {}", name, expect, dims(view)));
+  StridedInput input = input_of(view);
+  if (!per_head) {
+    for (int d = shared_rank; d > 0; --d) input.strides[d] = input.strides[d - 1];
+    input.strides[0] = 0;
+  }
+  return input;
+}
+
+// A tensor broadcast (numpy rules, aligned right) to `target`.
+StridedInput broadcast_operand(const TensorView& view, const char* name, const Shape& target) {
+  require_view(view, name);
+  const std::string expected = fmt::format("a shape broadcastable to [B, Hq, Nq, Nk] = [{}]",
+                                           fmt::join(target, ", "));
+  StridedInput input;
+  input.data = static_cast<const std::byte*>(view.data);
+  input.dtype = view.dtype;
+  input.present = true;
+  const int skip = 4 - view.rank;
+  for (int d = 0; d < view.rank; ++d) {
+    const std::int64_t extent = view.shape[d];
+    if (extent == target[skip + d]) {
+      input.strides[skip + d] = extent == 1 ? 0 : view.strides[d];
+    } else if (extent == 1) {
+      input.strides[skip + d] = 0;
+    } else {
+      throw Error(fmt::format("{}: expected {}, got {}", name, expected, dims(view)));
+    }
+  }
+  return input;
+}
+
+StridedOutput output_of(const MutableTensorView& view, const char* name, const Shape& expected,
+                        int rank, const char* layout) {
+  const TensorView as_input = view.as_const();
+  require_view(as_input, name);
+  bool ok = view.rank == rank;
+  for (int d = 0; ok && d < rank; ++d) ok = view.shape[d] == expected[d];
+  if (!ok) {
+    throw Error(fmt::format("{}: expected {} = [{}], got {}", name, layout,
+                            fmt::join(expected.begin(), expected.begin() + rank, ", "),
+                            dims(as_input)));
+  }
+  if (!is_float(view.dtype)) {
+    throw Error(fmt::format("{}: expected dtype float32 or float64, got {}", name,
+                            dtype_name(view.dtype)));
+  }
+  StridedOutput output;
+  output.data = static_cast<std::byte*>(view.data);
+  output.dtype = view.dtype;
+  output.present = true;
+  for (int d = 0; d < rank; ++d) output.strides[d] = view.strides[d];
+  return output;
+}
+
+void reject_unused(const std::optional<TensorView>& given, const char* name, Score score,
+                   const char* used_by) {
+  if (given) {
+    throw Error(fmt::format("{}: expected none for score '{}' ({} is only used by {}), got {}",
+                            name, score_name(score), name, used_by, dims(*given)));
+  }
+}
+
+}  // namespace
+
+AttentionProblem make_problem(const TensorView& q, const TensorView& k, const TensorView& v,
+                              const AttentionOptions& options, const AttentionOutputs& outputs) {
+  AttentionProblem p;
+  p.q = sequence_operand(q, "q", "[B, Nq, Hq, Dq]");
+  p.k = sequence_operand(k, "k", "[B, Nk, Hk, Dk]");
+  p.v = sequence_operand(v, "v", "[B, Nk, Hk, Dv]");
+  if (k.dtype != q.dtype || v.dtype != q.dtype) {
+    throw Error(fmt::format("k, v: expected the dtype of q ({}), got k {} and v {}",
+                            dtype_name(q.dtype), dtype_name(k.dtype), dtype_name(v.dtype)));
+  }
+  p.dtype = q.dtype;
+  p.batch = q.shape[0];
+  p.q_len = q.shape[1];
+  p.q_heads = q.shape[2];
+  p.q_dim = q.shape[3];
+  p.k_len = k.shape[1];
+  p.kv_heads = k.shape[2];
+  p.k_dim = k.shape[3];
+  p.v_dim = v.shape[3];
+  if (k.shape[0] != p.batch) {
+    throw Error(fmt::format("k: expected batch B = {} (from q), got {}", p.batch, k.shape[0]));
+  }
+  if (v.shape[0] != p.batch || v.shape[1] != p.k_len || v.shape[2] != p.kv_heads) {
+    throw Error(fmt::format("v: expected [B, Nk, Hk, Dv] = [{}, {}, {}, Dv] (from q and k), got {}",
+                            p.batch, p.k_len, p.kv_heads, dims(v)));
+  }
+  if (p.q_heads < 1 || p.kv_heads < 1) {
+    throw Error(fmt::format("q, k: expected at least one head, got Hq = {}, Hk = {}", p.q_heads,
+                            p.kv_heads));
+  }
+  if (p.q_heads % p.kv_heads != 0) {
+    throw Error(fmt::format("k: expected Hk dividing Hq = {} (grouped-query attention), got Hk = {}",
+                            p.q_heads, p.kv_heads));
+  }
+  p.group_size = p.q_heads / p.kv_heads;
+  if (p.q_dim < 1 || p.k_dim < 1 || p.v_dim < 1) {
+    throw Error(fmt::format("q, k, v: expected head dims >= 1, got Dq = {}, Dk = {}, Dv = {}",
+                            p.q_dim, p.k_dim, p.v_dim));
+  }
+
+  // Scores and their parameters.
+  p.score = options.score;
+  switch (p.score) {
+    case Score::dot:
+    case Score::scaled_dot:
+      if (p.k_dim != p.q_dim) {
+        throw Error(fmt::format("k: expected Dk == Dq = {} for score '{}', got Dk = {}", p.q_dim,
+                                score_name(p.score), p.k_dim));
+      }
+      reject_unused(options.w, "w", p.score, "bilinear");
+      reject_unused(options.wq, "wq", p.score, "additive");
+      reject_unused(options.wk, "wk", p.score, "additive");
+      reject_unused(options.va, "va", p.score, "additive");
+      break;
+    case Score::bilinear:
+      if (!options.w) throw Error("w: expected [Dq, Dk] or [Hq, Dq, Dk] for score 'bilinear', got none");
+      p.w = per_head_parameter(*options.w, "w", {p.q_dim, p.k_dim, 0, 0}, 2, p.q_heads,
+                               fmt::format("[Dq, Dk] = [{0}, {1}] or [Hq, Dq, Dk] = [{2}, {0}, {1}]",
+                                           p.q_dim, p.k_dim, p.q_heads));
+      reject_unused(options.wq, "wq", p.score, "additive");
+      reject_unused(options.wk, "wk", p.score, "additive");
+      reject_unused(options.va, "va", p.score, "additive");
+      break;
+    case Score::additive: {
+      if (!options.wq || !options.wk || !options.va) {
+        throw Error(fmt::format("{}: expected a tensor for score 'additive' (it needs wq, wk and va), got none",
+                                !options.wq ? "wq" : !options.wk ? "wk" : "va"));
+      }
+      reject_unused(options.w, "w", p.score, "bilinear");
+      require_view(*options.va, "va");
+      if (options.va->rank < 1 || options.va->rank > 2) {
+        throw Error(fmt::format("va: expected [A] or [Hq, A], got {}", dims(*options.va)));
+      }
+      p.additive_dim = options.va->shape[options.va->rank - 1];
+      if (p.additive_dim < 1) throw Error("va: expected A >= 1, got A = 0");
+      const std::int64_t a = p.additive_dim;
+      p.va = per_head_parameter(*options.va, "va", {a, 0, 0, 0}, 1, p.q_heads,
+                                fmt::format("[A] = [{0}] or [Hq, A] = [{1}, {0}]", a, p.q_heads));
+      p.wq = per_head_parameter(*options.wq, "wq", {a, p.q_dim, 0, 0}, 2, p.q_heads,
+                                fmt::format("[A, Dq] = [{0}, {1}] or [Hq, A, Dq] = [{2}, {0}, {1}]",
+                                            a, p.q_dim, p.q_heads));
+      p.wk = per_head_parameter(*options.wk, "wk", {a, p.k_dim, 0, 0}, 2, p.q_heads,
+                                fmt::format("[A, Dk] = [{0}, {1}] or [Hq, A, Dk] = [{2}, {0}, {1}]",
+                                            a, p.k_dim, p.q_heads));
+      break;
+    }
+  }
+  if (options.scale) {
+    if (!std::isfinite(*options.scale)) {
+      throw Error(fmt::format("scale: expected a finite number, got {}", *options.scale));
+    }
+    p.scale = *options.scale;
+  } else {
+    p.scale = p.score == Score::scaled_dot ? 1.0 / std::sqrt(static_cast<double>(p.q_dim)) : 1.0;
+  }
+  if (!(options.softcap >= 0.0) || !std::isfinite(options.softcap)) {
+    throw Error(fmt::format("softcap: expected a finite number >= 0 (0 = off), got {}",
+                            options.softcap));
+  }
+  p.softcap = options.softcap;
+
+  const Shape score_shape{p.batch, p.q_heads, p.q_len, p.k_len};
+  if (options.alibi_slopes) {
+    const TensorView& slopes = *options.alibi_slopes;
+    require_view(slopes, "alibi_slopes");
+    require_float(slopes, "alibi_slopes");
+    const bool shared = slopes.rank == 1 && slopes.shape[0] == p.q_heads;
+    const bool per_batch =
+        slopes.rank == 2 && slopes.shape[0] == p.batch && slopes.shape[1] == p.q_heads;
+    if (!shared && !per_batch) {
+      throw Error(fmt::format("alibi_slopes: expected [Hq] = [{0}] or [B, Hq] = [{1}, {0}], got {2}",
+                              p.q_heads, p.batch, dims(slopes)));
+    }
+    p.alibi_slopes = input_of(slopes);
+    if (shared) p.alibi_slopes.strides = {0, slopes.strides[0], 0, 0};
+  }
+  if (options.bias) {
+    require_float(*options.bias, "bias");
+    p.bias = broadcast_operand(*options.bias, "bias", score_shape);
+  }
+  if (options.mask) {
+    if (options.mask->dtype != DType::boolean) {
+      throw Error(fmt::format("mask: expected dtype bool, got {}", dtype_name(options.mask->dtype)));
+    }
+    p.mask = broadcast_operand(*options.mask, "mask", score_shape);
+  }
+  if (options.key_lengths) {
+    const TensorView& lengths = *options.key_lengths;
+    require_view(lengths, "key_lengths");
+    if (lengths.dtype != DType::int32 && lengths.dtype != DType::int64) {
+      throw Error(fmt::format("key_lengths: expected dtype int32 or int64, got {}",
+                              dtype_name(lengths.dtype)));
+    }
+    if (lengths.rank != 1 || lengths.shape[0] != p.batch) {
+      throw Error(fmt::format("key_lengths: expected [B] = [{}], got {}", p.batch, dims(lengths)));
+    }
+    p.key_lengths = input_of(lengths);
+    for (std::int64_t b = 0; b < p.batch; ++b) {
+      const double length = p.key_lengths.load(b);
+      if (length < 0 || length > static_cast<double>(p.k_len)) {
+        throw Error(fmt::format("key_lengths: expected values in [0, Nk = {}], got {} at [{}]",
+                                p.k_len, length, b));
+      }
+    }
+  }
+  p.causal = options.causal;
+  p.causal_align = options.causal_align;
+  if (options.window_left < -1 || options.window_right < -1) {
+    throw Error(fmt::format("window: expected (left, right) each >= 0 or -1 (unbounded), got ({}, {})",
+                            options.window_left, options.window_right));
+  }
+  p.window_left = options.window_left;
+  p.window_right = options.window_right;
+  if (options.threads < 0) {
+    throw Error(fmt::format("threads: expected >= 0 (0 = default), got {}", options.threads));
+  }
+  p.threads = options.threads;
+
+  // Results.
+  p.out = output_of(outputs.out, "out", {p.batch, p.q_len, p.q_heads, p.v_dim}, 4,
+                    "[B, Nq, Hq, Dv]");
+  if (outputs.lse) {
+    p.lse = output_of(*outputs.lse, "lse", {p.batch, p.q_heads, p.q_len, 0}, 3, "[B, Hq, Nq]");
+  }
+  if (outputs.weights) {
+    p.weights = output_of(*outputs.weights, "weights", score_shape, 4, "[B, Hq, Nq, Nk]");
+  }
+  return p;
+}
+
+}  // namespace qkv::detail

@@ -1,0 +1,94 @@
+// The validated attention problem: every check happens once, in make_problem, and the kernels
+// below it read this plain struct without re-checking (FlashAttention's flash_api habit).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+
+#include "qkv/attention.hpp"
+
+namespace qkv::detail {
+
+// An input read through four indices; a dimension that is broadcast or absent has stride 0.
+struct StridedInput {
+  const std::byte* data = nullptr;
+  DType dtype = DType::float32;
+  std::array<std::int64_t, 4> strides{};
+  bool present = false;
+
+  std::int64_t offset(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
+                      std::int64_t i3 = 0) const {
+    return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
+  }
+  // The element widened to double (bool → 0/1, integers exactly when |x| < 2^53).
+  double load(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
+              std::int64_t i3 = 0) const;
+  template <class T>
+  const T* pointer(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
+                   std::int64_t i3 = 0) const {
+    return reinterpret_cast<const T*>(data) + offset(i0, i1, i2, i3);
+  }
+};
+
+// An output written through (up to) four indices.
+struct StridedOutput {
+  std::byte* data = nullptr;
+  DType dtype = DType::float32;
+  std::array<std::int64_t, 4> strides{};
+  bool present = false;
+
+  std::int64_t offset(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
+                      std::int64_t i3 = 0) const {
+    return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
+  }
+  // Rounds `value` to the output dtype (float32 or float64) and stores it.
+  void store(double value, std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
+             std::int64_t i3 = 0) const;
+};
+
+struct AttentionProblem {
+  // Sizes (DESIGN.md §1). additive_dim is A for the additive score, 0 otherwise.
+  std::int64_t batch = 0, q_len = 0, k_len = 0, q_heads = 0, kv_heads = 0;
+  std::int64_t q_dim = 0, k_dim = 0, v_dim = 0, additive_dim = 0;
+  std::int64_t group_size = 1;  // Hq / Hk: query heads per key/value head
+
+  Score score = Score::scaled_dot;
+  double scale = 1.0;    // resolved: the caller's or the score's default
+  double softcap = 0.0;  // 0 = off
+  DType dtype = DType::float32;  // of q, k and v
+
+  StridedInput q, k, v;        // (b, n, h, d)
+  StridedInput w;              // bilinear (h, a, c): stride 0 on h when shared
+  StridedInput wq, wk;         // additive (h, a, d)
+  StridedInput va;             // additive (h, a)
+  StridedInput alibi_slopes;   // (b, h)
+  StridedInput bias;           // (b, h, i, j), broadcast
+  StridedInput mask;           // (b, h, i, j), broadcast, bool
+  StridedInput key_lengths;    // (b), int32 or int64, each in [0, Nk]
+
+  bool causal = false;
+  CausalAlign causal_align = CausalAlign::bottom_right;
+  std::int64_t window_left = -1, window_right = -1;
+  int threads = 0;
+
+  StridedOutput out;      // (b, i, h, d)
+  StridedOutput lse;      // (b, h, i)
+  StridedOutput weights;  // (b, h, i, j)
+
+  // Keys of batch b at or past this index are padding.
+  std::int64_t key_length(std::int64_t b) const {
+    return key_lengths.present ? static_cast<std::int64_t>(key_lengths.load(b)) : k_len;
+  }
+  // Key/value head read by query head h.
+  std::int64_t kv_head(std::int64_t h) const { return h / group_size; }
+  // The diagonal offset Nk − Nq of bottom-right alignment.
+  std::int64_t diagonal() const { return k_len - q_len; }
+};
+
+// Checks every argument against the contract and resolves defaults. Throws qkv::Error naming the
+// argument, the expectation and what was given.
+AttentionProblem make_problem(const TensorView& q, const TensorView& k, const TensorView& v,
+                              const AttentionOptions& options, const AttentionOutputs& outputs);
+
+}  // namespace qkv::detail

@@ -1,0 +1,16 @@
+// Attention evaluated literally, in a chosen precision. With Real = double this is the oracle
+// (qkv::attention_reference); with Real = float it is the naive float32 algorithm whose error
+// against the oracle sets the tolerance of every float32 kernel test (STYLE.md: error floors).
+#pragma once
+
+#include "core/problem.hpp"
+
+namespace qkv::detail {
+
+template <class Real>
+void naive_attention(const AttentionProblem& problem);
+
+extern template void naive_attention<float>(const AttentionProblem&);
+extern template void naive_attention<double>(const AttentionProblem&);
+
+}  // namespace qkv::detail

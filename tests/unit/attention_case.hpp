@@ -1,0 +1,70 @@
+// Test cases for attention: random inputs for a described problem, and runs of the fast path,
+// the float64 reference and the naive float32 evaluation on them.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <ostream>
+#include <string>
+
+#include "qkv/attention.hpp"
+#include "qkv/tensor.hpp"
+
+namespace qkv::testing {
+
+struct AttentionCase {
+  std::int64_t batch = 1, q_len = 8, k_len = 8, q_heads = 2, kv_heads = 1;
+  std::int64_t q_dim = 8, k_dim = 0 /* 0: same as q_dim */, v_dim = 8, additive_dim = 8;
+  Score score = Score::scaled_dot;
+  bool per_head_parameters = false;  // W / Wq, Wk, v with a leading Hq dimension
+  std::optional<double> scale;
+  double softcap = 0.0;
+  bool alibi = false;
+  bool bias = false;          // a [B, 1, Nq, Nk] float bias
+  bool causal = false;
+  CausalAlign causal_align = CausalAlign::bottom_right;
+  std::int64_t window_left = -1, window_right = -1;
+  bool key_lengths = false;   // batch b keeps (b + 1)·Nk / (B + 1) keys, one batch keeps none
+  bool mask = false;          // a random [1, Hq, Nq, Nk] boolean mask with one all-false row
+  bool head_major = false;    // q, k, v stored as PyTorch's [B, H, N, D], read through strides
+  bool spaced_last_dim = false;  // q, k, v with stride 2 along D (forces a packed copy)
+  double input_scale = 1.0;   // standard deviation of q and k entries
+  std::uint64_t seed = 1;
+
+  std::int64_t key_dim() const { return k_dim > 0 ? k_dim : q_dim; }
+  std::string name() const;
+};
+
+// How GoogleTest prints a case: its name, not its bytes.
+void PrintTo(const AttentionCase& c, std::ostream* os);
+
+// Owns the tensors of a case and the views and options that point into them.
+struct AttentionInputs {
+  Tensor q_storage, k_storage, v_storage;
+  Tensor w, wq, wk, va, alibi_slopes, bias, mask, key_lengths;
+  TensorView q, k, v;
+  AttentionOptions options;
+};
+
+// Builds the inputs of `c` in dtype float32 or float64 (parameters in float32).
+AttentionInputs make_inputs(const AttentionCase& c, DType dtype);
+
+// Dense results in one dtype.
+struct AttentionResults {
+  Tensor out, lse, weights;
+  AttentionOutputs outputs(bool with_weights);
+};
+AttentionResults allocate_results(const AttentionCase& c, DType dtype);
+
+enum class Evaluator { fast, reference, naive_float32 };
+AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& inputs, Evaluator evaluator,
+                          DType result_dtype, bool with_weights);
+
+// max |a - b| over all elements; equal infinities count as 0, a NaN anywhere as +inf.
+double max_abs_difference(const Tensor& a, const Tensor& b);
+// max |x|, ignoring infinities.
+double max_abs(const Tensor& a);
+// Element i widened to double.
+double element(const Tensor& t, std::int64_t i);
+
+}  // namespace qkv::testing

@@ -1,0 +1,326 @@
+// Properties of attention that hold whatever the inputs: they check the fast path against facts,
+// not against another implementation.
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <numeric>
+#include <random>
+
+#include "attention_case.hpp"
+#include "qkv/attention.hpp"
+#include "qkv/error.hpp"
+#include "qkv/reference.hpp"
+
+namespace qkv::testing {
+namespace {
+
+AttentionCase masked_case() {
+  AttentionCase c;
+  c.batch = 2;
+  c.q_len = 40;
+  c.k_len = 75;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.q_dim = 16;
+  c.v_dim = 12;
+  c.causal = true;
+  c.window_left = 30;
+  c.key_lengths = true;
+  c.mask = true;
+  return c;
+}
+
+TEST(AttentionProperties, WeightRowsSumToOneOverVisibleKeys) {
+  for (Score score : {Score::scaled_dot, Score::bilinear, Score::additive}) {
+    AttentionCase c = masked_case();
+    c.score = score;
+    const AttentionInputs in = make_inputs(c, DType::float32);
+    const AttentionResults r = evaluate(c, in, Evaluator::fast, DType::float64, true);
+    const AttentionResults reference = evaluate(c, in, Evaluator::reference, DType::float64, true);
+    std::int64_t empty_rows = 0;
+    for (std::int64_t row = 0; row < c.batch * c.q_heads * c.q_len; ++row) {
+      double sum = 0.0;
+      for (std::int64_t j = 0; j < c.k_len; ++j) {
+        const double p = element(r.weights, row * c.k_len + j);
+        ASSERT_GE(p, 0.0);
+        // Hidden keys (weight exactly 0 in the reference) get exactly 0.
+        if (element(reference.weights, row * c.k_len + j) == 0.0) {
+          ASSERT_EQ(p, 0.0);
+        }
+        sum += p;
+      }
+      if (std::isinf(element(r.lse, row))) {
+        ++empty_rows;
+        EXPECT_EQ(sum, 0.0);
+      } else {
+        EXPECT_NEAR(sum, 1.0, 1e-5) << score_name(score) << " row " << row;
+      }
+    }
+    EXPECT_GT(empty_rows, 0) << "the case is meant to contain rows with no visible key";
+  }
+}
+
+// LSE is log Σ exp(s) over the visible keys, with s = scale·q·k computed here directly.
+TEST(AttentionProperties, LseIsLogSumExpOfScores) {
+  AttentionCase c;
+  c.batch = 2;
+  c.q_len = 9;
+  c.k_len = 31;
+  c.q_heads = 2;
+  c.kv_heads = 1;
+  c.q_dim = 5;
+  c.causal = true;
+  c.causal_align = CausalAlign::top_left;
+  const AttentionInputs in = make_inputs(c, DType::float64);
+  const AttentionResults r = evaluate(c, in, Evaluator::fast, DType::float64, false);
+  const auto* q = static_cast<const double*>(in.q.data);
+  const auto* k = static_cast<const double*>(in.k.data);
+  const double scale = 1.0 / std::sqrt(5.0);
+  for (std::int64_t b = 0; b < c.batch; ++b) {
+    for (std::int64_t h = 0; h < c.q_heads; ++h) {
+      for (std::int64_t i = 0; i < c.q_len; ++i) {
+        double sum = 0.0;
+        for (std::int64_t j = 0; j <= i; ++j) {
+          double s = 0.0;
+          for (std::int64_t d = 0; d < c.q_dim; ++d) {
+            s += q[((b * c.q_len + i) * c.q_heads + h) * c.q_dim + d] *
+                 k[((b * c.k_len + j) * c.kv_heads + 0) * c.q_dim + d];
+          }
+          sum += std::exp(scale * s);
+        }
+        EXPECT_NEAR(element(r.lse, (b * c.q_heads + h) * c.q_len + i), std::log(sum), 1e-12);
+      }
+    }
+  }
+}
+
+// Permuting keys and values together (and the columns of the mask and bias with them) leaves O
+// unchanged.
+TEST(AttentionProperties, PermutingKeysAndValuesTogetherKeepsOutput) {
+  for (Score score : {Score::dot, Score::bilinear, Score::additive}) {
+    AttentionCase c;
+    c.batch = 2;
+    c.q_len = 11;
+    c.k_len = 50;
+    c.q_heads = 4;
+    c.kv_heads = 2;
+    c.score = score;
+    c.k_dim = score == Score::dot ? 0 : 6;
+    c.mask = true;
+    c.bias = true;
+    AttentionInputs in = make_inputs(c, DType::float64);
+    const AttentionResults before = evaluate(c, in, Evaluator::fast, DType::float64, false);
+
+    std::vector<std::int64_t> order(static_cast<std::size_t>(c.k_len));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), std::mt19937_64(7));
+    Tensor k(DType::float64, {c.batch, c.k_len, c.kv_heads, c.key_dim()});
+    Tensor v(DType::float64, {c.batch, c.k_len, c.kv_heads, c.v_dim});
+    Tensor mask(DType::boolean, {1, c.q_heads, c.q_len, c.k_len});
+    Tensor bias(DType::float32, {c.batch, 1, c.q_len, c.k_len});
+    const std::int64_t k_row = c.kv_heads * c.key_dim(), v_row = c.kv_heads * c.v_dim;
+    for (std::int64_t b = 0; b < c.batch; ++b) {
+      for (std::int64_t j = 0; j < c.k_len; ++j) {
+        const std::int64_t from = order[static_cast<std::size_t>(j)];
+        for (std::int64_t e = 0; e < k_row; ++e) {
+          k.data<double>()[(b * c.k_len + j) * k_row + e] =
+              in.k_storage.data<double>()[(b * c.k_len + from) * k_row + e];
+        }
+        for (std::int64_t e = 0; e < v_row; ++e) {
+          v.data<double>()[(b * c.k_len + j) * v_row + e] =
+              in.v_storage.data<double>()[(b * c.k_len + from) * v_row + e];
+        }
+      }
+    }
+    for (std::int64_t row = 0; row < c.q_heads * c.q_len; ++row) {
+      for (std::int64_t j = 0; j < c.k_len; ++j) {
+        mask.data<bool>()[row * c.k_len + j] =
+            in.mask.data<bool>()[row * c.k_len + order[static_cast<std::size_t>(j)]];
+      }
+    }
+    for (std::int64_t row = 0; row < c.batch * c.q_len; ++row) {
+      for (std::int64_t j = 0; j < c.k_len; ++j) {
+        bias.data<float>()[row * c.k_len + j] =
+            in.bias.data<float>()[row * c.k_len + order[static_cast<std::size_t>(j)]];
+      }
+    }
+    in.k = k.view();
+    in.v = v.view();
+    in.options.mask = mask.view();
+    in.options.bias = bias.view();
+    const AttentionResults after = evaluate(c, in, Evaluator::fast, DType::float64, false);
+    EXPECT_LE(max_abs_difference(before.out, after.out), 1e-12) << score_name(score);
+    EXPECT_LE(max_abs_difference(before.lse, after.lse), 1e-12) << score_name(score);
+  }
+}
+
+// causal equals an explicit boolean mask of the same shape, for both alignments.
+TEST(AttentionProperties, CausalEqualsExplicitTriangularMask) {
+  for (auto [nq, nk, align] : std::vector<std::tuple<std::int64_t, std::int64_t, CausalAlign>>{
+           {48, 48, CausalAlign::bottom_right},
+           {48, 48, CausalAlign::top_left},
+           {20, 90, CausalAlign::bottom_right},
+           {90, 20, CausalAlign::bottom_right},
+           {20, 90, CausalAlign::top_left}}) {
+    AttentionCase c;
+    c.q_len = nq;
+    c.k_len = nk;
+    c.causal = true;
+    c.causal_align = align;
+    AttentionInputs in = make_inputs(c, DType::float32);
+    const AttentionResults causal = evaluate(c, in, Evaluator::fast, DType::float32, true);
+    Tensor mask(DType::boolean, {nq, nk});
+    for (std::int64_t i = 0; i < nq; ++i) {
+      for (std::int64_t j = 0; j < nk; ++j) {
+        const std::int64_t last = align == CausalAlign::bottom_right ? i + nk - nq : i;
+        mask.data<bool>()[i * nk + j] = j <= last;
+      }
+    }
+    in.options.causal = false;
+    in.options.mask = mask.view();
+    const AttentionResults masked = evaluate(c, in, Evaluator::fast, DType::float32, true);
+    EXPECT_LE(max_abs_difference(causal.out, masked.out), 1e-6);
+    EXPECT_LE(max_abs_difference(causal.lse, masked.lse), 1e-6);
+    EXPECT_LE(max_abs_difference(causal.weights, masked.weights), 1e-6);
+  }
+}
+
+TEST(AttentionProperties, BilinearWithIdentityEqualsDot) {
+  AttentionCase c;
+  c.q_len = 30;
+  c.k_len = 45;
+  c.q_dim = 12;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.causal = true;
+  c.score = Score::dot;
+  AttentionInputs in = make_inputs(c, DType::float32);
+  const AttentionResults dot = evaluate(c, in, Evaluator::fast, DType::float32, true);
+  Tensor identity(DType::float32, {c.q_dim, c.q_dim});
+  for (std::int64_t d = 0; d < c.q_dim; ++d) identity.data<float>()[d * c.q_dim + d] = 1.0f;
+  in.options.score = Score::bilinear;
+  in.options.w = identity.view();
+  const AttentionResults bilinear = evaluate(c, in, Evaluator::fast, DType::float32, true);
+  EXPECT_EQ(max_abs_difference(dot.out, bilinear.out), 0.0);
+  EXPECT_EQ(max_abs_difference(dot.weights, bilinear.weights), 0.0);
+}
+
+// Asking for the weights changes nothing else.
+TEST(AttentionProperties, WeightsRequestDoesNotChangeOutput) {
+  const AttentionCase c = masked_case();
+  const AttentionInputs in = make_inputs(c, DType::float32);
+  const AttentionResults with = evaluate(c, in, Evaluator::fast, DType::float32, true);
+  const AttentionResults without = evaluate(c, in, Evaluator::fast, DType::float32, false);
+  EXPECT_EQ(max_abs_difference(with.out, without.out), 0.0);
+  EXPECT_EQ(max_abs_difference(with.lse, without.lse), 0.0);
+}
+
+TEST(AttentionProperties, ThreadCountDoesNotChangeResults) {
+  AttentionCase c = masked_case();
+  c.q_len = 130;
+  const AttentionInputs in = make_inputs(c, DType::float32);
+  AttentionInputs one = in, two = in;
+  one.options.threads = 1;
+  two.options.threads = 2;
+  const AttentionResults a = evaluate(c, one, Evaluator::fast, DType::float32, true);
+  const AttentionResults b = evaluate(c, two, Evaluator::fast, DType::float32, true);
+  EXPECT_EQ(max_abs_difference(a.out, b.out), 0.0);
+  EXPECT_EQ(max_abs_difference(a.weights, b.weights), 0.0);
+}
+
+// Rows that see no key: O = 0, P = 0, LSE = -inf, and never NaN, for every way a row can end up
+// empty: padding, a false mask row, causal with Nq > Nk, a window beyond the keys, a -inf bias.
+TEST(AttentionEdges, FullyMaskedRowsGiveZerosNotNaN) {
+  struct Way {
+    const char* name;
+    std::function<void(AttentionCase&)> set_case;
+    std::function<void(AttentionInputs&, Tensor&)> set_inputs;
+  };
+  const std::vector<Way> ways = {
+      {"key_lengths 0", [](AttentionCase& c) { c.batch = 2, c.key_lengths = true; }, nullptr},
+      {"false mask row", [](AttentionCase& c) { c.mask = true; }, nullptr},
+      {"causal Nq > Nk", [](AttentionCase& c) { c.q_len = 20, c.k_len = 8, c.causal = true; },
+       nullptr},
+      {"window past the keys", [](AttentionCase& c) { c.window_left = 0, c.window_right = 0, c.k_len = 4, c.q_len = 9; },
+       nullptr},
+      {"-inf bias",
+       [](AttentionCase&) {},
+       [](AttentionInputs& in, Tensor& bias) {
+         bias = Tensor(DType::float32, {1});
+         bias.data<float>()[0] = -std::numeric_limits<float>::infinity();
+         in.options.bias = bias.view();
+       }},
+      {"no keys at all", [](AttentionCase& c) { c.k_len = 0; }, nullptr},
+  };
+  for (const Way& way : ways) {
+    for (Score score : {Score::scaled_dot, Score::bilinear, Score::additive}) {
+      for (DType dtype : {DType::float32, DType::float64}) {
+        AttentionCase c;
+        c.q_len = 12;
+        c.k_len = 10;
+        c.score = score;
+        way.set_case(c);
+        AttentionInputs in = make_inputs(c, dtype);
+        Tensor keep_alive;
+        if (way.set_inputs) way.set_inputs(in, keep_alive);
+        for (Evaluator evaluator : {Evaluator::fast, Evaluator::reference}) {
+          const AttentionResults r = evaluate(c, in, evaluator, dtype, true);
+          std::int64_t empty_rows = 0;
+          for (std::int64_t row = 0; row < r.lse.numel(); ++row) {
+            const double lse = element(r.lse, row);
+            ASSERT_FALSE(std::isnan(lse)) << way.name;
+            if (lse != -std::numeric_limits<double>::infinity()) continue;
+            ++empty_rows;
+            const std::int64_t b = row / (c.q_heads * c.q_len), h = (row / c.q_len) % c.q_heads,
+                               i = row % c.q_len;
+            for (std::int64_t d = 0; d < c.v_dim; ++d) {
+              ASSERT_EQ(element(r.out, ((b * c.q_len + i) * c.q_heads + h) * c.v_dim + d), 0.0)
+                  << way.name;
+            }
+            for (std::int64_t j = 0; j < c.k_len; ++j) {
+              ASSERT_EQ(element(r.weights, row * c.k_len + j), 0.0) << way.name;
+            }
+          }
+          EXPECT_GT(empty_rows, 0) << way.name;
+          for (std::int64_t n = 0; n < r.out.numel(); ++n) ASSERT_TRUE(std::isfinite(element(r.out, n)));
+        }
+      }
+    }
+  }
+}
+
+// Logits of ±1e4: exact in float32 (q = ±100, k = ±100, D = 1), and the softmax must neither
+// overflow nor lose the row.
+TEST(AttentionEdges, ExtremeLogitsStayFinite) {
+  const float q[] = {100.0f, -100.0f, 100.0f};
+  const float k[] = {100.0f, -100.0f, 99.0f, -99.0f};
+  const float v[] = {1.0f, 2.0f, 3.0f, 4.0f};
+  for (float bias_value : {0.0f, 1e4f, -1e4f}) {
+    Tensor out(DType::float32, {1, 3, 1, 1}), lse(DType::float32, {1, 1, 3});
+    Tensor reference_out(DType::float64, {1, 3, 1, 1}), reference_lse(DType::float64, {1, 1, 3});
+    AttentionOptions options;
+    options.score = Score::dot;
+    const float bias[] = {bias_value, 0.0f, 0.0f, 0.0f};
+    options.bias = TensorView::contiguous(bias, DType::float32, {4});
+    const auto qv = TensorView::contiguous(q, DType::float32, {1, 3, 1, 1});
+    const auto kv = TensorView::contiguous(k, DType::float32, {1, 4, 1, 1});
+    const auto vv = TensorView::contiguous(v, DType::float32, {1, 4, 1, 1});
+    attention_forward(qv, kv, vv, options, {out.mutable_view(), lse.mutable_view(), {}});
+    attention_reference(qv, kv, vv, options,
+                        {reference_out.mutable_view(), reference_lse.mutable_view(), {}});
+    for (std::int64_t i = 0; i < 3; ++i) {
+      EXPECT_TRUE(std::isfinite(out.data<float>()[i]));
+      EXPECT_TRUE(std::isfinite(lse.data<float>()[i]));
+      EXPECT_NEAR(out.data<float>()[i], reference_out.data<double>()[i], 1e-5);
+      // LSE of ~1e4 carries float32's spacing there (~1e-3).
+      EXPECT_NEAR(lse.data<float>()[i], reference_lse.data<double>()[i], 2e-3);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qkv::testing

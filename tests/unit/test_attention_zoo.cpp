@@ -1,0 +1,196 @@
+// The shape zoo: the fast path against the float64 reference over sizes, head dims, GQA ratios,
+// every score and every mask, with tolerances from the error floor of the naive float32
+// evaluation (STYLE.md) and the contract's bound (DESIGN.md §7).
+
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "attention_case.hpp"
+
+namespace qkv::testing {
+namespace {
+
+// Every score, with its per-head parameter variants.
+std::vector<AttentionCase> score_variants(AttentionCase base) {
+  std::vector<AttentionCase> cases;
+  for (Score score : {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive}) {
+    for (bool per_head : {false, true}) {
+      if (per_head && (score == Score::dot || score == Score::scaled_dot)) continue;
+      AttentionCase c = base;
+      c.score = score;
+      c.per_head_parameters = per_head;
+      if (score == Score::bilinear || score == Score::additive) c.k_dim = c.q_dim + 3;
+      cases.push_back(c);
+    }
+  }
+  return cases;
+}
+
+std::vector<AttentionCase> shape_zoo() {
+  std::vector<AttentionCase> zoo;
+  auto add_all_scores = [&](const AttentionCase& base) {
+    for (const AttentionCase& c : score_variants(base)) zoo.push_back(c);
+  };
+  std::uint64_t seed = 100;
+  // 1. Sequence lengths, square and not.
+  for (std::int64_t n : {1, 7, 63, 64, 65, 257}) {
+    AttentionCase c;
+    c.q_len = c.k_len = n;
+    c.seed = ++seed;
+    add_all_scores(c);
+  }
+  for (auto [nq, nk] : std::vector<std::pair<std::int64_t, std::int64_t>>{
+           {7, 65}, {65, 7}, {1, 257}, {64, 1}, {63, 130}}) {
+    AttentionCase c;
+    c.q_len = nq;
+    c.k_len = nk;
+    c.causal = true;
+    c.seed = ++seed;
+    add_all_scores(c);
+  }
+  // 2. Head dims, with Dv equal and different.
+  for (std::int64_t d : {1, 8, 64, 80, 128}) {
+    for (std::int64_t dv : {d, d + 5}) {
+      AttentionCase c;
+      c.q_len = 33;
+      c.k_len = 47;
+      c.q_dim = d;
+      c.v_dim = dv;
+      c.seed = ++seed;
+      add_all_scores(c);
+    }
+  }
+  // 3. Grouped-query ratios 1, 2, 4 and multi-query, in a batch with different key lengths.
+  for (auto [hq, hk] : std::vector<std::pair<std::int64_t, std::int64_t>>{
+           {4, 4}, {4, 2}, {8, 2}, {4, 1}}) {
+    AttentionCase c;
+    c.batch = 3;
+    c.q_heads = hq;
+    c.kv_heads = hk;
+    c.q_len = 20;
+    c.k_len = 70;
+    c.key_lengths = true;
+    c.seed = ++seed;
+    add_all_scores(c);
+  }
+  // 4. Every mask, alone and combined, under every score.
+  std::vector<AttentionCase> masks;
+  {
+    AttentionCase c;
+    c.batch = 2;
+    c.q_len = 37;
+    c.k_len = 70;
+    c.q_heads = 4;
+    c.kv_heads = 2;
+    masks.push_back(c);
+    AttentionCase causal = c;
+    causal.causal = true;
+    masks.push_back(causal);
+    causal.causal_align = CausalAlign::top_left;
+    masks.push_back(causal);
+    AttentionCase window = c;
+    window.window_left = 9;
+    window.window_right = 4;
+    masks.push_back(window);
+    window.window_right = -1;
+    masks.push_back(window);
+    window.window_left = -1;
+    window.window_right = 0;
+    masks.push_back(window);
+    AttentionCase lengths = c;
+    lengths.key_lengths = true;
+    masks.push_back(lengths);
+    AttentionCase boolean = c;
+    boolean.mask = true;
+    masks.push_back(boolean);
+    AttentionCase all = c;
+    all.causal = true;
+    all.window_left = 20;
+    all.key_lengths = true;
+    all.mask = true;
+    masks.push_back(all);
+    all.q_len = 90;  // Nq > Nk: bottom-right causal leaves the first rows empty
+    masks.push_back(all);
+  }
+  for (AttentionCase c : masks) {
+    c.seed = ++seed;
+    add_all_scores(c);
+  }
+  // 5. Score transforms: explicit scale, soft cap, ALiBi, float bias, alone and together.
+  for (int variant = 0; variant < 5; ++variant) {
+    AttentionCase c;
+    c.q_len = 29;
+    c.k_len = 41;
+    c.q_heads = 4;
+    c.kv_heads = 2;
+    c.input_scale = 2.0;
+    if (variant == 0 || variant == 4) c.scale = 0.37;
+    if (variant == 1 || variant == 4) c.softcap = 5.0;
+    if (variant == 2 || variant == 4) c.alibi = true;
+    if (variant == 3 || variant == 4) c.bias = true;
+    if (variant == 4) c.causal = true;
+    c.seed = ++seed;
+    add_all_scores(c);
+  }
+  // 6. Strided storage: PyTorch's [B, H, N, D], and a non-unit stride along D.
+  for (bool spaced : {false, true}) {
+    AttentionCase c;
+    c.batch = 2;
+    c.q_len = 19;
+    c.k_len = 66;
+    c.q_heads = 4;
+    c.kv_heads = 2;
+    c.head_major = true;
+    c.spaced_last_dim = spaced;
+    c.mask = true;
+    c.seed = ++seed;
+    add_all_scores(c);
+  }
+  return zoo;
+}
+
+class ShapeZoo : public ::testing::TestWithParam<AttentionCase> {};
+
+// Checks one result against the reference: within twice the naive float32 error plus a small
+// absolute backstop, and within the contract's 1e-5·(1 + max|ref|).
+void expect_close(const Tensor& fast, const Tensor& naive, const Tensor& reference,
+                  const char* what, const std::string& name) {
+  const double error = max_abs_difference(fast, reference);
+  const double floor = max_abs_difference(naive, reference);
+  const double magnitude = 1.0 + max_abs(reference);
+  EXPECT_LE(error, 2.0 * floor + 1e-6 * magnitude)
+      << name << " " << what << ": naive float32 error " << floor;
+  EXPECT_LE(error, 1e-5 * magnitude) << name << " " << what;
+}
+
+TEST_P(ShapeZoo, Float32MatchesReference) {
+  const AttentionCase& c = GetParam();
+  const AttentionInputs inputs = make_inputs(c, DType::float32);
+  const AttentionResults reference = evaluate(c, inputs, Evaluator::reference, DType::float64, true);
+  const AttentionResults naive = evaluate(c, inputs, Evaluator::naive_float32, DType::float64, true);
+  const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, true);
+  expect_close(fast.out, naive.out, reference.out, "out", c.name());
+  expect_close(fast.lse, naive.lse, reference.lse, "lse", c.name());
+  expect_close(fast.weights, naive.weights, reference.weights, "weights", c.name());
+}
+
+TEST_P(ShapeZoo, Float64MatchesReference) {
+  const AttentionCase& c = GetParam();
+  const AttentionInputs inputs = make_inputs(c, DType::float64);
+  const AttentionResults reference = evaluate(c, inputs, Evaluator::reference, DType::float64, true);
+  const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float64, true);
+  for (auto [got, want, what] : {std::tuple{&fast.out, &reference.out, "out"},
+                                 std::tuple{&fast.lse, &reference.lse, "lse"},
+                                 std::tuple{&fast.weights, &reference.weights, "weights"}}) {
+    EXPECT_LE(max_abs_difference(*got, *want), 1e-12 * (1.0 + max_abs(*want))) << c.name() << " " << what;
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Attention, ShapeZoo, ::testing::ValuesIn(shape_zoo()),
+                         [](const ::testing::TestParamInfo<AttentionCase>& param) {
+                           return std::to_string(param.index) + "_" + param.param.name();
+                         });
+
+}  // namespace
+}  // namespace qkv::testing
