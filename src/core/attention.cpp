@@ -12,10 +12,14 @@ namespace qkv {
 
 const char* score_name(Score score) {
   switch (score) {
-    case Score::dot: return "dot";
-    case Score::scaled_dot: return "scaled_dot";
-    case Score::bilinear: return "bilinear";
-    case Score::additive: return "additive";
+    case Score::dot:
+      return "dot";
+    case Score::scaled_dot:
+      return "scaled_dot";
+    case Score::bilinear:
+      return "bilinear";
+    case Score::additive:
+      return "additive";
   }
   return "unknown";
 }

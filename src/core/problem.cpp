@@ -16,10 +16,14 @@ double StridedInput::load(std::int64_t i0, std::int64_t i1, std::int64_t i2,
                           std::int64_t i3) const {
   const std::int64_t at = offset(i0, i1, i2, i3);
   switch (dtype) {
-    case DType::float32: return reinterpret_cast<const float*>(data)[at];
-    case DType::float64: return reinterpret_cast<const double*>(data)[at];
-    case DType::boolean: return data[at] != std::byte{0} ? 1.0 : 0.0;
-    case DType::int32: return reinterpret_cast<const std::int32_t*>(data)[at];
+    case DType::float32:
+      return reinterpret_cast<const float*>(data)[at];
+    case DType::float64:
+      return reinterpret_cast<const double*>(data)[at];
+    case DType::boolean:
+      return data[at] != std::byte{0} ? 1.0 : 0.0;
+    case DType::int32:
+      return reinterpret_cast<const std::int32_t*>(data)[at];
     case DType::int64:
       return static_cast<double>(reinterpret_cast<const std::int64_t*>(data)[at]);
   }
@@ -40,23 +44,27 @@ namespace {
 
 using Shape = std::array<std::int64_t, 4>;
 
-std::string dims(const TensorView& view) { return view.shape_string(); }
+std::string dims(const TensorView& view) {
+  return view.shape_string();
+}
 
-bool is_float(DType dtype) { return dtype == DType::float32 || dtype == DType::float64; }
+bool is_float(DType dtype) {
+  return dtype == DType::float32 || dtype == DType::float64;
+}
 
 // Rejects views whose addressed span overflows int64 (a lying stride or size).
 void check_extent(const TensorView& view, const char* name) {
-  checked_numel(std::span<const std::int64_t>(view.shape.data(), view.rank),
-                dtype_size(view.dtype), name);
+  checked_numel(std::span<const std::int64_t>(view.shape.data(), view.rank), dtype_size(view.dtype),
+                name);
   if (view.numel() == 0) return;
   constexpr auto kMax = std::numeric_limits<std::int64_t>::max() / 16;
   std::int64_t reach = 0;
   for (int d = 0; d < view.rank; ++d) {
     const std::int64_t stride = std::llabs(view.strides[d]);
     if (stride != 0 && view.shape[d] - 1 > (kMax - reach) / stride) {
-      throw Error(fmt::format("{}: expected strides that address memory, got strides [{}]", name,
-                              fmt::join(view.strides.begin(), view.strides.begin() + view.rank,
-                                        ", ")));
+      throw Error(
+          fmt::format("{}: expected strides that address memory, got strides [{}]", name,
+                      fmt::join(view.strides.begin(), view.strides.begin() + view.rank, ", ")));
     }
     reach += stride * (view.shape[d] - 1);
   }
@@ -67,15 +75,16 @@ void require_view(const TensorView& view, const char* name) {
     throw Error(fmt::format("{}: expected rank <= {}, got rank {}", name, kMaxRank, view.rank));
   }
   if (view.data == nullptr && view.numel() != 0) {
-    throw Error(fmt::format("{}: expected data for shape {}, got a null pointer", name, dims(view)));
+    throw Error(
+        fmt::format("{}: expected data for shape {}, got a null pointer", name, dims(view)));
   }
   check_extent(view, name);
 }
 
 void require_float(const TensorView& view, const char* name) {
   if (!is_float(view.dtype)) {
-    throw Error(fmt::format("{}: expected dtype float32 or float64, got {}", name,
-                            dtype_name(view.dtype)));
+    throw Error(
+        fmt::format("{}: expected dtype float32 or float64, got {}", name, dtype_name(view.dtype)));
   }
 }
 
@@ -92,8 +101,8 @@ StridedInput input_of(const TensorView& view) {
 StridedInput sequence_operand(const TensorView& view, const char* name, const char* layout) {
   require_view(view, name);
   if (view.rank != 4) {
-    throw Error(fmt::format("{}: expected rank 4 {}, got rank {} {}", name, layout, view.rank,
-                            dims(view)));
+    throw Error(
+        fmt::format("{}: expected rank 4 {}, got rank {} {}", name, layout, view.rank, dims(view)));
   }
   require_float(view, name);
   return input_of(view);
@@ -123,8 +132,8 @@ StridedInput per_head_parameter(const TensorView& view, const char* name, const 
 // A tensor broadcast (numpy rules, aligned right) to `target`.
 StridedInput broadcast_operand(const TensorView& view, const char* name, const Shape& target) {
   require_view(view, name);
-  const std::string expected = fmt::format("a shape broadcastable to [B, Hq, Nq, Nk] = [{}]",
-                                           fmt::join(target, ", "));
+  const std::string expected =
+      fmt::format("a shape broadcastable to [B, Hq, Nq, Nk] = [{}]", fmt::join(target, ", "));
   StridedInput input;
   input.data = static_cast<const std::byte*>(view.data);
   input.dtype = view.dtype;
@@ -155,8 +164,8 @@ StridedOutput output_of(const MutableTensorView& view, const char* name, const S
                             dims(as_input)));
   }
   if (!is_float(view.dtype)) {
-    throw Error(fmt::format("{}: expected dtype float32 or float64, got {}", name,
-                            dtype_name(view.dtype)));
+    throw Error(
+        fmt::format("{}: expected dtype float32 or float64, got {}", name, dtype_name(view.dtype)));
   }
   StridedOutput output;
   output.data = static_cast<std::byte*>(view.data);
@@ -207,8 +216,9 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
                             p.kv_heads));
   }
   if (p.q_heads % p.kv_heads != 0) {
-    throw Error(fmt::format("k: expected Hk dividing Hq = {} (grouped-query attention), got Hk = {}",
-                            p.q_heads, p.kv_heads));
+    throw Error(
+        fmt::format("k: expected Hk dividing Hq = {} (grouped-query attention), got Hk = {}",
+                    p.q_heads, p.kv_heads));
   }
   p.group_size = p.q_heads / p.kv_heads;
   if (p.q_dim < 1 || p.k_dim < 1 || p.v_dim < 1) {
@@ -231,18 +241,23 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
       reject_unused(options.va, "va", p.score, "additive");
       break;
     case Score::bilinear:
-      if (!options.w) throw Error("w: expected [Dq, Dk] or [Hq, Dq, Dk] for score 'bilinear', got none");
-      p.w = per_head_parameter(*options.w, "w", {p.q_dim, p.k_dim, 0, 0}, 2, p.q_heads,
-                               fmt::format("[Dq, Dk] = [{0}, {1}] or [Hq, Dq, Dk] = [{2}, {0}, {1}]",
-                                           p.q_dim, p.k_dim, p.q_heads));
+      if (!options.w)
+        throw Error("w: expected [Dq, Dk] or [Hq, Dq, Dk] for score 'bilinear', got none");
+      p.w =
+          per_head_parameter(*options.w, "w", {p.q_dim, p.k_dim, 0, 0}, 2, p.q_heads,
+                             fmt::format("[Dq, Dk] = [{0}, {1}] or [Hq, Dq, Dk] = [{2}, {0}, {1}]",
+                                         p.q_dim, p.k_dim, p.q_heads));
       reject_unused(options.wq, "wq", p.score, "additive");
       reject_unused(options.wk, "wk", p.score, "additive");
       reject_unused(options.va, "va", p.score, "additive");
       break;
     case Score::additive: {
       if (!options.wq || !options.wk || !options.va) {
-        throw Error(fmt::format("{}: expected a tensor for score 'additive' (it needs wq, wk and va), got none",
-                                !options.wq ? "wq" : !options.wk ? "wk" : "va"));
+        throw Error(fmt::format(
+            "{}: expected a tensor for score 'additive' (it needs wq, wk and va), got none",
+            !options.wq   ? "wq"
+            : !options.wk ? "wk"
+                          : "va"));
       }
       reject_unused(options.w, "w", p.score, "bilinear");
       require_view(*options.va, "va");
@@ -272,8 +287,8 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     p.scale = p.score == Score::scaled_dot ? 1.0 / std::sqrt(static_cast<double>(p.q_dim)) : 1.0;
   }
   if (!(options.softcap >= 0.0) || !std::isfinite(options.softcap)) {
-    throw Error(fmt::format("softcap: expected a finite number >= 0 (0 = off), got {}",
-                            options.softcap));
+    throw Error(
+        fmt::format("softcap: expected a finite number >= 0 (0 = off), got {}", options.softcap));
   }
   p.softcap = options.softcap;
 
@@ -286,8 +301,9 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     const bool per_batch =
         slopes.rank == 2 && slopes.shape[0] == p.batch && slopes.shape[1] == p.q_heads;
     if (!shared && !per_batch) {
-      throw Error(fmt::format("alibi_slopes: expected [Hq] = [{0}] or [B, Hq] = [{1}, {0}], got {2}",
-                              p.q_heads, p.batch, dims(slopes)));
+      throw Error(
+          fmt::format("alibi_slopes: expected [Hq] = [{0}] or [B, Hq] = [{1}, {0}], got {2}",
+                      p.q_heads, p.batch, dims(slopes)));
     }
     p.alibi_slopes = input_of(slopes);
     if (shared) p.alibi_slopes.strides = {0, slopes.strides[0], 0, 0};
@@ -298,7 +314,8 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
   }
   if (options.mask) {
     if (options.mask->dtype != DType::boolean) {
-      throw Error(fmt::format("mask: expected dtype bool, got {}", dtype_name(options.mask->dtype)));
+      throw Error(
+          fmt::format("mask: expected dtype bool, got {}", dtype_name(options.mask->dtype)));
     }
     p.mask = broadcast_operand(*options.mask, "mask", score_shape);
   }
@@ -324,8 +341,9 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
   p.causal = options.causal;
   p.causal_align = options.causal_align;
   if (options.window_left < -1 || options.window_right < -1) {
-    throw Error(fmt::format("window: expected (left, right) each >= 0 or -1 (unbounded), got ({}, {})",
-                            options.window_left, options.window_right));
+    throw Error(
+        fmt::format("window: expected (left, right) each >= 0 or -1 (unbounded), got ({}, {})",
+                    options.window_left, options.window_right));
   }
   p.window_left = options.window_left;
   p.window_right = options.window_right;
@@ -335,8 +353,8 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
   p.threads = options.threads;
 
   // Results.
-  p.out = output_of(outputs.out, "out", {p.batch, p.q_len, p.q_heads, p.v_dim}, 4,
-                    "[B, Nq, Hq, Dv]");
+  p.out =
+      output_of(outputs.out, "out", {p.batch, p.q_len, p.q_heads, p.v_dim}, 4, "[B, Nq, Hq, Dv]");
   if (outputs.lse) {
     p.lse = output_of(*outputs.lse, "lse", {p.batch, p.q_heads, p.q_len, 0}, 3, "[B, Hq, Nq]");
   }

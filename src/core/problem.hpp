@@ -22,8 +22,7 @@ struct StridedInput {
     return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
   }
   // The element widened to double (bool → 0/1, integers exactly when |x| < 2^53).
-  double load(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
-              std::int64_t i3 = 0) const;
+  double load(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0, std::int64_t i3 = 0) const;
   template <class T>
   const T* pointer(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
                    std::int64_t i3 = 0) const {
@@ -54,18 +53,18 @@ struct AttentionProblem {
   std::int64_t group_size = 1;  // Hq / Hk: query heads per key/value head
 
   Score score = Score::scaled_dot;
-  double scale = 1.0;    // resolved: the caller's or the score's default
-  double softcap = 0.0;  // 0 = off
+  double scale = 1.0;            // resolved: the caller's or the score's default
+  double softcap = 0.0;          // 0 = off
   DType dtype = DType::float32;  // of q, k and v
 
-  StridedInput q, k, v;        // (b, n, h, d)
-  StridedInput w;              // bilinear (h, a, c): stride 0 on h when shared
-  StridedInput wq, wk;         // additive (h, a, d)
-  StridedInput va;             // additive (h, a)
-  StridedInput alibi_slopes;   // (b, h)
-  StridedInput bias;           // (b, h, i, j), broadcast
-  StridedInput mask;           // (b, h, i, j), broadcast, bool
-  StridedInput key_lengths;    // (b), int32 or int64, each in [0, Nk]
+  StridedInput q, k, v;       // (b, n, h, d)
+  StridedInput w;             // bilinear (h, a, c): stride 0 on h when shared
+  StridedInput wq, wk;        // additive (h, a, d)
+  StridedInput va;            // additive (h, a)
+  StridedInput alibi_slopes;  // (b, h)
+  StridedInput bias;          // (b, h, i, j), broadcast
+  StridedInput mask;          // (b, h, i, j), broadcast, bool
+  StridedInput key_lengths;   // (b), int32 or int64, each in [0, Nk]
 
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;

@@ -11,22 +11,32 @@ namespace qkv {
 
 const char* dtype_name(DType dtype) {
   switch (dtype) {
-    case DType::float32: return "float32";
-    case DType::float64: return "float64";
-    case DType::boolean: return "bool";
-    case DType::int32: return "int32";
-    case DType::int64: return "int64";
+    case DType::float32:
+      return "float32";
+    case DType::float64:
+      return "float64";
+    case DType::boolean:
+      return "bool";
+    case DType::int32:
+      return "int32";
+    case DType::int64:
+      return "int64";
   }
   return "unknown";
 }
 
 std::size_t dtype_size(DType dtype) {
   switch (dtype) {
-    case DType::float32: return 4;
-    case DType::float64: return 8;
-    case DType::boolean: return 1;
-    case DType::int32: return 4;
-    case DType::int64: return 8;
+    case DType::float32:
+      return 4;
+    case DType::float64:
+      return 8;
+    case DType::boolean:
+      return 1;
+    case DType::int32:
+      return 4;
+    case DType::int64:
+      return 8;
   }
   return 0;
 }
@@ -128,7 +138,9 @@ bool TensorView::is_contiguous() const {
   return true;
 }
 
-TensorView TensorView::with_rank(int new_rank) const { return reshape_rank(*this, new_rank); }
+TensorView TensorView::with_rank(int new_rank) const {
+  return reshape_rank(*this, new_rank);
+}
 
 MutableTensorView MutableTensorView::with_rank(int new_rank) const {
   return reshape_rank(*this, new_rank);
@@ -144,15 +156,17 @@ Tensor::Tensor(DType dtype, std::vector<std::int64_t> shape)
   bytes_.assign(static_cast<std::size_t>(numel_) * dtype_size(dtype_), std::byte{0});
 }
 
-TensorView Tensor::view() const { return TensorView::contiguous(bytes_.data(), dtype_, shape_); }
+TensorView Tensor::view() const {
+  return TensorView::contiguous(bytes_.data(), dtype_, shape_);
+}
 
 MutableTensorView Tensor::mutable_view() {
   return MutableTensorView::contiguous(bytes_.data(), dtype_, shape_);
 }
 
 Tensor to_tensor(const TensorView& view) {
-  Tensor result(view.dtype, std::vector<std::int64_t>(view.shape.begin(),
-                                                      view.shape.begin() + view.rank));
+  Tensor result(view.dtype,
+                std::vector<std::int64_t>(view.shape.begin(), view.shape.begin() + view.rank));
   const std::size_t element = dtype_size(view.dtype);
   auto* destination = static_cast<std::byte*>(result.raw());
   const auto* source = static_cast<const std::byte*>(view.data);

@@ -77,7 +77,7 @@ class HeaderParser {
   }
   void skip_space() {
     while (position_ < text_.size() && (text_[position_] == ' ' || text_[position_] == '\n' ||
-                                         text_[position_] == '\t' || text_[position_] == '\r')) {
+                                        text_[position_] == '\t' || text_[position_] == '\r')) {
       ++position_;
     }
   }
@@ -128,7 +128,8 @@ class HeaderParser {
       }
       if (digits == 0) fail(fmt::format("expected a non-negative integer at byte {}", position_));
       shape.push_back(value);
-      if (shape.size() > kMaxRankInFile) fail(fmt::format("more than {} dimensions", kMaxRankInFile));
+      if (shape.size() > kMaxRankInFile)
+        fail(fmt::format("more than {} dimensions", kMaxRankInFile));
       if (!peek(')')) expect(',');
     }
     expect(')');
@@ -154,11 +155,16 @@ DType dtype_from_descr(const std::string& descr, const std::string& what) {
 
 const char* descr_of(DType dtype) {
   switch (dtype) {
-    case DType::float32: return "<f4";
-    case DType::float64: return "<f8";
-    case DType::boolean: return "|b1";
-    case DType::int32: return "<i4";
-    case DType::int64: return "<i8";
+    case DType::float32:
+      return "<f4";
+    case DType::float64:
+      return "<f8";
+    case DType::boolean:
+      return "|b1";
+    case DType::int32:
+      return "<i4";
+    case DType::int64:
+      return "<i8";
   }
   return "";
 }
@@ -233,9 +239,9 @@ Tensor read_npy(std::istream& in, std::uint64_t stream_bytes, const std::string&
 Tensor load_npy(const std::string& path) {
   std::error_code error;
   if (!std::filesystem::is_regular_file(path, error)) {
-    throw Error(fmt::format("{}: expected a readable .npy file, got {}", path,
-                            std::filesystem::exists(path, error) ? "something that is not a file"
-                                                                 : "no such file"));
+    throw Error(fmt::format(
+        "{}: expected a readable .npy file, got {}", path,
+        std::filesystem::exists(path, error) ? "something that is not a file" : "no such file"));
   }
   const std::uint64_t size = std::filesystem::file_size(path, error);
   std::ifstream in(path, std::ios::binary);
@@ -244,10 +250,13 @@ Tensor load_npy(const std::string& path) {
 }
 
 void write_npy(std::ostream& out, const TensorView& array) {
-  std::string dict = fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': (",
-                                 descr_of(array.dtype));
+  std::string dict =
+      fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': (", descr_of(array.dtype));
   for (int d = 0; d < array.rank; ++d) {
-    dict += fmt::format("{}{}", array.shape[d], array.rank == 1 ? "," : d + 1 < array.rank ? ", " : "");
+    dict += fmt::format("{}{}", array.shape[d],
+                        array.rank == 1      ? ","
+                        : d + 1 < array.rank ? ", "
+                                             : "");
   }
   dict += "), }";
   // Pad with spaces so that the data starts on a 64-byte boundary, and end with a newline.
@@ -262,7 +271,8 @@ void write_npy(std::ostream& out, const TensorView& array) {
   out << dict;
   if (array.is_contiguous()) {
     out.write(static_cast<const char*>(array.data),
-              static_cast<std::streamsize>(array.numel() * static_cast<std::int64_t>(dtype_size(array.dtype))));
+              static_cast<std::streamsize>(array.numel() *
+                                           static_cast<std::int64_t>(dtype_size(array.dtype))));
   } else {
     const Tensor dense = to_tensor(array);
     out.write(static_cast<const char*>(dense.raw()), static_cast<std::streamsize>(dense.nbytes()));
@@ -297,7 +307,8 @@ void StagedFiles::add_npy(const std::string& path, const TensorView& array) {
 void StagedFiles::commit() {
   for (auto& [temporary, final_path] : staged_) {
     if (std::rename(temporary.c_str(), final_path.c_str()) != 0) {
-      throw Error(fmt::format("{}: cannot rename into place ({})", final_path, std::strerror(errno)));
+      throw Error(
+          fmt::format("{}: cannot rename into place ({})", final_path, std::strerror(errno)));
     }
     temporary.clear();  // committed: nothing left to remove
   }

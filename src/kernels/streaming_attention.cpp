@@ -127,22 +127,25 @@ class StreamingKernel {
     score_dim_ = p.k_dim;
     if (p.score == Score::bilinear) {
       RowMajorOperand<T> projected;
-      project(projected, q_, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim,
-              p.q_dim, [](std::int64_t h) { return h; }, threads());
+      project(
+          projected, q_, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim, p.q_dim,
+          [](std::int64_t h) { return h; }, threads());
       q_ = std::move(projected);
     } else if (p.score == Score::additive) {
       score_dim_ = p.additive_dim;
       RowMajorOperand<T> projected_q;
-      project(projected_q, q_, p.wq, false, p.batch, p.q_len, p.q_heads, p.additive_dim, p.q_dim,
-              [](std::int64_t h) { return h; }, threads());
+      project(
+          projected_q, q_, p.wq, false, p.batch, p.q_len, p.q_heads, p.additive_dim, p.q_dim,
+          [](std::int64_t h) { return h; }, threads());
       q_ = std::move(projected_q);
       // Keys are projected once per key head when Wk is shared, once per query head otherwise.
       keys_per_query_head_ = p.wk.strides[0] != 0;
       RowMajorOperand<T> projected_k;
       const std::int64_t heads = keys_per_query_head_ ? p.q_heads : p.kv_heads;
       const std::int64_t group = keys_per_query_head_ ? p.group_size : 1;
-      project(projected_k, k_, p.wk, false, p.batch, p.k_len, heads, p.additive_dim, p.k_dim,
-              [group](std::int64_t h) { return h / group; }, threads());
+      project(
+          projected_k, k_, p.wk, false, p.batch, p.k_len, heads, p.additive_dim, p.k_dim,
+          [group](std::int64_t h) { return h / group; }, threads());
       k_ = std::move(projected_k);
       va_.resize(static_cast<std::size_t>(p.q_heads * p.additive_dim));
       for (std::int64_t h = 0; h < p.q_heads; ++h)
@@ -171,7 +174,9 @@ class StreamingKernel {
   }
 
  private:
-  int threads() const { return p_.threads > 0 ? p_.threads : omp_get_max_threads(); }
+  int threads() const {
+    return p_.threads > 0 ? p_.threads : omp_get_max_threads();
+  }
 
   struct Scratch {
     explicit Scratch(std::int64_t v_dim)

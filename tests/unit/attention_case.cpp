@@ -7,8 +7,8 @@
 #include <random>
 
 #include "core/problem.hpp"
-#include "reference/naive_attention.hpp"
 #include "qkv/reference.hpp"
+#include "reference/naive_attention.hpp"
 
 namespace qkv::testing {
 
@@ -23,7 +23,8 @@ std::string AttentionCase::name() const {
   if (bias) text += "_bias";
   if (causal) text += causal_align == CausalAlign::bottom_right ? "_causalBR" : "_causalTL";
   if (window_left >= 0 || window_right >= 0) {
-    text += fmt::format("_window{}x{}", window_left < 0 ? std::string("inf") : std::to_string(window_left),
+    text += fmt::format("_window{}x{}",
+                        window_left < 0 ? std::string("inf") : std::to_string(window_left),
                         window_right < 0 ? std::string("inf") : std::to_string(window_right));
   }
   if (key_lengths) text += "_keylengths";
@@ -33,7 +34,9 @@ std::string AttentionCase::name() const {
   return text;
 }
 
-void PrintTo(const AttentionCase& c, std::ostream* os) { *os << c.name(); }
+void PrintTo(const AttentionCase& c, std::ostream* os) {
+  *os << c.name();
+}
 
 namespace {
 
@@ -108,8 +111,8 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
   if (c.alibi) {
     in.alibi_slopes = Tensor(DType::float32, {c.q_heads});
     for (std::int64_t h = 0; h < c.q_heads; ++h) {
-      in.alibi_slopes.data<float>()[h] = std::pow(2.0f, -8.0f * static_cast<float>(h + 1) /
-                                                            static_cast<float>(c.q_heads));
+      in.alibi_slopes.data<float>()[h] =
+          std::pow(2.0f, -8.0f * static_cast<float>(h + 1) / static_cast<float>(c.q_heads));
     }
     o.alibi_slopes = in.alibi_slopes.view();
   }
@@ -160,8 +163,12 @@ AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& in, Eva
   AttentionResults r = allocate_results(c, result_dtype);
   const AttentionOutputs outputs = r.outputs(with_weights);
   switch (evaluator) {
-    case Evaluator::fast: attention_forward(in.q, in.k, in.v, in.options, outputs); break;
-    case Evaluator::reference: attention_reference(in.q, in.k, in.v, in.options, outputs); break;
+    case Evaluator::fast:
+      attention_forward(in.q, in.k, in.v, in.options, outputs);
+      break;
+    case Evaluator::reference:
+      attention_reference(in.q, in.k, in.v, in.options, outputs);
+      break;
     case Evaluator::naive_float32:
       detail::naive_attention<float>(detail::make_problem(in.q, in.k, in.v, in.options, outputs));
       break;
@@ -171,11 +178,16 @@ AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& in, Eva
 
 double element(const Tensor& t, std::int64_t i) {
   switch (t.dtype()) {
-    case DType::float32: return t.data<float>()[i];
-    case DType::float64: return t.data<double>()[i];
-    case DType::boolean: return t.data<bool>()[i] ? 1.0 : 0.0;
-    case DType::int32: return t.data<std::int32_t>()[i];
-    case DType::int64: return static_cast<double>(t.data<std::int64_t>()[i]);
+    case DType::float32:
+      return t.data<float>()[i];
+    case DType::float64:
+      return t.data<double>()[i];
+    case DType::boolean:
+      return t.data<bool>()[i] ? 1.0 : 0.0;
+    case DType::int32:
+      return t.data<std::int32_t>()[i];
+    case DType::int64:
+      return static_cast<double>(t.data<std::int64_t>()[i]);
   }
   return 0.0;
 }

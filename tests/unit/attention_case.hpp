@@ -20,15 +20,15 @@ struct AttentionCase {
   std::optional<double> scale;
   double softcap = 0.0;
   bool alibi = false;
-  bool bias = false;          // a [B, 1, Nq, Nk] float bias
+  bool bias = false;  // a [B, 1, Nq, Nk] float bias
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;
   std::int64_t window_left = -1, window_right = -1;
-  bool key_lengths = false;   // batch b keeps (b + 1)·Nk / (B + 1) keys, one batch keeps none
-  bool mask = false;          // a random [1, Hq, Nq, Nk] boolean mask with one all-false row
-  bool head_major = false;    // q, k, v stored as PyTorch's [B, H, N, D], read through strides
+  bool key_lengths = false;      // batch b keeps (b + 1)·Nk / (B + 1) keys, one batch keeps none
+  bool mask = false;             // a random [1, Hq, Nq, Nk] boolean mask with one all-false row
+  bool head_major = false;       // q, k, v stored as PyTorch's [B, H, N, D], read through strides
   bool spaced_last_dim = false;  // q, k, v with stride 2 along D (forces a packed copy)
-  double input_scale = 1.0;   // standard deviation of q and k entries
+  double input_scale = 1.0;      // standard deviation of q and k entries
   std::uint64_t seed = 1;
 
   std::int64_t key_dim() const { return k_dim > 0 ? k_dim : q_dim; }
@@ -57,8 +57,8 @@ struct AttentionResults {
 AttentionResults allocate_results(const AttentionCase& c, DType dtype);
 
 enum class Evaluator { fast, reference, naive_float32 };
-AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& inputs, Evaluator evaluator,
-                          DType result_dtype, bool with_weights);
+AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& inputs,
+                          Evaluator evaluator, DType result_dtype, bool with_weights);
 
 // max |a - b| over all elements; equal infinities count as 0, a NaN anywhere as +inf.
 double max_abs_difference(const Tensor& a, const Tensor& b);

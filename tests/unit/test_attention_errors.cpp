@@ -60,43 +60,59 @@ TEST(AttentionErrors, ValidProblemRuns) {
 }
 
 TEST(AttentionErrors, Ranks) {
-  expect_error([](Valid& p) { p.qv = p.qv.with_rank(4), p.qv.rank = 3; }, {"q: expected rank 4", "got rank 3"});
+  expect_error([](Valid& p) { p.qv = p.qv.with_rank(4), p.qv.rank = 3; },
+               {"q: expected rank 4", "got rank 3"});
   expect_error([](Valid& p) { p.kv.rank = 2; }, {"k: expected rank 4 [B, Nk, Hk, Dk]"});
   expect_error([](Valid& p) { p.vv.rank = 1; }, {"v: expected rank 4"});
 }
 
 TEST(AttentionErrors, MismatchedDims) {
   expect_error([](Valid& p) { p.kv.shape[0] = 1; }, {"k: expected batch B = 2", "got 1"});
-  expect_error([](Valid& p) { p.vv.shape[1] = 4; }, {"v: expected [B, Nk, Hk, Dv] = [2, 5, 2, Dv]", "[2, 4, 2, 6]"});
-  expect_error([](Valid& p) { p.kv.shape[3] = 7; p.vv.shape[2] = 2; },
-               {"k: expected Dk == Dq = 8 for score 'scaled_dot', got Dk = 7"});
-  expect_error([](Valid& p) { p.qv.shape[2] = 3; }, {"k: expected Hk dividing Hq = 3", "got Hk = 2"});
+  expect_error([](Valid& p) { p.vv.shape[1] = 4; },
+               {"v: expected [B, Nk, Hk, Dv] = [2, 5, 2, Dv]", "[2, 4, 2, 6]"});
+  expect_error(
+      [](Valid& p) {
+        p.kv.shape[3] = 7;
+        p.vv.shape[2] = 2;
+      },
+      {"k: expected Dk == Dq = 8 for score 'scaled_dot', got Dk = 7"});
+  expect_error([](Valid& p) { p.qv.shape[2] = 3; },
+               {"k: expected Hk dividing Hq = 3", "got Hk = 2"});
   expect_error([](Valid& p) { p.qv.shape[3] = 0; }, {"expected head dims >= 1"});
 }
 
 TEST(AttentionErrors, Dtypes) {
   Tensor q64(DType::float64, {2, 3, 4, 8});
-  expect_error([&](Valid& p) { p.qv = q64.view(); }, {"k, v: expected the dtype of q (float64)", "float32"});
+  expect_error([&](Valid& p) { p.qv = q64.view(); },
+               {"k, v: expected the dtype of q (float64)", "float32"});
   Tensor qi(DType::int32, {2, 3, 4, 8});
-  expect_error([&](Valid& p) { p.qv = qi.view(); }, {"q: expected dtype float32 or float64, got int32"});
+  expect_error([&](Valid& p) { p.qv = qi.view(); },
+               {"q: expected dtype float32 or float64, got int32"});
   Tensor out_int(DType::int64, {2, 3, 4, 6});
-  expect_error([&](Valid& p) { p.outputs.out = out_int.mutable_view(); }, {"out: expected dtype float32 or float64, got int64"});
+  expect_error([&](Valid& p) { p.outputs.out = out_int.mutable_view(); },
+               {"out: expected dtype float32 or float64, got int64"});
 }
 
 TEST(AttentionErrors, OutputShapes) {
-  expect_error([](Valid& p) { p.outputs.out.shape[3] = 8; }, {"out: expected [B, Nq, Hq, Dv] = [2, 3, 4, 6]", "[2, 3, 4, 8]"});
-  expect_error([](Valid& p) { p.outputs.lse->rank = 2; }, {"lse: expected [B, Hq, Nq] = [2, 4, 3]"});
-  expect_error([](Valid& p) { p.outputs.weights->shape[3] = 4; }, {"weights: expected [B, Hq, Nq, Nk] = [2, 4, 3, 5]"});
+  expect_error([](Valid& p) { p.outputs.out.shape[3] = 8; },
+               {"out: expected [B, Nq, Hq, Dv] = [2, 3, 4, 6]", "[2, 3, 4, 8]"});
+  expect_error([](Valid& p) { p.outputs.lse->rank = 2; },
+               {"lse: expected [B, Hq, Nq] = [2, 4, 3]"});
+  expect_error([](Valid& p) { p.outputs.weights->shape[3] = 4; },
+               {"weights: expected [B, Hq, Nq, Nk] = [2, 4, 3, 5]"});
 }
 
 TEST(AttentionErrors, ScoreParameters) {
-  Tensor w(DType::float32, {8, 8}), w_bad(DType::float32, {8, 7}), w_heads(DType::float32, {3, 8, 8});
-  expect_error([](Valid& p) { p.options.score = Score::bilinear; }, {"w: expected [Dq, Dk] or [Hq, Dq, Dk]", "got none"});
+  Tensor w(DType::float32, {8, 8}), w_bad(DType::float32, {8, 7}),
+      w_heads(DType::float32, {3, 8, 8});
+  expect_error([](Valid& p) { p.options.score = Score::bilinear; },
+               {"w: expected [Dq, Dk] or [Hq, Dq, Dk]", "got none"});
   expect_error([&](Valid& p) { p.options.score = Score::bilinear, p.options.w = w_bad.view(); },
                {"w: expected [Dq, Dk] = [8, 8] or [Hq, Dq, Dk] = [4, 8, 8], got [8, 7]"});
   expect_error([&](Valid& p) { p.options.score = Score::bilinear, p.options.w = w_heads.view(); },
                {"w: expected", "got [3, 8, 8]"});
-  expect_error([&](Valid& p) { p.options.w = w.view(); }, {"w: expected none for score 'scaled_dot'", "only used by bilinear"});
+  expect_error([&](Valid& p) { p.options.w = w.view(); },
+               {"w: expected none for score 'scaled_dot'", "only used by bilinear"});
   Tensor wq(DType::float32, {16, 8}), wk(DType::float32, {16, 8}), va(DType::float32, {16}),
       va_bad(DType::float32, {15}), wq_bad(DType::float32, {16, 9});
   auto additive = [&](Valid& p) {
@@ -110,30 +126,42 @@ TEST(AttentionErrors, ScoreParameters) {
     additive(p);
     attention_forward(p.qv, p.kv, p.vv, p.options, p.outputs);
   });
-  expect_error([&](Valid& p) { additive(p), p.options.va.reset(); }, {"va: expected a tensor for score 'additive'"});
-  expect_error([&](Valid& p) { additive(p), p.options.va = va_bad.view(); }, {"wq: expected [A, Dq] = [15, 8]", "got [16, 8]"});
-  expect_error([&](Valid& p) { additive(p), p.options.wq = wq_bad.view(); }, {"wq: expected [A, Dq] = [16, 8]", "got [16, 9]"});
-  expect_error([&](Valid& p) { additive(p), p.options.w = w.view(); }, {"w: expected none for score 'additive'"});
-  expect_error([&](Valid& p) { p.options.wq = wq.view(); }, {"wq: expected none for score 'scaled_dot'"});
+  expect_error([&](Valid& p) { additive(p), p.options.va.reset(); },
+               {"va: expected a tensor for score 'additive'"});
+  expect_error([&](Valid& p) { additive(p), p.options.va = va_bad.view(); },
+               {"wq: expected [A, Dq] = [15, 8]", "got [16, 8]"});
+  expect_error([&](Valid& p) { additive(p), p.options.wq = wq_bad.view(); },
+               {"wq: expected [A, Dq] = [16, 8]", "got [16, 9]"});
+  expect_error([&](Valid& p) { additive(p), p.options.w = w.view(); },
+               {"w: expected none for score 'additive'"});
+  expect_error([&](Valid& p) { p.options.wq = wq.view(); },
+               {"wq: expected none for score 'scaled_dot'"});
   Tensor w_int(DType::int32, {8, 8});
   expect_error([&](Valid& p) { p.options.score = Score::bilinear, p.options.w = w_int.view(); },
                {"w: expected dtype float32 or float64, got int32"});
 }
 
 TEST(AttentionErrors, ScaleAndSoftcap) {
-  expect_error([](Valid& p) { p.options.scale = std::nan(""); }, {"scale: expected a finite number"});
-  expect_error([](Valid& p) { p.options.softcap = -1.0; }, {"softcap: expected a finite number >= 0"});
-  expect_error([](Valid& p) { p.options.softcap = std::numeric_limits<double>::infinity(); }, {"softcap:"});
+  expect_error([](Valid& p) { p.options.scale = std::nan(""); },
+               {"scale: expected a finite number"});
+  expect_error([](Valid& p) { p.options.softcap = -1.0; },
+               {"softcap: expected a finite number >= 0"});
+  expect_error([](Valid& p) { p.options.softcap = std::numeric_limits<double>::infinity(); },
+               {"softcap:"});
 }
 
 TEST(AttentionErrors, MasksAndBias) {
   Tensor mask_float(DType::float32, {3, 5}), mask_bad(DType::boolean, {2, 5}),
       bias_bad(DType::float32, {4, 3, 4}), slopes_bad(DType::float32, {3}),
-      lengths(DType::int64, {2}), lengths_float(DType::float32, {2}), lengths_short(DType::int32, {1});
-  expect_error([&](Valid& p) { p.options.mask = mask_float.view(); }, {"mask: expected dtype bool, got float32"});
-  expect_error([&](Valid& p) { p.options.mask = mask_bad.view(); },
-               {"mask: expected a shape broadcastable to [B, Hq, Nq, Nk] = [2, 4, 3, 5], got [2, 5]"});
-  expect_error([&](Valid& p) { p.options.bias = bias_bad.view(); }, {"bias: expected a shape broadcastable", "got [4, 3, 4]"});
+      lengths(DType::int64, {2}), lengths_float(DType::float32, {2}),
+      lengths_short(DType::int32, {1});
+  expect_error([&](Valid& p) { p.options.mask = mask_float.view(); },
+               {"mask: expected dtype bool, got float32"});
+  expect_error(
+      [&](Valid& p) { p.options.mask = mask_bad.view(); },
+      {"mask: expected a shape broadcastable to [B, Hq, Nq, Nk] = [2, 4, 3, 5], got [2, 5]"});
+  expect_error([&](Valid& p) { p.options.bias = bias_bad.view(); },
+               {"bias: expected a shape broadcastable", "got [4, 3, 4]"});
   expect_error([&](Valid& p) { p.options.alibi_slopes = slopes_bad.view(); },
                {"alibi_slopes: expected [Hq] = [4] or [B, Hq] = [2, 4], got [3]"});
   lengths.data<std::int64_t>()[1] = 6;
@@ -143,15 +171,22 @@ TEST(AttentionErrors, MasksAndBias) {
                {"key_lengths: expected dtype int32 or int64, got float32"});
   expect_error([&](Valid& p) { p.options.key_lengths = lengths_short.view(); },
                {"key_lengths: expected [B] = [2], got [1]"});
-  expect_error([](Valid& p) { p.options.window_left = -2; }, {"window: expected (left, right)", "got (-2, -1)"});
+  expect_error([](Valid& p) { p.options.window_left = -2; },
+               {"window: expected (left, right)", "got (-2, -1)"});
   expect_error([](Valid& p) { p.options.threads = -1; }, {"threads: expected >= 0"});
 }
 
 TEST(AttentionErrors, SizesThatOverflowOrPointNowhere) {
-  expect_error([](Valid& p) { p.qv.data = nullptr; }, {"q: expected data for shape [2, 3, 4, 8], got a null pointer"});
-  expect_error([](Valid& p) { p.kv.shape[1] = std::int64_t{1} << 62; p.vv.shape[1] = p.kv.shape[1]; },
-               {"k: expected a size that fits in memory"});
-  expect_error([](Valid& p) { p.qv.strides[0] = std::int64_t{1} << 61; }, {"q: expected strides that address memory"});
+  expect_error([](Valid& p) { p.qv.data = nullptr; },
+               {"q: expected data for shape [2, 3, 4, 8], got a null pointer"});
+  expect_error(
+      [](Valid& p) {
+        p.kv.shape[1] = std::int64_t{1} << 62;
+        p.vv.shape[1] = p.kv.shape[1];
+      },
+      {"k: expected a size that fits in memory"});
+  expect_error([](Valid& p) { p.qv.strides[0] = std::int64_t{1} << 61; },
+               {"q: expected strides that address memory"});
   expect_error([](Valid& p) { p.qv.shape[1] = -3; }, {"q: expected sizes >= 0, got -3"});
 }
 
@@ -159,9 +194,11 @@ TEST(AttentionErrors, ParsedNames) {
   EXPECT_EQ(parse_score("bilinear"), Score::bilinear);
   EXPECT_EQ(parse_causal_align("top-left"), CausalAlign::top_left);
   EXPECT_THAT([] { parse_score("cosine"); },
-              ::testing::ThrowsMessage<Error>(AllOf(StartsWith("score: expected dot"), HasSubstr("'cosine'"))));
+              ::testing::ThrowsMessage<Error>(
+                  AllOf(StartsWith("score: expected dot"), HasSubstr("'cosine'"))));
   EXPECT_THAT([] { parse_causal_align("middle"); },
-              ::testing::ThrowsMessage<Error>(HasSubstr("causal_align: expected bottom-right or top-left")));
+              ::testing::ThrowsMessage<Error>(
+                  HasSubstr("causal_align: expected bottom-right or top-left")));
 }
 
 }  // namespace

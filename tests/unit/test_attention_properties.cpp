@@ -245,10 +245,10 @@ TEST(AttentionEdges, FullyMaskedRowsGiveZerosNotNaN) {
       {"false mask row", [](AttentionCase& c) { c.mask = true; }, nullptr},
       {"causal Nq > Nk", [](AttentionCase& c) { c.q_len = 20, c.k_len = 8, c.causal = true; },
        nullptr},
-      {"window past the keys", [](AttentionCase& c) { c.window_left = 0, c.window_right = 0, c.k_len = 4, c.q_len = 9; },
+      {"window past the keys",
+       [](AttentionCase& c) { c.window_left = 0, c.window_right = 0, c.k_len = 4, c.q_len = 9; },
        nullptr},
-      {"-inf bias",
-       [](AttentionCase&) {},
+      {"-inf bias", [](AttentionCase&) {},
        [](AttentionInputs& in, Tensor& bias) {
          bias = Tensor(DType::float32, {1});
          bias.data<float>()[0] = -std::numeric_limits<float>::infinity();
@@ -286,7 +286,8 @@ TEST(AttentionEdges, FullyMaskedRowsGiveZerosNotNaN) {
             }
           }
           EXPECT_GT(empty_rows, 0) << way.name;
-          for (std::int64_t n = 0; n < r.out.numel(); ++n) ASSERT_TRUE(std::isfinite(element(r.out, n)));
+          for (std::int64_t n = 0; n < r.out.numel(); ++n)
+            ASSERT_TRUE(std::isfinite(element(r.out, n)));
         }
       }
     }

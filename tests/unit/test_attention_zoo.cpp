@@ -62,8 +62,8 @@ std::vector<AttentionCase> shape_zoo() {
     }
   }
   // 3. Grouped-query ratios 1, 2, 4 and multi-query, in a batch with different key lengths.
-  for (auto [hq, hk] : std::vector<std::pair<std::int64_t, std::int64_t>>{
-           {4, 4}, {4, 2}, {8, 2}, {4, 1}}) {
+  for (auto [hq, hk] :
+       std::vector<std::pair<std::int64_t, std::int64_t>>{{4, 4}, {4, 2}, {8, 2}, {4, 1}}) {
     AttentionCase c;
     c.batch = 3;
     c.q_heads = hq;
@@ -167,8 +167,10 @@ void expect_close(const Tensor& fast, const Tensor& naive, const Tensor& referen
 TEST_P(ShapeZoo, Float32MatchesReference) {
   const AttentionCase& c = GetParam();
   const AttentionInputs inputs = make_inputs(c, DType::float32);
-  const AttentionResults reference = evaluate(c, inputs, Evaluator::reference, DType::float64, true);
-  const AttentionResults naive = evaluate(c, inputs, Evaluator::naive_float32, DType::float64, true);
+  const AttentionResults reference =
+      evaluate(c, inputs, Evaluator::reference, DType::float64, true);
+  const AttentionResults naive =
+      evaluate(c, inputs, Evaluator::naive_float32, DType::float64, true);
   const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, true);
   expect_close(fast.out, naive.out, reference.out, "out", c.name());
   expect_close(fast.lse, naive.lse, reference.lse, "lse", c.name());
@@ -178,12 +180,14 @@ TEST_P(ShapeZoo, Float32MatchesReference) {
 TEST_P(ShapeZoo, Float64MatchesReference) {
   const AttentionCase& c = GetParam();
   const AttentionInputs inputs = make_inputs(c, DType::float64);
-  const AttentionResults reference = evaluate(c, inputs, Evaluator::reference, DType::float64, true);
+  const AttentionResults reference =
+      evaluate(c, inputs, Evaluator::reference, DType::float64, true);
   const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float64, true);
-  for (auto [got, want, what] : {std::tuple{&fast.out, &reference.out, "out"},
-                                 std::tuple{&fast.lse, &reference.lse, "lse"},
-                                 std::tuple{&fast.weights, &reference.weights, "weights"}}) {
-    EXPECT_LE(max_abs_difference(*got, *want), 1e-12 * (1.0 + max_abs(*want))) << c.name() << " " << what;
+  for (auto [got, want, what] :
+       {std::tuple{&fast.out, &reference.out, "out"}, std::tuple{&fast.lse, &reference.lse, "lse"},
+        std::tuple{&fast.weights, &reference.weights, "weights"}}) {
+    EXPECT_LE(max_abs_difference(*got, *want), 1e-12 * (1.0 + max_abs(*want)))
+        << c.name() << " " << what;
   }
 }
 

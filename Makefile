@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` and `make test`. Each installs what is missing,
+# builds, then runs. Everything else is CMake (presets in CMakePresets.json).
+JOBS ?= $(shell nproc)
+
+.PHONY: demo test test-sanitize build build-sanitize deps format clean
+
+demo: build
+	./build/release/tools/qkv demo
+
+test: build
+	ctest --preset release -j $(JOBS)
+
+# The same tests built with AddressSanitizer and UndefinedBehaviorSanitizer (.ci/run runs both).
+test-sanitize: build-sanitize
+	ctest --preset sanitize -j $(JOBS)
+
+build: deps
+	cmake --preset release >/dev/null
+	cmake --build --preset release -j $(JOBS)
+
+build-sanitize: deps
+	cmake --preset sanitize >/dev/null
+	cmake --build --preset sanitize -j $(JOBS)
+
+deps:
+	@./scripts/install-deps.sh
+
+format:
+	clang-format -i $$(git ls-files '*.cpp' '*.hpp')
+
+clean:
+	rm -rf build

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the Debian packages qkv builds, runs and tests with. Idempotent: when everything is
+# there it asks apt nothing and prints nothing.
+set -euo pipefail
+
+packages=(
+  cmake make g++                      # the toolchain (CMake >= 3.25)
+  libfmt-dev libcli11-dev             # formatting, the command line
+  libgtest-dev libgmock-dev           # C++ tests
+  python3-numpy python3-pytest        # CLI tests against a NumPy evaluation of the contract
+)
+
+missing=()
+for package in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
+    missing+=("$package")
+  fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+echo "qkv: installing ${missing[*]}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq >/dev/null
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

@@ -1,0 +1,72 @@
+"""DESIGN.md §2–4 evaluated with NumPy in float64, independently of qkv's C++ code.
+
+Layout as the contract: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
+Returns O [B, Nq, Hq, Dv], LSE [B, Hq, Nq] and P [B, Hq, Nq, Nk].
+"""
+import numpy as np
+
+
+def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
+              softcap=0.0, alibi=None, bias=None, causal=False, causal_align="bottom-right",
+              window=(-1, -1), key_lengths=None, mask=None):
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    batch, nq, hq, dq = q.shape
+    _, nk, hk, _ = k.shape
+    group = hq // hk
+    # Query head h reads key/value head h // group.
+    Q = q.transpose(0, 2, 1, 3)
+    K = np.repeat(k, group, axis=2).transpose(0, 2, 1, 3)
+    V = np.repeat(v, group, axis=2).transpose(0, 2, 1, 3)
+
+    def per_head(param, shared_rank):
+        param = np.asarray(param, dtype=np.float64)
+        return np.broadcast_to(param, (hq,) + param.shape[-shared_rank:]) if param.ndim == shared_rank else param
+
+    if score in ("dot", "scaled_dot"):
+        s = Q @ K.transpose(0, 1, 3, 2)
+    elif score == "bilinear":
+        s = np.einsum("bhid,hde,bhje->bhij", Q, per_head(w, 2), K)
+    elif score == "additive":
+        qa = np.einsum("had,bhid->bhia", per_head(wq, 2), Q)
+        ka = np.einsum("had,bhjd->bhja", per_head(wk, 2), K)
+        s = np.einsum("ha,bhija->bhij", per_head(va, 1),
+                      np.tanh(qa[:, :, :, None, :] + ka[:, :, None, :, :]))
+    else:
+        raise ValueError(score)
+    if scale is None:
+        scale = 1.0 / np.sqrt(dq) if score == "scaled_dot" else 1.0
+    s = s * scale
+    if softcap > 0:
+        s = softcap * np.tanh(s / softcap)
+    i = np.arange(nq)[:, None]
+    j = np.arange(nk)[None, :]
+    diagonal = i + nk - nq
+    if alibi is not None:
+        slopes = np.asarray(alibi, dtype=np.float64)
+        slopes = np.broadcast_to(slopes, (batch, hq))[:, :, None, None]
+        s = s - slopes * np.abs(diagonal - j)
+    if bias is not None:
+        s = s + np.asarray(bias, dtype=np.float64)
+
+    visible = np.ones((batch, hq, nq, nk), dtype=bool)
+    if mask is not None:
+        visible &= np.asarray(mask, dtype=bool)
+    if causal:
+        visible &= j <= (diagonal if causal_align == "bottom-right" else i)
+    left, right = window
+    if left >= 0:
+        visible &= j >= diagonal - left
+    if right >= 0:
+        visible &= j <= diagonal + right
+    if key_lengths is not None:
+        visible &= j[None, None] < np.asarray(key_lengths)[:, None, None, None]
+
+    masked = np.where(visible, s, -np.inf)
+    row_max = masked.max(axis=-1, initial=-np.inf, keepdims=True)
+    empty = row_max == -np.inf
+    shifted = np.where(visible & ~empty, masked - np.where(empty, 0.0, row_max), -np.inf)
+    with np.errstate(divide="ignore"):
+        lse = np.where(empty, -np.inf, row_max + np.log(np.exp(shifted).sum(-1, keepdims=True)))
+    p = np.where(visible & ~empty, np.exp(masked - np.where(empty, 0.0, lse)), 0.0)
+    out = (p @ V).transpose(0, 2, 1, 3)
+    return out, lse[..., 0], p

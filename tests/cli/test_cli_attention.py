@@ -1,0 +1,226 @@
+"""`qkv attention` against a NumPy float64 evaluation of the contract, and every way its input
+can be bad: one line on stderr, exit status 2, no output file left behind."""
+import os
+import subprocess
+
+import numpy as np
+import pytest
+
+from contract import attention
+
+QKV = os.environ.get("QKV_BIN", "qkv")
+
+
+def run(*args, cwd):
+    return subprocess.run([QKV, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def save(folder, name, array):
+    path = folder / name
+    np.save(path, array)
+    return path
+
+
+def as_files(array4, rank):
+    """[B, N, H, D] (B = H = 1 for rank 2, B = 1 for rank 3) in a file's layout."""
+    return {4: array4, 3: array4[0], 2: array4[0, :, 0, :]}[rank]
+
+
+def drop_leading(array, rank, kind):
+    """LSE [B, H, Nq] / P [B, H, Nq, Nk] as the file of a rank-`rank` Q holds them."""
+    return {4: array, 3: array[0], 2: array[0, 0]}[rank]
+
+
+CASES = [
+    dict(name="rank2_scaled_dot", rank=2, b=1, nq=7, nk=9, hq=1, hk=1, dq=5, dv=3),
+    dict(name="rank3_gqa_causal", rank=3, b=1, nq=12, nk=20, hq=4, hk=2, dq=8, dv=6, causal=True),
+    dict(name="rank4_dot_window_lengths", rank=4, b=3, nq=10, nk=17, hq=2, hk=1, dq=4, dv=4,
+         score="dot", window=(3, 1), key_lengths=True),
+    dict(name="rank4_bilinear_perhead_alibi_bias", rank=4, b=2, nq=6, nk=11, hq=2, hk=2, dq=5, dk=7,
+         dv=3, score="bilinear", per_head=True, alibi=True, bias=True),
+    dict(name="rank3_additive_mask_softcap", rank=3, b=1, nq=9, nk=13, hq=2, hk=1, dq=4, dk=6, dv=5,
+         score="additive", mask=True, softcap=2.0, scale=0.7),
+    dict(name="rank2_causal_topleft_float64", rank=2, b=1, nq=8, nk=12, hq=1, hk=1, dq=3, dv=2,
+         causal=True, causal_align="top-left", dtype=np.float64),
+    dict(name="rank4_empty_rows", rank=4, b=2, nq=9, nk=4, hq=1, hk=1, dq=3, dv=3, causal=True,
+         key_lengths=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_matches_numpy_contract(case, tmp_path):
+    rng = np.random.default_rng(abs(hash(case["name"])) % 2**32)
+    dtype = case.get("dtype", np.float32)
+    b, nq, nk, hq, hk = case["b"], case["nq"], case["nk"], case["hq"], case["hk"]
+    dq, dv = case["dq"], case["dv"]
+    dk = case.get("dk", dq)
+    rank = case["rank"]
+    q = rng.standard_normal((b, nq, hq, dq)).astype(dtype)
+    k = rng.standard_normal((b, nk, hk, dk)).astype(dtype)
+    v = rng.standard_normal((b, nk, hk, dv)).astype(dtype)
+    args = ["attention", "--q", save(tmp_path, "q.npy", as_files(q, rank)),
+            "--k", save(tmp_path, "k.npy", as_files(k, rank)),
+            "--v", save(tmp_path, "v.npy", as_files(v, rank)),
+            "--out", tmp_path / "o.npy", "--lse", tmp_path / "lse.npy", "--weights", tmp_path / "p.npy"]
+    kwargs = {}
+    score = case.get("score", "scaled_dot")
+    args += ["--score", score]
+    kwargs["score"] = score
+    lead = (hq,) if case.get("per_head") else ()
+    if score == "bilinear":
+        kwargs["w"] = rng.standard_normal(lead + (dq, dk)).astype(np.float32)
+        args += ["--w", save(tmp_path, "w.npy", kwargs["w"])]
+    if score == "additive":
+        a = 5
+        kwargs["wq"] = rng.standard_normal(lead + (a, dq)).astype(np.float32)
+        kwargs["wk"] = rng.standard_normal(lead + (a, dk)).astype(np.float32)
+        kwargs["va"] = rng.standard_normal(lead + (a,)).astype(np.float32)
+        for name in ("wq", "wk", "va"):
+            args += [f"--{name}", save(tmp_path, f"{name}.npy", kwargs[name])]
+    if "scale" in case:
+        kwargs["scale"] = case["scale"]
+        args += ["--scale", case["scale"]]
+    if "softcap" in case:
+        kwargs["softcap"] = case["softcap"]
+        args += ["--softcap", case["softcap"]]
+    if case.get("alibi"):
+        kwargs["alibi"] = (2.0 ** -np.arange(1, hq + 1)).astype(np.float32)
+        args += ["--alibi", save(tmp_path, "alibi.npy", kwargs["alibi"])]
+    if case.get("bias"):
+        kwargs["bias"] = rng.standard_normal((nq, nk)).astype(np.float32)
+        args += ["--bias", save(tmp_path, "bias.npy", kwargs["bias"])]
+    if case.get("mask"):
+        kwargs["mask"] = rng.random((hq, nq, nk)) < 0.6
+        kwargs["mask"][0, 2, :] = False
+        args += ["--mask", save(tmp_path, "mask.npy", kwargs["mask"])]
+    if case.get("causal"):
+        kwargs["causal"] = True
+        args += ["--causal"]
+    if "causal_align" in case:
+        kwargs["causal_align"] = case["causal_align"]
+        args += ["--causal-align", case["causal_align"]]
+    if "window" in case:
+        kwargs["window"] = case["window"]
+        args += ["--window", "{},{}".format(*case["window"])]
+    if case.get("key_lengths"):
+        kwargs["key_lengths"] = np.array([nk // 2, 0, nk][:b], dtype=np.int64)
+        args += ["--key-lengths", save(tmp_path, "kl.npy", kwargs["key_lengths"])]
+
+    result = run(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    want_o, want_lse, want_p = attention(q, k, v, **kwargs)
+    o, lse, p = (np.load(tmp_path / f) for f in ("o.npy", "lse.npy", "p.npy"))
+    assert o.dtype == v.dtype and o.shape == as_files(want_o, rank).shape
+    assert lse.dtype == np.float32 and lse.shape == drop_leading(want_lse, rank, "lse").shape
+    assert p.dtype == (np.float64 if dtype == np.float64 else np.float32)
+    assert p.shape == drop_leading(want_p, rank, "p").shape
+    tolerance = 1e-12 if dtype == np.float64 else 1e-5
+    assert np.abs(o - as_files(want_o, rank)).max() <= tolerance * (1 + np.abs(want_o).max())
+    assert np.abs(p - drop_leading(want_p, rank, "p")).max() <= tolerance
+    want_lse = drop_leading(want_lse, rank, "lse")
+    assert np.array_equal(np.isinf(lse), np.isinf(want_lse))
+    finite = np.isfinite(want_lse)
+    assert np.abs(lse[finite] - want_lse[finite]).max() <= 1e-5 * (1 + np.abs(want_lse[finite]).max())
+    assert not np.isnan(o).any()
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    save(tmp_path, "q.npy", rng.standard_normal((5, 2, 4)).astype(np.float32))
+    save(tmp_path, "k.npy", rng.standard_normal((6, 1, 4)).astype(np.float32))
+    save(tmp_path, "v.npy", rng.standard_normal((6, 1, 3)).astype(np.float32))
+    save(tmp_path, "q2.npy", rng.standard_normal((5, 4)).astype(np.float32))
+    save(tmp_path, "k3heads.npy", rng.standard_normal((6, 3, 4)).astype(np.float32))
+    save(tmp_path, "v3heads.npy", rng.standard_normal((6, 3, 3)).astype(np.float32))
+    save(tmp_path, "k_dim5.npy", rng.standard_normal((6, 1, 5)).astype(np.float32))
+    save(tmp_path, "w_bad.npy", rng.standard_normal((4, 3)).astype(np.float32))
+    save(tmp_path, "mask_float.npy", np.ones((5, 6), dtype=np.float32))
+    save(tmp_path, "lengths.npy", np.array([7], dtype=np.int64))
+    save(tmp_path, "rank5.npy", np.zeros((1, 1, 1, 1, 1), dtype=np.float32))
+    good = (tmp_path / "q.npy").read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(good[:-7])
+    (tmp_path / "lying.npy").write_bytes(good.replace(b"(5, 2, 4)", b"(9, 2, 4)"))
+    (tmp_path / "text.npy").write_text("not an array\n")
+    return tmp_path
+
+
+BASE = ["attention", "--q", "q.npy", "--k", "k.npy", "--v", "v.npy", "--out", "o.npy",
+        "--lse", "lse.npy", "--weights", "p.npy"]
+
+
+def with_flag(flag, value=None):
+    args = list(BASE)
+    if flag in args:
+        index = args.index(flag)
+        args[index + 1] = value
+    else:
+        args += [flag] + ([value] if value is not None else [])
+    return args
+
+
+BAD = [
+    ("wrong rank", with_flag("--q", "q2.npy"), "--k, --v: expected the rank of --q (2), got 3 and 3"),
+    ("rank 5", with_flag("--q", "rank5.npy"), "--q: expected rank 2 [N, D], 3 [N, H, D] or 4"),
+    ("Hq % Hk", with_flag("--k", "k3heads.npy")[:5] + ["--v", "v3heads.npy"] + BASE[7:],
+     "k: expected Hk dividing Hq = 2 (grouped-query attention), got Hk = 3"),
+    ("k and v disagree", with_flag("--k", "k3heads.npy"), "v: expected [B, Nk, Hk, Dv] = [1, 6, 3, Dv]"),
+    ("mismatched Dk", with_flag("--k", "k_dim5.npy"), "k: expected Dk == Dq = 4 for score 'scaled_dot'"),
+    ("missing w", with_flag("--score", "bilinear"), "w: expected [Dq, Dk] or [Hq, Dq, Dk] for score 'bilinear', got none"),
+    ("w with dot", with_flag("--w", "w_bad.npy"), "w: expected none for score 'scaled_dot'"),
+    ("unknown score", with_flag("--score", "cosine"), "score: expected dot, scaled_dot, bilinear or additive, got 'cosine'"),
+    ("bad align", with_flag("--causal-align", "middle"), "causal_align: expected bottom-right or top-left"),
+    ("bad window", with_flag("--window", "3"), "--window: expected L,R"),
+    ("window below -1", with_flag("--window", "-2,1"), "window: expected (left, right)"),
+    ("float mask", with_flag("--mask", "mask_float.npy"), "mask: expected dtype bool, got float32"),
+    ("key length > Nk", with_flag("--key-lengths", "lengths.npy"), "key_lengths: expected values in [0, Nk = 6], got 7"),
+    ("truncated npy", with_flag("--v", "truncated.npy"), "truncated"),
+    ("lying header", with_flag("--q", "lying.npy"), "expected 288 bytes of data"),
+    ("not npy", with_flag("--k", "text.npy"), "magic"),
+    ("missing file", with_flag("--k", "nothere.npy"), "nothere.npy: expected a readable .npy file, got no such file"),
+    ("negative softcap", with_flag("--softcap", "-1"), "softcap: expected a finite number >= 0"),
+    ("negative threads", with_flag("--threads", "-3"), "threads: expected >= 0"),
+    ("unknown flag", with_flag("--bogus", "1"), "bogus"),
+    ("missing --out", [a for a in BASE if a not in ("--out", "o.npy")], "--out is required"),
+    ("non-number scale", with_flag("--scale", "abc"), "--scale"),
+    ("output folder missing", with_flag("--out", "no/such/o.npy"), "cannot create a file here"),
+]
+
+
+@pytest.mark.parametrize("name,args,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_one_line_exit_2_no_output(name, args, message, inputs):
+    before = sorted(os.listdir(inputs))
+    result = run(*args, cwd=inputs)
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert lines[0].startswith("qkv: ")
+    assert result.stdout == ""
+    assert sorted(os.listdir(inputs)) == before, "an output file was left behind"
+
+
+def test_outputs_replace_old_files_whole(inputs):
+    (inputs / "o.npy").write_bytes(b"old")
+    result = run(*BASE, cwd=inputs)
+    assert result.returncode == 0, result.stderr
+    assert np.load(inputs / "o.npy").shape == (5, 2, 3)
+    result = run(*with_flag("--k", "k3heads.npy"), cwd=inputs)
+    assert result.returncode == 2
+    assert np.load(inputs / "o.npy").shape == (5, 2, 3), "a failed run must not touch old outputs"
+
+
+def test_demo_prints_four_scores_with_heatmaps(tmp_path):
+    result = run("demo", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for score in ("dot", "scaled_dot", "bilinear", "additive"):
+        assert f"== {score} ==" in result.stdout
+    assert result.stdout.count("rows of P sum to 1 within") == 4
+    assert "because" in result.stdout and "▓" in result.stdout or "█" in result.stdout
+    assert os.listdir(tmp_path) == []
+
+
+def test_help_exits_0(tmp_path):
+    result = run("attention", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    assert "--key-lengths" in result.stdout

@@ -1,0 +1,187 @@
+// qkv attention: reads Q, K, V and the optional parameters from .npy files, runs attention
+// forward, and writes O (and LSE, P) — all of them or none.
+//
+// File layouts (DESIGN.md §1): rank 2 [N, D] means B = H = 1, rank 3 [N, H, D] means B = 1,
+// rank 4 is [B, N, H, D]. O keeps Q's rank; LSE and the weights drop the same leading dimensions
+// ([Nq] / [H, Nq] / [B, H, Nq] and [Nq, Nk] / [H, Nq, Nk] / [B, H, Nq, Nk]).
+
+#include <fmt/format.h>
+
+#include <charconv>
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "commands.hpp"
+#include "qkv/attention.hpp"
+#include "qkv/error.hpp"
+#include "qkv/npy.hpp"
+
+namespace qkv::cli {
+
+namespace {
+
+struct AttentionFlags {
+  std::string q, k, v, out, lse, weights;
+  std::string score = "scaled_dot";
+  std::optional<double> scale;
+  std::string w, wq, wk, va, alibi, bias, key_lengths, mask;
+  double softcap = 0.0;
+  bool causal = false;
+  std::string causal_align = "bottom-right";
+  std::string window;
+  int threads = 0;
+};
+
+// The logical [B, N, H, D] view of a sequence file of rank 2, 3 or 4.
+TensorView sequence_view(const Tensor& tensor, const char* flag) {
+  if (tensor.rank() < 2 || tensor.rank() > 4) {
+    throw Error(
+        fmt::format("{}: expected rank 2 [N, D], 3 [N, H, D] or 4 [B, N, H, D], got rank {}", flag,
+                    tensor.rank()));
+  }
+  TensorView view = tensor.view();
+  if (view.rank == 2) {  // [N, D] → [1, N, 1, D]
+    view = TensorView::contiguous(tensor.raw(), tensor.dtype(),
+                                  {1, tensor.shape()[0], 1, tensor.shape()[1]});
+  }
+  return view.with_rank(4);
+}
+
+// "L,R" with each side an integer >= -1.
+std::pair<std::int64_t, std::int64_t> parse_window(const std::string& text) {
+  const auto comma = text.find(',');
+  std::int64_t left = 0, right = 0;
+  auto parse = [&](std::string_view part, std::int64_t& value) {
+    const auto [end, error] = std::from_chars(part.data(), part.data() + part.size(), value);
+    return error == std::errc() && end == part.data() + part.size() && !part.empty();
+  };
+  const std::string_view all(text);
+  if (comma == std::string::npos || !parse(all.substr(0, comma), left) ||
+      !parse(all.substr(comma + 1), right)) {
+    throw Error(
+        fmt::format("--window: expected L,R (two integers, -1 = unbounded), got '{}'", text));
+  }
+  return {left, right};
+}
+
+std::optional<Tensor> load_optional(const std::string& path) {
+  if (path.empty()) return std::nullopt;
+  return load_npy(path);
+}
+
+void run_attention(const AttentionFlags& flags) {
+  // 1. Read every input before computing anything.
+  const Tensor q = load_npy(flags.q), k = load_npy(flags.k), v = load_npy(flags.v);
+  const TensorView qv = sequence_view(q, "--q"), kv = sequence_view(k, "--k"),
+                   vv = sequence_view(v, "--v");
+  if (k.rank() != q.rank() || v.rank() != q.rank()) {
+    throw Error(fmt::format("--k, --v: expected the rank of --q ({}), got {} and {}", q.rank(),
+                            k.rank(), v.rank()));
+  }
+  const std::optional<Tensor> w = load_optional(flags.w), wq = load_optional(flags.wq),
+                              wk = load_optional(flags.wk), va = load_optional(flags.va),
+                              alibi = load_optional(flags.alibi), bias = load_optional(flags.bias),
+                              key_lengths = load_optional(flags.key_lengths),
+                              mask = load_optional(flags.mask);
+  AttentionOptions options;
+  options.score = parse_score(flags.score);
+  options.scale = flags.scale;
+  options.softcap = flags.softcap;
+  auto attach = [](const std::optional<Tensor>& tensor, std::optional<TensorView>& slot,
+                   const char* flag) {
+    if (!tensor) return;
+    if (tensor->rank() > kMaxRank) {
+      throw Error(
+          fmt::format("{}: expected rank <= {}, got rank {}", flag, kMaxRank, tensor->rank()));
+    }
+    slot = tensor->view();
+  };
+  attach(w, options.w, "--w");
+  attach(wq, options.wq, "--wq");
+  attach(wk, options.wk, "--wk");
+  attach(va, options.va, "--va");
+  attach(alibi, options.alibi_slopes, "--alibi");
+  attach(bias, options.bias, "--bias");
+  attach(key_lengths, options.key_lengths, "--key-lengths");
+  attach(mask, options.mask, "--mask");
+  options.causal = flags.causal;
+  options.causal_align = parse_causal_align(flags.causal_align);
+  if (!flags.window.empty()) {
+    std::tie(options.window_left, options.window_right) = parse_window(flags.window);
+  }
+  options.threads = flags.threads;
+
+  // 2. Results in the file layouts, seen by the library through [B, N, H, D] views.
+  const std::int64_t batch = qv.shape[0], q_len = qv.shape[1], q_heads = qv.shape[2];
+  const std::int64_t k_len = kv.shape[1], v_dim = vv.shape[3];
+  // File shapes drop the leading dimensions Q's file did not have: rank 4 keeps [B, …],
+  // rank 3 drops B, rank 2 drops B and H.
+  const auto file_shape = [rank = q.rank()](std::vector<std::int64_t> full,
+                                            std::size_t head_position) {
+    if (rank <= 3) full.erase(full.begin());                                         // B
+    if (rank == 2) full.erase(full.begin() + static_cast<long>(head_position - 1));  // H
+    return full;
+  };
+  const std::vector<std::int64_t> out_shape = file_shape({batch, q_len, q_heads, v_dim}, 2);
+  const std::vector<std::int64_t> lse_shape = file_shape({batch, q_heads, q_len}, 1);
+  const std::vector<std::int64_t> weights_shape = file_shape({batch, q_heads, q_len, k_len}, 1);
+
+  // O in V's dtype; LSE in float32; weights in float32 (float64 for float64 inputs).
+  Tensor out(v.dtype(), out_shape);
+  std::optional<Tensor> lse, weights;
+  AttentionOutputs outputs;
+  outputs.out =
+      MutableTensorView::contiguous(out.raw(), out.dtype(), {batch, q_len, q_heads, v_dim});
+  if (!flags.lse.empty()) {
+    lse.emplace(DType::float32, lse_shape);
+    outputs.lse = MutableTensorView::contiguous(lse->raw(), lse->dtype(), {batch, q_heads, q_len});
+  }
+  if (!flags.weights.empty()) {
+    weights.emplace(q.dtype() == DType::float64 ? DType::float64 : DType::float32, weights_shape);
+    outputs.weights = MutableTensorView::contiguous(weights->raw(), weights->dtype(),
+                                                    {batch, q_heads, q_len, k_len});
+  }
+  attention_forward(qv, kv, vv, options, outputs);
+
+  // 3. Write all outputs, or none.
+  StagedFiles files;
+  files.add_npy(flags.out, out.view());
+  if (lse) files.add_npy(flags.lse, lse->view());
+  if (weights) files.add_npy(flags.weights, weights->view());
+  files.commit();
+}
+
+}  // namespace
+
+void add_attention_command(CLI::App& app) {
+  auto flags = std::make_shared<AttentionFlags>();
+  CLI::App* command = app.add_subcommand(
+      "attention", "Attention forward on .npy files: O = softmax(score(Q, K)) V");
+  command->add_option("--q", flags->q, "queries [N, D], [N, H, D] or [B, N, H, D]")->required();
+  command->add_option("--k", flags->k, "keys, same rank as --q")->required();
+  command->add_option("--v", flags->v, "values, same rank as --q")->required();
+  command->add_option("--out", flags->out, "output O, Q's rank, V's dtype")->required();
+  command->add_option("--lse", flags->lse, "log-sum-exp [Nq], [H, Nq] or [B, H, Nq], float32");
+  command->add_option("--weights", flags->weights, "softmax weights [.., Nq, Nk]");
+  command->add_option("--score", flags->score, "dot | scaled_dot | bilinear | additive")
+      ->default_str("scaled_dot");
+  command->add_option("--scale", flags->scale, "score multiplier (default: per score)");
+  command->add_option("--w", flags->w, "bilinear W [Dq, Dk] or [Hq, Dq, Dk]");
+  command->add_option("--wq", flags->wq, "additive Wq [A, Dq] or [Hq, A, Dq]");
+  command->add_option("--wk", flags->wk, "additive Wk [A, Dk] or [Hq, A, Dk]");
+  command->add_option("--va", flags->va, "additive v [A] or [Hq, A]");
+  command->add_option("--softcap", flags->softcap, "soft cap c: s <- c tanh(s / c); 0 = off");
+  command->add_option("--alibi", flags->alibi, "ALiBi slopes [Hq] or [B, Hq]");
+  command->add_option("--bias", flags->bias, "float bias broadcastable to [B, Hq, Nq, Nk]");
+  command->add_flag("--causal", flags->causal, "causal mask");
+  command->add_option("--causal-align", flags->causal_align, "bottom-right | top-left")
+      ->default_str("bottom-right");
+  command->add_option("--window", flags->window, "local window L,R (-1 = unbounded)");
+  command->add_option("--key-lengths", flags->key_lengths, "valid keys per batch [B], int");
+  command->add_option("--mask", flags->mask, "boolean mask, true = may attend");
+  command->add_option("--threads", flags->threads, "worker threads (0 = all)");
+  command->callback([flags] { run_attention(*flags); });
+}
+
+}  // namespace qkv::cli

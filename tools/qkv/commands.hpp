@@ -1,0 +1,15 @@
+// The subcommands of the qkv tool. Each adds itself to the app with its flags and the callback
+// that runs it once the command line has been parsed; the callback throws qkv::Error on bad input.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace qkv::cli {
+
+// qkv attention --q F --k F --v F --out F …: attention forward on .npy files.
+void add_attention_command(CLI::App& app);
+
+// qkv demo: self-attention on a built-in sentence, shown for every score.
+void add_demo_command(CLI::App& app);
+
+}  // namespace qkv::cli

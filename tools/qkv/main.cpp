@@ -1,0 +1,34 @@
+// qkv: the command-line tool. Bad input prints one line to stderr and exits with status 2.
+
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <exception>
+
+#include "commands.hpp"
+#include "qkv/error.hpp"
+
+int main(int argc, char** argv) {
+  CLI::App app{"qkv: attention — queries ask, keys answer, values carry the content."};
+  app.require_subcommand(1);
+  qkv::cli::add_attention_command(app);
+  qkv::cli::add_demo_command(app);
+  try {
+    app.parse(argc, argv);  // runs the chosen command's callback
+  } catch (const CLI::CallForHelp&) {
+    std::fputs(app.help().c_str(), stdout);
+  } catch (const CLI::CallForAllHelp&) {
+    std::fputs(app.help("", CLI::AppFormatMode::All).c_str(), stdout);
+  } catch (const CLI::ParseError& error) {
+    fmt::print(stderr, "qkv: {}\n", error.what());
+    return 2;
+  } catch (const qkv::Error& error) {
+    fmt::print(stderr, "qkv: {}\n", error.what());
+    return 2;
+  } catch (const std::exception& error) {
+    fmt::print(stderr, "qkv: internal error: {}\n", error.what());
+    return 1;
+  }
+  return 0;
+}
