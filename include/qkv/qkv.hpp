@@ -5,4 +5,5 @@
 #include "qkv/error.hpp"
 #include "qkv/npy.hpp"
 #include "qkv/reference.hpp"
+#include "qkv/simd.hpp"
 #include "qkv/tensor.hpp"

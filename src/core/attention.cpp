@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "core/problem.hpp"
+#include "kernels/fused_attention.hpp"
 #include "kernels/streaming_attention.hpp"
 #include "qkv/error.hpp"
 
@@ -44,7 +45,11 @@ CausalAlign parse_causal_align(std::string_view name) {
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const AttentionOutputs& outputs) {
   const detail::AttentionProblem problem = detail::make_problem(q, k, v, options, outputs);
-  kernels::streaming_attention(problem);
+  if (kernels::fused_attention_supports(problem)) {
+    kernels::fused_attention(problem);
+  } else {
+    kernels::streaming_attention(problem);
+  }
 }
 
 }  // namespace qkv

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "attention_case.hpp"
+#include "qkv/simd.hpp"
 
 namespace qkv::testing {
 namespace {

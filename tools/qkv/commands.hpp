@@ -9,6 +9,9 @@ namespace qkv::cli {
 // qkv attention --q F --k F --v F --out F …: attention forward on .npy files.
 void add_attention_command(CLI::App& app);
 
+// qkv bench: attention throughput beside OpenBLAS sgemm.
+void add_bench_command(CLI::App& app);
+
 // qkv demo: self-attention on a built-in sentence, shown for every score.
 void add_demo_command(CLI::App& app);
 

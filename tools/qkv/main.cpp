@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   CLI::App app{"qkv: attention — queries ask, keys answer, values carry the content."};
   app.require_subcommand(1);
   qkv::cli::add_attention_command(app);
+  qkv::cli::add_bench_command(app);
   qkv::cli::add_demo_command(app);
   try {
     app.parse(argc, argv);  // runs the chosen command's callback

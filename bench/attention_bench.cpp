@@ -1,0 +1,200 @@
+// The measurements behind `qkv bench`. Every figure is a median over repetitions after one warm-up
+// run; the GEMM yardstick is measured in the same process, so ratios hold on a noisy machine.
+
+#include "attention_bench.hpp"
+
+#include <cblas.h>
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <limits>
+#include <random>
+#include <regex>
+#include <string>
+
+#include "qkv/attention.hpp"
+#include "qkv/error.hpp"
+
+namespace qkv::bench {
+
+namespace {
+
+double milliseconds_since(std::chrono::steady_clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+}
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+template <class Work>
+double median_ms(int repetitions, Work work) {
+  work();  // warm-up: page faults, caches, thread start
+  std::vector<double> times;
+  for (int r = 0; r < repetitions; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    work();
+    times.push_back(milliseconds_since(start));
+  }
+  return median(times);
+}
+
+// Peak resident memory: reset the high-water mark (Linux clear_refs 5), then read VmHWM.
+void reset_peak_memory() { std::ofstream("/proc/self/clear_refs") << "5"; }
+double peak_memory_mib() {
+  std::ifstream status("/proc/self/status");
+  for (std::string line; std::getline(status, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::stod(line.substr(6)) / 1024.0;
+  }
+  return 0.0;
+}
+
+std::vector<float> random_floats(std::size_t count, std::uint64_t seed) {
+  std::vector<float> values(count);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  for (float& v : values) v = normal(rng);
+  return values;
+}
+
+// The baseline a user can write with a BLAS: per head S = scale·Q Kᵀ (N×N, materialized),
+// masked, softmax per row, O = P V.
+void naive_attention(const Shape& s, const float* q, const float* k, const float* v, float* out,
+                     std::vector<float>& scores) {
+  const std::int64_t d = s.head_dim, group = s.q_heads / s.kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    for (std::int64_t h = 0; h < s.q_heads; ++h) {
+      const std::int64_t hk = h / group;
+      const float* qh = q + (b * s.q_len * s.q_heads + h) * d;
+      const float* kh = k + (b * s.k_len * s.kv_heads + hk) * d;
+      const float* vh = v + (b * s.k_len * s.kv_heads + hk) * d;
+      float* oh = out + (b * s.q_len * s.q_heads + h) * d;
+      const auto nq = static_cast<int>(s.q_len), nk = static_cast<int>(s.k_len);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, static_cast<int>(d), scale, qh,
+                  static_cast<int>(s.q_heads * d), kh, static_cast<int>(s.kv_heads * d), 0.0f,
+                  scores.data(), nk);
+#pragma omp parallel for schedule(static)
+      for (std::int64_t i = 0; i < s.q_len; ++i) {
+        float* row = scores.data() + i * s.k_len;
+        const std::int64_t visible = s.causal ? std::min(s.k_len, i + s.k_len - s.q_len + 1) : s.k_len;
+        float row_max = -std::numeric_limits<float>::infinity();
+        for (std::int64_t j = 0; j < visible; ++j) row_max = std::max(row_max, row[j]);
+        float sum = 0.0f;
+        for (std::int64_t j = 0; j < visible; ++j) sum += row[j] = std::exp(row[j] - row_max);
+        const float inverse = sum > 0 ? 1.0f / sum : 0.0f;
+        for (std::int64_t j = 0; j < visible; ++j) row[j] *= inverse;
+        for (std::int64_t j = std::max<std::int64_t>(visible, 0); j < s.k_len; ++j) row[j] = 0.0f;
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, static_cast<int>(d), nk, 1.0f,
+                  scores.data(), nk, vh, static_cast<int>(s.kv_heads * d), 0.0f, oh,
+                  static_cast<int>(s.q_heads * d));
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<Shape> default_shapes() {
+  return {parse_shape("S1"), parse_shape("S2"), parse_shape("S3"), parse_shape("S4"),
+          parse_shape("S5")};
+}
+
+Shape parse_shape(const std::string& spec) {
+  static const std::pair<const char*, const char*> kNamed[] = {
+      {"S1", "B1H8N1024D64"},        {"S2", "B1H8N4096D64"},      {"S3", "B1H8N4096D128"},
+      {"S4", "B1H32Nq1Nk8192D128"}, {"S5", "B1H8N4096D64causal"}};
+  std::string text = spec;
+  for (const auto& [name, definition] : kNamed) {
+    if (spec == name) text = definition;
+  }
+  static const std::regex kSpec(R"(B(\d+)H(\d+)(?:Hk(\d+))?(?:N(\d+)|Nq(\d+)Nk(\d+))D(\d+)(causal)?)");
+  std::smatch m;
+  if (!std::regex_match(text, m, kSpec)) {
+    throw Error(fmt::format(
+        "--shapes: expected S1 … S5 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[causal], got '{}'", spec));
+  }
+  Shape shape;
+  shape.name = spec;
+  shape.batch = std::stoll(m[1]);
+  shape.q_heads = std::stoll(m[2]);
+  shape.kv_heads = m[3].matched ? std::stoll(m[3]) : shape.q_heads;
+  shape.q_len = m[4].matched ? std::stoll(m[4]) : std::stoll(m[5]);
+  shape.k_len = m[4].matched ? shape.q_len : std::stoll(m[6]);
+  shape.head_dim = std::stoll(m[7]);
+  shape.causal = m[8].matched;
+  if (shape.kv_heads == 0 || shape.q_heads % shape.kv_heads != 0) {
+    throw Error(fmt::format("--shapes: expected Hk dividing H in '{}'", spec));
+  }
+  return shape;
+}
+
+double attention_flops(const Shape& s) {
+  double pairs = static_cast<double>(s.q_len) * static_cast<double>(s.k_len);
+  if (s.causal) {
+    pairs = 0;
+    for (std::int64_t i = 0; i < s.q_len; ++i) {
+      pairs += static_cast<double>(std::clamp<std::int64_t>(i + s.k_len - s.q_len + 1, 0, s.k_len));
+    }
+  }
+  return 4.0 * pairs * static_cast<double>(s.head_dim) * static_cast<double>(s.batch * s.q_heads);
+}
+
+GemmResult measure_sgemm(int threads) {
+  constexpr int kSize = 2048;
+  openblas_set_num_threads(threads);
+  const std::vector<float> a = random_floats(kSize * kSize, 1), b = random_floats(kSize * kSize, 2);
+  std::vector<float> c(kSize * kSize);
+  const double ms = median_ms(5, [&] {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, kSize, kSize, kSize, 1.0f, a.data(),
+                kSize, b.data(), kSize, 0.0f, c.data(), kSize);
+  });
+  GemmResult result;
+  result.gflops = 2.0 * kSize * kSize * static_cast<double>(kSize) / (ms * 1e6);
+  result.kernel = openblas_get_corename();
+  if (const char* coretype = std::getenv("OPENBLAS_CORETYPE")) result.coretype = coretype;
+  return result;
+}
+
+ShapeResult measure_shape(const Shape& s, int threads, double sgemm_gflops, int repetitions) {
+  ShapeResult result;
+  result.shape = s;
+  const std::int64_t d = s.head_dim;
+  reset_peak_memory();
+  const std::vector<float> q = random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 3);
+  const std::vector<float> k = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 4);
+  const std::vector<float> v = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 5);
+  std::vector<float> out(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
+  AttentionOptions options;
+  options.causal = s.causal;
+  options.threads = threads;
+  const auto q_view = TensorView::contiguous(q.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
+  const auto k_view = TensorView::contiguous(k.data(), DType::float32, {s.batch, s.k_len, s.kv_heads, d});
+  const auto v_view = TensorView::contiguous(v.data(), DType::float32, {s.batch, s.k_len, s.kv_heads, d});
+  AttentionOutputs outputs;
+  outputs.out = MutableTensorView::contiguous(out.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
+  result.median_ms = median_ms(repetitions, [&] { attention_forward(q_view, k_view, v_view, options, outputs); });
+  result.peak_mib = peak_memory_mib();
+  const double flops = attention_flops(s);
+  result.gflops = flops / (result.median_ms * 1e6);
+  result.ratio_to_sgemm = result.gflops / sgemm_gflops;
+
+  openblas_set_num_threads(threads);
+  omp_set_num_threads(threads);
+  std::vector<float> scores(static_cast<std::size_t>(s.q_len * s.k_len));
+  std::vector<float> naive_out(out.size());
+  result.naive_ms = median_ms(std::max(1, repetitions / 2), [&] {
+    naive_attention(s, q.data(), k.data(), v.data(), naive_out.data(), scores);
+  });
+  result.speedup_over_naive = result.naive_ms / result.median_ms;
+  return result;
+}
+
+}  // namespace qkv::bench

@@ -1,0 +1,478 @@
+// The fused attention kernel (FlashAttention-2 on a CPU).
+//
+// Work items. One item is (batch b, key/value head hk, block of query positions). Its rows are
+// the query rows of every query head that reads hk (the GQA group) at those positions, head by
+// head, about kItemRows rows in all: the K/V tiles loaded for the item serve the whole group.
+// OpenMP hands items out dynamically; each thread allocates its scratch once.
+//
+// For one item:
+//   1. Pack the item's Q rows (times the score scale) into q_tile [R, D], and find the union of
+//      the rows' visible key ranges (position masks only); keys outside it are never touched.
+//   2. For each key tile of kKeyTile keys in that range: pack Kᵀ into k_tile [D, kKeyTile] and V
+//      into v_tile [kKeyTile, Dv'] (zero padding for a partial tile; Dv' is Dv rounded up to a
+//      whole number of vectors). Then, for each block of 4 rows whose ranges meet the tile:
+//        a. S = Q·Kᵀ: a 4 × kKeyTile register tile (4 rows × 4 vectors: 16 accumulators, 4 loads
+//           of k_tile and 1 broadcast of q live per step, 21 of 32 zmm registers on AVX-512);
+//        b. soft cap, ALiBi, bias, boolean mask, and -inf outside each row's range, in a scalar
+//           pass that only runs on tiles that need it (a tile inside every row's range with no
+//           per-element option skips it);
+//        c. online softmax per row: m' = max(m, max S), α = e^(m − m'), P = e^(S − m') in place,
+//           l = α·l + Σ P;
+//        d. O_acc = α·O_acc + P·V: a 4 × (4 vectors) register tile per step over the keys, V rows
+//           loaded once per 4 rows.
+//   3. O = O_acc / l, LSE = m + log l; rows that saw no key get O = 0 and LSE = -inf. When the
+//      weights are requested, a second walk recomputes S and writes P = e^(S − LSE).
+//
+// Cost per tile and 4-row block: 2·4·kKeyTile·(D + Dv) flops on data that stays in L1/L2
+// (k_tile and v_tile are 16 KiB each at D = 64 on AVX-512). The exp work is kKeyTile per row per
+// tile, small beside the 2·kKeyTile·(D + Dv) flops of the two products.
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/fused_attention.cpp"
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/aligned_allocator.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+#include "kernels/fused_attention.hpp"
+#include "kernels/simd_dispatch.hpp"
+
+HWY_BEFORE_NAMESPACE();
+namespace qkv::kernels {
+namespace HWY_NAMESPACE {
+
+namespace hn = hwy::HWY_NAMESPACE;
+
+constexpr std::int64_t kItemRows = 64;  // query rows per work item (all heads of a group)
+constexpr int kBlockRows = 4;           // rows of one register tile
+constexpr int kTileVectors = 4;         // vectors across one register tile
+
+using FloatTag = hn::ScalableTag<float>;
+
+// Highway refuses empty allocations; empty problems still allocate one float.
+hwy::AlignedFreeUniquePtr<float[]> AllocateFloats(std::int64_t count) {
+  return hwy::AllocateAligned<float>(static_cast<std::size_t>(std::max<std::int64_t>(count, 1)));
+}
+
+void SoftmaxExp(const float* in, float* out, std::int64_t count) {
+  const FloatTag d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  std::int64_t i = 0;
+  for (; i + lanes <= count; i += lanes) hn::StoreU(hn::Exp(d, hn::LoadU(d, in + i)), d, out + i);
+  for (; i < count; ++i) {
+    const auto one = hn::Set(d, in[i]);
+    out[i] = hn::GetLane(hn::Exp(d, one));
+  }
+}
+
+class FusedKernel {
+ public:
+  explicit FusedKernel(const FusedOperands& operands)
+      : o_(operands),
+        p_(*operands.problem),
+        lanes_(static_cast<std::int64_t>(hn::Lanes(FloatTag()))),
+        key_tile_(kTileVectors * lanes_),
+        v_stride_((p_.v_dim + lanes_ - 1) / lanes_ * lanes_),
+        positions_(std::max<std::int64_t>(1, kItemRows / p_.group_size)),
+        rows_(positions_ * p_.group_size),
+        tiles_((p_.k_len + key_tile_ - 1) / key_tile_) {}
+
+  void Run() {
+    PackKeysAndValues();
+    const std::int64_t position_blocks = (p_.q_len + positions_ - 1) / positions_;
+    const std::int64_t items = p_.batch * p_.kv_heads * position_blocks;
+#pragma omp parallel num_threads(worker_threads(p_))
+    {
+      Scratch scratch(*this);
+#pragma omp for schedule(dynamic)
+      for (std::int64_t item = 0; item < items; ++item) {
+        const std::int64_t block = item % position_blocks;
+        const std::int64_t hk = (item / position_blocks) % p_.kv_heads;
+        const std::int64_t b = item / (position_blocks * p_.kv_heads);
+        ComputeItem(b, hk, block * positions_, scratch);
+      }
+    }
+  }
+
+ private:
+  struct Scratch {
+    explicit Scratch(const FusedKernel& k)
+        : q_tile(AllocateFloats(k.rows_ * k.o_.score_dim)),
+          scores(AllocateFloats(k.rows_ * k.key_tile_)),
+          accumulator(AllocateFloats(k.rows_ * k.v_stride_)),
+          row_max(static_cast<std::size_t>(k.rows_)),
+          row_sum(static_cast<std::size_t>(k.rows_)),
+          correction(static_cast<std::size_t>(k.rows_)),
+          first(static_cast<std::size_t>(k.rows_)),
+          last(static_cast<std::size_t>(k.rows_)) {}
+    hwy::AlignedFreeUniquePtr<float[]> q_tile, scores, accumulator;
+    std::vector<float> row_max, row_sum, correction;
+    std::vector<std::int64_t> first, last;  // each row's visible key range
+  };
+
+  // Row r of an item is query head hk·group + r / positions at position i0 + r % positions.
+  std::int64_t HeadOf(std::int64_t hk, std::int64_t r) const {
+    return hk * p_.group_size + r / positions_;
+  }
+
+  void ComputeItem(std::int64_t b, std::int64_t hk, std::int64_t i0, Scratch& s) const {
+    const std::int64_t positions = std::min(positions_, p_.q_len - i0);
+    const std::int64_t dim = o_.score_dim;
+    const auto scale = static_cast<float>(p_.scale);
+    // 1. Q rows, scaled; visible ranges; their union.
+    std::int64_t item_first = p_.k_len, item_last = 0;
+    for (std::int64_t r = 0; r < rows_; ++r) {
+      const std::int64_t t = r % positions_;
+      float* row = s.q_tile.get() + r * dim;
+      if (t >= positions) {  // past the end of the sequence: an empty row
+        s.first[r] = 0;
+        s.last[r] = 0;
+        std::fill(row, row + dim, 0.0f);
+        continue;
+      }
+      const float* q = o_.q.row(b, i0 + t, HeadOf(hk, r));
+      for (std::int64_t d = 0; d < dim; ++d) row[d] = scale * q[d];
+      visible_key_range(p_, b, i0 + t, s.first[r], s.last[r]);
+      if (s.first[r] < s.last[r]) {
+        item_first = std::min(item_first, s.first[r]);
+        item_last = std::max(item_last, s.last[r]);
+      }
+    }
+    std::fill(s.row_max.begin(), s.row_max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(s.row_sum.begin(), s.row_sum.end(), 0.0f);
+    std::fill(s.accumulator.get(), s.accumulator.get() + rows_ * v_stride_, 0.0f);
+
+    // 2. Key tiles that meet the item's key range.
+    for (std::int64_t tile = item_first / key_tile_; tile * key_tile_ < item_last; ++tile) {
+      const std::int64_t start = tile * key_tile_;
+      const std::int64_t count = std::min(key_tile_, p_.k_len - start);
+      const float* keys = KeyTile(b, hk, tile);
+      const float* values = ValueTile(b, hk, tile);
+      for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
+        const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
+        if (!BlockMeetsTile(s, r0, block, start, count)) continue;
+        ScoreBlock(s, keys, r0, block);
+        bool any_visible = false;
+        for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, hk, i0, r0 + r, start, count, s);
+        if (!any_visible) continue;
+        for (int r = 0; r < block; ++r) SoftmaxRow(r0 + r, s);
+        AccumulateValues(s, values, r0, block);
+      }
+    }
+
+    // 3. Normalize and write.
+    for (std::int64_t r = 0; r < rows_; ++r) {
+      const std::int64_t t = r % positions_;
+      if (t >= positions) continue;
+      const std::int64_t h = HeadOf(hk, r), i = i0 + t;
+      const bool empty = s.row_max[r] == -std::numeric_limits<float>::infinity();
+      const float inverse = empty ? 0.0f : 1.0f / s.row_sum[r];
+      const float* accumulator = s.accumulator.get() + r * v_stride_;
+      for (std::int64_t d = 0; d < p_.v_dim; ++d) p_.out.store(accumulator[d] * inverse, b, i, h, d);
+      const float lse = empty ? -std::numeric_limits<float>::infinity()
+                              : s.row_max[r] + std::log(s.row_sum[r]);
+      if (p_.lse.present) p_.lse.store(lse, b, h, i);
+      s.row_max[r] = lse;  // kept for the weights pass
+    }
+    if (p_.weights.present) WriteWeights(b, hk, i0, positions, s);
+  }
+
+  bool BlockMeetsTile(const Scratch& s, std::int64_t r0, int block, std::int64_t start,
+                      std::int64_t count) const {
+    for (int r = 0; r < block; ++r) {
+      if (s.first[r0 + r] < start + count && s.last[r0 + r] > start &&
+          s.first[r0 + r] < s.last[r0 + r]) {
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // K and V of every (batch, key head) in tiles, once for all items:
+  //   key tile n:   [D, kKeyTile], element (d, t) = K[n·kKeyTile + t, d]   (Kᵀ, so keys run
+  //                 along the vector lanes of the score micro-kernel)
+  //   value tile n: [kKeyTile, Dv'], row t = V[n·kKeyTile + t, :] padded with zeros
+  // Keys past Nk in the last tile are zero; the masks give them -inf scores.
+  void PackKeysAndValues() {
+    const std::int64_t dim = o_.score_dim;
+    const std::int64_t heads = p_.batch * p_.kv_heads;
+    packed_keys_ = AllocateFloats(heads * tiles_ * dim * key_tile_);
+    packed_values_ = AllocateFloats(heads * tiles_ * key_tile_ * v_stride_);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(worker_threads(p_))
+    for (std::int64_t head = 0; head < heads; ++head) {
+      for (std::int64_t tile = 0; tile < tiles_; ++tile) {
+        const std::int64_t b = head / p_.kv_heads, hk = head % p_.kv_heads;
+        float* keys = KeyTile(b, hk, tile);
+        float* values = ValueTile(b, hk, tile);
+        for (std::int64_t t = 0; t < key_tile_; ++t) {
+          const std::int64_t j = tile * key_tile_ + t;
+          float* value_row = values + t * v_stride_;
+          if (j < p_.k_len) {
+            const float* key = o_.k.row(b, j, hk);
+            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key[d];
+            const float* value = o_.v.row(b, j, hk);
+            std::copy(value, value + p_.v_dim, value_row);
+            std::fill(value_row + p_.v_dim, value_row + v_stride_, 0.0f);
+          } else {
+            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = 0.0f;
+            std::fill(value_row, value_row + v_stride_, 0.0f);
+          }
+        }
+      }
+    }
+  }
+
+  float* KeyTile(std::int64_t b, std::int64_t hk, std::int64_t tile) const {
+    return packed_keys_.get() + ((b * p_.kv_heads + hk) * tiles_ + tile) * o_.score_dim * key_tile_;
+  }
+  float* ValueTile(std::int64_t b, std::int64_t hk, std::int64_t tile) const {
+    return packed_values_.get() + ((b * p_.kv_heads + hk) * tiles_ + tile) * key_tile_ * v_stride_;
+  }
+
+  // 2a. scores[r0 + r, :] = q_tile[r0 + r, :] · k_tile for r < block.
+  void ScoreBlock(Scratch& s, const float* k, std::int64_t r0, int block) const {
+    switch (block) {
+      case 4: ScoreRows<4>(s, k, r0); break;
+      case 3: ScoreRows<3>(s, k, r0); break;
+      case 2: ScoreRows<2>(s, k, r0); break;
+      default: ScoreRows<1>(s, k, r0); break;
+    }
+  }
+
+  template <int kRows>
+  void ScoreRows(Scratch& s, const float* k, std::int64_t r0) const {
+    const FloatTag d;
+    using V = hn::Vec<FloatTag>;
+    V acc[kRows][kTileVectors];
+    for (int r = 0; r < kRows; ++r)
+      for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::Zero(d);
+    const std::int64_t dim = o_.score_dim;
+    const float* q = s.q_tile.get() + r0 * dim;
+    for (std::int64_t e = 0; e < dim; ++e) {
+      const float* k_row = k + e * key_tile_;
+      V keys[kTileVectors];
+      for (int c = 0; c < kTileVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
+      for (int r = 0; r < kRows; ++r) {
+        const V query = hn::Set(d, q[r * dim + e]);
+        for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::MulAdd(query, keys[c], acc[r][c]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      float* out = s.scores.get() + (r0 + r) * key_tile_;
+      for (int c = 0; c < kTileVectors; ++c) hn::Store(acc[r][c], d, out + c * lanes_);
+    }
+  }
+
+  // 2b. Everything after the product, for one row of one tile; returns whether any key of the
+  // tile stays visible to the row.
+  bool MaskRow(std::int64_t b, std::int64_t hk, std::int64_t i0, std::int64_t r, std::int64_t start,
+               std::int64_t count, Scratch& s) const {
+    constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
+    float* scores = s.scores.get() + r * key_tile_;
+    const std::int64_t from = std::max<std::int64_t>(0, s.first[r] - start);
+    const std::int64_t to = std::min<std::int64_t>(count, s.last[r] - start);
+    if (from >= to) {
+      std::fill(scores, scores + key_tile_, kMinusInfinity);
+      return false;
+    }
+    std::fill(scores, scores + from, kMinusInfinity);
+    std::fill(scores + to, scores + key_tile_, kMinusInfinity);
+    const std::int64_t h = HeadOf(hk, r), i = i0 + r % positions_;
+    if (p_.softcap > 0) {
+      const auto cap = static_cast<float>(p_.softcap);
+      for (std::int64_t t = from; t < to; ++t) scores[t] = cap * std::tanh(scores[t] / cap);
+    }
+    if (p_.alibi_slopes.present) {
+      const auto slope = static_cast<float>(p_.alibi_slopes.load(b, h));
+      const std::int64_t diagonal_j = i + p_.diagonal();
+      for (std::int64_t t = from; t < to; ++t) {
+        scores[t] -= slope * static_cast<float>(std::llabs(diagonal_j - (start + t)));
+      }
+    }
+    if (p_.bias.present) {
+      for (std::int64_t t = from; t < to; ++t) {
+        scores[t] += static_cast<float>(p_.bias.load(b, h, i, start + t));
+      }
+    }
+    if (p_.mask.present) {
+      for (std::int64_t t = from; t < to; ++t) {
+        if (p_.mask.load(b, h, i, start + t) == 0.0) scores[t] = kMinusInfinity;
+      }
+    }
+    return true;
+  }
+
+  // 2c. Online softmax of one row of the tile: P in place of S.
+  void SoftmaxRow(std::int64_t r, Scratch& s) const {
+    const FloatTag d;
+    float* scores = s.scores.get() + r * key_tile_;
+    auto maximum = hn::Set(d, -std::numeric_limits<float>::infinity());
+    for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
+      maximum = hn::Max(maximum, hn::Load(d, scores + t));
+    }
+    const float tile_max = hn::GetLane(hn::MaxOfLanes(d, maximum));
+    const float old_max = s.row_max[r];
+    const float new_max = std::max(old_max, tile_max);
+    if (new_max == -std::numeric_limits<float>::infinity()) {  // nothing visible yet
+      s.correction[r] = 1.0f;
+      std::fill(scores, scores + key_tile_, 0.0f);
+      return;
+    }
+    const float correction = std::exp(old_max - new_max);  // 0 when old_max = -inf
+    const auto shift = hn::Set(d, new_max);
+    auto sum = hn::Zero(d);
+    for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
+      const auto p = hn::Exp(d, hn::Sub(hn::Load(d, scores + t), shift));
+      hn::Store(p, d, scores + t);
+      sum = hn::Add(sum, p);
+    }
+    s.row_sum[r] = s.row_sum[r] * correction + hn::GetLane(hn::SumOfLanes(d, sum));
+    s.row_max[r] = new_max;
+    s.correction[r] = correction;
+  }
+
+  // 2d. accumulator[r0 + r, :] = correction·accumulator + P·V for r < block.
+  void AccumulateValues(Scratch& s, const float* values, std::int64_t r0, int block) const {
+    switch (block) {
+      case 4: AccumulateRows<4>(s, values, r0); break;
+      case 3: AccumulateRows<3>(s, values, r0); break;
+      case 2: AccumulateRows<2>(s, values, r0); break;
+      default: AccumulateRows<1>(s, values, r0); break;
+    }
+  }
+
+  template <int kRows>
+  void AccumulateRows(Scratch& s, const float* values, std::int64_t r0) const {
+    const std::int64_t vectors = v_stride_ / lanes_;
+    for (std::int64_t c0 = 0; c0 < vectors; c0 += kTileVectors) {
+      switch (std::min<std::int64_t>(kTileVectors, vectors - c0)) {
+        case 4: AccumulateTile<kRows, 4>(s, values, r0, c0); break;
+        case 3: AccumulateTile<kRows, 3>(s, values, r0, c0); break;
+        case 2: AccumulateTile<kRows, 2>(s, values, r0, c0); break;
+        default: AccumulateTile<kRows, 1>(s, values, r0, c0); break;
+      }
+    }
+  }
+
+  template <int kRows, int kVectors>
+  void AccumulateTile(Scratch& s, const float* values, std::int64_t r0, std::int64_t c0) const {
+    const FloatTag d;
+    using V = hn::Vec<FloatTag>;
+    V acc[kRows][kVectors];
+    for (int r = 0; r < kRows; ++r) {
+      const V correction = hn::Set(d, s.correction[r0 + r]);
+      const float* row = s.accumulator.get() + (r0 + r) * v_stride_ + c0 * lanes_;
+      for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::Mul(correction, hn::Load(d, row + c * lanes_));
+    }
+    const float* p = s.scores.get() + r0 * key_tile_;
+    const float* v = values + c0 * lanes_;
+    for (std::int64_t t = 0; t < key_tile_; ++t) {
+      V value_vectors[kVectors];
+      for (int c = 0; c < kVectors; ++c) value_vectors[c] = hn::Load(d, v + t * v_stride_ + c * lanes_);
+      for (int r = 0; r < kRows; ++r) {
+        const V weight = hn::Set(d, p[r * key_tile_ + t]);
+        for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::MulAdd(weight, value_vectors[c], acc[r][c]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      float* row = s.accumulator.get() + (r0 + r) * v_stride_ + c0 * lanes_;
+      for (int c = 0; c < kVectors; ++c) hn::Store(acc[r][c], d, row + c * lanes_);
+    }
+  }
+
+  // 3'. P = e^(S − LSE) with the same products and masks as the forward walk; row_max holds LSE.
+  void WriteWeights(std::int64_t b, std::int64_t hk, std::int64_t i0, std::int64_t positions,
+                    Scratch& s) const {
+    for (std::int64_t r = 0; r < rows_; ++r) {
+      if (r % positions_ >= positions) continue;
+      const std::int64_t h = HeadOf(hk, r), i = i0 + r % positions_;
+      for (std::int64_t j = 0; j < p_.k_len; ++j) p_.weights.store(0.0, b, h, i, j);
+    }
+    std::int64_t item_first = p_.k_len, item_last = 0;
+    for (std::int64_t r = 0; r < rows_; ++r) {
+      if (s.first[r] < s.last[r]) {
+        item_first = std::min(item_first, s.first[r]);
+        item_last = std::max(item_last, s.last[r]);
+      }
+    }
+    const FloatTag d;
+    for (std::int64_t tile = item_first / key_tile_; tile * key_tile_ < item_last; ++tile) {
+      const std::int64_t start = tile * key_tile_;
+      const std::int64_t count = std::min(key_tile_, p_.k_len - start);
+      for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
+        const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
+        if (!BlockMeetsTile(s, r0, block, start, count)) continue;
+        ScoreBlock(s, KeyTile(b, hk, tile), r0, block);
+        for (int r = 0; r < block; ++r) {
+          const std::int64_t row = r0 + r;
+          if (!MaskRow(b, hk, i0, row, start, count, s)) continue;
+          if (s.row_max[row] == -std::numeric_limits<float>::infinity()) continue;
+          float* scores = s.scores.get() + row * key_tile_;
+          const auto lse = hn::Set(d, s.row_max[row]);
+          for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
+            hn::Store(hn::Exp(d, hn::Sub(hn::Load(d, scores + t), lse)), d, scores + t);
+          }
+          const std::int64_t h = HeadOf(hk, row), i = i0 + row % positions_;
+          for (std::int64_t t = 0; t < count; ++t) p_.weights.store(scores[t], b, h, i, start + t);
+        }
+      }
+    }
+  }
+
+  const FusedOperands& o_;
+  const AttentionProblem& p_;
+  const std::int64_t lanes_;      // floats per vector on this target
+  const std::int64_t key_tile_;   // keys per tile: kTileVectors vectors
+  const std::int64_t v_stride_;   // Dv rounded up to whole vectors
+  const std::int64_t positions_;  // query positions per item
+  const std::int64_t rows_;       // rows per item: positions × group
+  const std::int64_t tiles_;      // key tiles per (batch, key head)
+  hwy::AlignedFreeUniquePtr<float[]> packed_keys_, packed_values_;
+};
+
+void FusedForward(const FusedOperands& operands) { FusedKernel(operands).Run(); }
+
+}  // namespace HWY_NAMESPACE
+}  // namespace qkv::kernels
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace qkv::kernels {
+
+HWY_EXPORT(FusedForward);
+HWY_EXPORT(SoftmaxExp);
+
+bool fused_attention_supports(const AttentionProblem& problem) {
+  return problem.dtype == DType::float32 && problem.score != Score::additive;
+}
+
+void fused_attention(const AttentionProblem& p) {
+  FusedOperands operands;
+  operands.problem = &p;
+  adopt_or_pack(operands.q, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
+  adopt_or_pack(operands.k, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
+  adopt_or_pack(operands.v, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
+  operands.score_dim = p.k_dim;
+  if (p.score == Score::bilinear) {  // qᵀ W k = (Wᵀ q)·k
+    RowMajorOperand<float> projected;
+    project(projected, operands.q, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim,
+            p.q_dim, [](std::int64_t h) { return h; }, worker_threads(p));
+    operands.q = std::move(projected);
+  }
+  apply_simd_environment();
+  HWY_DYNAMIC_DISPATCH(FusedForward)(operands);
+}
+
+void softmax_exp(const float* in, float* out, std::int64_t count) {
+  apply_simd_environment();
+  HWY_DYNAMIC_DISPATCH(SoftmaxExp)(in, out, count);
+}
+
+}  // namespace qkv::kernels
+#endif  // HWY_ONCE

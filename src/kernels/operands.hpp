@@ -1,0 +1,109 @@
+// What every kernel does before its main loop: operands with unit stride along the head dim,
+// the bilinear/additive projections, the key range that the position masks leave visible.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "core/problem.hpp"
+
+namespace qkv::kernels {
+
+using detail::AttentionProblem;
+using detail::StridedInput;
+
+// OpenMP threads a kernel uses for this problem.
+inline int worker_threads(const AttentionProblem& p) {
+  return p.threads > 0 ? p.threads : omp_get_max_threads();
+}
+
+// Keys [first, last) pass the position masks (causal, window, key_lengths) for query row i of
+// batch b; the boolean mask and the bias may still hide some of them.
+inline void visible_key_range(const AttentionProblem& p, std::int64_t b, std::int64_t i,
+                              std::int64_t& first, std::int64_t& last) {
+  const std::int64_t diagonal_j = i + p.diagonal();
+  first = 0;
+  last = p.key_length(b);
+  if (p.causal) {
+    const std::int64_t newest = p.causal_align == CausalAlign::bottom_right ? diagonal_j : i;
+    last = std::min(last, newest + 1);
+  }
+  if (p.window_left >= 0) first = std::max(first, diagonal_j - p.window_left);
+  if (p.window_right >= 0) last = std::min(last, diagonal_j + p.window_right + 1);
+}
+
+// A [B, N, H, D] operand with unit stride along D, in the compute type T: the caller's storage
+// when it already is, else a dense copy.
+template <class T>
+struct RowMajorOperand {
+  const T* data = nullptr;
+  std::int64_t stride_b = 0, stride_n = 0, stride_h = 0;
+  std::vector<T> storage;
+
+  const T* row(std::int64_t b, std::int64_t n, std::int64_t h) const {
+    return data + b * stride_b + n * stride_n + h * stride_h;
+  }
+};
+
+template <class T>
+void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::int64_t batch,
+                   std::int64_t length, std::int64_t heads, std::int64_t dim) {
+  if (input.strides[3] == 1) {
+    operand.data = input.pointer<T>(0);
+    operand.stride_b = input.strides[0];
+    operand.stride_n = input.strides[1];
+    operand.stride_h = input.strides[2];
+    return;
+  }
+  operand.storage.resize(static_cast<std::size_t>(batch * length * heads * dim));
+  operand.stride_h = dim;
+  operand.stride_n = heads * dim;
+  operand.stride_b = length * heads * dim;
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t n = 0; n < length; ++n)
+      for (std::int64_t h = 0; h < heads; ++h)
+        for (std::int64_t d = 0; d < dim; ++d)
+          operand.storage[static_cast<std::size_t>(b * operand.stride_b + n * operand.stride_n +
+                                                   h * operand.stride_h + d)] =
+              static_cast<T>(input.load(b, n, h, d));
+  operand.data = operand.storage.data();
+}
+
+// out[b, n, h', r] = Σ_c weight(h', r, c) · in[b, n, h'', c] for every output head h', where the
+// input head h'' = input_head(h') and weight(h', r, c) = W[h', r, c] (or W[h', c, r] transposed).
+template <class T, class InputHead>
+void project(RowMajorOperand<T>& result, const RowMajorOperand<T>& input, const StridedInput& w,
+             bool transposed, std::int64_t batch, std::int64_t length, std::int64_t out_heads,
+             std::int64_t out_dim, std::int64_t in_dim, InputHead input_head, int threads) {
+  result.storage.assign(static_cast<std::size_t>(batch * length * out_heads * out_dim), T{0});
+  result.stride_h = out_dim;
+  result.stride_n = out_heads * out_dim;
+  result.stride_b = length * out_heads * out_dim;
+  result.data = result.storage.data();
+  std::vector<T> weight(static_cast<std::size_t>(out_heads * out_dim * in_dim));
+  for (std::int64_t h = 0; h < out_heads; ++h)
+    for (std::int64_t r = 0; r < out_dim; ++r)
+      for (std::int64_t c = 0; c < in_dim; ++c)
+        weight[static_cast<std::size_t>((h * out_dim + r) * in_dim + c)] =
+            static_cast<T>(transposed ? w.load(h, c, r) : w.load(h, r, c));
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (std::int64_t b = 0; b < batch; ++b) {
+    for (std::int64_t n = 0; n < length; ++n) {
+      for (std::int64_t h = 0; h < out_heads; ++h) {
+        const T* x = input.row(b, n, input_head(h));
+        T* y = result.storage.data() + b * result.stride_b + n * result.stride_n + h * out_dim;
+        for (std::int64_t r = 0; r < out_dim; ++r) {
+          const T* wr = weight.data() + (h * out_dim + r) * in_dim;
+          T sum = 0;
+          for (std::int64_t c = 0; c < in_dim; ++c) sum += wr[c] * x[c];
+          y[r] = sum;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace qkv::kernels

@@ -1,0 +1,81 @@
+// The SIMD layer: target selection, and the softmax exp's stated error bound swept over its
+// whole range on every target.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "kernels/fused_attention.hpp"
+#include "qkv/error.hpp"
+#include "qkv/simd.hpp"
+
+namespace qkv {
+namespace {
+
+TEST(Simd, TargetsCanBeForcedAndRestored) {
+  const std::vector<std::string> targets = simd_targets();
+  ASSERT_FALSE(targets.empty());
+  const std::string best = simd_target();
+  EXPECT_EQ(best, targets.front());
+  for (const std::string& target : targets) {
+    force_simd_target(target);
+    EXPECT_EQ(simd_target(), target);
+  }
+  force_simd_target("");
+  EXPECT_EQ(simd_target(), best);
+  EXPECT_THAT([] { force_simd_target("NEON"); },
+              ::testing::ThrowsMessage<Error>(::testing::HasSubstr("simd target: expected one of")));
+}
+
+// Distance in units in the last place between two finite floats of the same sign.
+std::int64_t ulp_distance(float a, float b) {
+  std::int32_t ia, ib;
+  std::memcpy(&ia, &a, 4);
+  std::memcpy(&ib, &b, 4);
+  return std::abs(static_cast<std::int64_t>(ia) - static_cast<std::int64_t>(ib));
+}
+
+// softmax_exp: max 1 ULP for normal results (x in [-87, 88]); for x in [-104, -87] the result is
+// subnormal and within 1 ULP of the smallest normal; below -104 and at -inf it is exactly 0.
+TEST(Simd, SoftmaxExpErrorBoundOverItsRange) {
+  std::vector<float> inputs;
+  for (float x = -87.0f; x <= 88.0f; x = std::nextafter(x + 3e-4f * std::max(1.0f, std::abs(x)), 100.0f)) {
+    inputs.push_back(x);
+  }
+  for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1.0f, -1.0f, 88.5f, 88.7f}) inputs.push_back(x);
+  const std::size_t normal_count = inputs.size();
+  for (float x = -104.0f; x < -87.0f; x += 1e-3f) inputs.push_back(x);
+  const std::size_t subnormal_end = inputs.size();
+  for (float x : {-104.5f, -200.0f, -1e30f, -std::numeric_limits<float>::max(),
+                  -std::numeric_limits<float>::infinity()}) {
+    inputs.push_back(x);
+  }
+  std::vector<float> outputs(inputs.size());
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    kernels::softmax_exp(inputs.data(), outputs.data(), static_cast<std::int64_t>(inputs.size()));
+    std::int64_t worst = 0;
+    for (std::size_t n = 0; n < normal_count; ++n) {
+      const auto exact = static_cast<float>(std::exp(static_cast<double>(inputs[n])));
+      worst = std::max(worst, ulp_distance(outputs[n], exact));
+    }
+    EXPECT_LE(worst, 1) << target;
+    const float smallest_normal_ulp = std::numeric_limits<float>::min() * 0x1p-23f;
+    for (std::size_t n = normal_count; n < subnormal_end; ++n) {
+      const double exact = std::exp(static_cast<double>(inputs[n]));
+      ASSERT_LE(std::abs(outputs[n] - exact), smallest_normal_ulp) << target << " x=" << inputs[n];
+    }
+    for (std::size_t n = subnormal_end; n < inputs.size(); ++n) {
+      ASSERT_EQ(outputs[n], 0.0f) << target << " x=" << inputs[n];
+    }
+  }
+  force_simd_target("");
+}
+
+}  // namespace
+}  // namespace qkv
