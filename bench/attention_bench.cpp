@@ -14,7 +14,8 @@
 #include <fstream>
 #include <limits>
 #include <random>
-#include <regex>
+#include <cctype>
+#include <map>
 #include <string>
 
 #include "qkv/attention.hpp"
@@ -115,21 +116,49 @@ Shape parse_shape(const std::string& spec) {
   for (const auto& [name, definition] : kNamed) {
     if (spec == name) text = definition;
   }
-  static const std::regex kSpec(R"(B(\d+)H(\d+)(?:Hk(\d+))?(?:N(\d+)|Nq(\d+)Nk(\d+))D(\d+)(causal)?)");
-  std::smatch m;
-  if (!std::regex_match(text, m, kSpec)) {
-    throw Error(fmt::format(
-        "--shapes: expected S1 … S5 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[causal], got '{}'", spec));
-  }
+  const auto bad = [&spec] {
+    return Error(fmt::format(
+        "--shapes: expected S1 … S5 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[causal], got '{}'",
+        spec));
+  };
   Shape shape;
   shape.name = spec;
-  shape.batch = std::stoll(m[1]);
-  shape.q_heads = std::stoll(m[2]);
-  shape.kv_heads = m[3].matched ? std::stoll(m[3]) : shape.q_heads;
-  shape.q_len = m[4].matched ? std::stoll(m[4]) : std::stoll(m[5]);
-  shape.k_len = m[4].matched ? shape.q_len : std::stoll(m[6]);
-  shape.head_dim = std::stoll(m[7]);
-  shape.causal = m[8].matched;
+  if (text.size() >= 6 && text.compare(text.size() - 6, 6, "causal") == 0) {
+    shape.causal = true;
+    text.resize(text.size() - 6);
+  }
+  // Pairs of a field name and its number: B1 H8 Hk2 N4096 Nq1 Nk8192 D64.
+  std::map<std::string, std::int64_t> fields;
+  for (std::size_t at = 0; at < text.size();) {
+    std::size_t digits = at;
+    while (digits < text.size() && std::isalpha(static_cast<unsigned char>(text[digits]))) ++digits;
+    std::size_t end = digits;
+    while (end < text.size() && std::isdigit(static_cast<unsigned char>(text[end]))) ++end;
+    if (digits == at || end == digits || end - digits > 12) throw bad();
+    if (!fields.emplace(text.substr(at, digits - at), std::stoll(text.substr(digits, end - digits))).second) {
+      throw bad();
+    }
+    at = end;
+  }
+  const auto take = [&](const char* name) {
+    const auto found = fields.find(name);
+    if (found == fields.end()) return std::int64_t{-1};
+    const std::int64_t value = found->second;
+    fields.erase(found);
+    return value;
+  };
+  shape.batch = take("B");
+  shape.q_heads = take("H");
+  shape.kv_heads = take("Hk");
+  const std::int64_t n = take("N");
+  shape.q_len = n >= 0 ? n : take("Nq");
+  shape.k_len = n >= 0 ? n : take("Nk");
+  shape.head_dim = take("D");
+  if (shape.kv_heads < 0) shape.kv_heads = shape.q_heads;
+  if (!fields.empty() || shape.batch < 1 || shape.q_heads < 1 || shape.q_len < 1 ||
+      shape.k_len < 1 || shape.head_dim < 1) {
+    throw bad();
+  }
   if (shape.kv_heads == 0 || shape.q_heads % shape.kv_heads != 0) {
     throw Error(fmt::format("--shapes: expected Hk dividing H in '{}'", spec));
   }

@@ -51,14 +51,32 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 constexpr std::int64_t kItemRows = 64;  // query rows per work item (all heads of a group)
 constexpr int kBlockRows = 4;           // rows of one register tile
-constexpr int kTileVectors = 4;         // vectors across one register tile
+// Vectors across one register tile: 4 rows × 4 vectors = 16 accumulators + 4 loads + 1 broadcast
+// = 21 registers fits AVX-512's 32; targets with 16 registers use 4 × 2 (8 + 2 + 1 = 11).
+constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 4 : 2;
+// Keys per tile, in vectors: the softmax bookkeeping of a row (max, rescale) is paid once per
+// tile, so longer tiles spend a larger share of the time in the two products.
+constexpr int kKeyTileVectors = 8;
 
 using FloatTag = hn::ScalableTag<float>;
 
-// Highway refuses empty allocations; empty problems still allocate one float.
-hwy::AlignedFreeUniquePtr<float[]> AllocateFloats(std::int64_t count) {
-  return hwy::AllocateAligned<float>(static_cast<std::size_t>(std::max<std::int64_t>(count, 1)));
-}
+// Aligned float storage kept by a thread from one call to the next: first-touch page faults cost
+// more than the attention itself on small problems, so each buffer is allocated at the largest
+// size seen and reused. (A thread keeps the memory of its largest problem.)
+class ReusedBuffer {
+ public:
+  float* Get(std::int64_t count) {
+    if (count > capacity_) {
+      capacity_ = std::max<std::int64_t>(count, 1);
+      data_ = hwy::AllocateAligned<float>(static_cast<std::size_t>(capacity_));
+    }
+    return data_.get();
+  }
+
+ private:
+  hwy::AlignedFreeUniquePtr<float[]> data_;
+  std::int64_t capacity_ = 0;
+};
 
 void SoftmaxExp(const float* in, float* out, std::int64_t count) {
   const FloatTag d;
@@ -77,7 +95,7 @@ class FusedKernel {
       : o_(operands),
         p_(*operands.problem),
         lanes_(static_cast<std::int64_t>(hn::Lanes(FloatTag()))),
-        key_tile_(kTileVectors * lanes_),
+        key_tile_(kKeyTileVectors * lanes_),
         v_stride_((p_.v_dim + lanes_ - 1) / lanes_ * lanes_),
         positions_(std::max<std::int64_t>(1, kItemRows / p_.group_size)),
         rows_(positions_ * p_.group_size),
@@ -92,7 +110,9 @@ class FusedKernel {
       Scratch scratch(*this);
 #pragma omp for schedule(dynamic)
       for (std::int64_t item = 0; item < items; ++item) {
-        const std::int64_t block = item % position_blocks;
+        // Later query blocks see more keys under a causal mask: hand those out first, so the
+        // dynamic schedule ends on short items.
+        const std::int64_t block = position_blocks - 1 - item % position_blocks;
         const std::int64_t hk = (item / position_blocks) % p_.kv_heads;
         const std::int64_t b = item / (position_blocks * p_.kv_heads);
         ComputeItem(b, hk, block * positions_, scratch);
@@ -101,18 +121,24 @@ class FusedKernel {
   }
 
  private:
+  // One OpenMP thread's working set, in buffers the thread keeps between calls.
   struct Scratch {
-    explicit Scratch(const FusedKernel& k)
-        : q_tile(AllocateFloats(k.rows_ * k.o_.score_dim)),
-          scores(AllocateFloats(k.rows_ * k.key_tile_)),
-          accumulator(AllocateFloats(k.rows_ * k.v_stride_)),
-          row_max(static_cast<std::size_t>(k.rows_)),
-          row_sum(static_cast<std::size_t>(k.rows_)),
-          correction(static_cast<std::size_t>(k.rows_)),
-          first(static_cast<std::size_t>(k.rows_)),
-          last(static_cast<std::size_t>(k.rows_)) {}
-    hwy::AlignedFreeUniquePtr<float[]> q_tile, scores, accumulator;
-    std::vector<float> row_max, row_sum, correction;
+    explicit Scratch(const FusedKernel& k) {
+      thread_local ReusedBuffer buffers[4];
+      q_tile = buffers[0].Get(k.rows_ * k.o_.score_dim);
+      scores = buffers[1].Get(k.rows_ * k.key_tile_);
+      accumulator = buffers[2].Get(k.rows_ * k.v_stride_);
+      row_sum = buffers[3].Get(k.rows_ * k.lanes_);
+      row_max.resize(static_cast<std::size_t>(k.rows_));
+      correction.resize(static_cast<std::size_t>(k.rows_));
+      first.resize(static_cast<std::size_t>(k.rows_));
+      last.resize(static_cast<std::size_t>(k.rows_));
+    }
+    float* q_tile;       // [rows, D]: the item's queries times the scale
+    float* scores;       // [rows, kKeyTile]: S, then P, of the current tile
+    float* accumulator;  // [rows, Dv']: unnormalized O
+    float* row_sum;      // [rows, lanes]: per-lane partial softmax sums
+    std::vector<float> row_max, correction;
     std::vector<std::int64_t> first, last;  // each row's visible key range
   };
 
@@ -129,7 +155,7 @@ class FusedKernel {
     std::int64_t item_first = p_.k_len, item_last = 0;
     for (std::int64_t r = 0; r < rows_; ++r) {
       const std::int64_t t = r % positions_;
-      float* row = s.q_tile.get() + r * dim;
+      float* row = s.q_tile + r * dim;
       if (t >= positions) {  // past the end of the sequence: an empty row
         s.first[r] = 0;
         s.last[r] = 0;
@@ -145,8 +171,8 @@ class FusedKernel {
       }
     }
     std::fill(s.row_max.begin(), s.row_max.end(), -std::numeric_limits<float>::infinity());
-    std::fill(s.row_sum.begin(), s.row_sum.end(), 0.0f);
-    std::fill(s.accumulator.get(), s.accumulator.get() + rows_ * v_stride_, 0.0f);
+    std::fill(s.row_sum, s.row_sum + rows_ * lanes_, 0.0f);
+    std::fill(s.accumulator, s.accumulator + rows_ * v_stride_, 0.0f);
 
     // 2. Key tiles that meet the item's key range.
     for (std::int64_t tile = item_first / key_tile_; tile * key_tile_ < item_last; ++tile) {
@@ -172,11 +198,12 @@ class FusedKernel {
       if (t >= positions) continue;
       const std::int64_t h = HeadOf(hk, r), i = i0 + t;
       const bool empty = s.row_max[r] == -std::numeric_limits<float>::infinity();
-      const float inverse = empty ? 0.0f : 1.0f / s.row_sum[r];
-      const float* accumulator = s.accumulator.get() + r * v_stride_;
+      const float row_sum = hn::GetLane(hn::SumOfLanes(FloatTag(), hn::Load(FloatTag(), s.row_sum + r * lanes_)));
+      const float inverse = empty ? 0.0f : 1.0f / row_sum;
+      const float* accumulator = s.accumulator + r * v_stride_;
       for (std::int64_t d = 0; d < p_.v_dim; ++d) p_.out.store(accumulator[d] * inverse, b, i, h, d);
       const float lse = empty ? -std::numeric_limits<float>::infinity()
-                              : s.row_max[r] + std::log(s.row_sum[r]);
+                              : s.row_max[r] + std::log(row_sum);
       if (p_.lse.present) p_.lse.store(lse, b, h, i);
       s.row_max[r] = lse;  // kept for the weights pass
     }
@@ -202,8 +229,9 @@ class FusedKernel {
   void PackKeysAndValues() {
     const std::int64_t dim = o_.score_dim;
     const std::int64_t heads = p_.batch * p_.kv_heads;
-    packed_keys_ = AllocateFloats(heads * tiles_ * dim * key_tile_);
-    packed_values_ = AllocateFloats(heads * tiles_ * key_tile_ * v_stride_);
+    thread_local ReusedBuffer keys_buffer, values_buffer;  // the calling thread's
+    packed_keys_ = keys_buffer.Get(heads * tiles_ * dim * key_tile_);
+    packed_values_ = values_buffer.Get(heads * tiles_ * key_tile_ * v_stride_);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(worker_threads(p_))
     for (std::int64_t head = 0; head < heads; ++head) {
       for (std::int64_t tile = 0; tile < tiles_; ++tile) {
@@ -229,10 +257,10 @@ class FusedKernel {
   }
 
   float* KeyTile(std::int64_t b, std::int64_t hk, std::int64_t tile) const {
-    return packed_keys_.get() + ((b * p_.kv_heads + hk) * tiles_ + tile) * o_.score_dim * key_tile_;
+    return packed_keys_ + ((b * p_.kv_heads + hk) * tiles_ + tile) * o_.score_dim * key_tile_;
   }
   float* ValueTile(std::int64_t b, std::int64_t hk, std::int64_t tile) const {
-    return packed_values_.get() + ((b * p_.kv_heads + hk) * tiles_ + tile) * key_tile_ * v_stride_;
+    return packed_values_ + ((b * p_.kv_heads + hk) * tiles_ + tile) * key_tile_ * v_stride_;
   }
 
   // 2a. scores[r0 + r, :] = q_tile[r0 + r, :] · k_tile for r < block.
@@ -247,15 +275,21 @@ class FusedKernel {
 
   template <int kRows>
   void ScoreRows(Scratch& s, const float* k, std::int64_t r0) const {
+    for (std::int64_t c0 = 0; c0 < kKeyTileVectors; c0 += kTileVectors) ScoreTile<kRows>(s, k, r0, c0);
+  }
+
+  // The register tile: rows r0 … r0 + kRows against keys c0·lanes … (c0 + kTileVectors)·lanes.
+  template <int kRows>
+  void ScoreTile(Scratch& s, const float* k, std::int64_t r0, std::int64_t c0) const {
     const FloatTag d;
     using V = hn::Vec<FloatTag>;
     V acc[kRows][kTileVectors];
     for (int r = 0; r < kRows; ++r)
       for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::Zero(d);
     const std::int64_t dim = o_.score_dim;
-    const float* q = s.q_tile.get() + r0 * dim;
+    const float* q = s.q_tile + r0 * dim;
     for (std::int64_t e = 0; e < dim; ++e) {
-      const float* k_row = k + e * key_tile_;
+      const float* k_row = k + e * key_tile_ + c0 * lanes_;
       V keys[kTileVectors];
       for (int c = 0; c < kTileVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
       for (int r = 0; r < kRows; ++r) {
@@ -264,7 +298,7 @@ class FusedKernel {
       }
     }
     for (int r = 0; r < kRows; ++r) {
-      float* out = s.scores.get() + (r0 + r) * key_tile_;
+      float* out = s.scores + (r0 + r) * key_tile_ + c0 * lanes_;
       for (int c = 0; c < kTileVectors; ++c) hn::Store(acc[r][c], d, out + c * lanes_);
     }
   }
@@ -274,7 +308,7 @@ class FusedKernel {
   bool MaskRow(std::int64_t b, std::int64_t hk, std::int64_t i0, std::int64_t r, std::int64_t start,
                std::int64_t count, Scratch& s) const {
     constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
-    float* scores = s.scores.get() + r * key_tile_;
+    float* scores = s.scores + r * key_tile_;
     const std::int64_t from = std::max<std::int64_t>(0, s.first[r] - start);
     const std::int64_t to = std::min<std::int64_t>(count, s.last[r] - start);
     if (from >= to) {
@@ -311,7 +345,7 @@ class FusedKernel {
   // 2c. Online softmax of one row of the tile: P in place of S.
   void SoftmaxRow(std::int64_t r, Scratch& s) const {
     const FloatTag d;
-    float* scores = s.scores.get() + r * key_tile_;
+    float* scores = s.scores + r * key_tile_;
     auto maximum = hn::Set(d, -std::numeric_limits<float>::infinity());
     for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
       maximum = hn::Max(maximum, hn::Load(d, scores + t));
@@ -324,15 +358,18 @@ class FusedKernel {
       std::fill(scores, scores + key_tile_, 0.0f);
       return;
     }
-    const float correction = std::exp(old_max - new_max);  // 0 when old_max = -inf
+    // e^(old − new): 1 while the maximum holds (most tiles), 0 when old_max = -inf.
+    const float correction = new_max == old_max ? 1.0f : std::exp(old_max - new_max);
     const auto shift = hn::Set(d, new_max);
-    auto sum = hn::Zero(d);
+    // The row's sum is kept lane by lane and reduced once, at the end of the item.
+    float* lane_sums = s.row_sum + r * lanes_;
+    auto sum = hn::Mul(hn::Load(d, lane_sums), hn::Set(d, correction));
     for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
       const auto p = hn::Exp(d, hn::Sub(hn::Load(d, scores + t), shift));
       hn::Store(p, d, scores + t);
       sum = hn::Add(sum, p);
     }
-    s.row_sum[r] = s.row_sum[r] * correction + hn::GetLane(hn::SumOfLanes(d, sum));
+    hn::Store(sum, d, lane_sums);
     s.row_max[r] = new_max;
     s.correction[r] = correction;
   }
@@ -351,11 +388,11 @@ class FusedKernel {
   void AccumulateRows(Scratch& s, const float* values, std::int64_t r0) const {
     const std::int64_t vectors = v_stride_ / lanes_;
     for (std::int64_t c0 = 0; c0 < vectors; c0 += kTileVectors) {
-      switch (std::min<std::int64_t>(kTileVectors, vectors - c0)) {
-        case 4: AccumulateTile<kRows, 4>(s, values, r0, c0); break;
-        case 3: AccumulateTile<kRows, 3>(s, values, r0, c0); break;
-        case 2: AccumulateTile<kRows, 2>(s, values, r0, c0); break;
-        default: AccumulateTile<kRows, 1>(s, values, r0, c0); break;
+      if (vectors - c0 >= kTileVectors) {
+        AccumulateTile<kRows, kTileVectors>(s, values, r0, c0);
+      } else {
+        AccumulateTile<kRows, 1>(s, values, r0, c0);  // the last few vectors, one at a time
+        for (std::int64_t c = c0 + 1; c < vectors; ++c) AccumulateTile<kRows, 1>(s, values, r0, c);
       }
     }
   }
@@ -367,10 +404,10 @@ class FusedKernel {
     V acc[kRows][kVectors];
     for (int r = 0; r < kRows; ++r) {
       const V correction = hn::Set(d, s.correction[r0 + r]);
-      const float* row = s.accumulator.get() + (r0 + r) * v_stride_ + c0 * lanes_;
+      const float* row = s.accumulator + (r0 + r) * v_stride_ + c0 * lanes_;
       for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::Mul(correction, hn::Load(d, row + c * lanes_));
     }
-    const float* p = s.scores.get() + r0 * key_tile_;
+    const float* p = s.scores + r0 * key_tile_;
     const float* v = values + c0 * lanes_;
     for (std::int64_t t = 0; t < key_tile_; ++t) {
       V value_vectors[kVectors];
@@ -381,7 +418,7 @@ class FusedKernel {
       }
     }
     for (int r = 0; r < kRows; ++r) {
-      float* row = s.accumulator.get() + (r0 + r) * v_stride_ + c0 * lanes_;
+      float* row = s.accumulator + (r0 + r) * v_stride_ + c0 * lanes_;
       for (int c = 0; c < kVectors; ++c) hn::Store(acc[r][c], d, row + c * lanes_);
     }
   }
@@ -413,7 +450,7 @@ class FusedKernel {
           const std::int64_t row = r0 + r;
           if (!MaskRow(b, hk, i0, row, start, count, s)) continue;
           if (s.row_max[row] == -std::numeric_limits<float>::infinity()) continue;
-          float* scores = s.scores.get() + row * key_tile_;
+          float* scores = s.scores + row * key_tile_;
           const auto lse = hn::Set(d, s.row_max[row]);
           for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
             hn::Store(hn::Exp(d, hn::Sub(hn::Load(d, scores + t), lse)), d, scores + t);
@@ -433,7 +470,8 @@ class FusedKernel {
   const std::int64_t positions_;  // query positions per item
   const std::int64_t rows_;       // rows per item: positions × group
   const std::int64_t tiles_;      // key tiles per (batch, key head)
-  hwy::AlignedFreeUniquePtr<float[]> packed_keys_, packed_values_;
+  float* packed_keys_ = nullptr;    // [B·Hk, tiles, D, kKeyTile]
+  float* packed_values_ = nullptr;  // [B·Hk, tiles, kKeyTile, Dv']
 };
 
 void FusedForward(const FusedOperands& operands) { FusedKernel(operands).Run(); }
