@@ -8,14 +8,14 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
 #include <limits>
-#include <random>
-#include <cctype>
 #include <map>
+#include <random>
 #include <string>
 
 #include "qkv/attention.hpp"
@@ -26,7 +26,8 @@ namespace qkv::bench {
 namespace {
 
 double milliseconds_since(std::chrono::steady_clock::time_point start) {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+      .count();
 }
 
 double median(std::vector<double> values) {
@@ -48,7 +49,9 @@ double median_ms(int repetitions, Work work) {
 }
 
 // Peak resident memory: reset the high-water mark (Linux clear_refs 5), then read VmHWM.
-void reset_peak_memory() { std::ofstream("/proc/self/clear_refs") << "5"; }
+void reset_peak_memory() {
+  std::ofstream("/proc/self/clear_refs") << "5";
+}
 double peak_memory_mib() {
   std::ifstream status("/proc/self/status");
   for (std::string line; std::getline(status, line);) {
@@ -85,7 +88,8 @@ void naive_attention(const Shape& s, const float* q, const float* k, const float
 #pragma omp parallel for schedule(static)
       for (std::int64_t i = 0; i < s.q_len; ++i) {
         float* row = scores.data() + i * s.k_len;
-        const std::int64_t visible = s.causal ? std::min(s.k_len, i + s.k_len - s.q_len + 1) : s.k_len;
+        const std::int64_t visible =
+            s.causal ? std::min(s.k_len, i + s.k_len - s.q_len + 1) : s.k_len;
         float row_max = -std::numeric_limits<float>::infinity();
         for (std::int64_t j = 0; j < visible; ++j) row_max = std::max(row_max, row[j]);
         float sum = 0.0f;
@@ -109,9 +113,11 @@ std::vector<Shape> default_shapes() {
 }
 
 Shape parse_shape(const std::string& spec) {
-  static const std::pair<const char*, const char*> kNamed[] = {
-      {"S1", "B1H8N1024D64"},        {"S2", "B1H8N4096D64"},      {"S3", "B1H8N4096D128"},
-      {"S4", "B1H32Nq1Nk8192D128"}, {"S5", "B1H8N4096D64causal"}};
+  static const std::pair<const char*, const char*> kNamed[] = {{"S1", "B1H8N1024D64"},
+                                                               {"S2", "B1H8N4096D64"},
+                                                               {"S3", "B1H8N4096D128"},
+                                                               {"S4", "B1H32Nq1Nk8192D128"},
+                                                               {"S5", "B1H8N4096D64causal"}};
   std::string text = spec;
   for (const auto& [name, definition] : kNamed) {
     if (spec == name) text = definition;
@@ -135,7 +141,8 @@ Shape parse_shape(const std::string& spec) {
     std::size_t end = digits;
     while (end < text.size() && std::isdigit(static_cast<unsigned char>(text[end]))) ++end;
     if (digits == at || end == digits || end - digits > 12) throw bad();
-    if (!fields.emplace(text.substr(at, digits - at), std::stoll(text.substr(digits, end - digits))).second) {
+    if (!fields.emplace(text.substr(at, digits - at), std::stoll(text.substr(digits, end - digits)))
+             .second) {
       throw bad();
     }
     at = end;
@@ -197,19 +204,27 @@ ShapeResult measure_shape(const Shape& s, int threads, double sgemm_gflops, int 
   result.shape = s;
   const std::int64_t d = s.head_dim;
   reset_peak_memory();
-  const std::vector<float> q = random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 3);
-  const std::vector<float> k = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 4);
-  const std::vector<float> v = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 5);
+  const std::vector<float> q =
+      random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 3);
+  const std::vector<float> k =
+      random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 4);
+  const std::vector<float> v =
+      random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 5);
   std::vector<float> out(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
   AttentionOptions options;
   options.causal = s.causal;
   options.threads = threads;
-  const auto q_view = TensorView::contiguous(q.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
-  const auto k_view = TensorView::contiguous(k.data(), DType::float32, {s.batch, s.k_len, s.kv_heads, d});
-  const auto v_view = TensorView::contiguous(v.data(), DType::float32, {s.batch, s.k_len, s.kv_heads, d});
+  const auto q_view =
+      TensorView::contiguous(q.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
+  const auto k_view =
+      TensorView::contiguous(k.data(), DType::float32, {s.batch, s.k_len, s.kv_heads, d});
+  const auto v_view =
+      TensorView::contiguous(v.data(), DType::float32, {s.batch, s.k_len, s.kv_heads, d});
   AttentionOutputs outputs;
-  outputs.out = MutableTensorView::contiguous(out.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
-  result.median_ms = median_ms(repetitions, [&] { attention_forward(q_view, k_view, v_view, options, outputs); });
+  outputs.out =
+      MutableTensorView::contiguous(out.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
+  result.median_ms =
+      median_ms(repetitions, [&] { attention_forward(q_view, k_view, v_view, options, outputs); });
   result.peak_mib = peak_memory_mib();
   const double flops = attention_flops(s);
   result.gflops = flops / (result.median_ms * 1e6);

@@ -27,8 +27,8 @@ double attention_flops(const Shape& shape);
 
 struct GemmResult {
   double gflops = 0;
-  std::string kernel;      // OpenBLAS's core name, the kernel family that ran
-  std::string coretype;    // OPENBLAS_CORETYPE if set (it forces that kernel family)
+  std::string kernel;    // OpenBLAS's core name, the kernel family that ran
+  std::string coretype;  // OPENBLAS_CORETYPE if set (it forces that kernel family)
 };
 
 // OpenBLAS sgemm of 2048³ (median of several runs).

@@ -3,6 +3,7 @@
 
 #include "qkv/attention.hpp"
 #include "qkv/error.hpp"
+#include "qkv/merge.hpp"
 #include "qkv/npy.hpp"
 #include "qkv/reference.hpp"
 #include "qkv/simd.hpp"

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include "core/problem.hpp"
+#include "kernels/decode_attention.hpp"
 #include "kernels/fused_attention.hpp"
 #include "kernels/streaming_attention.hpp"
 #include "qkv/error.hpp"
@@ -45,7 +46,11 @@ CausalAlign parse_causal_align(std::string_view name) {
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const AttentionOutputs& outputs) {
   const detail::AttentionProblem problem = detail::make_problem(q, k, v, options, outputs);
-  if (kernels::fused_attention_supports(problem)) {
+  // Dispatch once, here: decoding shapes stream K and V once; the fused kernel takes the rest of
+  // float32 dot/bilinear; the streaming kernel takes float64 and the additive score.
+  if (kernels::decode_attention_supports(problem)) {
+    kernels::decode_attention(problem);
+  } else if (kernels::fused_attention_supports(problem)) {
     kernels::fused_attention(problem);
   } else {
     kernels::streaming_attention(problem);

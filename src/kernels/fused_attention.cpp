@@ -29,10 +29,13 @@
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/fused_attention.cpp"
+// foreach_target.h must come first, and the math header after highway.h.
+// clang-format off
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
+// clang-format on
 
 #include <algorithm>
 #include <cmath>
@@ -198,12 +201,14 @@ class FusedKernel {
       if (t >= positions) continue;
       const std::int64_t h = HeadOf(hk, r), i = i0 + t;
       const bool empty = s.row_max[r] == -std::numeric_limits<float>::infinity();
-      const float row_sum = hn::GetLane(hn::SumOfLanes(FloatTag(), hn::Load(FloatTag(), s.row_sum + r * lanes_)));
+      const float row_sum =
+          hn::GetLane(hn::SumOfLanes(FloatTag(), hn::Load(FloatTag(), s.row_sum + r * lanes_)));
       const float inverse = empty ? 0.0f : 1.0f / row_sum;
       const float* accumulator = s.accumulator + r * v_stride_;
-      for (std::int64_t d = 0; d < p_.v_dim; ++d) p_.out.store(accumulator[d] * inverse, b, i, h, d);
-      const float lse = empty ? -std::numeric_limits<float>::infinity()
-                              : s.row_max[r] + std::log(row_sum);
+      for (std::int64_t d = 0; d < p_.v_dim; ++d)
+        p_.out.store(accumulator[d] * inverse, b, i, h, d);
+      const float lse =
+          empty ? -std::numeric_limits<float>::infinity() : s.row_max[r] + std::log(row_sum);
       if (p_.lse.present) p_.lse.store(lse, b, h, i);
       s.row_max[r] = lse;  // kept for the weights pass
     }
@@ -266,16 +271,25 @@ class FusedKernel {
   // 2a. scores[r0 + r, :] = q_tile[r0 + r, :] · k_tile for r < block.
   void ScoreBlock(Scratch& s, const float* k, std::int64_t r0, int block) const {
     switch (block) {
-      case 4: ScoreRows<4>(s, k, r0); break;
-      case 3: ScoreRows<3>(s, k, r0); break;
-      case 2: ScoreRows<2>(s, k, r0); break;
-      default: ScoreRows<1>(s, k, r0); break;
+      case 4:
+        ScoreRows<4>(s, k, r0);
+        break;
+      case 3:
+        ScoreRows<3>(s, k, r0);
+        break;
+      case 2:
+        ScoreRows<2>(s, k, r0);
+        break;
+      default:
+        ScoreRows<1>(s, k, r0);
+        break;
     }
   }
 
   template <int kRows>
   void ScoreRows(Scratch& s, const float* k, std::int64_t r0) const {
-    for (std::int64_t c0 = 0; c0 < kKeyTileVectors; c0 += kTileVectors) ScoreTile<kRows>(s, k, r0, c0);
+    for (std::int64_t c0 = 0; c0 < kKeyTileVectors; c0 += kTileVectors)
+      ScoreTile<kRows>(s, k, r0, c0);
   }
 
   // The register tile: rows r0 … r0 + kRows against keys c0·lanes … (c0 + kTileVectors)·lanes.
@@ -317,28 +331,8 @@ class FusedKernel {
     }
     std::fill(scores, scores + from, kMinusInfinity);
     std::fill(scores + to, scores + key_tile_, kMinusInfinity);
-    const std::int64_t h = HeadOf(hk, r), i = i0 + r % positions_;
-    if (p_.softcap > 0) {
-      const auto cap = static_cast<float>(p_.softcap);
-      for (std::int64_t t = from; t < to; ++t) scores[t] = cap * std::tanh(scores[t] / cap);
-    }
-    if (p_.alibi_slopes.present) {
-      const auto slope = static_cast<float>(p_.alibi_slopes.load(b, h));
-      const std::int64_t diagonal_j = i + p_.diagonal();
-      for (std::int64_t t = from; t < to; ++t) {
-        scores[t] -= slope * static_cast<float>(std::llabs(diagonal_j - (start + t)));
-      }
-    }
-    if (p_.bias.present) {
-      for (std::int64_t t = from; t < to; ++t) {
-        scores[t] += static_cast<float>(p_.bias.load(b, h, i, start + t));
-      }
-    }
-    if (p_.mask.present) {
-      for (std::int64_t t = from; t < to; ++t) {
-        if (p_.mask.load(b, h, i, start + t) == 0.0) scores[t] = kMinusInfinity;
-      }
-    }
+    apply_score_options(p_, b, HeadOf(hk, r), i0 + r % positions_, start + from, to - from,
+                        scores + from);
     return true;
   }
 
@@ -377,10 +371,18 @@ class FusedKernel {
   // 2d. accumulator[r0 + r, :] = correction·accumulator + P·V for r < block.
   void AccumulateValues(Scratch& s, const float* values, std::int64_t r0, int block) const {
     switch (block) {
-      case 4: AccumulateRows<4>(s, values, r0); break;
-      case 3: AccumulateRows<3>(s, values, r0); break;
-      case 2: AccumulateRows<2>(s, values, r0); break;
-      default: AccumulateRows<1>(s, values, r0); break;
+      case 4:
+        AccumulateRows<4>(s, values, r0);
+        break;
+      case 3:
+        AccumulateRows<3>(s, values, r0);
+        break;
+      case 2:
+        AccumulateRows<2>(s, values, r0);
+        break;
+      default:
+        AccumulateRows<1>(s, values, r0);
+        break;
     }
   }
 
@@ -405,16 +407,19 @@ class FusedKernel {
     for (int r = 0; r < kRows; ++r) {
       const V correction = hn::Set(d, s.correction[r0 + r]);
       const float* row = s.accumulator + (r0 + r) * v_stride_ + c0 * lanes_;
-      for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::Mul(correction, hn::Load(d, row + c * lanes_));
+      for (int c = 0; c < kVectors; ++c)
+        acc[r][c] = hn::Mul(correction, hn::Load(d, row + c * lanes_));
     }
     const float* p = s.scores + r0 * key_tile_;
     const float* v = values + c0 * lanes_;
     for (std::int64_t t = 0; t < key_tile_; ++t) {
       V value_vectors[kVectors];
-      for (int c = 0; c < kVectors; ++c) value_vectors[c] = hn::Load(d, v + t * v_stride_ + c * lanes_);
+      for (int c = 0; c < kVectors; ++c)
+        value_vectors[c] = hn::Load(d, v + t * v_stride_ + c * lanes_);
       for (int r = 0; r < kRows; ++r) {
         const V weight = hn::Set(d, p[r * key_tile_ + t]);
-        for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::MulAdd(weight, value_vectors[c], acc[r][c]);
+        for (int c = 0; c < kVectors; ++c)
+          acc[r][c] = hn::MulAdd(weight, value_vectors[c], acc[r][c]);
       }
     }
     for (int r = 0; r < kRows; ++r) {
@@ -464,17 +469,19 @@ class FusedKernel {
 
   const FusedOperands& o_;
   const AttentionProblem& p_;
-  const std::int64_t lanes_;      // floats per vector on this target
-  const std::int64_t key_tile_;   // keys per tile: kTileVectors vectors
-  const std::int64_t v_stride_;   // Dv rounded up to whole vectors
-  const std::int64_t positions_;  // query positions per item
-  const std::int64_t rows_;       // rows per item: positions × group
-  const std::int64_t tiles_;      // key tiles per (batch, key head)
+  const std::int64_t lanes_;        // floats per vector on this target
+  const std::int64_t key_tile_;     // keys per tile: kTileVectors vectors
+  const std::int64_t v_stride_;     // Dv rounded up to whole vectors
+  const std::int64_t positions_;    // query positions per item
+  const std::int64_t rows_;         // rows per item: positions × group
+  const std::int64_t tiles_;        // key tiles per (batch, key head)
   float* packed_keys_ = nullptr;    // [B·Hk, tiles, D, kKeyTile]
   float* packed_values_ = nullptr;  // [B·Hk, tiles, kKeyTile, Dv']
 };
 
-void FusedForward(const FusedOperands& operands) { FusedKernel(operands).Run(); }
+void FusedForward(const FusedOperands& operands) {
+  FusedKernel(operands).Run();
+}
 
 }  // namespace HWY_NAMESPACE
 }  // namespace qkv::kernels
@@ -490,7 +497,7 @@ bool fused_attention_supports(const AttentionProblem& problem) {
   return problem.dtype == DType::float32 && problem.score != Score::additive;
 }
 
-void fused_attention(const AttentionProblem& p) {
+FusedOperands prepare_fused_operands(const AttentionProblem& p) {
   FusedOperands operands;
   operands.problem = &p;
   adopt_or_pack(operands.q, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
@@ -499,10 +506,16 @@ void fused_attention(const AttentionProblem& p) {
   operands.score_dim = p.k_dim;
   if (p.score == Score::bilinear) {  // qᵀ W k = (Wᵀ q)·k
     RowMajorOperand<float> projected;
-    project(projected, operands.q, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim,
-            p.q_dim, [](std::int64_t h) { return h; }, worker_threads(p));
+    project(
+        projected, operands.q, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim,
+        p.q_dim, [](std::int64_t h) { return h; }, worker_threads(p));
     operands.q = std::move(projected);
   }
+  return operands;
+}
+
+void fused_attention(const AttentionProblem& p) {
+  const FusedOperands operands = prepare_fused_operands(p);
   apply_simd_environment();
   HWY_DYNAMIC_DISPATCH(FusedForward)(operands);
 }

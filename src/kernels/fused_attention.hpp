@@ -23,6 +23,9 @@ struct FusedOperands {
   std::int64_t score_dim = 0;  // length of the q and k rows that are dotted
 };
 
+// Packs q, k, v to unit stride where needed and projects q for the bilinear score.
+FusedOperands prepare_fused_operands(const AttentionProblem& problem);
+
 // The softmax's exp as the fused kernels compute it, on the SIMD target in use (for the test
 // that sweeps its range): out[i] = e^in[i]. Max error 1 ULP for in ∈ [-87, 88] (normal results);
 // exactly 0 for in < -104, including -inf.

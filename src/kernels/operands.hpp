@@ -5,7 +5,10 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "core/problem.hpp"
@@ -33,6 +36,36 @@ inline void visible_key_range(const AttentionProblem& p, std::int64_t b, std::in
   }
   if (p.window_left >= 0) first = std::max(first, diagonal_j - p.window_left);
   if (p.window_right >= 0) last = std::min(last, diagonal_j + p.window_right + 1);
+}
+
+// Everything DESIGN.md §2 applies after the scaled product, in its order, to the scores of keys
+// first_key … first_key + count − 1 of query row i of head h in batch b: soft cap, ALiBi, float
+// bias, then the boolean mask (hidden keys get -inf). Only the options present cost anything.
+template <class T>
+void apply_score_options(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
+                         std::int64_t first_key, std::int64_t count, T* scores) {
+  if (p.softcap > 0) {
+    const auto cap = static_cast<T>(p.softcap);
+    for (std::int64_t t = 0; t < count; ++t) scores[t] = cap * std::tanh(scores[t] / cap);
+  }
+  if (p.alibi_slopes.present) {
+    const auto slope = static_cast<T>(p.alibi_slopes.load(b, h));
+    const std::int64_t diagonal_j = i + p.diagonal();
+    for (std::int64_t t = 0; t < count; ++t) {
+      scores[t] -= slope * static_cast<T>(std::llabs(diagonal_j - (first_key + t)));
+    }
+  }
+  if (p.bias.present) {
+    for (std::int64_t t = 0; t < count; ++t) {
+      scores[t] += static_cast<T>(p.bias.load(b, h, i, first_key + t));
+    }
+  }
+  if (p.mask.present) {
+    for (std::int64_t t = 0; t < count; ++t) {
+      if (p.mask.load(b, h, i, first_key + t) == 0.0)
+        scores[t] = -std::numeric_limits<T>::infinity();
+    }
+  }
 }
 
 // A [B, N, H, D] operand with unit stride along D, in the compute type T: the caller's storage

@@ -10,7 +10,9 @@ HWY_BEFORE_NAMESPACE();
 namespace qkv::kernels {
 namespace HWY_NAMESPACE {
 
-const char* ThisTargetName() { return hwy::TargetName(HWY_TARGET); }
+const char* ThisTargetName() {
+  return hwy::TargetName(HWY_TARGET);
+}
 
 }  // namespace HWY_NAMESPACE
 }  // namespace qkv::kernels

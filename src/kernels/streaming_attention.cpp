@@ -136,29 +136,7 @@ class StreamingKernel {
     }
     const auto scale = static_cast<T>(p_.scale);
     for (std::int64_t t = 0; t < count; ++t) scores[t] *= scale;
-    if (p_.softcap > 0) {
-      const auto cap = static_cast<T>(p_.softcap);
-      for (std::int64_t t = 0; t < count; ++t) scores[t] = cap * std::tanh(scores[t] / cap);
-    }
-    if (p_.alibi_slopes.present) {
-      const auto slope = static_cast<T>(p_.alibi_slopes.load(b, h));
-      const std::int64_t diagonal_j = i + p_.diagonal();
-      for (std::int64_t t = 0; t < count; ++t) {
-        scores[t] -= slope * static_cast<T>(std::llabs(diagonal_j - (first + t)));
-      }
-    }
-    if (p_.bias.present) {
-      for (std::int64_t t = 0; t < count; ++t) {
-        scores[t] += static_cast<T>(p_.bias.load(b, h, i, first + t));
-      }
-    }
-    if (p_.mask.present) {
-      for (std::int64_t t = 0; t < count; ++t) {
-        if (p_.mask.load(b, h, i, first + t) == 0.0) {
-          scores[t] = -std::numeric_limits<T>::infinity();
-        }
-      }
-    }
+    apply_score_options(p_, b, h, i, first, count, scores);
     T block_max = -std::numeric_limits<T>::infinity();
     for (std::int64_t t = 0; t < count; ++t) block_max = std::max(block_max, scores[t]);
     return block_max;

@@ -9,6 +9,7 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <vector>
 
 #include "attention_case.hpp"
 #include "qkv/attention.hpp"
@@ -219,17 +220,31 @@ TEST(AttentionProperties, WeightsRequestDoesNotChangeOutput) {
   EXPECT_EQ(max_abs_difference(with.lse, without.lse), 0.0);
 }
 
+// Bitwise the same results for 1, 2 and 3 threads: prefill (fused), decode (split-KV), additive.
 TEST(AttentionProperties, ThreadCountDoesNotChangeResults) {
-  AttentionCase c = masked_case();
-  c.q_len = 130;
-  const AttentionInputs in = make_inputs(c, DType::float32);
-  AttentionInputs one = in, two = in;
-  one.options.threads = 1;
-  two.options.threads = 2;
-  const AttentionResults a = evaluate(c, one, Evaluator::fast, DType::float32, true);
-  const AttentionResults b = evaluate(c, two, Evaluator::fast, DType::float32, true);
-  EXPECT_EQ(max_abs_difference(a.out, b.out), 0.0);
-  EXPECT_EQ(max_abs_difference(a.weights, b.weights), 0.0);
+  AttentionCase prefill = masked_case();
+  prefill.q_len = 130;
+  AttentionCase decode;
+  decode.q_len = 1;
+  decode.k_len = 5000;
+  decode.q_heads = 4;
+  decode.kv_heads = 1;
+  AttentionCase additive = masked_case();
+  additive.score = Score::additive;
+  for (const AttentionCase& c : {prefill, decode, additive}) {
+    const AttentionInputs in = make_inputs(c, DType::float32);
+    std::vector<AttentionResults> results;
+    for (int threads : {1, 2, 3}) {
+      AttentionInputs run = in;
+      run.options.threads = threads;
+      results.push_back(evaluate(c, run, Evaluator::fast, DType::float32, c.q_len > 1));
+    }
+    for (std::size_t n = 1; n < results.size(); ++n) {
+      EXPECT_EQ(max_abs_difference(results[0].out, results[n].out), 0.0) << c.name();
+      EXPECT_EQ(max_abs_difference(results[0].lse, results[n].lse), 0.0) << c.name();
+      EXPECT_EQ(max_abs_difference(results[0].weights, results[n].weights), 0.0) << c.name();
+    }
+  }
 }
 
 // Rows that see no key: O = 0, P = 0, LSE = -inf, and never NaN, for every way a row can end up

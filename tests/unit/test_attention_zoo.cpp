@@ -148,6 +148,27 @@ std::vector<AttentionCase> shape_zoo() {
     c.seed = ++seed;
     add_all_scores(c);
   }
+  // 7. Decoding: a few query rows per key head against more keys than one split-KV chunk, with
+  // every option and mask.
+  for (int variant = 0; variant < 4; ++variant) {
+    AttentionCase c;
+    c.batch = 2;
+    c.q_len = variant == 3 ? 2 : 1;
+    c.k_len = 2500;
+    c.q_heads = 8;
+    c.kv_heads = variant == 0 ? 8 : 2;
+    c.q_dim = 32;
+    c.v_dim = 24;
+    c.key_lengths = variant == 1;
+    c.causal = variant == 3;
+    c.window_left = variant == 2 ? 1500 : -1;
+    c.alibi = variant == 2;
+    c.bias = variant == 3;
+    c.mask = variant == 1;
+    c.softcap = variant == 2 ? 4.0 : 0.0;
+    c.seed = ++seed;
+    add_all_scores(c);
+  }
   return zoo;
 }
 
@@ -165,6 +186,8 @@ void expect_close(const Tensor& fast, const Tensor& naive, const Tensor& referen
   EXPECT_LE(error, 1e-5 * magnitude) << name << " " << what;
 }
 
+// On every SIMD target compiled in and supported by this CPU; with the weights requested and
+// without (decoding shapes then take the split-KV kernel).
 TEST_P(ShapeZoo, Float32MatchesReference) {
   const AttentionCase& c = GetParam();
   const AttentionInputs inputs = make_inputs(c, DType::float32);
@@ -172,10 +195,18 @@ TEST_P(ShapeZoo, Float32MatchesReference) {
       evaluate(c, inputs, Evaluator::reference, DType::float64, true);
   const AttentionResults naive =
       evaluate(c, inputs, Evaluator::naive_float32, DType::float64, true);
-  const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, true);
-  expect_close(fast.out, naive.out, reference.out, "out", c.name());
-  expect_close(fast.lse, naive.lse, reference.lse, "lse", c.name());
-  expect_close(fast.weights, naive.weights, reference.weights, "weights", c.name());
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    const std::string name = c.name() + " on " + target;
+    const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, true);
+    expect_close(fast.out, naive.out, reference.out, "out", name);
+    expect_close(fast.lse, naive.lse, reference.lse, "lse", name);
+    expect_close(fast.weights, naive.weights, reference.weights, "weights", name);
+    const AttentionResults lean = evaluate(c, inputs, Evaluator::fast, DType::float32, false);
+    expect_close(lean.out, naive.out, reference.out, "out without weights", name);
+    expect_close(lean.lse, naive.lse, reference.lse, "lse without weights", name);
+  }
+  force_simd_target("");
 }
 
 TEST_P(ShapeZoo, Float64MatchesReference) {

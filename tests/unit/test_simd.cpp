@@ -28,8 +28,9 @@ TEST(Simd, TargetsCanBeForcedAndRestored) {
   }
   force_simd_target("");
   EXPECT_EQ(simd_target(), best);
-  EXPECT_THAT([] { force_simd_target("NEON"); },
-              ::testing::ThrowsMessage<Error>(::testing::HasSubstr("simd target: expected one of")));
+  EXPECT_THAT(
+      [] { force_simd_target("NEON"); },
+      ::testing::ThrowsMessage<Error>(::testing::HasSubstr("simd target: expected one of")));
 }
 
 // Distance in units in the last place between two finite floats of the same sign.
@@ -44,7 +45,8 @@ std::int64_t ulp_distance(float a, float b) {
 // subnormal and within 1 ULP of the smallest normal; below -104 and at -inf it is exactly 0.
 TEST(Simd, SoftmaxExpErrorBoundOverItsRange) {
   std::vector<float> inputs;
-  for (float x = -87.0f; x <= 88.0f; x = std::nextafter(x + 3e-4f * std::max(1.0f, std::abs(x)), 100.0f)) {
+  for (float x = -87.0f; x <= 88.0f;
+       x = std::nextafter(x + 3e-4f * std::max(1.0f, std::abs(x)), 100.0f)) {
     inputs.push_back(x);
   }
   for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1.0f, -1.0f, 88.5f, 88.7f}) inputs.push_back(x);

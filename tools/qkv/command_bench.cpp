@@ -27,7 +27,8 @@ struct BenchFlags {
 };
 
 void run_bench(const BenchFlags& flags) {
-  if (flags.threads < 0) throw Error(fmt::format("--threads: expected >= 0, got {}", flags.threads));
+  if (flags.threads < 0)
+    throw Error(fmt::format("--threads: expected >= 0, got {}", flags.threads));
   if (flags.repetitions < 1) {
     throw Error(fmt::format("--repetitions: expected >= 1, got {}", flags.repetitions));
   }
@@ -36,7 +37,8 @@ void run_bench(const BenchFlags& flags) {
     shapes = bench::default_shapes();
   } else {
     std::stringstream list(flags.shapes);
-    for (std::string spec; std::getline(list, spec, ',');) shapes.push_back(bench::parse_shape(spec));
+    for (std::string spec; std::getline(list, spec, ',');)
+      shapes.push_back(bench::parse_shape(spec));
   }
   const int threads = flags.threads > 0 ? flags.threads : omp_get_max_threads();
   const bench::GemmResult gemm = bench::measure_sgemm(threads);
@@ -48,11 +50,12 @@ void run_bench(const BenchFlags& flags) {
                                      : fmt::format(", forced by OPENBLAS_CORETYPE={}; unset it "
                                                    "to measure the best kernel",
                                                    gemm.coretype));
-    fmt::print("{:<22} {:>9} {:>9} {:>8} {:>9} {:>10} {:>8}\n", "shape", "ms", "GFLOP/s",
-               "÷sgemm", "peak MiB", "naive ms", "speed-up");
+    fmt::print("{:<22} {:>9} {:>9} {:>8} {:>9} {:>10} {:>8}\n", "shape", "ms", "GFLOP/s", "÷sgemm",
+               "peak MiB", "naive ms", "speed-up");
   }
   for (const bench::Shape& shape : shapes) {
-    const bench::ShapeResult r = bench::measure_shape(shape, threads, gemm.gflops, flags.repetitions);
+    const bench::ShapeResult r =
+        bench::measure_shape(shape, threads, gemm.gflops, flags.repetitions);
     results.push_back(r);
     if (!flags.json) {
       fmt::print("{:<22} {:>9.2f} {:>9.1f} {:>8.2f} {:>9.0f} {:>10.2f} {:>7.1f}×\n", shape.name,
@@ -75,7 +78,8 @@ void run_bench(const BenchFlags& flags) {
     }
     fmt::print(
         "{{\n  \"threads\": {}, \"simd_target\": \"{}\",\n  \"sgemm\": {{\"size\": 2048, "
-        "\"gflops\": {:.2f}, \"kernel\": \"{}\", \"openblas_coretype\": \"{}\"}},\n  \"shapes\": [{}\n  ]\n}}\n",
+        "\"gflops\": {:.2f}, \"kernel\": \"{}\", \"openblas_coretype\": \"{}\"}},\n  \"shapes\": "
+        "[{}\n  ]\n}}\n",
         threads, simd_target(), gemm.gflops, gemm.kernel, gemm.coretype, rows);
   }
 }

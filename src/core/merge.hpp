@@ -1,0 +1,42 @@
+// Merging partial attention results: the primitive behind split-KV decoding, the public
+// merge_attention, and (later) ring attention.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+
+namespace qkv::detail {
+
+// One row of attention over the union of disjoint key sets, from each set's (O_p, LSE_p):
+//   LSE = log Σ_p e^(LSE_p),   O = Σ_p e^(LSE_p − LSE) · O_p.
+// Parts with LSE_p = -inf (no visible key) weigh nothing; when every part is empty the row gets
+// O = 0 and LSE = -inf. `weights` is scratch with one entry per part. Returns LSE.
+//   lse_of(p) → LSE_p;  out_of(p, d) → O_p[d];  store(d, value) writes O[d].
+template <class Real, class LseOf, class OutOf, class Store>
+Real merge_row(std::span<Real> weights, std::int64_t dim, LseOf lse_of, OutOf out_of, Store store) {
+  const auto parts = static_cast<std::int64_t>(weights.size());
+  Real largest = -std::numeric_limits<Real>::infinity();
+  for (std::int64_t p = 0; p < parts; ++p) largest = std::max<Real>(largest, lse_of(p));
+  if (largest == -std::numeric_limits<Real>::infinity()) {
+    for (std::int64_t d = 0; d < dim; ++d) store(d, Real{0});
+    return largest;
+  }
+  Real total = 0;
+  for (std::int64_t p = 0; p < parts; ++p)
+    total += std::exp(static_cast<Real>(lse_of(p)) - largest);
+  const Real lse = largest + std::log(total);
+  for (std::int64_t p = 0; p < parts; ++p)
+    weights[p] = std::exp(static_cast<Real>(lse_of(p)) - lse);
+  for (std::int64_t d = 0; d < dim; ++d) {
+    Real sum = 0;
+    for (std::int64_t p = 0; p < parts; ++p) {
+      if (weights[p] != 0) sum += weights[p] * static_cast<Real>(out_of(p, d));
+    }
+    store(d, sum);
+  }
+  return lse;
+}
+
+}  // namespace qkv::detail

@@ -1,0 +1,288 @@
+// Split-KV decoding.
+//
+// When each key/value head has only a few query rows (generating one token: Nq = 1, times the GQA
+// group), attention is a pass over K and V with almost no reuse: it is bound by memory bandwidth,
+// and the fused kernel's packing of K and V would only add traffic. This kernel reads K and V
+// exactly once, in place.
+//
+// The keys are cut into chunks of kChunkKeys; one work item is (batch, chunk) for every key/value
+// head at once, so it reads K[b, chunk, :, :] and V[b, chunk, :, :] front to back — in the
+// [B, N, H, D] layout the rows of one head are H·D floats apart, a stride that would defeat the
+// hardware prefetcher if heads were walked one by one. The chunks also keep every core busy when
+// there is a single head. The chunk size depends on the problem only, never on the thread count,
+// so results are bitwise the same for any number of threads. For one item, with R = Nq · group
+// rows per key head and Hk·R rows in all:
+//   1. the query rows, times the scale, go to scratch; each row's visible range is found;
+//   2. keys are walked in blocks of one vector's width: each key row (j, hk) is loaded once and
+//      dotted with the R query rows of hk (SIMD along D, then one horizontal sum); the block's
+//      scores get the masks and options and each row's online softmax (running max m, sum l) is
+//      updated; each value row is then loaded once and added to the R accumulators of its head;
+//   3. the chunk's partial result O_c = acc / l, LSE_c = m + log l is stored.
+// A final pass merges the chunks of each row by their LSE (detail::merge_row).
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/decode_attention.cpp"
+// foreach_target.h must come first, and the math header after highway.h.
+// clang-format off
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/aligned_allocator.h>
+#include <hwy/cache_control.h>
+// clang-format on
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <span>
+#include <vector>
+
+#include "core/merge.hpp"
+#include "kernels/decode_attention.hpp"
+#include "kernels/fused_attention.hpp"
+#include "kernels/simd_dispatch.hpp"
+
+#ifndef QKV_DECODE_CONSTANTS
+#define QKV_DECODE_CONSTANTS
+namespace qkv::kernels {
+constexpr std::int64_t kDecodeRows = 16;   // most query rows per key/value head
+constexpr std::int64_t kChunkKeys = 1024;  // keys per work item
+}  // namespace qkv::kernels
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace qkv::kernels {
+namespace HWY_NAMESPACE {
+
+namespace hn = hwy::HWY_NAMESPACE;
+using FloatTag = hn::ScalableTag<float>;
+
+// Σ_d a[d]·b[d] with two vector accumulators and a scalar tail.
+float Dot(const float* a, const float* b, std::int64_t n) {
+  const FloatTag d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  auto sum0 = hn::Zero(d), sum1 = hn::Zero(d);
+  std::int64_t e = 0;
+  for (; e + 2 * lanes <= n; e += 2 * lanes) {
+    sum0 = hn::MulAdd(hn::LoadU(d, a + e), hn::LoadU(d, b + e), sum0);
+    sum1 = hn::MulAdd(hn::LoadU(d, a + e + lanes), hn::LoadU(d, b + e + lanes), sum1);
+  }
+  for (; e + lanes <= n; e += lanes)
+    sum0 = hn::MulAdd(hn::LoadU(d, a + e), hn::LoadU(d, b + e), sum0);
+  float sum = hn::GetLane(hn::SumOfLanes(d, hn::Add(sum0, sum1)));
+  for (; e < n; ++e) sum += a[e] * b[e];
+  return sum;
+}
+
+// y[d] += w·x[d].
+void AddScaled(float weight, const float* x, float* y, std::int64_t n) {
+  const FloatTag d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  const auto w = hn::Set(d, weight);
+  std::int64_t e = 0;
+  for (; e + lanes <= n; e += lanes)
+    hn::StoreU(hn::MulAdd(w, hn::LoadU(d, x + e), hn::LoadU(d, y + e)), d, y + e);
+  for (; e < n; ++e) y[e] += weight * x[e];
+}
+
+// K and V are read front to back, a few rows at a time with work in between; the hardware
+// prefetcher alone keeps too few lines in flight, so ask for the lines kPrefetchBytes ahead.
+constexpr std::int64_t kPrefetchBytes = 4096;
+void PrefetchAhead(const float* row, std::int64_t length) {
+  const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchBytes;
+  for (std::int64_t byte = 0; byte < length * 4; byte += 64) hwy::Prefetch(ahead + byte);
+}
+
+class DecodeKernel {
+ public:
+  explicit DecodeKernel(const FusedOperands& operands)
+      : o_(operands),
+        p_(*operands.problem),
+        lanes_(static_cast<std::int64_t>(hn::Lanes(FloatTag()))),
+        rows_(p_.q_len * p_.group_size),
+        item_rows_(p_.kv_heads * rows_),
+        chunks_(std::max<std::int64_t>(1, (p_.k_len + kChunkKeys - 1) / kChunkKeys)) {}
+
+  void Run() const {
+    const std::int64_t items = p_.batch * chunks_;
+    // Partial results of every item: O_c [Hk·R, Dv] and LSE_c [Hk·R].
+    std::vector<float> partial_out(static_cast<std::size_t>(items * item_rows_ * p_.v_dim));
+    std::vector<float> partial_lse(static_cast<std::size_t>(items * item_rows_));
+#pragma omp parallel num_threads(worker_threads(p_))
+    {
+      Scratch scratch(*this);
+#pragma omp for schedule(dynamic)
+      for (std::int64_t item = 0; item < items; ++item) {
+        ComputeChunk(item / chunks_, item % chunks_,
+                     partial_out.data() + item * item_rows_ * p_.v_dim,
+                     partial_lse.data() + item * item_rows_, scratch);
+      }
+      // 3'. Merge the chunks of each (batch, row).
+      std::vector<float> weights(static_cast<std::size_t>(chunks_));
+#pragma omp for schedule(static)
+      for (std::int64_t row = 0; row < p_.batch * item_rows_; ++row) {
+        const std::int64_t b = row / item_rows_, r = row % item_rows_;
+        const std::int64_t h = HeadOf(r), i = PositionOf(r);
+        const std::int64_t first_item = b * chunks_;
+        const float lse = detail::merge_row<float>(
+            weights, p_.v_dim,
+            [&](std::int64_t c) {
+              return partial_lse[static_cast<std::size_t>((first_item + c) * item_rows_ + r)];
+            },
+            [&](std::int64_t c, std::int64_t d) {
+              return partial_out[static_cast<std::size_t>(
+                  ((first_item + c) * item_rows_ + r) * p_.v_dim + d)];
+            },
+            [&](std::int64_t d, float value) { p_.out.store(value, b, i, h, d); });
+        if (p_.lse.present) p_.lse.store(lse, b, h, i);
+      }
+    }
+  }
+
+ private:
+  // Row r of an item (r = hk·R + g·Nq + t) is query head hk·group + g at position t.
+  std::int64_t HeadOf(std::int64_t r) const {
+    return (r / rows_) * p_.group_size + (r % rows_) / p_.q_len;
+  }
+  std::int64_t PositionOf(std::int64_t r) const {
+    return r % p_.q_len;
+  }
+
+  struct Scratch {
+    explicit Scratch(const DecodeKernel& k)
+        : queries(static_cast<std::size_t>(k.item_rows_ * k.o_.score_dim)),
+          scores(hwy::AllocateAligned<float>(
+              static_cast<std::size_t>(std::max<std::int64_t>(1, k.item_rows_ * k.lanes_)))),
+          accumulator(static_cast<std::size_t>(k.item_rows_ * k.p_.v_dim)),
+          row_max(static_cast<std::size_t>(k.item_rows_)),
+          row_sum(static_cast<std::size_t>(k.item_rows_)),
+          first(static_cast<std::size_t>(k.item_rows_)),
+          last(static_cast<std::size_t>(k.item_rows_)) {}
+    std::vector<float> queries;                 // [rows, D], times the scale
+    hwy::AlignedFreeUniquePtr<float[]> scores;  // [rows, lanes]: one block
+    std::vector<float> accumulator;             // [rows, Dv]
+    std::vector<float> row_max, row_sum;
+    std::vector<std::int64_t> first, last;  // visible key ranges
+  };
+
+  void ComputeChunk(std::int64_t b, std::int64_t chunk, float* out, float* lse, Scratch& s) const {
+    constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
+    const FloatTag d;
+    const std::int64_t dim = o_.score_dim;
+    const auto scale = static_cast<float>(p_.scale);
+    const std::int64_t chunk_first = chunk * kChunkKeys;
+    const std::int64_t chunk_last = std::min(p_.k_len, chunk_first + kChunkKeys);
+    // 1. Query rows and ranges, clipped to the chunk.
+    for (std::int64_t r = 0; r < item_rows_; ++r) {
+      const std::int64_t i = PositionOf(r);
+      const float* q = o_.q.row(b, i, HeadOf(r));
+      for (std::int64_t e = 0; e < dim; ++e)
+        s.queries[static_cast<std::size_t>(r * dim + e)] = scale * q[e];
+      visible_key_range(p_, b, i, s.first[r], s.last[r]);
+      s.first[r] = std::max(s.first[r], chunk_first);
+      s.last[r] = std::min(s.last[r], chunk_last);
+      s.row_max[r] = kMinusInfinity;
+      s.row_sum[r] = 0.0f;
+    }
+    std::fill(s.accumulator.begin(), s.accumulator.end(), 0.0f);
+
+    // 2. Blocks of `lanes_` keys.
+    for (std::int64_t start = chunk_first; start < chunk_last; start += lanes_) {
+      const std::int64_t count = std::min(lanes_, chunk_last - start);
+      // 2a. Scores: key rows in memory order (key, head), each against its head's query rows.
+      for (std::int64_t t = 0; t < count; ++t) {
+        for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
+          const float* key = o_.k.row(b, start + t, hk);
+          PrefetchAhead(key, dim);
+          for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
+            s.scores[r * lanes_ + t] = Dot(s.queries.data() + r * dim, key, dim);
+          }
+        }
+      }
+      // 2b. Masks and options; 2c. online softmax, P in place of S.
+      for (std::int64_t r = 0; r < item_rows_; ++r) {
+        float* scores = s.scores.get() + r * lanes_;
+        const std::int64_t from = std::clamp<std::int64_t>(s.first[r] - start, 0, count);
+        const std::int64_t to = std::clamp<std::int64_t>(s.last[r] - start, 0, count);
+        std::fill(scores, scores + from, kMinusInfinity);
+        std::fill(scores + std::max(from, to), scores + lanes_, kMinusInfinity);
+        if (from < to) {
+          apply_score_options(p_, b, HeadOf(r), PositionOf(r), start + from, to - from,
+                              scores + from);
+        }
+        const float block_max = hn::GetLane(hn::MaxOfLanes(d, hn::Load(d, scores)));
+        const float new_max = std::max(s.row_max[r], block_max);
+        if (new_max == kMinusInfinity) {
+          std::fill(scores, scores + lanes_, 0.0f);
+          continue;
+        }
+        if (new_max != s.row_max[r]) {
+          const float correction = std::exp(s.row_max[r] - new_max);
+          s.row_sum[r] *= correction;
+          float* accumulator = s.accumulator.data() + r * p_.v_dim;
+          for (std::int64_t e = 0; e < p_.v_dim; ++e) accumulator[e] *= correction;
+          s.row_max[r] = new_max;
+        }
+        const auto weights = hn::Exp(d, hn::Sub(hn::Load(d, scores), hn::Set(d, new_max)));
+        hn::Store(weights, d, scores);
+        s.row_sum[r] += hn::GetLane(hn::SumOfLanes(d, weights));
+      }
+      // 2d. Value rows in memory order, each into its head's accumulators.
+      for (std::int64_t t = 0; t < count; ++t) {
+        for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
+          const float* value = o_.v.row(b, start + t, hk);
+          PrefetchAhead(value, p_.v_dim);
+          for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
+            const float weight = s.scores[r * lanes_ + t];
+            if (weight != 0.0f)
+              AddScaled(weight, value, s.accumulator.data() + r * p_.v_dim, p_.v_dim);
+          }
+        }
+      }
+    }
+
+    // 3. The chunk's partial result.
+    for (std::int64_t r = 0; r < item_rows_; ++r) {
+      const bool empty = s.row_max[r] == kMinusInfinity;
+      const float inverse = empty ? 0.0f : 1.0f / s.row_sum[r];
+      for (std::int64_t e = 0; e < p_.v_dim; ++e) {
+        out[r * p_.v_dim + e] = s.accumulator[static_cast<std::size_t>(r * p_.v_dim + e)] * inverse;
+      }
+      lse[r] = empty ? kMinusInfinity : s.row_max[r] + std::log(s.row_sum[r]);
+    }
+  }
+
+  const FusedOperands& o_;
+  const AttentionProblem& p_;
+  const std::int64_t lanes_;      // floats per vector: keys per block
+  const std::int64_t rows_;       // query rows per key/value head: Nq · group
+  const std::int64_t item_rows_;  // query rows of an item: all key heads, Hk · Nq · group
+  const std::int64_t chunks_;     // key chunks per batch
+};
+
+void DecodeForward(const FusedOperands& operands) {
+  DecodeKernel(operands).Run();
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace qkv::kernels
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace qkv::kernels {
+
+HWY_EXPORT(DecodeForward);
+
+bool decode_attention_supports(const AttentionProblem& p) {
+  return p.dtype == DType::float32 && p.score != Score::additive && !p.weights.present &&
+         p.q_len * p.group_size <= kDecodeRows;
+}
+
+void decode_attention(const AttentionProblem& p) {
+  const FusedOperands operands = prepare_fused_operands(p);
+  apply_simd_environment();
+  HWY_DYNAMIC_DISPATCH(DecodeForward)(operands);
+}
+
+}  // namespace qkv::kernels
+#endif  // HWY_ONCE

@@ -1,0 +1,15 @@
+// Split-KV attention for decoding: few query rows against many keys.
+#pragma once
+
+#include "kernels/operands.hpp"
+
+namespace qkv::kernels {
+
+// True when decode_attention should compute this problem: float32 dot, scaled_dot or bilinear,
+// at most kDecodeRows query rows per key/value head (Nq · Hq/Hk), and no weights requested.
+bool decode_attention_supports(const AttentionProblem& problem);
+
+// Computes problem.out and problem.lse. Requires decode_attention_supports().
+void decode_attention(const AttentionProblem& problem);
+
+}  // namespace qkv::kernels
