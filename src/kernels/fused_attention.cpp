@@ -100,14 +100,15 @@ class FusedKernel {
         lanes_(static_cast<std::int64_t>(hn::Lanes(FloatTag()))),
         key_tile_(kKeyTileVectors * lanes_),
         v_stride_((p_.v_dim + lanes_ - 1) / lanes_ * lanes_),
-        positions_(std::max<std::int64_t>(1, kItemRows / p_.group_size)),
-        rows_(positions_ * p_.group_size),
+        item_group_(p_.q_heads / operands.key_heads),
+        positions_(std::max<std::int64_t>(1, kItemRows / item_group_)),
+        rows_(positions_ * item_group_),
         tiles_((p_.k_len + key_tile_ - 1) / key_tile_) {}
 
   void Run() {
     PackKeysAndValues();
     const std::int64_t position_blocks = (p_.q_len + positions_ - 1) / positions_;
-    const std::int64_t items = p_.batch * p_.kv_heads * position_blocks;
+    const std::int64_t items = p_.batch * o_.key_heads * position_blocks;
 #pragma omp parallel num_threads(worker_threads(p_))
     {
       Scratch scratch(*this);
@@ -116,9 +117,9 @@ class FusedKernel {
         // Later query blocks see more keys under a causal mask: hand those out first, so the
         // dynamic schedule ends on short items.
         const std::int64_t block = position_blocks - 1 - item % position_blocks;
-        const std::int64_t hk = (item / position_blocks) % p_.kv_heads;
-        const std::int64_t b = item / (position_blocks * p_.kv_heads);
-        ComputeItem(b, hk, block * positions_, scratch);
+        const std::int64_t kh = (item / position_blocks) % o_.key_heads;
+        const std::int64_t b = item / (position_blocks * o_.key_heads);
+        ComputeItem(b, kh, block * positions_, scratch);
       }
     }
   }
@@ -145,15 +146,20 @@ class FusedKernel {
     std::vector<std::int64_t> first, last;  // each row's visible key range
   };
 
-  // Row r of an item is query head hk·group + r / positions at position i0 + r % positions.
-  std::int64_t HeadOf(std::int64_t hk, std::int64_t r) const {
-    return hk * p_.group_size + r / positions_;
+  // Row r of the item of key head kh is query head kh·item_group + r / positions, at position
+  // i0 + r % positions; the values it reads are those of key/value head ValueHead(kh).
+  std::int64_t HeadOf(std::int64_t kh, std::int64_t r) const {
+    return kh * item_group_ + r / positions_;
+  }
+  std::int64_t ValueHead(std::int64_t kh) const {
+    return kh * item_group_ / p_.group_size;
   }
 
-  void ComputeItem(std::int64_t b, std::int64_t hk, std::int64_t i0, Scratch& s) const {
+  void ComputeItem(std::int64_t b, std::int64_t kh, std::int64_t i0, Scratch& s) const {
     const std::int64_t positions = std::min(positions_, p_.q_len - i0);
     const std::int64_t dim = o_.score_dim;
-    const auto scale = static_cast<float>(p_.scale);
+    // The additive score carries its scale in additive_v instead.
+    const auto scale = o_.additive ? 1.0f : static_cast<float>(p_.scale);
     // 1. Q rows, scaled; visible ranges; their union.
     std::int64_t item_first = p_.k_len, item_last = 0;
     for (std::int64_t r = 0; r < rows_; ++r) {
@@ -165,7 +171,7 @@ class FusedKernel {
         std::fill(row, row + dim, 0.0f);
         continue;
       }
-      const float* q = o_.q.row(b, i0 + t, HeadOf(hk, r));
+      const float* q = o_.q.row(b, i0 + t, HeadOf(kh, r));
       for (std::int64_t d = 0; d < dim; ++d) row[d] = scale * q[d];
       visible_key_range(p_, b, i0 + t, s.first[r], s.last[r]);
       if (s.first[r] < s.last[r]) {
@@ -181,14 +187,14 @@ class FusedKernel {
     for (std::int64_t tile = item_first / key_tile_; tile * key_tile_ < item_last; ++tile) {
       const std::int64_t start = tile * key_tile_;
       const std::int64_t count = std::min(key_tile_, p_.k_len - start);
-      const float* keys = KeyTile(b, hk, tile);
-      const float* values = ValueTile(b, hk, tile);
+      const float* keys = KeyTile(b, kh, tile);
+      const float* values = ValueTile(b, ValueHead(kh), tile);
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
         if (!BlockMeetsTile(s, r0, block, start, count)) continue;
-        ScoreBlock(s, keys, r0, block);
+        ScoreBlock(s, keys, kh, r0, block);
         bool any_visible = false;
-        for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, hk, i0, r0 + r, start, count, s);
+        for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, kh, i0, r0 + r, start, count, s);
         if (!any_visible) continue;
         for (int r = 0; r < block; ++r) SoftmaxRow(r0 + r, s);
         AccumulateValues(s, values, r0, block);
@@ -199,7 +205,7 @@ class FusedKernel {
     for (std::int64_t r = 0; r < rows_; ++r) {
       const std::int64_t t = r % positions_;
       if (t >= positions) continue;
-      const std::int64_t h = HeadOf(hk, r), i = i0 + t;
+      const std::int64_t h = HeadOf(kh, r), i = i0 + t;
       const bool empty = s.row_max[r] == -std::numeric_limits<float>::infinity();
       const float row_sum =
           hn::GetLane(hn::SumOfLanes(FloatTag(), hn::Load(FloatTag(), s.row_sum + r * lanes_)));
@@ -212,7 +218,7 @@ class FusedKernel {
       if (p_.lse.present) p_.lse.store(lse, b, h, i);
       s.row_max[r] = lse;  // kept for the weights pass
     }
-    if (p_.weights.present) WriteWeights(b, hk, i0, positions, s);
+    if (p_.weights.present) WriteWeights(b, kh, i0, positions, s);
   }
 
   bool BlockMeetsTile(const Scratch& s, std::int64_t r0, int block, std::int64_t start,
@@ -233,63 +239,112 @@ class FusedKernel {
   // Keys past Nk in the last tile are zero; the masks give them -inf scores.
   void PackKeysAndValues() {
     const std::int64_t dim = o_.score_dim;
-    const std::int64_t heads = p_.batch * p_.kv_heads;
+    const std::int64_t key_sets = p_.batch * o_.key_heads, value_sets = p_.batch * p_.kv_heads;
     thread_local ReusedBuffer keys_buffer, values_buffer;  // the calling thread's
-    packed_keys_ = keys_buffer.Get(heads * tiles_ * dim * key_tile_);
-    packed_values_ = values_buffer.Get(heads * tiles_ * key_tile_ * v_stride_);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(worker_threads(p_))
-    for (std::int64_t head = 0; head < heads; ++head) {
-      for (std::int64_t tile = 0; tile < tiles_; ++tile) {
-        const std::int64_t b = head / p_.kv_heads, hk = head % p_.kv_heads;
-        float* keys = KeyTile(b, hk, tile);
-        float* values = ValueTile(b, hk, tile);
-        for (std::int64_t t = 0; t < key_tile_; ++t) {
-          const std::int64_t j = tile * key_tile_ + t;
-          float* value_row = values + t * v_stride_;
-          if (j < p_.k_len) {
-            const float* key = o_.k.row(b, j, hk);
-            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key[d];
-            const float* value = o_.v.row(b, j, hk);
-            std::copy(value, value + p_.v_dim, value_row);
-            std::fill(value_row + p_.v_dim, value_row + v_stride_, 0.0f);
-          } else {
-            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = 0.0f;
-            std::fill(value_row, value_row + v_stride_, 0.0f);
+    packed_keys_ = keys_buffer.Get(key_sets * tiles_ * dim * key_tile_);
+    packed_values_ = values_buffer.Get(value_sets * tiles_ * key_tile_ * v_stride_);
+#pragma omp parallel num_threads(worker_threads(p_))
+    {
+#pragma omp for collapse(2) schedule(static) nowait
+      for (std::int64_t set = 0; set < key_sets; ++set) {
+        for (std::int64_t tile = 0; tile < tiles_; ++tile) {
+          const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
+          float* keys = KeyTile(b, kh, tile);
+          for (std::int64_t t = 0; t < key_tile_; ++t) {
+            const std::int64_t j = tile * key_tile_ + t;
+            const float* key = j < p_.k_len ? o_.k.row(b, j, kh) : nullptr;
+            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key ? key[d] : 0.0f;
+          }
+        }
+      }
+#pragma omp for collapse(2) schedule(static)
+      for (std::int64_t set = 0; set < value_sets; ++set) {
+        for (std::int64_t tile = 0; tile < tiles_; ++tile) {
+          const std::int64_t b = set / p_.kv_heads, hv = set % p_.kv_heads;
+          float* values = ValueTile(b, hv, tile);
+          for (std::int64_t t = 0; t < key_tile_; ++t) {
+            const std::int64_t j = tile * key_tile_ + t;
+            float* value_row = values + t * v_stride_;
+            std::int64_t d = 0;
+            if (j < p_.k_len) {
+              const float* value = o_.v.row(b, j, hv);
+              for (; d < p_.v_dim; ++d) value_row[d] = value[d];
+            }
+            std::fill(value_row + d, value_row + v_stride_, 0.0f);
           }
         }
       }
     }
   }
 
-  float* KeyTile(std::int64_t b, std::int64_t hk, std::int64_t tile) const {
-    return packed_keys_ + ((b * p_.kv_heads + hk) * tiles_ + tile) * o_.score_dim * key_tile_;
+  float* KeyTile(std::int64_t b, std::int64_t kh, std::int64_t tile) const {
+    return packed_keys_ + ((b * o_.key_heads + kh) * tiles_ + tile) * o_.score_dim * key_tile_;
   }
-  float* ValueTile(std::int64_t b, std::int64_t hk, std::int64_t tile) const {
-    return packed_values_ + ((b * p_.kv_heads + hk) * tiles_ + tile) * key_tile_ * v_stride_;
+  float* ValueTile(std::int64_t b, std::int64_t hv, std::int64_t tile) const {
+    return packed_values_ + ((b * p_.kv_heads + hv) * tiles_ + tile) * key_tile_ * v_stride_;
   }
 
   // 2a. scores[r0 + r, :] = q_tile[r0 + r, :] · k_tile for r < block.
-  void ScoreBlock(Scratch& s, const float* k, std::int64_t r0, int block) const {
+  void ScoreBlock(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0, int block) const {
     switch (block) {
       case 4:
-        ScoreRows<4>(s, k, r0);
+        ScoreRows<4>(s, k, kh, r0);
         break;
       case 3:
-        ScoreRows<3>(s, k, r0);
+        ScoreRows<3>(s, k, kh, r0);
         break;
       case 2:
-        ScoreRows<2>(s, k, r0);
+        ScoreRows<2>(s, k, kh, r0);
         break;
       default:
-        ScoreRows<1>(s, k, r0);
+        ScoreRows<1>(s, k, kh, r0);
         break;
     }
   }
 
   template <int kRows>
-  void ScoreRows(Scratch& s, const float* k, std::int64_t r0) const {
-    for (std::int64_t c0 = 0; c0 < kKeyTileVectors; c0 += kTileVectors)
-      ScoreTile<kRows>(s, k, r0, c0);
+  void ScoreRows(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0) const {
+    for (std::int64_t c0 = 0; c0 < kKeyTileVectors; c0 += kTileVectors) {
+      if (o_.additive) {
+        AdditiveScoreTile<kRows>(s, k, kh, r0, c0);
+      } else {
+        ScoreTile<kRows>(s, k, r0, c0);
+      }
+    }
+  }
+
+  // The additive register tile: S[r, t] = Σ_a v[h_r, a]·tanh(qa[r, a] + ka[t, a]) for the same
+  // rows and keys as ScoreTile. Each step of a costs kRows·kTileVectors vector tanh; there is no
+  // way around the Nq·Nk·A tanh of this score, only to make each one cheap.
+  template <int kRows>
+  void AdditiveScoreTile(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0,
+                         std::int64_t c0) const {
+    const FloatTag d;
+    using V = hn::Vec<FloatTag>;
+    V acc[kRows][kTileVectors];
+    const float* v_of_row[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      v_of_row[r] = o_.additive_v.data() + HeadOf(kh, r0 + r) * o_.score_dim;
+      for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::Zero(d);
+    }
+    const std::int64_t dim = o_.score_dim;
+    const float* q = s.q_tile + r0 * dim;
+    for (std::int64_t a = 0; a < dim; ++a) {
+      const float* k_row = k + a * key_tile_ + c0 * lanes_;
+      V keys[kTileVectors];
+      for (int c = 0; c < kTileVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
+      for (int r = 0; r < kRows; ++r) {
+        const V query = hn::Set(d, q[r * dim + a]);
+        const V weight = hn::Set(d, v_of_row[r][a]);
+        for (int c = 0; c < kTileVectors; ++c) {
+          acc[r][c] = hn::MulAdd(weight, hn::Tanh(d, hn::Add(query, keys[c])), acc[r][c]);
+        }
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      float* out = s.scores + (r0 + r) * key_tile_ + c0 * lanes_;
+      for (int c = 0; c < kTileVectors; ++c) hn::Store(acc[r][c], d, out + c * lanes_);
+    }
   }
 
   // The register tile: rows r0 … r0 + kRows against keys c0·lanes … (c0 + kTileVectors)·lanes.
@@ -319,7 +374,7 @@ class FusedKernel {
 
   // 2b. Everything after the product, for one row of one tile; returns whether any key of the
   // tile stays visible to the row.
-  bool MaskRow(std::int64_t b, std::int64_t hk, std::int64_t i0, std::int64_t r, std::int64_t start,
+  bool MaskRow(std::int64_t b, std::int64_t kh, std::int64_t i0, std::int64_t r, std::int64_t start,
                std::int64_t count, Scratch& s) const {
     constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
     float* scores = s.scores + r * key_tile_;
@@ -331,7 +386,7 @@ class FusedKernel {
     }
     std::fill(scores, scores + from, kMinusInfinity);
     std::fill(scores + to, scores + key_tile_, kMinusInfinity);
-    apply_score_options(p_, b, HeadOf(hk, r), i0 + r % positions_, start + from, to - from,
+    apply_score_options(p_, b, HeadOf(kh, r), i0 + r % positions_, start + from, to - from,
                         scores + from);
     return true;
   }
@@ -429,11 +484,11 @@ class FusedKernel {
   }
 
   // 3'. P = e^(S − LSE) with the same products and masks as the forward walk; row_max holds LSE.
-  void WriteWeights(std::int64_t b, std::int64_t hk, std::int64_t i0, std::int64_t positions,
+  void WriteWeights(std::int64_t b, std::int64_t kh, std::int64_t i0, std::int64_t positions,
                     Scratch& s) const {
     for (std::int64_t r = 0; r < rows_; ++r) {
       if (r % positions_ >= positions) continue;
-      const std::int64_t h = HeadOf(hk, r), i = i0 + r % positions_;
+      const std::int64_t h = HeadOf(kh, r), i = i0 + r % positions_;
       for (std::int64_t j = 0; j < p_.k_len; ++j) p_.weights.store(0.0, b, h, i, j);
     }
     std::int64_t item_first = p_.k_len, item_last = 0;
@@ -450,17 +505,17 @@ class FusedKernel {
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
         if (!BlockMeetsTile(s, r0, block, start, count)) continue;
-        ScoreBlock(s, KeyTile(b, hk, tile), r0, block);
+        ScoreBlock(s, KeyTile(b, kh, tile), kh, r0, block);
         for (int r = 0; r < block; ++r) {
           const std::int64_t row = r0 + r;
-          if (!MaskRow(b, hk, i0, row, start, count, s)) continue;
+          if (!MaskRow(b, kh, i0, row, start, count, s)) continue;
           if (s.row_max[row] == -std::numeric_limits<float>::infinity()) continue;
           float* scores = s.scores + row * key_tile_;
           const auto lse = hn::Set(d, s.row_max[row]);
           for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
             hn::Store(hn::Exp(d, hn::Sub(hn::Load(d, scores + t), lse)), d, scores + t);
           }
-          const std::int64_t h = HeadOf(hk, row), i = i0 + row % positions_;
+          const std::int64_t h = HeadOf(kh, row), i = i0 + row % positions_;
           for (std::int64_t t = 0; t < count; ++t) p_.weights.store(scores[t], b, h, i, start + t);
         }
       }
@@ -472,10 +527,11 @@ class FusedKernel {
   const std::int64_t lanes_;        // floats per vector on this target
   const std::int64_t key_tile_;     // keys per tile: kTileVectors vectors
   const std::int64_t v_stride_;     // Dv rounded up to whole vectors
+  const std::int64_t item_group_;   // query heads per item: those that share a key head
   const std::int64_t positions_;    // query positions per item
   const std::int64_t rows_;         // rows per item: positions × group
   const std::int64_t tiles_;        // key tiles per (batch, key head)
-  float* packed_keys_ = nullptr;    // [B·Hk, tiles, D, kKeyTile]
+  float* packed_keys_ = nullptr;    // [B·key_heads, tiles, D, kKeyTile]
   float* packed_values_ = nullptr;  // [B·Hk, tiles, kKeyTile, Dv']
 };
 
@@ -494,7 +550,7 @@ HWY_EXPORT(FusedForward);
 HWY_EXPORT(SoftmaxExp);
 
 bool fused_attention_supports(const AttentionProblem& problem) {
-  return problem.dtype == DType::float32 && problem.score != Score::additive;
+  return problem.dtype == DType::float32;
 }
 
 FusedOperands prepare_fused_operands(const AttentionProblem& p) {
@@ -504,12 +560,35 @@ FusedOperands prepare_fused_operands(const AttentionProblem& p) {
   adopt_or_pack(operands.k, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
   adopt_or_pack(operands.v, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
   operands.score_dim = p.k_dim;
+  operands.key_heads = p.kv_heads;
+  const auto same_head = [](std::int64_t h) { return h; };
   if (p.score == Score::bilinear) {  // qᵀ W k = (Wᵀ q)·k
     RowMajorOperand<float> projected;
-    project(
-        projected, operands.q, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim,
-        p.q_dim, [](std::int64_t h) { return h; }, worker_threads(p));
+    project(projected, operands.q, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim,
+            p.q_dim, same_head, worker_threads(p));
     operands.q = std::move(projected);
+  } else if (p.score == Score::additive) {
+    operands.additive = true;
+    operands.score_dim = p.additive_dim;
+    RowMajorOperand<float> projected_q, projected_k;
+    project(projected_q, operands.q, p.wq, false, p.batch, p.q_len, p.q_heads, p.additive_dim,
+            p.q_dim, same_head, worker_threads(p));
+    // Keys are projected once per key head when Wk is shared, once per query head otherwise.
+    const bool per_query_head = p.wk.strides[0] != 0;
+    operands.key_heads = per_query_head ? p.q_heads : p.kv_heads;
+    const std::int64_t group = per_query_head ? p.group_size : 1;
+    project(
+        projected_k, operands.k, p.wk, false, p.batch, p.k_len, operands.key_heads, p.additive_dim,
+        p.k_dim, [group](std::int64_t h) { return h / group; }, worker_threads(p));
+    operands.q = std::move(projected_q);
+    operands.k = std::move(projected_k);
+    operands.additive_v.resize(static_cast<std::size_t>(p.q_heads * p.additive_dim));
+    for (std::int64_t h = 0; h < p.q_heads; ++h) {
+      for (std::int64_t a = 0; a < p.additive_dim; ++a) {
+        operands.additive_v[static_cast<std::size_t>(h * p.additive_dim + a)] =
+            static_cast<float>(p.scale * p.va.load(h, a));
+      }
+    }
   }
   return operands;
 }

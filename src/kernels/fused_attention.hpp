@@ -1,15 +1,16 @@
 // The fused kernel: FlashAttention-2 style tiled attention with SIMD micro-kernels (Highway,
-// dispatched at run time) for float32 dot, scaled_dot and bilinear scores.
+// dispatched at run time) for float32 inputs and every score.
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "kernels/operands.hpp"
 
 namespace qkv::kernels {
 
-// True when fused_attention computes this problem: float32 q, k, v and a dot, scaled_dot or
-// bilinear score (every mask and score option is supported).
+// True when fused_attention computes this problem: float32 q, k, v (every score, mask and option
+// is supported).
 bool fused_attention_supports(const AttentionProblem& problem);
 
 // Computes problem.out (and lse, weights when present). Requires fused_attention_supports().
@@ -17,13 +18,20 @@ void fused_attention(const AttentionProblem& problem);
 
 // The operands as the SIMD code reads them: unit stride along the head dim, bilinear already
 // reduced to a dot score (q' = Wᵀq).
+// The additive score is reduced the same way: q holds Wq q and k holds Wk k (both [.., A]), and
+// the score of a pair is Σ_a additive_v[h, a] · tanh(q_a + k_a), the scale folded into v.
 struct FusedOperands {
   const AttentionProblem* problem = nullptr;
   RowMajorOperand<float> q, k, v;
-  std::int64_t score_dim = 0;  // length of the q and k rows that are dotted
+  std::int64_t score_dim = 0;  // length of the q and k rows a score compares (D, or A)
+  // Heads of k: Hk, or Hq for an additive score with a Wk per query head (keys projected per
+  // query head). Query head h reads k head h / (Hq / key_heads).
+  std::int64_t key_heads = 0;
+  bool additive = false;
+  std::vector<float> additive_v;  // [Hq, A]: scale · v
 };
 
-// Packs q, k, v to unit stride where needed and projects q for the bilinear score.
+// Packs q, k, v to unit stride where needed and applies the bilinear / additive projections.
 FusedOperands prepare_fused_operands(const AttentionProblem& problem);
 
 // The softmax's exp as the fused kernels compute it, on the SIMD target in use (for the test
