@@ -37,8 +37,11 @@ GemmResult measure_sgemm(int threads);
 struct ShapeResult {
   Shape shape;
   double median_ms = 0, gflops = 0, ratio_to_sgemm = 0;
-  double peak_mib = 0;  // peak resident memory while the shape ran, inputs included
-  double naive_ms = 0, speedup_over_naive = 0;  // GEMM → softmax → GEMM with the N×N matrix
+  // Peak resident memory of the process while the shape ran (inputs included; memory still held
+  // from earlier shapes too: run one shape alone for its own figure).
+  double peak_mib = 0;
+  // GEMM → softmax → GEMM with the N×N matrix; 0 when that matrix would exceed 2 GiB.
+  double naive_ms = 0, speedup_over_naive = 0;
 };
 
 // Times qkv's attention_forward and the naive baseline on one shape.

@@ -30,7 +30,7 @@ Score parse_score(std::string_view name);
 const char* causal_align_name(CausalAlign align);
 CausalAlign parse_causal_align(std::string_view name);
 
-// Everything besides Q, K and V. Optional tensors are float32 or float64 unless said otherwise.
+// Everything besides Q, K and V. Optional float tensors are float32, float64 or bfloat16.
 struct AttentionOptions {
   Score score = Score::scaled_dot;
 
@@ -69,17 +69,20 @@ struct AttentionOptions {
 
 // Where results go. `out` is required; the others are computed only when given.
 struct AttentionOutputs {
-  // O [B, Nq, Hq, Dv], float32 or float64.
+  // O [B, Nq, Hq, Dv], float32, float64 or bfloat16.
   MutableTensorView out;
-  // LSE [B, Hq, Nq], float32 or float64: natural log of each row's softmax denominator.
+  // LSE [B, Hq, Nq], float32 or float64 (or bfloat16): natural log of each row's softmax
+  // denominator.
   std::optional<MutableTensorView> lse;
-  // P [B, Hq, Nq, Nk], float32 or float64: the softmax weights. O(N²) memory: only on request.
+  // P [B, Hq, Nq, Nk], float32 or float64 (or bfloat16): the softmax weights. O(N²) memory: only on
+  // request.
   std::optional<MutableTensorView> weights;
 };
 
 // Attention forward.
 //   q: [B, Nq, Hq, Dq]   k: [B, Nk, Hk, Dk]   v: [B, Nk, Hk, Dv]
-// q, k, v share one dtype, float32 or float64, and may have any strides (PyTorch's [B, H, N, D]
+// q, k, v share one dtype, float32, float64 or bfloat16 (computed in float32, accumulated in
+// float32), and may have any strides (PyTorch's [B, H, N, D]
 // storage is the view with strides permuted); a unit stride in the last dimension avoids a copy.
 // Hq % Hk == 0: query head h reads key/value head h / (Hq / Hk) (Hk == 1 is multi-query).
 // Dk == Dq for dot and scaled_dot. Results (DESIGN.md §4):

@@ -13,8 +13,8 @@ namespace qkv {
 // the union of the key sets, exactly as if it had been computed at once:
 //   LSE = log Σ_p e^(LSE_p),   O = Σ_p e^(LSE_p − LSE) · O_p   (in float64, rounded once).
 // Parts that saw no key (LSE_p = -inf) contribute nothing; rows no part saw get O = 0, LSE = -inf.
-// All tensors float32 or float64, any strides; `out` may be one of the parts' storage. Throws
-// qkv::Error naming the argument when counts, shapes or dtypes disagree.
+// All tensors float32, float64 or bfloat16, any strides; `out` may be one of the parts' storage.
+// Throws qkv::Error naming the argument when counts, shapes or dtypes disagree.
 void merge_attention(std::span<const TensorView> outs, std::span<const TensorView> lses,
                      const MutableTensorView& out,
                      const std::optional<MutableTensorView>& lse = std::nullopt);

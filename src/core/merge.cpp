@@ -26,9 +26,10 @@ void require_float_view(const TensorView& view, const std::string& name, int ran
     throw Error(
         fmt::format("{}: expected rank {} {}, got {}", name, rank, layout, view.shape_string()));
   }
-  if (view.dtype != DType::float32 && view.dtype != DType::float64) {
-    throw Error(
-        fmt::format("{}: expected dtype float32 or float64, got {}", name, dtype_name(view.dtype)));
+  if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
+      view.dtype != DType::bfloat16) {
+    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
+                            dtype_name(view.dtype)));
   }
   if (view.data == nullptr && view.numel() != 0) {
     throw Error(fmt::format("{}: expected data, got a null pointer", name));

@@ -26,6 +26,8 @@ double StridedInput::load(std::int64_t i0, std::int64_t i1, std::int64_t i2,
       return reinterpret_cast<const std::int32_t*>(data)[at];
     case DType::int64:
       return static_cast<double>(reinterpret_cast<const std::int64_t*>(data)[at]);
+    case DType::bfloat16:
+      return from_bfloat16(reinterpret_cast<const std::uint16_t*>(data)[at]);
   }
   return 0.0;
 }
@@ -35,6 +37,8 @@ void StridedOutput::store(double value, std::int64_t i0, std::int64_t i1, std::i
   const std::int64_t at = offset(i0, i1, i2, i3);
   if (dtype == DType::float32) {
     reinterpret_cast<float*>(data)[at] = static_cast<float>(value);
+  } else if (dtype == DType::bfloat16) {
+    reinterpret_cast<std::uint16_t*>(data)[at] = to_bfloat16(static_cast<float>(value));
   } else {
     reinterpret_cast<double*>(data)[at] = value;
   }
@@ -48,8 +52,9 @@ std::string dims(const TensorView& view) {
   return view.shape_string();
 }
 
+// Floating-point data of any width qkv reads: float32, float64, bfloat16.
 bool is_float(DType dtype) {
-  return dtype == DType::float32 || dtype == DType::float64;
+  return dtype == DType::float32 || dtype == DType::float64 || dtype == DType::bfloat16;
 }
 
 // Rejects views whose addressed span overflows int64 (a lying stride or size).
@@ -83,8 +88,8 @@ void require_view(const TensorView& view, const char* name) {
 
 void require_float(const TensorView& view, const char* name) {
   if (!is_float(view.dtype)) {
-    throw Error(
-        fmt::format("{}: expected dtype float32 or float64, got {}", name, dtype_name(view.dtype)));
+    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
+                            dtype_name(view.dtype)));
   }
 }
 
@@ -164,8 +169,8 @@ StridedOutput output_of(const MutableTensorView& view, const char* name, const S
                             dims(as_input)));
   }
   if (!is_float(view.dtype)) {
-    throw Error(
-        fmt::format("{}: expected dtype float32 or float64, got {}", name, dtype_name(view.dtype)));
+    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
+                            dtype_name(view.dtype)));
   }
   StridedOutput output;
   output.data = static_cast<std::byte*>(view.data);

@@ -41,7 +41,7 @@ struct StridedOutput {
                       std::int64_t i3 = 0) const {
     return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
   }
-  // Rounds `value` to the output dtype (float32 or float64) and stores it.
+  // Rounds `value` to the output dtype (float32, float64 or bfloat16) and stores it.
   void store(double value, std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
              std::int64_t i3 = 0) const;
 };

@@ -21,6 +21,8 @@ const char* dtype_name(DType dtype) {
       return "int32";
     case DType::int64:
       return "int64";
+    case DType::bfloat16:
+      return "bfloat16";
   }
   return "unknown";
 }
@@ -37,8 +39,25 @@ std::size_t dtype_size(DType dtype) {
       return 4;
     case DType::int64:
       return 8;
+    case DType::bfloat16:
+      return 2;
   }
   return 0;
+}
+
+std::uint16_t to_bfloat16(float value) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &value, 4);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((bits >> 16) | 0x40);
+  bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+  return static_cast<std::uint16_t>(bits >> 16);
+}
+
+float from_bfloat16(std::uint16_t bits) {
+  const std::uint32_t widened = static_cast<std::uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &widened, 4);
+  return value;
 }
 
 std::int64_t checked_numel(std::span<const std::int64_t> shape, std::size_t element_size,

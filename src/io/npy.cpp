@@ -165,6 +165,8 @@ const char* descr_of(DType dtype) {
       return "<i4";
     case DType::int64:
       return "<i8";
+    case DType::bfloat16:
+      break;  // numpy has no bfloat16: write_npy refuses it
   }
   return "";
 }
@@ -250,6 +252,11 @@ Tensor load_npy(const std::string& path) {
 }
 
 void write_npy(std::ostream& out, const TensorView& array) {
+  if (array.dtype == DType::bfloat16) {
+    throw Error(
+        "array: expected a dtype numpy has (float32, float64, bool, int32, int64), got "
+        "bfloat16; convert it to float32 first");
+  }
   std::string dict =
       fmt::format("{{'descr': '{}', 'fortran_order': False, 'shape': (", descr_of(array.dtype));
   for (int d = 0; d < array.rank; ++d) {

@@ -550,7 +550,7 @@ HWY_EXPORT(FusedForward);
 HWY_EXPORT(SoftmaxExp);
 
 bool fused_attention_supports(const AttentionProblem& problem) {
-  return problem.dtype == DType::float32;
+  return problem.dtype == DType::float32 || problem.dtype == DType::bfloat16;
 }
 
 FusedOperands prepare_fused_operands(const AttentionProblem& p) {

@@ -84,7 +84,8 @@ struct RowMajorOperand {
 template <class T>
 void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::int64_t batch,
                    std::int64_t length, std::int64_t heads, std::int64_t dim) {
-  if (input.strides[3] == 1) {
+  constexpr DType kComputeType = sizeof(T) == 4 ? DType::float32 : DType::float64;
+  if (input.strides[3] == 1 && input.dtype == kComputeType) {
     operand.data = input.pointer<T>(0);
     operand.stride_b = input.strides[0];
     operand.stride_n = input.strides[1];

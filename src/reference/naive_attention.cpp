@@ -38,10 +38,18 @@ bool key_visible(const AttentionProblem& p, std::int64_t b, std::int64_t h, std:
   return true;
 }
 
-}  // namespace
+// Rounds to bfloat16 and back when the evaluation imitates a bfloat16 pipeline.
+template <bool kBfloat16Stages, class Real>
+Real stage(Real value) {
+  if constexpr (kBfloat16Stages) {
+    return static_cast<Real>(from_bfloat16(to_bfloat16(static_cast<float>(value))));
+  } else {
+    return value;
+  }
+}
 
-template <class Real>
-void naive_attention(const AttentionProblem& p) {
+template <class Real, bool kBfloat16Stages>
+void evaluate_literally(const AttentionProblem& p) {
   const Real minus_infinity = -std::numeric_limits<Real>::infinity();
   std::vector<Real> query(static_cast<std::size_t>(p.q_dim));
   std::vector<Real> query_projected;  // bilinear: Wᵀq [Dk]; additive: Wq q [A]
@@ -114,7 +122,7 @@ void naive_attention(const AttentionProblem& p) {
             s -= load<Real>(p.alibi_slopes, b, h) * distance;
           }
           if (p.bias.present) s += load<Real>(p.bias, b, h, i, j);
-          scores[static_cast<std::size_t>(j)] = s;
+          scores[static_cast<std::size_t>(j)] = stage<kBfloat16Stages>(s);
           visible[static_cast<std::size_t>(j)] = key_visible(p, b, h, i, j) ? 1 : 0;
           if (visible[static_cast<std::size_t>(j)] && s > row_max) row_max = s;
         }
@@ -137,7 +145,7 @@ void naive_attention(const AttentionProblem& p) {
         for (std::int64_t j = 0; j < p.k_len; ++j) {
           Real weight = 0;
           if (visible[static_cast<std::size_t>(j)] && lse != minus_infinity) {
-            weight = std::exp(scores[static_cast<std::size_t>(j)] - lse);
+            weight = stage<kBfloat16Stages>(std::exp(scores[static_cast<std::size_t>(j)] - lse));
           }
           if (p.weights.present) p.weights.store(static_cast<double>(weight), b, h, i, j);
           if (weight == 0) continue;
@@ -146,7 +154,9 @@ void naive_attention(const AttentionProblem& p) {
           }
         }
         for (std::int64_t d = 0; d < p.v_dim; ++d) {
-          p.out.store(static_cast<double>(output[static_cast<std::size_t>(d)]), b, i, h, d);
+          p.out.store(
+              static_cast<double>(stage<kBfloat16Stages>(output[static_cast<std::size_t>(d)])), b,
+              i, h, d);
         }
         if (p.lse.present) p.lse.store(static_cast<double>(lse), b, h, i);
       }
@@ -154,8 +164,19 @@ void naive_attention(const AttentionProblem& p) {
   }
 }
 
+}  // namespace
+
+template <class Real>
+void naive_attention(const AttentionProblem& p) {
+  evaluate_literally<Real, false>(p);
+}
+
 template void naive_attention<float>(const AttentionProblem&);
 template void naive_attention<double>(const AttentionProblem&);
+
+void naive_attention_bfloat16(const AttentionProblem& p) {
+  evaluate_literally<float, true>(p);
+}
 
 }  // namespace qkv::detail
 

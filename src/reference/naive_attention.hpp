@@ -13,4 +13,9 @@ void naive_attention(const AttentionProblem& problem);
 extern template void naive_attention<float>(const AttentionProblem&);
 extern template void naive_attention<double>(const AttentionProblem&);
 
+// The naive algorithm as a bfloat16 pipeline runs it (matmul → softmax → matmul, each stage
+// stored in bfloat16): float32 arithmetic, with the scores, the weights and the output rounded to
+// bfloat16. Its error is the floor for bfloat16 kernels.
+void naive_attention_bfloat16(const AttentionProblem& problem);
+
 }  // namespace qkv::detail

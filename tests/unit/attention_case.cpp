@@ -45,6 +45,8 @@ void fill_normal(Tensor& t, std::mt19937_64& rng, double stddev) {
   for (std::int64_t i = 0; i < t.numel(); ++i) {
     if (t.dtype() == DType::float32) {
       t.data<float>()[i] = static_cast<float>(normal(rng));
+    } else if (t.dtype() == DType::bfloat16) {
+      t.data<std::uint16_t>()[i] = to_bfloat16(static_cast<float>(normal(rng)));
     } else {
       t.data<double>()[i] = normal(rng);
     }
@@ -172,6 +174,9 @@ AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& in, Eva
     case Evaluator::naive_float32:
       detail::naive_attention<float>(detail::make_problem(in.q, in.k, in.v, in.options, outputs));
       break;
+    case Evaluator::naive_bfloat16:
+      detail::naive_attention_bfloat16(detail::make_problem(in.q, in.k, in.v, in.options, outputs));
+      break;
   }
   return r;
 }
@@ -188,6 +193,8 @@ double element(const Tensor& t, std::int64_t i) {
       return t.data<std::int32_t>()[i];
     case DType::int64:
       return static_cast<double>(t.data<std::int64_t>()[i]);
+    case DType::bfloat16:
+      return from_bfloat16(t.data<std::uint16_t>()[i]);
   }
   return 0.0;
 }

@@ -46,7 +46,8 @@ struct AttentionInputs {
   AttentionOptions options;
 };
 
-// Builds the inputs of `c` in dtype float32 or float64 (parameters in float32).
+// Builds the inputs of `c` in dtype float32, float64 or bfloat16 (the float32 values rounded;
+// parameters stay float32).
 AttentionInputs make_inputs(const AttentionCase& c, DType dtype);
 
 // Dense results in one dtype.
@@ -56,7 +57,7 @@ struct AttentionResults {
 };
 AttentionResults allocate_results(const AttentionCase& c, DType dtype);
 
-enum class Evaluator { fast, reference, naive_float32 };
+enum class Evaluator { fast, reference, naive_float32, naive_bfloat16 };
 AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& inputs,
                           Evaluator evaluator, DType result_dtype, bool with_weights);
 

@@ -209,6 +209,29 @@ TEST_P(ShapeZoo, Float32MatchesReference) {
   force_simd_target("");
 }
 
+// bfloat16 inputs (float32 results): against the reference on the same rounded inputs, within
+// twice the error of the naive bfloat16 pipeline, and within the contract's 1e-2 relative error.
+TEST_P(ShapeZoo, BFloat16MatchesReferenceOnRoundedInputs) {
+  const AttentionCase& c = GetParam();
+  const AttentionInputs inputs = make_inputs(c, DType::bfloat16);
+  const AttentionResults reference =
+      evaluate(c, inputs, Evaluator::reference, DType::float64, false);
+  const AttentionResults naive =
+      evaluate(c, inputs, Evaluator::naive_bfloat16, DType::float64, false);
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, false);
+    const double magnitude = 1.0 + max_abs(reference.out);
+    const double error = max_abs_difference(fast.out, reference.out);
+    EXPECT_LE(error, 2.0 * max_abs_difference(naive.out, reference.out) + 1e-6 * magnitude)
+        << c.name() << " on " << target;
+    EXPECT_LE(error, 1e-2 * magnitude) << c.name() << " on " << target;
+    EXPECT_LE(max_abs_difference(fast.lse, reference.lse), 1e-2 * (1.0 + max_abs(reference.lse)))
+        << c.name() << " on " << target;
+  }
+  force_simd_target("");
+}
+
 TEST_P(ShapeZoo, Float64MatchesReference) {
   const AttentionCase& c = GetParam();
   const AttentionInputs inputs = make_inputs(c, DType::float64);

@@ -58,9 +58,11 @@ void run_bench(const BenchFlags& flags) {
         bench::measure_shape(shape, threads, gemm.gflops, flags.repetitions);
     results.push_back(r);
     if (!flags.json) {
-      fmt::print("{:<22} {:>9.2f} {:>9.1f} {:>8.2f} {:>9.0f} {:>10.2f} {:>7.1f}×\n", shape.name,
-                 r.median_ms, r.gflops, r.ratio_to_sgemm, r.peak_mib, r.naive_ms,
-                 r.speedup_over_naive);
+      const std::string naive =
+          r.naive_ms > 0 ? fmt::format("{:>10.2f} {:>7.1f}×", r.naive_ms, r.speedup_over_naive)
+                         : fmt::format("{:>10} {:>8}", "(N×N too big)", "");
+      fmt::print("{:<22} {:>9.2f} {:>9.1f} {:>8.2f} {:>9.0f} {}\n", shape.name, r.median_ms,
+                 r.gflops, r.ratio_to_sgemm, r.peak_mib, naive);
     }
   }
   if (flags.json) {
