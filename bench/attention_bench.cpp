@@ -201,7 +201,15 @@ GemmResult measure_sgemm(int threads) {
   return result;
 }
 
-ShapeResult measure_shape(const Shape& s, int threads, double sgemm_gflops, int repetitions) {
+// The same values in `dtype` (float32 or bfloat16, rounded).
+std::vector<std::uint16_t> as_bfloat16(const std::vector<float>& values) {
+  std::vector<std::uint16_t> rounded(values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) rounded[i] = to_bfloat16(values[i]);
+  return rounded;
+}
+
+ShapeResult measure_shape(const Shape& s, DType dtype, int threads, double sgemm_gflops,
+                          int repetitions) {
   ShapeResult result;
   result.shape = s;
   const std::int64_t d = s.head_dim;
@@ -213,18 +221,21 @@ ShapeResult measure_shape(const Shape& s, int threads, double sgemm_gflops, int 
   const std::vector<float> v =
       random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 5);
   std::vector<float> out(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
+  const bool bf16 = dtype == DType::bfloat16;
+  const std::vector<std::uint16_t> q16 = bf16 ? as_bfloat16(q) : std::vector<std::uint16_t>{},
+                                   k16 = bf16 ? as_bfloat16(k) : std::vector<std::uint16_t>{},
+                                   v16 = bf16 ? as_bfloat16(v) : std::vector<std::uint16_t>{};
+  const void* q_data = bf16 ? static_cast<const void*>(q16.data()) : q.data();
+  const void* k_data = bf16 ? static_cast<const void*>(k16.data()) : k.data();
+  const void* v_data = bf16 ? static_cast<const void*>(v16.data()) : v.data();
   AttentionOptions options;
   options.causal = s.causal;
   options.threads = threads;
-  const auto q_view =
-      TensorView::contiguous(q.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
-  const auto k_view =
-      TensorView::contiguous(k.data(), DType::float32, {s.batch, s.k_len, s.kv_heads, d});
-  const auto v_view =
-      TensorView::contiguous(v.data(), DType::float32, {s.batch, s.k_len, s.kv_heads, d});
-  AttentionOutputs outputs;
-  outputs.out =
-      MutableTensorView::contiguous(out.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
+  const auto q_view = TensorView::contiguous(q_data, dtype, {s.batch, s.q_len, s.q_heads, d});
+  const auto k_view = TensorView::contiguous(k_data, dtype, {s.batch, s.k_len, s.kv_heads, d});
+  const auto v_view = TensorView::contiguous(v_data, dtype, {s.batch, s.k_len, s.kv_heads, d});
+  AttentionOutputs outputs;  // O in the inputs' dtype (bfloat16 in the first half of `out`)
+  outputs.out = MutableTensorView::contiguous(out.data(), dtype, {s.batch, s.q_len, s.q_heads, d});
   result.median_ms =
       median_ms(repetitions, [&] { attention_forward(q_view, k_view, v_view, options, outputs); });
   result.peak_mib = peak_memory_mib();

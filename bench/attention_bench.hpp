@@ -5,6 +5,8 @@
 #include <string>
 #include <vector>
 
+#include "qkv/tensor.hpp"
+
 namespace qkv::bench {
 
 // One attention problem to time. Layout [B, N, H, D], float32, the default scaled_dot score.
@@ -44,7 +46,9 @@ struct ShapeResult {
   double naive_ms = 0, speedup_over_naive = 0;
 };
 
-// Times qkv's attention_forward and the naive baseline on one shape.
-ShapeResult measure_shape(const Shape& shape, int threads, double sgemm_gflops, int repetitions);
+// Times qkv's attention_forward on one shape with inputs and output in `dtype` (float32 or
+// bfloat16), and the naive float32 baseline.
+ShapeResult measure_shape(const Shape& shape, DType dtype, int threads, double sgemm_gflops,
+                          int repetitions);
 
 }  // namespace qkv::bench

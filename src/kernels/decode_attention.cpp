@@ -35,6 +35,7 @@
 #include <cmath>
 #include <limits>
 #include <span>
+#include <type_traits>
 #include <vector>
 
 #include "core/merge.hpp"
@@ -57,42 +58,65 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using FloatTag = hn::ScalableTag<float>;
 
+// One vector of float32 from float32 or bfloat16 storage (bfloat16 is the upper half of a float32:
+// widening is a 16-bit shift).
+hn::Vec<FloatTag> LoadWidened(FloatTag d, const float* p) {
+  return hn::LoadU(d, p);
+}
+hn::Vec<FloatTag> LoadWidened(FloatTag d, const std::uint16_t* p) {
+  const hn::RebindToUnsigned<FloatTag> du32;
+  const hn::Rebind<std::uint16_t, FloatTag> du16;
+  return hn::BitCast(d, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, p))));
+}
+float Widened(float x) {
+  return x;
+}
+float Widened(std::uint16_t x) {
+  return from_bfloat16(x);
+}
+
 // Σ_d a[d]·b[d] with two vector accumulators and a scalar tail.
-float Dot(const float* a, const float* b, std::int64_t n) {
+template <class Stored>
+float Dot(const float* a, const Stored* b, std::int64_t n) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   auto sum0 = hn::Zero(d), sum1 = hn::Zero(d);
   std::int64_t e = 0;
   for (; e + 2 * lanes <= n; e += 2 * lanes) {
-    sum0 = hn::MulAdd(hn::LoadU(d, a + e), hn::LoadU(d, b + e), sum0);
-    sum1 = hn::MulAdd(hn::LoadU(d, a + e + lanes), hn::LoadU(d, b + e + lanes), sum1);
+    sum0 = hn::MulAdd(hn::LoadU(d, a + e), LoadWidened(d, b + e), sum0);
+    sum1 = hn::MulAdd(hn::LoadU(d, a + e + lanes), LoadWidened(d, b + e + lanes), sum1);
   }
   for (; e + lanes <= n; e += lanes)
-    sum0 = hn::MulAdd(hn::LoadU(d, a + e), hn::LoadU(d, b + e), sum0);
+    sum0 = hn::MulAdd(hn::LoadU(d, a + e), LoadWidened(d, b + e), sum0);
   float sum = hn::GetLane(hn::SumOfLanes(d, hn::Add(sum0, sum1)));
-  for (; e < n; ++e) sum += a[e] * b[e];
+  for (; e < n; ++e) sum += a[e] * Widened(b[e]);
   return sum;
 }
 
 // y[d] += w·x[d].
-void AddScaled(float weight, const float* x, float* y, std::int64_t n) {
+template <class Stored>
+void AddScaled(float weight, const Stored* x, float* y, std::int64_t n) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   const auto w = hn::Set(d, weight);
   std::int64_t e = 0;
   for (; e + lanes <= n; e += lanes)
-    hn::StoreU(hn::MulAdd(w, hn::LoadU(d, x + e), hn::LoadU(d, y + e)), d, y + e);
-  for (; e < n; ++e) y[e] += weight * x[e];
+    hn::StoreU(hn::MulAdd(w, LoadWidened(d, x + e), hn::LoadU(d, y + e)), d, y + e);
+  for (; e < n; ++e) y[e] += weight * Widened(x[e]);
 }
 
 // K and V are read front to back, a few rows at a time with work in between; the hardware
 // prefetcher alone keeps too few lines in flight, so ask for the lines kPrefetchBytes ahead.
 constexpr std::int64_t kPrefetchBytes = 4096;
-void PrefetchAhead(const float* row, std::int64_t length) {
+template <class Stored>
+void PrefetchAhead(const Stored* row, std::int64_t length) {
   const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchBytes;
-  for (std::int64_t byte = 0; byte < length * 4; byte += 64) hwy::Prefetch(ahead + byte);
+  const auto bytes = length * static_cast<std::int64_t>(sizeof(Stored));
+  for (std::int64_t byte = 0; byte < bytes; byte += 64) hwy::Prefetch(ahead + byte);
 }
 
+// Stored: the element type of K and V (float, or std::uint16_t for bfloat16).
+template <class Stored>
 class DecodeKernel {
  public:
   explicit DecodeKernel(const FusedOperands& operands)
@@ -192,7 +216,7 @@ class DecodeKernel {
       // 2a. Scores: key rows in memory order (key, head), each against its head's query rows.
       for (std::int64_t t = 0; t < count; ++t) {
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-          const float* key = o_.k.row(b, start + t, hk);
+          const Stored* key = KeyRow(b, start + t, hk);
           PrefetchAhead(key, dim);
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
             s.scores[r * lanes_ + t] = Dot(s.queries.data() + r * dim, key, dim);
@@ -230,7 +254,7 @@ class DecodeKernel {
       // 2d. Value rows in memory order, each into its head's accumulators.
       for (std::int64_t t = 0; t < count; ++t) {
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-          const float* value = o_.v.row(b, start + t, hk);
+          const Stored* value = ValueRow(b, start + t, hk);
           PrefetchAhead(value, p_.v_dim);
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
             const float weight = s.scores[r * lanes_ + t];
@@ -252,6 +276,21 @@ class DecodeKernel {
     }
   }
 
+  const Stored* KeyRow(std::int64_t b, std::int64_t j, std::int64_t hk) const {
+    if constexpr (std::is_same_v<Stored, float>) {
+      return o_.k.row(b, j, hk);
+    } else {
+      return o_.k16.row(b, j, hk);
+    }
+  }
+  const Stored* ValueRow(std::int64_t b, std::int64_t j, std::int64_t hk) const {
+    if constexpr (std::is_same_v<Stored, float>) {
+      return o_.v.row(b, j, hk);
+    } else {
+      return o_.v16.row(b, j, hk);
+    }
+  }
+
   const FusedOperands& o_;
   const AttentionProblem& p_;
   const std::int64_t lanes_;      // floats per vector: keys per block
@@ -261,7 +300,11 @@ class DecodeKernel {
 };
 
 void DecodeForward(const FusedOperands& operands) {
-  DecodeKernel(operands).Run();
+  if (operands.bf16_keys_and_values) {
+    DecodeKernel<std::uint16_t>(operands).Run();
+  } else {
+    DecodeKernel<float>(operands).Run();
+  }
 }
 
 }  // namespace HWY_NAMESPACE
@@ -279,7 +322,7 @@ bool decode_attention_supports(const AttentionProblem& p) {
 }
 
 void decode_attention(const AttentionProblem& p) {
-  const FusedOperands operands = prepare_fused_operands(p);
+  const FusedOperands operands = prepare_fused_operands(p, Bfloat16Operands::keys_and_values);
   apply_simd_environment();
   HWY_DYNAMIC_DISPATCH(DecodeForward)(operands);
 }

@@ -43,6 +43,7 @@
 #include <limits>
 #include <vector>
 
+#include "kernels/bf16_microkernels.hpp"
 #include "kernels/fused_attention.hpp"
 #include "kernels/simd_dispatch.hpp"
 
@@ -103,7 +104,11 @@ class FusedKernel {
         item_group_(p_.q_heads / operands.key_heads),
         positions_(std::max<std::int64_t>(1, kItemRows / item_group_)),
         rows_(positions_ * item_group_),
-        tiles_((p_.k_len + key_tile_ - 1) / key_tile_) {}
+        tiles_((p_.k_len + key_tile_ - 1) / key_tile_),
+        bf16_(operands.bf16_products),
+        pair_dim_((o_.score_dim + 1) / 2),
+        key_tile_words_(bf16_ ? pair_dim_ * key_tile_ : o_.score_dim * key_tile_),
+        value_tile_words_(bf16_ ? key_tile_ / 2 * v_stride_ : key_tile_ * v_stride_) {}
 
   void Run() {
     PackKeysAndValues();
@@ -128,20 +133,26 @@ class FusedKernel {
   // One OpenMP thread's working set, in buffers the thread keeps between calls.
   struct Scratch {
     explicit Scratch(const FusedKernel& k) {
-      thread_local ReusedBuffer buffers[4];
+      thread_local ReusedBuffer buffers[6];
       q_tile = buffers[0].Get(k.rows_ * k.o_.score_dim);
       scores = buffers[1].Get(k.rows_ * k.key_tile_);
       accumulator = buffers[2].Get(k.rows_ * k.v_stride_);
       row_sum = buffers[3].Get(k.rows_ * k.lanes_);
+      if (k.bf16_) {
+        q_pairs = reinterpret_cast<std::uint32_t*>(buffers[4].Get(k.rows_ * k.pair_dim_));
+        p_pairs = reinterpret_cast<std::uint32_t*>(buffers[5].Get(k.rows_ * k.key_tile_ / 2));
+      }
       row_max.resize(static_cast<std::size_t>(k.rows_));
       correction.resize(static_cast<std::size_t>(k.rows_));
       first.resize(static_cast<std::size_t>(k.rows_));
       last.resize(static_cast<std::size_t>(k.rows_));
     }
-    float* q_tile;       // [rows, D]: the item's queries times the scale
-    float* scores;       // [rows, kKeyTile]: S, then P, of the current tile
-    float* accumulator;  // [rows, Dv']: unnormalized O
-    float* row_sum;      // [rows, lanes]: per-lane partial softmax sums
+    float* q_tile;                     // [rows, D]: the item's queries times the scale
+    float* scores;                     // [rows, kKeyTile]: S, then P, of the current tile
+    float* accumulator;                // [rows, Dv']: unnormalized O
+    float* row_sum;                    // [rows, lanes]: per-lane partial softmax sums
+    std::uint32_t* q_pairs = nullptr;  // bf16 mode: [rows, ⌈D/2⌉] query pairs (unscaled)
+    std::uint32_t* p_pairs = nullptr;  // bf16 mode: [rows, kKeyTile/2] weight pairs
     std::vector<float> row_max, correction;
     std::vector<std::int64_t> first, last;  // each row's visible key range
   };
@@ -169,10 +180,18 @@ class FusedKernel {
         s.first[r] = 0;
         s.last[r] = 0;
         std::fill(row, row + dim, 0.0f);
+        if (bf16_) std::fill(s.q_pairs + r * pair_dim_, s.q_pairs + (r + 1) * pair_dim_, 0u);
         continue;
       }
-      const float* q = o_.q.row(b, i0 + t, HeadOf(kh, r));
-      for (std::int64_t d = 0; d < dim; ++d) row[d] = scale * q[d];
+      if (bf16_) {  // pairs along D; the scale is applied to the float32 scores instead
+        const std::uint16_t* q = o_.q16.row(b, i0 + t, HeadOf(kh, r));
+        for (std::int64_t e = 0; e < pair_dim_; ++e) {
+          s.q_pairs[r * pair_dim_ + e] = bf16_pair(q[2 * e], 2 * e + 1 < dim ? q[2 * e + 1] : 0);
+        }
+      } else {
+        const float* q = o_.q.row(b, i0 + t, HeadOf(kh, r));
+        for (std::int64_t d = 0; d < dim; ++d) row[d] = scale * q[d];
+      }
       visible_key_range(p_, b, i0 + t, s.first[r], s.last[r]);
       if (s.first[r] < s.last[r]) {
         item_first = std::min(item_first, s.first[r]);
@@ -241,8 +260,12 @@ class FusedKernel {
     const std::int64_t dim = o_.score_dim;
     const std::int64_t key_sets = p_.batch * o_.key_heads, value_sets = p_.batch * p_.kv_heads;
     thread_local ReusedBuffer keys_buffer, values_buffer;  // the calling thread's
-    packed_keys_ = keys_buffer.Get(key_sets * tiles_ * dim * key_tile_);
-    packed_values_ = values_buffer.Get(value_sets * tiles_ * key_tile_ * v_stride_);
+    packed_keys_ = keys_buffer.Get(key_sets * tiles_ * key_tile_words_);
+    packed_values_ = values_buffer.Get(value_sets * tiles_ * value_tile_words_);
+    if (bf16_) {
+      PackPairs(key_sets, value_sets);
+      return;
+    }
 #pragma omp parallel num_threads(worker_threads(p_))
     {
 #pragma omp for collapse(2) schedule(static) nowait
@@ -277,11 +300,57 @@ class FusedKernel {
     }
   }
 
+  // The bf16 mode's tiles, same order as above, in 32-bit words of two bfloat16 values:
+  //   key tile:   [⌈D/2⌉, kKeyTile], word (e, t) = (K[j, 2e], K[j, 2e + 1]) with j = tile·kKeyTile
+  //   + t value tile: [kKeyTile/2, Dv'],  word (t, d) = (V[2t', d], V[2t' + 1, d]) with t' =
+  //   tile·kKeyTile/2 + t
+  // (pairs along D for Q·Kᵀ, pairs of neighbouring keys for P·V), zero past Nk, D and Dv.
+  void PackPairs(std::int64_t key_sets, std::int64_t value_sets) {
+    const std::int64_t dim = o_.score_dim;
+    const auto element = [](const std::uint16_t* row, std::int64_t d, std::int64_t length) {
+      return row != nullptr && d < length ? row[d] : std::uint16_t{0};
+    };
+#pragma omp parallel num_threads(worker_threads(p_))
+    {
+#pragma omp for collapse(2) schedule(static) nowait
+      for (std::int64_t set = 0; set < key_sets; ++set) {
+        for (std::int64_t tile = 0; tile < tiles_; ++tile) {
+          const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
+          auto* keys = reinterpret_cast<std::uint32_t*>(KeyTile(b, kh, tile));
+          for (std::int64_t t = 0; t < key_tile_; ++t) {
+            const std::int64_t j = tile * key_tile_ + t;
+            const std::uint16_t* key = j < p_.k_len ? o_.k16.row(b, j, kh) : nullptr;
+            for (std::int64_t e = 0; e < pair_dim_; ++e) {
+              keys[e * key_tile_ + t] =
+                  bf16_pair(element(key, 2 * e, dim), element(key, 2 * e + 1, dim));
+            }
+          }
+        }
+      }
+#pragma omp for collapse(2) schedule(static)
+      for (std::int64_t set = 0; set < value_sets; ++set) {
+        for (std::int64_t tile = 0; tile < tiles_; ++tile) {
+          const std::int64_t b = set / p_.kv_heads, hv = set % p_.kv_heads;
+          auto* values = reinterpret_cast<std::uint32_t*>(ValueTile(b, hv, tile));
+          for (std::int64_t t = 0; t < key_tile_ / 2; ++t) {
+            const std::int64_t j = tile * key_tile_ + 2 * t;
+            const std::uint16_t* even = j < p_.k_len ? o_.v16.row(b, j, hv) : nullptr;
+            const std::uint16_t* odd = j + 1 < p_.k_len ? o_.v16.row(b, j + 1, hv) : nullptr;
+            for (std::int64_t d = 0; d < v_stride_; ++d) {
+              values[t * v_stride_ + d] =
+                  bf16_pair(element(even, d, p_.v_dim), element(odd, d, p_.v_dim));
+            }
+          }
+        }
+      }
+    }
+  }
+
   float* KeyTile(std::int64_t b, std::int64_t kh, std::int64_t tile) const {
-    return packed_keys_ + ((b * o_.key_heads + kh) * tiles_ + tile) * o_.score_dim * key_tile_;
+    return packed_keys_ + ((b * o_.key_heads + kh) * tiles_ + tile) * key_tile_words_;
   }
   float* ValueTile(std::int64_t b, std::int64_t hv, std::int64_t tile) const {
-    return packed_values_ + ((b * p_.kv_heads + hv) * tiles_ + tile) * key_tile_ * v_stride_;
+    return packed_values_ + ((b * p_.kv_heads + hv) * tiles_ + tile) * value_tile_words_;
   }
 
   // 2a. scores[r0 + r, :] = q_tile[r0 + r, :] · k_tile for r < block.
@@ -304,6 +373,14 @@ class FusedKernel {
 
   template <int kRows>
   void ScoreRows(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0) const {
+    if (bf16_) {  // two register tiles of 64 keys
+      for (std::int64_t c0 = 0; c0 < key_tile_; c0 += 64) {
+        bf16_score_tile(kRows, s.q_pairs + r0 * pair_dim_, pair_dim_,
+                        reinterpret_cast<const std::uint32_t*>(k) + c0, key_tile_, pair_dim_,
+                        static_cast<float>(p_.scale), s.scores + r0 * key_tile_ + c0, key_tile_);
+      }
+      return;
+    }
     for (std::int64_t c0 = 0; c0 < kKeyTileVectors; c0 += kTileVectors) {
       if (o_.additive) {
         AdditiveScoreTile<kRows>(s, k, kh, r0, c0);
@@ -425,6 +502,20 @@ class FusedKernel {
 
   // 2d. accumulator[r0 + r, :] = correction·accumulator + P·V for r < block.
   void AccumulateValues(Scratch& s, const float* values, std::int64_t r0, int block) const {
+    if (bf16_) {  // P rounded to bfloat16 pairs, then the dot-product tiles
+      const std::int64_t pairs = key_tile_ / 2;
+      bf16_pair_rows(block, s.scores + r0 * key_tile_, key_tile_, key_tile_, s.p_pairs + r0 * pairs,
+                     pairs);
+      const std::int64_t vectors = v_stride_ / 16;
+      for (std::int64_t c0 = 0; c0 < vectors; c0 += 4) {
+        bf16_accumulate_tile(block, static_cast<int>(std::min<std::int64_t>(4, vectors - c0)),
+                             s.p_pairs + r0 * pairs, pairs,
+                             reinterpret_cast<const std::uint32_t*>(values) + c0 * 16, v_stride_,
+                             pairs, s.correction.data() + r0,
+                             s.accumulator + r0 * v_stride_ + c0 * 16, v_stride_);
+      }
+      return;
+    }
     switch (block) {
       case 4:
         AccumulateRows<4>(s, values, r0);
@@ -524,16 +615,25 @@ class FusedKernel {
 
   const FusedOperands& o_;
   const AttentionProblem& p_;
-  const std::int64_t lanes_;        // floats per vector on this target
-  const std::int64_t key_tile_;     // keys per tile: kTileVectors vectors
-  const std::int64_t v_stride_;     // Dv rounded up to whole vectors
-  const std::int64_t item_group_;   // query heads per item: those that share a key head
-  const std::int64_t positions_;    // query positions per item
-  const std::int64_t rows_;         // rows per item: positions × group
-  const std::int64_t tiles_;        // key tiles per (batch, key head)
-  float* packed_keys_ = nullptr;    // [B·key_heads, tiles, D, kKeyTile]
-  float* packed_values_ = nullptr;  // [B·Hk, tiles, kKeyTile, Dv']
+  const std::int64_t lanes_;             // floats per vector on this target
+  const std::int64_t key_tile_;          // keys per tile: kTileVectors vectors
+  const std::int64_t v_stride_;          // Dv rounded up to whole vectors
+  const std::int64_t item_group_;        // query heads per item: those that share a key head
+  const std::int64_t positions_;         // query positions per item
+  const std::int64_t rows_;              // rows per item: positions × group
+  const std::int64_t tiles_;             // key tiles per (batch, key head)
+  const bool bf16_;                      // products on vdpbf16ps (see FusedOperands::bf16_products)
+  const std::int64_t pair_dim_;          // ⌈D/2⌉: bfloat16 pairs along D
+  const std::int64_t key_tile_words_;    // floats (or pairs) of one packed key tile
+  const std::int64_t value_tile_words_;  // floats (or pairs) of one packed value tile
+  float* packed_keys_ = nullptr;         // [B·key_heads, tiles, D, kKeyTile]
+  float* packed_values_ = nullptr;       // [B·Hk, tiles, kKeyTile, Dv']
 };
+
+// Whether this target may call the AVX-512 BF16 tiles (on a CPU that has them).
+bool TargetRunsBf16Tiles() {
+  return (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) && cpu_has_avx512_bf16();
+}
 
 void FusedForward(const FusedOperands& operands) {
   FusedKernel(operands).Run();
@@ -547,20 +647,38 @@ HWY_AFTER_NAMESPACE();
 namespace qkv::kernels {
 
 HWY_EXPORT(FusedForward);
+HWY_EXPORT(TargetRunsBf16Tiles);
 HWY_EXPORT(SoftmaxExp);
 
 bool fused_attention_supports(const AttentionProblem& problem) {
   return problem.dtype == DType::float32 || problem.dtype == DType::bfloat16;
 }
 
-FusedOperands prepare_fused_operands(const AttentionProblem& p) {
+FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands bf16) {
   FusedOperands operands;
   operands.problem = &p;
-  adopt_or_pack(operands.q, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
-  adopt_or_pack(operands.k, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
-  adopt_or_pack(operands.v, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
   operands.score_dim = p.k_dim;
   operands.key_heads = p.kv_heads;
+  apply_simd_environment();
+  if (bf16 == Bfloat16Operands::products && p.dtype == DType::bfloat16 &&
+      (p.score == Score::dot || p.score == Score::scaled_dot) &&
+      HWY_DYNAMIC_DISPATCH(TargetRunsBf16Tiles)()) {
+    operands.bf16_products = true;
+    adopt_or_pack(operands.q16, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
+    adopt_or_pack(operands.k16, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
+    adopt_or_pack(operands.v16, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
+    return operands;
+  }
+  adopt_or_pack(operands.q, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
+  if (bf16 == Bfloat16Operands::keys_and_values && p.dtype == DType::bfloat16 &&
+      p.score != Score::additive) {
+    operands.bf16_keys_and_values = true;
+    adopt_or_pack(operands.k16, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
+    adopt_or_pack(operands.v16, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
+  } else {
+    adopt_or_pack(operands.k, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
+    adopt_or_pack(operands.v, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
+  }
   const auto same_head = [](std::int64_t h) { return h; };
   if (p.score == Score::bilinear) {  // qᵀ W k = (Wᵀ q)·k
     RowMajorOperand<float> projected;
@@ -594,7 +712,7 @@ FusedOperands prepare_fused_operands(const AttentionProblem& p) {
 }
 
 void fused_attention(const AttentionProblem& p) {
-  const FusedOperands operands = prepare_fused_operands(p);
+  const FusedOperands operands = prepare_fused_operands(p, Bfloat16Operands::products);
   apply_simd_environment();
   HWY_DYNAMIC_DISPATCH(FusedForward)(operands);
 }

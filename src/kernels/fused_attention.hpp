@@ -29,10 +29,21 @@ struct FusedOperands {
   std::int64_t key_heads = 0;
   bool additive = false;
   std::vector<float> additive_v;  // [Hq, A]: scale · v
+  // bfloat16 inputs on a CPU with the AVX-512 BF16 dot product (dot and scaled_dot scores): q, k,
+  // v stay bfloat16 (q16, k16, v16, unit stride along D) and both products run on vdpbf16ps.
+  // Otherwise bfloat16 inputs are widened to float32 into q, k, v.
+  bool bf16_products = false;
+  bool bf16_keys_and_values = false;  // k16 and v16 hold K and V; q is float32
+  RowMajorOperand<std::uint16_t> q16, k16, v16;
 };
 
+// What happens to bfloat16 inputs: widened to float32 (q, k, v); kept for the bf16 products
+// where the CPU and score allow (q16, k16, v16, bf16_products); or K and V kept (k16, v16) with
+// q widened, for kernels that read K and V once and convert on the fly.
+enum class Bfloat16Operands { widen, products, keys_and_values };
+
 // Packs q, k, v to unit stride where needed and applies the bilinear / additive projections.
-FusedOperands prepare_fused_operands(const AttentionProblem& problem);
+FusedOperands prepare_fused_operands(const AttentionProblem& problem, Bfloat16Operands bf16);
 
 // The softmax's exp as the fused kernels compute it, on the SIMD target in use (for the test
 // that sweeps its range): out[i] = e^in[i]. Max error 1 ULP for in ∈ [-87, 88] (normal results);

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/problem.hpp"
@@ -81,11 +82,23 @@ struct RowMajorOperand {
   }
 };
 
+// A value in the element type T of a packed operand (std::uint16_t holds bfloat16).
+template <class T>
+T StoredAs(double value) {
+  if constexpr (std::is_same_v<T, std::uint16_t>) {
+    return to_bfloat16(static_cast<float>(value));
+  } else {
+    return static_cast<T>(value);
+  }
+}
+
 template <class T>
 void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::int64_t batch,
                    std::int64_t length, std::int64_t heads, std::int64_t dim) {
-  constexpr DType kComputeType = sizeof(T) == 4 ? DType::float32 : DType::float64;
-  if (input.strides[3] == 1 && input.dtype == kComputeType) {
+  constexpr DType kStorageType = std::is_same_v<T, float>    ? DType::float32
+                                 : std::is_same_v<T, double> ? DType::float64
+                                                             : DType::bfloat16;
+  if (input.strides[3] == 1 && input.dtype == kStorageType) {
     operand.data = input.pointer<T>(0);
     operand.stride_b = input.strides[0];
     operand.stride_n = input.strides[1];
@@ -102,7 +115,7 @@ void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::
         for (std::int64_t d = 0; d < dim; ++d)
           operand.storage[static_cast<std::size_t>(b * operand.stride_b + n * operand.stride_n +
                                                    h * operand.stride_h + d)] =
-              static_cast<T>(input.load(b, n, h, d));
+              StoredAs<T>(input.load(b, n, h, d));
   operand.data = operand.storage.data();
 }
 

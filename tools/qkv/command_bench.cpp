@@ -24,6 +24,7 @@ struct BenchFlags {
   std::string shapes;
   int threads = 0;
   int repetitions = 5;
+  std::string dtype = "f32";
 };
 
 void run_bench(const BenchFlags& flags) {
@@ -40,11 +41,16 @@ void run_bench(const BenchFlags& flags) {
     for (std::string spec; std::getline(list, spec, ',');)
       shapes.push_back(bench::parse_shape(spec));
   }
+  if (flags.dtype != "f32" && flags.dtype != "bf16") {
+    throw Error(fmt::format("--dtype: expected f32 or bf16, got '{}'", flags.dtype));
+  }
+  const DType dtype = flags.dtype == "bf16" ? DType::bfloat16 : DType::float32;
   const int threads = flags.threads > 0 ? flags.threads : omp_get_max_threads();
   const bench::GemmResult gemm = bench::measure_sgemm(threads);
   std::vector<bench::ShapeResult> results;
   if (!flags.json) {
-    fmt::print("qkv bench: {} threads, SIMD target {}\n", threads, simd_target());
+    fmt::print("qkv bench: {} threads, SIMD target {}, {} inputs and output\n", threads,
+               simd_target(), dtype_name(dtype));
     fmt::print("OpenBLAS sgemm 2048³: {:.1f} GFLOP/s (kernel {}{})\n\n", gemm.gflops, gemm.kernel,
                gemm.coretype.empty() ? ""
                                      : fmt::format(", forced by OPENBLAS_CORETYPE={}; unset it "
@@ -55,7 +61,7 @@ void run_bench(const BenchFlags& flags) {
   }
   for (const bench::Shape& shape : shapes) {
     const bench::ShapeResult r =
-        bench::measure_shape(shape, threads, gemm.gflops, flags.repetitions);
+        bench::measure_shape(shape, dtype, threads, gemm.gflops, flags.repetitions);
     results.push_back(r);
     if (!flags.json) {
       const std::string naive =
@@ -79,10 +85,11 @@ void run_bench(const BenchFlags& flags) {
           r.peak_mib, r.naive_ms, r.speedup_over_naive);
     }
     fmt::print(
-        "{{\n  \"threads\": {}, \"simd_target\": \"{}\",\n  \"sgemm\": {{\"size\": 2048, "
+        "{{\n  \"threads\": {}, \"simd_target\": \"{}\", \"dtype\": \"{}\",\n  \"sgemm\": "
+        "{{\"size\": 2048, "
         "\"gflops\": {:.2f}, \"kernel\": \"{}\", \"openblas_coretype\": \"{}\"}},\n  \"shapes\": "
         "[{}\n  ]\n}}\n",
-        threads, simd_target(), gemm.gflops, gemm.kernel, gemm.coretype, rows);
+        threads, simd_target(), dtype_name(dtype), gemm.gflops, gemm.kernel, gemm.coretype, rows);
   }
 }
 
@@ -96,6 +103,8 @@ void add_bench_command(CLI::App& app) {
   command->add_option("--shapes", flags->shapes,
                       "comma-separated S1…S5 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[causal]");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
+  command->add_option("--dtype", flags->dtype, "f32 | bf16 (inputs and output)")
+      ->default_str("f32");
   command->add_option("--repetitions", flags->repetitions, "timed runs per shape (median)")
       ->default_str("5");
   command->callback([flags] { run_bench(*flags); });
