@@ -18,6 +18,8 @@
 #include <random>
 #include <string>
 
+#include "core/problem.hpp"
+#include "kernels/streaming_attention.hpp"
 #include "qkv/attention.hpp"
 #include "qkv/error.hpp"
 
@@ -111,14 +113,15 @@ void naive_attention(const Shape& s, const float* q, const float* k, const float
 
 std::vector<Shape> default_shapes() {
   return {parse_shape("S1"), parse_shape("S2"), parse_shape("S3"), parse_shape("S4"),
-          parse_shape("S5")};
+          parse_shape("S5"), parse_shape("A1")};
 }
 
 Shape parse_shape(const std::string& spec) {
   static const std::pair<const char*, const char*> kNamed[] = {{"S1", "B1H8N1024D64"},
                                                                {"S2", "B1H8N4096D64"},
                                                                {"S3", "B1H8N4096D128"},
-                                                               {"S4", "B1H32Nq1Nk8192D128"},
+                                                                                                                              {"S4", "B1H32Nq1Nk8192D128"},
+                                                               {"A1", "B1H8N1024D64A64"},
                                                                {"S5", "B1H8N4096D64causal"}};
   std::string text = spec;
   for (const auto& [name, definition] : kNamed) {
@@ -126,7 +129,7 @@ Shape parse_shape(const std::string& spec) {
   }
   const auto bad = [&spec] {
     return Error(fmt::format(
-        "--shapes: expected S1 … S5 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[causal], got '{}'",
+        "--shapes: expected S1 … S5, A1 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal], got '{}'",
         spec));
   };
   Shape shape;
@@ -162,7 +165,8 @@ Shape parse_shape(const std::string& spec) {
   const std::int64_t n = take("N");
   shape.q_len = n >= 0 ? n : take("Nq");
   shape.k_len = n >= 0 ? n : take("Nk");
-  shape.head_dim = take("D");
+    shape.head_dim = take("D");
+  shape.additive_dim = std::max<std::int64_t>(0, take("A"));
   if (shape.kv_heads < 0) shape.kv_heads = shape.q_heads;
   if (!fields.empty() || shape.batch < 1 || shape.q_heads < 1 || shape.q_len < 1 ||
       shape.k_len < 1 || shape.head_dim < 1) {
@@ -183,6 +187,26 @@ double attention_flops(const Shape& s) {
     }
   }
   return 4.0 * pairs * static_cast<double>(s.head_dim) * static_cast<double>(s.batch * s.q_heads);
+}
+
+double measure_read_bandwidth(int threads) {
+    // XOR of 64-bit words: associative, so it vectorizes with no dependency chain and the loop is
+  // limited by memory alone.
+  const std::size_t count = std::size_t{512} << 17;  // 512 MiB of 64-bit words
+  std::vector<std::uint64_t> buffer(count, 0x5555);
+  std::uint64_t total = 0;
+  const double ms = median_ms(5, [&] {
+    std::uint64_t folded = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(^ : folded)
+    for (std::size_t i = 0; i < count; ++i) folded ^= buffer[i];
+    total ^= folded;
+  });
+  return total != 1 ? static_cast<double>(count) * 8.0 / (ms * 1e6) : 0.0;
+}
+
+double key_value_bytes(const Shape& s, DType dtype) {
+  return 2.0 * static_cast<double>(s.batch * s.k_len * s.kv_heads * s.head_dim) *
+         static_cast<double>(dtype_size(dtype));
 }
 
 GemmResult measure_sgemm(int threads) {
@@ -208,54 +232,98 @@ std::vector<std::uint16_t> as_bfloat16(const std::vector<float>& values) {
   return rounded;
 }
 
-ShapeResult measure_shape(const Shape& s, DType dtype, int threads, double sgemm_gflops,
-                          int repetitions) {
+namespace {
+
+// One shape's inputs (seeded, so both phases see the same numbers) and the views over them.
+struct BenchProblem {
+  BenchProblem(const Shape& s, DType dtype, int threads) {
+    const std::int64_t d = s.head_dim, a = s.additive_dim;
+    q = random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 3);
+    k = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 4);
+    v = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 5);
+    out.resize(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
+    const bool bf16 = dtype == DType::bfloat16;
+    if (bf16) {
+      q16 = as_bfloat16(q);
+      k16 = as_bfloat16(k);
+      v16 = as_bfloat16(v);
+    }
+    options.causal = s.causal;
+    options.threads = threads;
+    if (a > 0) {
+      wq = random_floats(static_cast<std::size_t>(a * d), 6);
+      wk = random_floats(static_cast<std::size_t>(a * d), 7);
+      va = random_floats(static_cast<std::size_t>(a), 8);
+      options.score = Score::additive;
+      options.wq = TensorView::contiguous(wq.data(), DType::float32, {a, d});
+      options.wk = TensorView::contiguous(wk.data(), DType::float32, {a, d});
+      options.va = TensorView::contiguous(va.data(), DType::float32, {a});
+    }
+    q_view = TensorView::contiguous(bf16 ? static_cast<const void*>(q16.data()) : q.data(), dtype,
+                                    {s.batch, s.q_len, s.q_heads, d});
+    k_view = TensorView::contiguous(bf16 ? static_cast<const void*>(k16.data()) : k.data(), dtype,
+                                    {s.batch, s.k_len, s.kv_heads, d});
+    v_view = TensorView::contiguous(bf16 ? static_cast<const void*>(v16.data()) : v.data(), dtype,
+                                    {s.batch, s.k_len, s.kv_heads, d});
+    // O in the inputs' dtype (bfloat16 uses the first half of `out`).
+    outputs.out =
+        MutableTensorView::contiguous(out.data(), dtype, {s.batch, s.q_len, s.q_heads, d});
+  }
+  std::vector<float> q, k, v, out, wq, wk, va;
+  std::vector<std::uint16_t> q16, k16, v16;
+  AttentionOptions options;
+  TensorView q_view, k_view, v_view;
+  AttentionOutputs outputs;
+};
+
+}  // namespace
+
+ShapeResult measure_qkv(const Shape& s, DType dtype, int threads, double bandwidth_gbs,
+                        int repetitions) {
   ShapeResult result;
   result.shape = s;
-  const std::int64_t d = s.head_dim;
+  result.dtype = dtype;
   reset_peak_memory();
-  const std::vector<float> q =
-      random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 3);
-  const std::vector<float> k =
-      random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 4);
-  const std::vector<float> v =
-      random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 5);
-  std::vector<float> out(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
-  const bool bf16 = dtype == DType::bfloat16;
-  const std::vector<std::uint16_t> q16 = bf16 ? as_bfloat16(q) : std::vector<std::uint16_t>{},
-                                   k16 = bf16 ? as_bfloat16(k) : std::vector<std::uint16_t>{},
-                                   v16 = bf16 ? as_bfloat16(v) : std::vector<std::uint16_t>{};
-  const void* q_data = bf16 ? static_cast<const void*>(q16.data()) : q.data();
-  const void* k_data = bf16 ? static_cast<const void*>(k16.data()) : k.data();
-  const void* v_data = bf16 ? static_cast<const void*>(v16.data()) : v.data();
-  AttentionOptions options;
-  options.causal = s.causal;
-  options.threads = threads;
-  const auto q_view = TensorView::contiguous(q_data, dtype, {s.batch, s.q_len, s.q_heads, d});
-  const auto k_view = TensorView::contiguous(k_data, dtype, {s.batch, s.k_len, s.kv_heads, d});
-  const auto v_view = TensorView::contiguous(v_data, dtype, {s.batch, s.k_len, s.kv_heads, d});
-  AttentionOutputs outputs;  // O in the inputs' dtype (bfloat16 in the first half of `out`)
-  outputs.out = MutableTensorView::contiguous(out.data(), dtype, {s.batch, s.q_len, s.q_heads, d});
-  result.median_ms =
-      median_ms(repetitions, [&] { attention_forward(q_view, k_view, v_view, options, outputs); });
-  result.peak_mib = peak_memory_mib();
-  const double flops = attention_flops(s);
-  result.gflops = flops / (result.median_ms * 1e6);
-  result.ratio_to_sgemm = result.gflops / sgemm_gflops;
-
-  // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run (reported as 0).
-  if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes) {
-    return result;
-  }
-  openblas_set_num_threads(threads);
-  omp_set_num_threads(threads);
-  std::vector<float> scores(static_cast<std::size_t>(s.q_len * s.k_len));
-  std::vector<float> naive_out(out.size());
-  result.naive_ms = median_ms(std::max(1, repetitions / 2), [&] {
-    naive_attention(s, q.data(), k.data(), v.data(), naive_out.data(), scores);
+  BenchProblem problem(s, dtype, threads);
+  result.median_ms = median_ms(repetitions, [&] {
+    attention_forward(problem.q_view, problem.k_view, problem.v_view, problem.options,
+                      problem.outputs);
   });
-  result.speedup_over_naive = result.naive_ms / result.median_ms;
+  result.peak_mib = peak_memory_mib();
+  result.gflops = attention_flops(s) / (result.median_ms * 1e6);
+  result.floor_ms = key_value_bytes(s, dtype) / (bandwidth_gbs * 1e6);
+  if (s.additive_dim > 0) {
+    const double tanh_count =
+        static_cast<double>(s.batch * s.q_heads * s.q_len * s.k_len * s.additive_dim);
+    result.tanh_per_second = tanh_count / (result.median_ms * 1e-3);
+  }
   return result;
+}
+
+void measure_baseline(ShapeResult& result, int threads, int repetitions) {
+  const Shape& s = result.shape;
+  BenchProblem problem(s, result.dtype, threads);
+  if (s.additive_dim > 0) {
+    // The core issue's float32 path, run once: it takes seconds.
+    const auto start = std::chrono::steady_clock::now();
+    kernels::streaming_attention(detail::make_problem(problem.q_view, problem.k_view,
+                                                      problem.v_view, problem.options,
+                                                      problem.outputs));
+    result.naive_ms = milliseconds_since(start);
+  } else {
+    // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run.
+    if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes) {
+      return;
+    }
+    openblas_set_num_threads(threads);
+    omp_set_num_threads(threads);
+    std::vector<float> scores(static_cast<std::size_t>(s.q_len * s.k_len));
+    result.naive_ms = median_ms(std::max(1, repetitions / 2), [&] {
+      naive_attention(s, problem.q.data(), problem.k.data(), problem.v.data(), problem.out.data(),
+                      scores);
+    });
+  }
+  result.speedup_over_naive = result.naive_ms / result.median_ms;
 }
 
 }  // namespace qkv::bench

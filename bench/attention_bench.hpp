@@ -10,9 +10,11 @@
 namespace qkv::bench {
 
 // One attention problem to time. Layout [B, N, H, D], float32, the default scaled_dot score.
+// additive_dim > 0 makes it the additive score with A = additive_dim (random Wq, Wk, v).
 struct Shape {
   std::string name;
   std::int64_t batch = 1, q_heads = 8, kv_heads = 8, q_len = 1024, k_len = 1024, head_dim = 64;
+  std::int64_t additive_dim = 0;
   bool causal = false;
 };
 
@@ -20,8 +22,9 @@ struct Shape {
 // S4 decode B1 H32 Nq1 Nk8192 D128, S5 = S2 causal.
 std::vector<Shape> default_shapes();
 
-// A shape by name (S1 … S5) or spec: B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[causal],
-// e.g. "B1H8N4096D64causal" or "B1H32Nq1Nk8192D128". Throws qkv::Error naming the spec.
+// A shape by name (S1 … S5, and A1 = B1H8N1024D64A64, the additive score) or spec:
+// B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal], e.g. "B1H8N4096D64causal" or
+// "B1H32Nq1Nk8192D128". Throws qkv::Error naming the spec.
 Shape parse_shape(const std::string& spec);
 
 // FLOPs of DESIGN.md §8: 4·Nq·Nk·D per head, counting only visible pairs when causal.
@@ -36,19 +39,35 @@ struct GemmResult {
 // OpenBLAS sgemm of 2048³ (median of several runs).
 GemmResult measure_sgemm(int threads);
 
+// Memory read bandwidth in GB/s: a 512 MiB buffer summed by `threads` threads (median of runs).
+double measure_read_bandwidth(int threads);
+
+// Bytes of K and V that attention must read at least once.
+double key_value_bytes(const Shape& shape, DType dtype);
+
 struct ShapeResult {
   Shape shape;
+  DType dtype = DType::float32;
   double median_ms = 0, gflops = 0, ratio_to_sgemm = 0;
   // Peak resident memory of the process while the shape ran (inputs included; memory still held
   // from earlier shapes too: run one shape alone for its own figure).
   double peak_mib = 0;
-  // GEMM → softmax → GEMM with the N×N matrix; 0 when that matrix would exceed 2 GiB.
+    // The memory floor: key_value_bytes at the measured bandwidth.
+  double floor_ms = 0;
+  // Additive shapes: tanh evaluations per second (Nq·Nk·A per head), their unit of work.
+  double tanh_per_second = 0;
+  // The baseline: GEMM → softmax → GEMM with the N×N matrix (0 when that matrix would exceed
+  // 2 GiB); for additive shapes, the core issue's float32 path (the streaming kernel).
   double naive_ms = 0, speedup_over_naive = 0;
 };
 
-// Times qkv's attention_forward on one shape with inputs and output in `dtype` (float32 or
-// bfloat16), and the naive float32 baseline.
-ShapeResult measure_shape(const Shape& shape, DType dtype, int threads, double sgemm_gflops,
-                          int repetitions);
+// Phase 1: qkv's attention_forward on one shape, inputs and output in `dtype` (float32 or
+// bfloat16): time, throughput, memory floor, peak memory. ratio_to_sgemm is left for the caller.
+ShapeResult measure_qkv(const Shape& shape, DType dtype, int threads, double bandwidth_gbs,
+                        int repetitions);
+
+// Phase 2: the baseline of a measured shape. Run after every qkv timing: OpenBLAS's worker threads
+// keep spinning for a while after each call and would otherwise share the cores with qkv.
+void measure_baseline(ShapeResult& result, int threads, int repetitions);
 
 }  // namespace qkv::bench

@@ -60,24 +60,24 @@ using FloatTag = hn::ScalableTag<float>;
 
 // One vector of float32 from float32 or bfloat16 storage (bfloat16 is the upper half of a float32:
 // widening is a 16-bit shift).
-hn::Vec<FloatTag> LoadWidened(FloatTag d, const float* p) {
+HWY_INLINE hn::Vec<FloatTag> LoadWidened(FloatTag d, const float* p) {
   return hn::LoadU(d, p);
 }
-hn::Vec<FloatTag> LoadWidened(FloatTag d, const std::uint16_t* p) {
+HWY_INLINE hn::Vec<FloatTag> LoadWidened(FloatTag d, const std::uint16_t* p) {
   const hn::RebindToUnsigned<FloatTag> du32;
   const hn::Rebind<std::uint16_t, FloatTag> du16;
   return hn::BitCast(d, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, p))));
 }
-float Widened(float x) {
+HWY_INLINE float Widened(float x) {
   return x;
 }
-float Widened(std::uint16_t x) {
+HWY_INLINE float Widened(std::uint16_t x) {
   return from_bfloat16(x);
 }
 
 // Σ_d a[d]·b[d] with two vector accumulators and a scalar tail.
 template <class Stored>
-float Dot(const float* a, const Stored* b, std::int64_t n) {
+HWY_INLINE float Dot(const float* a, const Stored* b, std::int64_t n) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   auto sum0 = hn::Zero(d), sum1 = hn::Zero(d);
@@ -95,7 +95,7 @@ float Dot(const float* a, const Stored* b, std::int64_t n) {
 
 // y[d] += w·x[d].
 template <class Stored>
-void AddScaled(float weight, const Stored* x, float* y, std::int64_t n) {
+HWY_INLINE void AddScaled(float weight, const Stored* x, float* y, std::int64_t n) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   const auto w = hn::Set(d, weight);
@@ -109,7 +109,7 @@ void AddScaled(float weight, const Stored* x, float* y, std::int64_t n) {
 // prefetcher alone keeps too few lines in flight, so ask for the lines kPrefetchBytes ahead.
 constexpr std::int64_t kPrefetchBytes = 4096;
 template <class Stored>
-void PrefetchAhead(const Stored* row, std::int64_t length) {
+HWY_INLINE void PrefetchAhead(const Stored* row, std::int64_t length) {
   const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchBytes;
   const auto bytes = length * static_cast<std::int64_t>(sizeof(Stored));
   for (std::int64_t byte = 0; byte < bytes; byte += 64) hwy::Prefetch(ahead + byte);

@@ -46,51 +46,69 @@ void run_bench(const BenchFlags& flags) {
   }
   const DType dtype = flags.dtype == "bf16" ? DType::bfloat16 : DType::float32;
   const int threads = flags.threads > 0 ? flags.threads : omp_get_max_threads();
-  const bench::GemmResult gemm = bench::measure_sgemm(threads);
+  // qkv first, then the baselines, then sgemm: OpenBLAS's threads never run beside qkv's.
+  const double bandwidth = bench::measure_read_bandwidth(threads);
   std::vector<bench::ShapeResult> results;
+  for (const bench::Shape& shape : shapes) {
+    results.push_back(bench::measure_qkv(shape, dtype, threads, bandwidth, flags.repetitions));
+  }
+  for (bench::ShapeResult& result : results) {
+    bench::measure_baseline(result, threads, flags.repetitions);
+  }
+  const bench::GemmResult gemm = bench::measure_sgemm(threads);
+  for (bench::ShapeResult& result : results) result.ratio_to_sgemm = result.gflops / gemm.gflops;
   if (!flags.json) {
     fmt::print("qkv bench: {} threads, SIMD target {}, {} inputs and output\n", threads,
                simd_target(), dtype_name(dtype));
-    fmt::print("OpenBLAS sgemm 2048³: {:.1f} GFLOP/s (kernel {}{})\n\n", gemm.gflops, gemm.kernel,
+    fmt::print("OpenBLAS sgemm 2048³: {:.1f} GFLOP/s (kernel {}{})\n", gemm.gflops, gemm.kernel,
                gemm.coretype.empty() ? ""
                                      : fmt::format(", forced by OPENBLAS_CORETYPE={}; unset it "
                                                    "to measure the best kernel",
                                                    gemm.coretype));
-    fmt::print("{:<22} {:>9} {:>9} {:>8} {:>9} {:>10} {:>8}\n", "shape", "ms", "GFLOP/s", "÷sgemm",
-               "peak MiB", "naive ms", "speed-up");
+    fmt::print("memory read bandwidth: {:.1f} GB/s (floor = bytes of K and V at this rate)\n\n",
+               bandwidth);
+    fmt::print("{:<20} {:>9} {:>14} {:>7} {:>9} {:>8} {:>12} {:>8}\n", "shape", "ms", "throughput",
+               "÷sgemm", "floor ms", "peak MiB", "baseline ms", "speed-up");
   }
-  for (const bench::Shape& shape : shapes) {
-    const bench::ShapeResult r =
-        bench::measure_shape(shape, dtype, threads, gemm.gflops, flags.repetitions);
-    results.push_back(r);
-    if (!flags.json) {
-      const std::string naive =
-          r.naive_ms > 0 ? fmt::format("{:>10.2f} {:>7.1f}×", r.naive_ms, r.speedup_over_naive)
-                         : fmt::format("{:>10} {:>8}", "(N×N too big)", "");
-      fmt::print("{:<22} {:>9.2f} {:>9.1f} {:>8.2f} {:>9.0f} {}\n", shape.name, r.median_ms,
-                 r.gflops, r.ratio_to_sgemm, r.peak_mib, naive);
-    }
+  for (const bench::ShapeResult& r : results) {
+    if (flags.json) continue;
+    const bench::Shape& shape = r.shape;
+    const std::string throughput =
+        shape.additive_dim > 0 ? fmt::format("{:.2f} Gtanh/s", r.tanh_per_second / 1e9)
+                               : fmt::format("{:.1f} GFLOP/s", r.gflops);
+    const std::string ratio =
+        shape.additive_dim > 0 ? std::string("—") : fmt::format("{:.2f}", r.ratio_to_sgemm);
+    const std::string baseline =
+        r.naive_ms > 0 ? fmt::format("{:>12.2f} {:>7.1f}×", r.naive_ms, r.speedup_over_naive)
+                       : fmt::format("{:>12} {:>8}", "(N×N > 2 GiB)", "");
+    fmt::print("{:<20} {:>9.2f} {:>14} {:>7} {:>9.2f} {:>8.0f} {}\n", shape.name, r.median_ms,
+               throughput, ratio, r.floor_ms, r.peak_mib, baseline);
   }
-  if (flags.json) {
-    std::string rows;
-    for (const bench::ShapeResult& r : results) {
-      const bench::Shape& s = r.shape;
-      rows += fmt::format(
-          "{}\n    {{\"shape\": \"{}\", \"batch\": {}, \"q_heads\": {}, \"kv_heads\": {}, "
-          "\"q_len\": {}, \"k_len\": {}, \"head_dim\": {}, \"causal\": {}, \"median_ms\": {:.4f}, "
-          "\"gflops\": {:.2f}, \"ratio_to_sgemm\": {:.4f}, \"peak_mib\": {:.1f}, "
-          "\"naive_ms\": {:.4f}, \"speedup_over_naive\": {:.3f}}}",
-          rows.empty() ? "" : ",", s.name, s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len,
-          s.head_dim, s.causal ? "true" : "false", r.median_ms, r.gflops, r.ratio_to_sgemm,
-          r.peak_mib, r.naive_ms, r.speedup_over_naive);
-    }
-    fmt::print(
-        "{{\n  \"threads\": {}, \"simd_target\": \"{}\", \"dtype\": \"{}\",\n  \"sgemm\": "
-        "{{\"size\": 2048, "
-        "\"gflops\": {:.2f}, \"kernel\": \"{}\", \"openblas_coretype\": \"{}\"}},\n  \"shapes\": "
-        "[{}\n  ]\n}}\n",
-        threads, simd_target(), dtype_name(dtype), gemm.gflops, gemm.kernel, gemm.coretype, rows);
+  if (!flags.json) {
+    fmt::print("\nbaseline: GEMM → softmax → GEMM in float32 with OpenBLAS (the N×N matrix in "
+               "memory); for additive shapes (A…), qkv's core float32 path\n");
+    return;
   }
+  std::string rows;
+  for (const bench::ShapeResult& r : results) {
+    const bench::Shape& s = r.shape;
+    rows += fmt::format(
+        "{}\n    {{\"shape\": \"{}\", \"batch\": {}, \"q_heads\": {}, \"kv_heads\": {}, "
+        "\"q_len\": {}, \"k_len\": {}, \"head_dim\": {}, \"additive_dim\": {}, \"causal\": {}, "
+        "\"median_ms\": {:.4f}, \"gflops\": {:.2f}, \"ratio_to_sgemm\": {:.4f}, "
+        "\"tanh_per_second\": {:.4g}, \"floor_ms\": {:.4f}, \"peak_mib\": {:.1f}, "
+        "\"baseline_ms\": {:.4f}, \"speedup_over_baseline\": {:.3f}}}",
+        rows.empty() ? "" : ",", s.name, s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len,
+        s.head_dim, s.additive_dim, s.causal ? "true" : "false", r.median_ms, r.gflops,
+        r.ratio_to_sgemm, r.tanh_per_second, r.floor_ms, r.peak_mib, r.naive_ms,
+        r.speedup_over_naive);
+  }
+  fmt::print(
+      "{{\n  \"threads\": {}, \"simd_target\": \"{}\", \"dtype\": \"{}\",\n"
+      "  \"sgemm\": {{\"size\": 2048, \"gflops\": {:.2f}, \"kernel\": \"{}\", "
+      "\"openblas_coretype\": \"{}\"}},\n  \"read_bandwidth_gbs\": {:.2f},\n  \"shapes\": [{}\n  ]\n}}\n",
+      threads, simd_target(), dtype_name(dtype), gemm.gflops, gemm.kernel, gemm.coretype,
+      bandwidth, rows);
 }
 
 }  // namespace
@@ -101,7 +119,7 @@ void add_bench_command(CLI::App& app) {
       "bench", "Attention throughput beside OpenBLAS sgemm, measured in the same run");
   command->add_flag("--json", flags->json, "print JSON instead of a table");
   command->add_option("--shapes", flags->shapes,
-                      "comma-separated S1…S5 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[causal]");
+                      "comma-separated S1…S5, A1 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal]");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
   command->add_option("--dtype", flags->dtype, "f32 | bf16 (inputs and output)")
       ->default_str("f32");
