@@ -112,25 +112,23 @@ void naive_attention(const Shape& s, const float* q, const float* k, const float
 }  // namespace
 
 std::vector<Shape> default_shapes() {
-  return {parse_shape("S1"), parse_shape("S2"), parse_shape("S3"), parse_shape("S4"),
-          parse_shape("S5"), parse_shape("A1")};
+  return {parse_shape("S1"), parse_shape("S2"), parse_shape("S3"),
+          parse_shape("S4"), parse_shape("S5"), parse_shape("A1")};
 }
 
 Shape parse_shape(const std::string& spec) {
-  static const std::pair<const char*, const char*> kNamed[] = {{"S1", "B1H8N1024D64"},
-                                                               {"S2", "B1H8N4096D64"},
-                                                               {"S3", "B1H8N4096D128"},
-                                                                                                                              {"S4", "B1H32Nq1Nk8192D128"},
-                                                               {"A1", "B1H8N1024D64A64"},
-                                                               {"S5", "B1H8N4096D64causal"}};
+  static const std::pair<const char*, const char*> kNamed[] = {
+      {"S1", "B1H8N1024D64"},       {"S2", "B1H8N4096D64"},    {"S3", "B1H8N4096D128"},
+      {"S4", "B1H32Nq1Nk8192D128"}, {"A1", "B1H8N1024D64A64"}, {"S5", "B1H8N4096D64causal"}};
   std::string text = spec;
   for (const auto& [name, definition] : kNamed) {
     if (spec == name) text = definition;
   }
   const auto bad = [&spec] {
-    return Error(fmt::format(
-        "--shapes: expected S1 … S5, A1 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal], got '{}'",
-        spec));
+    return Error(
+        fmt::format("--shapes: expected S1 … S5, A1 or "
+                    "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal], got '{}'",
+                    spec));
   };
   Shape shape;
   shape.name = spec;
@@ -165,7 +163,7 @@ Shape parse_shape(const std::string& spec) {
   const std::int64_t n = take("N");
   shape.q_len = n >= 0 ? n : take("Nq");
   shape.k_len = n >= 0 ? n : take("Nk");
-    shape.head_dim = take("D");
+  shape.head_dim = take("D");
   shape.additive_dim = std::max<std::int64_t>(0, take("A"));
   if (shape.kv_heads < 0) shape.kv_heads = shape.q_heads;
   if (!fields.empty() || shape.batch < 1 || shape.q_heads < 1 || shape.q_len < 1 ||
@@ -190,7 +188,7 @@ double attention_flops(const Shape& s) {
 }
 
 double measure_read_bandwidth(int threads) {
-    // XOR of 64-bit words: associative, so it vectorizes with no dependency chain and the loop is
+  // XOR of 64-bit words: associative, so it vectorizes with no dependency chain and the loop is
   // limited by memory alone.
   const std::size_t count = std::size_t{512} << 17;  // 512 MiB of 64-bit words
   std::vector<std::uint64_t> buffer(count, 0x5555);
@@ -306,9 +304,8 @@ void measure_baseline(ShapeResult& result, int threads, int repetitions) {
   if (s.additive_dim > 0) {
     // The core issue's float32 path, run once: it takes seconds.
     const auto start = std::chrono::steady_clock::now();
-    kernels::streaming_attention(detail::make_problem(problem.q_view, problem.k_view,
-                                                      problem.v_view, problem.options,
-                                                      problem.outputs));
+    kernels::streaming_attention(detail::make_problem(
+        problem.q_view, problem.k_view, problem.v_view, problem.options, problem.outputs));
     result.naive_ms = milliseconds_since(start);
   } else {
     // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run.

@@ -52,7 +52,7 @@ struct ShapeResult {
   // Peak resident memory of the process while the shape ran (inputs included; memory still held
   // from earlier shapes too: run one shape alone for its own figure).
   double peak_mib = 0;
-    // The memory floor: key_value_bytes at the measured bandwidth.
+  // The memory floor: key_value_bytes at the measured bandwidth.
   double floor_ms = 0;
   // Additive shapes: tanh evaluations per second (Nq·Nk·A per head), their unit of work.
   double tanh_per_second = 0;

@@ -130,16 +130,16 @@ class DecodeKernel {
   void Run() const {
     const std::int64_t items = p_.batch * chunks_;
     // Partial results of every item: O_c [Hk·R, Dv] and LSE_c [Hk·R].
-    std::vector<float> partial_out(static_cast<std::size_t>(items * item_rows_ * p_.v_dim));
-    std::vector<float> partial_lse(static_cast<std::size_t>(items * item_rows_));
+    thread_local ReusedBuffer partial_buffers[2];  // the calling thread's, kept between calls
+    float* partial_out = partial_buffers[0].Get(items * item_rows_ * p_.v_dim);
+    float* partial_lse = partial_buffers[1].Get(items * item_rows_);
 #pragma omp parallel num_threads(worker_threads(p_))
     {
       Scratch scratch(*this);
 #pragma omp for schedule(dynamic)
       for (std::int64_t item = 0; item < items; ++item) {
-        ComputeChunk(item / chunks_, item % chunks_,
-                     partial_out.data() + item * item_rows_ * p_.v_dim,
-                     partial_lse.data() + item * item_rows_, scratch);
+        ComputeChunk(item / chunks_, item % chunks_, partial_out + item * item_rows_ * p_.v_dim,
+                     partial_lse + item * item_rows_, scratch);
       }
       // 3'. Merge the chunks of each (batch, row).
       std::vector<float> weights(static_cast<std::size_t>(chunks_));
@@ -150,12 +150,9 @@ class DecodeKernel {
         const std::int64_t first_item = b * chunks_;
         const float lse = detail::merge_row<float>(
             weights, p_.v_dim,
-            [&](std::int64_t c) {
-              return partial_lse[static_cast<std::size_t>((first_item + c) * item_rows_ + r)];
-            },
+            [&](std::int64_t c) { return partial_lse[(first_item + c) * item_rows_ + r]; },
             [&](std::int64_t c, std::int64_t d) {
-              return partial_out[static_cast<std::size_t>(
-                  ((first_item + c) * item_rows_ + r) * p_.v_dim + d)];
+              return partial_out[((first_item + c) * item_rows_ + r) * p_.v_dim + d];
             },
             [&](std::int64_t d, float value) { p_.out.store(value, b, i, h, d); });
         if (p_.lse.present) p_.lse.store(lse, b, h, i);

@@ -64,24 +64,6 @@ constexpr int kKeyTileVectors = 8;
 
 using FloatTag = hn::ScalableTag<float>;
 
-// Aligned float storage kept by a thread from one call to the next: first-touch page faults cost
-// more than the attention itself on small problems, so each buffer is allocated at the largest
-// size seen and reused. (A thread keeps the memory of its largest problem.)
-class ReusedBuffer {
- public:
-  float* Get(std::int64_t count) {
-    if (count > capacity_) {
-      capacity_ = std::max<std::int64_t>(count, 1);
-      data_ = hwy::AllocateAligned<float>(static_cast<std::size_t>(capacity_));
-    }
-    return data_.get();
-  }
-
- private:
-  hwy::AlignedFreeUniquePtr<float[]> data_;
-  std::int64_t capacity_ = 0;
-};
-
 void SoftmaxExp(const float* in, float* out, std::int64_t count) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));

@@ -2,6 +2,7 @@
 // the bilinear/additive projections, the key range that the position masks leave visible.
 #pragma once
 
+#include <hwy/aligned_allocator.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -18,6 +19,24 @@ namespace qkv::kernels {
 
 using detail::AttentionProblem;
 using detail::StridedInput;
+
+// Aligned float storage kept by a thread from one call to the next: first-touch page faults cost
+// more than the attention itself on small problems, so each buffer is allocated at the largest
+// size seen and reused. (A thread keeps the memory of its largest problem.)
+class ReusedBuffer {
+ public:
+  float* Get(std::int64_t count) {
+    if (count > capacity_) {
+      capacity_ = std::max<std::int64_t>(count, 1);
+      data_ = hwy::AllocateAligned<float>(static_cast<std::size_t>(capacity_));
+    }
+    return data_.get();
+  }
+
+ private:
+  hwy::AlignedFreeUniquePtr<float[]> data_;
+  std::int64_t capacity_ = 0;
+};
 
 // OpenMP threads a kernel uses for this problem.
 inline int worker_threads(const AttentionProblem& p) {

@@ -73,9 +73,9 @@ void run_bench(const BenchFlags& flags) {
   for (const bench::ShapeResult& r : results) {
     if (flags.json) continue;
     const bench::Shape& shape = r.shape;
-    const std::string throughput =
-        shape.additive_dim > 0 ? fmt::format("{:.2f} Gtanh/s", r.tanh_per_second / 1e9)
-                               : fmt::format("{:.1f} GFLOP/s", r.gflops);
+    const std::string throughput = shape.additive_dim > 0
+                                       ? fmt::format("{:.2f} Gtanh/s", r.tanh_per_second / 1e9)
+                                       : fmt::format("{:.1f} GFLOP/s", r.gflops);
     const std::string ratio =
         shape.additive_dim > 0 ? std::string("—") : fmt::format("{:.2f}", r.ratio_to_sgemm);
     const std::string baseline =
@@ -85,8 +85,9 @@ void run_bench(const BenchFlags& flags) {
                throughput, ratio, r.floor_ms, r.peak_mib, baseline);
   }
   if (!flags.json) {
-    fmt::print("\nbaseline: GEMM → softmax → GEMM in float32 with OpenBLAS (the N×N matrix in "
-               "memory); for additive shapes (A…), qkv's core float32 path\n");
+    fmt::print(
+        "\nbaseline: GEMM → softmax → GEMM in float32 with OpenBLAS (the N×N matrix in "
+        "memory); for additive shapes (A…), qkv's core float32 path\n");
     return;
   }
   std::string rows;
@@ -106,9 +107,10 @@ void run_bench(const BenchFlags& flags) {
   fmt::print(
       "{{\n  \"threads\": {}, \"simd_target\": \"{}\", \"dtype\": \"{}\",\n"
       "  \"sgemm\": {{\"size\": 2048, \"gflops\": {:.2f}, \"kernel\": \"{}\", "
-      "\"openblas_coretype\": \"{}\"}},\n  \"read_bandwidth_gbs\": {:.2f},\n  \"shapes\": [{}\n  ]\n}}\n",
-      threads, simd_target(), dtype_name(dtype), gemm.gflops, gemm.kernel, gemm.coretype,
-      bandwidth, rows);
+      "\"openblas_coretype\": \"{}\"}},\n  \"read_bandwidth_gbs\": {:.2f},\n  \"shapes\": [{}\n  "
+      "]\n}}\n",
+      threads, simd_target(), dtype_name(dtype), gemm.gflops, gemm.kernel, gemm.coretype, bandwidth,
+      rows);
 }
 
 }  // namespace
@@ -118,8 +120,9 @@ void add_bench_command(CLI::App& app) {
   CLI::App* command = app.add_subcommand(
       "bench", "Attention throughput beside OpenBLAS sgemm, measured in the same run");
   command->add_flag("--json", flags->json, "print JSON instead of a table");
-  command->add_option("--shapes", flags->shapes,
-                      "comma-separated S1…S5, A1 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal]");
+  command->add_option(
+      "--shapes", flags->shapes,
+      "comma-separated S1…S5, A1 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal]");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
   command->add_option("--dtype", flags->dtype, "f32 | bf16 (inputs and output)")
       ->default_str("f32");
