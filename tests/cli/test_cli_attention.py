@@ -224,3 +224,33 @@ def test_help_exits_0(tmp_path):
     result = run("attention", "--help", cwd=tmp_path)
     assert result.returncode == 0
     assert "--key-lengths" in result.stdout
+
+
+def test_bench_json_reports_every_figure(tmp_path):
+    """The bench's JSON carries what its closing notes quote (timing itself is not tested)."""
+    import json
+    result = run("bench", "--shapes", "B1H2Hk1N96D16,B1H2Nq1Nk300D16causal,B1H1N40D8A4",
+                 "--repetitions", "1", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["sgemm"]["gflops"] > 0 and report["sgemm"]["kernel"]
+    assert report["read_bandwidth_gbs"] > 0
+    shapes = report["shapes"]
+    assert [s["shape"] for s in shapes] == ["B1H2Hk1N96D16", "B1H2Nq1Nk300D16causal", "B1H1N40D8A4"]
+    assert shapes[0]["kv_heads"] == 1 and shapes[1]["causal"] and shapes[2]["additive_dim"] == 4
+    for shape in shapes:
+        assert shape["median_ms"] > 0 and shape["floor_ms"] > 0 and shape["peak_mib"] > 0
+        assert shape["baseline_ms"] > 0 and shape["speedup_over_baseline"] > 0
+    assert shapes[0]["ratio_to_sgemm"] > 0 and shapes[2]["tanh_per_second"] > 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shapes", "B1H8"], "--shapes: expected S1 … S5, A1 or"),
+    (["--shapes", "B1H3Hk2N8D8"], "--shapes: expected Hk dividing H"),
+    (["--dtype", "f16"], "--dtype: expected f32 or bf16, got 'f16'"),
+    (["--repetitions", "0"], "--repetitions: expected >= 1"),
+])
+def test_bench_bad_input(args, message, tmp_path):
+    result = run("bench", *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
