@@ -88,8 +88,10 @@ struct AttentionOutputs {
 // Dk == Dq for dot and scaled_dot. Results (DESIGN.md §4):
 //   P[i, j] = exp(s_ij - LSE_i) over visible keys, 0 elsewhere;  O_i = Σ_j P[i, j] V_j;
 //   LSE_i = log Σ_visible exp(s_ij). A row with no visible key gets O = 0, P = 0, LSE = -inf.
-// Never builds the Nq×Nk matrix unless `weights` is requested. Throws qkv::Error on bad input
-// before writing anything.
+// Never builds the Nq×Nk matrix unless `weights` is requested. Results are bitwise the same for
+// any thread count. Throws qkv::Error on bad input before writing anything.
+// Memory: O(N·D) working space (a packed copy of K and V), which each calling thread keeps
+// between calls, at the size of the largest problem it has run, so that its pages are touched once.
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const AttentionOutputs& outputs);
 

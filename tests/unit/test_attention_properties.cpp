@@ -220,7 +220,8 @@ TEST(AttentionProperties, WeightsRequestDoesNotChangeOutput) {
   EXPECT_EQ(max_abs_difference(with.lse, without.lse), 0.0);
 }
 
-// Bitwise the same results for 1, 2 and 3 threads: prefill (fused), decode (split-KV), additive.
+// Bitwise the same results for 1, 2 and 3 threads: prefill (fused), decode (split-KV), additive,
+// and bfloat16 prefill (the BF16 tiles where the CPU has them) and decode.
 TEST(AttentionProperties, ThreadCountDoesNotChangeResults) {
   AttentionCase prefill = masked_case();
   prefill.q_len = 130;
@@ -231,8 +232,13 @@ TEST(AttentionProperties, ThreadCountDoesNotChangeResults) {
   decode.kv_heads = 1;
   AttentionCase additive = masked_case();
   additive.score = Score::additive;
-  for (const AttentionCase& c : {prefill, decode, additive}) {
-    const AttentionInputs in = make_inputs(c, DType::float32);
+  for (const auto& [c, dtype] :
+       std::vector<std::pair<AttentionCase, DType>>{{prefill, DType::float32},
+                                                    {decode, DType::float32},
+                                                    {additive, DType::float32},
+                                                    {prefill, DType::bfloat16},
+                                                    {decode, DType::bfloat16}}) {
+    const AttentionInputs in = make_inputs(c, dtype);
     std::vector<AttentionResults> results;
     for (int threads : {1, 2, 3}) {
       AttentionInputs run = in;
