@@ -89,6 +89,7 @@ class FusedKernel {
         tiles_((p_.k_len + key_tile_ - 1) / key_tile_),
         bf16_(operands.bf16_products),
         pair_dim_((o_.score_dim + 1) / 2),
+        sub_tile_(bf16_ ? 64 : kTileVectors * lanes_),
         key_tile_words_(bf16_ ? pair_dim_ * key_tile_ : o_.score_dim * key_tile_),
         value_tile_words_(bf16_ ? key_tile_ / 2 * v_stride_ : key_tile_ * v_stride_) {}
 
@@ -192,13 +193,14 @@ class FusedKernel {
       const float* values = ValueTile(b, ValueHead(kh), tile);
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
-        if (!BlockMeetsTile(s, r0, block, start, count)) continue;
-        ScoreBlock(s, keys, kh, r0, block);
+        const KeySpan span = VisibleSpan(s, r0, block, start, count);
+        if (span.begin >= span.end) continue;
+        ScoreBlock(s, keys, kh, r0, block, span);
         bool any_visible = false;
         for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, kh, i0, r0 + r, start, count, s);
         if (!any_visible) continue;
         for (int r = 0; r < block; ++r) SoftmaxRow(r0 + r, s);
-        AccumulateValues(s, values, r0, block);
+        AccumulateValues(s, values, r0, block, span);
       }
     }
 
@@ -222,15 +224,27 @@ class FusedKernel {
     if (p_.weights.present) WriteWeights(b, kh, i0, positions, s);
   }
 
-  bool BlockMeetsTile(const Scratch& s, std::int64_t r0, int block, std::int64_t start,
+  // The keys [begin, end) of a tile, relative to its start, that any row of a block can see,
+  // widened to whole score register tiles (kSubTile keys): only these are scored and summed. On
+  // the diagonal of a causal mask, or the edges of a window, this skips the parts of the tile
+  // that every row of the block is past.
+  struct KeySpan {
+    std::int64_t begin = 0, end = 0;
+  };
+  KeySpan VisibleSpan(const Scratch& s, std::int64_t r0, int block, std::int64_t start,
                       std::int64_t count) const {
+    std::int64_t first = count, last = 0;
     for (int r = 0; r < block; ++r) {
-      if (s.first[r0 + r] < start + count && s.last[r0 + r] > start &&
-          s.first[r0 + r] < s.last[r0 + r]) {
-        return true;
+      const std::int64_t from = std::max<std::int64_t>(s.first[r0 + r] - start, 0);
+      const std::int64_t to = std::min<std::int64_t>(s.last[r0 + r] - start, count);
+      if (from < to) {
+        first = std::min(first, from);
+        last = std::max(last, to);
       }
     }
-    return false;
+    if (first >= last) return {};
+    return {first / sub_tile_ * sub_tile_,
+            std::min(key_tile_, (last + sub_tile_ - 1) / sub_tile_ * sub_tile_)};
   }
 
   // K and V of every (batch, key head) in tiles, once for all items:
@@ -336,34 +350,36 @@ class FusedKernel {
   }
 
   // 2a. scores[r0 + r, :] = q_tile[r0 + r, :] · k_tile for r < block.
-  void ScoreBlock(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0, int block) const {
+  void ScoreBlock(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0, int block,
+                  KeySpan span) const {
     switch (block) {
       case 4:
-        ScoreRows<4>(s, k, kh, r0);
+        ScoreRows<4>(s, k, kh, r0, span);
         break;
       case 3:
-        ScoreRows<3>(s, k, kh, r0);
+        ScoreRows<3>(s, k, kh, r0, span);
         break;
       case 2:
-        ScoreRows<2>(s, k, kh, r0);
+        ScoreRows<2>(s, k, kh, r0, span);
         break;
       default:
-        ScoreRows<1>(s, k, kh, r0);
+        ScoreRows<1>(s, k, kh, r0, span);
         break;
     }
   }
 
+  // Scores of the keys in `span` (the rest of the row is left to MaskRow, which sets it to -inf).
   template <int kRows>
-  void ScoreRows(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0) const {
-    if (bf16_) {  // two register tiles of 64 keys
-      for (std::int64_t c0 = 0; c0 < key_tile_; c0 += 64) {
+  void ScoreRows(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0, KeySpan span) const {
+    if (bf16_) {  // register tiles of 64 keys
+      for (std::int64_t c0 = span.begin; c0 < span.end; c0 += 64) {
         bf16_score_tile(kRows, s.q_pairs + r0 * pair_dim_, pair_dim_,
                         reinterpret_cast<const std::uint32_t*>(k) + c0, key_tile_, pair_dim_,
                         static_cast<float>(p_.scale), s.scores + r0 * key_tile_ + c0, key_tile_);
       }
       return;
     }
-    for (std::int64_t c0 = 0; c0 < kKeyTileVectors; c0 += kTileVectors) {
+    for (std::int64_t c0 = span.begin / lanes_; c0 < span.end / lanes_; c0 += kTileVectors) {
       if (o_.additive) {
         AdditiveScoreTile<kRows>(s, k, kh, r0, c0);
       } else {
@@ -483,52 +499,56 @@ class FusedKernel {
   }
 
   // 2d. accumulator[r0 + r, :] = correction·accumulator + P·V for r < block.
-  void AccumulateValues(Scratch& s, const float* values, std::int64_t r0, int block) const {
+  // Only the keys in `span` carry weight (P is 0 elsewhere in the tile).
+  void AccumulateValues(Scratch& s, const float* values, std::int64_t r0, int block,
+                        KeySpan span) const {
     if (bf16_) {  // P rounded to bfloat16 pairs, then the dot-product tiles
-      const std::int64_t pairs = key_tile_ / 2;
-      bf16_pair_rows(block, s.scores + r0 * key_tile_, key_tile_, key_tile_, s.p_pairs + r0 * pairs,
-                     pairs);
+      const std::int64_t pairs = key_tile_ / 2, first_pair = span.begin / 2;
+      bf16_pair_rows(block, s.scores + r0 * key_tile_ + span.begin, key_tile_,
+                     span.end - span.begin, s.p_pairs + r0 * pairs + first_pair, pairs);
       const std::int64_t vectors = v_stride_ / 16;
       for (std::int64_t c0 = 0; c0 < vectors; c0 += 4) {
-        bf16_accumulate_tile(block, static_cast<int>(std::min<std::int64_t>(4, vectors - c0)),
-                             s.p_pairs + r0 * pairs, pairs,
-                             reinterpret_cast<const std::uint32_t*>(values) + c0 * 16, v_stride_,
-                             pairs, s.correction.data() + r0,
-                             s.accumulator + r0 * v_stride_ + c0 * 16, v_stride_);
+        bf16_accumulate_tile(
+            block, static_cast<int>(std::min<std::int64_t>(4, vectors - c0)),
+            s.p_pairs + r0 * pairs + first_pair, pairs,
+            reinterpret_cast<const std::uint32_t*>(values) + first_pair * v_stride_ + c0 * 16,
+            v_stride_, (span.end - span.begin) / 2, s.correction.data() + r0,
+            s.accumulator + r0 * v_stride_ + c0 * 16, v_stride_);
       }
       return;
     }
     switch (block) {
       case 4:
-        AccumulateRows<4>(s, values, r0);
+        AccumulateRows<4>(s, values, r0, span);
         break;
       case 3:
-        AccumulateRows<3>(s, values, r0);
+        AccumulateRows<3>(s, values, r0, span);
         break;
       case 2:
-        AccumulateRows<2>(s, values, r0);
+        AccumulateRows<2>(s, values, r0, span);
         break;
       default:
-        AccumulateRows<1>(s, values, r0);
+        AccumulateRows<1>(s, values, r0, span);
         break;
     }
   }
 
   template <int kRows>
-  void AccumulateRows(Scratch& s, const float* values, std::int64_t r0) const {
+  void AccumulateRows(Scratch& s, const float* values, std::int64_t r0, KeySpan span) const {
     const std::int64_t vectors = v_stride_ / lanes_;
     for (std::int64_t c0 = 0; c0 < vectors; c0 += kTileVectors) {
       if (vectors - c0 >= kTileVectors) {
-        AccumulateTile<kRows, kTileVectors>(s, values, r0, c0);
-      } else {
-        AccumulateTile<kRows, 1>(s, values, r0, c0);  // the last few vectors, one at a time
-        for (std::int64_t c = c0 + 1; c < vectors; ++c) AccumulateTile<kRows, 1>(s, values, r0, c);
+        AccumulateTile<kRows, kTileVectors>(s, values, r0, c0, span);
+      } else {  // the last few vectors, one at a time
+        for (std::int64_t c = c0; c < vectors; ++c)
+          AccumulateTile<kRows, 1>(s, values, r0, c, span);
       }
     }
   }
 
   template <int kRows, int kVectors>
-  void AccumulateTile(Scratch& s, const float* values, std::int64_t r0, std::int64_t c0) const {
+  void AccumulateTile(Scratch& s, const float* values, std::int64_t r0, std::int64_t c0,
+                      KeySpan span) const {
     const FloatTag d;
     using V = hn::Vec<FloatTag>;
     V acc[kRows][kVectors];
@@ -540,7 +560,7 @@ class FusedKernel {
     }
     const float* p = s.scores + r0 * key_tile_;
     const float* v = values + c0 * lanes_;
-    for (std::int64_t t = 0; t < key_tile_; ++t) {
+    for (std::int64_t t = span.begin; t < span.end; ++t) {
       V value_vectors[kVectors];
       for (int c = 0; c < kVectors; ++c)
         value_vectors[c] = hn::Load(d, v + t * v_stride_ + c * lanes_);
@@ -577,8 +597,9 @@ class FusedKernel {
       const std::int64_t count = std::min(key_tile_, p_.k_len - start);
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
-        if (!BlockMeetsTile(s, r0, block, start, count)) continue;
-        ScoreBlock(s, KeyTile(b, kh, tile), kh, r0, block);
+        const KeySpan span = VisibleSpan(s, r0, block, start, count);
+        if (span.begin >= span.end) continue;
+        ScoreBlock(s, KeyTile(b, kh, tile), kh, r0, block, span);
         for (int r = 0; r < block; ++r) {
           const std::int64_t row = r0 + r;
           if (!MaskRow(b, kh, i0, row, start, count, s)) continue;
@@ -606,6 +627,7 @@ class FusedKernel {
   const std::int64_t tiles_;             // key tiles per (batch, key head)
   const bool bf16_;                      // products on vdpbf16ps (see FusedOperands::bf16_products)
   const std::int64_t pair_dim_;          // ⌈D/2⌉: bfloat16 pairs along D
+  const std::int64_t sub_tile_;          // keys of one score register tile
   const std::int64_t key_tile_words_;    // floats (or pairs) of one packed key tile
   const std::int64_t value_tile_words_;  // floats (or pairs) of one packed value tile
   float* packed_keys_ = nullptr;         // [B·key_heads, tiles, D, kKeyTile]
