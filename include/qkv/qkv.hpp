@@ -2,6 +2,7 @@
 #pragma once
 
 #include "qkv/attention.hpp"
+#include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 #include "qkv/merge.hpp"
 #include "qkv/npy.hpp"

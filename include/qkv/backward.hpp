@@ -1,0 +1,38 @@
+// Attention backward: gradients of every input and parameter of attention_forward.
+#pragma once
+
+#include <optional>
+
+#include "qkv/attention.hpp"
+
+namespace qkv {
+
+// Where gradients go; each is computed only when given, and each has the shape of what it is the
+// gradient of (float32, float64 or bfloat16 storage). With GQA, dk and dv sum over the query
+// heads of a group; a parameter shared by all heads (W, Wq, Wk, va without a leading Hq) gets the
+// sum over heads; dbias has the bias's own shape and sums over its broadcast dimensions.
+struct AttentionGradients {
+  std::optional<MutableTensorView> dq;     // [B, Nq, Hq, Dq]
+  std::optional<MutableTensorView> dk;     // [B, Nk, Hk, Dk]
+  std::optional<MutableTensorView> dv;     // [B, Nk, Hk, Dv]
+  std::optional<MutableTensorView> dw;     // bilinear: the shape of options.w
+  std::optional<MutableTensorView> dwq;    // additive: the shape of options.wq
+  std::optional<MutableTensorView> dwk;    // additive: the shape of options.wk
+  std::optional<MutableTensorView> dva;    // additive: the shape of options.va
+  std::optional<MutableTensorView> dbias;  // the shape of options.bias
+};
+
+// The float64 oracle of the backward pass. For the loss L with ∂L/∂O = dout [B, Nq, Hq, Dv] and
+// ∂L/∂LSE = dlse [B, Hq, Nq] (absent: zero), writes ∂L/∂x for every requested x. It recomputes
+// the forward literally and applies, per row i (DESIGN.md §4):
+//   dP_ij = dO_i · V_j,   Δ_i = Σ_j P_ij dP_ij,   dS_ij = P_ij (dP_ij − Δ_i + dLSE_i),
+//   dV_j += P_ij dO_i,   dbias_ij += dS_ij,
+// then back through the soft cap (1 − tanh²), the scale, and the score's own parameters.
+// Hidden keys and rows that see no key contribute nothing: their gradients are 0, never NaN.
+// Validates like attention_forward, plus the shapes of dout, dlse and every gradient.
+void attention_backward_reference(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const AttentionOptions& options, const TensorView& dout,
+                                  const std::optional<TensorView>& dlse,
+                                  const AttentionGradients& gradients);
+
+}  // namespace qkv

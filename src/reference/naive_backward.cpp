@@ -1,0 +1,367 @@
+// The float64 oracle of the backward pass.
+//
+// Every input is first copied densely into float64, and the forward problem is built on those
+// copies: each operand's four-index view then has dense strides, with stride 0 where it is
+// broadcast (bias) or shared across heads (W, Wq, Wk, va). A gradient is accumulated in a float64
+// buffer the size of its primal, at the primal's own offset for each index: shared and broadcast
+// dimensions sum by themselves. Then, per (batch, head, query row), the forward is recomputed
+// literally and differentiated step by step, each step quoting the forward line it undoes.
+
+#include <fmt/format.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+#include "core/problem.hpp"
+#include "qkv/backward.hpp"
+#include "qkv/error.hpp"
+
+namespace qkv {
+
+namespace {
+
+using detail::AttentionProblem;
+using detail::StridedInput;
+
+double element_as_double(const void* data, DType dtype, std::int64_t at) {
+  switch (dtype) {
+    case DType::float32:
+      return static_cast<const float*>(data)[at];
+    case DType::float64:
+      return static_cast<const double*>(data)[at];
+    case DType::bfloat16:
+      return from_bfloat16(static_cast<const std::uint16_t*>(data)[at]);
+    case DType::boolean:
+      return static_cast<const std::uint8_t*>(data)[at] != 0 ? 1.0 : 0.0;
+    case DType::int32:
+      return static_cast<const std::int32_t*>(data)[at];
+    case DType::int64:
+      return static_cast<double>(static_cast<const std::int64_t*>(data)[at]);
+  }
+  return 0.0;
+}
+
+// Offset (in elements) of the n-th element, in row-major order, of a strided view.
+template <class View>
+std::int64_t offset_of(const View& view, std::int64_t n) {
+  std::int64_t offset = 0;
+  for (int d = view.rank - 1; d >= 0; --d) {
+    offset += (n % view.shape[d]) * view.strides[d];
+    n /= view.shape[d];
+  }
+  return offset;
+}
+
+// A dense float64 copy of a float view (other dtypes are kept: masks, lengths).
+Tensor dense_copy(const TensorView& view) {
+  const bool is_float =
+      view.dtype == DType::float32 || view.dtype == DType::float64 || view.dtype == DType::bfloat16;
+  if (!is_float) return to_tensor(view);
+  Tensor copy(DType::float64,
+              std::vector<std::int64_t>(view.shape.begin(), view.shape.begin() + view.rank));
+  for (std::int64_t n = 0; n < copy.numel(); ++n) {
+    copy.data<double>()[n] = element_as_double(view.data, view.dtype, offset_of(view, n));
+  }
+  return copy;
+}
+
+// Writes a dense float64 gradient into the caller's view (any strides, float dtype).
+void store_gradient(const std::vector<double>& gradient, const MutableTensorView& view) {
+  for (std::int64_t n = 0; n < static_cast<std::int64_t>(gradient.size()); ++n) {
+    const std::int64_t at = offset_of(view, n);
+    const double value = gradient[static_cast<std::size_t>(n)];
+    switch (view.dtype) {
+      case DType::float32:
+        static_cast<float*>(view.data)[at] = static_cast<float>(value);
+        break;
+      case DType::bfloat16:
+        static_cast<std::uint16_t*>(view.data)[at] = to_bfloat16(static_cast<float>(value));
+        break;
+      default:
+        static_cast<double*>(view.data)[at] = value;
+        break;
+    }
+  }
+}
+
+// A requested gradient must have its primal's shape and a float dtype.
+void check_gradient(const std::optional<MutableTensorView>& gradient, const TensorView* primal,
+                    const char* name, const char* primal_name) {
+  if (!gradient) return;
+  if (primal == nullptr) {
+    throw Error(fmt::format("{}: expected none ({} is not an input of this score), got {}", name,
+                            primal_name, gradient->as_const().shape_string()));
+  }
+  const TensorView given = gradient->as_const();
+  bool same = given.rank == primal->rank;
+  for (int d = 0; same && d < given.rank; ++d) same = given.shape[d] == primal->shape[d];
+  if (!same) {
+    throw Error(fmt::format("{}: expected the shape of {}, {}, got {}", name, primal_name,
+                            primal->shape_string(), given.shape_string()));
+  }
+  if (given.dtype != DType::float32 && given.dtype != DType::float64 &&
+      given.dtype != DType::bfloat16) {
+    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
+                            dtype_name(given.dtype)));
+  }
+  if (given.data == nullptr && given.numel() != 0) {
+    throw Error(fmt::format("{}: expected data, got a null pointer", name));
+  }
+}
+
+void check_sequence_like(const TensorView& view, const char* name,
+                         const std::array<std::int64_t, 4>& shape, int rank, const char* layout) {
+  bool same = view.rank == rank;
+  for (int d = 0; same && d < rank; ++d) same = view.shape[d] == shape[d];
+  if (!same) {
+    throw Error(fmt::format("{}: expected {} = [{}], got {}", name, layout,
+                            fmt::join(shape.begin(), shape.begin() + rank, ", "),
+                            view.shape_string()));
+  }
+  if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
+      view.dtype != DType::bfloat16) {
+    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
+                            dtype_name(view.dtype)));
+  }
+}
+
+// A float64 accumulator the size of a primal, indexed like the primal's four-index view.
+struct Gradient {
+  Gradient(const StridedInput& primal_view, std::int64_t size, bool wanted)
+      : view(primal_view), values(wanted ? static_cast<std::size_t>(size) : 0) {}
+  void add(double value, std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
+           std::int64_t i3 = 0) {
+    if (!values.empty()) values[static_cast<std::size_t>(view.offset(i0, i1, i2, i3))] += value;
+  }
+  StridedInput view;
+  std::vector<double> values;
+};
+
+}  // namespace
+
+void attention_backward_reference(const TensorView& q, const TensorView& k, const TensorView& v,
+                                  const AttentionOptions& options, const TensorView& dout,
+                                  const std::optional<TensorView>& dlse,
+                                  const AttentionGradients& gradients) {
+  // 1. Validate: the forward's arguments (through make_problem, on the caller's views), then
+  //    dout, dlse and every gradient.
+  {
+    Tensor probe_out(DType::float64, {q.rank == 4 ? q.shape[0] : 0, q.rank == 4 ? q.shape[1] : 0,
+                                      q.rank == 4 ? q.shape[2] : 0, v.rank == 4 ? v.shape[3] : 0});
+    detail::make_problem(q, k, v, options, {probe_out.mutable_view(), {}, {}});
+  }
+  const std::array<std::int64_t, 4> out_shape{q.shape[0], q.shape[1], q.shape[2], v.shape[3]};
+  check_sequence_like(dout, "dout", out_shape, 4, "[B, Nq, Hq, Dv]");
+  if (dlse)
+    check_sequence_like(*dlse, "dlse", {q.shape[0], q.shape[2], q.shape[1], 0}, 3, "[B, Hq, Nq]");
+  check_gradient(gradients.dq, &q, "dq", "q");
+  check_gradient(gradients.dk, &k, "dk", "k");
+  check_gradient(gradients.dv, &v, "dv", "v");
+  check_gradient(gradients.dw, options.w ? &*options.w : nullptr, "dw", "w");
+  check_gradient(gradients.dwq, options.wq ? &*options.wq : nullptr, "dwq", "wq");
+  check_gradient(gradients.dwk, options.wk ? &*options.wk : nullptr, "dwk", "wk");
+  check_gradient(gradients.dva, options.va ? &*options.va : nullptr, "dva", "va");
+  check_gradient(gradients.dbias, options.bias ? &*options.bias : nullptr, "dbias", "bias");
+
+  // 2. Dense float64 copies, and the problem built on them.
+  const Tensor q64 = dense_copy(q), k64 = dense_copy(k), v64 = dense_copy(v);
+  const Tensor dout64 = dense_copy(dout);
+  const Tensor dlse64 = dlse ? dense_copy(*dlse) : Tensor();
+  AttentionOptions dense = options;
+  std::vector<Tensor> keep;
+  for (std::optional<TensorView>* slot :
+       {&dense.w, &dense.wq, &dense.wk, &dense.va, &dense.alibi_slopes, &dense.bias,
+        &dense.key_lengths, &dense.mask}) {
+    if (*slot) {
+      keep.push_back(dense_copy(**slot));
+      *slot = keep.back().view();
+    }
+  }
+  Tensor out64(DType::float64, {out_shape[0], out_shape[1], out_shape[2], out_shape[3]});
+  const AttentionProblem p = detail::make_problem(q64.view(), k64.view(), v64.view(), dense,
+                                                  {out64.mutable_view(), {}, {}});
+  const StridedInput d_out = [&] {
+    StridedInput input;
+    input.data = static_cast<const std::byte*>(dout64.raw());
+    input.dtype = DType::float64;
+    input.present = true;
+    const TensorView view = dout64.view();
+    for (int d = 0; d < 4; ++d) input.strides[d] = view.strides[d];
+    return input;
+  }();
+  const auto d_lse = [&](std::int64_t b, std::int64_t h, std::int64_t i) {
+    return dlse ? dlse64.data<double>()[(b * p.q_heads + h) * p.q_len + i] : 0.0;
+  };
+  const auto size_of = [](const std::optional<TensorView>& view) {
+    return view ? view->numel() : std::int64_t{0};
+  };
+  Gradient grad_q(p.q, q64.numel(), gradients.dq.has_value());
+  Gradient grad_k(p.k, k64.numel(), gradients.dk.has_value());
+  Gradient grad_v(p.v, v64.numel(), gradients.dv.has_value());
+  Gradient grad_w(p.w, size_of(dense.w), gradients.dw.has_value());
+  Gradient grad_wq(p.wq, size_of(dense.wq), gradients.dwq.has_value());
+  Gradient grad_wk(p.wk, size_of(dense.wk), gradients.dwk.has_value());
+  Gradient grad_va(p.va, size_of(dense.va), gradients.dva.has_value());
+  Gradient grad_bias(p.bias, size_of(dense.bias), gradients.dbias.has_value());
+
+  // 3. Per row: recompute, then differentiate.
+  const std::int64_t A = p.additive_dim;
+  std::vector<double> raw(static_cast<std::size_t>(p.k_len)), scaled(raw.size()),
+      scores(raw.size()), weights(raw.size()), d_weights(raw.size());
+  std::vector<char> visible(raw.size());
+  std::vector<double> projected_q,
+      projected_k;  // bilinear: Wᵀq [Dk]; additive: Wq q [A], Wk k [Nk, A]
+  for (std::int64_t b = 0; b < p.batch; ++b) {
+    for (std::int64_t h = 0; h < p.q_heads; ++h) {
+      const std::int64_t hk = p.kv_head(h);
+      if (p.score == Score::additive) {
+        projected_k.assign(static_cast<std::size_t>(p.k_len * A), 0.0);
+        for (std::int64_t j = 0; j < p.k_len; ++j)
+          for (std::int64_t a = 0; a < A; ++a)
+            for (std::int64_t d = 0; d < p.k_dim; ++d)
+              projected_k[static_cast<std::size_t>(j * A + a)] +=
+                  p.wk.load(h, a, d) * p.k.load(b, j, hk, d);
+      }
+      for (std::int64_t i = 0; i < p.q_len; ++i) {
+        if (p.score == Score::bilinear) {
+          projected_q.assign(static_cast<std::size_t>(p.k_dim), 0.0);
+          for (std::int64_t c = 0; c < p.k_dim; ++c)
+            for (std::int64_t d = 0; d < p.q_dim; ++d)
+              projected_q[static_cast<std::size_t>(c)] += p.q.load(b, i, h, d) * p.w.load(h, d, c);
+        } else if (p.score == Score::additive) {
+          projected_q.assign(static_cast<std::size_t>(A), 0.0);
+          for (std::int64_t a = 0; a < A; ++a)
+            for (std::int64_t d = 0; d < p.q_dim; ++d)
+              projected_q[static_cast<std::size_t>(a)] += p.wq.load(h, a, d) * p.q.load(b, i, h, d);
+        }
+        // Forward, keeping every intermediate.
+        double row_max = -std::numeric_limits<double>::infinity();
+        for (std::int64_t j = 0; j < p.k_len; ++j) {
+          const auto J = static_cast<std::size_t>(j);
+          double r = 0.0;
+          if (p.score == Score::additive) {
+            for (std::int64_t a = 0; a < A; ++a) {
+              r += p.va.load(h, a) * std::tanh(projected_q[static_cast<std::size_t>(a)] +
+                                               projected_k[static_cast<std::size_t>(j * A + a)]);
+            }
+          } else {
+            for (std::int64_t d = 0; d < p.k_dim; ++d) {
+              const double left = p.score == Score::bilinear
+                                      ? projected_q[static_cast<std::size_t>(d)]
+                                      : p.q.load(b, i, h, d);
+              r += left * p.k.load(b, j, hk, d);
+            }
+          }
+          raw[J] = r;
+          scaled[J] = p.scale * r;
+          double s = p.softcap > 0 ? p.softcap * std::tanh(scaled[J] / p.softcap) : scaled[J];
+          if (p.alibi_slopes.present) {
+            s -= p.alibi_slopes.load(b, h) * static_cast<double>(std::llabs(i + p.diagonal() - j));
+          }
+          if (p.bias.present) s += p.bias.load(b, h, i, j);
+          scores[J] = s;
+          const std::int64_t diagonal_j = i + p.diagonal();
+          bool seen = j < p.key_length(b);
+          if (p.mask.present && p.mask.load(b, h, i, j) == 0.0) seen = false;
+          if (p.causal && j > (p.causal_align == CausalAlign::bottom_right ? diagonal_j : i))
+            seen = false;
+          if (p.window_left >= 0 && j < diagonal_j - p.window_left) seen = false;
+          if (p.window_right >= 0 && j > diagonal_j + p.window_right) seen = false;
+          visible[J] = seen ? 1 : 0;
+          if (seen && s > row_max) row_max = s;
+        }
+        if (row_max == -std::numeric_limits<double>::infinity()) continue;  // no key: no gradient
+        double denominator = 0.0;
+        for (std::int64_t j = 0; j < p.k_len; ++j) {
+          if (visible[static_cast<std::size_t>(j)])
+            denominator += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
+        }
+        const double lse = row_max + std::log(denominator);
+        for (std::int64_t j = 0; j < p.k_len; ++j) {
+          const auto J = static_cast<std::size_t>(j);
+          weights[J] = visible[J] ? std::exp(scores[J] - lse) : 0.0;
+        }
+
+        // O_i = Σ_j P_ij V_j  →  dV_j += P_ij dO_i,  dP_ij = dO_i · V_j.
+        double delta = 0.0;  // Δ_i = Σ_j P_ij dP_ij
+        for (std::int64_t j = 0; j < p.k_len; ++j) {
+          const auto J = static_cast<std::size_t>(j);
+          d_weights[J] = 0.0;
+          if (weights[J] == 0.0) continue;
+          for (std::int64_t d = 0; d < p.v_dim; ++d) {
+            const double d_out_value = d_out.load(b, i, h, d);
+            grad_v.add(weights[J] * d_out_value, b, j, hk, d);
+            d_weights[J] += d_out_value * p.v.load(b, j, hk, d);
+          }
+          delta += weights[J] * d_weights[J];
+        }
+        const double d_lse_value = d_lse(b, h, i);
+        for (std::int64_t j = 0; j < p.k_len; ++j) {
+          const auto J = static_cast<std::size_t>(j);
+          if (weights[J] == 0.0) continue;
+          // P_ij = exp(s_ij − LSE_i), LSE_i = log Σ exp(s_ij)  →  dS_ij = P_ij (dP_ij − Δ_i +
+          // dLSE_i).
+          const double d_score = weights[J] * (d_weights[J] - delta + d_lse_value);
+          // s += bias  →  dbias += dS.
+          grad_bias.add(d_score, b, h, i, j);
+          // s = c·tanh(u / c)  →  du = dS (1 − tanh²(u / c));  u = scale·raw  →  draw = scale·du.
+          double d_scaled = d_score;
+          if (p.softcap > 0) {
+            const double t = std::tanh(scaled[J] / p.softcap);
+            d_scaled *= 1.0 - t * t;
+          }
+          const double d_raw = p.scale * d_scaled;
+          if (p.score == Score::dot || p.score == Score::scaled_dot) {
+            // raw = q·k
+            for (std::int64_t d = 0; d < p.q_dim; ++d) {
+              grad_q.add(d_raw * p.k.load(b, j, hk, d), b, i, h, d);
+              grad_k.add(d_raw * p.q.load(b, i, h, d), b, j, hk, d);
+            }
+          } else if (p.score == Score::bilinear) {
+            // raw = qᵀ W k = Σ_dc q_d W_dc k_c
+            for (std::int64_t d = 0; d < p.q_dim; ++d) {
+              double w_k = 0.0;
+              for (std::int64_t c = 0; c < p.k_dim; ++c) {
+                w_k += p.w.load(h, d, c) * p.k.load(b, j, hk, c);
+                grad_w.add(d_raw * p.q.load(b, i, h, d) * p.k.load(b, j, hk, c), h, d, c);
+              }
+              grad_q.add(d_raw * w_k, b, i, h, d);
+            }
+            for (std::int64_t c = 0; c < p.k_dim; ++c) {
+              grad_k.add(d_raw * projected_q[static_cast<std::size_t>(c)], b, j, hk, c);
+            }
+          } else {
+            // raw = Σ_a va_a tanh(Wq q + Wk k)_a
+            for (std::int64_t a = 0; a < A; ++a) {
+              const double t = std::tanh(projected_q[static_cast<std::size_t>(a)] +
+                                         projected_k[static_cast<std::size_t>(j * A + a)]);
+              grad_va.add(d_raw * t, h, a);
+              const double d_pre = d_raw * p.va.load(h, a) * (1.0 - t * t);
+              for (std::int64_t d = 0; d < p.q_dim; ++d) {
+                grad_wq.add(d_pre * p.q.load(b, i, h, d), h, a, d);
+                grad_q.add(d_pre * p.wq.load(h, a, d), b, i, h, d);
+              }
+              for (std::int64_t d = 0; d < p.k_dim; ++d) {
+                grad_wk.add(d_pre * p.k.load(b, j, hk, d), h, a, d);
+                grad_k.add(d_pre * p.wk.load(h, a, d), b, j, hk, d);
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+
+  // 4. Write the requested gradients.
+  const std::pair<const std::optional<MutableTensorView>*, const Gradient*> outputs[] = {
+      {&gradients.dq, &grad_q},   {&gradients.dk, &grad_k},      {&gradients.dv, &grad_v},
+      {&gradients.dw, &grad_w},   {&gradients.dwq, &grad_wq},    {&gradients.dwk, &grad_wk},
+      {&gradients.dva, &grad_va}, {&gradients.dbias, &grad_bias}};
+  for (const auto& [target, gradient] : outputs) {
+    if (*target) store_gradient(gradient->values, **target);
+  }
+}
+
+}  // namespace qkv
