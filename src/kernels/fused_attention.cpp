@@ -3,14 +3,16 @@
 // Work items. One item is (batch b, key/value head hk, block of query positions). Its rows are
 // the query rows of every query head that reads hk (the GQA group) at those positions, head by
 // head, about kItemRows rows in all: the K/V tiles loaded for the item serve the whole group.
-// OpenMP hands items out dynamically; each thread allocates its scratch once.
+// OpenMP hands items out dynamically (longest first); each thread keeps its scratch between
+// calls.
 //
-// For one item:
+// Once per call, for all items, K and V are packed into tiles of kKeyTile keys: Kᵀ as
+// [D, kKeyTile] (keys along the vector lanes), V as [kKeyTile, Dv'] (Dv' = Dv rounded up to whole
+// vectors), zero-padded; in bfloat16 mode as pairs for the BF16 dot product. Then, for one item:
 //   1. Pack the item's Q rows (times the score scale) into q_tile [R, D], and find the union of
 //      the rows' visible key ranges (position masks only); keys outside it are never touched.
-//   2. For each key tile of kKeyTile keys in that range: pack Kᵀ into k_tile [D, kKeyTile] and V
-//      into v_tile [kKeyTile, Dv'] (zero padding for a partial tile; Dv' is Dv rounded up to a
-//      whole number of vectors). Then, for each block of 4 rows whose ranges meet the tile:
+//   2. For each key tile in that range, for each block of 4 rows whose ranges meet the tile
+//      (and only the 64-key parts of it that some row of the block can see):
 //        a. S = Q·Kᵀ: a 4 × kKeyTile register tile (4 rows × 4 vectors: 16 accumulators, 4 loads
 //           of k_tile and 1 broadcast of q live per step, 21 of 32 zmm registers on AVX-512);
 //        b. soft cap, ALiBi, bias, boolean mask, and -inf outside each row's range, in a scalar
@@ -23,9 +25,9 @@
 //   3. O = O_acc / l, LSE = m + log l; rows that saw no key get O = 0 and LSE = -inf. When the
 //      weights are requested, a second walk recomputes S and writes P = e^(S − LSE).
 //
-// Cost per tile and 4-row block: 2·4·kKeyTile·(D + Dv) flops on data that stays in L1/L2
-// (k_tile and v_tile are 16 KiB each at D = 64 on AVX-512). The exp work is kKeyTile per row per
-// tile, small beside the 2·kKeyTile·(D + Dv) flops of the two products.
+// Cost per tile and 4-row block: 2·4·kKeyTile·(D + Dv) flops on data that stays in L1/L2 (a key
+// tile and a value tile are 32 KiB each at D = Dv = 64 on AVX-512, kKeyTile = 128). The exp work
+// is kKeyTile per row per tile, small beside the 2·kKeyTile·(D + Dv) flops of the two products.
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/fused_attention.cpp"
@@ -381,55 +383,31 @@ class FusedKernel {
     }
     for (std::int64_t c0 = span.begin / lanes_; c0 < span.end / lanes_; c0 += kTileVectors) {
       if (o_.additive) {
-        AdditiveScoreTile<kRows>(s, k, kh, r0, c0);
+        ScoreTile<kRows, true>(s, k, kh, r0, c0);
       } else {
-        ScoreTile<kRows>(s, k, r0, c0);
+        ScoreTile<kRows, false>(s, k, kh, r0, c0);
       }
     }
   }
 
-  // The additive register tile: S[r, t] = Σ_a v[h_r, a]·tanh(qa[r, a] + ka[t, a]) for the same
-  // rows and keys as ScoreTile. Each step of a costs kRows·kTileVectors vector tanh; there is no
-  // way around the Nq·Nk·A tanh of this score, only to make each one cheap.
-  template <int kRows>
-  void AdditiveScoreTile(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0,
-                         std::int64_t c0) const {
+  // The register tile: rows r0 … r0 + kRows against keys c0·lanes … (c0 + kTileVectors)·lanes,
+  // one step per element e of the compared vectors:
+  //   dot:       S[r, t] += q[r, e] · k[t, e]
+  //   additive:  S[r, t] += v[h_r, e] · tanh(qa[r, e] + ka[t, e])   (e runs over A)
+  // The additive step costs kRows·kTileVectors vector tanh: there is no way around the Nq·Nk·A
+  // tanh of that score, only to make each one cheap.
+  template <int kRows, bool kAdditive>
+  void ScoreTile(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0,
+                 std::int64_t c0) const {
     const FloatTag d;
     using V = hn::Vec<FloatTag>;
     V acc[kRows][kTileVectors];
-    const float* v_of_row[kRows];
+    const float* v_of_row[kRows];  // additive: the v of each row's head
     for (int r = 0; r < kRows; ++r) {
-      v_of_row[r] = o_.additive_v.data() + HeadOf(kh, r0 + r) * o_.score_dim;
+      if constexpr (kAdditive)
+        v_of_row[r] = o_.additive_v.data() + HeadOf(kh, r0 + r) * o_.score_dim;
       for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::Zero(d);
     }
-    const std::int64_t dim = o_.score_dim;
-    const float* q = s.q_tile + r0 * dim;
-    for (std::int64_t a = 0; a < dim; ++a) {
-      const float* k_row = k + a * key_tile_ + c0 * lanes_;
-      V keys[kTileVectors];
-      for (int c = 0; c < kTileVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
-      for (int r = 0; r < kRows; ++r) {
-        const V query = hn::Set(d, q[r * dim + a]);
-        const V weight = hn::Set(d, v_of_row[r][a]);
-        for (int c = 0; c < kTileVectors; ++c) {
-          acc[r][c] = hn::MulAdd(weight, hn::Tanh(d, hn::Add(query, keys[c])), acc[r][c]);
-        }
-      }
-    }
-    for (int r = 0; r < kRows; ++r) {
-      float* out = s.scores + (r0 + r) * key_tile_ + c0 * lanes_;
-      for (int c = 0; c < kTileVectors; ++c) hn::Store(acc[r][c], d, out + c * lanes_);
-    }
-  }
-
-  // The register tile: rows r0 … r0 + kRows against keys c0·lanes … (c0 + kTileVectors)·lanes.
-  template <int kRows>
-  void ScoreTile(Scratch& s, const float* k, std::int64_t r0, std::int64_t c0) const {
-    const FloatTag d;
-    using V = hn::Vec<FloatTag>;
-    V acc[kRows][kTileVectors];
-    for (int r = 0; r < kRows; ++r)
-      for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::Zero(d);
     const std::int64_t dim = o_.score_dim;
     const float* q = s.q_tile + r0 * dim;
     for (std::int64_t e = 0; e < dim; ++e) {
@@ -438,7 +416,14 @@ class FusedKernel {
       for (int c = 0; c < kTileVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
       for (int r = 0; r < kRows; ++r) {
         const V query = hn::Set(d, q[r * dim + e]);
-        for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::MulAdd(query, keys[c], acc[r][c]);
+        if constexpr (kAdditive) {
+          const V weight = hn::Set(d, v_of_row[r][e]);
+          for (int c = 0; c < kTileVectors; ++c) {
+            acc[r][c] = hn::MulAdd(weight, hn::Tanh(d, hn::Add(query, keys[c])), acc[r][c]);
+          }
+        } else {
+          for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::MulAdd(query, keys[c], acc[r][c]);
+        }
       }
     }
     for (int r = 0; r < kRows; ++r) {
