@@ -25,24 +25,6 @@ namespace {
 using detail::AttentionProblem;
 using detail::StridedInput;
 
-double element_as_double(const void* data, DType dtype, std::int64_t at) {
-  switch (dtype) {
-    case DType::float32:
-      return static_cast<const float*>(data)[at];
-    case DType::float64:
-      return static_cast<const double*>(data)[at];
-    case DType::bfloat16:
-      return from_bfloat16(static_cast<const std::uint16_t*>(data)[at]);
-    case DType::boolean:
-      return static_cast<const std::uint8_t*>(data)[at] != 0 ? 1.0 : 0.0;
-    case DType::int32:
-      return static_cast<const std::int32_t*>(data)[at];
-    case DType::int64:
-      return static_cast<double>(static_cast<const std::int64_t*>(data)[at]);
-  }
-  return 0.0;
-}
-
 // Offset (in elements) of the n-th element, in row-major order, of a strided view.
 template <class View>
 std::int64_t offset_of(const View& view, std::int64_t n) {
@@ -61,28 +43,24 @@ Tensor dense_copy(const TensorView& view) {
   if (!is_float) return to_tensor(view);
   Tensor copy(DType::float64,
               std::vector<std::int64_t>(view.shape.begin(), view.shape.begin() + view.rank));
+  detail::StridedInput element;  // one index: the element offset
+  element.data = static_cast<const std::byte*>(view.data);
+  element.dtype = view.dtype;
+  element.strides = {1, 0, 0, 0};
   for (std::int64_t n = 0; n < copy.numel(); ++n) {
-    copy.data<double>()[n] = element_as_double(view.data, view.dtype, offset_of(view, n));
+    copy.data<double>()[n] = element.load(offset_of(view, n));
   }
   return copy;
 }
 
 // Writes a dense float64 gradient into the caller's view (any strides, float dtype).
 void store_gradient(const std::vector<double>& gradient, const MutableTensorView& view) {
+  detail::StridedOutput element;  // one index: the element offset
+  element.data = static_cast<std::byte*>(view.data);
+  element.dtype = view.dtype;
+  element.strides = {1, 0, 0, 0};
   for (std::int64_t n = 0; n < static_cast<std::int64_t>(gradient.size()); ++n) {
-    const std::int64_t at = offset_of(view, n);
-    const double value = gradient[static_cast<std::size_t>(n)];
-    switch (view.dtype) {
-      case DType::float32:
-        static_cast<float*>(view.data)[at] = static_cast<float>(value);
-        break;
-      case DType::bfloat16:
-        static_cast<std::uint16_t*>(view.data)[at] = to_bfloat16(static_cast<float>(value));
-        break;
-      default:
-        static_cast<double*>(view.data)[at] = value;
-        break;
-    }
+    element.store(gradient[static_cast<std::size_t>(n)], offset_of(view, n));
   }
 }
 
