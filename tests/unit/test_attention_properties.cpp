@@ -346,3 +346,30 @@ TEST(AttentionEdges, ExtremeLogitsStayFinite) {
 
 }  // namespace
 }  // namespace qkv::testing
+
+namespace qkv::testing {
+namespace {
+
+// A bfloat16 output is the float32 result rounded once: the kernels accumulate in float32 and
+// round only when they store.
+TEST(AttentionProperties, BFloat16OutputIsTheFloat32ResultRounded) {
+  AttentionCase prefill = masked_case();
+  AttentionCase decode;
+  decode.q_len = 1;
+  decode.k_len = 3000;
+  decode.q_heads = 4;
+  decode.kv_heads = 2;
+  for (const AttentionCase& c : {prefill, decode}) {
+    const AttentionInputs in = make_inputs(c, DType::bfloat16);
+    const AttentionResults wide = evaluate(c, in, Evaluator::fast, DType::float32, false);
+    Tensor narrow(DType::bfloat16, {c.batch, c.q_len, c.q_heads, c.v_dim});
+    attention_forward(in.q, in.k, in.v, in.options, {narrow.mutable_view(), {}, {}});
+    for (std::int64_t n = 0; n < narrow.numel(); ++n) {
+      ASSERT_EQ(narrow.data<std::uint16_t>()[n], to_bfloat16(wide.out.data<float>()[n]))
+          << c.name();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace qkv::testing
