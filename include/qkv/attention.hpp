@@ -81,9 +81,9 @@ struct AttentionOutputs {
 
 // Attention forward.
 //   q: [B, Nq, Hq, Dq]   k: [B, Nk, Hk, Dk]   v: [B, Nk, Hk, Dv]
-// q, k, v share one dtype, float32, float64 or bfloat16 (computed in float32, accumulated in
-// float32), and may have any strides (PyTorch's [B, H, N, D]
-// storage is the view with strides permuted); a unit stride in the last dimension avoids a copy.
+// q, k, v share one dtype: float32 or bfloat16 (computed and accumulated in float32) or float64
+// (computed in float64). Any strides (PyTorch's [B, H, N, D] storage is the view with strides
+// permuted); a unit stride in the last dimension avoids a copy.
 // Hq % Hk == 0: query head h reads key/value head h / (Hq / Hk) (Hk == 1 is multi-query).
 // Dk == Dq for dot and scaled_dot. Results (DESIGN.md §4):
 //   P[i, j] = exp(s_ij - LSE_i) over visible keys, 0 elsewhere;  O_i = Σ_j P[i, j] V_j;

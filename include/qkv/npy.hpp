@@ -24,6 +24,7 @@ Tensor load_npy(const std::string& path);
 Tensor read_npy(std::istream& in, std::uint64_t stream_bytes, const std::string& what);
 
 // Writes `array` (any strides; written densely in C order) as a .npy version 1.0 stream.
+// numpy has no bfloat16: such an array throws qkv::Error (convert it to float32 first).
 void write_npy(std::ostream& out, const TensorView& array);
 
 // Writes `array` to `path` atomically: into a temporary file in the same folder, renamed over

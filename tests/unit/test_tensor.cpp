@@ -1,0 +1,65 @@
+// Tensors: views, dense copies, and the bfloat16 conversions.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <sstream>
+
+#include "qkv/error.hpp"
+#include "qkv/npy.hpp"
+#include "qkv/tensor.hpp"
+
+namespace qkv {
+namespace {
+
+TEST(Tensor, BFloat16RoundsToNearestEven) {
+  EXPECT_EQ(to_bfloat16(1.0f), 0x3f80);
+  EXPECT_EQ(from_bfloat16(0x3f80), 1.0f);
+  // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties go to the even mantissa (1).
+  EXPECT_EQ(to_bfloat16(1.0f + 0x1p-8f), 0x3f80);
+  // 1 + 3·2^-8 lies halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): up.
+  EXPECT_EQ(to_bfloat16(1.0f + 3 * 0x1p-8f), 0x3f82);
+  // Just above halfway rounds up.
+  EXPECT_EQ(to_bfloat16(std::nextafter(1.0f + 0x1p-8f, 2.0f)), 0x3f81);
+  EXPECT_EQ(to_bfloat16(-2.5f), 0xc020);
+  EXPECT_TRUE(std::isnan(from_bfloat16(to_bfloat16(std::numeric_limits<float>::quiet_NaN()))));
+  EXPECT_EQ(from_bfloat16(to_bfloat16(std::numeric_limits<float>::infinity())),
+            std::numeric_limits<float>::infinity());
+  // The largest finite float rounds up to infinity, as IEEE rounding does.
+  EXPECT_TRUE(std::isinf(from_bfloat16(to_bfloat16(std::numeric_limits<float>::max()))));
+}
+
+TEST(Tensor, ViewsChangeRankAndCopyDensely) {
+  Tensor t(DType::int32, {2, 3});
+  for (int i = 0; i < 6; ++i) t.data<std::int32_t>()[i] = i;
+  const TensorView four = t.view().with_rank(4);
+  EXPECT_EQ(four.shape_string(), "[1, 1, 2, 3]");
+  EXPECT_EQ(four.with_rank(2).shape_string(), "[2, 3]");
+  EXPECT_THAT(
+      [&] { t.view().with_rank(1); },
+      ::testing::ThrowsMessage<Error>(::testing::HasSubstr("cannot drop dimension 0 of size 2")));
+  TensorView transposed = TensorView::contiguous(t.raw(), DType::int32, {3, 2});
+  transposed.strides = {1, 3};
+  EXPECT_FALSE(transposed.is_contiguous());
+  const Tensor dense = to_tensor(transposed);
+  const std::int32_t expected[] = {0, 3, 1, 4, 2, 5};
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(dense.data<std::int32_t>()[i], expected[i]);
+  EXPECT_THAT(
+      [] {
+        Tensor(DType::float32, {std::int64_t{1} << 40, std::int64_t{1} << 40});
+      },
+      ::testing::ThrowsMessage<Error>(::testing::HasSubstr("expected a size that fits in memory")));
+}
+
+TEST(Tensor, BFloat16HasNoNpyType) {
+  Tensor t(DType::bfloat16, {2});
+  std::ostringstream out;
+  EXPECT_THAT([&] { write_npy(out, t.view()); },
+              ::testing::ThrowsMessage<Error>(
+                  ::testing::HasSubstr("got bfloat16; convert it to float32 first")));
+}
+
+}  // namespace
+}  // namespace qkv
