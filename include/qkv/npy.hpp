@@ -4,9 +4,8 @@
 #include <cstdint>
 #include <iosfwd>
 #include <string>
-#include <utility>
-#include <vector>
 
+#include "qkv/staged_files.hpp"
 #include "qkv/tensor.hpp"
 
 namespace qkv {
@@ -31,22 +30,7 @@ void write_npy(std::ostream& out, const TensorView& array);
 // `path` only when complete. Throws qkv::Error if the file cannot be written.
 void save_npy(const std::string& path, const TensorView& array);
 
-// Several .npy files written all or nothing. add_npy() writes each array completely into a
-// temporary file beside its target; commit() renames them all into place. Files not committed
-// (an error in between, or no commit at all) are removed when the object is destroyed, so a
-// failed command leaves no partial output behind.
-class StagedFiles {
- public:
-  StagedFiles() = default;
-  StagedFiles(const StagedFiles&) = delete;
-  StagedFiles& operator=(const StagedFiles&) = delete;
-  ~StagedFiles();
-
-  void add_npy(const std::string& path, const TensorView& array);
-  void commit();
-
- private:
-  std::vector<std::pair<std::string, std::string>> staged_;  // (temporary, final) paths
-};
+// Stages `array` as a .npy file in `files` (see qkv/staged_files.hpp).
+void add_npy(StagedFiles& files, const std::string& path, const TensorView& array);
 
 }  // namespace qkv

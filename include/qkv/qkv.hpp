@@ -7,5 +7,6 @@
 #include "qkv/merge.hpp"
 #include "qkv/npy.hpp"
 #include "qkv/reference.hpp"
+#include "qkv/safetensors.hpp"
 #include "qkv/simd.hpp"
 #include "qkv/tensor.hpp"

@@ -188,13 +188,13 @@ TEST_F(NpyFiles, StagedFilesLeaveNothingUnlessCommitted) {
   Tensor t(DType::float32, {2});
   {
     StagedFiles files;
-    files.add_npy(path("a.npy"), t.view());
-    files.add_npy(path("b.npy"), t.view());
+    add_npy(files, path("a.npy"), t.view());
+    add_npy(files, path("b.npy"), t.view());
   }
   EXPECT_TRUE(std::filesystem::is_empty(folder_));
   {
     StagedFiles files;
-    files.add_npy(path("a.npy"), t.view());
+    add_npy(files, path("a.npy"), t.view());
     files.commit();
   }
   EXPECT_TRUE(std::filesystem::exists(path("a.npy")));

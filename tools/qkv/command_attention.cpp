@@ -146,9 +146,9 @@ void run_attention(const AttentionFlags& flags) {
 
   // 3. Write all outputs, or none.
   StagedFiles files;
-  files.add_npy(flags.out, out.view());
-  if (lse) files.add_npy(flags.lse, lse->view());
-  if (weights) files.add_npy(flags.weights, weights->view());
+  add_npy(files, flags.out, out.view());
+  if (lse) add_npy(files, flags.lse, lse->view());
+  if (weights) add_npy(files, flags.weights, weights->view());
   files.commit();
 }
 
