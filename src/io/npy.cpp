@@ -7,12 +7,12 @@
 #include <fmt/format.h>
 
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <optional>
 #include <string_view>
 
+#include "io/untrusted_file.hpp"
 #include "qkv/error.hpp"
 
 namespace qkv {
@@ -234,16 +234,8 @@ Tensor read_npy(std::istream& in, std::uint64_t stream_bytes, const std::string&
 }
 
 Tensor load_npy(const std::string& path) {
-  std::error_code error;
-  if (!std::filesystem::is_regular_file(path, error)) {
-    throw Error(fmt::format(
-        "{}: expected a readable .npy file, got {}", path,
-        std::filesystem::exists(path, error) ? "something that is not a file" : "no such file"));
-  }
-  const std::uint64_t size = std::filesystem::file_size(path, error);
-  std::ifstream in(path, std::ios::binary);
-  if (error || !in) throw Error(fmt::format("{}: cannot open for reading", path));
-  return read_npy(in, size, path);
+  io::UntrustedFile file = io::open_untrusted_file(path, ".npy");
+  return read_npy(file.stream, file.size, path);
 }
 
 void write_npy(std::ostream& out, const TensorView& array) {

@@ -10,12 +10,12 @@
 
 #include <algorithm>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "io/untrusted_file.hpp"
 #include "qkv/error.hpp"
 
 namespace qkv {
@@ -200,16 +200,8 @@ NamedTensors read_safetensors(std::istream& in, std::uint64_t stream_bytes,
 }
 
 NamedTensors load_safetensors(const std::string& path) {
-  std::error_code error;
-  if (!std::filesystem::is_regular_file(path, error)) {
-    throw Error(fmt::format(
-        "{}: expected a readable .safetensors file, got {}", path,
-        std::filesystem::exists(path, error) ? "something that is not a file" : "no such file"));
-  }
-  const std::uint64_t size = std::filesystem::file_size(path, error);
-  std::ifstream in(path, std::ios::binary);
-  if (error || !in) throw Error(fmt::format("{}: cannot open for reading", path));
-  return read_safetensors(in, size, path);
+  io::UntrustedFile file = io::open_untrusted_file(path, ".safetensors");
+  return read_safetensors(file.stream, file.size, path);
 }
 
 void write_safetensors(std::ostream& out, const NamedTensors& tensors) {
