@@ -21,6 +21,7 @@
 #include "core/problem.hpp"
 #include "kernels/streaming_attention.hpp"
 #include "qkv/attention.hpp"
+#include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 
 namespace qkv::bench {
@@ -276,6 +277,10 @@ struct BenchProblem {
 
 }  // namespace
 
+double backward_flops(const Shape& shape) {
+  return 2.5 * attention_flops(shape);
+}
+
 ShapeResult measure_qkv(const Shape& s, DType dtype, int threads, double bandwidth_gbs,
                         int repetitions) {
   ShapeResult result;
@@ -295,6 +300,37 @@ ShapeResult measure_qkv(const Shape& s, DType dtype, int threads, double bandwid
         static_cast<double>(s.batch * s.q_heads * s.q_len * s.k_len * s.additive_dim);
     result.tanh_per_second = tanh_count / (result.median_ms * 1e-3);
   }
+  return result;
+}
+
+ShapeResult measure_qkv_backward(const Shape& s, DType dtype, int threads, int repetitions) {
+  ShapeResult result;
+  result.shape = s;
+  result.dtype = dtype;
+  reset_peak_memory();
+  BenchProblem problem(s, dtype, threads);
+  const std::int64_t d = s.head_dim;
+  // The forward's O and LSE (float32), kept as training keeps them; dO random.
+  Tensor out(DType::float32, {s.batch, s.q_len, s.q_heads, d});
+  Tensor lse(DType::float32, {s.batch, s.q_heads, s.q_len});
+  attention_forward(problem.q_view, problem.k_view, problem.v_view, problem.options,
+                    {out.mutable_view(), lse.mutable_view(), {}});
+  const std::vector<float> dout =
+      random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 9);
+  Tensor dq(dtype, {s.batch, s.q_len, s.q_heads, d}), dk(dtype, {s.batch, s.k_len, s.kv_heads, d}),
+      dv(dtype, {s.batch, s.k_len, s.kv_heads, d});
+  AttentionGradients gradients;
+  gradients.dq = dq.mutable_view();
+  gradients.dk = dk.mutable_view();
+  gradients.dv = dv.mutable_view();
+  const TensorView dout_view =
+      TensorView::contiguous(dout.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
+  result.median_ms = median_ms(repetitions, [&] {
+    attention_backward(problem.q_view, problem.k_view, problem.v_view, problem.options, dout_view,
+                       std::nullopt, gradients, SavedForward{out.view(), lse.view()});
+  });
+  result.peak_mib = peak_memory_mib();
+  result.gflops = backward_flops(s) / (result.median_ms * 1e6);
   return result;
 }
 

@@ -30,6 +30,9 @@ Shape parse_shape(const std::string& spec);
 // FLOPs of DESIGN.md §8: 4·Nq·Nk·D per head, counting only visible pairs when causal.
 double attention_flops(const Shape& shape);
 
+// Backward FLOPs of DESIGN.md §8: 2.5 × the forward's.
+double backward_flops(const Shape& shape);
+
 struct GemmResult {
   double gflops = 0;
   std::string kernel;    // OpenBLAS's core name, the kernel family that ran
@@ -65,6 +68,10 @@ struct ShapeResult {
 // bfloat16): time, throughput, memory floor, peak memory. ratio_to_sgemm is left for the caller.
 ShapeResult measure_qkv(const Shape& shape, DType dtype, int threads, double bandwidth_gbs,
                         int repetitions);
+
+// Phase 1 of the backward pass: attention_backward (dQ, dK, dV) from the saved O and LSE of one
+// forward, inputs and gradients in `dtype`. No floor or baseline.
+ShapeResult measure_qkv_backward(const Shape& shape, DType dtype, int threads, int repetitions);
 
 // Phase 2: the baseline of a measured shape. Run after every qkv timing: OpenBLAS's worker threads
 // keep spinning for a while after each call and would otherwise share the cores with qkv.

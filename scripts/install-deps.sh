@@ -7,10 +7,11 @@ packages=(
   cmake make g++                      # the toolchain (CMake >= 3.25)
   libfmt-dev libcli11-dev             # formatting, the command line
   libhwy-dev                          # SIMD with run-time dispatch (Highway)
-    libopenblas-dev pkg-config          # GEMM: the bench's yardstick and naive baseline
+  libopenblas-dev pkg-config          # GEMM: the bench's yardstick and naive baseline
   nlohmann-json3-dev                  # the JSON header of .safetensors files
   libgtest-dev libgmock-dev           # C++ tests
   python3-numpy python3-pytest        # CLI tests against a NumPy evaluation of the contract
+  python3-torch                       # layer parity tests against PyTorch's nn.MultiheadAttention
 )
 
 missing=()

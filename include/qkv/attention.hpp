@@ -63,6 +63,14 @@ struct AttentionOptions {
   // Boolean, broadcastable to [B, Hq, Nq, Nk]: true = may attend (PyTorch SDPA meaning).
   std::optional<TensorView> mask;
 
+  // Dropout on the attention weights (training): each weight is zeroed with probability
+  // `dropout` in [0, 1) and the survivors are scaled by 1 / (1 − dropout). The mask is a pure
+  // function of (dropout_seed, b, h, i, j): the same seed gives the same mask in the forward, the
+  // returned weights and attention_backward, on any kernel and thread count. LSE is unaffected.
+  // 0 (the default) costs nothing.
+  double dropout = 0.0;
+  std::uint64_t dropout_seed = 0;
+
   // Worker threads; 0 uses the OpenMP default.
   int threads = 0;
 };
@@ -74,8 +82,10 @@ struct AttentionOutputs {
   // LSE [B, Hq, Nq], float32 or float64 (or bfloat16): natural log of each row's softmax
   // denominator.
   std::optional<MutableTensorView> lse;
-  // P [B, Hq, Nq, Nk], float32 or float64 (or bfloat16): the softmax weights. O(N²) memory: only on
+  // P [B, Hq, Nq, Nk], float32 or float64 (or bfloat16): the softmax weights (after dropout, as
+  // the values were averaged with them, like PyTorch's MultiheadAttention). O(N²) memory: only on
   // request.
+
   std::optional<MutableTensorView> weights;
 };
 

@@ -22,6 +22,27 @@ struct AttentionGradients {
   std::optional<MutableTensorView> dbias;  // the shape of options.bias
 };
 
+// What a forward call returned, kept for its backward: O [B, Nq, Hq, Dv] and LSE [B, Hq, Nq]
+// (float32, float64 or bfloat16), from attention_forward on the same inputs and options.
+struct SavedForward {
+  TensorView out;
+  TensorView lse;
+};
+
+// The backward pass. For the loss L with ∂L/∂O = dout [B, Nq, Hq, Dv] and ∂L/∂LSE = dlse
+// [B, Hq, Nq] (absent: zero), writes ∂L/∂x for every requested x (see AttentionGradients), for
+// every score, mask and option of attention_forward, dropout included (the same seed gives the
+// same mask). Fully masked rows give zero gradients, never NaN.
+// float32 and bfloat16 run the fused kernel (FlashAttention-2's backward): P is recomputed from
+// the saved LSE tile by tile, never as an Nq×Nk matrix; O(N·D) working memory; results bitwise
+// the same for any thread count. float64 runs the oracle below. Without `saved`, the forward is
+// run first (float32) to get O and LSE.
+// Validates like attention_forward, plus the shapes of dout, dlse, saved and every gradient.
+void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const AttentionOptions& options, const TensorView& dout,
+                        const std::optional<TensorView>& dlse, const AttentionGradients& gradients,
+                        const std::optional<SavedForward>& saved = std::nullopt);
+
 // The float64 oracle of the backward pass. For the loss L with ∂L/∂O = dout [B, Nq, Hq, Dv] and
 // ∂L/∂LSE = dlse [B, Hq, Nq] (absent: zero), writes ∂L/∂x for every requested x. It recomputes
 // the forward literally and applies, per row i (DESIGN.md §4):

@@ -296,6 +296,12 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
         fmt::format("softcap: expected a finite number >= 0 (0 = off), got {}", options.softcap));
   }
   p.softcap = options.softcap;
+  if (!(options.dropout >= 0.0 && options.dropout < 1.0)) {
+    throw Error(fmt::format("dropout: expected a probability in [0, 1), got {}", options.dropout));
+  }
+  p.dropout = options.dropout;
+  p.dropout_seed = options.dropout_seed;
+
 
   const Shape score_shape{p.batch, p.q_heads, p.q_len, p.k_len};
   if (options.alibi_slopes) {

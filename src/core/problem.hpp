@@ -55,6 +55,9 @@ struct AttentionProblem {
   Score score = Score::scaled_dot;
   double scale = 1.0;            // resolved: the caller's or the score's default
   double softcap = 0.0;          // 0 = off
+  double dropout = 0.0;          // probability of zeroing a weight; 0 = off
+  std::uint64_t dropout_seed = 0;
+
   DType dtype = DType::float32;  // of q, k and v
 
   StridedInput q, k, v;       // (b, n, h, d)

@@ -45,7 +45,9 @@
 #include <limits>
 #include <vector>
 
+#include "core/dropout.hpp"
 #include "kernels/bf16_microkernels.hpp"
+
 #include "kernels/fused_attention.hpp"
 #include "kernels/simd_dispatch.hpp"
 
@@ -202,6 +204,9 @@ class FusedKernel {
         for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, kh, i0, r0 + r, start, count, s);
         if (!any_visible) continue;
         for (int r = 0; r < block; ++r) SoftmaxRow(r0 + r, s);
+        if (dropout_.active()) {
+          for (int r = 0; r < block; ++r) DropoutRow(b, kh, i0, r0 + r, start, span, s);
+        }
         AccumulateValues(s, values, r0, block, span);
       }
     }
@@ -483,6 +488,19 @@ class FusedKernel {
     s.correction[r] = correction;
   }
 
+  // 2c'. Training only: the weights of one row times the dropout mask, after the row's softmax
+  // sum has taken them whole.
+  void DropoutRow(std::int64_t b, std::int64_t kh, std::int64_t i0, std::int64_t r,
+                  std::int64_t start, KeySpan span, Scratch& s) const {
+    const std::int64_t h = HeadOf(kh, r), i = i0 + r % positions_;
+    float* weights = s.scores + r * key_tile_;
+    const auto keep_scale = static_cast<float>(dropout_.keep_scale());
+    for (std::int64_t t = span.begin; t < span.end; ++t) {
+      if (weights[t] != 0.0f)
+        weights[t] = dropout_.keeps(b, h, i, start + t) ? weights[t] * keep_scale : 0.0f;
+    }
+  }
+
   // 2d. accumulator[r0 + r, :] = correction·accumulator + P·V for r < block.
   // Only the keys in `span` carry weight (P is 0 elsewhere in the tile).
   void AccumulateValues(Scratch& s, const float* values, std::int64_t r0, int block,
@@ -594,6 +612,7 @@ class FusedKernel {
           for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
             hn::Store(hn::Exp(d, hn::Sub(hn::Load(d, scores + t), lse)), d, scores + t);
           }
+          if (dropout_.active()) DropoutRow(b, kh, i0, row, start, {0, count}, s);
           const std::int64_t h = HeadOf(kh, row), i = i0 + row % positions_;
           for (std::int64_t t = 0; t < count; ++t) p_.weights.store(scores[t], b, h, i, start + t);
         }
@@ -603,6 +622,7 @@ class FusedKernel {
 
   const FusedOperands& o_;
   const AttentionProblem& p_;
+  const detail::DropoutMask dropout_{p_};
   const std::int64_t lanes_;             // floats per vector on this target
   const std::int64_t key_tile_;          // keys per tile: kTileVectors vectors
   const std::int64_t v_stride_;          // Dv rounded up to whole vectors

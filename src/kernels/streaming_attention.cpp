@@ -21,6 +21,7 @@
 
 #include "kernels/streaming_attention.hpp"
 
+#include "core/dropout.hpp"
 #include "kernels/operands.hpp"
 
 #include <algorithm>
@@ -164,9 +165,13 @@ class StreamingKernel {
         running_max = block_max;
       }
       for (std::int64_t t = 0; t < count; ++t) {
-        const T weight = std::exp(scores[t] - running_max);
+        T weight = std::exp(scores[t] - running_max);
         if (weight == 0) continue;
         running_sum += weight;
+        if (dropout_.active()) {  // the sum is the softmax's; only the average sees the mask
+          weight *= static_cast<T>(dropout_.factor(b, h, i, start + t));
+          if (weight == 0) continue;
+        }
         const T* value = v_.row(b, start + t, hk);
         for (std::int64_t d = 0; d < p_.v_dim; ++d) accumulator[d] += weight * value[d];
       }
@@ -195,13 +200,17 @@ class StreamingKernel {
       T* scores = scratch.scores.data();
       score_block(b, h, i, start, count, scores);
       for (std::int64_t t = 0; t < count; ++t) {
-        p_.weights.store(static_cast<double>(std::exp(scores[t] - lse)), b, h, i, start + t);
+        T weight = std::exp(scores[t] - lse);
+        if (dropout_.active()) weight *= static_cast<T>(dropout_.factor(b, h, i, start + t));
+        p_.weights.store(static_cast<double>(weight), b, h, i, start + t);
       }
     }
   }
 
   const AttentionProblem& p_;
-  RowMajorOperand<T> q_, k_, v_;  // q_ and k_ hold the projections for bilinear/additive
+  const detail::DropoutMask dropout_{p_};
+  RowMajorOperand<T> q_, k_, v_;
+  // q_ and k_ hold the projections for bilinear/additive
   std::vector<T> va_;             // additive: v per query head [Hq, A]
   std::int64_t score_dim_ = 0;    // length of the vectors a score compares
   bool keys_per_query_head_ = false;

@@ -11,7 +11,9 @@
 #include <limits>
 #include <vector>
 
+#include "core/dropout.hpp"
 #include "qkv/reference.hpp"
+
 
 namespace qkv::detail {
 
@@ -51,6 +53,7 @@ Real stage(Real value) {
 template <class Real, bool kBfloat16Stages>
 void evaluate_literally(const AttentionProblem& p) {
   const Real minus_infinity = -std::numeric_limits<Real>::infinity();
+  const detail::DropoutMask dropout(p);
   std::vector<Real> query(static_cast<std::size_t>(p.q_dim));
   std::vector<Real> query_projected;  // bilinear: Wᵀq [Dk]; additive: Wq q [A]
   std::vector<Real> keys_projected;   // additive: Wk k for every key [Nk, A]
@@ -146,7 +149,9 @@ void evaluate_literally(const AttentionProblem& p) {
           Real weight = 0;
           if (visible[static_cast<std::size_t>(j)] && lse != minus_infinity) {
             weight = stage<kBfloat16Stages>(std::exp(scores[static_cast<std::size_t>(j)] - lse));
+            if (dropout.active()) weight *= static_cast<Real>(dropout.factor(b, h, i, j));
           }
+
           if (p.weights.present) p.weights.store(static_cast<double>(weight), b, h, i, j);
           if (weight == 0) continue;
           for (std::int64_t d = 0; d < p.v_dim; ++d) {

@@ -14,7 +14,10 @@
 #include <limits>
 #include <vector>
 
+#include "core/backward_arguments.hpp"
+#include "core/dropout.hpp"
 #include "core/problem.hpp"
+
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 
@@ -24,86 +27,6 @@ namespace {
 
 using detail::AttentionProblem;
 using detail::StridedInput;
-
-// Offset (in elements) of the n-th element, in row-major order, of a strided view.
-template <class View>
-std::int64_t offset_of(const View& view, std::int64_t n) {
-  std::int64_t offset = 0;
-  for (int d = view.rank - 1; d >= 0; --d) {
-    offset += (n % view.shape[d]) * view.strides[d];
-    n /= view.shape[d];
-  }
-  return offset;
-}
-
-// A dense float64 copy of a float view (other dtypes are kept: masks, lengths).
-Tensor dense_copy(const TensorView& view) {
-  const bool is_float =
-      view.dtype == DType::float32 || view.dtype == DType::float64 || view.dtype == DType::bfloat16;
-  if (!is_float) return to_tensor(view);
-  Tensor copy(DType::float64,
-              std::vector<std::int64_t>(view.shape.begin(), view.shape.begin() + view.rank));
-  detail::StridedInput element;  // one index: the element offset
-  element.data = static_cast<const std::byte*>(view.data);
-  element.dtype = view.dtype;
-  element.strides = {1, 0, 0, 0};
-  for (std::int64_t n = 0; n < copy.numel(); ++n) {
-    copy.data<double>()[n] = element.load(offset_of(view, n));
-  }
-  return copy;
-}
-
-// Writes a dense float64 gradient into the caller's view (any strides, float dtype).
-void store_gradient(const std::vector<double>& gradient, const MutableTensorView& view) {
-  detail::StridedOutput element;  // one index: the element offset
-  element.data = static_cast<std::byte*>(view.data);
-  element.dtype = view.dtype;
-  element.strides = {1, 0, 0, 0};
-  for (std::int64_t n = 0; n < static_cast<std::int64_t>(gradient.size()); ++n) {
-    element.store(gradient[static_cast<std::size_t>(n)], offset_of(view, n));
-  }
-}
-
-// A requested gradient must have its primal's shape and a float dtype.
-void check_gradient(const std::optional<MutableTensorView>& gradient, const TensorView* primal,
-                    const char* name, const char* primal_name) {
-  if (!gradient) return;
-  if (primal == nullptr) {
-    throw Error(fmt::format("{}: expected none ({} is not an input of this score), got {}", name,
-                            primal_name, gradient->as_const().shape_string()));
-  }
-  const TensorView given = gradient->as_const();
-  bool same = given.rank == primal->rank;
-  for (int d = 0; same && d < given.rank; ++d) same = given.shape[d] == primal->shape[d];
-  if (!same) {
-    throw Error(fmt::format("{}: expected the shape of {}, {}, got {}", name, primal_name,
-                            primal->shape_string(), given.shape_string()));
-  }
-  if (given.dtype != DType::float32 && given.dtype != DType::float64 &&
-      given.dtype != DType::bfloat16) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(given.dtype)));
-  }
-  if (given.data == nullptr && given.numel() != 0) {
-    throw Error(fmt::format("{}: expected data, got a null pointer", name));
-  }
-}
-
-void check_sequence_like(const TensorView& view, const char* name,
-                         const std::array<std::int64_t, 4>& shape, int rank, const char* layout) {
-  bool same = view.rank == rank;
-  for (int d = 0; same && d < rank; ++d) same = view.shape[d] == shape[d];
-  if (!same) {
-    throw Error(fmt::format("{}: expected {} = [{}], got {}", name, layout,
-                            fmt::join(shape.begin(), shape.begin() + rank, ", "),
-                            view.shape_string()));
-  }
-  if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
-      view.dtype != DType::bfloat16) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(view.dtype)));
-  }
-}
 
 // A float64 accumulator the size of a primal, indexed like the primal's four-index view.
 struct Gradient {
@@ -123,37 +46,22 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
                                   const AttentionOptions& options, const TensorView& dout,
                                   const std::optional<TensorView>& dlse,
                                   const AttentionGradients& gradients) {
-  // 1. Validate: the forward's arguments (through make_problem, on the caller's views), then
-  //    dout, dlse and every gradient.
-  {
-    Tensor probe_out(DType::float64, {q.rank == 4 ? q.shape[0] : 0, q.rank == 4 ? q.shape[1] : 0,
-                                      q.rank == 4 ? q.shape[2] : 0, v.rank == 4 ? v.shape[3] : 0});
-    detail::make_problem(q, k, v, options, {probe_out.mutable_view(), {}, {}});
-  }
+  // 1. Validate.
+  detail::check_backward_arguments(q, k, v, options, dout, dlse, gradients);
   const std::array<std::int64_t, 4> out_shape{q.shape[0], q.shape[1], q.shape[2], v.shape[3]};
-  check_sequence_like(dout, "dout", out_shape, 4, "[B, Nq, Hq, Dv]");
-  if (dlse)
-    check_sequence_like(*dlse, "dlse", {q.shape[0], q.shape[2], q.shape[1], 0}, 3, "[B, Hq, Nq]");
-  check_gradient(gradients.dq, &q, "dq", "q");
-  check_gradient(gradients.dk, &k, "dk", "k");
-  check_gradient(gradients.dv, &v, "dv", "v");
-  check_gradient(gradients.dw, options.w ? &*options.w : nullptr, "dw", "w");
-  check_gradient(gradients.dwq, options.wq ? &*options.wq : nullptr, "dwq", "wq");
-  check_gradient(gradients.dwk, options.wk ? &*options.wk : nullptr, "dwk", "wk");
-  check_gradient(gradients.dva, options.va ? &*options.va : nullptr, "dva", "va");
-  check_gradient(gradients.dbias, options.bias ? &*options.bias : nullptr, "dbias", "bias");
 
   // 2. Dense float64 copies, and the problem built on them.
-  const Tensor q64 = dense_copy(q), k64 = dense_copy(k), v64 = dense_copy(v);
-  const Tensor dout64 = dense_copy(dout);
-  const Tensor dlse64 = dlse ? dense_copy(*dlse) : Tensor();
+  const Tensor q64 = detail::dense_copy(q), k64 = detail::dense_copy(k),
+               v64 = detail::dense_copy(v);
+  const Tensor dout64 = detail::dense_copy(dout);
+  const Tensor dlse64 = dlse ? detail::dense_copy(*dlse) : Tensor();
   AttentionOptions dense = options;
   std::vector<Tensor> keep;
   for (std::optional<TensorView>* slot :
        {&dense.w, &dense.wq, &dense.wk, &dense.va, &dense.alibi_slopes, &dense.bias,
         &dense.key_lengths, &dense.mask}) {
     if (*slot) {
-      keep.push_back(dense_copy(**slot));
+      keep.push_back(detail::dense_copy(**slot));
       *slot = keep.back().view();
     }
   }
@@ -185,6 +93,7 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
   Gradient grad_bias(p.bias, size_of(dense.bias), gradients.dbias.has_value());
 
   // 3. Per row: recompute, then differentiate.
+  const detail::DropoutMask dropout(p);
   const std::int64_t A = p.additive_dim;
   std::vector<double> raw(static_cast<std::size_t>(p.k_len)), scaled(raw.size()),
       scores(raw.size()), weights(raw.size()), d_weights(raw.size());
@@ -262,16 +171,18 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
           weights[J] = visible[J] ? std::exp(scores[J] - lse) : 0.0;
         }
 
-        // O_i = Σ_j P_ij V_j  →  dV_j += P_ij dO_i,  dP_ij = dO_i · V_j.
+        // O_i = Σ_j P_ij M_ij V_j, with M_ij the dropout factor (1 without dropout)
+        //   →  dV_j += P_ij M_ij dO_i,  dP_ij = M_ij (dO_i · V_j).
         double delta = 0.0;  // Δ_i = Σ_j P_ij dP_ij
         for (std::int64_t j = 0; j < p.k_len; ++j) {
           const auto J = static_cast<std::size_t>(j);
           d_weights[J] = 0.0;
           if (weights[J] == 0.0) continue;
+          const double factor = dropout.active() ? dropout.factor(b, h, i, j) : 1.0;
           for (std::int64_t d = 0; d < p.v_dim; ++d) {
             const double d_out_value = d_out.load(b, i, h, d);
-            grad_v.add(weights[J] * d_out_value, b, j, hk, d);
-            d_weights[J] += d_out_value * p.v.load(b, j, hk, d);
+            grad_v.add(weights[J] * factor * d_out_value, b, j, hk, d);
+            d_weights[J] += factor * d_out_value * p.v.load(b, j, hk, d);
           }
           delta += weights[J] * d_weights[J];
         }
@@ -338,7 +249,7 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
       {&gradients.dw, &grad_w},   {&gradients.dwq, &grad_wq},    {&gradients.dwk, &grad_wk},
       {&gradients.dva, &grad_va}, {&gradients.dbias, &grad_bias}};
   for (const auto& [target, gradient] : outputs) {
-    if (*target) store_gradient(gradient->values, **target);
+    if (*target) detail::store_dense(gradient->values.data(), **target);
   }
 }
 

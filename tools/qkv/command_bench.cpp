@@ -25,6 +25,7 @@ struct BenchFlags {
   int threads = 0;
   int repetitions = 5;
   std::string dtype = "f32";
+  std::string pass = "forward";
 };
 
 void run_bench(const BenchFlags& flags) {
@@ -45,21 +46,29 @@ void run_bench(const BenchFlags& flags) {
     throw Error(fmt::format("--dtype: expected f32 or bf16, got '{}'", flags.dtype));
   }
   const DType dtype = flags.dtype == "bf16" ? DType::bfloat16 : DType::float32;
+  if (flags.pass != "forward" && flags.pass != "backward") {
+    throw Error(fmt::format("--pass: expected forward or backward, got '{}'", flags.pass));
+  }
+  const bool backward = flags.pass == "backward";
   const int threads = flags.threads > 0 ? flags.threads : omp_get_max_threads();
   // qkv first, then the baselines, then sgemm: OpenBLAS's threads never run beside qkv's.
-  const double bandwidth = bench::measure_read_bandwidth(threads);
+  // The backward has no memory floor to report.
+  const double bandwidth = backward ? 0.0 : bench::measure_read_bandwidth(threads);
   std::vector<bench::ShapeResult> results;
   for (const bench::Shape& shape : shapes) {
-    results.push_back(bench::measure_qkv(shape, dtype, threads, bandwidth, flags.repetitions));
+    results.push_back(
+        backward ? bench::measure_qkv_backward(shape, dtype, threads, flags.repetitions)
+                 : bench::measure_qkv(shape, dtype, threads, bandwidth, flags.repetitions));
   }
   for (bench::ShapeResult& result : results) {
-    bench::measure_baseline(result, threads, flags.repetitions);
+    if (!backward) bench::measure_baseline(result, threads, flags.repetitions);
   }
   const bench::GemmResult gemm = bench::measure_sgemm(threads);
   for (bench::ShapeResult& result : results) result.ratio_to_sgemm = result.gflops / gemm.gflops;
   if (!flags.json) {
-    fmt::print("qkv bench: {} threads, SIMD target {}, {} inputs and output\n", threads,
-               simd_target(), dtype_name(dtype));
+    fmt::print("qkv bench ({} pass): {} threads, SIMD target {}, {} inputs and output{}\n",
+               flags.pass, threads, simd_target(), dtype_name(dtype),
+               backward ? "; dQ, dK, dV from the saved O and LSE, FLOPs = 2.5 × forward" : "");
     fmt::print("OpenBLAS sgemm 2048³: {:.1f} GFLOP/s (kernel {}{})\n", gemm.gflops, gemm.kernel,
                gemm.coretype.empty() ? ""
                                      : fmt::format(", forced by OPENBLAS_CORETYPE={}; unset it "
@@ -79,8 +88,9 @@ void run_bench(const BenchFlags& flags) {
     const std::string ratio =
         shape.additive_dim > 0 ? std::string("—") : fmt::format("{:.2f}", r.ratio_to_sgemm);
     const std::string baseline =
-        r.naive_ms > 0 ? fmt::format("{:>12.2f} {:>7.1f}×", r.naive_ms, r.speedup_over_naive)
-                       : fmt::format("{:>12} {:>8}", "(N×N > 2 GiB)", "");
+        backward         ? fmt::format("{:>12} {:>8}", "—", "")
+        : r.naive_ms > 0 ? fmt::format("{:>12.2f} {:>7.1f}×", r.naive_ms, r.speedup_over_naive)
+                         : fmt::format("{:>12} {:>8}", "(N×N > 2 GiB)", "");
     fmt::print("{:<20} {:>9.2f} {:>14} {:>7} {:>9.2f} {:>8.0f} {}\n", shape.name, r.median_ms,
                throughput, ratio, r.floor_ms, r.peak_mib, baseline);
   }
@@ -105,12 +115,12 @@ void run_bench(const BenchFlags& flags) {
         r.speedup_over_naive);
   }
   fmt::print(
-      "{{\n  \"threads\": {}, \"simd_target\": \"{}\", \"dtype\": \"{}\",\n"
+      "{{\n  \"pass\": \"{}\", \"threads\": {}, \"simd_target\": \"{}\", \"dtype\": \"{}\",\n"
       "  \"sgemm\": {{\"size\": 2048, \"gflops\": {:.2f}, \"kernel\": \"{}\", "
       "\"openblas_coretype\": \"{}\"}},\n  \"read_bandwidth_gbs\": {:.2f},\n  \"shapes\": [{}\n  "
       "]\n}}\n",
-      threads, simd_target(), dtype_name(dtype), gemm.gflops, gemm.kernel, gemm.coretype, bandwidth,
-      rows);
+      flags.pass, threads, simd_target(), dtype_name(dtype), gemm.gflops, gemm.kernel,
+      gemm.coretype, bandwidth, rows);
 }
 
 }  // namespace
@@ -126,6 +136,10 @@ void add_bench_command(CLI::App& app) {
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
   command->add_option("--dtype", flags->dtype, "f32 | bf16 (inputs and output)")
       ->default_str("f32");
+  command
+      ->add_option("--pass", flags->pass,
+                   "forward | backward (attention_backward: dQ, dK, dV; FLOPs 2.5 × forward)")
+      ->default_str("forward");
   command->add_option("--repetitions", flags->repetitions, "timed runs per shape (median)")
       ->default_str("5");
   command->callback([flags] { run_bench(*flags); });

@@ -1,0 +1,86 @@
+// attention_backward: validate once at the door, then the fused kernel (float32, bfloat16) or
+// the float64 oracle.
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include "core/backward_arguments.hpp"
+#include "core/problem.hpp"
+#include "kernels/fused_backward.hpp"
+#include "qkv/backward.hpp"
+#include "qkv/error.hpp"
+
+namespace qkv {
+
+namespace {
+
+detail::StridedInput input_of(const TensorView& view) {
+  detail::StridedInput input;
+  input.data = static_cast<const std::byte*>(view.data);
+  input.dtype = view.dtype;
+  input.present = true;
+  for (int d = 0; d < view.rank; ++d) input.strides[static_cast<std::size_t>(d)] = view.strides[d];
+  return input;
+}
+
+void check_saved(const TensorView& view, const char* name,
+                 std::initializer_list<std::int64_t> shape, const char* layout) {
+  bool same = view.rank == static_cast<int>(shape.size());
+  int d = 0;
+  for (std::int64_t extent : shape) same = same && view.shape[d++] == extent;
+  if (!same) {
+    throw Error(fmt::format("{}: expected {} = [{}], got {}", name, layout, fmt::join(shape, ", "),
+                            view.shape_string()));
+  }
+  if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
+      view.dtype != DType::bfloat16) {
+    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
+                            dtype_name(view.dtype)));
+  }
+  if (view.data == nullptr && view.numel() != 0) {
+    throw Error(fmt::format("{}: expected data, got a null pointer", name));
+  }
+}
+
+}  // namespace
+
+void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const AttentionOptions& options, const TensorView& dout,
+                        const std::optional<TensorView>& dlse, const AttentionGradients& gradients,
+                        const std::optional<SavedForward>& saved) {
+  detail::check_backward_arguments(q, k, v, options, dout, dlse, gradients);
+  const std::int64_t B = q.shape[0], Nq = q.shape[1], Hq = q.shape[2], Dv = v.shape[3];
+  if (saved) {
+    check_saved(saved->out, "saved.out", {B, Nq, Hq, Dv}, "[B, Nq, Hq, Dv]");
+    check_saved(saved->lse, "saved.lse", {B, Hq, Nq}, "[B, Hq, Nq]");
+  }
+  if (q.dtype == DType::float64) {
+    attention_backward_reference(q, k, v, options, dout, dlse, gradients);
+    return;
+  }
+  // O and LSE: the caller's, or a forward run now.
+  Tensor out, lse;
+  TensorView out_view, lse_view;
+  if (saved) {
+    out_view = saved->out;
+    lse_view = saved->lse;
+  } else {
+    out = Tensor(DType::float32, {B, Nq, Hq, Dv});
+    lse = Tensor(DType::float32, {B, Hq, Nq});
+    attention_forward(q, k, v, options, {out.mutable_view(), lse.mutable_view(), {}});
+    out_view = out.view();
+    lse_view = lse.view();
+  }
+  // The problem's output slot is validated for its shape only; the backward never writes it.
+  Tensor shape_only(DType::float32, {1});
+  MutableTensorView out_slot{shape_only.raw(), DType::float32, 4, {B, Nq, Hq, Dv}, {0, 0, 0, 0}};
+  const detail::AttentionProblem p = detail::make_problem(q, k, v, options, {out_slot, {}, {}});
+  kernels::BackwardInputs inputs;
+  inputs.dout = input_of(dout);
+  inputs.out = input_of(out_view);
+  inputs.lse = input_of(lse_view);
+  if (dlse) inputs.dlse = input_of(*dlse);
+  kernels::fused_backward(p, options, inputs, gradients);
+}
+
+}  // namespace qkv

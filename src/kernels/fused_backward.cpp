@@ -1,0 +1,796 @@
+// The fused backward kernel (FlashAttention-2's backward, Dao 2023, on a CPU).
+//
+// The forward kept only O and LSE. For a row i of one head, with P_ij = e^(s_ij − LSE_i)
+// recomputed from the scores, the dropout factor M_ij (1 without dropout) and dLSE_i:
+//   dV_j  += P_ij M_ij dO_i                 dP_ij = M_ij (dO_i · V_j)
+//   Δ_i    = Σ_j P_ij dP_ij = dO_i · O_i    dS_ij = P_ij (dP_ij − Δ_i + dLSE_i)
+// then dS goes back through the soft cap (× (1 − tanh²)) to the product: dK_j += dS_ij q_i and
+// dQ_i += dS_ij k_j, with q already carrying the scale (the additive score instead sends dS into
+// its tanh: see AdditiveGradients).
+//
+// Work items are (batch, value head, chunk of keys), and an item walks its keys in blocks of 64:
+// dK and dV of a block are only ever added to by this item, in a fixed order. dQ would need the
+// whole key range; each chunk adds into its own copy of dQ, and fused_backward sums the copies
+// in chunk order. The number of chunks depends on the shape only, so the result is bitwise the
+// same for any thread count. For each key block, for each query head of the group, for each
+// block of 64 query rows that can see some of the keys:
+//   1. S = Q·Kᵀ (a 64 × 64 tile: Kᵀ packed so the keys run along the vector lanes);
+//   2. the forward's options on S (soft cap, ALiBi, bias, masks), then P = e^(S − LSE);
+//   3. dP = dO·Vᵀ (Vᵀ packed the same way);
+//   4. dS = P ∘ (dP − Δ), with dropout, the bias gradient and the cap's derivative;
+//   5. dV += (P∘M)ᵀ·dO,  dK += dSᵀ·Q,  dQ += dS·K.
+// Five products of 64 × 64 × D each, on a working set (two 64 × D blocks of K and V, two of Q and
+// dO, three 64 × 64 tiles) that stays in L2; every product runs on the same register-tiled
+// micro-kernel (Gemm below). Memory: the packed operands and one dQ per chunk, O(N·D).
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/fused_backward.cpp"
+// foreach_target.h must come first, and the math header after highway.h.
+// clang-format off
+#include <hwy/foreach_target.h>  // IWYU pragma: keep
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+#include <hwy/aligned_allocator.h>
+// clang-format on
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+#include "core/backward_arguments.hpp"
+#include "core/dropout.hpp"
+#include "kernels/fused_backward.hpp"
+#include "kernels/operands.hpp"
+#include "kernels/simd_dispatch.hpp"
+
+HWY_BEFORE_NAMESPACE();
+namespace qkv::kernels {
+namespace HWY_NAMESPACE {
+
+namespace hn = hwy::HWY_NAMESPACE;
+using FloatTag = hn::ScalableTag<float>;
+using Vec = hn::Vec<FloatTag>;
+
+// Register tile of the micro-kernel: 4 rows × 4 vectors on AVX-512 (16 accumulators, 4 loads and
+// 1 broadcast live: 21 of 32 registers); 4 × 2 where there are 16 registers.
+constexpr int kTileRows = 4;
+constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 4 : 2;
+constexpr std::int64_t kBlock = kBackwardKeys;
+
+// One operand of a product read element by element: A(m, k) = data[m·row_step + k·column_step].
+// Both layouts the backward needs are this: a tile as it is (dS for dQ) or transposed (P for dV).
+struct Broadcast {
+  const float* data;
+  std::int64_t row_step, column_step;
+};
+
+// C[m, 0 : kVectors·lanes) (+)= Σ_k A(m, k) · B[k, same columns], for the kRows rows m0 …
+template <int kRows, int kVectors>
+void GemmTile(Broadcast a, std::int64_t m0, const float* b, std::int64_t ldb, float* c,
+              std::int64_t ldc, std::int64_t depth, bool accumulate) {
+  const FloatTag d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  Vec acc[kRows][kVectors];
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVectors; ++v) {
+      acc[r][v] = accumulate ? hn::LoadU(d, c + (m0 + r) * ldc + v * lanes) : hn::Zero(d);
+    }
+  }
+  const float* a_row = a.data + m0 * a.row_step;
+  for (std::int64_t k = 0; k < depth; ++k) {
+    Vec columns[kVectors];
+    for (int v = 0; v < kVectors; ++v) columns[v] = hn::LoadU(d, b + k * ldb + v * lanes);
+    for (int r = 0; r < kRows; ++r) {
+      const Vec element = hn::Set(d, a_row[r * a.row_step + k * a.column_step]);
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = hn::MulAdd(element, columns[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVectors; ++v) hn::StoreU(acc[r][v], d, c + (m0 + r) * ldc + v * lanes);
+  }
+}
+
+template <int kVectors>
+void GemmRows(Broadcast a, std::int64_t m0, std::int64_t rows, const float* b, std::int64_t ldb,
+              float* c, std::int64_t ldc, std::int64_t depth, bool accumulate) {
+  switch (rows) {
+    case 4:
+      GemmTile<4, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate);
+      break;
+    case 3:
+      GemmTile<3, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate);
+      break;
+    case 2:
+      GemmTile<2, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate);
+      break;
+    default:
+      GemmTile<1, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate);
+      break;
+  }
+}
+
+// C[m, n] (+)= Σ_{k < depth} A(m, k) · B[k, n] for m < rows, n < columns (a multiple of the
+// lanes): register tiles of kTileRows × kTileVectors, the last columns a vector at a time. The
+// sum over k runs in order, so a result does not depend on how the work was split.
+void Gemm(std::int64_t rows, std::int64_t columns, std::int64_t depth, Broadcast a, const float* b,
+          std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(FloatTag()));
+  for (std::int64_t n0 = 0; n0 < columns; n0 += kTileVectors * lanes) {
+    const bool whole = columns - n0 >= kTileVectors * lanes;
+    for (std::int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
+      const std::int64_t block = std::min<std::int64_t>(kTileRows, rows - m0);
+      if (whole) {
+        GemmRows<kTileVectors>(a, m0, block, b + n0, ldb, c + n0, ldc, depth, accumulate);
+      } else {
+        for (std::int64_t n = n0; n < columns; n += lanes) {
+          GemmRows<1>(a, m0, block, b + n, ldb, c + n, ldc, depth, accumulate);
+        }
+      }
+    }
+  }
+}
+
+class BackwardKernel {
+ public:
+  explicit BackwardKernel(const BackwardOperands& operands)
+      : o_(operands),
+        p_(*operands.problem),
+        lanes_(static_cast<std::int64_t>(hn::Lanes(FloatTag()))),
+        group_(p_.group_size),
+        blocks_((p_.k_len + kBlock - 1) / kBlock),
+        blocks_per_chunk_((blocks_ + o_.chunks - 1) / o_.chunks),
+        head_items_(o_.heads_in_item ? 1 : p_.kv_heads) {
+    // The options after the soft cap, which this kernel applies itself to keep tanh for its
+    // derivative.
+    after_cap_ = p_;
+    after_cap_.softcap = 0.0;
+  }
+
+  void Run() const {
+#pragma omp parallel num_threads(worker_threads(p_))
+    {
+      Scratch s(o_);
+#pragma omp for schedule(dynamic)
+      for (std::int64_t item = 0; item < o_.items; ++item) {
+        const std::int64_t chunk = item % o_.chunks;
+        const std::int64_t hv_item = (item / o_.chunks) % head_items_;
+        const std::int64_t b_item = item / (o_.chunks * head_items_);
+        for (std::int64_t b = 0; b < p_.batch; ++b) {
+          if (!o_.batches_in_item && b != b_item) continue;
+          for (std::int64_t hv = 0; hv < p_.kv_heads; ++hv) {
+            if (!o_.heads_in_item && hv != hv_item) continue;
+            ComputeChunk(item, b, hv, chunk, s);
+          }
+        }
+      }
+    }
+  }
+
+ private:
+  // One thread's working set.
+  struct Scratch {
+    explicit Scratch(const BackwardOperands& o) {
+      thread_local ReusedBuffer buffers[6];
+      keys_t = buffers[0].Get(o.score_dim * kBlock);
+      values_t = buffers[1].Get(o.problem->v_dim * kBlock);
+      scores = buffers[2].Get(kBlock * kBlock);
+      d_scores = buffers[3].Get(kBlock * kBlock);
+      capped = buffers[4].Get(kBlock * kBlock);
+      d_keys_t = buffers[5].Get(o.additive ? o.score_dim * kBlock : 1);
+    }
+    float* keys_t;    // [D, 64]: the key block transposed, zero past the last key
+    float* values_t;  // [Dv, 64]: the value block transposed
+    float* scores;    // [64, 64]: S, then P, then P∘M
+    float* d_scores;  // [64, 64]: dP, then dS
+    float* capped;    // [64, 64]: tanh(s / c) of the soft cap
+    float* d_keys_t;  // additive: [A, 64], the block's d(Wk k) transposed
+    std::int64_t first[kBlock], last[kBlock];  // each row's visible keys, relative to the block
+  };
+
+  std::int64_t KeyHead(std::int64_t h) const {
+    return o_.key_heads == p_.q_heads ? h : p_.kv_head(h);
+  }
+  const float* QRow(std::int64_t b, std::int64_t h, std::int64_t i) const {
+    return o_.q + ((b * p_.q_heads + h) * p_.q_len + i) * o_.score_stride;
+  }
+  const float* KRow(std::int64_t b, std::int64_t kh, std::int64_t j) const {
+    return o_.k + ((b * o_.key_heads + kh) * p_.k_len + j) * o_.score_stride;
+  }
+  const float* DoutRow(std::int64_t b, std::int64_t h, std::int64_t i) const {
+    return o_.dout + ((b * p_.q_heads + h) * p_.q_len + i) * o_.value_stride;
+  }
+
+  void ComputeChunk(std::int64_t item, std::int64_t b, std::int64_t hv, std::int64_t chunk,
+                    Scratch& s) const {
+    const std::int64_t first_block = chunk * blocks_per_chunk_;
+    const std::int64_t end_block = std::min(blocks_, first_block + blocks_per_chunk_);
+    for (std::int64_t block = first_block; block < end_block; ++block) {
+      const std::int64_t j0 = block * kBlock;
+      const std::int64_t keys = std::min(kBlock, p_.k_len - j0);
+      PackTransposed(o_.v + ((b * p_.kv_heads + hv) * p_.k_len + j0) * o_.value_stride,
+                     o_.value_stride, keys, p_.v_dim, s.values_t);
+      std::int64_t packed_key_head = -1;
+      for (std::int64_t g = 0; g < group_; ++g) {
+        const std::int64_t h = hv * group_ + g, kh = KeyHead(h);
+        if (kh != packed_key_head) {
+          PackTransposed(KRow(b, kh, j0), o_.score_stride, keys, o_.score_dim, s.keys_t);
+          packed_key_head = kh;
+        }
+        if (o_.additive) std::fill(s.d_keys_t, s.d_keys_t + o_.score_dim * kBlock, 0.0f);
+        for (std::int64_t i0 = 0; i0 < p_.q_len; i0 += kBlock) {
+          const std::int64_t rows = std::min(kBlock, p_.q_len - i0);
+          if (!FindVisible(b, h, i0, rows, j0, keys, s)) continue;
+          QueryBlock(item, b, h, hv, kh, i0, rows, j0, keys, chunk, s);
+        }
+        if (o_.additive) {  // d(Wk k) of the block, back from [A, 64]
+          for (std::int64_t t = 0; t < keys; ++t) {
+            float* row = o_.dk + ((b * o_.key_heads + kh) * p_.k_len + j0 + t) * o_.score_stride;
+            for (std::int64_t a = 0; a < o_.score_dim; ++a) row[a] += s.d_keys_t[a * kBlock + t];
+          }
+        }
+      }
+    }
+  }
+
+  // out[e, t] = rows[t, e] for t < count, 0 for count <= t < 64.
+  static void PackTransposed(const float* rows, std::int64_t stride, std::int64_t count,
+                             std::int64_t dim, float* out) {
+    for (std::int64_t e = 0; e < dim; ++e) {
+      float* column = out + e * kBlock;
+      for (std::int64_t t = 0; t < count; ++t) column[t] = rows[t * stride + e];
+      std::fill(column + count, column + kBlock, 0.0f);
+    }
+  }
+
+  // Each row's visible keys within the block (position masks; an empty row sees none); whether
+  // any row sees any.
+  bool FindVisible(std::int64_t b, std::int64_t h, std::int64_t i0, std::int64_t rows,
+                   std::int64_t j0, std::int64_t keys, Scratch& s) const {
+    bool any = false;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      std::int64_t first = 0, last = 0;
+      const std::int64_t i = i0 + r;
+      if (o_.lse[(b * p_.q_heads + h) * p_.q_len + i] != -std::numeric_limits<float>::infinity()) {
+        visible_key_range(p_, b, i, first, last);
+      }
+      s.first[r] = std::clamp<std::int64_t>(first - j0, 0, keys);
+      s.last[r] = std::clamp<std::int64_t>(last - j0, 0, keys);
+      if (s.first[r] >= s.last[r]) s.first[r] = s.last[r] = 0;
+      any |= s.first[r] < s.last[r];
+    }
+    return any;
+  }
+
+  void QueryBlock(std::int64_t item, std::int64_t b, std::int64_t h, std::int64_t hv,
+                  std::int64_t kh, std::int64_t i0, std::int64_t rows, std::int64_t j0,
+                  std::int64_t keys, std::int64_t chunk, Scratch& s) const {
+    const std::int64_t ss = o_.score_stride, vs = o_.value_stride;
+    const float* q = QRow(b, h, i0);
+    const float* dout = DoutRow(b, h, i0);
+    // 1. S = Q·Kᵀ.
+    if (o_.additive) {
+      AdditiveScores(q, rows, h, s);
+    } else {
+      Gemm(rows, kBlock, o_.score_dim, {q, ss, 1}, s.keys_t, kBlock, s.scores, kBlock, false);
+    }
+    // 2. The options, then P.
+    for (std::int64_t r = 0; r < rows; ++r) Probabilities(b, h, i0 + r, r, j0, s);
+    // 3. dP = dO·Vᵀ.
+    Gemm(rows, kBlock, p_.v_dim, {dout, vs, 1}, s.values_t, kBlock, s.d_scores, kBlock, false);
+    // 4. dS.
+    for (std::int64_t r = 0; r < rows; ++r) ScoreGradients(b, h, i0 + r, r, j0, keys, s);
+    // 5. dV += (P∘M)ᵀ·dO;  dK += dSᵀ·Q;  dQ += dS·K.
+    float* dv = o_.dv + ((b * p_.kv_heads + hv) * p_.k_len + j0) * vs;
+    Gemm(keys, vs, rows, {s.scores, 1, kBlock}, dout, vs, dv, vs, true);
+    float* dq = o_.dq + (((chunk * p_.batch + b) * p_.q_heads + h) * p_.q_len + i0) * ss;
+    if (o_.additive) {
+      AdditiveGradients(item, q, rows, h, dq, s);
+      return;
+    }
+    float* dk = o_.dk + ((b * o_.key_heads + kh) * p_.k_len + j0) * ss;
+    Gemm(keys, ss, rows, {s.d_scores, 1, kBlock}, q, ss, dk, ss, true);
+    Gemm(rows, ss, keys, {s.d_scores, kBlock, 1}, KRow(b, kh, j0), ss, dq, ss, true);
+  }
+
+  // 2. Row r of the tile: soft cap (keeping tanh), the other options and -inf outside the row's
+  // keys, then P = e^(s − LSE) with the forward's exp.
+  void Probabilities(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t r,
+                     std::int64_t j0, Scratch& s) const {
+    const FloatTag d;
+    float* scores = s.scores + r * kBlock;
+    const std::int64_t from = s.first[r], to = s.last[r];
+    if (from >= to) {
+      std::fill(scores, scores + kBlock, 0.0f);
+      return;
+    }
+    if (o_.softcap) {
+      const auto cap = static_cast<float>(p_.softcap);
+      float* capped = s.capped + r * kBlock;
+      for (std::int64_t t = from; t < to; ++t) {
+        capped[t] = std::tanh(scores[t] / cap);
+        scores[t] = cap * capped[t];
+      }
+    }
+    apply_score_options(after_cap_, b, h, i, j0 + from, to - from, scores + from);
+    std::fill(scores, scores + from, -std::numeric_limits<float>::infinity());
+    std::fill(scores + to, scores + kBlock, -std::numeric_limits<float>::infinity());
+    const Vec lse = hn::Set(d, o_.lse[(b * p_.q_heads + h) * p_.q_len + i]);
+    for (std::int64_t t = 0; t < kBlock; t += lanes_) {
+      hn::StoreU(hn::Exp(d, hn::Sub(hn::LoadU(d, scores + t), lse)), d, scores + t);
+    }
+  }
+
+  // 4. Row r: dS = P (M·dP − Δ) from dP, and P∘M in place of P; the bias gradient takes dS
+  // before the cap's derivative 1 − tanh², which the product then sees.
+  void ScoreGradients(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t r,
+                      std::int64_t j0, std::int64_t keys, Scratch& s) const {
+    const FloatTag d;
+    float* weights = s.scores + r * kBlock;
+    float* d_scores = s.d_scores + r * kBlock;
+    const float delta = o_.delta[(b * p_.q_heads + h) * p_.q_len + i];
+    if (s.first[r] >= s.last[r]) {
+      std::fill(d_scores, d_scores + kBlock, 0.0f);
+      return;
+    }
+    if (dropout_.active()) {
+      const auto keep_scale = static_cast<float>(dropout_.keep_scale());
+      for (std::int64_t t = 0; t < kBlock; ++t) {
+        const bool keep = t < keys && dropout_.keeps(b, h, i, j0 + t);
+        const float p = weights[t];
+        d_scores[t] = p * ((keep ? keep_scale * d_scores[t] : 0.0f) - delta);
+        weights[t] = keep ? p * keep_scale : 0.0f;
+      }
+    } else {
+      const Vec delta_v = hn::Set(d, delta);
+      for (std::int64_t t = 0; t < kBlock; t += lanes_) {
+        const Vec p = hn::LoadU(d, weights + t);
+        hn::StoreU(hn::Mul(p, hn::Sub(hn::LoadU(d, d_scores + t), delta_v)), d, d_scores + t);
+      }
+    }
+    if (o_.dbias != nullptr) {
+      float* dbias =
+          o_.dbias + b * o_.dbias_strides[0] + h * o_.dbias_strides[1] + i * o_.dbias_strides[2];
+      for (std::int64_t t = s.first[r]; t < s.last[r]; ++t)
+        dbias[(j0 + t) * o_.dbias_strides[3]] += d_scores[t];
+    }
+    if (o_.softcap) {
+      const float* capped = s.capped + r * kBlock;
+      for (std::int64_t t = s.first[r]; t < s.last[r]; ++t)
+        d_scores[t] *= 1.0f - capped[t] * capped[t];
+    }
+  }
+
+  // The additive score of rows × 64 keys: S[r, t] = Σ_a v_a tanh(qa[r, a] + ka[t, a]), keys
+  // along the lanes (the forward's register tile, here one row at a time).
+  void AdditiveScores(const float* q, std::int64_t rows, std::int64_t h, Scratch& s) const {
+    const FloatTag d;
+    const float* weight = o_.additive_v + h * o_.score_dim;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float* qa = q + r * o_.score_stride;
+      for (std::int64_t t = 0; t < kBlock; t += lanes_) {
+        Vec sum = hn::Zero(d);
+        for (std::int64_t a = 0; a < o_.score_dim; ++a) {
+          const Vec pre = hn::Add(hn::Set(d, qa[a]), hn::LoadU(d, s.keys_t + a * kBlock + t));
+          sum = hn::MulAdd(hn::Set(d, weight[a]), hn::Tanh(d, pre), sum);
+        }
+        hn::StoreU(sum, d, s.scores + r * kBlock + t);
+      }
+    }
+  }
+
+  // The additive score's backward for rows × 64 keys, recomputing each τ = tanh(qa + ka):
+  //   s = Σ_a v_a τ_a  →  dv_a += dS·τ_a,  d(qa)_a += dS·v_a(1 − τ_a²),  d(ka)_a += the same.
+  // Lanes run over keys: d(ka) accumulates in [A, 64], d(qa) and dv are reduced per row.
+  void AdditiveGradients(std::int64_t item, const float* q, std::int64_t rows, std::int64_t h,
+                         float* dq, Scratch& s) const {
+    const FloatTag d;
+    const float* weight = o_.additive_v + h * o_.score_dim;
+    float* dva = o_.dva + (item * p_.q_heads + h) * o_.score_dim;
+    const Vec one = hn::Set(d, 1.0f);
+    for (std::int64_t r = 0; r < rows; ++r) {
+      if (s.first[r] >= s.last[r]) continue;
+      const float* qa = q + r * o_.score_stride;
+      const float* d_scores = s.d_scores + r * kBlock;
+      for (std::int64_t a = 0; a < o_.score_dim; ++a) {
+        const Vec query = hn::Set(d, qa[a]), v_a = hn::Set(d, weight[a]);
+        Vec d_query = hn::Zero(d), d_weight = hn::Zero(d);
+        for (std::int64_t t = 0; t < kBlock; t += lanes_) {
+          const Vec ds = hn::LoadU(d, d_scores + t);
+          const Vec tau = hn::Tanh(d, hn::Add(query, hn::LoadU(d, s.keys_t + a * kBlock + t)));
+          const Vec d_pre = hn::Mul(hn::Mul(ds, v_a), hn::NegMulAdd(tau, tau, one));
+          d_weight = hn::MulAdd(ds, tau, d_weight);
+          d_query = hn::Add(d_query, d_pre);
+          float* d_key = s.d_keys_t + a * kBlock + t;
+          hn::StoreU(hn::Add(hn::LoadU(d, d_key), d_pre), d, d_key);
+        }
+        dq[r * o_.score_stride + a] += hn::GetLane(hn::SumOfLanes(d, d_query));
+        dva[a] += hn::GetLane(hn::SumOfLanes(d, d_weight));
+      }
+    }
+  }
+
+  const BackwardOperands& o_;
+  const AttentionProblem& p_;
+  const detail::DropoutMask dropout_{p_};
+  AttentionProblem after_cap_;
+  const std::int64_t lanes_;
+  const std::int64_t group_;             // query heads per value head
+  const std::int64_t blocks_;            // key blocks per (batch, head)
+  const std::int64_t blocks_per_chunk_;  // key blocks per item
+  const std::int64_t head_items_;        // items along the value heads
+};
+
+void FusedBackward(const BackwardOperands& operands) {
+  BackwardKernel(operands).Run();
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace qkv::kernels
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace qkv::kernels {
+
+HWY_EXPORT(FusedBackward);
+
+namespace {
+
+// The calling thread's buffers, one per role, kept between calls at the largest size seen (as
+// the forward keeps its packed K and V): first-touch page faults would cost more than the
+// small problems themselves.
+enum Role { kQ, kK, kV, kDout, kLse, kDelta, kDq, kDk, kDv, kDva, kDbias, kRoles };
+
+float* buffer(Role role, std::int64_t count) {
+  thread_local ReusedBuffer buffers[kRoles];
+  return buffers[role].Get(std::max<std::int64_t>(count, 1));
+}
+
+// buffer(role, count), zeroed by `threads` threads.
+float* zeroed(Role role, std::int64_t count, int threads) {
+  float* data = buffer(role, count);
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (std::int64_t start = 0; start < count; start += 4096)
+    std::fill(data + start, data + std::min(count, start + 4096), 0.0f);
+  return data;
+}
+
+std::int64_t padded(std::int64_t n) {
+  return (n + kBackwardPad - 1) / kBackwardPad * kBackwardPad;
+}
+
+// x[b, n, h, 0 : count) widened to double, straight from the storage when the last dimension
+// has unit stride.
+void read_row(const StridedInput& x, std::int64_t b, std::int64_t n, std::int64_t h,
+              std::int64_t count, double* out) {
+  if (x.strides[3] == 1 && x.dtype == DType::float32) {
+    const float* row = x.pointer<float>(b, n, h);
+    for (std::int64_t c = 0; c < count; ++c) out[c] = row[c];
+  } else if (x.strides[3] == 1 && x.dtype == DType::bfloat16) {
+    const std::uint16_t* row = x.pointer<std::uint16_t>(b, n, h);
+    for (std::int64_t c = 0; c < count; ++c) out[c] = from_bfloat16(row[c]);
+  } else {
+    for (std::int64_t c = 0; c < count; ++c) out[c] = x.load(b, n, h, c);
+  }
+}
+
+// y[b, n, h, 0 : count) = values, rounded to y's dtype.
+void write_row(const detail::StridedOutput& y, std::int64_t b, std::int64_t n, std::int64_t h,
+               std::int64_t count, const double* values) {
+  if (y.strides[3] == 1 && y.dtype == DType::float32) {
+    float* row = reinterpret_cast<float*>(y.data) + y.offset(b, n, h);
+    for (std::int64_t c = 0; c < count; ++c) row[c] = static_cast<float>(values[c]);
+  } else {
+    for (std::int64_t c = 0; c < count; ++c) y.store(values[c], b, n, h, c);
+  }
+}
+
+// A [B, N, H, D] input as dense [B, H, N, stride] float rows, each row the sum
+// Σ_c weight(h, r, c) · x[b, n, source_head(h), c] when a projection is given, else x; times
+// `factor`.
+template <class Weight, class SourceHead>
+void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64_t length,
+               std::int64_t heads, std::int64_t in_dim, std::int64_t out_dim, std::int64_t stride,
+               double factor, const Weight& weight, SourceHead source_head, bool projected,
+               int threads) {
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (std::int64_t b = 0; b < batch; ++b) {
+    for (std::int64_t h = 0; h < heads; ++h) {
+      std::vector<double> row(static_cast<std::size_t>(in_dim));
+      for (std::int64_t n = 0; n < length; ++n) {
+        float* target = out + ((b * heads + h) * length + n) * stride;
+        read_row(x, b, n, source_head(h), in_dim, row.data());
+        for (std::int64_t r = 0; r < out_dim; ++r) {
+          double value = 0.0;
+          if (projected) {
+            for (std::int64_t c = 0; c < in_dim; ++c)
+              value += weight(h, r, c) * row[static_cast<std::size_t>(c)];
+          } else {
+            value = row[static_cast<std::size_t>(r)];
+          }
+          target[r] = static_cast<float>(factor * value);
+        }
+      }
+    }
+  }
+}
+
+// The output view of a gradient as a (b, n, h, d) writer.
+detail::StridedOutput writer_of(const MutableTensorView& view) {
+  detail::StridedOutput out;
+  out.data = static_cast<std::byte*>(view.data);
+  out.dtype = view.dtype;
+  out.present = true;
+  for (int d = 0; d < view.rank && d < 4; ++d)
+    out.strides[static_cast<std::size_t>(d)] = view.strides[static_cast<std::size_t>(d)];
+  return out;
+}
+
+}  // namespace
+
+void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
+                    const BackwardInputs& inputs, const AttentionGradients& gradients) {
+  const int threads = worker_threads(p);
+  const std::int64_t B = p.batch, Hq = p.q_heads, Hk = p.kv_heads, Nq = p.q_len, Nk = p.k_len;
+  BackwardOperands o;
+  o.problem = &p;
+  o.additive = p.score == Score::additive;
+  o.softcap = p.softcap > 0;
+  o.score_dim = o.additive ? p.additive_dim : p.k_dim;
+  const bool per_head_wk = o.additive && p.wk.strides[0] != 0;
+  o.key_heads = per_head_wk ? Hq : Hk;
+  o.score_stride = padded(o.score_dim);
+  o.value_stride = padded(p.v_dim);
+  const std::int64_t ss = o.score_stride, vs = o.value_stride;
+  const auto same = [](std::int64_t h) { return h; };
+  const auto none = [](std::int64_t, std::int64_t, std::int64_t) { return 0.0; };
+
+  // Operands. Q carries the scale, except for the additive score, whose v carries it.
+  float* q = zeroed(kQ, B * Hq * Nq * ss, threads);
+  float* k = zeroed(kK, B * o.key_heads * Nk * ss, threads);
+  float* v = zeroed(kV, B * Hk * Nk * vs, threads);
+  float* dout = zeroed(kDout, B * Hq * Nq * vs, threads);
+  if (p.score == Score::bilinear) {  // Wᵀq: row c of the projection is column c of W
+    pack_rows(
+        q, p.q, B, Nq, Hq, p.q_dim, p.k_dim, ss, p.scale,
+        [&](std::int64_t h, std::int64_t c, std::int64_t d) { return p.w.load(h, d, c); }, same,
+        true, threads);
+  } else if (o.additive) {
+    pack_rows(
+        q, p.q, B, Nq, Hq, p.q_dim, o.score_dim, ss, 1.0,
+        [&](std::int64_t h, std::int64_t a, std::int64_t d) { return p.wq.load(h, a, d); }, same,
+        true, threads);
+  } else {
+    pack_rows(q, p.q, B, Nq, Hq, p.q_dim, p.q_dim, ss, p.scale, none, same, false, threads);
+  }
+  if (o.additive) {
+    const std::int64_t group = per_head_wk ? p.group_size : 1;
+    pack_rows(
+        k, p.k, B, Nk, o.key_heads, p.k_dim, o.score_dim, ss, 1.0,
+        [&](std::int64_t h, std::int64_t a, std::int64_t d) { return p.wk.load(h, a, d); },
+        [group](std::int64_t h) { return h / group; }, true, threads);
+  } else {
+    pack_rows(k, p.k, B, Nk, Hk, p.k_dim, p.k_dim, ss, 1.0, none, same, false, threads);
+  }
+  pack_rows(v, p.v, B, Nk, Hk, p.v_dim, p.v_dim, vs, 1.0, none, same, false, threads);
+  pack_rows(dout, inputs.dout, B, Nq, Hq, p.v_dim, p.v_dim, vs, 1.0, none, same, false, threads);
+  std::vector<float> additive_v;
+  if (o.additive) {
+    additive_v.resize(static_cast<std::size_t>(Hq * o.score_dim));
+    for (std::int64_t h = 0; h < Hq; ++h)
+      for (std::int64_t a = 0; a < o.score_dim; ++a)
+        additive_v[static_cast<std::size_t>(h * o.score_dim + a)] =
+            static_cast<float>(p.scale * p.va.load(h, a));
+    o.additive_v = additive_v.data();
+  }
+  // LSE and Δ − dLSE per row (dO as packed above).
+  float* lse = buffer(kLse, B * Hq * Nq);
+  float* delta = buffer(kDelta, B * Hq * Nq);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t h = 0; h < Hq; ++h) {
+      std::vector<double> out_row(static_cast<std::size_t>(p.v_dim));
+      for (std::int64_t i = 0; i < Nq; ++i) {
+        const std::int64_t row = (b * Hq + h) * Nq + i;
+        read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
+        double sum = 0.0;
+        for (std::int64_t d = 0; d < p.v_dim; ++d)
+          sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
+        if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
+        lse[row] = static_cast<float>(inputs.lse.load(b, h, i));
+        delta[row] = static_cast<float>(sum);
+      }
+    }
+  }
+  o.q = q;
+  o.k = k;
+  o.v = v;
+  o.dout = dout;
+  o.lse = lse;
+  o.delta = delta;
+
+  // Items: enough key chunks for 16 items, unless a broadcast bias gradient forbids splitting.
+  std::array<std::int64_t, 4> bias_shape{1, 1, 1, 1};
+  if (gradients.dbias) {
+    const TensorView& bias = *options.bias;
+    std::int64_t stride = 1;
+    for (int d = 3, e = bias.rank - 1; d >= 0; --d, --e) {
+      bias_shape[static_cast<std::size_t>(d)] = e >= 0 ? bias.shape[e] : 1;
+      o.dbias_strides[static_cast<std::size_t>(d)] =
+          bias_shape[static_cast<std::size_t>(d)] > 1 ? stride : 0;
+      stride *= bias_shape[static_cast<std::size_t>(d)];
+    }
+    o.dbias = zeroed(kDbias, stride, threads);
+    o.batches_in_item = B > 1 && o.dbias_strides[0] == 0;
+    o.heads_in_item = Hk > 1 && o.dbias_strides[1] == 0;
+  }
+  const std::int64_t blocks = (Nk + kBackwardKeys - 1) / kBackwardKeys;
+  const std::int64_t base_items = (o.batches_in_item ? 1 : B) * (o.heads_in_item ? 1 : Hk);
+  o.chunks = std::clamp<std::int64_t>((16 + base_items - 1) / base_items, 1,
+                                      std::max<std::int64_t>(blocks, 1));
+  if (gradients.dbias && o.dbias_strides[3] == 0) o.chunks = 1;
+  o.items = base_items * o.chunks;
+  float* dq = o.dq = zeroed(kDq, o.chunks * B * Hq * Nq * ss, threads);
+  float* dk = o.dk = zeroed(kDk, B * o.key_heads * Nk * ss, threads);
+  float* dv = o.dv = zeroed(kDv, B * Hk * Nk * vs, threads);
+  float* dva = o.dva = zeroed(kDva, o.additive ? o.items * Hq * o.score_dim : 0, threads);
+
+  if (B * Hq * Nq > 0 && Nk > 0) {
+    apply_simd_environment();
+    HWY_DYNAMIC_DISPATCH(FusedBackward)(o);
+  }
+
+  // dQ of the compared vectors (Σ over chunks, in order), then back through the score's own
+  // projection: dot/bilinear carry the scale in q.
+  const std::int64_t dim = o.score_dim;
+  const double dq_factor = o.additive ? 1.0 : p.scale;
+  std::vector<float> dq_sum(static_cast<std::size_t>(B * Hq * Nq * dim));
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (std::int64_t row = 0; row < B * Hq * Nq; ++row) {
+    for (std::int64_t a = 0; a < dim; ++a) {
+      float sum = 0.0f;
+      for (std::int64_t c = 0; c < o.chunks; ++c) sum += dq[(c * B * Hq * Nq + row) * ss + a];
+      dq_sum[static_cast<std::size_t>(row * dim + a)] = static_cast<float>(dq_factor * sum);
+    }
+  }
+  const auto d_compared = [&](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t a) {
+    return static_cast<double>(dq_sum[static_cast<std::size_t>(((b * Hq + h) * Nq + i) * dim + a)]);
+  };
+  const auto d_key = [&](std::int64_t b, std::int64_t kh, std::int64_t j, std::int64_t a) {
+    return static_cast<double>(dk[((b * o.key_heads + kh) * Nk + j) * ss + a]);
+  };
+
+  if (gradients.dq) {
+    const detail::StridedOutput out = writer_of(*gradients.dq);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t i = 0; i < Nq; ++i) {
+        std::vector<double> row(static_cast<std::size_t>(p.q_dim));
+        for (std::int64_t h = 0; h < Hq; ++h) {
+          for (std::int64_t d = 0; d < p.q_dim; ++d) {
+            double value = 0.0;
+            if (p.score == Score::bilinear) {  // q' = Wᵀq → dq = W dq'
+              for (std::int64_t c = 0; c < p.k_dim; ++c)
+                value += p.w.load(h, d, c) * d_compared(b, h, i, c);
+            } else if (o.additive) {  // qa = Wq q → dq = Wqᵀ dqa
+              for (std::int64_t a = 0; a < dim; ++a)
+                value += p.wq.load(h, a, d) * d_compared(b, h, i, a);
+            } else {
+              value = d_compared(b, h, i, d);
+            }
+            row[static_cast<std::size_t>(d)] = value;
+          }
+          write_row(out, b, i, h, p.q_dim, row.data());
+        }
+      }
+    }
+  }
+  if (gradients.dk) {
+    const detail::StridedOutput out = writer_of(*gradients.dk);
+    const std::int64_t heads_per_key = o.key_heads / Hk;  // projected key heads per k head
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t j = 0; j < Nk; ++j) {
+        std::vector<double> row(static_cast<std::size_t>(p.k_dim));
+        for (std::int64_t hk = 0; hk < Hk; ++hk) {
+          for (std::int64_t d = 0; d < p.k_dim; ++d) {
+            double value = 0.0;
+            if (o.additive) {  // ka = Wk k → dk = Σ_heads Wkᵀ dka
+              for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh)
+                for (std::int64_t a = 0; a < dim; ++a)
+                  value += p.wk.load(kh, a, d) * d_key(b, kh, j, a);
+            } else {
+              value = d_key(b, hk, j, d);
+            }
+            row[static_cast<std::size_t>(d)] = value;
+          }
+          write_row(out, b, j, hk, p.k_dim, row.data());
+        }
+      }
+    }
+  }
+  if (gradients.dv) {
+    const detail::StridedOutput out = writer_of(*gradients.dv);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (std::int64_t b = 0; b < B; ++b) {
+      for (std::int64_t j = 0; j < Nk; ++j) {
+        std::vector<double> row(static_cast<std::size_t>(p.v_dim));
+        for (std::int64_t hv = 0; hv < Hk; ++hv) {
+          const float* values = dv + ((b * Hk + hv) * Nk + j) * vs;
+          for (std::int64_t d = 0; d < p.v_dim; ++d) row[static_cast<std::size_t>(d)] = values[d];
+          write_row(out, b, j, hv, p.v_dim, row.data());
+        }
+      }
+    }
+  }
+
+  // A parameter's gradient: Σ over batch, positions (and heads when shared) of an outer product,
+  // one output element per task, summed in a fixed order.
+  const auto parameter_gradient = [&](const MutableTensorView& target, bool shared,
+                                      std::int64_t rows, std::int64_t columns, std::int64_t heads,
+                                      auto term) {
+    const std::int64_t stored_heads = shared ? 1 : heads;
+    std::vector<double> values(static_cast<std::size_t>(stored_heads * rows * columns));
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (std::int64_t r = 0; r < rows; ++r) {
+      for (std::int64_t c = 0; c < columns; ++c) {
+        for (std::int64_t sh = 0; sh < stored_heads; ++sh) {
+          double sum = 0.0;
+          for (std::int64_t h = shared ? 0 : sh; h < (shared ? heads : sh + 1); ++h)
+            sum += term(h, r, c);
+          values[static_cast<std::size_t>((sh * rows + r) * columns + c)] = sum;
+        }
+      }
+    }
+    detail::store_dense(values.data(), target);
+  };
+  if (gradients.dw) {  // q' = Wᵀq: dW[d, c] = Σ q_d dq'_c
+    parameter_gradient(*gradients.dw, gradients.dw->rank == 2, p.q_dim, p.k_dim, Hq,
+                       [&](std::int64_t h, std::int64_t d, std::int64_t c) {
+                         double sum = 0.0;
+                         for (std::int64_t b = 0; b < B; ++b)
+                           for (std::int64_t i = 0; i < Nq; ++i)
+                             sum += p.q.load(b, i, h, d) * d_compared(b, h, i, c);
+                         return sum;
+                       });
+  }
+  if (gradients.dwq) {  // qa = Wq q: dWq[a, d] = Σ dqa_a q_d
+    parameter_gradient(*gradients.dwq, gradients.dwq->rank == 2, dim, p.q_dim, Hq,
+                       [&](std::int64_t h, std::int64_t a, std::int64_t d) {
+                         double sum = 0.0;
+                         for (std::int64_t b = 0; b < B; ++b)
+                           for (std::int64_t i = 0; i < Nq; ++i)
+                             sum += d_compared(b, h, i, a) * p.q.load(b, i, h, d);
+                         return sum;
+                       });
+  }
+  if (gradients.dwk) {  // ka = Wk k: dWk[a, d] = Σ dka_a k_d, per projected key head
+    const std::int64_t group = per_head_wk ? p.group_size : 1;
+    parameter_gradient(*gradients.dwk, gradients.dwk->rank == 2, dim, p.k_dim, o.key_heads,
+                       [&](std::int64_t kh, std::int64_t a, std::int64_t d) {
+                         double sum = 0.0;
+                         for (std::int64_t b = 0; b < B; ++b)
+                           for (std::int64_t j = 0; j < Nk; ++j)
+                             sum += d_key(b, kh, j, a) * p.k.load(b, j, kh / group, d);
+                         return sum;
+                       });
+  }
+  if (gradients.dva) {  // v carried the scale
+    parameter_gradient(*gradients.dva, gradients.dva->rank == 1, 1, dim, Hq,
+                       [&](std::int64_t h, std::int64_t, std::int64_t a) {
+                         double sum = 0.0;
+                         for (std::int64_t item = 0; item < o.items; ++item)
+                           sum += dva[(item * Hq + h) * dim + a];
+                         return p.scale * sum;
+                       });
+  }
+  if (gradients.dbias) {
+    std::vector<double> values(static_cast<std::size_t>(gradients.dbias->as_const().numel()));
+    for (std::size_t n = 0; n < values.size(); ++n) values[n] = o.dbias[n];
+    detail::store_dense(values.data(), *gradients.dbias);
+  }
+}
+
+}  // namespace qkv::kernels
+#endif  // HWY_ONCE
