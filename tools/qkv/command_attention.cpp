@@ -1,5 +1,6 @@
 // qkv attention: reads Q, K, V and the optional parameters from .npy files, runs attention
-// forward, and writes O (and LSE, P) — all of them or none.
+// forward, and writes O (and LSE, P) — and, given dO, the backward's gradients — all of them or
+// none.
 //
 // File layouts (DESIGN.md §1): rank 2 [N, D] means B = H = 1, rank 3 [N, H, D] means B = 1,
 // rank 4 is [B, N, H, D]. O keeps Q's rank; LSE and the weights drop the same leading dimensions
@@ -14,6 +15,7 @@
 
 #include "commands.hpp"
 #include "qkv/attention.hpp"
+#include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 #include "qkv/npy.hpp"
 
@@ -30,7 +32,11 @@ struct AttentionFlags {
   bool causal = false;
   std::string causal_align = "bottom-right";
   std::string window;
+  double dropout = 0.0;
+  std::uint64_t dropout_seed = 0;
   int threads = 0;
+  // The backward: ∂L/∂O in, the requested gradients out.
+  std::string dout, dq, dk, dv, dw, dwq, dwk, dva;
 };
 
 // The logical [B, N, H, D] view of a sequence file of rank 2, 3 or 4.
@@ -110,7 +116,22 @@ void run_attention(const AttentionFlags& flags) {
   if (!flags.window.empty()) {
     std::tie(options.window_left, options.window_right) = parse_window(flags.window);
   }
+  options.dropout = flags.dropout;
+  options.dropout_seed = flags.dropout_seed;
   options.threads = flags.threads;
+  const bool any_gradient =
+      !(flags.dq.empty() && flags.dk.empty() && flags.dv.empty() && flags.dw.empty() &&
+        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty());
+  if (any_gradient != !flags.dout.empty()) {
+    throw Error(any_gradient ? "--dout: expected ∂L/∂O for the requested gradients, got none"
+                             : "--dout: expected at least one of --dq, --dk, --dv, --dw, --dwq, "
+                               "--dwk, --dva with it, got none");
+  }
+  const std::optional<Tensor> dout = load_optional(flags.dout);
+  if (dout && dout->rank() != q.rank()) {
+    throw Error(
+        fmt::format("--dout: expected the rank of --q ({}), got {}", q.rank(), dout->rank()));
+  }
 
   // 2. Results in the file layouts, seen by the library through [B, N, H, D] views.
   const std::int64_t batch = qv.shape[0], q_len = qv.shape[1], q_heads = qv.shape[2];
@@ -133,7 +154,7 @@ void run_attention(const AttentionFlags& flags) {
   AttentionOutputs outputs;
   outputs.out =
       MutableTensorView::contiguous(out.raw(), out.dtype(), {batch, q_len, q_heads, v_dim});
-  if (!flags.lse.empty()) {
+  if (!flags.lse.empty() || dout) {  // the backward needs LSE, written or not
     lse.emplace(DType::float32, lse_shape);
     outputs.lse = MutableTensorView::contiguous(lse->raw(), lse->dtype(), {batch, q_heads, q_len});
   }
@@ -144,11 +165,48 @@ void run_attention(const AttentionFlags& flags) {
   }
   attention_forward(qv, kv, vv, options, outputs);
 
-  // 3. Write all outputs, or none.
+  // 3. The gradients, each in its primal's file shape (float32; float64 for float64 inputs).
+  const DType gradient_dtype = q.dtype() == DType::float64 ? DType::float64 : DType::float32;
+  std::vector<std::pair<std::string, Tensor>> gradient_files;
+  if (dout) {
+    AttentionGradients gradients;
+    const auto request = [&](const std::string& path, const std::vector<std::int64_t>& shape,
+                             const TensorView& primal, std::optional<MutableTensorView>& slot) {
+      if (path.empty()) return;
+      // The file's shape; the library sees the primal's (rank-4 for Q, K, V) over the same data.
+      gradient_files.emplace_back(path, Tensor(gradient_dtype, shape));
+      slot = MutableTensorView::contiguous(
+          gradient_files.back().second.raw(), gradient_dtype,
+          std::span<const std::int64_t>(primal.shape.data(),
+                                        static_cast<std::size_t>(primal.rank)));
+    };
+    gradient_files.reserve(7);
+    request(flags.dq, q.shape(), qv, gradients.dq);
+    request(flags.dk, k.shape(), kv, gradients.dk);
+    request(flags.dv, v.shape(), vv, gradients.dv);
+    const auto parameter = [&](const std::string& path, const std::optional<Tensor>& primal,
+                               std::optional<MutableTensorView>& slot, const char* flag,
+                               const char* input) {
+      if (path.empty()) return;
+      if (!primal) {
+        throw Error(fmt::format("{}: expected {} to differentiate, got none", flag, input));
+      }
+      request(path, primal->shape(), primal->view(), slot);
+    };
+    parameter(flags.dw, w, gradients.dw, "--dw", "--w");
+    parameter(flags.dwq, wq, gradients.dwq, "--dwq", "--wq");
+    parameter(flags.dwk, wk, gradients.dwk, "--dwk", "--wk");
+    parameter(flags.dva, va, gradients.dva, "--dva", "--va");
+    attention_backward(qv, kv, vv, options, sequence_view(*dout, "--dout"), std::nullopt, gradients,
+                       SavedForward{outputs.out.as_const(), outputs.lse->as_const()});
+  }
+
+  // 4. Write all outputs, or none.
   StagedFiles files;
   add_npy(files, flags.out, out.view());
-  if (lse) add_npy(files, flags.lse, lse->view());
+  if (!flags.lse.empty()) add_npy(files, flags.lse, lse->view());
   if (weights) add_npy(files, flags.weights, weights->view());
+  for (const auto& [path, gradient] : gradient_files) add_npy(files, path, gradient.view());
   files.commit();
 }
 
@@ -180,7 +238,19 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--window", flags->window, "local window L,R (-1 = unbounded)");
   command->add_option("--key-lengths", flags->key_lengths, "valid keys per batch [B], int");
   command->add_option("--mask", flags->mask, "boolean mask, true = may attend");
+  command->add_option("--dropout", flags->dropout, "dropout probability on the weights")
+      ->default_str("0");
+  command->add_option("--dropout-seed", flags->dropout_seed, "seed of the dropout mask")
+      ->default_str("0");
   command->add_option("--threads", flags->threads, "worker threads (0 = all)");
+  command->add_option("--dout", flags->dout, "∂L/∂O (O's shape): run the backward");
+  command->add_option("--dq", flags->dq, "write ∂L/∂Q (Q's shape)");
+  command->add_option("--dk", flags->dk, "write ∂L/∂K");
+  command->add_option("--dv", flags->dv, "write ∂L/∂V");
+  command->add_option("--dw", flags->dw, "write ∂L/∂W (bilinear)");
+  command->add_option("--dwq", flags->dwq, "write ∂L/∂Wq (additive)");
+  command->add_option("--dwk", flags->dwk, "write ∂L/∂Wk (additive)");
+  command->add_option("--dva", flags->dva, "write ∂L/∂v (additive)");
   command->callback([flags] { run_attention(*flags); });
 }
 

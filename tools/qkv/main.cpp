@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
   qkv::cli::add_attention_command(app);
   qkv::cli::add_bench_command(app);
   qkv::cli::add_demo_command(app);
+  qkv::cli::add_mha_command(app);
   try {
     app.parse(argc, argv);  // runs the chosen command's callback
   } catch (const CLI::CallForHelp&) {

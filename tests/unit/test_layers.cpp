@@ -1,0 +1,161 @@
+// Linear and MultiHeadAttention: Linear against float64 loops; the scores PyTorch lacks wired
+// through the layer (bilinear at W = I is scaled_dot; the score parameters' gradients against
+// finite differences of the layer's loss); state_dict round trips and errors. PyTorch parity of
+// the layer is tests/cli/test_mha_torch.py.
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <random>
+
+#include "qkv/error.hpp"
+#include "qkv/linear.hpp"
+#include "qkv/multihead_attention.hpp"
+
+namespace qkv {
+namespace {
+
+Tensor random_tensor(std::vector<std::int64_t> shape, std::uint64_t seed) {
+  Tensor t(DType::float32, std::move(shape));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  for (std::int64_t n = 0; n < t.numel(); ++n) t.data<float>()[n] = normal(rng);
+  return t;
+}
+
+double max_difference(const Tensor& a, const std::vector<double>& b) {
+  double worst = 0.0;
+  for (std::int64_t n = 0; n < a.numel(); ++n)
+    worst = std::max(worst, std::abs(a.data<float>()[n] - b[static_cast<std::size_t>(n)]));
+  return worst;
+}
+
+TEST(Linear, ForwardAndBackwardMatchFloat64Loops) {
+  Linear layer(5, 3, true, 7);
+  const Tensor x = random_tensor({2, 4, 5}, 1), dy = random_tensor({2, 4, 3}, 2);
+  const Tensor y = layer.forward(x.view());
+  const Tensor dx = layer.backward(x.view(), dy.view());
+  std::vector<double> y64(24), dx64(40), dw64(15), db64(3);
+  for (int r = 0; r < 8; ++r) {
+    for (int o = 0; o < 3; ++o) {
+      double sum = layer.bias.data<float>()[o];
+      for (int i = 0; i < 5; ++i) {
+        sum += double{x.data<float>()[r * 5 + i]} * layer.weight.data<float>()[o * 5 + i];
+        dx64[static_cast<std::size_t>(r * 5 + i)] +=
+            double{dy.data<float>()[r * 3 + o]} * layer.weight.data<float>()[o * 5 + i];
+        dw64[static_cast<std::size_t>(o * 5 + i)] +=
+            double{dy.data<float>()[r * 3 + o]} * x.data<float>()[r * 5 + i];
+      }
+      y64[static_cast<std::size_t>(r * 3 + o)] = sum;
+      db64[static_cast<std::size_t>(o)] += dy.data<float>()[r * 3 + o];
+    }
+  }
+  EXPECT_EQ(y.shape(), (std::vector<std::int64_t>{2, 4, 3}));
+  EXPECT_LE(max_difference(y, y64), 1e-5);
+  EXPECT_LE(max_difference(dx, dx64), 1e-5);
+  EXPECT_LE(max_difference(layer.weight_grad, dw64), 1e-5);
+  EXPECT_LE(max_difference(layer.bias_grad, db64), 1e-5);
+  EXPECT_THAT([&] { layer.forward(dy.view()); },
+              ::testing::ThrowsMessage<Error>(
+                  ::testing::HasSubstr("x: expected a last dimension of 5, got shape [2, 4, 3]")));
+}
+
+MultiHeadAttentionOptions small_options(Score score) {
+  MultiHeadAttentionOptions options;
+  options.embed_dim = 8;
+  options.num_heads = 2;
+  options.score = score;
+  return options;
+}
+
+// With W = I per head (the initial value) and the same projections, bilinear is scaled_dot.
+TEST(MultiHeadAttention, BilinearAtIdentityIsScaledDot) {
+  MultiHeadAttention dot(small_options(Score::scaled_dot), 3);
+  MultiHeadAttention bilinear(small_options(Score::bilinear), 3);
+  NamedTensors state = dot.parameters();
+  state["score_weight"] = to_tensor(bilinear.parameters().at("score_weight").view());
+  bilinear.load_state_dict(state);
+  const Tensor x = random_tensor({5, 2, 8}, 4);
+  const MultiHeadAttentionCall call;
+  const Tensor a = dot.forward(x.view(), x.view(), x.view(), call).output;
+  const Tensor b = bilinear.forward(x.view(), x.view(), x.view(), call).output;
+  for (std::int64_t n = 0; n < a.numel(); ++n)
+    EXPECT_NEAR(a.data<float>()[n], b.data<float>()[n], 1e-5);
+}
+
+// The loss L = Σ dout·output; the gradient of every score parameter against central finite
+// differences in float32 (step 1e-2: the truncation error is O(h²)·L''' and the rounding error
+// O(ε·|L|/h), both near 1e-4 relative here).
+TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
+  for (Score score : {Score::bilinear, Score::additive}) {
+    MultiHeadAttention layer(small_options(score), 11);
+    const Tensor query = random_tensor({4, 2, 8}, 5), key = random_tensor({6, 2, 8}, 6);
+    const Tensor dout = random_tensor({4, 2, 8}, 7);
+    MultiHeadAttentionCall call;
+    call.need_weights = false;
+    call.is_causal = score == Score::additive;
+    const auto loss = [&] {
+      const Tensor out = layer.forward(query.view(), key.view(), key.view(), call).output;
+      double sum = 0.0;
+      for (std::int64_t n = 0; n < out.numel(); ++n)
+        sum += double{out.data<float>()[n]} * dout.data<float>()[n];
+      return sum;
+    };
+    loss();
+    layer.zero_grad();
+    layer.backward(dout.view());
+    for (const auto& [name, gradient] : layer.gradients()) {
+      if (name.rfind("score_", 0) != 0) continue;
+      NamedTensors state = layer.parameters();
+      float* values = state.at(name).data<float>();
+      for (std::int64_t n = 0; n < gradient.numel(); n += 3) {
+        const float saved = values[n];
+        values[n] = saved + 1e-2f;
+        layer.load_state_dict(state);
+        const double up = loss();
+        values[n] = saved - 1e-2f;
+        layer.load_state_dict(state);
+        const double down = loss();
+        values[n] = saved;
+        layer.load_state_dict(state);
+        const double numeric = (up - down) / 2e-2;
+        EXPECT_NEAR(gradient.data<float>()[n], numeric, 2e-3 * (1 + std::abs(numeric)))
+            << name << "[" << n << "] of " << score_name(score);
+      }
+    }
+  }
+}
+
+TEST(MultiHeadAttention, SavesAndLoadsStateDict) {
+  MultiHeadAttention layer(small_options(Score::additive), 1);
+  const auto path = std::filesystem::temp_directory_path() / "qkv_test_layer.safetensors";
+  layer.save(path.string());
+  MultiHeadAttention other(small_options(Score::additive), 2);
+  other.load(path.string());
+  std::filesystem::remove(path);
+  for (const auto& [name, tensor] : layer.parameters()) {
+    const Tensor& loaded = other.parameters().at(name);
+    ASSERT_EQ(loaded.shape(), tensor.shape()) << name;
+    EXPECT_EQ(std::memcmp(loaded.raw(), tensor.raw(), tensor.nbytes()), 0) << name;
+  }
+  NamedTensors missing = layer.parameters();
+  missing.erase("score_v");
+  EXPECT_THAT([&] { other.load_state_dict(missing); },
+              ::testing::ThrowsMessage<Error>(::testing::HasSubstr("missing tensor 'score_v'")));
+  EXPECT_THAT(
+      [&] {
+        MultiHeadAttention bad(MultiHeadAttentionOptions{6, 4});
+      },
+      ::testing::ThrowsMessage<Error>(
+          ::testing::HasSubstr("embed_dim: expected a positive multiple of num_heads (4), got 6")));
+  MultiHeadAttention fresh(small_options(Score::scaled_dot));
+  const Tensor dout = random_tensor({4, 2, 8}, 1);
+  EXPECT_THAT([&] { fresh.backward(dout.view()); },
+              ::testing::ThrowsMessage<Error>(::testing::HasSubstr("expected a forward call")));
+}
+
+}  // namespace
+}  // namespace qkv
