@@ -14,15 +14,6 @@ namespace qkv {
 
 namespace {
 
-detail::StridedInput input_of(const TensorView& view) {
-  detail::StridedInput input;
-  input.data = static_cast<const std::byte*>(view.data);
-  input.dtype = view.dtype;
-  input.present = true;
-  for (int d = 0; d < view.rank; ++d) input.strides[static_cast<std::size_t>(d)] = view.strides[d];
-  return input;
-}
-
 void check_saved(const TensorView& view, const char* name,
                  std::initializer_list<std::int64_t> shape, const char* layout) {
   bool same = view.rank == static_cast<int>(shape.size());
@@ -32,14 +23,7 @@ void check_saved(const TensorView& view, const char* name,
     throw Error(fmt::format("{}: expected {} = [{}], got {}", name, layout, fmt::join(shape, ", "),
                             view.shape_string()));
   }
-  if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
-      view.dtype != DType::bfloat16) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(view.dtype)));
-  }
-  if (view.data == nullptr && view.numel() != 0) {
-    throw Error(fmt::format("{}: expected data, got a null pointer", name));
-  }
+  detail::require_float_data(view, name);
 }
 
 }  // namespace
@@ -76,10 +60,10 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   MutableTensorView out_slot{shape_only.raw(), DType::float32, 4, {B, Nq, Hq, Dv}, {0, 0, 0, 0}};
   const detail::AttentionProblem p = detail::make_problem(q, k, v, options, {out_slot, {}, {}});
   kernels::BackwardInputs inputs;
-  inputs.dout = input_of(dout);
-  inputs.out = input_of(out_view);
-  inputs.lse = input_of(lse_view);
-  if (dlse) inputs.dlse = input_of(*dlse);
+  inputs.dout = detail::input_of(dout);
+  inputs.out = detail::input_of(out_view);
+  inputs.lse = detail::input_of(lse_view);
+  if (dlse) inputs.dlse = detail::input_of(*dlse);
   kernels::fused_backward(p, options, inputs, gradients);
 }
 

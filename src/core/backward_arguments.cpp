@@ -30,14 +30,7 @@ void check_gradient(const std::optional<MutableTensorView>& gradient, const Tens
     throw Error(fmt::format("{}: expected the shape of {}, {}, got {}", name, primal_name,
                             primal->shape_string(), given.shape_string()));
   }
-  if (given.dtype != DType::float32 && given.dtype != DType::float64 &&
-      given.dtype != DType::bfloat16) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(given.dtype)));
-  }
-  if (given.data == nullptr && given.numel() != 0) {
-    throw Error(fmt::format("{}: expected data, got a null pointer", name));
-  }
+  require_float_data(given, name);
 }
 
 void check_sequence_like(const TensorView& view, const char* name,
@@ -49,11 +42,7 @@ void check_sequence_like(const TensorView& view, const char* name,
                             fmt::join(shape.begin(), shape.begin() + rank, ", "),
                             view.shape_string()));
   }
-  if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
-      view.dtype != DType::bfloat16) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(view.dtype)));
-  }
+  require_float_data(view, name);
 }
 
 }  // namespace

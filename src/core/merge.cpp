@@ -26,23 +26,7 @@ void require_float_view(const TensorView& view, const std::string& name, int ran
     throw Error(
         fmt::format("{}: expected rank {} {}, got {}", name, rank, layout, view.shape_string()));
   }
-  if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
-      view.dtype != DType::bfloat16) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(view.dtype)));
-  }
-  if (view.data == nullptr && view.numel() != 0) {
-    throw Error(fmt::format("{}: expected data, got a null pointer", name));
-  }
-}
-
-detail::StridedInput strided(const TensorView& view) {
-  detail::StridedInput input;
-  input.data = static_cast<const std::byte*>(view.data);
-  input.dtype = view.dtype;
-  input.present = true;
-  for (int d = 0; d < view.rank; ++d) input.strides[d] = view.strides[d];
-  return input;
+  detail::require_float_data(view, name);
 }
 
 }  // namespace
@@ -79,8 +63,8 @@ void merge_attention(std::span<const TensorView> outs, std::span<const TensorVie
   }
   std::vector<detail::StridedInput> part_outs, part_lses;
   for (std::size_t p = 0; p < outs.size(); ++p) {
-    part_outs.push_back(strided(outs[p]));
-    part_lses.push_back(strided(lses[p]));
+    part_outs.push_back(detail::input_of(outs[p]));
+    part_lses.push_back(detail::input_of(lses[p]));
   }
   detail::StridedOutput merged_out, merged_lse;
   merged_out.data = static_cast<std::byte*>(out.data);

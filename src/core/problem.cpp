@@ -44,6 +44,26 @@ void StridedOutput::store(double value, std::int64_t i0, std::int64_t i1, std::i
   }
 }
 
+StridedInput input_of(const TensorView& view) {
+  StridedInput input;
+  input.data = static_cast<const std::byte*>(view.data);
+  input.dtype = view.dtype;
+  input.present = true;
+  for (int d = 0; d < view.rank; ++d) input.strides[d] = view.strides[d];
+  return input;
+}
+
+void require_float_data(const TensorView& view, const std::string& name) {
+  if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
+      view.dtype != DType::bfloat16) {
+    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
+                            dtype_name(view.dtype)));
+  }
+  if (view.data == nullptr && view.numel() != 0) {
+    throw Error(fmt::format("{}: expected data, got a null pointer", name));
+  }
+}
+
 namespace {
 
 using Shape = std::array<std::int64_t, 4>;
@@ -91,15 +111,6 @@ void require_float(const TensorView& view, const char* name) {
     throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
                             dtype_name(view.dtype)));
   }
-}
-
-StridedInput input_of(const TensorView& view) {
-  StridedInput input;
-  input.data = static_cast<const std::byte*>(view.data);
-  input.dtype = view.dtype;
-  input.present = true;
-  for (int d = 0; d < view.rank; ++d) input.strides[d] = view.strides[d];
-  return input;
 }
 
 // A [B, N, H, D] operand (q, k or v).
@@ -301,7 +312,6 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
   }
   p.dropout = options.dropout;
   p.dropout_seed = options.dropout_seed;
-
 
   const Shape score_shape{p.batch, p.q_heads, p.q_len, p.k_len};
   if (options.alibi_slopes) {

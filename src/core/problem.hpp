@@ -5,6 +5,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "qkv/attention.hpp"
 
@@ -53,9 +54,9 @@ struct AttentionProblem {
   std::int64_t group_size = 1;  // Hq / Hk: query heads per key/value head
 
   Score score = Score::scaled_dot;
-  double scale = 1.0;            // resolved: the caller's or the score's default
-  double softcap = 0.0;          // 0 = off
-  double dropout = 0.0;          // probability of zeroing a weight; 0 = off
+  double scale = 1.0;    // resolved: the caller's or the score's default
+  double softcap = 0.0;  // 0 = off
+  double dropout = 0.0;  // probability of zeroing a weight; 0 = off
   std::uint64_t dropout_seed = 0;
 
   DType dtype = DType::float32;  // of q, k and v
@@ -87,6 +88,13 @@ struct AttentionProblem {
   // The diagonal offset Nk − Nq of bottom-right alignment.
   std::int64_t diagonal() const { return k_len - q_len; }
 };
+
+// A view read through its own strides (up to four indices).
+StridedInput input_of(const TensorView& view);
+
+// Throws qkv::Error naming `name` unless the view holds float32, float64 or bfloat16 data (not a
+// null pointer when it has elements).
+void require_float_data(const TensorView& view, const std::string& name);
 
 // Checks every argument against the contract and resolves defaults. Throws qkv::Error naming the
 // argument, the expectation and what was given.

@@ -34,6 +34,14 @@ std::string AttentionCase::name() const {
   return text;
 }
 
+Tensor random_float32(std::vector<std::int64_t> shape, std::uint64_t seed) {
+  Tensor t(DType::float32, std::move(shape));
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  for (std::int64_t n = 0; n < t.numel(); ++n) t.data<float>()[n] = normal(rng);
+  return t;
+}
+
 void PrintTo(const AttentionCase& c, std::ostream* os) {
   *os << c.name();
 }

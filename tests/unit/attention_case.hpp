@@ -6,6 +6,7 @@
 #include <optional>
 #include <ostream>
 #include <string>
+#include <vector>
 
 #include "qkv/attention.hpp"
 #include "qkv/tensor.hpp"
@@ -60,6 +61,9 @@ AttentionResults allocate_results(const AttentionCase& c, DType dtype);
 enum class Evaluator { fast, reference, naive_float32, naive_bfloat16 };
 AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& inputs,
                           Evaluator evaluator, DType result_dtype, bool with_weights);
+
+// A float32 tensor of standard normal entries drawn from `seed`.
+Tensor random_float32(std::vector<std::int64_t> shape, std::uint64_t seed);
 
 // max |a - b| over all elements; equal infinities count as 0, a NaN anywhere as +inf.
 double max_abs_difference(const Tensor& a, const Tensor& b);

@@ -15,14 +15,6 @@
 namespace qkv::testing {
 namespace {
 
-Tensor random_tensor(std::vector<std::int64_t> shape, std::uint64_t seed) {
-  Tensor t(DType::float32, std::move(shape));
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  for (std::int64_t n = 0; n < t.numel(); ++n) t.data<float>()[n] = normal(rng);
-  return t;
-}
-
 // Every gradient a case has, in one dtype, with the views attention_backward wants.
 struct Gradients {
   Gradients(const AttentionCase& c, const AttentionInputs& in, DType dtype) {
@@ -150,8 +142,8 @@ std::vector<BackwardCase> backward_zoo() {
 void compare_with_reference(const BackwardCase& bc, DType dtype, double relative_tolerance) {
   const AttentionCase& c = bc.attention;
   const AttentionInputs in = make_inputs(c, dtype);
-  const Tensor dout = random_tensor({c.batch, c.q_len, c.q_heads, c.v_dim}, c.seed + 7);
-  const Tensor dlse = random_tensor({c.batch, c.q_heads, c.q_len}, c.seed + 8);
+  const Tensor dout = random_float32({c.batch, c.q_len, c.q_heads, c.v_dim}, c.seed + 7);
+  const Tensor dlse = random_float32({c.batch, c.q_heads, c.q_len}, c.seed + 8);
   const std::optional<TensorView> dlse_view =
       bc.with_dlse ? std::optional<TensorView>(dlse.view()) : std::nullopt;
 
@@ -217,7 +209,7 @@ TEST(AttentionBackwardDeterminism, BitwiseAcrossThreadCounts) {
     c.bias = true;
     c.causal = true;
     AttentionInputs in = make_inputs(c, DType::float32);
-    const Tensor dout = random_tensor({c.batch, c.q_len, c.q_heads, c.v_dim}, 5);
+    const Tensor dout = random_float32({c.batch, c.q_len, c.q_heads, c.v_dim}, 5);
     std::vector<Gradients> runs;
     for (int threads : {1, 2, 3}) {
       in.options.threads = threads;
@@ -285,7 +277,7 @@ TEST(AttentionDropout, OneMaskEverywhereFixedBySeed) {
 
   // The backward reproduces the mask: the fused backward agrees with the oracle's.
   in.options.dropout_seed = 1234;
-  const Tensor dout = random_tensor({c.batch, c.q_len, c.q_heads, c.v_dim}, 77);
+  const Tensor dout = random_float32({c.batch, c.q_len, c.q_heads, c.v_dim}, 77);
   Gradients fused(c, in, DType::float32), oracle(c, in, DType::float64);
   attention_backward(in.q, in.k, in.v, in.options, dout.view(), std::nullopt, fused.views);
   attention_backward_reference(in.q, in.k, in.v, in.options, dout.view(), std::nullopt,

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <random>
 
+#include "attention_case.hpp"
 #include "qkv/error.hpp"
 #include "qkv/linear.hpp"
 #include "qkv/multihead_attention.hpp"
@@ -18,13 +19,7 @@
 namespace qkv {
 namespace {
 
-Tensor random_tensor(std::vector<std::int64_t> shape, std::uint64_t seed) {
-  Tensor t(DType::float32, std::move(shape));
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  for (std::int64_t n = 0; n < t.numel(); ++n) t.data<float>()[n] = normal(rng);
-  return t;
-}
+using testing::random_float32;
 
 double max_difference(const Tensor& a, const std::vector<double>& b) {
   double worst = 0.0;
@@ -35,7 +30,7 @@ double max_difference(const Tensor& a, const std::vector<double>& b) {
 
 TEST(Linear, ForwardAndBackwardMatchFloat64Loops) {
   Linear layer(5, 3, true, 7);
-  const Tensor x = random_tensor({2, 4, 5}, 1), dy = random_tensor({2, 4, 3}, 2);
+  const Tensor x = random_float32({2, 4, 5}, 1), dy = random_float32({2, 4, 3}, 2);
   const Tensor y = layer.forward(x.view());
   const Tensor dx = layer.backward(x.view(), dy.view());
   std::vector<double> y64(24), dx64(40), dw64(15), db64(3);
@@ -78,7 +73,7 @@ TEST(MultiHeadAttention, BilinearAtIdentityIsScaledDot) {
   NamedTensors state = dot.parameters();
   state["score_weight"] = to_tensor(bilinear.parameters().at("score_weight").view());
   bilinear.load_state_dict(state);
-  const Tensor x = random_tensor({5, 2, 8}, 4);
+  const Tensor x = random_float32({5, 2, 8}, 4);
   const MultiHeadAttentionCall call;
   const Tensor a = dot.forward(x.view(), x.view(), x.view(), call).output;
   const Tensor b = bilinear.forward(x.view(), x.view(), x.view(), call).output;
@@ -92,8 +87,8 @@ TEST(MultiHeadAttention, BilinearAtIdentityIsScaledDot) {
 TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
   for (Score score : {Score::bilinear, Score::additive}) {
     MultiHeadAttention layer(small_options(score), 11);
-    const Tensor query = random_tensor({4, 2, 8}, 5), key = random_tensor({6, 2, 8}, 6);
-    const Tensor dout = random_tensor({4, 2, 8}, 7);
+    const Tensor query = random_float32({4, 2, 8}, 5), key = random_float32({6, 2, 8}, 6);
+    const Tensor dout = random_float32({4, 2, 8}, 7);
     MultiHeadAttentionCall call;
     call.need_weights = false;
     call.is_causal = score == Score::additive;
@@ -152,7 +147,7 @@ TEST(MultiHeadAttention, SavesAndLoadsStateDict) {
       ::testing::ThrowsMessage<Error>(
           ::testing::HasSubstr("embed_dim: expected a positive multiple of num_heads (4), got 6")));
   MultiHeadAttention fresh(small_options(Score::scaled_dot));
-  const Tensor dout = random_tensor({4, 2, 8}, 1);
+  const Tensor dout = random_float32({4, 2, 8}, 1);
   EXPECT_THAT([&] { fresh.backward(dout.view()); },
               ::testing::ThrowsMessage<Error>(::testing::HasSubstr("expected a forward call")));
 }

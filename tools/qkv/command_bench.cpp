@@ -91,8 +91,9 @@ void run_bench(const BenchFlags& flags) {
         backward         ? fmt::format("{:>12} {:>8}", "—", "")
         : r.naive_ms > 0 ? fmt::format("{:>12.2f} {:>7.1f}×", r.naive_ms, r.speedup_over_naive)
                          : fmt::format("{:>12} {:>8}", "(N×N > 2 GiB)", "");
-    fmt::print("{:<20} {:>9.2f} {:>14} {:>7} {:>9.2f} {:>8.0f} {}\n", shape.name, r.median_ms,
-               throughput, ratio, r.floor_ms, r.peak_mib, baseline);
+    const std::string floor = backward ? std::string("—") : fmt::format("{:.2f}", r.floor_ms);
+    fmt::print("{:<20} {:>9.2f} {:>14} {:>7} {:>9} {:>8.0f} {}\n", shape.name, r.median_ms,
+               throughput, ratio, floor, r.peak_mib, baseline);
   }
   if (!flags.json) {
     fmt::print(
