@@ -36,7 +36,10 @@ struct SavedForward {
 // float32 and bfloat16 run the fused kernel (FlashAttention-2's backward): P is recomputed from
 // the saved LSE tile by tile, never as an Nq×Nk matrix; O(N·D) working memory; results bitwise
 // the same for any thread count. float64 runs the oracle below. Without `saved`, the forward is
-// run first (float32) to get O and LSE.
+// run first (float32) to get O and LSE. Keep LSE in float32 when the inputs are bfloat16: P is
+// recomputed as e^(s − LSE), and a bfloat16 LSE would shift it by up to 2^-8·|LSE|.
+// Memory: O(N·D) working space (packed operands, one dQ per key chunk), which the calling thread
+// keeps between calls at the size of the largest problem it has run.
 // Validates like attention_forward, plus the shapes of dout, dlse, saved and every gradient.
 void attention_backward(const TensorView& q, const TensorView& k, const TensorView& v,
                         const AttentionOptions& options, const TensorView& dout,

@@ -81,6 +81,30 @@ TEST(MultiHeadAttention, BilinearAtIdentityIsScaledDot) {
     EXPECT_NEAR(a.data<float>()[n], b.data<float>()[n], 1e-5);
 }
 
+// is_causal (PyTorch 2's meaning: key j hidden from query i when j > i) equals the explicit
+// boolean attn_mask PyTorch 1.13 takes for it, in the output, the weights and the gradients.
+TEST(MultiHeadAttention, IsCausalEqualsTriangularAttnMask) {
+  MultiHeadAttention layer(small_options(Score::scaled_dot), 9);
+  const Tensor x = random_float32({5, 2, 8}, 3), dout = random_float32({5, 2, 8}, 4);
+  MultiHeadAttentionCall causal;
+  causal.is_causal = true;
+  const MultiHeadAttentionResult a = layer.forward(x.view(), x.view(), x.view(), causal);
+  const MultiHeadAttentionInputGradients da = layer.backward(dout.view());
+  Tensor mask(DType::boolean, {5, 5});
+  for (int i = 0; i < 5; ++i)
+    for (int j = 0; j < 5; ++j) mask.data<std::uint8_t>()[i * 5 + j] = j > i ? 1 : 0;
+  MultiHeadAttentionCall masked;
+  masked.attn_mask = mask.view();
+  const MultiHeadAttentionResult b = layer.forward(x.view(), x.view(), x.view(), masked);
+  const MultiHeadAttentionInputGradients db = layer.backward(dout.view());
+  for (auto [left, right] : {std::pair{&a.output, &b.output}, std::pair{&a.weights, &b.weights},
+                             std::pair{&da.query, &db.query}, std::pair{&da.key, &db.key}}) {
+    ASSERT_EQ(left->nbytes(), right->nbytes());
+    EXPECT_EQ(std::memcmp(left->raw(), right->raw(), left->nbytes()), 0);
+  }
+  EXPECT_EQ(a.weights.data<float>()[1], 0.0f);  // query 0 does not see key 1
+}
+
 // The loss L = Σ dout·output; the gradient of every score parameter against central finite
 // differences in float32 (step 1e-2: the truncation error is O(h²)·L''' and the rounding error
 // O(ε·|L|/h), both near 1e-4 relative here).
