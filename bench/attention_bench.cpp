@@ -331,6 +331,11 @@ ShapeResult measure_qkv_backward(const Shape& s, DType dtype, int threads, int r
   });
   result.peak_mib = peak_memory_mib();
   result.gflops = backward_flops(s) / (result.median_ms * 1e6);
+  if (s.additive_dim > 0) {  // each tanh twice: once for the scores, once for their gradients
+    const double tanh_count =
+        2.0 * static_cast<double>(s.batch * s.q_heads * s.q_len * s.k_len * s.additive_dim);
+    result.tanh_per_second = tanh_count / (result.median_ms * 1e-3);
+  }
   return result;
 }
 

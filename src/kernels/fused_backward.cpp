@@ -37,6 +37,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "core/backward_arguments.hpp"
@@ -486,14 +487,34 @@ void write_row(const detail::StridedOutput& y, std::int64_t b, std::int64_t n, s
   }
 }
 
-// A [B, N, H, D] input as dense [B, H, N, stride] float rows, each row the sum
-// Σ_c weight(h, r, c) · x[b, n, source_head(h), c] when a projection is given, else x; times
-// `factor`.
-template <class Weight, class SourceHead>
+// A per-head (or shared) weight matrix as dense [heads, rows, cols] doubles: element (h, r, c) is
+// w(h, r, c), or w(h, c, r) when transposed. Shared weights keep one copy (heads = 1).
+struct DenseWeights {
+  DenseWeights(const StridedInput& w, std::int64_t all_heads, std::int64_t row_count,
+               std::int64_t column_count, bool transposed)
+      : heads(w.strides[0] != 0 ? all_heads : 1), rows(row_count), cols(column_count) {
+    values.resize(static_cast<std::size_t>(heads * rows * cols));
+    for (std::int64_t h = 0; h < heads; ++h)
+      for (std::int64_t r = 0; r < rows; ++r)
+        for (std::int64_t c = 0; c < cols; ++c)
+          values[static_cast<std::size_t>((h * rows + r) * cols + c)] =
+              transposed ? w.load(h, c, r) : w.load(h, r, c);
+  }
+  // Row r of head h's matrix.
+  const double* row(std::int64_t h, std::int64_t r) const {
+    return values.data() + ((heads == 1 ? 0 : h) * rows + r) * cols;
+  }
+  std::int64_t heads, rows, cols;
+  std::vector<double> values;
+};
+
+// A [B, N, H, D] input as dense [B, H, N, stride] float rows, times `factor`, each row projected
+// by `weights` (row r = Σ_c W[h, r, c] · x[c]) when given; x[b, n, source_head(h), :] feeds head h.
+template <class SourceHead>
 void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64_t length,
-               std::int64_t heads, std::int64_t in_dim, std::int64_t out_dim, std::int64_t stride,
-               double factor, const Weight& weight, SourceHead source_head, bool projected,
-               int threads) {
+               std::int64_t heads, std::int64_t in_dim, std::int64_t stride, double factor,
+               const DenseWeights* weights, SourceHead source_head, int threads) {
+  const std::int64_t out_dim = weights != nullptr ? weights->rows : in_dim;
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (std::int64_t b = 0; b < batch; ++b) {
     for (std::int64_t h = 0; h < heads; ++h) {
@@ -502,18 +523,57 @@ void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64
         float* target = out + ((b * heads + h) * length + n) * stride;
         read_row(x, b, n, source_head(h), in_dim, row.data());
         for (std::int64_t r = 0; r < out_dim; ++r) {
-          double value = 0.0;
-          if (projected) {
+          double value = row[static_cast<std::size_t>(std::min(r, in_dim - 1))];
+          if (weights != nullptr) {
+            const double* w = weights->row(h, r);
+            value = 0.0;
             for (std::int64_t c = 0; c < in_dim; ++c)
-              value += weight(h, r, c) * row[static_cast<std::size_t>(c)];
-          } else {
-            value = row[static_cast<std::size_t>(r)];
+              value += w[c] * row[static_cast<std::size_t>(c)];
           }
           target[r] = static_cast<float>(factor * value);
         }
       }
     }
   }
+}
+
+// Dense rows [B, heads, length, stride] of floats.
+struct DenseRows {
+  const float* data;
+  std::int64_t heads, length, stride;
+  const float* row(std::int64_t b, std::int64_t h, std::int64_t i) const {
+    return data + ((b * heads + h) * length + i) * stride;
+  }
+};
+
+// A parameter's gradient as the sum of outer products over batch and positions:
+//   G[h, r, c] = Σ_b Σ_i left(b, left_head(h), i)[r] · right(b, right_head(h), i)[c]
+// for each of `heads` heads, or summed over them when the parameter is shared. One task per
+// (head, r), each sum in a fixed order: the same for any thread count.
+template <class LeftHead, class RightHead>
+void outer_product_gradient(const MutableTensorView& target, bool shared, std::int64_t heads,
+                            std::int64_t rows, std::int64_t cols, std::int64_t batch,
+                            std::int64_t length, DenseRows left, LeftHead left_head,
+                            DenseRows right, RightHead right_head, double factor, int threads) {
+  const std::int64_t stored_heads = shared ? 1 : heads;
+  std::vector<double> values(static_cast<std::size_t>(stored_heads * rows * cols));
+#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+  for (std::int64_t sh = 0; sh < stored_heads; ++sh) {
+    for (std::int64_t r = 0; r < rows; ++r) {
+      double* sums = values.data() + (sh * rows + r) * cols;
+      for (std::int64_t h = shared ? 0 : sh; h < (shared ? heads : sh + 1); ++h) {
+        for (std::int64_t b = 0; b < batch; ++b) {
+          for (std::int64_t i = 0; i < length; ++i) {
+            const double l = left.row(b, left_head(h), i)[r];
+            const float* other = right.row(b, right_head(h), i);
+            for (std::int64_t c = 0; c < cols; ++c) sums[c] += l * other[c];
+          }
+        }
+      }
+      for (std::int64_t c = 0; c < cols; ++c) sums[c] *= factor;
+    }
+  }
+  detail::store_dense(values.data(), target);
 }
 
 // The output view of a gradient as a (b, n, h, d) writer.
@@ -544,37 +604,33 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   o.value_stride = padded(p.v_dim);
   const std::int64_t ss = o.score_stride, vs = o.value_stride;
   const auto same = [](std::int64_t h) { return h; };
-  const auto none = [](std::int64_t, std::int64_t, std::int64_t) { return 0.0; };
+  const std::int64_t key_group = per_head_wk ? p.group_size : 1;  // query heads per Wk head
+  const auto key_source = [key_group](std::int64_t kh) { return kh / key_group; };
+
+  // The score's projections, dense: bilinear packs Wᵀq and sends dq' back through W; additive
+  // packs Wq q and Wk k and sends their gradients back through Wqᵀ and Wkᵀ.
+  std::optional<DenseWeights> pack_q, pack_k, back_q, back_k;
+  if (p.score == Score::bilinear) {
+    pack_q.emplace(p.w, Hq, p.k_dim, p.q_dim, true);
+    back_q.emplace(p.w, Hq, p.q_dim, p.k_dim, false);
+  } else if (o.additive) {
+    pack_q.emplace(p.wq, Hq, o.score_dim, p.q_dim, false);
+    back_q.emplace(p.wq, Hq, p.q_dim, o.score_dim, true);
+    pack_k.emplace(p.wk, Hq, o.score_dim, p.k_dim, false);
+    back_k.emplace(p.wk, Hq, p.k_dim, o.score_dim, true);
+  }
 
   // Operands. Q carries the scale, except for the additive score, whose v carries it.
   float* q = zeroed(kQ, B * Hq * Nq * ss, threads);
   float* k = zeroed(kK, B * o.key_heads * Nk * ss, threads);
   float* v = zeroed(kV, B * Hk * Nk * vs, threads);
   float* dout = zeroed(kDout, B * Hq * Nq * vs, threads);
-  if (p.score == Score::bilinear) {  // Wᵀq: row c of the projection is column c of W
-    pack_rows(
-        q, p.q, B, Nq, Hq, p.q_dim, p.k_dim, ss, p.scale,
-        [&](std::int64_t h, std::int64_t c, std::int64_t d) { return p.w.load(h, d, c); }, same,
-        true, threads);
-  } else if (o.additive) {
-    pack_rows(
-        q, p.q, B, Nq, Hq, p.q_dim, o.score_dim, ss, 1.0,
-        [&](std::int64_t h, std::int64_t a, std::int64_t d) { return p.wq.load(h, a, d); }, same,
-        true, threads);
-  } else {
-    pack_rows(q, p.q, B, Nq, Hq, p.q_dim, p.q_dim, ss, p.scale, none, same, false, threads);
-  }
-  if (o.additive) {
-    const std::int64_t group = per_head_wk ? p.group_size : 1;
-    pack_rows(
-        k, p.k, B, Nk, o.key_heads, p.k_dim, o.score_dim, ss, 1.0,
-        [&](std::int64_t h, std::int64_t a, std::int64_t d) { return p.wk.load(h, a, d); },
-        [group](std::int64_t h) { return h / group; }, true, threads);
-  } else {
-    pack_rows(k, p.k, B, Nk, Hk, p.k_dim, p.k_dim, ss, 1.0, none, same, false, threads);
-  }
-  pack_rows(v, p.v, B, Nk, Hk, p.v_dim, p.v_dim, vs, 1.0, none, same, false, threads);
-  pack_rows(dout, inputs.dout, B, Nq, Hq, p.v_dim, p.v_dim, vs, 1.0, none, same, false, threads);
+  pack_rows(q, p.q, B, Nq, Hq, p.q_dim, ss, o.additive ? 1.0 : p.scale, pack_q ? &*pack_q : nullptr,
+            same, threads);
+  pack_rows(k, p.k, B, Nk, o.key_heads, p.k_dim, ss, 1.0, pack_k ? &*pack_k : nullptr, key_source,
+            threads);
+  pack_rows(v, p.v, B, Nk, Hk, p.v_dim, vs, 1.0, nullptr, same, threads);
+  pack_rows(dout, inputs.dout, B, Nq, Hq, p.v_dim, vs, 1.0, nullptr, same, threads);
   std::vector<float> additive_v;
   if (o.additive) {
     additive_v.resize(static_cast<std::size_t>(Hq * o.score_dim));
@@ -654,33 +710,31 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
       dq_sum[static_cast<std::size_t>(row * dim + a)] = static_cast<float>(dq_factor * sum);
     }
   }
-  const auto d_compared = [&](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t a) {
-    return static_cast<double>(dq_sum[static_cast<std::size_t>(((b * Hq + h) * Nq + i) * dim + a)]);
+  // Each row of dQ (dK) from its compared vector's gradient, back through the projection.
+  const auto back_project = [&](const double* compared, std::int64_t h,
+                                const std::optional<DenseWeights>& back, std::int64_t count,
+                                std::vector<double>& row) {
+    for (std::int64_t d = 0; d < count; ++d) {
+      double value = compared[std::min(d, dim - 1)];
+      if (back) {
+        const double* w = back->row(h, d);
+        value = 0.0;
+        for (std::int64_t a = 0; a < dim; ++a) value += w[a] * compared[a];
+      }
+      row[static_cast<std::size_t>(d)] = value;
+    }
   };
-  const auto d_key = [&](std::int64_t b, std::int64_t kh, std::int64_t j, std::int64_t a) {
-    return static_cast<double>(dk[((b * o.key_heads + kh) * Nk + j) * ss + a]);
-  };
-
   if (gradients.dq) {
     const detail::StridedOutput out = writer_of(*gradients.dq);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (std::int64_t b = 0; b < B; ++b) {
       for (std::int64_t i = 0; i < Nq; ++i) {
-        std::vector<double> row(static_cast<std::size_t>(p.q_dim));
+        std::vector<double> compared(static_cast<std::size_t>(dim)),
+            row(static_cast<std::size_t>(p.q_dim));
         for (std::int64_t h = 0; h < Hq; ++h) {
-          for (std::int64_t d = 0; d < p.q_dim; ++d) {
-            double value = 0.0;
-            if (p.score == Score::bilinear) {  // q' = Wᵀq → dq = W dq'
-              for (std::int64_t c = 0; c < p.k_dim; ++c)
-                value += p.w.load(h, d, c) * d_compared(b, h, i, c);
-            } else if (o.additive) {  // qa = Wq q → dq = Wqᵀ dqa
-              for (std::int64_t a = 0; a < dim; ++a)
-                value += p.wq.load(h, a, d) * d_compared(b, h, i, a);
-            } else {
-              value = d_compared(b, h, i, d);
-            }
-            row[static_cast<std::size_t>(d)] = value;
-          }
+          const float* source = dq_sum.data() + ((b * Hq + h) * Nq + i) * dim;
+          std::copy(source, source + dim, compared.begin());
+          back_project(compared.data(), h, back_q, p.q_dim, row);
           write_row(out, b, i, h, p.q_dim, row.data());
         }
       }
@@ -692,20 +746,18 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
     for (std::int64_t b = 0; b < B; ++b) {
       for (std::int64_t j = 0; j < Nk; ++j) {
-        std::vector<double> row(static_cast<std::size_t>(p.k_dim));
+        std::vector<double> compared(static_cast<std::size_t>(dim)),
+            row(static_cast<std::size_t>(p.k_dim)), total(static_cast<std::size_t>(p.k_dim));
         for (std::int64_t hk = 0; hk < Hk; ++hk) {
-          for (std::int64_t d = 0; d < p.k_dim; ++d) {
-            double value = 0.0;
-            if (o.additive) {  // ka = Wk k → dk = Σ_heads Wkᵀ dka
-              for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh)
-                for (std::int64_t a = 0; a < dim; ++a)
-                  value += p.wk.load(kh, a, d) * d_key(b, kh, j, a);
-            } else {
-              value = d_key(b, hk, j, d);
-            }
-            row[static_cast<std::size_t>(d)] = value;
+          std::fill(total.begin(), total.end(), 0.0);
+          for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh) {
+            const float* source = dk + ((b * o.key_heads + kh) * Nk + j) * ss;
+            std::copy(source, source + dim, compared.begin());
+            back_project(compared.data(), kh, back_k, p.k_dim, row);
+            for (std::int64_t d = 0; d < p.k_dim; ++d)
+              total[static_cast<std::size_t>(d)] += row[static_cast<std::size_t>(d)];
           }
-          write_row(out, b, j, hk, p.k_dim, row.data());
+          write_row(out, b, j, hk, p.k_dim, total.data());
         }
       }
     }
@@ -725,65 +777,42 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
     }
   }
 
-  // A parameter's gradient: Σ over batch, positions (and heads when shared) of an outer product,
-  // one output element per task, summed in a fixed order.
-  const auto parameter_gradient = [&](const MutableTensorView& target, bool shared,
-                                      std::int64_t rows, std::int64_t columns, std::int64_t heads,
-                                      auto term) {
-    const std::int64_t stored_heads = shared ? 1 : heads;
-    std::vector<double> values(static_cast<std::size_t>(stored_heads * rows * columns));
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (std::int64_t r = 0; r < rows; ++r) {
-      for (std::int64_t c = 0; c < columns; ++c) {
-        for (std::int64_t sh = 0; sh < stored_heads; ++sh) {
-          double sum = 0.0;
-          for (std::int64_t h = shared ? 0 : sh; h < (shared ? heads : sh + 1); ++h)
-            sum += term(h, r, c);
-          values[static_cast<std::size_t>((sh * rows + r) * columns + c)] = sum;
-        }
-      }
-    }
-    detail::store_dense(values.data(), target);
-  };
+  // The score parameters: outer products of the compared vectors' gradients with the raw
+  // inputs, which are packed densely for the purpose.
+  const DenseRows d_queries{dq_sum.data(), Hq, Nq, dim};
+  const DenseRows d_keys{dk, o.key_heads, Nk, ss};
+  std::vector<float> raw_q, raw_k;
+  if (gradients.dw || gradients.dwq) {
+    raw_q.resize(static_cast<std::size_t>(B * Hq * Nq * p.q_dim));
+    pack_rows(raw_q.data(), p.q, B, Nq, Hq, p.q_dim, p.q_dim, 1.0, nullptr, same, threads);
+  }
+  if (gradients.dwk) {
+    raw_k.resize(static_cast<std::size_t>(B * Hk * Nk * p.k_dim));
+    pack_rows(raw_k.data(), p.k, B, Nk, Hk, p.k_dim, p.k_dim, 1.0, nullptr, same, threads);
+  }
+  const DenseRows queries{raw_q.data(), Hq, Nq, p.q_dim}, keys{raw_k.data(), Hk, Nk, p.k_dim};
   if (gradients.dw) {  // q' = Wᵀq: dW[d, c] = Σ q_d dq'_c
-    parameter_gradient(*gradients.dw, gradients.dw->rank == 2, p.q_dim, p.k_dim, Hq,
-                       [&](std::int64_t h, std::int64_t d, std::int64_t c) {
-                         double sum = 0.0;
-                         for (std::int64_t b = 0; b < B; ++b)
-                           for (std::int64_t i = 0; i < Nq; ++i)
-                             sum += p.q.load(b, i, h, d) * d_compared(b, h, i, c);
-                         return sum;
-                       });
+    outer_product_gradient(*gradients.dw, gradients.dw->rank == 2, Hq, p.q_dim, p.k_dim, B, Nq,
+                           queries, same, d_queries, same, 1.0, threads);
   }
   if (gradients.dwq) {  // qa = Wq q: dWq[a, d] = Σ dqa_a q_d
-    parameter_gradient(*gradients.dwq, gradients.dwq->rank == 2, dim, p.q_dim, Hq,
-                       [&](std::int64_t h, std::int64_t a, std::int64_t d) {
-                         double sum = 0.0;
-                         for (std::int64_t b = 0; b < B; ++b)
-                           for (std::int64_t i = 0; i < Nq; ++i)
-                             sum += d_compared(b, h, i, a) * p.q.load(b, i, h, d);
-                         return sum;
-                       });
+    outer_product_gradient(*gradients.dwq, gradients.dwq->rank == 2, Hq, dim, p.q_dim, B, Nq,
+                           d_queries, same, queries, same, 1.0, threads);
   }
   if (gradients.dwk) {  // ka = Wk k: dWk[a, d] = Σ dka_a k_d, per projected key head
-    const std::int64_t group = per_head_wk ? p.group_size : 1;
-    parameter_gradient(*gradients.dwk, gradients.dwk->rank == 2, dim, p.k_dim, o.key_heads,
-                       [&](std::int64_t kh, std::int64_t a, std::int64_t d) {
-                         double sum = 0.0;
-                         for (std::int64_t b = 0; b < B; ++b)
-                           for (std::int64_t j = 0; j < Nk; ++j)
-                             sum += d_key(b, kh, j, a) * p.k.load(b, j, kh / group, d);
-                         return sum;
-                       });
+    outer_product_gradient(*gradients.dwk, gradients.dwk->rank == 2, o.key_heads, dim, p.k_dim, B,
+                           Nk, d_keys, same, keys, key_source, 1.0, threads);
   }
-  if (gradients.dva) {  // v carried the scale
-    parameter_gradient(*gradients.dva, gradients.dva->rank == 1, 1, dim, Hq,
-                       [&](std::int64_t h, std::int64_t, std::int64_t a) {
-                         double sum = 0.0;
-                         for (std::int64_t item = 0; item < o.items; ++item)
-                           sum += dva[(item * Hq + h) * dim + a];
-                         return p.scale * sum;
-                       });
+  if (gradients.dva) {  // v carried the scale; each item summed its own part
+    const bool shared = gradients.dva->rank == 1;
+    std::vector<double> values(static_cast<std::size_t>((shared ? 1 : Hq) * dim));
+    for (std::int64_t h = 0; h < Hq; ++h)
+      for (std::int64_t a = 0; a < dim; ++a) {
+        double sum = 0.0;
+        for (std::int64_t item = 0; item < o.items; ++item) sum += dva[(item * Hq + h) * dim + a];
+        values[static_cast<std::size_t>((shared ? 0 : h) * dim + a)] += p.scale * sum;
+      }
+    detail::store_dense(values.data(), *gradients.dva);
   }
   if (gradients.dbias) {
     std::vector<double> values(static_cast<std::size_t>(gradients.dbias->as_const().numel()));
