@@ -12,6 +12,9 @@ packages=(
   libgtest-dev libgmock-dev           # C++ tests
   python3-numpy python3-pytest        # CLI tests against a NumPy evaluation of the contract
   python3-torch                       # layer parity tests against PyTorch's nn.MultiheadAttention
+  pybind11-dev python3-dev            # the Python module
+  python3-pip python3-venv python3-setuptools python3-wheel  # pip install . without a download
+  python3-hypothesis                  # property-based tests of the Python module
 )
 
 missing=()

@@ -1,0 +1,29 @@
+"""qkv: attention on the CPU, from NumPy and PyTorch.
+
+Arrays in, arrays of the same kind out: NumPy arrays give NumPy arrays, torch tensors give torch
+tensors. Contiguous float32 and bfloat16 inputs are read where they lie (no copy), results are
+written straight into the returned arrays, and the GIL is released while qkv computes. With torch
+tensors that require grad, the functions are differentiable (qkv's fused backward).
+
+- ``attention``: the whole contract (scores, masks, options) in qkv's ``[B, N, H, D]`` layout.
+- ``scaled_dot_product_attention``: PyTorch's signature and ``[..., H, N, D]`` layout.
+- ``flash_attn_func``, ``flash_attn_varlen_func``: FlashAttention's signatures and layout.
+- ``qkv.nn.MultiheadAttention``: ``torch.nn.MultiheadAttention`` computing with qkv.
+
+Errors are ``ValueError`` (bad shapes or values, with qkv's message naming the argument) or
+``TypeError`` (a dtype qkv does not read).
+"""
+from ._functions import (attention, flash_attn_func, flash_attn_varlen_func,
+                         scaled_dot_product_attention, simd_target)
+from ._qkv import Error
+
+__all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
+           "simd_target", "Error", "nn"]
+
+
+def __getattr__(name):
+    # qkv.nn needs torch; import it only when asked for.
+    if name == "nn":
+        from . import nn
+        return nn
+    raise AttributeError(f"module 'qkv' has no attribute '{name}'")

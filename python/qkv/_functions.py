@@ -1,0 +1,323 @@
+"""The public functions: each puts its layout into qkv's [B, N, H, D] views (transposes are views,
+never copies) and hands them to one runner, which calls the C++ core directly for NumPy arrays
+and through a torch.autograd.Function for torch tensors."""
+import math
+
+import numpy as np
+
+from . import _qkv
+
+try:
+    import torch
+except ImportError:  # NumPy alone works; torch tensors need torch
+    torch = None
+
+_PARAMETERS = ("w", "wq", "wk", "va", "bias")  # differentiable tensors besides q, k, v
+_GRADIENT_NAMES = ("dq", "dk", "dv", "dw", "dwq", "dwk", "dva", "dbias")
+
+
+def simd_target():
+    """The SIMD target qkv's kernels run on here (e.g. "AVX3" for AVX-512)."""
+    return _qkv.simd_target()
+
+
+def _is_torch(x):
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _numpy_view(x, name):
+    """x as a NumPy array over the same memory: NumPy arrays as they are, CPU torch tensors through
+    .numpy() (bfloat16 as its uint16 bits); other sequences through np.asarray."""
+    if x is None:
+        return None
+    if _is_torch(x):
+        if x.device.type != "cpu":
+            raise ValueError(f"{name}: expected a CPU tensor, got one on {x.device}")
+        x = x.detach()
+        if x.dtype == torch.bfloat16:
+            return x.view(torch.int16).numpy().view(np.uint16)
+        return x.numpy()
+    if isinstance(x, np.ndarray):
+        return x
+    return np.asarray(x)
+
+
+def _empty(shape, dtype, like_torch):
+    """An uninitialized result: a torch tensor (dtype a torch dtype) or a NumPy array."""
+    if like_torch:
+        return torch.empty(shape, dtype=dtype)
+    return np.empty(shape, dtype=dtype)
+
+
+def _result_dtypes(v):
+    """(dtype of O, dtype of LSE and P) for values v: O in v's dtype; LSE and P in float32, or
+    float64 for float64 inputs."""
+    if _is_torch(v):
+        wide = torch.float64 if v.dtype == torch.float64 else torch.float32
+        return v.dtype, wide
+    dtype = np.asarray(v).dtype if not isinstance(v, np.ndarray) else v.dtype
+    wide = np.float64 if dtype == np.float64 else np.float32
+    return dtype, wide
+
+
+class _Config:
+    """What a call fixes besides its tensors: the keyword options of the C++ core, which results to
+    return, and the physical layout of O ("bnhd", or "bhnd" for PyTorch's layout)."""
+
+    def __init__(self, options, want_lse, want_weights, out_layout="bnhd"):
+        self.options = options
+        self.want_lse = want_lse
+        self.want_weights = want_weights
+        self.out_layout = out_layout
+
+
+def _allocate(config, q, k, v, like_torch):
+    b, nq, hq, _ = q.shape
+    nk, dv = k.shape[1], v.shape[3]
+    out_dtype, wide = _result_dtypes(v)
+    if config.out_layout == "bhnd":
+        out = _empty((b, hq, nq, dv), out_dtype, like_torch)
+        out = out.transpose(1, 2) if like_torch else out.swapaxes(1, 2)
+    else:
+        out = _empty((b, nq, hq, dv), out_dtype, like_torch)
+    # LSE is kept whenever torch may differentiate: the backward recomputes P from it.
+    lse = _empty((b, hq, nq), wide, like_torch) if (config.want_lse or like_torch) else None
+    weights = _empty((b, hq, nq, nk), wide, like_torch) if config.want_weights else None
+    return out, lse, weights
+
+
+def _check_rank4(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"{name}: expected [B, N, H, D] (rank 4), got shape {tuple(x.shape)}")
+
+
+def _forward(config, q, k, v, parameters):
+    """O, LSE, P for [B, N, H, D] inputs of one kind (NumPy or torch), without autograd."""
+    like_torch = _is_torch(q)
+    out, lse, weights = _allocate(config, q, k, v, like_torch)
+    options = dict(config.options)
+    for name, value in parameters.items():
+        options[name] = _numpy_view(value, name)
+    _qkv.forward(_numpy_view(q, "q"), _numpy_view(k, "k"), _numpy_view(v, "v"), options,
+                 _numpy_view(out, "out"), _numpy_view(lse, "lse"), _numpy_view(weights, "weights"))
+    return out, lse, weights
+
+
+if torch is not None:
+
+    class _AttentionFunction(torch.autograd.Function):
+        """qkv's forward, and qkv's fused backward for every input that requires grad."""
+
+        @staticmethod
+        def forward(ctx, config, q, k, v, w, wq, wk, va, bias):
+            parameters = {n: t for n, t in zip(_PARAMETERS, (w, wq, wk, va, bias)) if t is not None}
+            out, lse, weights = _forward(config, q, k, v, parameters)
+            ctx.config = config
+            ctx.save_for_backward(q, k, v, w, wq, wk, va, bias, out, lse)
+            if weights is not None:
+                ctx.mark_non_differentiable(weights)
+            return out, lse, weights
+
+        @staticmethod
+        def backward(ctx, dout, dlse, _dweights):
+            q, k, v, w, wq, wk, va, bias, out, lse = ctx.saved_tensors
+            primals = (q, k, v, w, wq, wk, va, bias)
+            gradients = {}
+            for name, primal, needed in zip(_GRADIENT_NAMES, primals, ctx.needs_input_grad[1:]):
+                if needed:
+                    gradients[name] = torch.empty(primal.shape, dtype=primal.dtype)
+            options = dict(ctx.config.options)
+            for name, value in zip(_PARAMETERS, (w, wq, wk, va, bias)):
+                options[name] = _numpy_view(value, name)
+            _qkv.backward(_numpy_view(q, "q"), _numpy_view(k, "k"), _numpy_view(v, "v"), options,
+                          _numpy_view(dout, "dout"), _numpy_view(dlse, "dlse"),
+                          _numpy_view(out, "out"), _numpy_view(lse, "lse"),
+                          {n: _numpy_view(g, n) for n, g in gradients.items()})
+            return (None, *(gradients.get(name) for name in _GRADIENT_NAMES))
+
+
+def _run(config, q, k, v, parameters):
+    """(O, LSE, P) of [B, N, H, D] views; differentiable when torch tensors require grad."""
+    _check_rank4(q, k, v)
+    tensors = [q, k, v, *parameters.values()]
+    kinds = {_is_torch(t) for t in tensors if t is not None}
+    if len(kinds) > 1:
+        raise TypeError("q, k, v and the parameters: expected all NumPy arrays or all torch "
+                        "tensors, got a mix")
+    if _is_torch(q) and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in tensors):
+        args = [parameters.get(name) for name in _PARAMETERS]
+        return _AttentionFunction.apply(config, q, k, v, *args)
+    return _forward(config, q, k, v, parameters)
+
+
+def _seed(dropout_p, seed):
+    """The dropout seed: the caller's, else a fresh one from torch's (or NumPy's) generator."""
+    if dropout_p == 0.0:
+        return 0
+    if seed is not None:
+        return int(seed)
+    if torch is not None:
+        return int(torch.randint(0, 2**62, (1,)).item())
+    return int(np.random.randint(0, 2**62))
+
+
+def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
+              softcap=0.0, alibi_slopes=None, bias=None, causal=False, causal_align="bottom-right",
+              window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
+              return_weights=False, dropout_p=0.0, dropout_seed=None, threads=None):
+    """Attention in qkv's layout: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
+
+    score: "dot", "scaled_dot" (default scale 1/sqrt(Dq)), "bilinear" (w [Dq, Dk] or
+    [Hq, Dq, Dk]) or "additive" (wq [A, Dq], wk [A, Dk], va [A], or each with a leading Hq).
+    softcap c > 0: s <- c·tanh(s/c). alibi_slopes [Hq] or [B, Hq]. bias: float, broadcastable to
+    [B, Hq, Nq, Nk]. causal with causal_align "bottom-right" (FlashAttention) or "top-left"
+    (PyTorch). window (left, right), -1 unbounded. key_lengths [B] ints. mask: bool,
+    broadcastable to [B, Hq, Nq, Nk], True = may attend. dropout_p on the weights, with
+    dropout_seed (drawn when None). threads: None = all cores.
+
+    Returns O [B, Nq, Hq, Dv] in v's dtype, followed by LSE [B, Hq, Nq] and the weights
+    [B, Hq, Nq, Nk] when asked for (float32; float64 for float64 inputs). A query that sees no
+    key gets O = 0, weights 0 and LSE = -inf, never NaN. Differentiable for torch tensors in q, k,
+    v, w, wq, wk, va and bias.
+    """
+    options = dict(score=score, scale=scale, softcap=float(softcap), alibi_slopes=_numpy_view(
+        alibi_slopes, "alibi_slopes"), causal=bool(causal), causal_align=causal_align,
+        window_left=int(window[0]), window_right=int(window[1]),
+        key_lengths=_numpy_view(key_lengths, "key_lengths"), mask=_numpy_view(mask, "mask"),
+        dropout=float(dropout_p), dropout_seed=_seed(dropout_p, dropout_seed),
+        threads=0 if threads is None else int(threads))
+    parameters = {n: t for n, t in (("w", w), ("wq", wq), ("wk", wk), ("va", va), ("bias", bias))
+                  if t is not None}
+    config = _Config(options, return_lse, return_weights)
+    out, lse, weights = _run(config, q, k, v, parameters)
+    results = (out,) + ((lse,) if return_lse else ()) + ((weights,) if return_weights else ())
+    return results[0] if len(results) == 1 else results
+
+
+def _swap(x, a, b):
+    return x.transpose(a, b) if _is_torch(x) else np.swapaxes(x, a, b)
+
+
+def _as_rank4(x, name):
+    """[..., H, N, D] as [B, H, N, D]: rank 2 and 3 gain leading 1s, rank > 4 folds its batch
+    dimensions (a view when the storage allows it)."""
+    shape = tuple(x.shape)
+    if len(shape) < 2:
+        raise ValueError(f"{name}: expected [..., N, D] (rank >= 2), got shape {shape}")
+    lead = shape[:-3] if len(shape) >= 3 else ()
+    heads = shape[-3] if len(shape) >= 3 else 1
+    batch = int(np.prod(lead)) if lead else 1
+    return x.reshape((batch, heads) + shape[-2:])
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                 is_causal=False, scale=None, enable_gqa=False):
+    """torch.nn.functional.scaled_dot_product_attention, computed by qkv.
+
+    query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev] (rank 2 and 3 too).
+    attn_mask: bool (True = take part in attention) or float (added), broadcastable to
+    [..., Hq, L, S]; is_causal: top-left causal mask (an error together with attn_mask).
+    scale defaults to 1/sqrt(E). enable_gqa lets Hq be a multiple of Hk. Returns
+    [..., Hq, L, Ev]. Unlike PyTorch, a query that may attend to no key gets 0, not NaN.
+    """
+    if attn_mask is not None and is_causal:
+        raise ValueError("attn_mask, is_causal: expected at most one of them, got both")
+    q, k, v = (_as_rank4(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
+    if q.shape[1] != k.shape[1] and not enable_gqa:
+        raise ValueError(f"key: expected {q.shape[1]} heads like query (or enable_gqa=True), "
+                         f"got {k.shape[1]}")
+    options = dict(score="scaled_dot", scale=scale, causal=bool(is_causal),
+                   causal_align="top-left", dropout=float(dropout_p),
+                   dropout_seed=_seed(dropout_p, None))
+    parameters = {}
+    if attn_mask is not None:
+        mask = attn_mask
+        if len(mask.shape) > 4:
+            mask = mask.reshape((-1,) + tuple(mask.shape[-3:]))
+        is_bool = (mask.dtype == torch.bool) if _is_torch(mask) else (np.asarray(mask).dtype == bool)
+        if is_bool:
+            options["mask"] = _numpy_view(mask, "attn_mask")
+        else:
+            parameters["bias"] = mask
+    config = _Config(options, False, False, out_layout="bhnd")
+    out, _, _ = _run(config, _swap(q, 1, 2), _swap(k, 1, 2), _swap(v, 1, 2), parameters)
+    out = _swap(out, 1, 2)  # [B, Hq, L, Ev], dense
+    return out.reshape(tuple(query.shape[:-1]) + (value.shape[-1],))
+
+
+def _flash_options(q, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                   seed):
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    return dict(score="dot", scale=float(scale), softcap=float(softcap), causal=bool(causal),
+                causal_align="bottom-right", window_left=int(window_size[0]),
+                window_right=int(window_size[1]),
+                alibi_slopes=_numpy_view(alibi_slopes, "alibi_slopes"), dropout=float(dropout_p),
+                dropout_seed=seed)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=True,
+                    return_attn_probs=False):
+    """flash_attn.flash_attn_func on the CPU: q [B, Nq, Hq, D], k and v [B, Nk, Hk, D].
+
+    Bottom-right causal, sliding window_size (left, right) (-1 = unbounded), softcap, ALiBi
+    slopes [Hq] or [B, Hq], softmax_scale default 1/sqrt(D). qkv's backward is always
+    deterministic (the flag is accepted for compatibility). Returns out [B, Nq, Hq, D], or
+    (out, softmax_lse [B, Hq, Nq], attention probabilities [B, Hq, Nq, Nk]) with
+    return_attn_probs.
+    """
+    del deterministic  # always so
+    options = _flash_options(q, dropout_p, softmax_scale, causal, window_size, softcap,
+                             alibi_slopes, _seed(dropout_p, None))
+    config = _Config(options, return_attn_probs, return_attn_probs)
+    out, lse, weights = _run(config, q, k, v, {})
+    return (out, lse, weights) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           softcap=0.0, alibi_slopes=None, deterministic=True,
+                           return_attn_probs=False):
+    """flash_attn.flash_attn_varlen_func on the CPU: sequences packed along the first dimension,
+    q [total_q, Hq, D], k and v [total_k, Hk, D], sequence i at cu_seqlens[i] : cu_seqlens[i + 1].
+
+    Returns out [total_q, Hq, D], or (out, softmax_lse [Hq, total_q], a list of each sequence's
+    probabilities [Hq, Nq_i, Nk_i]) with return_attn_probs.
+    """
+    del deterministic
+    starts_q = [int(x) for x in _numpy_view(cu_seqlens_q, "cu_seqlens_q")]
+    starts_k = [int(x) for x in _numpy_view(cu_seqlens_k, "cu_seqlens_k")]
+    if len(starts_q) != len(starts_k) or len(starts_q) < 1:
+        raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected the same number (>= 1) of "
+                         f"offsets, got {len(starts_q)} and {len(starts_k)}")
+    for name, starts, total, longest in (("cu_seqlens_q", starts_q, q.shape[0], max_seqlen_q),
+                                          ("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)):
+        lengths = np.diff(starts)
+        if starts[0] != 0 or starts[-1] != total or (lengths < 0).any():
+            raise ValueError(f"{name}: expected offsets rising from 0 to {total}, got {starts}")
+        if len(lengths) and lengths.max() > longest:
+            raise ValueError(f"{name}: expected sequences of at most {longest} (the max_seqlen), "
+                             f"got {lengths.max()}")
+    seed = _seed(dropout_p, None)
+    outs, lses, probs = [], [], []
+    for i in range(len(starts_q) - 1):
+        qi = q[starts_q[i]:starts_q[i + 1]][None]
+        ki = k[starts_k[i]:starts_k[i + 1]][None]
+        vi = v[starts_k[i]:starts_k[i + 1]][None]
+        slopes = alibi_slopes
+        if slopes is not None and len(slopes.shape) == 2:
+            slopes = slopes[i]
+        options = _flash_options(q, dropout_p, softmax_scale, causal, window_size, softcap,
+                                 slopes, seed + i if dropout_p else 0)
+        config = _Config(options, True, return_attn_probs)
+        out, lse, weights = _run(config, qi, ki, vi, {})
+        outs.append(out[0])
+        lses.append(lse[0])
+        probs.append(None if weights is None else weights[0])
+    cat = torch.cat if _is_torch(q) else np.concatenate
+    out = cat(outs, 0) if outs else q[:0]
+    if not return_attn_probs:
+        return out
+    return out, cat(lses, 1), probs

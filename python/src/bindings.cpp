@@ -1,0 +1,154 @@
+// qkv._qkv: the C++ library seen from Python, one level below the public functions of
+// qkv/__init__.py. Arrays arrive as NumPy arrays (torch tensors are viewed as NumPy arrays by the
+// Python layer, without a copy); uint16 arrays hold bfloat16 bits. Each array becomes a TensorView
+// over the same memory (strides in elements), so nothing is copied on the way in or out, and the
+// GIL is released while the library computes.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <optional>
+#include <string>
+
+#include "qkv/attention.hpp"
+#include "qkv/backward.hpp"
+#include "qkv/error.hpp"
+#include "qkv/simd.hpp"
+
+namespace py = pybind11;
+
+namespace {
+
+// The qkv dtype of a NumPy array (uint16 is bfloat16); TypeError for anything else.
+qkv::DType dtype_of(const py::array& array, const std::string& name) {
+  const py::dtype dtype = array.dtype();
+  const char kind = dtype.kind();
+  const auto size = dtype.itemsize();
+  if (kind == 'f' && size == 4) return qkv::DType::float32;
+  if (kind == 'f' && size == 8) return qkv::DType::float64;
+  if (kind == 'b' && size == 1) return qkv::DType::boolean;
+  if (kind == 'i' && size == 4) return qkv::DType::int32;
+  if (kind == 'i' && size == 8) return qkv::DType::int64;
+  if (kind == 'u' && size == 2) return qkv::DType::bfloat16;
+  throw py::type_error(name + ": expected float32, float64, bfloat16, bool, int32 or int64, got " +
+                       py::repr(dtype).cast<std::string>());
+}
+
+template <class View>
+View view_of(const py::array& array, const std::string& name, void* data) {
+  if (array.ndim() > qkv::kMaxRank) {
+    throw py::value_error(name + ": expected rank <= 4, got rank " + std::to_string(array.ndim()));
+  }
+  View view;
+  view.data = data;
+  view.dtype = dtype_of(array, name);
+  view.rank = static_cast<int>(array.ndim());
+  const auto itemsize = array.itemsize();
+  for (int d = 0; d < view.rank; ++d) {
+    view.shape[static_cast<std::size_t>(d)] = array.shape(d);
+    if (array.strides(d) % itemsize != 0) {
+      throw py::value_error(name + ": expected strides that are whole elements");
+    }
+    view.strides[static_cast<std::size_t>(d)] = array.strides(d) / itemsize;
+  }
+  return view;
+}
+
+qkv::TensorView input(const py::array& array, const std::string& name) {
+  return view_of<qkv::TensorView>(array, name, const_cast<void*>(array.data()));
+}
+
+qkv::MutableTensorView output(py::array& array, const std::string& name) {
+  if (!array.writeable()) throw py::value_error(name + ": expected a writeable array");
+  return view_of<qkv::MutableTensorView>(array, name, array.mutable_data());
+}
+
+std::optional<qkv::TensorView> optional_input(const py::dict& options, const char* key) {
+  if (!options.contains(key) || options[key].is_none()) return std::nullopt;
+  return input(options[key].cast<py::array>(), key);
+}
+
+template <class T>
+T get(const py::dict& options, const char* key, T fallback) {
+  if (!options.contains(key) || options[key].is_none()) return fallback;
+  return options[key].cast<T>();
+}
+
+// AttentionOptions from the keyword dictionary the Python layer builds (arrays stay alive in it).
+qkv::AttentionOptions options_of(const py::dict& o) {
+  qkv::AttentionOptions options;
+  options.score = qkv::parse_score(get<std::string>(o, "score", "scaled_dot"));
+  if (o.contains("scale") && !o["scale"].is_none()) options.scale = o["scale"].cast<double>();
+  options.softcap = get<double>(o, "softcap", 0.0);
+  options.w = optional_input(o, "w");
+  options.wq = optional_input(o, "wq");
+  options.wk = optional_input(o, "wk");
+  options.va = optional_input(o, "va");
+  options.alibi_slopes = optional_input(o, "alibi_slopes");
+  options.bias = optional_input(o, "bias");
+  options.causal = get<bool>(o, "causal", false);
+  options.causal_align =
+      qkv::parse_causal_align(get<std::string>(o, "causal_align", "bottom-right"));
+  options.window_left = get<std::int64_t>(o, "window_left", -1);
+  options.window_right = get<std::int64_t>(o, "window_right", -1);
+  options.key_lengths = optional_input(o, "key_lengths");
+  options.mask = optional_input(o, "mask");
+  options.dropout = get<double>(o, "dropout", 0.0);
+  options.dropout_seed = get<std::uint64_t>(o, "dropout_seed", 0);
+  options.threads = get<int>(o, "threads", 0);
+  return options;
+}
+
+void forward(const py::array& q, const py::array& k, const py::array& v, const py::dict& options,
+             py::array out, std::optional<py::array> lse, std::optional<py::array> weights) {
+  const qkv::AttentionOptions attention_options = options_of(options);
+  qkv::AttentionOutputs outputs;
+  outputs.out = output(out, "out");
+  if (lse) outputs.lse = output(*lse, "lse");
+  if (weights) outputs.weights = output(*weights, "weights");
+  const qkv::TensorView qv = input(q, "q"), kv = input(k, "k"), vv = input(v, "v");
+  py::gil_scoped_release release;
+  qkv::attention_forward(qv, kv, vv, attention_options, outputs);
+}
+
+void backward(const py::array& q, const py::array& k, const py::array& v, const py::dict& options,
+              const py::array& dout, std::optional<py::array> dlse, const py::array& out,
+              const py::array& lse, py::dict gradients) {
+  const qkv::AttentionOptions attention_options = options_of(options);
+  qkv::AttentionGradients grads;
+  const std::pair<const char*, std::optional<qkv::MutableTensorView>*> slots[] = {
+      {"dq", &grads.dq},   {"dk", &grads.dk},   {"dv", &grads.dv},   {"dw", &grads.dw},
+      {"dwq", &grads.dwq}, {"dwk", &grads.dwk}, {"dva", &grads.dva}, {"dbias", &grads.dbias}};
+  for (const auto& [name, slot] : slots) {
+    if (gradients.contains(name) && !gradients[name].is_none()) {
+      py::array array = gradients[name].cast<py::array>();
+      *slot = output(array, name);
+    }
+  }
+  const qkv::TensorView qv = input(q, "q"), kv = input(k, "k"), vv = input(v, "v");
+  const qkv::TensorView dout_view = input(dout, "dout");
+  const std::optional<qkv::TensorView> dlse_view =
+      dlse ? std::optional<qkv::TensorView>(input(*dlse, "dlse")) : std::nullopt;
+  const qkv::SavedForward saved{input(out, "out"), input(lse, "lse")};
+  py::gil_scoped_release release;
+  qkv::attention_backward(qv, kv, vv, attention_options, dout_view, dlse_view, grads, saved);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_qkv, m) {
+  m.doc() = "qkv's C++ core (private: use the functions of the qkv package)";
+  py::register_exception<qkv::Error>(m, "Error", PyExc_ValueError);
+  m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("options"),
+        py::arg("out"), py::arg("lse") = py::none(), py::arg("weights") = py::none(),
+        "attention_forward into the given arrays (uint16 = bfloat16 bits).");
+  m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("options"),
+        py::arg("dout"), py::arg("dlse"), py::arg("out"), py::arg("lse"), py::arg("gradients"),
+        "attention_backward into the arrays of `gradients` (keys dq, dk, dv, dw, dwq, dwk, dva, "
+        "dbias).");
+  m.def(
+      "simd_target", [] { return std::string(qkv::simd_target()); },
+      "The SIMD target the kernels run on.");
+}
