@@ -22,8 +22,8 @@ __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flas
 
 
 def __getattr__(name):
-    # qkv.nn needs torch; import it only when asked for.
+    # qkv.nn needs torch: it is imported when first used.
     if name == "nn":
-        from . import nn
-        return nn
+        import importlib
+        return importlib.import_module(".nn", __name__)
     raise AttributeError(f"module 'qkv' has no attribute '{name}'")

@@ -1,0 +1,214 @@
+"""qkv.nn.MultiheadAttention: torch.nn.MultiheadAttention with qkv computing the attention.
+
+The constructor, the parameters (and so the state_dict), forward's arguments and its results are
+PyTorch's: swapping the import is the whole migration. The projections stay torch's F.linear; the
+attention between them is qkv's (forward and fused backward). Added: score="bilinear" (a per-head
+W [H, E/H, E/H], starting at the identity) and score="additive" (per-head Wq, Wk [H, A, E/H] and
+v [H, A]). A query that may attend to no key gets zero attention (the output is out_proj.bias)
+where PyTorch gives NaN.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn as _nn
+
+from ._functions import _Config, _run, _seed
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(_nn.Module):
+    """See torch.nn.MultiheadAttention; score and additive_dim are qkv's additions."""
+
+    __constants__ = ["batch_first"]
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
+                 add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
+                 dtype=None, score="scaled_dot", additive_dim=None):
+        if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim: expected a positive multiple of num_heads ({num_heads}), "
+                             f"got {embed_dim}")
+        if score not in ("scaled_dot", "bilinear", "additive"):
+            raise ValueError(f"score: expected scaled_dot, bilinear or additive, got '{score}'")
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        self.score = score
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = _nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = _nn.Parameter(torch.empty((embed_dim, embed_dim), **factory))
+            self.k_proj_weight = _nn.Parameter(torch.empty((embed_dim, self.kdim), **factory))
+            self.v_proj_weight = _nn.Parameter(torch.empty((embed_dim, self.vdim), **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = _nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = _nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = _nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+            self.bias_v = _nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
+        self.additive_dim = additive_dim or self.head_dim
+        if score == "bilinear":
+            self.score_weight = _nn.Parameter(
+                torch.empty((num_heads, self.head_dim, self.head_dim), **factory))
+        elif score == "additive":
+            shape = (num_heads, self.additive_dim, self.head_dim)
+            self.score_wq = _nn.Parameter(torch.empty(shape, **factory))
+            self.score_wk = _nn.Parameter(torch.empty(shape, **factory))
+            self.score_v = _nn.Parameter(torch.empty((num_heads, self.additive_dim), **factory))
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        if self._qkv_same_embed_dim:
+            _nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            _nn.init.xavier_uniform_(self.q_proj_weight)
+            _nn.init.xavier_uniform_(self.k_proj_weight)
+            _nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            _nn.init.constant_(self.in_proj_bias, 0.0)
+            _nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            _nn.init.xavier_normal_(self.bias_k)
+            _nn.init.xavier_normal_(self.bias_v)
+        if self.score == "bilinear":
+            with torch.no_grad():
+                self.score_weight.copy_(torch.eye(self.head_dim).expand_as(self.score_weight))
+        elif self.score == "additive":
+            for weight in (self.score_wq, self.score_wk):
+                for head in weight:
+                    _nn.init.xavier_uniform_(head)
+            bound = 1.0 / math.sqrt(self.additive_dim)
+            _nn.init.uniform_(self.score_v, -bound, bound)
+
+    def _projections(self):
+        e = self.embed_dim
+        if self._qkv_same_embed_dim:
+            w_q, w_k, w_v = self.in_proj_weight[:e], self.in_proj_weight[e:2 * e], self.in_proj_weight[2 * e:]
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        if self.in_proj_bias is None:
+            return (w_q, None), (w_k, None), (w_v, None)
+        b = self.in_proj_bias
+        return (w_q, b[:e]), (w_k, b[e:2 * e]), (w_v, b[2 * e:])
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        """query [L, N, E] (or [N, L, E] with batch_first, or [L, E] unbatched), key [S, N, kdim],
+        value [S, N, vdim]; key_padding_mask [N, S] (True = padding) ; attn_mask [L, S] or
+        [N·H, L, S], bool (True = not allowed) or float (added); is_causal hides key j > i.
+        Returns (output like query, weights [N, L, S'] averaged or [N, H, L, S'], or None)."""
+        batched = query.dim() == 3
+        if not batched:
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if self.batch_first and batched:  # the computation runs batch first: [N, L, E]
+            q_in, k_in, v_in = query, key, value
+        else:
+            q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, length, _ = q_in.shape
+        keys = k_in.shape[1]
+        if v_in.shape[1] != keys or k_in.shape[0] != n or v_in.shape[0] != n:
+            raise ValueError(f"key, value: expected {n} sequences of one length, got key "
+                             f"{tuple(key.shape)} and value {tuple(value.shape)}")
+        (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
+        q = F.linear(q_in, w_q, b_q)
+        k = F.linear(k_in, w_k, b_k)
+        v = F.linear(v_in, w_v, b_v)
+        extra = 0  # key columns appended after the S given ones
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.expand(n, 1, self.embed_dim)], 1)
+            v = torch.cat([v, self.bias_v.expand(n, 1, self.embed_dim)], 1)
+            extra += 1
+        h, d = self.num_heads, self.head_dim
+        q = q.reshape(n, length, h, d)
+        k = k.reshape(n, keys + extra, h, d)
+        v = v.reshape(n, keys + extra, h, d)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros((n, 1, h, d))], 1)
+            v = torch.cat([v, v.new_zeros((n, 1, h, d))], 1)
+            extra += 1
+
+        options = {"score": self.score, "causal": bool(is_causal), "causal_align": "top-left"}
+        parameters = {}
+        if self.score == "bilinear":
+            options["scale"] = 1.0 / math.sqrt(d)
+            parameters["w"] = self.score_weight
+        elif self.score == "additive":
+            parameters.update(wq=self.score_wq, wk=self.score_wk, va=self.score_v)
+        allowed, added = self._masks(attn_mask, key_padding_mask, n, length, keys, extra)
+        if allowed is not None:
+            options["mask"] = allowed.numpy()  # a view: `allowed` outlives the call
+        if added is not None:
+            parameters["bias"] = added
+        dropout = self.dropout if self.training else 0.0
+        options["dropout"] = float(dropout)
+        options["dropout_seed"] = _seed(dropout, None)
+        out, _, weights = _run(_Config(options, False, need_weights), q, k, v, parameters)
+        attention = out.reshape(n, length, self.embed_dim)
+        output = self.out_proj(attention)
+        if not (self.batch_first and batched):
+            output = output.transpose(0, 1)
+        if not batched:
+            output = output.squeeze(1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if weights is not None and not batched:
+            weights = weights.squeeze(0)
+        return output, weights
+
+    def _masks(self, attn_mask, key_padding_mask, n, length, keys, extra):
+        """PyTorch's masks as qkv's: (bool mask, True = may attend) and (float bias), each
+        broadcastable to [N, H, L, S'], the appended key columns visible and unbiased."""
+        allowed, added = None, None
+
+        def widen(mask, fill):
+            if extra == 0:
+                return mask
+            pad = mask.new_full(tuple(mask.shape[:-1]) + (extra,), fill)
+            return torch.cat([mask, pad], -1)
+
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                shaped = attn_mask.reshape(1, 1, length, keys)
+            elif attn_mask.dim() == 3 and attn_mask.shape[0] == n * self.num_heads:
+                shaped = attn_mask.reshape(n, self.num_heads, length, keys)
+            else:
+                raise ValueError(f"attn_mask: expected [L, S] = [{length}, {keys}] or [N·H, L, S] = "
+                                 f"[{n * self.num_heads}, {length}, {keys}], got "
+                                 f"{list(attn_mask.shape)}")
+            if attn_mask.dtype == torch.bool:
+                allowed = widen(~shaped, True)
+            else:
+                added = widen(shaped, 0.0)
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (n, keys):
+                raise ValueError(f"key_padding_mask: expected [N, S] = [{n}, {keys}], got "
+                                 f"{list(key_padding_mask.shape)}")
+            shaped = key_padding_mask.reshape(n, 1, 1, keys)
+            if key_padding_mask.dtype == torch.bool:
+                visible = widen(~shaped, True)
+                allowed = visible if allowed is None else (allowed & visible)
+            else:
+                padding = widen(shaped, 0.0)
+                added = padding if added is None else added + padding
+        if allowed is not None:
+            allowed = allowed.contiguous()
+        return allowed, added

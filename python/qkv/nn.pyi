@@ -1,0 +1,31 @@
+"""Typed signatures of qkv.nn."""
+from typing import Optional, Tuple
+
+import torch
+
+class MultiheadAttention(torch.nn.Module):
+    embed_dim: int
+    kdim: int
+    vdim: int
+    num_heads: int
+    dropout: float
+    batch_first: bool
+    head_dim: int
+    score: str
+    in_proj_weight: Optional[torch.nn.Parameter]
+    q_proj_weight: Optional[torch.nn.Parameter]
+    k_proj_weight: Optional[torch.nn.Parameter]
+    v_proj_weight: Optional[torch.nn.Parameter]
+    in_proj_bias: Optional[torch.nn.Parameter]
+    bias_k: Optional[torch.nn.Parameter]
+    bias_v: Optional[torch.nn.Parameter]
+    out_proj: torch.nn.Linear
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = ..., bias: bool = ...,
+                 add_bias_kv: bool = ..., add_zero_attn: bool = ..., kdim: Optional[int] = ...,
+                 vdim: Optional[int] = ..., batch_first: bool = ..., device: object = ...,
+                 dtype: Optional[torch.dtype] = ..., score: str = ...,
+                 additive_dim: Optional[int] = ...) -> None: ...
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: Optional[torch.Tensor] = ..., need_weights: bool = ...,
+                attn_mask: Optional[torch.Tensor] = ..., average_attn_weights: bool = ...,
+                is_causal: bool = ...) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...

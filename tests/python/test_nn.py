@@ -1,0 +1,119 @@
+"""qkv.nn.MultiheadAttention against torch.nn.MultiheadAttention: the same state_dict, the same
+outputs, weights and gradients (float32, relative error <= 1e-5)."""
+import pytest
+import torch
+
+import qkv
+
+torch.set_num_threads(2)
+TOLERANCE = 1e-5
+
+
+def relative(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+CASES = [
+    dict(name="self"),
+    dict(name="self_batch_first", batch_first=True),
+    dict(name="cross_kdim_vdim", kdim=5, vdim=7, s=9),
+    dict(name="key_padding", key_padding=True),
+    dict(name="bool_mask", bool_mask=True, s=8),
+    dict(name="float_mask_3d", float_mask=True, s=8, batch_first=True),
+    dict(name="bias_kv_zero_attn", add_bias_kv=True, add_zero_attn=True, key_padding=True),
+    dict(name="per_head_weights", average=False, bool_mask=True),
+    dict(name="no_bias", bias=False, s=6),
+    dict(name="unbatched", unbatched=True, bool_mask=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_matches_torch(case):
+    torch.manual_seed(len(case["name"]))
+    e, h, n, l = 8, 2, 3, 5
+    s = case.get("s", l)
+    kdim, vdim = case.get("kdim", e), case.get("vdim", e)
+    config = dict(bias=case.get("bias", True), add_bias_kv=case.get("add_bias_kv", False),
+                  add_zero_attn=case.get("add_zero_attn", False), kdim=kdim, vdim=vdim,
+                  batch_first=case.get("batch_first", False))
+    theirs = torch.nn.MultiheadAttention(e, h, **config)
+    ours = qkv.nn.MultiheadAttention(e, h, **config)
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+
+    def sequence(length, features):
+        if case.get("unbatched"):
+            return torch.randn(length, features)
+        return torch.randn((n, length, features) if config["batch_first"] else (length, n, features))
+
+    query, key, value = sequence(l, e), sequence(s, kdim), sequence(s, vdim)
+    kw = dict(need_weights=True, average_attn_weights=case.get("average", True))
+    if case.get("key_padding"):
+        padding = torch.rand(n, s) < 0.3
+        padding[:, 0] = False
+        kw["key_padding_mask"] = padding
+    if case.get("bool_mask"):
+        mask = torch.rand(l, s) < 0.3
+        mask[:, 1] = False
+        kw["attn_mask"] = mask
+    if case.get("float_mask"):
+        kw["attn_mask"] = torch.randn(n * h, l, s)
+    results = []
+    for module in (theirs, ours):
+        inputs = [x.clone().requires_grad_() for x in (query, key, value)]
+        out, weights = module(*inputs, **kw)
+        dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+        out.backward(dout)
+        grads = {name: p.grad.clone() for name, p in module.named_parameters()}
+        results.append((out, weights, [x.grad for x in inputs], grads))
+    (out_t, w_t, in_t, p_t), (out_q, w_q, in_q, p_q) = results
+    assert relative(out_q, out_t) <= TOLERANCE
+    assert w_q.shape == w_t.shape and relative(w_q, w_t) <= TOLERANCE
+    for a, b in zip(in_q, in_t):
+        assert relative(a, b) <= TOLERANCE
+    assert sorted(p_q) == sorted(p_t)
+    for name in p_t:
+        assert relative(p_q[name], p_t[name]) <= TOLERANCE, name
+
+
+@pytest.mark.parametrize("score", ["bilinear", "additive"])
+def test_scores_pytorch_lacks_train(score):
+    """The extra scores learn: gradients reach their parameters and a few Adam steps on a copy
+    task lower the loss."""
+    torch.manual_seed(0)
+    layer = qkv.nn.MultiheadAttention(16, 2, score=score, batch_first=True)
+    names = [name for name, _ in layer.named_parameters()]
+    assert any(name.startswith("score_") for name in names)
+    x = torch.randn(4, 6, 16)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        optimizer.zero_grad()
+        out, _ = layer(x, x, x, need_weights=False)
+        loss = ((out - x) ** 2).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_fully_masked_query_gives_bias_not_nan():
+    torch.manual_seed(2)
+    theirs = torch.nn.MultiheadAttention(8, 2)
+    ours = qkv.nn.MultiheadAttention(8, 2)
+    with torch.no_grad():
+        theirs.out_proj.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(4, 2, 8)
+    padding = torch.zeros(2, 4, dtype=torch.bool)
+    padding[1] = True  # batch 1 has no key at all
+    out_t, _ = theirs(x, x, x, key_padding_mask=padding)
+    out_q, w_q = ours(x, x, x, key_padding_mask=padding)
+    assert torch.isnan(out_t[:, 1]).all()
+    assert torch.equal(out_q[:, 1], ours.out_proj.bias.expand(4, 8))
+    assert (w_q[1] == 0).all()
+    assert relative(out_q[:, 0], out_t[:, 0]) <= TOLERANCE
