@@ -140,7 +140,10 @@ void backward(const py::array& q, const py::array& k, const py::array& v, const 
 
 PYBIND11_MODULE(_qkv, m) {
   m.doc() = "qkv's C++ core (private: use the functions of the qkv package)";
-  py::register_exception<qkv::Error>(m, "Error", PyExc_ValueError);
+  auto& error = py::register_exception<qkv::Error>(m, "Error", PyExc_ValueError);
+  error.attr("__doc__") =
+      "qkv's own error (a ValueError): bad shapes or values, the message naming the argument, "
+      "what was expected and what came.";
   m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("options"),
         py::arg("out"), py::arg("lse") = py::none(), py::arg("weights") = py::none(),
         "attention_forward into the given arrays (uint16 = bfloat16 bits).");
