@@ -43,10 +43,17 @@ def _numpy_view(x, name):
 
 
 def _empty(shape, dtype, like_torch):
-    """An uninitialized result: a torch tensor (dtype a torch dtype) or a NumPy array."""
-    if like_torch:
-        return torch.empty(shape, dtype=dtype)
-    return np.empty(shape, dtype=dtype)
+    """An uninitialized result: a torch tensor (dtype a torch dtype) or a NumPy array.
+
+    Torch results are NumPy memory seen by torch.from_numpy: glibc's malloc keeps freed blocks of
+    this size for reuse, where a fresh torch.empty pays a page fault per 4 KiB on first write
+    (13 ms for the 8 MiB output of B1 H8 N4096 D64 here)."""
+    if not like_torch:
+        return np.empty(shape, dtype=dtype)
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(np.empty(shape, dtype=np.int16)).view(torch.bfloat16)
+    numpy_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    return torch.from_numpy(np.empty(shape, dtype=numpy_dtype))
 
 
 def _result_dtypes(v):
@@ -126,7 +133,7 @@ if torch is not None:
             gradients = {}
             for name, primal, needed in zip(_GRADIENT_NAMES, primals, ctx.needs_input_grad[1:]):
                 if needed:
-                    gradients[name] = torch.empty(primal.shape, dtype=primal.dtype)
+                    gradients[name] = _empty(tuple(primal.shape), primal.dtype, True)
             options = dict(ctx.config.options)
             for name, value in zip(_PARAMETERS, (w, wq, wk, va, bias)):
                 options[name] = _numpy_view(value, name)

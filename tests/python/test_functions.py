@@ -236,3 +236,31 @@ def test_errors_are_python_exceptions():
         qkv.attention(q, torch.from_numpy(q), q)
     with pytest.raises(qkv.Error, match="score"):
         qkv.attention(q, q, q, score="cosine")
+
+
+def test_gradcheck_sdpa_flash_and_dropout_float64():
+    torch.manual_seed(5)
+    q = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 5, 3, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, 5, 2, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_, b_: qkv.scaled_dot_product_attention(q_, k_, v_, attn_mask=b_),
+        (q, k, v, bias), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_: qkv.scaled_dot_product_attention(q_, k_, v_, is_causal=True),
+        (q, k, v), eps=1e-6, atol=1e-6)
+    fq, fk, fv = (x.transpose(1, 2).detach().clone().requires_grad_() for x in (q, k, v))
+    slopes = torch.tensor([0.5, 0.25], dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_: qkv.flash_attn_func(q_, k_, v_, causal=True, softcap=1.5,
+                                               alibi_slopes=slopes, return_attn_probs=True)[:2],
+        (fq, fk, fv), eps=1e-6, atol=1e-6)
+    # Dropout: the seed fixes the mask, so the function is deterministic and differentiable.
+    assert torch.autograd.gradcheck(
+        lambda q_, k_, v_: qkv.attention(q_, k_, v_, dropout_p=0.4, dropout_seed=11),
+        (fq, fk, fv), eps=1e-6, atol=1e-6)
+    once = qkv.attention(fq, fk, fv, dropout_p=0.4, dropout_seed=11)
+    again = qkv.attention(fq, fk, fv, dropout_p=0.4, dropout_seed=11)
+    other = qkv.attention(fq, fk, fv, dropout_p=0.4, dropout_seed=12)
+    assert torch.equal(once, again) and not torch.equal(once, other)
