@@ -63,6 +63,13 @@ struct AttentionOptions {
   // Boolean, broadcastable to [B, Hq, Nq, Nk]: true = may attend (PyTorch SDPA meaning).
   std::optional<TensorView> mask;
 
+  // This call as one block of a larger problem (ring attention): the global position of its first
+  // query and first key, and the global lengths (0: this call's Nq, Nk). Causal masks, windows,
+  // key_lengths (compared with global key positions) and ALiBi then see global positions; a row
+  // that sees no key of the block gets O = 0, LSE = -inf, which merge_attention ignores.
+  std::int64_t query_offset = 0, key_offset = 0;
+  std::int64_t query_total = 0, key_total = 0;
+
   // Dropout on the attention weights (training): each weight is zeroed with probability
   // `dropout` in [0, 1) and the survivors are scaled by 1 / (1 − dropout). The mask is a pure
   // function of (dropout_seed, b, h, i, j): the same seed gives the same mask in the forward, the

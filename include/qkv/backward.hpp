@@ -35,7 +35,10 @@ struct SavedForward {
 // same mask). Fully masked rows give zero gradients, never NaN.
 // float32 and bfloat16 run the fused kernel (FlashAttention-2's backward): P is recomputed from
 // the saved LSE tile by tile, never as an Nq×Nk matrix; O(N·D) working memory; results bitwise
-// the same for any thread count. float64 runs the oracle below. Without `saved`, the forward is
+// the same for any thread count. float64 runs the oracle below (P from the saved LSE when given).
+// With `saved` from the whole problem, a call on a block of it (AttentionOptions::query_offset …)
+// gives that block's share of every gradient: summed over blocks, the whole problem's. Without
+// `saved`, the forward is
 // run first (float32) to get O and LSE. Keep LSE in float32 when the inputs are bfloat16: P is
 // recomputed as e^(s − LSE), and a bfloat16 LSE would shift it by up to 2^-8·|LSE|.
 // Memory: O(N·D) working space (packed operands, one dQ per key chunk), which the calling thread

@@ -39,7 +39,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
     check_saved(saved->lse, "saved.lse", {B, Hq, Nq}, "[B, Hq, Nq]");
   }
   if (q.dtype == DType::float64) {
-    attention_backward_reference(q, k, v, options, dout, dlse, gradients);
+    detail::backward_reference(q, k, v, options, dout, dlse, gradients, saved);
     return;
   }
   // O and LSE: the caller's, or a forward run now.

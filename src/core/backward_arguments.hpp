@@ -17,6 +17,13 @@ void check_backward_arguments(const TensorView& q, const TensorView& k, const Te
                               const std::optional<TensorView>& dlse,
                               const AttentionGradients& gradients);
 
+// The float64 oracle (attention_backward_reference), and with `saved` the backward of one block
+// of a larger problem: P from the saved LSE and Δ from the saved O, as the fused kernel does.
+void backward_reference(const TensorView& q, const TensorView& k, const TensorView& v,
+                        const AttentionOptions& options, const TensorView& dout,
+                        const std::optional<TensorView>& dlse, const AttentionGradients& gradients,
+                        const std::optional<SavedForward>& saved);
+
 // Offset, in elements, of the n-th element (row-major order) of a strided view.
 std::int64_t offset_of(const TensorView& view, std::int64_t n);
 

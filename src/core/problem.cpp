@@ -340,6 +340,25 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     }
     p.mask = broadcast_operand(*options.mask, "mask", score_shape);
   }
+  // Positions: this call as a block of a larger problem.
+  const std::int64_t q_total = options.query_total > 0 ? options.query_total : p.q_len;
+  const std::int64_t k_total = options.key_total > 0 ? options.key_total : p.k_len;
+  if (options.query_total < 0 || options.query_offset < 0 ||
+      options.query_offset > q_total - p.q_len) {
+    throw Error(
+        fmt::format("query_offset, query_total: expected 0 <= offset <= total - Nq with "
+                    "Nq = {}, got offset {} and total {}",
+                    p.q_len, options.query_offset, options.query_total));
+  }
+  if (options.key_total < 0 || options.key_offset < 0 || options.key_offset > k_total - p.k_len) {
+    throw Error(
+        fmt::format("key_offset, key_total: expected 0 <= offset <= total - Nk with "
+                    "Nk = {}, got offset {} and total {}",
+                    p.k_len, options.key_offset, options.key_total));
+  }
+  p.top_left_diagonal = options.query_offset - options.key_offset;
+  p.bottom_right_diagonal = k_total - q_total + p.top_left_diagonal;
+  p.key_offset = options.key_offset;
   if (options.key_lengths) {
     const TensorView& lengths = *options.key_lengths;
     require_view(lengths, "key_lengths");
@@ -353,9 +372,9 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     p.key_lengths = input_of(lengths);
     for (std::int64_t b = 0; b < p.batch; ++b) {
       const double length = p.key_lengths.load(b);
-      if (length < 0 || length > static_cast<double>(p.k_len)) {
+      if (length < 0 || length > static_cast<double>(k_total)) {
         throw Error(fmt::format("key_lengths: expected values in [0, Nk = {}], got {} at [{}]",
-                                p.k_len, length, b));
+                                k_total, length, b));
       }
     }
   }

@@ -74,19 +74,26 @@ struct AttentionProblem {
   CausalAlign causal_align = CausalAlign::bottom_right;
   std::int64_t window_left = -1, window_right = -1;
   int threads = 0;
+  // Where this block sits in a larger problem (AttentionOptions::query_offset …), as diagonals in
+  // local coordinates: key j is aligned with query i at j = i + bottom_right_diagonal
+  // (FlashAttention) or j = i + top_left_diagonal (PyTorch); key_offset shifts key_lengths.
+  std::int64_t bottom_right_diagonal = 0, top_left_diagonal = 0, key_offset = 0;
 
   StridedOutput out;      // (b, i, h, d)
   StridedOutput lse;      // (b, h, i)
   StridedOutput weights;  // (b, h, i, j)
 
-  // Keys of batch b at or past this index are padding.
+  // Keys of batch b at or past this (local) index are padding.
   std::int64_t key_length(std::int64_t b) const {
-    return key_lengths.present ? static_cast<std::int64_t>(key_lengths.load(b)) : k_len;
+    if (!key_lengths.present) return k_len;
+    const auto global = static_cast<std::int64_t>(key_lengths.load(b));
+    return global - key_offset < 0 ? 0
+                                   : (global - key_offset > k_len ? k_len : global - key_offset);
   }
   // Key/value head read by query head h.
   std::int64_t kv_head(std::int64_t h) const { return h / group_size; }
-  // The diagonal offset Nk − Nq of bottom-right alignment.
-  std::int64_t diagonal() const { return k_len - q_len; }
+  // The diagonal offset of bottom-right alignment: Nk − Nq for a whole problem.
+  std::int64_t diagonal() const { return bottom_right_diagonal; }
 };
 
 // A view read through its own strides (up to four indices).

@@ -51,7 +51,8 @@ inline void visible_key_range(const AttentionProblem& p, std::int64_t b, std::in
   first = 0;
   last = p.key_length(b);
   if (p.causal) {
-    const std::int64_t newest = p.causal_align == CausalAlign::bottom_right ? diagonal_j : i;
+    const std::int64_t newest =
+        p.causal_align == CausalAlign::bottom_right ? diagonal_j : i + p.top_left_diagonal;
     last = std::min(last, newest + 1);
   }
   if (p.window_left >= 0) first = std::max(first, diagonal_j - p.window_left);

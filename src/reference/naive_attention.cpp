@@ -14,7 +14,6 @@
 #include "core/dropout.hpp"
 #include "qkv/reference.hpp"
 
-
 namespace qkv::detail {
 
 namespace {
@@ -28,10 +27,11 @@ Real load(const StridedInput& input, std::int64_t i0, std::int64_t i1 = 0, std::
 // DESIGN.md §3, one condition at a time.
 bool key_visible(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
                  std::int64_t j) {
-  const std::int64_t diagonal_j = i + p.k_len - p.q_len;  // the key aligned with query i
+  const std::int64_t diagonal_j = i + p.diagonal();  // the key aligned with query i
   if (p.mask.present && p.mask.load(b, h, i, j) == 0.0) return false;
   if (p.causal) {
-    const std::int64_t last = p.causal_align == CausalAlign::bottom_right ? diagonal_j : i;
+    const std::int64_t last =
+        p.causal_align == CausalAlign::bottom_right ? diagonal_j : i + p.top_left_diagonal;
     if (j > last) return false;
   }
   if (p.window_left >= 0 && j < diagonal_j - p.window_left) return false;
@@ -121,7 +121,7 @@ void evaluate_literally(const AttentionProblem& p) {
             s = cap * std::tanh(s / cap);
           }
           if (p.alibi_slopes.present) {
-            const auto distance = static_cast<Real>(std::llabs(i + p.k_len - p.q_len - j));
+            const auto distance = static_cast<Real>(std::llabs(i + p.diagonal() - j));
             s -= load<Real>(p.alibi_slopes, b, h) * distance;
           }
           if (p.bias.present) s += load<Real>(p.bias, b, h, i, j);

@@ -46,6 +46,14 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
                                   const AttentionOptions& options, const TensorView& dout,
                                   const std::optional<TensorView>& dlse,
                                   const AttentionGradients& gradients) {
+  detail::backward_reference(q, k, v, options, dout, dlse, gradients, std::nullopt);
+}
+
+void detail::backward_reference(const TensorView& q, const TensorView& k, const TensorView& v,
+                                const AttentionOptions& options, const TensorView& dout,
+                                const std::optional<TensorView>& dlse,
+                                const AttentionGradients& gradients,
+                                const std::optional<SavedForward>& saved) {
   // 1. Validate.
   detail::check_backward_arguments(q, k, v, options, dout, dlse, gradients);
   const std::array<std::int64_t, 4> out_shape{q.shape[0], q.shape[1], q.shape[2], v.shape[3]};
@@ -55,6 +63,9 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
                v64 = detail::dense_copy(v);
   const Tensor dout64 = detail::dense_copy(dout);
   const Tensor dlse64 = dlse ? detail::dense_copy(*dlse) : Tensor();
+  // A block of a larger problem (see attention_backward): the whole problem's O and LSE.
+  const Tensor saved_out = saved ? detail::dense_copy(saved->out) : Tensor();
+  const Tensor saved_lse = saved ? detail::dense_copy(saved->lse) : Tensor();
   AttentionOptions dense = options;
   std::vector<Tensor> keep;
   for (std::optional<TensorView>* slot :
@@ -152,7 +163,9 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
           const std::int64_t diagonal_j = i + p.diagonal();
           bool seen = j < p.key_length(b);
           if (p.mask.present && p.mask.load(b, h, i, j) == 0.0) seen = false;
-          if (p.causal && j > (p.causal_align == CausalAlign::bottom_right ? diagonal_j : i))
+          if (p.causal &&
+              j > (p.causal_align == CausalAlign::bottom_right ? diagonal_j
+                                                               : i + p.top_left_diagonal))
             seen = false;
           if (p.window_left >= 0 && j < diagonal_j - p.window_left) seen = false;
           if (p.window_right >= 0 && j > diagonal_j + p.window_right) seen = false;
@@ -165,7 +178,9 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
           if (visible[static_cast<std::size_t>(j)])
             denominator += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
         }
-        const double lse = row_max + std::log(denominator);
+        const double lse = saved ? saved_lse.data<double>()[(b * p.q_heads + h) * p.q_len + i]
+                                 : row_max + std::log(denominator);
+        if (lse == -std::numeric_limits<double>::infinity()) continue;
         for (std::int64_t j = 0; j < p.k_len; ++j) {
           const auto J = static_cast<std::size_t>(j);
           weights[J] = visible[J] ? std::exp(scores[J] - lse) : 0.0;
@@ -185,6 +200,13 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
             d_weights[J] += factor * d_out_value * p.v.load(b, j, hk, d);
           }
           delta += weights[J] * d_weights[J];
+        }
+        if (saved) {  // Δ_i = dO_i · O_i over the whole problem, not this block
+          delta = 0.0;
+          for (std::int64_t d = 0; d < p.v_dim; ++d) {
+            delta += d_out.load(b, i, h, d) *
+                     saved_out.data<double>()[((b * p.q_len + i) * p.q_heads + h) * p.v_dim + d];
+          }
         }
         const double d_lse_value = d_lse(b, h, i);
         for (std::int64_t j = 0; j < p.k_len; ++j) {
