@@ -197,8 +197,13 @@ void run_attention(const AttentionFlags& flags) {
     parameter(flags.dwq, wq, gradients.dwq, "--dwq", "--wq");
     parameter(flags.dwk, wk, gradients.dwk, "--dwk", "--wk");
     parameter(flags.dva, va, gradients.dva, "--dva", "--va");
+    // float64 recomputes its own LSE: the one written is float32.
+    const std::optional<SavedForward> saved =
+        q.dtype() == DType::float64 ? std::nullopt
+                                    : std::optional<SavedForward>(SavedForward{
+                                          outputs.out.as_const(), outputs.lse->as_const()});
     attention_backward(qv, kv, vv, options, sequence_view(*dout, "--dout"), std::nullopt, gradients,
-                       SavedForward{outputs.out.as_const(), outputs.lse->as_const()});
+                       saved);
   }
 
   // 4. Write all outputs, or none.
