@@ -15,6 +15,7 @@ packages=(
   pybind11-dev python3-dev            # the Python module
   python3-pip python3-venv python3-setuptools python3-wheel  # pip install . without a download
   python3-hypothesis                  # property-based tests of the Python module
+  libopenmpi-dev openmpi-bin          # distributed attention (ring, heads) over MPI
 )
 
 missing=()

@@ -1,0 +1,615 @@
+// Ring attention and head-parallel attention over MPI.
+//
+// Ring. Rank r keeps its query shard and, for P steps, holds one key/value shard: its own first,
+// then the one of rank r − 1, r − 2, … While it computes attention of its queries on the shard it
+// holds (each pair of query piece and key piece told its global offsets, so causal masks, windows,
+// key lengths and ALiBi see global positions; pairs a causal mask hides entirely are skipped), the
+// next shard is already on its way (MPI_Isend / MPI_Irecv posted before the compute). Each step's
+// (O, LSE) is merged into the running result with merge_attention. The backward walks the same
+// ring with a bundle (K, V, dK, dV): each rank adds its queries' share of dK and dV (attention_
+// backward on the block with the whole problem's O and LSE) before passing the bundle on; after P
+// passes every bundle is home.
+//
+// Heads. With Hq and Hk divisible by P, an all-to-all turns sequence shards into head shards
+// (rank s gets every row of heads s·H/P …), attention runs on whole sequences, and a second
+// all-to-all returns the results to the sequence shards.
+
+#include "qkv/distributed.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "qkv/error.hpp"
+#include "qkv/merge.hpp"
+
+namespace qkv::distributed {
+
+namespace {
+
+using Pieces = std::vector<std::pair<std::int64_t, std::int64_t>>;
+
+// Rows [begin, end) of dimension `dim` of a view.
+template <class View>
+View rows(View view, int dim, std::int64_t begin, std::int64_t end) {
+  using Byte = std::conditional_t<std::is_same_v<View, TensorView>, const std::byte, std::byte>;
+  view.data = static_cast<Byte*>(view.data) + begin * view.strides[static_cast<std::size_t>(dim)] *
+                                                  static_cast<std::int64_t>(dtype_size(view.dtype));
+  view.shape[static_cast<std::size_t>(dim)] = end - begin;
+  return view;
+}
+
+// Heads [begin, end) (dimension 2 of [B, N, H, D]).
+template <class View>
+View heads(View view, std::int64_t begin, std::int64_t end) {
+  return rows(view, 2, begin, end);
+}
+
+void check_mpi(int code, const char* what) {
+  if (code != MPI_SUCCESS) throw Error(fmt::format("MPI: {} failed with code {}", what, code));
+}
+
+// The wider float type results are merged in: float64 for float64 inputs, float32 otherwise.
+DType wide(DType dtype) {
+  return dtype == DType::float64 ? DType::float64 : DType::float32;
+}
+
+void copy_into(const TensorView& from, const MutableTensorView& to) {
+  // Element by element through a dense copy: the views may have any strides and dtypes.
+  const Tensor dense = to_tensor(from);
+  std::vector<double> values(static_cast<std::size_t>(dense.numel()));
+  for (std::int64_t n = 0; n < dense.numel(); ++n) {
+    double value = 0.0;
+    switch (dense.dtype()) {
+      case DType::float32:
+        value = dense.data<float>()[n];
+        break;
+      case DType::float64:
+        value = dense.data<double>()[n];
+        break;
+      case DType::bfloat16:
+        value = from_bfloat16(dense.data<std::uint16_t>()[n]);
+        break;
+      default:
+        throw Error("copy: expected a float tensor");
+    }
+    values[static_cast<std::size_t>(n)] = value;
+  }
+  Tensor converted(to.dtype,
+                   std::vector<std::int64_t>(to.shape.begin(), to.shape.begin() + to.rank));
+  for (std::int64_t n = 0; n < converted.numel(); ++n) {
+    const double value = values[static_cast<std::size_t>(n)];
+    if (to.dtype == DType::float32) converted.data<float>()[n] = static_cast<float>(value);
+    if (to.dtype == DType::float64) converted.data<double>()[n] = value;
+    if (to.dtype == DType::bfloat16)
+      converted.data<std::uint16_t>()[n] = to_bfloat16(static_cast<float>(value));
+  }
+  // Strided store: walk the destination in row-major order.
+  const std::size_t size = dtype_size(to.dtype);
+  for (std::int64_t n = 0; n < converted.numel(); ++n) {
+    std::int64_t offset = 0, rest = n;
+    for (int d = to.rank - 1; d >= 0; --d) {
+      offset +=
+          (rest % to.shape[static_cast<std::size_t>(d)]) * to.strides[static_cast<std::size_t>(d)];
+      rest /= to.shape[static_cast<std::size_t>(d)];
+    }
+    std::memcpy(
+        static_cast<std::byte*>(to.data) + offset * static_cast<std::int64_t>(size),
+        static_cast<const std::byte*>(converted.raw()) + n * static_cast<std::int64_t>(size), size);
+  }
+}
+
+void add_into(const Tensor& part, const MutableTensorView& total) {
+  // total (dense, wide dtype) += part (same shape and dtype).
+  const std::int64_t count = part.numel();
+  if (part.dtype() == DType::float64) {
+    for (std::int64_t n = 0; n < count; ++n)
+      static_cast<double*>(total.data)[n] += part.data<double>()[n];
+  } else {
+    for (std::int64_t n = 0; n < count; ++n)
+      static_cast<float*>(total.data)[n] += part.data<float>()[n];
+  }
+}
+
+std::vector<std::int64_t> shape_of(const TensorView& view) {
+  return std::vector<std::int64_t>(view.shape.begin(), view.shape.begin() + view.rank);
+}
+
+// Whether the position masks hide every pair of a query piece and a key piece.
+bool hidden(const AttentionOptions& o, std::int64_t q_total, std::int64_t k_total,
+            std::pair<std::int64_t, std::int64_t> q_piece,
+            std::pair<std::int64_t, std::int64_t> k_piece) {
+  if (q_piece.second == 0 || k_piece.second == 0) return true;
+  const std::int64_t diagonal = k_total - q_total;  // bottom-right, global
+  const std::int64_t last_query = q_piece.first + q_piece.second - 1;
+  const std::int64_t first_key = k_piece.first, last_key = k_piece.first + k_piece.second - 1;
+  if (o.causal) {
+    const std::int64_t newest =
+        o.causal_align == CausalAlign::bottom_right ? last_query + diagonal : last_query;
+    if (first_key > newest) return true;
+  }
+  if (o.window_right >= 0 && first_key > last_query + diagonal + o.window_right) return true;
+  if (o.window_left >= 0 && last_key < q_piece.first + diagonal - o.window_left) return true;
+  return false;
+}
+
+struct Context {
+  MPI_Comm comm;
+  int ranks = 1, rank = 0;
+  std::int64_t batch = 0, q_heads = 0, kv_heads = 0, q_dim = 0, k_dim = 0, v_dim = 0;
+  Pieces q_pieces, k_pieces;
+};
+
+Context context(MPI_Comm comm, const TensorView& q, const TensorView& k, const TensorView& v,
+                const AttentionOptions& options, const DistributedOptions& d) {
+  Context c;
+  c.comm = comm;
+  check_mpi(MPI_Comm_size(comm, &c.ranks), "MPI_Comm_size");
+  check_mpi(MPI_Comm_rank(comm, &c.rank), "MPI_Comm_rank");
+  if (q.rank != 4 || k.rank != 4 || v.rank != 4) {
+    throw Error(fmt::format("q, k, v: expected [B, N, H, D] shards (rank 4), got {}, {}, {}",
+                            q.shape_string(), k.shape_string(), v.shape_string()));
+  }
+  if (options.bias || options.mask || options.dropout > 0) {
+    throw Error(
+        "options: expected no bias, mask or dropout in distributed attention (their "
+        "[Nq, Nk] is not sharded), got one");
+  }
+  if (d.q_total <= 0 || d.k_total <= 0) {
+    throw Error(fmt::format("q_total, k_total: expected the global lengths (> 0), got {} and {}",
+                            d.q_total, d.k_total));
+  }
+  const std::int64_t nq = shard_length(d.q_total, c.ranks, c.rank, d.layout);
+  const std::int64_t nk = shard_length(d.k_total, c.ranks, c.rank, d.layout);
+  if (q.shape[1] != nq || k.shape[1] != nk || v.shape[1] != nk) {
+    throw Error(
+        fmt::format("q, k, v: expected shards of {} and {} rows on rank {} of {}, got {}, "
+                    "{} and {}",
+                    nq, nk, c.rank, c.ranks, q.shape[1], k.shape[1], v.shape[1]));
+  }
+  c.batch = q.shape[0];
+  c.q_heads = q.shape[2];
+  c.kv_heads = k.shape[2];
+  c.q_dim = q.shape[3];
+  c.k_dim = k.shape[3];
+  c.v_dim = v.shape[3];
+  c.q_pieces = shard_pieces(d.q_total, c.ranks, c.rank, d.layout);
+  c.k_pieces = shard_pieces(d.k_total, c.ranks, c.rank, d.layout);
+  return c;
+}
+
+// Offsets of each piece within the local shard.
+std::vector<std::int64_t> local_starts(const Pieces& pieces) {
+  std::vector<std::int64_t> starts;
+  std::int64_t at = 0;
+  for (const auto& piece : pieces) {
+    starts.push_back(at);
+    at += piece.second;
+  }
+  return starts;
+}
+
+AttentionOptions block_options(const AttentionOptions& options, const DistributedOptions& d,
+                               std::int64_t q_offset, std::int64_t k_offset) {
+  AttentionOptions block = options;
+  block.query_offset = q_offset;
+  block.key_offset = k_offset;
+  block.query_total = d.q_total;
+  block.key_total = d.k_total;
+  return block;
+}
+
+// ---- Ring ---------------------------------------------------------------------------------------
+
+// K and V of one rank's shard as one dense buffer: [k | v].
+struct Block {
+  Tensor k, v;
+  std::vector<std::byte> bytes;
+  void pack() {
+    bytes.resize(k.nbytes() + v.nbytes());
+    std::memcpy(bytes.data(), k.raw(), k.nbytes());
+    std::memcpy(bytes.data() + k.nbytes(), v.raw(), v.nbytes());
+  }
+  void unpack() {
+    std::memcpy(k.raw(), bytes.data(), k.nbytes());
+    std::memcpy(v.raw(), bytes.data() + k.nbytes(), v.nbytes());
+  }
+};
+
+Block block_for(const Context& c, std::int64_t rows, DType dtype) {
+  Block block;
+  block.k = Tensor(dtype, {c.batch, rows, c.kv_heads, c.k_dim});
+  block.v = Tensor(dtype, {c.batch, rows, c.kv_heads, c.v_dim});
+  block.pack();
+  return block;
+}
+
+void ring_forward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
+                  const AttentionOptions& options, const DistributedOptions& d,
+                  const MutableTensorView& out, const std::optional<MutableTensorView>& lse) {
+  const DType merged = wide(q.dtype);
+  const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
+  std::vector<Tensor> running_out, running_lse;
+  for (const auto& piece : c.q_pieces) {
+    running_out.emplace_back(merged,
+                             std::vector<std::int64_t>{c.batch, piece.second, c.q_heads, c.v_dim});
+    Tensor minus_infinity(merged, {c.batch, c.q_heads, piece.second});
+    for (std::int64_t n = 0; n < minus_infinity.numel(); ++n) {
+      if (merged == DType::float64)
+        minus_infinity.data<double>()[n] = -INFINITY;
+      else
+        minus_infinity.data<float>()[n] = -INFINITY;
+    }
+    running_lse.push_back(std::move(minus_infinity));
+  }
+  Block current = block_for(c, k.shape[1], q.dtype);
+  current.k = to_tensor(k);
+  current.v = to_tensor(v);
+  current.pack();
+  const int next = (c.rank + 1) % c.ranks, previous = (c.rank + c.ranks - 1) % c.ranks;
+  for (int step = 0; step < c.ranks; ++step) {
+    const int source = (c.rank - step + c.ranks) % c.ranks;
+    // The next shard travels while this one is computed on.
+    Block incoming;
+    MPI_Request requests[2];
+    const bool more = step + 1 < c.ranks;
+    if (more) {
+      const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
+      incoming = block_for(c, shard_length(d.k_total, c.ranks, coming, d.layout), q.dtype);
+      check_mpi(MPI_Irecv(incoming.bytes.data(), static_cast<int>(incoming.bytes.size()), MPI_BYTE,
+                          previous, step, c.comm, &requests[0]),
+                "MPI_Irecv");
+      check_mpi(MPI_Isend(current.bytes.data(), static_cast<int>(current.bytes.size()), MPI_BYTE,
+                          next, step, c.comm, &requests[1]),
+                "MPI_Isend");
+    }
+    const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
+    const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
+    for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
+      const auto q_piece = c.q_pieces[a];
+      for (std::size_t e = 0; e < k_pieces.size(); ++e) {
+        if (hidden(options, d.q_total, d.k_total, q_piece, k_pieces[e])) continue;
+        const TensorView qv = rows(q, 1, q_starts[a], q_starts[a] + q_piece.second);
+        const TensorView kv =
+            rows(current.k.view(), 1, k_starts[e], k_starts[e] + k_pieces[e].second);
+        const TensorView vv =
+            rows(current.v.view(), 1, k_starts[e], k_starts[e] + k_pieces[e].second);
+        Tensor part_out(merged, {c.batch, q_piece.second, c.q_heads, c.v_dim});
+        Tensor part_lse(merged, {c.batch, c.q_heads, q_piece.second});
+        attention_forward(qv, kv, vv, block_options(options, d, q_piece.first, k_pieces[e].first),
+                          {part_out.mutable_view(), part_lse.mutable_view(), {}});
+        const TensorView outs[] = {running_out[a].view(), part_out.view()};
+        const TensorView lses[] = {running_lse[a].view(), part_lse.view()};
+        merge_attention(outs, lses, running_out[a].mutable_view(), running_lse[a].mutable_view());
+      }
+    }
+    if (more) {
+      check_mpi(MPI_Waitall(2, requests, MPI_STATUSES_IGNORE), "MPI_Waitall");
+      incoming.unpack();
+      current = std::move(incoming);
+    }
+  }
+  for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
+    const std::int64_t begin = q_starts[a], end = begin + c.q_pieces[a].second;
+    copy_into(running_out[a].view(), rows(out, 1, begin, end));
+    if (lse) copy_into(running_lse[a].view(), rows(*lse, 2, begin, end));
+  }
+}
+
+void ring_backward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
+                   const AttentionOptions& options, const DistributedOptions& d,
+                   const TensorView& dout, const TensorView& out, const TensorView& lse,
+                   const MutableTensorView& dq, const MutableTensorView& dk,
+                   const MutableTensorView& dv) {
+  const DType accumulate = wide(q.dtype);
+  const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
+  Tensor dq_total(accumulate, shape_of(q));
+  // The bundle: K, V and the dK, dV summed so far, of the shard it belongs to.
+  struct Bundle {
+    Tensor k, v, dk, dv;
+    std::vector<std::byte> bytes;
+    void pack() {
+      bytes.clear();
+      for (const Tensor* t : {&k, &v, &dk, &dv}) {
+        const auto* data = static_cast<const std::byte*>(t->raw());
+        bytes.insert(bytes.end(), data, data + t->nbytes());
+      }
+    }
+    void unpack() {
+      std::size_t at = 0;
+      for (Tensor* t : {&k, &v, &dk, &dv}) {
+        std::memcpy(t->raw(), bytes.data() + at, t->nbytes());
+        at += t->nbytes();
+      }
+    }
+  };
+  const auto bundle_for = [&](std::int64_t rows_count) {
+    Bundle bundle;
+    bundle.k = Tensor(q.dtype, {c.batch, rows_count, c.kv_heads, c.k_dim});
+    bundle.v = Tensor(q.dtype, {c.batch, rows_count, c.kv_heads, c.v_dim});
+    bundle.dk = Tensor(accumulate, {c.batch, rows_count, c.kv_heads, c.k_dim});
+    bundle.dv = Tensor(accumulate, {c.batch, rows_count, c.kv_heads, c.v_dim});
+    bundle.pack();
+    return bundle;
+  };
+  Bundle current = bundle_for(k.shape[1]);
+  current.k = to_tensor(k);
+  current.v = to_tensor(v);
+  const int next = (c.rank + 1) % c.ranks, previous = (c.rank + c.ranks - 1) % c.ranks;
+  for (int step = 0; step < c.ranks; ++step) {
+    const int source = (c.rank - step + c.ranks) % c.ranks;
+    const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
+    const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
+    for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
+      const auto q_piece = c.q_pieces[a];
+      const std::int64_t q0 = q_starts[a], q1 = q0 + q_piece.second;
+      for (std::size_t e = 0; e < k_pieces.size(); ++e) {
+        if (hidden(options, d.q_total, d.k_total, q_piece, k_pieces[e])) continue;
+        const std::int64_t k0 = k_starts[e], k1 = k0 + k_pieces[e].second;
+        Tensor part_dq(accumulate, {c.batch, q1 - q0, c.q_heads, c.q_dim});
+        Tensor part_dk(accumulate, {c.batch, k1 - k0, c.kv_heads, c.k_dim});
+        Tensor part_dv(accumulate, {c.batch, k1 - k0, c.kv_heads, c.v_dim});
+        AttentionGradients grads;
+        grads.dq = part_dq.mutable_view();
+        grads.dk = part_dk.mutable_view();
+        grads.dv = part_dv.mutable_view();
+        attention_backward(rows(q, 1, q0, q1), rows(current.k.view(), 1, k0, k1),
+                           rows(current.v.view(), 1, k0, k1),
+                           block_options(options, d, q_piece.first, k_pieces[e].first),
+                           rows(dout, 1, q0, q1), std::nullopt, grads,
+                           SavedForward{rows(out, 1, q0, q1), rows(lse, 2, q0, q1)});
+        // Rows of a [B, N, …] tensor: add batch by batch.
+        const auto add_rows = [&](Tensor& total, const Tensor& part, std::int64_t first) {
+          const std::int64_t n = total.shape()[1], m = part.shape()[1];
+          const std::int64_t inner = m > 0 ? part.numel() / (c.batch * m) : 0;
+          for (std::int64_t b = 0; b < c.batch; ++b) {
+            Tensor slice(part.dtype(), {m * inner});
+            std::memcpy(slice.raw(),
+                        static_cast<const std::byte*>(part.raw()) +
+                            b * m * inner * static_cast<std::int64_t>(dtype_size(part.dtype())),
+                        slice.nbytes());
+            MutableTensorView target = total.mutable_view();
+            target.data =
+                static_cast<std::byte*>(total.raw()) +
+                (b * n + first) * inner * static_cast<std::int64_t>(dtype_size(total.dtype()));
+            add_into(slice, target);
+          }
+        };
+        add_rows(dq_total, part_dq, q0);
+        add_rows(current.dk, part_dk, k0);
+        add_rows(current.dv, part_dv, k0);
+      }
+    }
+    // Pass the bundle on (after P passes it is home).
+    current.pack();
+    const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
+    Bundle incoming = bundle_for(shard_length(d.k_total, c.ranks, coming, d.layout));
+    check_mpi(
+        MPI_Sendrecv(current.bytes.data(), static_cast<int>(current.bytes.size()), MPI_BYTE, next,
+                     step, incoming.bytes.data(), static_cast<int>(incoming.bytes.size()), MPI_BYTE,
+                     previous, step, c.comm, MPI_STATUS_IGNORE),
+        "MPI_Sendrecv");
+    incoming.unpack();
+    current = std::move(incoming);
+  }
+  copy_into(dq_total.view(), dq);
+  copy_into(current.dk.view(), dk);
+  copy_into(current.dv.view(), dv);
+}
+
+// ---- Heads --------------------------------------------------------------------------------------
+
+// Sequence shards [B, n_r, H, D] → head shards [B, N, H/P, D] (to_heads), or back.
+Tensor reshard(const Context& c, const TensorView& local, std::int64_t total, Layout layout,
+               bool to_heads, std::int64_t all_heads) {
+  const int P = c.ranks;
+  const std::int64_t group = all_heads / P, dim = local.shape[3];
+  const std::size_t element = dtype_size(local.dtype);
+  std::vector<int> send_counts(static_cast<std::size_t>(P)),
+      receive_counts(static_cast<std::size_t>(P)), send_offsets(static_cast<std::size_t>(P)),
+      receive_offsets(static_cast<std::size_t>(P));
+  std::vector<std::byte> send, receive;
+  const auto block_bytes = [&](std::int64_t rows_count) {
+    return static_cast<int>(c.batch * rows_count * group * dim *
+                            static_cast<std::int64_t>(element));
+  };
+  // Pack: to each rank s, [B, rows, group, D] — my rows of its heads (to_heads) or its rows of my
+  // heads (back).
+  for (int s = 0; s < P; ++s) {
+    Tensor block;
+    if (to_heads) {
+      block = to_tensor(heads(local, s * group, (s + 1) * group));
+    } else {
+      const Pieces pieces = shard_pieces(total, P, s, layout);
+      std::int64_t rows_count = 0;
+      for (const auto& piece : pieces) rows_count += piece.second;
+      block = Tensor(local.dtype, {c.batch, rows_count, group, dim});
+      std::int64_t at = 0;
+      for (const auto& piece : pieces) {
+        copy_into(rows(local, 1, piece.first, piece.first + piece.second),
+                  rows(block.mutable_view(), 1, at, at + piece.second));
+        at += piece.second;
+      }
+    }
+    send_offsets[static_cast<std::size_t>(s)] = static_cast<int>(send.size());
+    send_counts[static_cast<std::size_t>(s)] = static_cast<int>(block.nbytes());
+    const auto* data = static_cast<const std::byte*>(block.raw());
+    send.insert(send.end(), data, data + block.nbytes());
+    const std::int64_t incoming_rows = shard_length(total, P, to_heads ? s : c.rank, layout);
+    receive_offsets[static_cast<std::size_t>(s)] = static_cast<int>(receive.size());
+    receive_counts[static_cast<std::size_t>(s)] = block_bytes(incoming_rows);
+    receive.resize(receive.size() +
+                   static_cast<std::size_t>(receive_counts[static_cast<std::size_t>(s)]));
+  }
+  check_mpi(
+      MPI_Alltoallv(send.data(), send_counts.data(), send_offsets.data(), MPI_BYTE, receive.data(),
+                    receive_counts.data(), receive_offsets.data(), MPI_BYTE, c.comm),
+      "MPI_Alltoallv");
+  // Unpack.
+  Tensor result =
+      to_heads
+          ? Tensor(local.dtype, {c.batch, total, group, dim})
+          : Tensor(local.dtype, {c.batch, shard_length(total, P, c.rank, layout), all_heads, dim});
+  for (int s = 0; s < P; ++s) {
+    const std::int64_t rows_count =
+        to_heads ? shard_length(total, P, s, layout) : shard_length(total, P, c.rank, layout);
+    const TensorView block =
+        TensorView::contiguous(receive.data() + receive_offsets[static_cast<std::size_t>(s)],
+                               local.dtype, {c.batch, rows_count, group, dim});
+    if (to_heads) {
+      std::int64_t at = 0;
+      for (const auto& piece : shard_pieces(total, P, s, layout)) {
+        copy_into(rows(block, 1, at, at + piece.second),
+                  rows(result.mutable_view(), 1, piece.first, piece.first + piece.second));
+        at += piece.second;
+      }
+    } else {
+      copy_into(block, heads(result.mutable_view(), s * group, (s + 1) * group));
+    }
+  }
+  return result;
+}
+
+// LSE [B, H, N] as [B, N, H, 1] and back (reshard moves [B, N, H, D] tensors).
+Tensor lse_as_sequence(const TensorView& lse) {
+  Tensor t(lse.dtype, {lse.shape[0], lse.shape[2], lse.shape[1], 1});
+  TensorView transposed = lse;
+  std::swap(transposed.shape[1], transposed.shape[2]);
+  std::swap(transposed.strides[1], transposed.strides[2]);
+  copy_into(transposed, MutableTensorView::contiguous(t.raw(), t.dtype(),
+                                                      {lse.shape[0], lse.shape[2], lse.shape[1]}));
+  return t;
+}
+
+// The per-head options of the heads [first, first + count).
+AttentionOptions head_options(const AttentionOptions& options, std::int64_t first,
+                              std::int64_t count, std::int64_t q_heads) {
+  AttentionOptions o = options;
+  const auto slice = [&](std::optional<TensorView>& parameter, int per_head_rank) {
+    if (parameter && parameter->rank == per_head_rank && parameter->shape[0] == q_heads) {
+      parameter = rows(*parameter, 0, first, first + count);
+    }
+  };
+  slice(o.w, 3);
+  slice(o.wq, 3);
+  slice(o.wk, 3);
+  slice(o.va, 2);
+  if (o.alibi_slopes) {
+    o.alibi_slopes = rows(*o.alibi_slopes, o.alibi_slopes->rank - 1, first, first + count);
+  }
+  return o;
+}
+
+void heads_forward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
+                   const AttentionOptions& options, const DistributedOptions& d,
+                   const MutableTensorView& out, const std::optional<MutableTensorView>& lse) {
+  const std::int64_t group = c.q_heads / c.ranks;
+  const Tensor qh = reshard(c, q, d.q_total, d.layout, true, c.q_heads);
+  const Tensor kh = reshard(c, k, d.k_total, d.layout, true, c.kv_heads);
+  const Tensor vh = reshard(c, v, d.k_total, d.layout, true, c.kv_heads);
+  const DType merged = wide(q.dtype);
+  Tensor oh(q.dtype, {c.batch, d.q_total, group, c.v_dim}), lh(merged, {c.batch, group, d.q_total});
+  attention_forward(qh.view(), kh.view(), vh.view(),
+                    head_options(options, c.rank * group, group, c.q_heads),
+                    {oh.mutable_view(), lh.mutable_view(), {}});
+  const Tensor local_out = reshard(c, oh.view(), d.q_total, d.layout, false, c.q_heads);
+  copy_into(local_out.view(), out);
+  if (lse) {
+    const Tensor back =
+        reshard(c, lse_as_sequence(lh.view()).view(), d.q_total, d.layout, false, c.q_heads);
+    TensorView as_lse = TensorView::contiguous(  // [B, n_r, H] seen as [B, H, n_r]
+        back.raw(), back.dtype(), {back.shape()[0], back.shape()[1], back.shape()[2]});
+    std::swap(as_lse.shape[1], as_lse.shape[2]);
+    std::swap(as_lse.strides[1], as_lse.strides[2]);
+    copy_into(as_lse, *lse);
+  }
+}
+
+void heads_backward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
+                    const AttentionOptions& options, const DistributedOptions& d,
+                    const TensorView& dout, const TensorView& out, const TensorView& lse,
+                    const MutableTensorView& dq, const MutableTensorView& dk,
+                    const MutableTensorView& dv) {
+  const std::int64_t group = c.q_heads / c.ranks, kv_group = c.kv_heads / c.ranks;
+  const Tensor qh = reshard(c, q, d.q_total, d.layout, true, c.q_heads);
+  const Tensor kh = reshard(c, k, d.k_total, d.layout, true, c.kv_heads);
+  const Tensor vh = reshard(c, v, d.k_total, d.layout, true, c.kv_heads);
+  const Tensor doh = reshard(c, dout, d.q_total, d.layout, true, c.q_heads);
+  const Tensor oh = reshard(c, out, d.q_total, d.layout, true, c.q_heads);
+  const Tensor lse_sequence = lse_as_sequence(lse);
+  const Tensor lse_heads = reshard(c, lse_sequence.view(), d.q_total, d.layout, true, c.q_heads);
+  TensorView lh = TensorView::contiguous(  // [B, N, group] seen as [B, group, N]
+      lse_heads.raw(), lse_heads.dtype(),
+      {lse_heads.shape()[0], lse_heads.shape()[1], lse_heads.shape()[2]});
+  std::swap(lh.shape[1], lh.shape[2]);
+  std::swap(lh.strides[1], lh.strides[2]);
+  const DType accumulate = wide(q.dtype);
+  Tensor dqh(accumulate, shape_of(qh.view())), dkh(accumulate, shape_of(kh.view())),
+      dvh(accumulate, shape_of(vh.view()));
+  AttentionGradients grads;
+  grads.dq = dqh.mutable_view();
+  grads.dk = dkh.mutable_view();
+  grads.dv = dvh.mutable_view();
+  attention_backward(qh.view(), kh.view(), vh.view(),
+                     head_options(options, c.rank * group, group, c.q_heads), doh.view(),
+                     std::nullopt, grads, SavedForward{oh.view(), lh});
+  (void)kv_group;
+  copy_into(reshard(c, dqh.view(), d.q_total, d.layout, false, c.q_heads).view(), dq);
+  copy_into(reshard(c, dkh.view(), d.k_total, d.layout, false, c.kv_heads).view(), dk);
+  copy_into(reshard(c, dvh.view(), d.k_total, d.layout, false, c.kv_heads).view(), dv);
+}
+
+bool use_heads(const Context& c, Strategy strategy) {
+  const bool divisible = c.q_heads % c.ranks == 0 && c.kv_heads % c.ranks == 0;
+  if (strategy == Strategy::heads && !divisible) {
+    throw Error(fmt::format("strategy: heads needs Hq and Hk divisible by P = {}, got {} and {}",
+                            c.ranks, c.q_heads, c.kv_heads));
+  }
+  return strategy == Strategy::heads || (strategy == Strategy::automatic && divisible);
+}
+
+}  // namespace
+
+Pieces shard_pieces(std::int64_t n, int ranks, int rank, Layout layout) {
+  const auto even = [](std::int64_t count, std::int64_t parts, std::int64_t index) {
+    const std::int64_t base = count / parts, extra = count % parts;
+    const std::int64_t begin = index * base + std::min(index, extra);
+    return std::pair<std::int64_t, std::int64_t>{begin, base + (index < extra ? 1 : 0)};
+  };
+  if (layout == Layout::contiguous) return {even(n, ranks, rank)};
+  return {even(n, 2 * ranks, rank), even(n, 2 * ranks, 2 * ranks - 1 - rank)};
+}
+
+std::int64_t shard_length(std::int64_t n, int ranks, int rank, Layout layout) {
+  std::int64_t length = 0;
+  for (const auto& piece : shard_pieces(n, ranks, rank, layout)) length += piece.second;
+  return length;
+}
+
+void attention_forward(MPI_Comm comm, const TensorView& q, const TensorView& k, const TensorView& v,
+                       const AttentionOptions& options, const DistributedOptions& distributed,
+                       const MutableTensorView& out, const std::optional<MutableTensorView>& lse) {
+  const Context c = context(comm, q, k, v, options, distributed);
+  if (use_heads(c, distributed.strategy)) {
+    heads_forward(c, q, k, v, options, distributed, out, lse);
+  } else {
+    ring_forward(c, q, k, v, options, distributed, out, lse);
+  }
+}
+
+void attention_backward(MPI_Comm comm, const TensorView& q, const TensorView& k,
+                        const TensorView& v, const AttentionOptions& options,
+                        const DistributedOptions& distributed, const TensorView& dout,
+                        const TensorView& out, const TensorView& lse, const MutableTensorView& dq,
+                        const MutableTensorView& dk, const MutableTensorView& dv) {
+  const Context c = context(comm, q, k, v, options, distributed);
+  if (use_heads(c, distributed.strategy)) {
+    heads_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv);
+  } else {
+    ring_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv);
+  }
+}
+
+}  // namespace qkv::distributed
