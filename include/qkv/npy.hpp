@@ -3,7 +3,10 @@
 
 #include <cstdint>
 #include <iosfwd>
+#include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "qkv/staged_files.hpp"
 #include "qkv/tensor.hpp"
@@ -17,6 +20,15 @@ namespace qkv {
 // than the header promises all throw qkv::Error naming the file. Nothing is allocated for the
 // data until its size has been checked against the file's.
 Tensor load_npy(const std::string& path);
+
+// The shape of a .npy file, from its header (checked as load_npy checks it).
+std::vector<std::int64_t> npy_shape(const std::string& path);
+
+// Only the rows [offset, offset + length) of each piece, along dimension `dim`, of a .npy file,
+// in piece order: the header is checked as load_npy checks it, then the file is memory-mapped and
+// just those bytes are read (each MPI rank reads its shard of one file this way).
+Tensor load_npy_rows(const std::string& path, int dim,
+                     std::span<const std::pair<std::int64_t, std::int64_t>> pieces);
 
 // Parses .npy content from a stream of known total size `stream_bytes` (used by load_npy).
 // `what` names the source in error messages.

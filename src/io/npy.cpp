@@ -4,6 +4,10 @@
 
 #include "qkv/npy.hpp"
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <fmt/format.h>
 
 #include <cstring>
@@ -173,9 +177,15 @@ void read_exactly(std::istream& in, void* destination, std::size_t bytes, const 
   }
 }
 
-}  // namespace
+// The header of a .npy stream, checked against the stream's size: dtype, shape and where the data
+// starts.
+struct NpyLayout {
+  DType dtype = DType::float32;
+  std::vector<std::int64_t> shape;
+  std::uint64_t data_offset = 0, data_bytes = 0;
+};
 
-Tensor read_npy(std::istream& in, std::uint64_t stream_bytes, const std::string& what) {
+NpyLayout read_npy_layout(std::istream& in, std::uint64_t stream_bytes, const std::string& what) {
   unsigned char prefix[8];
   if (stream_bytes < 10) {
     throw Error(fmt::format("{}: expected a .npy file (at least 10 bytes), got {} bytes", what,
@@ -228,14 +238,70 @@ Tensor read_npy(std::istream& in, std::uint64_t stream_bytes, const std::string&
                             data_bytes, fmt::join(shape, ", "), dtype_name(dtype), available,
                             available < data_bytes ? "truncated" : "trailing bytes"));
   }
-  Tensor tensor(dtype, shape);
-  read_exactly(in, tensor.raw(), data_bytes, what);
+  return {dtype, shape, prefix_length + header_length, data_bytes};
+}
+
+}  // namespace
+
+Tensor read_npy(std::istream& in, std::uint64_t stream_bytes, const std::string& what) {
+  const NpyLayout layout = read_npy_layout(in, stream_bytes, what);
+  Tensor tensor(layout.dtype, layout.shape);
+  read_exactly(in, tensor.raw(), layout.data_bytes, what);
   return tensor;
 }
 
 Tensor load_npy(const std::string& path) {
   io::UntrustedFile file = io::open_untrusted_file(path, ".npy");
   return read_npy(file.stream, file.size, path);
+}
+
+std::vector<std::int64_t> npy_shape(const std::string& path) {
+  io::UntrustedFile file = io::open_untrusted_file(path, ".npy");
+  return read_npy_layout(file.stream, file.size, path).shape;
+}
+
+Tensor load_npy_rows(const std::string& path, int dim,
+                     std::span<const std::pair<std::int64_t, std::int64_t>> pieces) {
+  io::UntrustedFile file = io::open_untrusted_file(path, ".npy");
+  const NpyLayout layout = read_npy_layout(file.stream, file.size, path);
+  const auto rank = static_cast<int>(layout.shape.size());
+  if (dim < 0 || dim >= rank) {
+    throw Error(fmt::format("{}: expected an array with a dimension {} to slice, got rank {}", path,
+                            dim, rank));
+  }
+  const std::int64_t extent = layout.shape[static_cast<std::size_t>(dim)];
+  std::int64_t rows = 0;
+  for (const auto& [offset, length] : pieces) {
+    if (offset < 0 || length < 0 || offset > extent - length) {
+      throw Error(fmt::format("{}: expected rows [{}, {}) within its {} rows along dimension {}",
+                              path, offset, offset + length, extent, dim));
+    }
+    rows += length;
+  }
+  std::vector<std::int64_t> shape = layout.shape;
+  shape[static_cast<std::size_t>(dim)] = rows;
+  Tensor tensor(layout.dtype, shape);
+  if (tensor.numel() == 0) return tensor;
+  // Map the file and copy only the selected rows.
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error(fmt::format("{}: cannot open for reading", path));
+  void* mapped = ::mmap(nullptr, file.size, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (mapped == MAP_FAILED) throw Error(fmt::format("{}: cannot map the file", path));
+  const auto* data = static_cast<const std::byte*>(mapped) + layout.data_offset;
+  std::int64_t outer = 1, inner = static_cast<std::int64_t>(dtype_size(layout.dtype));
+  for (int d = 0; d < dim; ++d) outer *= layout.shape[static_cast<std::size_t>(d)];
+  for (int d = dim + 1; d < rank; ++d) inner *= layout.shape[static_cast<std::size_t>(d)];
+  auto* out = static_cast<std::byte*>(tensor.raw());
+  for (std::int64_t o = 0; o < outer; ++o) {
+    for (const auto& [offset, length] : pieces) {
+      std::memcpy(out, data + (o * extent + offset) * inner,
+                  static_cast<std::size_t>(length * inner));
+      out += length * inner;
+    }
+  }
+  ::munmap(mapped, file.size);
+  return tensor;
 }
 
 void write_npy(std::ostream& out, const TensorView& array) {

@@ -71,6 +71,29 @@ TEST_F(NpyFiles, RoundTripsEveryDtypeAndRank) {
   }
 }
 
+// A shard of rows read through the memory map equals the same rows of the whole array.
+TEST_F(NpyFiles, LoadsOnlyTheRowsOfAShard) {
+  Tensor whole(DType::float32, {2, 7, 3, 2});
+  for (std::int64_t n = 0; n < whole.numel(); ++n) whole.data<float>()[n] = static_cast<float>(n);
+  save_npy(path("whole.npy"), whole.view());
+  const std::vector<std::pair<std::int64_t, std::int64_t>> pieces{{1, 2}, {5, 2}};
+  const Tensor rows = load_npy_rows(path("whole.npy"), 1, pieces);
+  ASSERT_EQ(rows.shape(), (std::vector<std::int64_t>{2, 4, 3, 2}));
+  for (std::int64_t b = 0; b < 2; ++b) {
+    std::int64_t at = 0;
+    for (const auto& [offset, length] : pieces)
+      for (std::int64_t r = 0; r < length; ++r, ++at)
+        for (std::int64_t x = 0; x < 6; ++x)
+          EXPECT_EQ(rows.data<float>()[(b * 4 + at) * 6 + x],
+                    whole.data<float>()[(b * 7 + offset + r) * 6 + x]);
+  }
+  const std::vector<std::pair<std::int64_t, std::int64_t>> outside{{6, 2}};
+  EXPECT_THAT([&] { load_npy_rows(path("whole.npy"), 1, outside); },
+              ::testing::ThrowsMessage<Error>(HasSubstr("expected rows [6, 8) within its 7 rows")));
+  EXPECT_THAT([&] { load_npy_rows(with_header("bad.npy", "{'descr': '<f4'}", 0), 0, pieces); },
+              ::testing::ThrowsMessage<Error>(HasSubstr("bad.npy")));
+}
+
 TEST_F(NpyFiles, WritesStridedViewsDensely) {
   Tensor t(DType::float32, {2, 3});
   for (int i = 0; i < 6; ++i) t.data<float>()[i] = static_cast<float>(i);

@@ -14,6 +14,9 @@
 #include <string>
 
 #include "commands.hpp"
+#ifdef QKV_HAS_MPI
+#include "distributed_attention_run.hpp"
+#endif
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
@@ -37,6 +40,8 @@ struct AttentionFlags {
   int threads = 0;
   // The backward: ∂L/∂O in, the requested gradients out.
   std::string dout, dq, dk, dv, dw, dwq, dwk, dva;
+  // Under mpirun: ring | heads | auto, and how the sequence is laid out over the ranks.
+  std::string distributed, layout = "contiguous";
 };
 
 // The logical [B, N, H, D] view of a sequence file of rank 2, 3 or 4.
@@ -76,21 +81,23 @@ std::optional<Tensor> load_optional(const std::string& path) {
   return load_npy(path);
 }
 
-void run_attention(const AttentionFlags& flags) {
-  // 1. Read every input before computing anything.
-  const Tensor q = load_npy(flags.q), k = load_npy(flags.k), v = load_npy(flags.v);
-  const TensorView qv = sequence_view(q, "--q"), kv = sequence_view(k, "--k"),
-                   vv = sequence_view(v, "--v");
-  if (k.rank() != q.rank() || v.rank() != q.rank()) {
-    throw Error(fmt::format("--k, --v: expected the rank of --q ({}), got {} and {}", q.rank(),
-                            k.rank(), v.rank()));
-  }
-  const std::optional<Tensor> w = load_optional(flags.w), wq = load_optional(flags.wq),
-                              wk = load_optional(flags.wk), va = load_optional(flags.va),
-                              alibi = load_optional(flags.alibi), bias = load_optional(flags.bias),
-                              key_lengths = load_optional(flags.key_lengths),
-                              mask = load_optional(flags.mask);
+// The options of the flags, with the tensors they point into (read from their files).
+struct LoadedOptions {
+  std::optional<Tensor> w, wq, wk, va, alibi, bias, key_lengths, mask;
   AttentionOptions options;
+};
+
+LoadedOptions load_options(const AttentionFlags& flags) {
+  LoadedOptions loaded;
+  loaded.w = load_optional(flags.w);
+  loaded.wq = load_optional(flags.wq);
+  loaded.wk = load_optional(flags.wk);
+  loaded.va = load_optional(flags.va);
+  loaded.alibi = load_optional(flags.alibi);
+  loaded.bias = load_optional(flags.bias);
+  loaded.key_lengths = load_optional(flags.key_lengths);
+  loaded.mask = load_optional(flags.mask);
+  AttentionOptions& options = loaded.options;
   options.score = parse_score(flags.score);
   options.scale = flags.scale;
   options.softcap = flags.softcap;
@@ -103,14 +110,14 @@ void run_attention(const AttentionFlags& flags) {
     }
     slot = tensor->view();
   };
-  attach(w, options.w, "--w");
-  attach(wq, options.wq, "--wq");
-  attach(wk, options.wk, "--wk");
-  attach(va, options.va, "--va");
-  attach(alibi, options.alibi_slopes, "--alibi");
-  attach(bias, options.bias, "--bias");
-  attach(key_lengths, options.key_lengths, "--key-lengths");
-  attach(mask, options.mask, "--mask");
+  attach(loaded.w, options.w, "--w");
+  attach(loaded.wq, options.wq, "--wq");
+  attach(loaded.wk, options.wk, "--wk");
+  attach(loaded.va, options.va, "--va");
+  attach(loaded.alibi, options.alibi_slopes, "--alibi");
+  attach(loaded.bias, options.bias, "--bias");
+  attach(loaded.key_lengths, options.key_lengths, "--key-lengths");
+  attach(loaded.mask, options.mask, "--mask");
   options.causal = flags.causal;
   options.causal_align = parse_causal_align(flags.causal_align);
   if (!flags.window.empty()) {
@@ -119,6 +126,73 @@ void run_attention(const AttentionFlags& flags) {
   options.dropout = flags.dropout;
   options.dropout_seed = flags.dropout_seed;
   options.threads = flags.threads;
+  return loaded;
+}
+
+// The distributed path (issue: ring and head-parallel attention over MPI).
+void run_distributed(const AttentionFlags& flags) {
+#ifdef QKV_HAS_MPI
+  DistributedRun run;
+  if (flags.distributed == "ring") {
+    run.strategy = distributed::Strategy::ring;
+  } else if (flags.distributed == "heads") {
+    run.strategy = distributed::Strategy::heads;
+  } else if (flags.distributed == "auto") {
+    run.strategy = distributed::Strategy::automatic;
+  } else {
+    throw Error(
+        fmt::format("--distributed: expected ring, heads or auto, got '{}'", flags.distributed));
+  }
+  if (flags.layout != "contiguous" && flags.layout != "zigzag") {
+    throw Error(fmt::format("--layout: expected contiguous or zigzag, got '{}'", flags.layout));
+  }
+  run.layout =
+      flags.layout == "zigzag" ? distributed::Layout::zigzag : distributed::Layout::contiguous;
+  if (!flags.weights.empty() || !flags.dw.empty() || !flags.dwq.empty() || !flags.dwk.empty() ||
+      !flags.dva.empty()) {
+    throw Error(
+        "--distributed: expected no --weights, --dw, --dwq, --dwk or --dva (not sharded), "
+        "got one");
+  }
+  if (flags.dout.empty() != (flags.dq.empty() && flags.dk.empty() && flags.dv.empty())) {
+    throw Error("--dout: expected it together with --dq, --dk or --dv");
+  }
+  const LoadedOptions loaded = load_options(flags);
+  run.options = loaded.options;
+  run.q = flags.q;
+  run.k = flags.k;
+  run.v = flags.v;
+  run.out = flags.out;
+  run.lse = flags.lse;
+  run.dout = flags.dout;
+  run.dq = flags.dq;
+  run.dk = flags.dk;
+  run.dv = flags.dv;
+  run.as_sequence = sequence_view;
+  run_distributed_attention(run);
+#else
+  throw Error(
+      fmt::format("--distributed: expected a qkv built with MPI (OpenMPI), got '{}' in "
+                  "one built without",
+                  flags.distributed));
+#endif
+}
+
+void run_attention(const AttentionFlags& flags) {
+  if (!flags.distributed.empty()) {
+    run_distributed(flags);
+    return;
+  }
+  // 1. Read every input before computing anything.
+  const Tensor q = load_npy(flags.q), k = load_npy(flags.k), v = load_npy(flags.v);
+  const TensorView qv = sequence_view(q, "--q"), kv = sequence_view(k, "--k"),
+                   vv = sequence_view(v, "--v");
+  if (k.rank() != q.rank() || v.rank() != q.rank()) {
+    throw Error(fmt::format("--k, --v: expected the rank of --q ({}), got {} and {}", q.rank(),
+                            k.rank(), v.rank()));
+  }
+  const LoadedOptions loaded = load_options(flags);
+  const AttentionOptions& options = loaded.options;
   const bool any_gradient =
       !(flags.dq.empty() && flags.dk.empty() && flags.dv.empty() && flags.dw.empty() &&
         flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty());
@@ -193,10 +267,10 @@ void run_attention(const AttentionFlags& flags) {
       }
       request(path, primal->shape(), primal->view(), slot);
     };
-    parameter(flags.dw, w, gradients.dw, "--dw", "--w");
-    parameter(flags.dwq, wq, gradients.dwq, "--dwq", "--wq");
-    parameter(flags.dwk, wk, gradients.dwk, "--dwk", "--wk");
-    parameter(flags.dva, va, gradients.dva, "--dva", "--va");
+    parameter(flags.dw, loaded.w, gradients.dw, "--dw", "--w");
+    parameter(flags.dwq, loaded.wq, gradients.dwq, "--dwq", "--wq");
+    parameter(flags.dwk, loaded.wk, gradients.dwk, "--dwk", "--wk");
+    parameter(flags.dva, loaded.va, gradients.dva, "--dva", "--va");
     // float64 recomputes its own LSE: the one written is float32.
     const std::optional<SavedForward> saved =
         q.dtype() == DType::float64 ? std::nullopt
@@ -249,6 +323,10 @@ void add_attention_command(CLI::App& app) {
       ->default_str("0");
   command->add_option("--threads", flags->threads, "worker threads (0 = all)");
   command->add_option("--dout", flags->dout, "∂L/∂O (O's shape): run the backward");
+  command->add_option("--distributed", flags->distributed,
+                      "under mpirun: ring | heads | auto (each rank reads its shard)");
+  command->add_option("--layout", flags->layout, "with --distributed: contiguous | zigzag")
+      ->default_str("contiguous");
   command->add_option("--dq", flags->dq, "write ∂L/∂Q (Q's shape)");
   command->add_option("--dk", flags->dk, "write ∂L/∂K");
   command->add_option("--dv", flags->dv, "write ∂L/∂V");

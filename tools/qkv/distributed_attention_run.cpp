@@ -1,0 +1,176 @@
+// qkv attention --distributed ring|heads, under mpirun: every rank reads its shard of the .npy
+// files (memory-mapped: only its rows), the ranks compute together, and rank 0 gathers the results
+// and writes each file once, whole (all or nothing). A rank that fails reports why on stderr and
+// the job exits with status 2: after the reading phase every rank learns of the failure and stops;
+// later, MPI_Abort ends the job at once. No rank waits forever and no output file is left.
+
+#include "distributed_attention_run.hpp"
+
+#include <fmt/format.h>
+#include <mpi.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "qkv/distributed.hpp"
+#include "qkv/error.hpp"
+#include "qkv/npy.hpp"
+
+namespace qkv::cli {
+
+namespace {
+
+using Pieces = std::vector<std::pair<std::int64_t, std::int64_t>>;
+
+// The dimension of the sequence in a file of rank 2 ([N, D]), 3 ([N, H, D]) or 4 ([B, N, H, D]).
+int sequence_dim(std::size_t rank) {
+  return rank == 4 ? 1 : 0;
+}
+
+// Gathers every rank's shard (same shape but `dim`, the shard's rows in piece order) into the
+// whole tensor on rank 0; other ranks get an empty tensor.
+Tensor gather(const Tensor& shard, int dim, std::int64_t total, const distributed::Layout layout,
+              int ranks, int rank) {
+  const int bytes = static_cast<int>(shard.nbytes());
+  std::vector<int> counts(static_cast<std::size_t>(ranks)),
+      offsets(static_cast<std::size_t>(ranks));
+  MPI_Gather(&bytes, 1, MPI_INT, counts.data(), 1, MPI_INT, 0, MPI_COMM_WORLD);
+  std::vector<std::byte> all;
+  if (rank == 0) {
+    int at = 0;
+    for (int s = 0; s < ranks; ++s) {
+      offsets[static_cast<std::size_t>(s)] = at;
+      at += counts[static_cast<std::size_t>(s)];
+    }
+    all.resize(static_cast<std::size_t>(at));
+  }
+  MPI_Gatherv(shard.raw(), bytes, MPI_BYTE, all.data(), counts.data(), offsets.data(), MPI_BYTE, 0,
+              MPI_COMM_WORLD);
+  if (rank != 0) return Tensor();
+  std::vector<std::int64_t> shape = shard.shape();
+  shape[static_cast<std::size_t>(dim)] = total;
+  Tensor whole(shard.dtype(), shape);
+  std::int64_t outer = 1, inner = static_cast<std::int64_t>(dtype_size(shard.dtype()));
+  for (int d = 0; d < dim; ++d) outer *= shape[static_cast<std::size_t>(d)];
+  for (std::size_t d = static_cast<std::size_t>(dim) + 1; d < shape.size(); ++d) inner *= shape[d];
+  auto* out = static_cast<std::byte*>(whole.raw());
+  for (int s = 0; s < ranks; ++s) {
+    const Pieces pieces = distributed::shard_pieces(total, ranks, s, layout);
+    const std::int64_t rows = distributed::shard_length(total, ranks, s, layout);
+    const std::byte* source = all.data() + offsets[static_cast<std::size_t>(s)];
+    for (std::int64_t o = 0; o < outer; ++o) {
+      std::int64_t at = 0;
+      for (const auto& [offset, length] : pieces) {
+        std::memcpy(out + (o * total + offset) * inner, source + (o * rows + at) * inner,
+                    static_cast<std::size_t>(length * inner));
+        at += length;
+      }
+    }
+  }
+  return whole;
+}
+
+}  // namespace
+
+void run_distributed_attention(const DistributedRun& run) {
+  int initialized = 0;
+  MPI_Initialized(&initialized);
+  if (!initialized) MPI_Init(nullptr, nullptr);
+  int ranks = 1, rank = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const auto fail_everywhere = [&](const std::string& message) {
+    fmt::print(stderr, "qkv: rank {}: {}\n", rank, message);
+    MPI_Abort(MPI_COMM_WORLD, 2);
+    std::exit(2);  // not reached
+  };
+
+  // 1. Read this rank's shards; every rank learns whether all could.
+  distributed::DistributedOptions options;
+  Tensor q, k, v, dout;
+  std::size_t file_rank = 0;
+  std::string failure;
+  try {
+    options.strategy = run.strategy;
+    options.layout = run.layout;
+    const std::vector<std::int64_t> q_shape = npy_shape(run.q), k_shape = npy_shape(run.k);
+    file_rank = q_shape.size();
+    if (file_rank < 2 || file_rank > 4 || k_shape.size() != file_rank) {
+      throw Error(fmt::format("--q, --k: expected files of one rank, 2 to 4, got {} and {}",
+                              q_shape.size(), k_shape.size()));
+    }
+    const int dim = sequence_dim(file_rank);
+    options.q_total = q_shape[static_cast<std::size_t>(dim)];
+    options.k_total = k_shape[static_cast<std::size_t>(dim)];
+    const Pieces q_pieces = distributed::shard_pieces(options.q_total, ranks, rank, run.layout);
+    const Pieces k_pieces = distributed::shard_pieces(options.k_total, ranks, rank, run.layout);
+    q = load_npy_rows(run.q, dim, q_pieces);
+    k = load_npy_rows(run.k, dim, k_pieces);
+    v = load_npy_rows(run.v, dim, k_pieces);
+    if (!run.dout.empty()) dout = load_npy_rows(run.dout, dim, q_pieces);
+  } catch (const Error& error) {
+    failure = error.what();
+  }
+  int failed = failure.empty() ? 0 : 1, any_failed = 0;
+  MPI_Allreduce(&failed, &any_failed, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  if (any_failed) {
+    if (failed) fmt::print(stderr, "qkv: rank {}: {}\n", rank, failure);
+    MPI_Finalize();
+    std::exit(2);
+  }
+
+  // 2. Compute; an error now (the same on every rank, from the same checks) aborts the job.
+  StagedFiles files;
+  try {
+    const TensorView qv = run.as_sequence(q, "--q"), kv = run.as_sequence(k, "--k"),
+                     vv = run.as_sequence(v, "--v");
+    std::vector<std::int64_t> out_shape = q.shape();
+    out_shape.back() = v.shape().back();
+    Tensor out(v.dtype(), out_shape);
+    const MutableTensorView out_view = MutableTensorView::contiguous(
+        out.raw(), out.dtype(), {qv.shape[0], qv.shape[1], qv.shape[2], vv.shape[3]});
+    Tensor lse(DType::float32, {qv.shape[0], qv.shape[2], qv.shape[1]});
+    distributed::attention_forward(MPI_COMM_WORLD, qv, kv, vv, run.options, options, out_view,
+                                   lse.mutable_view());
+    const int dim = sequence_dim(file_rank);
+    const Tensor whole_out = gather(out, dim, options.q_total, run.layout, ranks, rank);
+    // LSE [B, H, N_r] (as the file drops leading dimensions: [H, N] for rank 3, [N] for rank 2).
+    const Tensor whole_lse = gather(lse, 2, options.q_total, run.layout, ranks, rank);
+    std::vector<std::pair<std::string, Tensor>> gradients;
+    if (!run.dout.empty()) {
+      Tensor dq(DType::float32, q.shape()), dk(DType::float32, k.shape()),
+          dv(DType::float32, v.shape());
+      const auto view_of = [](Tensor& t, const TensorView& like) {
+        return MutableTensorView::contiguous(t.raw(), t.dtype(),
+                                             std::span<const std::int64_t>(like.shape.data(), 4));
+      };
+      distributed::attention_backward(
+          MPI_COMM_WORLD, qv, kv, vv, run.options, options, run.as_sequence(dout, "--dout"),
+          out_view.as_const(), lse.view(), view_of(dq, qv), view_of(dk, kv), view_of(dv, vv));
+      for (auto [path, tensor, total] :
+           {std::tuple{run.dq, &dq, options.q_total}, std::tuple{run.dk, &dk, options.k_total},
+            std::tuple{run.dv, &dv, options.k_total}}) {
+        Tensor whole = gather(*tensor, dim, total, run.layout, ranks, rank);
+        if (!path.empty()) gradients.emplace_back(path, std::move(whole));
+      }
+    }
+    if (rank == 0) {
+      add_npy(files, run.out, whole_out.view());
+      if (!run.lse.empty()) {
+        const std::int64_t b = whole_lse.shape()[0], h = whole_lse.shape()[1];
+        std::vector<std::int64_t> shape{b, h, options.q_total};
+        if (file_rank <= 3) shape.erase(shape.begin());
+        if (file_rank == 2) shape.erase(shape.begin());
+        add_npy(files, run.lse, TensorView::contiguous(whole_lse.raw(), whole_lse.dtype(), shape));
+      }
+      for (const auto& [path, tensor] : gradients) add_npy(files, path, tensor.view());
+      files.commit();
+    }
+  } catch (const Error& error) {
+    fail_everywhere(error.what());
+  }
+  MPI_Finalize();
+}
+
+}  // namespace qkv::cli

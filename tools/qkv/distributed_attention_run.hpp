@@ -1,0 +1,25 @@
+// The distributed path of `qkv attention` (built when MPI is found).
+#pragma once
+
+#include <functional>
+#include <string>
+
+#include "qkv/attention.hpp"
+#include "qkv/distributed.hpp"
+
+namespace qkv::cli {
+
+struct DistributedRun {
+  std::string q, k, v, out, lse, dout, dq, dk, dv;
+  AttentionOptions options;  // the flags' options (no bias, mask, weights or dropout)
+  distributed::Strategy strategy = distributed::Strategy::automatic;
+  distributed::Layout layout = distributed::Layout::contiguous;
+  // A file's [B, N, H, D] view (the command's own rule for ranks 2, 3, 4).
+  std::function<TensorView(const Tensor&, const char*)> as_sequence;
+};
+
+// Runs under MPI (initializing it if needed): reads this rank's shards, computes with the other
+// ranks, and has rank 0 write the outputs. Exits the process with status 2 on any rank's failure.
+void run_distributed_attention(const DistributedRun& run);
+
+}  // namespace qkv::cli
