@@ -40,6 +40,17 @@ std::vector<std::pair<std::int64_t, std::int64_t>> shard_pieces(std::int64_t n, 
 // The number of rows a rank holds.
 std::int64_t shard_length(std::int64_t n, int ranks, int rank, Layout layout);
 
+// Where one rank's time went in a ring forward (for qkv bench --distributed).
+struct RingStatistics {
+  double compute_seconds = 0;  // attention on the blocks held, and merging
+  double wait_seconds = 0;     // waiting for the next block after computing (exposed communication
+                               // and waiting for a slower neighbour)
+  double bytes_sent = 0;       // K and V bytes this rank sent
+  int steps = 0;
+  int transfer_steps = 0;  // steps that moved a block
+  int hidden_steps = 0;    // of those, steps whose block had fully arrived when compute ended
+};
+
 // Forward over the communicator. Each rank passes its shards — q [B, Nq_r, Hq, Dq], k and v
 // [B, Nk_r, Hk, D…] with Nq_r = shard_length(q_total, …) — and gets its shard of O [B, Nq_r, Hq,
 // Dv] and of LSE [B, Hq, Nq_r] (optional). Every score and the position-based options (causal,
@@ -48,7 +59,8 @@ std::int64_t shard_length(std::int64_t n, int ranks, int rank, Layout layout);
 // Throws qkv::Error on bad input, the same on every rank.
 void attention_forward(MPI_Comm comm, const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const DistributedOptions& distributed,
-                       const MutableTensorView& out, const std::optional<MutableTensorView>& lse);
+                       const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
+                       RingStatistics* statistics = nullptr);
 
 // Backward over the communicator, from each rank's shards of dO, and of O and LSE as the forward
 // returned them: writes the rank's shards of dQ, dK and dV (dK and dV are summed over every rank's

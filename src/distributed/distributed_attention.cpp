@@ -19,8 +19,11 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstring>
+#include <thread>
 
 #include "qkv/error.hpp"
 #include "qkv/merge.hpp"
@@ -228,7 +231,12 @@ Block block_for(const Context& c, std::int64_t rows, DType dtype) {
 
 void ring_forward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
                   const AttentionOptions& options, const DistributedOptions& d,
-                  const MutableTensorView& out, const std::optional<MutableTensorView>& lse) {
+                  const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
+                  RingStatistics* statistics) {
+  RingStatistics stats;
+  int thread_level = MPI_THREAD_SINGLE;
+  check_mpi(MPI_Query_thread(&thread_level), "MPI_Query_thread");
+  const bool threads_allowed = thread_level == MPI_THREAD_MULTIPLE;
   const DType merged = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
   std::vector<Tensor> running_out, running_lse;
@@ -265,8 +273,26 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
                           next, step, c.comm, &requests[1]),
                 "MPI_Isend");
     }
+    // MPI moves a large message only inside MPI calls: a helper thread sits in MPI_Waitall so the
+    // transfer progresses while this thread computes (when MPI allows calls from several
+    // threads; otherwise the compute below nudges it between blocks with MPI_Testall).
+    std::atomic<bool> arrived{false};
+    std::thread mover;
+    if (more && threads_allowed) {
+      mover = std::thread([&] {
+        // Polls rather than blocks: a blocking wait would spin on a core the compute needs.
+        int done = 0;
+        while (!done) {
+          MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
+          if (!done) std::this_thread::sleep_for(std::chrono::microseconds(50));
+        }
+        arrived = true;
+      });
+    }
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
+    const double compute_start = MPI_Wtime();
+    if (more) stats.bytes_sent += static_cast<double>(current.bytes.size());
     for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
       const auto q_piece = c.q_pieces[a];
       for (std::size_t e = 0; e < k_pieces.size(); ++e) {
@@ -283,14 +309,32 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
         const TensorView outs[] = {running_out[a].view(), part_out.view()};
         const TensorView lses[] = {running_lse[a].view(), part_lse.view()};
         merge_attention(outs, lses, running_out[a].mutable_view(), running_lse[a].mutable_view());
+        if (more && !threads_allowed) {
+          int done = 0;
+          MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
+        }
       }
     }
+    const double wait_start = MPI_Wtime();
+    stats.compute_seconds += wait_start - compute_start;
     if (more) {
-      check_mpi(MPI_Waitall(2, requests, MPI_STATUSES_IGNORE), "MPI_Waitall");
+      ++stats.transfer_steps;
+      if (threads_allowed) {
+        if (arrived) ++stats.hidden_steps;
+        mover.join();
+      } else {
+        int done = 0;
+        check_mpi(MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
+        if (done) ++stats.hidden_steps;
+        check_mpi(MPI_Waitall(2, requests, MPI_STATUSES_IGNORE), "MPI_Waitall");
+      }
+      stats.wait_seconds += MPI_Wtime() - wait_start;
       incoming.unpack();
       current = std::move(incoming);
     }
+    ++stats.steps;
   }
+  if (statistics != nullptr) *statistics = stats;
   for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
     const std::int64_t begin = q_starts[a], end = begin + c.q_pieces[a].second;
     copy_into(running_out[a].view(), rows(out, 1, begin, end));
@@ -590,12 +634,13 @@ std::int64_t shard_length(std::int64_t n, int ranks, int rank, Layout layout) {
 
 void attention_forward(MPI_Comm comm, const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const DistributedOptions& distributed,
-                       const MutableTensorView& out, const std::optional<MutableTensorView>& lse) {
+                       const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
+                       RingStatistics* statistics) {
   const Context c = context(comm, q, k, v, options, distributed);
   if (use_heads(c, distributed.strategy)) {
     heads_forward(c, q, k, v, options, distributed, out, lse);
   } else {
-    ring_forward(c, q, k, v, options, distributed, out, lse);
+    ring_forward(c, q, k, v, options, distributed, out, lse, statistics);
   }
 }
 

@@ -14,6 +14,9 @@
 #include "commands.hpp"
 #include "qkv/error.hpp"
 #include "qkv/simd.hpp"
+#ifdef QKV_HAS_MPI
+#include "distributed_bench.hpp"
+#endif
 
 namespace qkv::cli {
 
@@ -26,9 +29,19 @@ struct BenchFlags {
   int repetitions = 5;
   std::string dtype = "f32";
   std::string pass = "forward";
+  bool distributed = false;
+  double link_gbs = 0.0, latency_us = 2.0;
 };
 
 void run_bench(const BenchFlags& flags) {
+  if (flags.distributed) {
+#ifdef QKV_HAS_MPI
+    run_distributed_bench(flags.shapes, flags.repetitions, flags.link_gbs, flags.latency_us);
+    return;
+#else
+    throw Error("--distributed: expected a qkv built with MPI (OpenMPI), got one built without");
+#endif
+  }
   if (flags.threads < 0)
     throw Error(fmt::format("--threads: expected >= 0, got {}", flags.threads));
   if (flags.repetitions < 1) {
@@ -141,6 +154,13 @@ void add_bench_command(CLI::App& app) {
       ->add_option("--pass", flags->pass,
                    "forward | backward (attention_backward: dQ, dK, dV; FLOPs 2.5 × forward)")
       ->default_str("forward");
+  command->add_flag("--distributed", flags->distributed,
+                    "under mpirun: ring attention per rank (compute, exposed communication, "
+                    "hidden fraction) and a scaling model to 1024 ranks");
+  command->add_option("--link-gbs", flags->link_gbs,
+                      "with --distributed: link bandwidth for the model (0 = measured)");
+  command->add_option("--latency-us", flags->latency_us, "with --distributed: link latency")
+      ->default_str("2");
   command->add_option("--repetitions", flags->repetitions, "timed runs per shape (median)")
       ->default_str("5");
   command->callback([flags] { run_bench(*flags); });

@@ -76,7 +76,8 @@ Tensor gather(const Tensor& shard, int dim, std::int64_t total, const distribute
 void run_distributed_attention(const DistributedRun& run) {
   int initialized = 0;
   MPI_Initialized(&initialized);
-  if (!initialized) MPI_Init(nullptr, nullptr);
+  int provided = 0;  // several threads may call MPI: the ring's transfers progress beside compute
+  if (!initialized) MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided);
   int ranks = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &ranks);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
