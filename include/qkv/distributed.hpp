@@ -64,11 +64,14 @@ void attention_forward(MPI_Comm comm, const TensorView& q, const TensorView& k, 
 
 // Backward over the communicator, from each rank's shards of dO, and of O and LSE as the forward
 // returned them: writes the rank's shards of dQ, dK and dV (dK and dV are summed over every rank's
-// queries: in the ring they travel back to their owners).
+// queries: in the ring they travel back to their owners). The score's parameters are the same on
+// every rank; their gradients, requested in `parameters` (dw, dwq, dwk, dva; the other fields are
+// ignored), are summed over all ranks' blocks and written on every rank.
 void attention_backward(MPI_Comm comm, const TensorView& q, const TensorView& k,
                         const TensorView& v, const AttentionOptions& options,
                         const DistributedOptions& distributed, const TensorView& dout,
                         const TensorView& out, const TensorView& lse, const MutableTensorView& dq,
-                        const MutableTensorView& dk, const MutableTensorView& dv);
+                        const MutableTensorView& dk, const MutableTensorView& dv,
+                        const AttentionGradients& parameters = {});
 
 }  // namespace qkv::distributed

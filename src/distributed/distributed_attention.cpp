@@ -204,6 +204,63 @@ AttentionOptions block_options(const AttentionOptions& options, const Distribute
   return block;
 }
 
+// The score parameters' gradients of one rank, in float64, summed over its blocks, then over all
+// ranks. A head shard adds its per-head rows at its own heads.
+class ParameterSums {
+ public:
+  ParameterSums(const AttentionOptions& options, const AttentionGradients& requested) {
+    const std::pair<const std::optional<TensorView>*, const std::optional<MutableTensorView>*>
+        pairs[] = {{&options.w, &requested.dw},
+                   {&options.wq, &requested.dwq},
+                   {&options.wk, &requested.dwk},
+                   {&options.va, &requested.dva}};
+    for (std::size_t n = 0; n < 4; ++n) {
+      if (pairs[n].second->has_value() && pairs[n].first->has_value()) {
+        totals_[n] = Tensor(DType::float64, shape_of(**pairs[n].first));
+        targets_[n] = **pairs[n].second;
+      }
+    }
+  }
+  // Gradient slots for one block call, shaped like the (possibly head-sliced) parameters.
+  AttentionGradients block_slots(const AttentionOptions& block_options) {
+    AttentionGradients slots;
+    std::optional<MutableTensorView>* fields[] = {&slots.dw, &slots.dwq, &slots.dwk, &slots.dva};
+    const std::optional<TensorView>* params[] = {&block_options.w, &block_options.wq,
+                                                 &block_options.wk, &block_options.va};
+    for (std::size_t n = 0; n < 4; ++n) {
+      if (totals_[n].numel() == 0 || !params[n]->has_value()) continue;
+      parts_[n] = Tensor(DType::float64, shape_of(**params[n]));
+      *fields[n] = parts_[n].mutable_view();
+    }
+    return slots;
+  }
+  // Adds the last block's parts; `first_head` places a head shard's per-head rows.
+  void add_parts(std::int64_t first_head) {
+    for (std::size_t n = 0; n < 4; ++n) {
+      if (parts_[n].numel() == 0) continue;
+      const std::int64_t offset = parts_[n].numel() == totals_[n].numel()
+                                      ? 0
+                                      : first_head * (totals_[n].numel() / totals_[n].shape()[0]);
+      for (std::int64_t i = 0; i < parts_[n].numel(); ++i)
+        totals_[n].data<double>()[offset + i] += parts_[n].data<double>()[i];
+    }
+  }
+  // Sums over the ranks and writes the requested gradients.
+  void finish(MPI_Comm comm) {
+    for (std::size_t n = 0; n < 4; ++n) {
+      if (totals_[n].numel() == 0) continue;
+      check_mpi(MPI_Allreduce(MPI_IN_PLACE, totals_[n].raw(), static_cast<int>(totals_[n].numel()),
+                              MPI_DOUBLE, MPI_SUM, comm),
+                "MPI_Allreduce");
+      copy_into(totals_[n].view(), targets_[n]);
+    }
+  }
+
+ private:
+  Tensor totals_[4], parts_[4];
+  MutableTensorView targets_[4];
+};
+
 // ---- Ring ---------------------------------------------------------------------------------------
 
 // K and V of one rank's shard as one dense buffer: [k | v].
@@ -346,7 +403,7 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
                    const AttentionOptions& options, const DistributedOptions& d,
                    const TensorView& dout, const TensorView& out, const TensorView& lse,
                    const MutableTensorView& dq, const MutableTensorView& dk,
-                   const MutableTensorView& dv) {
+                   const MutableTensorView& dv, ParameterSums& sums) {
   const DType accumulate = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
   Tensor dq_total(accumulate, shape_of(q));
@@ -395,15 +452,16 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
         Tensor part_dq(accumulate, {c.batch, q1 - q0, c.q_heads, c.q_dim});
         Tensor part_dk(accumulate, {c.batch, k1 - k0, c.kv_heads, c.k_dim});
         Tensor part_dv(accumulate, {c.batch, k1 - k0, c.kv_heads, c.v_dim});
-        AttentionGradients grads;
+        const AttentionOptions block = block_options(options, d, q_piece.first, k_pieces[e].first);
+        AttentionGradients grads = sums.block_slots(block);
         grads.dq = part_dq.mutable_view();
         grads.dk = part_dk.mutable_view();
         grads.dv = part_dv.mutable_view();
         attention_backward(rows(q, 1, q0, q1), rows(current.k.view(), 1, k0, k1),
-                           rows(current.v.view(), 1, k0, k1),
-                           block_options(options, d, q_piece.first, k_pieces[e].first),
-                           rows(dout, 1, q0, q1), std::nullopt, grads,
+                           rows(current.v.view(), 1, k0, k1), block, rows(dout, 1, q0, q1),
+                           std::nullopt, grads,
                            SavedForward{rows(out, 1, q0, q1), rows(lse, 2, q0, q1)});
+        sums.add_parts(0);
         // Rows of a [B, N, …] tensor: add batch by batch.
         const auto add_rows = [&](Tensor& total, const Tensor& part, std::int64_t first) {
           const std::int64_t n = total.shape()[1], m = part.shape()[1];
@@ -575,8 +633,8 @@ void heads_backward(const Context& c, const TensorView& q, const TensorView& k, 
                     const AttentionOptions& options, const DistributedOptions& d,
                     const TensorView& dout, const TensorView& out, const TensorView& lse,
                     const MutableTensorView& dq, const MutableTensorView& dk,
-                    const MutableTensorView& dv) {
-  const std::int64_t group = c.q_heads / c.ranks, kv_group = c.kv_heads / c.ranks;
+                    const MutableTensorView& dv, ParameterSums& sums) {
+  const std::int64_t group = c.q_heads / c.ranks;
   const Tensor qh = reshard(c, q, d.q_total, d.layout, true, c.q_heads);
   const Tensor kh = reshard(c, k, d.k_total, d.layout, true, c.kv_heads);
   const Tensor vh = reshard(c, v, d.k_total, d.layout, true, c.kv_heads);
@@ -592,14 +650,14 @@ void heads_backward(const Context& c, const TensorView& q, const TensorView& k, 
   const DType accumulate = wide(q.dtype);
   Tensor dqh(accumulate, shape_of(qh.view())), dkh(accumulate, shape_of(kh.view())),
       dvh(accumulate, shape_of(vh.view()));
-  AttentionGradients grads;
+  const AttentionOptions head_shard = head_options(options, c.rank * group, group, c.q_heads);
+  AttentionGradients grads = sums.block_slots(head_shard);
   grads.dq = dqh.mutable_view();
   grads.dk = dkh.mutable_view();
   grads.dv = dvh.mutable_view();
-  attention_backward(qh.view(), kh.view(), vh.view(),
-                     head_options(options, c.rank * group, group, c.q_heads), doh.view(),
-                     std::nullopt, grads, SavedForward{oh.view(), lh});
-  (void)kv_group;
+  attention_backward(qh.view(), kh.view(), vh.view(), head_shard, doh.view(), std::nullopt, grads,
+                     SavedForward{oh.view(), lh});
+  sums.add_parts(c.rank * group);
   copy_into(reshard(c, dqh.view(), d.q_total, d.layout, false, c.q_heads).view(), dq);
   copy_into(reshard(c, dkh.view(), d.k_total, d.layout, false, c.kv_heads).view(), dk);
   copy_into(reshard(c, dvh.view(), d.k_total, d.layout, false, c.kv_heads).view(), dv);
@@ -648,13 +706,16 @@ void attention_backward(MPI_Comm comm, const TensorView& q, const TensorView& k,
                         const TensorView& v, const AttentionOptions& options,
                         const DistributedOptions& distributed, const TensorView& dout,
                         const TensorView& out, const TensorView& lse, const MutableTensorView& dq,
-                        const MutableTensorView& dk, const MutableTensorView& dv) {
+                        const MutableTensorView& dk, const MutableTensorView& dv,
+                        const AttentionGradients& parameters) {
   const Context c = context(comm, q, k, v, options, distributed);
+  ParameterSums sums(options, parameters);
   if (use_heads(c, distributed.strategy)) {
-    heads_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv);
+    heads_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv, sums);
   } else {
-    ring_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv);
+    ring_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv, sums);
   }
+  sums.finish(comm);
 }
 
 }  // namespace qkv::distributed

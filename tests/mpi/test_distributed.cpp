@@ -128,6 +128,22 @@ bool run(const Case& c, int ranks, int rank) {
   grads.dq = dq.mutable_view();
   grads.dk = dk.mutable_view();
   grads.dv = dv_.mutable_view();
+  // The score's parameters (the same on every rank): their gradients, one process and summed
+  // over the ranks.
+  std::vector<std::pair<Tensor, Tensor>> parameter_grads;  // (one process, distributed)
+  AttentionGradients whole_parameters, distributed_parameters;
+  for (auto [param, whole_slot, dist_slot] :
+       {std::tuple{&w, &grads.dw, &distributed_parameters.dw},
+        std::tuple{&wq, &grads.dwq, &distributed_parameters.dwq},
+        std::tuple{&wk, &grads.dwk, &distributed_parameters.dwk},
+        std::tuple{&va, &grads.dva, &distributed_parameters.dva}}) {
+    if (param->numel() == 0) continue;
+    parameter_grads.emplace_back(Tensor(DType::float32, param->shape()),
+                                 Tensor(DType::float32, param->shape()));
+    *whole_slot = parameter_grads.back().first.mutable_view();
+    *dist_slot = parameter_grads.back().second.mutable_view();
+  }
+  (void)whole_parameters;
   attention_backward(q.view(), k.view(), v.view(), options, dout.view(), std::nullopt, grads,
                      SavedForward{out.view(), lse.view()});
 
@@ -143,10 +159,10 @@ bool run(const Case& c, int ranks, int rank) {
   Tensor dq_local(DType::float32, {b, q_local.shape()[1], c.hq, d});
   Tensor dk_local(DType::float32, {b, k_local.shape()[1], c.hk, d});
   Tensor dv_local(DType::float32, {b, k_local.shape()[1], c.hk, dv});
-  distributed::attention_backward(MPI_COMM_WORLD, q_local.view(), k_local.view(), v_local.view(),
-                                  options, dist, dout_local.view(), out_local.view(),
-                                  lse_local.view(), dq_local.mutable_view(),
-                                  dk_local.mutable_view(), dv_local.mutable_view());
+  distributed::attention_backward(
+      MPI_COMM_WORLD, q_local.view(), k_local.view(), v_local.view(), options, dist,
+      dout_local.view(), out_local.view(), lse_local.view(), dq_local.mutable_view(),
+      dk_local.mutable_view(), dv_local.mutable_view(), distributed_parameters);
   const double errors[] = {relative_error(out_local, shard(out, pieces)),
                            relative_error(lse_local, shard_lse(lse, pieces)),
                            relative_error(dq_local, shard(dq, pieces)),
@@ -154,6 +170,8 @@ bool run(const Case& c, int ranks, int rank) {
                            relative_error(dv_local, shard(dv_, pieces))};
   double worst = 0.0;
   for (double e : errors) worst = std::max(worst, e);
+  for (const auto& [whole, summed] : parameter_grads)
+    worst = std::max(worst, relative_error(summed, whole));
   double global_worst = 0.0;
   MPI_Allreduce(&worst, &global_worst, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   const bool ok = global_worst <= 2e-5;
