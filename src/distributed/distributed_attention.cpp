@@ -25,6 +25,7 @@
 #include <cstring>
 #include <thread>
 
+#include "core/backward_arguments.hpp"
 #include "qkv/error.hpp"
 #include "qkv/merge.hpp"
 
@@ -59,49 +60,10 @@ DType wide(DType dtype) {
   return dtype == DType::float64 ? DType::float64 : DType::float32;
 }
 
+// to = from, element by element (any strides and float dtypes), through float64.
 void copy_into(const TensorView& from, const MutableTensorView& to) {
-  // Element by element through a dense copy: the views may have any strides and dtypes.
-  const Tensor dense = to_tensor(from);
-  std::vector<double> values(static_cast<std::size_t>(dense.numel()));
-  for (std::int64_t n = 0; n < dense.numel(); ++n) {
-    double value = 0.0;
-    switch (dense.dtype()) {
-      case DType::float32:
-        value = dense.data<float>()[n];
-        break;
-      case DType::float64:
-        value = dense.data<double>()[n];
-        break;
-      case DType::bfloat16:
-        value = from_bfloat16(dense.data<std::uint16_t>()[n]);
-        break;
-      default:
-        throw Error("copy: expected a float tensor");
-    }
-    values[static_cast<std::size_t>(n)] = value;
-  }
-  Tensor converted(to.dtype,
-                   std::vector<std::int64_t>(to.shape.begin(), to.shape.begin() + to.rank));
-  for (std::int64_t n = 0; n < converted.numel(); ++n) {
-    const double value = values[static_cast<std::size_t>(n)];
-    if (to.dtype == DType::float32) converted.data<float>()[n] = static_cast<float>(value);
-    if (to.dtype == DType::float64) converted.data<double>()[n] = value;
-    if (to.dtype == DType::bfloat16)
-      converted.data<std::uint16_t>()[n] = to_bfloat16(static_cast<float>(value));
-  }
-  // Strided store: walk the destination in row-major order.
-  const std::size_t size = dtype_size(to.dtype);
-  for (std::int64_t n = 0; n < converted.numel(); ++n) {
-    std::int64_t offset = 0, rest = n;
-    for (int d = to.rank - 1; d >= 0; --d) {
-      offset +=
-          (rest % to.shape[static_cast<std::size_t>(d)]) * to.strides[static_cast<std::size_t>(d)];
-      rest /= to.shape[static_cast<std::size_t>(d)];
-    }
-    std::memcpy(
-        static_cast<std::byte*>(to.data) + offset * static_cast<std::int64_t>(size),
-        static_cast<const std::byte*>(converted.raw()) + n * static_cast<std::int64_t>(size), size);
-  }
+  const Tensor dense = detail::dense_copy(from);
+  detail::store_dense(dense.data<double>(), to);
 }
 
 void add_into(const Tensor& part, const MutableTensorView& total) {
