@@ -225,6 +225,73 @@ class ParameterSums {
 
 // ---- Ring ---------------------------------------------------------------------------------------
 
+// A send and a receive in flight (two requests) kept moving while the caller computes. MPI moves a
+// large message only inside MPI calls: a helper thread polls the requests (when MPI allows calls
+// from several threads), otherwise the caller nudges them between blocks.
+class Transfer {
+ public:
+  explicit Transfer(bool threads_allowed) : threads_allowed_(threads_allowed) {}
+  Transfer(const Transfer&) = delete;
+  Transfer& operator=(const Transfer&) = delete;
+  ~Transfer() {
+    if (mover_.joinable()) mover_.join();
+  }
+
+  void start(const void* send, std::size_t send_bytes, int to, void* receive,
+             std::size_t receive_bytes, int from, int tag, MPI_Comm comm) {
+    check_mpi(MPI_Irecv(receive, static_cast<int>(receive_bytes), MPI_BYTE, from, tag, comm,
+                        &requests_[0]),
+              "MPI_Irecv");
+    check_mpi(MPI_Isend(send, static_cast<int>(send_bytes), MPI_BYTE, to, tag, comm, &requests_[1]),
+              "MPI_Isend");
+    active_ = true;
+    if (threads_allowed_) {
+      mover_ = std::thread([this] {
+        // Polls rather than blocks: a blocking wait would spin on a core the compute needs.
+        int done = 0;
+        while (!done) {
+          MPI_Testall(2, requests_, &done, MPI_STATUSES_IGNORE);
+          if (!done) std::this_thread::sleep_for(std::chrono::microseconds(50));
+        }
+        arrived_ = true;
+      });
+    }
+  }
+  // Without a helper thread: lets MPI move the messages a little.
+  void nudge() {
+    if (!active_ || threads_allowed_) return;
+    int done = 0;
+    MPI_Testall(2, requests_, &done, MPI_STATUSES_IGNORE);
+  }
+  // Waits for both requests; returns whether they had completed before this call.
+  bool finish() {
+    if (!active_) return true;
+    active_ = false;
+    if (threads_allowed_) {
+      const bool early = arrived_;
+      mover_.join();
+      return early;
+    }
+    int done = 0;
+    check_mpi(MPI_Testall(2, requests_, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
+    if (!done) check_mpi(MPI_Waitall(2, requests_, MPI_STATUSES_IGNORE), "MPI_Waitall");
+    return done != 0;
+  }
+
+ private:
+  bool threads_allowed_;
+  bool active_ = false;
+  MPI_Request requests_[2];
+  std::atomic<bool> arrived_{false};
+  std::thread mover_;
+};
+
+bool mpi_threads_allowed() {
+  int thread_level = MPI_THREAD_SINGLE;
+  check_mpi(MPI_Query_thread(&thread_level), "MPI_Query_thread");
+  return thread_level == MPI_THREAD_MULTIPLE;
+}
+
 // K and V of one rank's shard as one dense buffer: [k | v].
 struct Block {
   Tensor k, v;
@@ -253,9 +320,7 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
                   const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
                   RingStatistics* statistics) {
   RingStatistics stats;
-  int thread_level = MPI_THREAD_SINGLE;
-  check_mpi(MPI_Query_thread(&thread_level), "MPI_Query_thread");
-  const bool threads_allowed = thread_level == MPI_THREAD_MULTIPLE;
+  const bool threads_allowed = mpi_threads_allowed();
   const DType merged = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
   std::vector<Tensor> running_out, running_lse;
@@ -280,33 +345,13 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
     const int source = (c.rank - step + c.ranks) % c.ranks;
     // The next shard travels while this one is computed on.
     Block incoming;
-    MPI_Request requests[2];
+    Transfer transfer(threads_allowed);
     const bool more = step + 1 < c.ranks;
     if (more) {
       const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
       incoming = block_for(c, shard_length(d.k_total, c.ranks, coming, d.layout), q.dtype);
-      check_mpi(MPI_Irecv(incoming.bytes.data(), static_cast<int>(incoming.bytes.size()), MPI_BYTE,
-                          previous, step, c.comm, &requests[0]),
-                "MPI_Irecv");
-      check_mpi(MPI_Isend(current.bytes.data(), static_cast<int>(current.bytes.size()), MPI_BYTE,
-                          next, step, c.comm, &requests[1]),
-                "MPI_Isend");
-    }
-    // MPI moves a large message only inside MPI calls: a helper thread sits in MPI_Waitall so the
-    // transfer progresses while this thread computes (when MPI allows calls from several
-    // threads; otherwise the compute below nudges it between blocks with MPI_Testall).
-    std::atomic<bool> arrived{false};
-    std::thread mover;
-    if (more && threads_allowed) {
-      mover = std::thread([&] {
-        // Polls rather than blocks: a blocking wait would spin on a core the compute needs.
-        int done = 0;
-        while (!done) {
-          MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
-          if (!done) std::this_thread::sleep_for(std::chrono::microseconds(50));
-        }
-        arrived = true;
-      });
+      transfer.start(current.bytes.data(), current.bytes.size(), next, incoming.bytes.data(),
+                     incoming.bytes.size(), previous, step, c.comm);
     }
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
@@ -328,26 +373,14 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
         const TensorView outs[] = {running_out[a].view(), part_out.view()};
         const TensorView lses[] = {running_lse[a].view(), part_lse.view()};
         merge_attention(outs, lses, running_out[a].mutable_view(), running_lse[a].mutable_view());
-        if (more && !threads_allowed) {
-          int done = 0;
-          MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE);
-        }
+        transfer.nudge();
       }
     }
     const double wait_start = MPI_Wtime();
     stats.compute_seconds += wait_start - compute_start;
     if (more) {
       ++stats.transfer_steps;
-      if (threads_allowed) {
-        if (arrived) ++stats.hidden_steps;
-        mover.join();
-      } else {
-        int done = 0;
-        check_mpi(MPI_Testall(2, requests, &done, MPI_STATUSES_IGNORE), "MPI_Testall");
-        if (done) ++stats.hidden_steps;
-        check_mpi(MPI_Waitall(2, requests, MPI_STATUSES_IGNORE), "MPI_Waitall");
-      }
-      stats.wait_seconds += MPI_Wtime() - wait_start;
+      if (transfer.finish()) ++stats.hidden_steps;
       incoming.unpack();
       current = std::move(incoming);
     }
@@ -369,40 +402,46 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
   const DType accumulate = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
   Tensor dq_total(accumulate, shape_of(q));
-  // The bundle: K, V and the dK, dV summed so far, of the shard it belongs to.
+  // The bundle of one shard: its K and V (which travel ahead, during the compute: they do not
+  // change) and the dK, dV summed so far (which follow once this rank has added its share).
   struct Bundle {
-    Tensor k, v, dk, dv;
-    std::vector<std::byte> bytes;
-    void pack() {
-      bytes.clear();
-      for (const Tensor* t : {&k, &v, &dk, &dv}) {
-        const auto* data = static_cast<const std::byte*>(t->raw());
-        bytes.insert(bytes.end(), data, data + t->nbytes());
-      }
+    Block kv;
+    Tensor dk, dv;
+    std::vector<std::byte> gradient_bytes;
+    void pack_gradients() {
+      gradient_bytes.resize(dk.nbytes() + dv.nbytes());
+      std::memcpy(gradient_bytes.data(), dk.raw(), dk.nbytes());
+      std::memcpy(gradient_bytes.data() + dk.nbytes(), dv.raw(), dv.nbytes());
     }
-    void unpack() {
-      std::size_t at = 0;
-      for (Tensor* t : {&k, &v, &dk, &dv}) {
-        std::memcpy(t->raw(), bytes.data() + at, t->nbytes());
-        at += t->nbytes();
-      }
+    void unpack_gradients() {
+      std::memcpy(dk.raw(), gradient_bytes.data(), dk.nbytes());
+      std::memcpy(dv.raw(), gradient_bytes.data() + dk.nbytes(), dv.nbytes());
     }
   };
   const auto bundle_for = [&](std::int64_t rows_count) {
     Bundle bundle;
-    bundle.k = Tensor(q.dtype, {c.batch, rows_count, c.kv_heads, c.k_dim});
-    bundle.v = Tensor(q.dtype, {c.batch, rows_count, c.kv_heads, c.v_dim});
+    bundle.kv = block_for(c, rows_count, q.dtype);
     bundle.dk = Tensor(accumulate, {c.batch, rows_count, c.kv_heads, c.k_dim});
     bundle.dv = Tensor(accumulate, {c.batch, rows_count, c.kv_heads, c.v_dim});
-    bundle.pack();
+    bundle.pack_gradients();
     return bundle;
   };
   Bundle current = bundle_for(k.shape[1]);
-  current.k = to_tensor(k);
-  current.v = to_tensor(v);
+  current.kv.k = to_tensor(k);
+  current.kv.v = to_tensor(v);
+  current.kv.pack();
+  const bool threads_allowed = mpi_threads_allowed();
   const int next = (c.rank + 1) % c.ranks, previous = (c.rank + c.ranks - 1) % c.ranks;
   for (int step = 0; step < c.ranks; ++step) {
     const int source = (c.rank - step + c.ranks) % c.ranks;
+    const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
+    Bundle incoming = bundle_for(shard_length(d.k_total, c.ranks, coming, d.layout));
+    Transfer transfer(threads_allowed);
+    if (step + 1 < c.ranks) {  // the next K and V, while this step computes
+      transfer.start(current.kv.bytes.data(), current.kv.bytes.size(), next,
+                     incoming.kv.bytes.data(), incoming.kv.bytes.size(), previous, 2 * step,
+                     c.comm);
+    }
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
     for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
@@ -419,8 +458,8 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
         grads.dq = part_dq.mutable_view();
         grads.dk = part_dk.mutable_view();
         grads.dv = part_dv.mutable_view();
-        attention_backward(rows(q, 1, q0, q1), rows(current.k.view(), 1, k0, k1),
-                           rows(current.v.view(), 1, k0, k1), block, rows(dout, 1, q0, q1),
+        attention_backward(rows(q, 1, q0, q1), rows(current.kv.k.view(), 1, k0, k1),
+                           rows(current.kv.v.view(), 1, k0, k1), block, rows(dout, 1, q0, q1),
                            std::nullopt, grads,
                            SavedForward{rows(out, 1, q0, q1), rows(lse, 2, q0, q1)});
         sums.add_parts(0);
@@ -444,18 +483,20 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
         add_rows(dq_total, part_dq, q0);
         add_rows(current.dk, part_dk, k0);
         add_rows(current.dv, part_dv, k0);
+        transfer.nudge();
       }
     }
-    // Pass the bundle on (after P passes it is home).
-    current.pack();
-    const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
-    Bundle incoming = bundle_for(shard_length(d.k_total, c.ranks, coming, d.layout));
+    // The gradients follow (after P passes every bundle is home).
+    transfer.finish();
+    current.pack_gradients();
     check_mpi(
-        MPI_Sendrecv(current.bytes.data(), static_cast<int>(current.bytes.size()), MPI_BYTE, next,
-                     step, incoming.bytes.data(), static_cast<int>(incoming.bytes.size()), MPI_BYTE,
-                     previous, step, c.comm, MPI_STATUS_IGNORE),
+        MPI_Sendrecv(current.gradient_bytes.data(), static_cast<int>(current.gradient_bytes.size()),
+                     MPI_BYTE, next, 2 * step + 1, incoming.gradient_bytes.data(),
+                     static_cast<int>(incoming.gradient_bytes.size()), MPI_BYTE, previous,
+                     2 * step + 1, c.comm, MPI_STATUS_IGNORE),
         "MPI_Sendrecv");
-    incoming.unpack();
+    incoming.unpack_gradients();
+    if (step + 1 < c.ranks) incoming.kv.unpack();
     current = std::move(incoming);
   }
   copy_into(dq_total.view(), dq);
