@@ -52,6 +52,9 @@ struct TensorView {
   // The same elements seen with `new_rank` dimensions: leading dimensions of size 1 are added
   // (new_rank > rank) or removed (new_rank < rank, only dimensions of size 1).
   TensorView with_rank(int new_rank) const;
+  // The elements [begin, end) along dimension `dim`, over the same memory (PyTorch's narrow).
+  // Throws qkv::Error when dim or the range is out of bounds.
+  TensorView narrow(int dim, std::int64_t begin, std::int64_t end) const;
   // "[2, 3, 4]".
   std::string shape_string() const;
 };
@@ -72,6 +75,7 @@ struct MutableTensorView {
 
   TensorView as_const() const { return {data, dtype, rank, shape, strides}; }
   MutableTensorView with_rank(int new_rank) const;
+  MutableTensorView narrow(int dim, std::int64_t begin, std::int64_t end) const;
 };
 
 // A dense, row-major array that owns its zero-initialized storage (any rank, not only ≤ 4).

@@ -165,6 +165,42 @@ MutableTensorView MutableTensorView::with_rank(int new_rank) const {
   return reshape_rank(*this, new_rank);
 }
 
+namespace {
+
+template <class View>
+View narrow_view(View view, int dim, std::int64_t begin, std::int64_t end) {
+  if (dim < 0 || dim >= view.rank || begin < 0 || begin > end ||
+      end > view.shape[static_cast<std::size_t>(dim)]) {
+    throw Error(
+        fmt::format("narrow: expected 0 <= begin <= end <= {} along dimension {} of {}, "
+                    "got [{}, {})",
+                    dim >= 0 && dim < view.rank ? view.shape[static_cast<std::size_t>(dim)] : 0,
+                    dim, view.shape_string(), begin, end));
+  }
+  using Byte = std::conditional_t<std::is_same_v<View, TensorView>, const std::byte, std::byte>;
+  if (end > begin) {
+    view.data =
+        static_cast<Byte*>(view.data) + begin * view.strides[static_cast<std::size_t>(dim)] *
+                                            static_cast<std::int64_t>(dtype_size(view.dtype));
+  }
+  view.shape[static_cast<std::size_t>(dim)] = end - begin;
+  return view;
+}
+
+}  // namespace
+
+TensorView TensorView::narrow(int dim, std::int64_t begin, std::int64_t end) const {
+  return narrow_view(*this, dim, begin, end);
+}
+
+MutableTensorView MutableTensorView::narrow(int dim, std::int64_t begin, std::int64_t end) const {
+  MutableTensorView view = *this;
+  const TensorView narrowed = as_const().narrow(dim, begin, end);
+  view.data = const_cast<void*>(narrowed.data);
+  view.shape = narrowed.shape;
+  return view;
+}
+
 std::string TensorView::shape_string() const {
   return fmt::format("[{}]", fmt::join(shape.begin(), shape.begin() + rank, ", "));
 }

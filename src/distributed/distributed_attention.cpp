@@ -35,20 +35,10 @@ namespace {
 
 using Pieces = std::vector<std::pair<std::int64_t, std::int64_t>>;
 
-// Rows [begin, end) of dimension `dim` of a view.
-template <class View>
-View rows(View view, int dim, std::int64_t begin, std::int64_t end) {
-  using Byte = std::conditional_t<std::is_same_v<View, TensorView>, const std::byte, std::byte>;
-  view.data = static_cast<Byte*>(view.data) + begin * view.strides[static_cast<std::size_t>(dim)] *
-                                                  static_cast<std::int64_t>(dtype_size(view.dtype));
-  view.shape[static_cast<std::size_t>(dim)] = end - begin;
-  return view;
-}
-
 // Heads [begin, end) (dimension 2 of [B, N, H, D]).
 template <class View>
-View heads(View view, std::int64_t begin, std::int64_t end) {
-  return rows(view, 2, begin, end);
+View heads(const View& view, std::int64_t begin, std::int64_t end) {
+  return view.narrow(2, begin, end);
 }
 
 void check_mpi(int code, const char* what) {
@@ -66,15 +56,24 @@ void copy_into(const TensorView& from, const MutableTensorView& to) {
   detail::store_dense(dense.data<double>(), to);
 }
 
-void add_into(const Tensor& part, const MutableTensorView& total) {
-  // total (dense, wide dtype) += part (same shape and dtype).
-  const std::int64_t count = part.numel();
+// total[:, first : first + m] += part for dense [B, N, …] and [B, m, …] tensors of one float
+// dtype (the accumulation type: float32 or float64).
+template <class T>
+void add_rows_typed(Tensor& total, const Tensor& part, std::int64_t first) {
+  const std::int64_t batch = part.shape()[0], n = total.shape()[1], m = part.shape()[1];
+  const std::int64_t inner = m > 0 ? part.numel() / (batch * m) : 0;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    T* to = total.data<T>() + (b * n + first) * inner;
+    const T* from = part.data<T>() + b * m * inner;
+    for (std::int64_t i = 0; i < m * inner; ++i) to[i] += from[i];
+  }
+}
+
+void add_rows(Tensor& total, const Tensor& part, std::int64_t first) {
   if (part.dtype() == DType::float64) {
-    for (std::int64_t n = 0; n < count; ++n)
-      static_cast<double*>(total.data)[n] += part.data<double>()[n];
+    add_rows_typed<double>(total, part, first);
   } else {
-    for (std::int64_t n = 0; n < count; ++n)
-      static_cast<float*>(total.data)[n] += part.data<float>()[n];
+    add_rows_typed<float>(total, part, first);
   }
 }
 
@@ -361,11 +360,11 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
       const auto q_piece = c.q_pieces[a];
       for (std::size_t e = 0; e < k_pieces.size(); ++e) {
         if (hidden(options, d.q_total, d.k_total, q_piece, k_pieces[e])) continue;
-        const TensorView qv = rows(q, 1, q_starts[a], q_starts[a] + q_piece.second);
+        const TensorView qv = q.narrow(1, q_starts[a], q_starts[a] + q_piece.second);
         const TensorView kv =
-            rows(current.k.view(), 1, k_starts[e], k_starts[e] + k_pieces[e].second);
+            current.k.view().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
         const TensorView vv =
-            rows(current.v.view(), 1, k_starts[e], k_starts[e] + k_pieces[e].second);
+            current.v.view().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
         Tensor part_out(merged, {c.batch, q_piece.second, c.q_heads, c.v_dim});
         Tensor part_lse(merged, {c.batch, c.q_heads, q_piece.second});
         attention_forward(qv, kv, vv, block_options(options, d, q_piece.first, k_pieces[e].first),
@@ -389,8 +388,8 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
   if (statistics != nullptr) *statistics = stats;
   for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
     const std::int64_t begin = q_starts[a], end = begin + c.q_pieces[a].second;
-    copy_into(running_out[a].view(), rows(out, 1, begin, end));
-    if (lse) copy_into(running_lse[a].view(), rows(*lse, 2, begin, end));
+    copy_into(running_out[a].view(), out.narrow(1, begin, end));
+    if (lse) copy_into(running_lse[a].view(), lse->narrow(2, begin, end));
   }
 }
 
@@ -458,28 +457,11 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
         grads.dq = part_dq.mutable_view();
         grads.dk = part_dk.mutable_view();
         grads.dv = part_dv.mutable_view();
-        attention_backward(rows(q, 1, q0, q1), rows(current.kv.k.view(), 1, k0, k1),
-                           rows(current.kv.v.view(), 1, k0, k1), block, rows(dout, 1, q0, q1),
+        attention_backward(q.narrow(1, q0, q1), current.kv.k.view().narrow(1, k0, k1),
+                           current.kv.v.view().narrow(1, k0, k1), block, dout.narrow(1, q0, q1),
                            std::nullopt, grads,
-                           SavedForward{rows(out, 1, q0, q1), rows(lse, 2, q0, q1)});
+                           SavedForward{out.narrow(1, q0, q1), lse.narrow(2, q0, q1)});
         sums.add_parts(0);
-        // Rows of a [B, N, …] tensor: add batch by batch.
-        const auto add_rows = [&](Tensor& total, const Tensor& part, std::int64_t first) {
-          const std::int64_t n = total.shape()[1], m = part.shape()[1];
-          const std::int64_t inner = m > 0 ? part.numel() / (c.batch * m) : 0;
-          for (std::int64_t b = 0; b < c.batch; ++b) {
-            Tensor slice(part.dtype(), {m * inner});
-            std::memcpy(slice.raw(),
-                        static_cast<const std::byte*>(part.raw()) +
-                            b * m * inner * static_cast<std::int64_t>(dtype_size(part.dtype())),
-                        slice.nbytes());
-            MutableTensorView target = total.mutable_view();
-            target.data =
-                static_cast<std::byte*>(total.raw()) +
-                (b * n + first) * inner * static_cast<std::int64_t>(dtype_size(total.dtype()));
-            add_into(slice, target);
-          }
-        };
         add_rows(dq_total, part_dq, q0);
         add_rows(current.dk, part_dk, k0);
         add_rows(current.dv, part_dv, k0);
@@ -533,8 +515,8 @@ Tensor reshard(const Context& c, const TensorView& local, std::int64_t total, La
       block = Tensor(local.dtype, {c.batch, rows_count, group, dim});
       std::int64_t at = 0;
       for (const auto& piece : pieces) {
-        copy_into(rows(local, 1, piece.first, piece.first + piece.second),
-                  rows(block.mutable_view(), 1, at, at + piece.second));
+        copy_into(local.narrow(1, piece.first, piece.first + piece.second),
+                  block.mutable_view().narrow(1, at, at + piece.second));
         at += piece.second;
       }
     }
@@ -566,8 +548,8 @@ Tensor reshard(const Context& c, const TensorView& local, std::int64_t total, La
     if (to_heads) {
       std::int64_t at = 0;
       for (const auto& piece : shard_pieces(total, P, s, layout)) {
-        copy_into(rows(block, 1, at, at + piece.second),
-                  rows(result.mutable_view(), 1, piece.first, piece.first + piece.second));
+        copy_into(block.narrow(1, at, at + piece.second),
+                  result.mutable_view().narrow(1, piece.first, piece.first + piece.second));
         at += piece.second;
       }
     } else {
@@ -594,7 +576,7 @@ AttentionOptions head_options(const AttentionOptions& options, std::int64_t firs
   AttentionOptions o = options;
   const auto slice = [&](std::optional<TensorView>& parameter, int per_head_rank) {
     if (parameter && parameter->rank == per_head_rank && parameter->shape[0] == q_heads) {
-      parameter = rows(*parameter, 0, first, first + count);
+      parameter = parameter->narrow(0, first, first + count);
     }
   };
   slice(o.w, 3);
@@ -602,7 +584,7 @@ AttentionOptions head_options(const AttentionOptions& options, std::int64_t firs
   slice(o.wk, 3);
   slice(o.va, 2);
   if (o.alibi_slopes) {
-    o.alibi_slopes = rows(*o.alibi_slopes, o.alibi_slopes->rank - 1, first, first + count);
+    o.alibi_slopes = o.alibi_slopes->narrow(o.alibi_slopes->rank - 1, first, first + count);
   }
   return o;
 }

@@ -15,15 +15,6 @@
 namespace qkv::testing {
 namespace {
 
-// Rows [begin, end) of dimension `dim` of a view.
-template <class View>
-View rows(View view, int dim, std::int64_t begin, std::int64_t end) {
-  using Byte = std::conditional_t<std::is_same_v<View, TensorView>, const std::byte, std::byte>;
-  view.data = static_cast<Byte*>(view.data) + begin * view.strides[dim] * dtype_size(view.dtype);
-  view.shape[dim] = end - begin;
-  return view;
-}
-
 struct BlockCase {
   bool causal = false;
   CausalAlign align = CausalAlign::bottom_right;
@@ -78,8 +69,8 @@ TEST_P(AttentionBlocks, EqualWholeForwardAndBackward) {
       options.key_offset = k0;
       options.query_total = c.q_len;
       options.key_total = c.k_len;
-      const TensorView q = rows(in.q, 1, q0, q1), k = rows(in.k, 1, k0, k1),
-                       v = rows(in.v, 1, k0, k1);
+      const TensorView q = in.q.narrow(1, q0, q1), k = in.k.narrow(1, k0, k1),
+                       v = in.v.narrow(1, k0, k1);
       outs.emplace_back(DType::float64,
                         std::vector<std::int64_t>{c.batch, q1 - q0, c.q_heads, c.v_dim});
       lses.emplace_back(DType::float64, std::vector<std::int64_t>{c.batch, c.q_heads, q1 - q0});
@@ -94,8 +85,8 @@ TEST_P(AttentionBlocks, EqualWholeForwardAndBackward) {
       block.dk = bk.mutable_view();
       block.dv = bv.mutable_view();
       attention_backward(
-          q, k, v, options, rows(dout.view(), 1, q0, q1), std::nullopt, block,
-          SavedForward{rows(whole.out.view(), 1, q0, q1), rows(whole.lse.view(), 2, q0, q1)});
+          q, k, v, options, dout.view().narrow(1, q0, q1), std::nullopt, block,
+          SavedForward{whole.out.view().narrow(1, q0, q1), whole.lse.view().narrow(2, q0, q1)});
       const auto add = [](Tensor& total, const Tensor& part, std::int64_t offset) {
         const std::int64_t n = total.shape()[1], m = part.shape()[1];
         const std::int64_t inner = total.numel() / (total.shape()[0] * n);
@@ -114,8 +105,8 @@ TEST_P(AttentionBlocks, EqualWholeForwardAndBackward) {
       out_views.push_back(outs[e].view());
       lse_views.push_back(lses[e].view());
     }
-    merge_attention(out_views, lse_views, rows(merged_out.mutable_view(), 1, q0, q1),
-                    rows(merged_lse.mutable_view(), 2, q0, q1));
+    merge_attention(out_views, lse_views, merged_out.mutable_view().narrow(1, q0, q1),
+                    merged_lse.mutable_view().narrow(2, q0, q1));
   }
   EXPECT_LE(max_abs_difference(merged_out, whole.out), 1e-12);
   EXPECT_LE(max_abs_difference(merged_lse, whole.lse), 1e-12);

@@ -61,5 +61,21 @@ TEST(Tensor, BFloat16HasNoNpyType) {
                   ::testing::HasSubstr("got bfloat16; convert it to float32 first")));
 }
 
+// narrow: a range of one dimension over the same memory, checked.
+TEST(TensorViews, NarrowSelectsARangeOfOneDimension) {
+  Tensor t(DType::float32, {2, 5, 3});
+  for (std::int64_t n = 0; n < t.numel(); ++n) t.data<float>()[n] = static_cast<float>(n);
+  const TensorView middle = t.view().narrow(1, 1, 4);
+  EXPECT_EQ(middle.shape_string(), "[2, 3, 3]");
+  EXPECT_EQ(static_cast<const float*>(middle.data)[0], 3.0f);  // element (0, 1, 0)
+  const Tensor dense = to_tensor(middle);
+  EXPECT_EQ(dense.data<float>()[9], 18.0f);  // element (1, 1, 0) of the original
+  MutableTensorView written = t.mutable_view().narrow(2, 2, 3);
+  static_cast<float*>(written.data)[0] = -1.0f;
+  EXPECT_EQ(t.data<float>()[2], -1.0f);
+  EXPECT_THROW(t.view().narrow(1, 2, 6), Error);
+  EXPECT_THROW(t.view().narrow(3, 0, 1), Error);
+}
+
 }  // namespace
 }  // namespace qkv
