@@ -69,11 +69,15 @@ struct AttentionOptions {
   // that sees no key of the block gets O = 0, LSE = -inf, which merge_attention ignores.
   std::int64_t query_offset = 0, key_offset = 0;
   std::int64_t query_total = 0, key_total = 0;
+  // The same for heads (head-parallel attention): this call's query head h is head
+  // query_head_offset + h of query_head_total (0: this call's Hq). Only dropout reads it.
+  std::int64_t query_head_offset = 0, query_head_total = 0;
 
   // Dropout on the attention weights (training): each weight is zeroed with probability
   // `dropout` in [0, 1) and the survivors are scaled by 1 / (1 − dropout). The mask is a pure
-  // function of (dropout_seed, b, h, i, j): the same seed gives the same mask in the forward, the
-  // returned weights and attention_backward, on any kernel and thread count. LSE is unaffected.
+  // function of (dropout_seed, b, h, i, j), in global positions (the offsets above): the same
+  // seed gives the same mask in the forward, the returned weights and attention_backward, on any
+  // kernel and thread count, and for a problem computed whole or in blocks. LSE is unaffected.
   // 0 (the default) costs nothing.
   double dropout = 0.0;
   std::uint64_t dropout_seed = 0;

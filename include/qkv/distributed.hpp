@@ -23,8 +23,8 @@ enum class Layout {
 enum class Strategy {
   ring,       // K/V shards travel round the ring while each rank computes on the one it holds
   heads,      // all-to-all from sequence shards to head shards, attention, and back (needs Hq
-              // and Hk divisible by P)
-  automatic,  // heads when the head counts allow it, ring otherwise
+              // and Hk divisible by P, and no bias, mask or weights)
+  automatic,  // heads when those conditions hold, ring otherwise
 };
 
 struct DistributedOptions {
@@ -40,38 +40,44 @@ std::vector<std::pair<std::int64_t, std::int64_t>> shard_pieces(std::int64_t n, 
 // The number of rows a rank holds.
 std::int64_t shard_length(std::int64_t n, int ranks, int rank, Layout layout);
 
-// Where one rank's time went in a ring forward (for qkv bench --distributed).
+// Where one rank's time went in a ring forward or backward (for qkv bench --distributed).
 struct RingStatistics {
   double compute_seconds = 0;  // attention on the blocks held, and merging
   double wait_seconds = 0;     // waiting for the next block after computing (exposed communication
                                // and waiting for a slower neighbour)
-  double bytes_sent = 0;       // K and V bytes this rank sent
+  double bytes_sent = 0;       // bytes this rank sent (K and V; in the backward also dK and dV)
   int steps = 0;
-  int transfer_steps = 0;  // steps that moved a block
-  int hidden_steps = 0;    // of those, steps whose block had fully arrived when compute ended
+  int transfer_steps = 0;  // transfers that had compute beside them (the backward's K/V and
+                           // dK/dV each count; its last dK/dV pass home has none, and its time
+                           // is in wait_seconds)
+  int hidden_steps = 0;    // of those, transfers complete when the compute beside them ended
 };
 
 // Forward over the communicator. Each rank passes its shards — q [B, Nq_r, Hq, Dq], k and v
 // [B, Nk_r, Hk, D…] with Nq_r = shard_length(q_total, …) — and gets its shard of O [B, Nq_r, Hq,
-// Dv] and of LSE [B, Hq, Nq_r] (optional). Every score and the position-based options (causal,
-// window, key_lengths, ALiBi), GQA; not a float bias or boolean mask (their [Nq, Nk] would not be
-// sharded), nor dropout. Equal to attention_forward on the whole sequence up to float rounding.
+// Dv], of LSE [B, Hq, Nq_r] (optional) and of the weights [B, Hq, Nq_r, Nk] (optional: its query
+// rows, every key in global order). Every score and option of attention_forward: the
+// position-based ones (causal, window, key_lengths, ALiBi) and dropout see global positions; a
+// float bias or boolean mask is the rank's query rows and every key, broadcastable to [B, Hq,
+// Nq_r, Nk] (ring only: with a bias, mask or weights the automatic strategy is the ring).
+// Equal to attention_forward on the whole sequence up to float rounding (the same dropout mask).
 // Throws qkv::Error on bad input, the same on every rank.
 void attention_forward(MPI_Comm comm, const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const DistributedOptions& distributed,
-                       const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
-                       RingStatistics* statistics = nullptr);
+                       const AttentionOutputs& outputs, RingStatistics* statistics = nullptr);
 
 // Backward over the communicator, from each rank's shards of dO, and of O and LSE as the forward
 // returned them: writes the rank's shards of dQ, dK and dV (dK and dV are summed over every rank's
 // queries: in the ring they travel back to their owners). The score's parameters are the same on
 // every rank; their gradients, requested in `parameters` (dw, dwq, dwk, dva; the other fields are
-// ignored), are summed over all ranks' blocks and written on every rank.
+// ignored), are summed over all ranks' blocks and written on every rank. The bias and mask are
+// sharded as in the forward; no gradient of the bias.
 void attention_backward(MPI_Comm comm, const TensorView& q, const TensorView& k,
                         const TensorView& v, const AttentionOptions& options,
                         const DistributedOptions& distributed, const TensorView& dout,
                         const TensorView& out, const TensorView& lse, const MutableTensorView& dq,
                         const MutableTensorView& dk, const MutableTensorView& dv,
-                        const AttentionGradients& parameters = {});
+                        const AttentionGradients& parameters = {},
+                        RingStatistics* statistics = nullptr);
 
 }  // namespace qkv::distributed

@@ -356,6 +356,20 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
                     "Nk = {}, got offset {} and total {}",
                     p.k_len, options.key_offset, options.key_total));
   }
+  const std::int64_t head_total =
+      options.query_head_total > 0 ? options.query_head_total : p.q_heads;
+  if (options.query_head_total < 0 || options.query_head_offset < 0 ||
+      options.query_head_offset > head_total - p.q_heads) {
+    throw Error(
+        fmt::format("query_head_offset, query_head_total: expected 0 <= offset <= total - Hq "
+                    "with Hq = {}, got offset {} and total {}",
+                    p.q_heads, options.query_head_offset, options.query_head_total));
+  }
+  p.head_offset = options.query_head_offset;
+  p.head_total = head_total;
+  p.query_offset = options.query_offset;
+  p.query_total = q_total;
+  p.key_total = k_total;
   p.top_left_diagonal = options.query_offset - options.key_offset;
   p.bottom_right_diagonal = k_total - q_total + p.top_left_diagonal;
   p.key_offset = options.key_offset;

@@ -58,6 +58,10 @@ struct AttentionProblem {
   double softcap = 0.0;  // 0 = off
   double dropout = 0.0;  // probability of zeroing a weight; 0 = off
   std::uint64_t dropout_seed = 0;
+  // The global coordinates dropout hashes: local (h, i, j) is (h + head_offset, i + query_offset,
+  // j + key_offset) of a [B, head_total, query_total, key_total] problem.
+  std::int64_t head_offset = 0, head_total = 0, query_offset = 0, query_total = 0;
+  std::int64_t key_total = 0;
 
   DType dtype = DType::float32;  // of q, k and v
 

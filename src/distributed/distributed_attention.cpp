@@ -6,9 +6,9 @@
 // key lengths and ALiBi see global positions; pairs a causal mask hides entirely are skipped), the
 // next shard is already on its way (MPI_Isend / MPI_Irecv posted before the compute). Each step's
 // (O, LSE) is merged into the running result with merge_attention. The backward walks the same
-// ring with a bundle (K, V, dK, dV): each rank adds its queries' share of dK and dV (attention_
-// backward on the block with the whole problem's O and LSE) before passing the bundle on; after P
-// passes every bundle is home.
+// ring: K and V travel ahead, and each shard's dK and dV, summed over the ranks it has visited
+// (attention_backward on each block with the whole problem's O and LSE), follow one step behind;
+// after P passes every sum is home.
 //
 // Heads. With Hq and Hk divisible by P, an all-to-all turns sequence shards into head shards
 // (rank s gets every row of heads s·H/P …), attention runs on whole sequences, and a second
@@ -116,11 +116,6 @@ Context context(MPI_Comm comm, const TensorView& q, const TensorView& k, const T
     throw Error(fmt::format("q, k, v: expected [B, N, H, D] shards (rank 4), got {}, {}, {}",
                             q.shape_string(), k.shape_string(), v.shape_string()));
   }
-  if (options.bias || options.mask || options.dropout > 0) {
-    throw Error(
-        "options: expected no bias, mask or dropout in distributed attention (their "
-        "[Nq, Nk] is not sharded), got one");
-  }
   if (d.q_total <= 0 || d.k_total <= 0) {
     throw Error(fmt::format("q_total, k_total: expected the global lengths (> 0), got {} and {}",
                             d.q_total, d.k_total));
@@ -132,6 +127,22 @@ Context context(MPI_Comm comm, const TensorView& q, const TensorView& k, const T
         fmt::format("q, k, v: expected shards of {} and {} rows on rank {} of {}, got {}, "
                     "{} and {}",
                     nq, nk, c.rank, c.ranks, q.shape[1], k.shape[1], v.shape[1]));
+  }
+  // A bias or mask holds the rank's query rows and every key: [.., Nq_r or 1, Nk or 1].
+  for (const auto& [operand, name] :
+       {std::pair{&options.bias, "bias"}, std::pair{&options.mask, "mask"}}) {
+    if (!*operand) continue;
+    const TensorView& view = **operand;
+    const bool keys_fit =
+        view.rank < 1 || view.shape[view.rank - 1] == 1 || view.shape[view.rank - 1] == d.k_total;
+    const bool rows_fit =
+        view.rank < 2 || view.shape[view.rank - 2] == 1 || view.shape[view.rank - 2] == nq;
+    if (!keys_fit || !rows_fit) {
+      throw Error(fmt::format(
+          "{}: expected the rank's query rows and every key, [.., {} or 1, {} or 1], on rank {} "
+          "of {}, got {}",
+          name, nq, d.k_total, c.rank, c.ranks, view.shape_string()));
+    }
   }
   c.batch = q.shape[0];
   c.q_heads = q.shape[2];
@@ -155,13 +166,33 @@ std::vector<std::int64_t> local_starts(const Pieces& pieces) {
   return starts;
 }
 
+// The part of a bias or mask ([.., Nq_r or 1, Nk or 1]) that the block of local query rows
+// [q_begin, q_end) and global keys [k_begin, k_end) reads.
+std::optional<TensorView> block_operand(const std::optional<TensorView>& operand,
+                                        std::int64_t q_begin, std::int64_t q_end,
+                                        std::int64_t k_begin, std::int64_t k_end) {
+  if (!operand) return operand;
+  TensorView view = *operand;
+  if (view.rank >= 1 && view.shape[view.rank - 1] != 1)
+    view = view.narrow(view.rank - 1, k_begin, k_end);
+  if (view.rank >= 2 && view.shape[view.rank - 2] != 1)
+    view = view.narrow(view.rank - 2, q_begin, q_end);
+  return view;
+}
+
+// The options of the block of query piece `q_piece` (whose rows start at local row `q_local`)
+// and key piece `k_piece` (global offsets and lengths).
 AttentionOptions block_options(const AttentionOptions& options, const DistributedOptions& d,
-                               std::int64_t q_offset, std::int64_t k_offset) {
+                               std::pair<std::int64_t, std::int64_t> q_piece, std::int64_t q_local,
+                               std::pair<std::int64_t, std::int64_t> k_piece) {
   AttentionOptions block = options;
-  block.query_offset = q_offset;
-  block.key_offset = k_offset;
+  block.query_offset = q_piece.first;
+  block.key_offset = k_piece.first;
   block.query_total = d.q_total;
   block.key_total = d.k_total;
+  const std::int64_t q_end = q_local + q_piece.second, k_end = k_piece.first + k_piece.second;
+  block.bias = block_operand(options.bias, q_local, q_end, k_piece.first, k_end);
+  block.mask = block_operand(options.mask, q_local, q_end, k_piece.first, k_end);
   return block;
 }
 
@@ -244,6 +275,7 @@ class Transfer {
     check_mpi(MPI_Isend(send, static_cast<int>(send_bytes), MPI_BYTE, to, tag, comm, &requests_[1]),
               "MPI_Isend");
     active_ = true;
+    arrived_ = false;
     if (threads_allowed_) {
       mover_ = std::thread([this] {
         // Polls rather than blocks: a blocking wait would spin on a core the compute needs.
@@ -314,11 +346,32 @@ Block block_for(const Context& c, std::int64_t rows, DType dtype) {
   return block;
 }
 
+// One block's attention weights [B, Hq, n_a, n_e], normalized by its own LSE [B, Hq, n_a]: the
+// final weights are these times exp(LSE_block − LSE_row).
+struct WeightBlock {
+  Tensor weights, lse;
+  std::size_t q_piece;
+  std::int64_t key_offset;
+};
+
+template <class T>
+void rescale_weights(WeightBlock& block, const Tensor& row_lse) {
+  const std::int64_t keys = block.weights.shape()[3];
+  T* weights = block.weights.data<T>();
+  const T* lse = block.lse.data<T>();  // [B, Hq, n_a], like the row LSE of its query piece
+  const T* final_lse = row_lse.data<T>();
+  for (std::int64_t r = 0; r < block.lse.numel(); ++r) {
+    const T factor = std::isinf(lse[r]) ? T(0) : std::exp(lse[r] - final_lse[r]);
+    for (std::int64_t j = 0; j < keys; ++j) weights[r * keys + j] *= factor;
+  }
+}
+
 void ring_forward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
                   const AttentionOptions& options, const DistributedOptions& d,
                   const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
-                  RingStatistics* statistics) {
+                  const std::optional<MutableTensorView>& weights, RingStatistics* statistics) {
   RingStatistics stats;
+  std::vector<WeightBlock> weight_blocks;
   const bool threads_allowed = mpi_threads_allowed();
   const DType merged = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
@@ -367,8 +420,16 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
             current.v.view().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
         Tensor part_out(merged, {c.batch, q_piece.second, c.q_heads, c.v_dim});
         Tensor part_lse(merged, {c.batch, c.q_heads, q_piece.second});
-        attention_forward(qv, kv, vv, block_options(options, d, q_piece.first, k_pieces[e].first),
-                          {part_out.mutable_view(), part_lse.mutable_view(), {}});
+        std::optional<MutableTensorView> part_weights;
+        if (weights) {  // normalized by the block's LSE; rescaled once the row's LSE is known
+          weight_blocks.push_back(
+              {Tensor(merged, {c.batch, c.q_heads, q_piece.second, k_pieces[e].second}),
+               Tensor(merged, {c.batch, c.q_heads, q_piece.second}), a, k_pieces[e].first});
+          part_weights = weight_blocks.back().weights.mutable_view();
+        }
+        attention_forward(qv, kv, vv, block_options(options, d, q_piece, q_starts[a], k_pieces[e]),
+                          {part_out.mutable_view(), part_lse.mutable_view(), part_weights});
+        if (weights) copy_into(part_lse.view(), weight_blocks.back().lse.mutable_view());
         const TensorView outs[] = {running_out[a].view(), part_out.view()};
         const TensorView lses[] = {running_lse[a].view(), part_lse.view()};
         merge_attention(outs, lses, running_out[a].mutable_view(), running_lse[a].mutable_view());
@@ -391,58 +452,90 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
     copy_into(running_out[a].view(), out.narrow(1, begin, end));
     if (lse) copy_into(running_lse[a].view(), lse->narrow(2, begin, end));
   }
+  if (weights) {  // blocks never computed (hidden by the mask) stay 0
+    const Tensor zeros(merged, shape_of(weights->as_const()));
+    copy_into(zeros.view(), *weights);
+    for (WeightBlock& block : weight_blocks) {
+      if (merged == DType::float64)
+        rescale_weights<double>(block, running_lse[block.q_piece]);
+      else
+        rescale_weights<float>(block, running_lse[block.q_piece]);
+      const std::int64_t begin = q_starts[block.q_piece];
+      copy_into(block.weights.view(),
+                weights->narrow(2, begin, begin + block.lse.shape()[2])
+                    .narrow(3, block.key_offset, block.key_offset + block.weights.shape()[3]));
+    }
+  }
 }
 
+// Adds the packed [dK | dV] sums that arrived (float32 or float64, like the tensors) to dk and dv,
+// then packs the totals into `packed` for the next rank.
+template <class T>
+void add_and_pack_typed(Tensor& dk, Tensor& dv, const std::vector<std::byte>* arrived,
+                        std::vector<std::byte>& packed) {
+  packed.resize(dk.nbytes() + dv.nbytes());
+  std::int64_t at = 0;
+  for (Tensor* part : {&dk, &dv}) {
+    T* values = part->data<T>();
+    if (arrived != nullptr) {
+      const auto* sums = reinterpret_cast<const T*>(arrived->data()) + at;
+      for (std::int64_t i = 0; i < part->numel(); ++i) values[i] += sums[i];
+    }
+    std::memcpy(packed.data() + at * static_cast<std::int64_t>(sizeof(T)), values, part->nbytes());
+    at += part->numel();
+  }
+}
+
+void add_and_pack(Tensor& dk, Tensor& dv, const std::vector<std::byte>* arrived,
+                  std::vector<std::byte>& packed) {
+  if (dk.dtype() == DType::float64) {
+    add_and_pack_typed<double>(dk, dv, arrived, packed);
+  } else {
+    add_and_pack_typed<float>(dk, dv, arrived, packed);
+  }
+}
+
+// The backward's ring. K and V travel ahead as in the forward. The dK, dV of a shard, summed over
+// the ranks it has visited, travel one step behind it: rank r, having added its queries' share
+// for the shard of step s, sends the sum on while it computes step s + 1, and the next rank needs
+// it only after computing its own share. So both transfers hide behind compute, and after the
+// last step one more pass brings every shard's total home. A shard's sum is always added in the
+// same rank order (its owner first), whatever the timing.
 void ring_backward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
                    const AttentionOptions& options, const DistributedOptions& d,
                    const TensorView& dout, const TensorView& out, const TensorView& lse,
                    const MutableTensorView& dq, const MutableTensorView& dk,
-                   const MutableTensorView& dv, ParameterSums& sums) {
+                   const MutableTensorView& dv, ParameterSums& sums, RingStatistics* statistics) {
+  RingStatistics stats;
   const DType accumulate = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
   Tensor dq_total(accumulate, shape_of(q));
-  // The bundle of one shard: its K and V (which travel ahead, during the compute: they do not
-  // change) and the dK, dV summed so far (which follow once this rank has added its share).
-  struct Bundle {
-    Block kv;
-    Tensor dk, dv;
-    std::vector<std::byte> gradient_bytes;
-    void pack_gradients() {
-      gradient_bytes.resize(dk.nbytes() + dv.nbytes());
-      std::memcpy(gradient_bytes.data(), dk.raw(), dk.nbytes());
-      std::memcpy(gradient_bytes.data() + dk.nbytes(), dv.raw(), dv.nbytes());
-    }
-    void unpack_gradients() {
-      std::memcpy(dk.raw(), gradient_bytes.data(), dk.nbytes());
-      std::memcpy(dv.raw(), gradient_bytes.data() + dk.nbytes(), dv.nbytes());
-    }
-  };
-  const auto bundle_for = [&](std::int64_t rows_count) {
-    Bundle bundle;
-    bundle.kv = block_for(c, rows_count, q.dtype);
-    bundle.dk = Tensor(accumulate, {c.batch, rows_count, c.kv_heads, c.k_dim});
-    bundle.dv = Tensor(accumulate, {c.batch, rows_count, c.kv_heads, c.v_dim});
-    bundle.pack_gradients();
-    return bundle;
-  };
-  Bundle current = bundle_for(k.shape[1]);
-  current.kv.k = to_tensor(k);
-  current.kv.v = to_tensor(v);
-  current.kv.pack();
+  Block current = block_for(c, k.shape[1], q.dtype);
+  current.k = to_tensor(k);
+  current.v = to_tensor(v);
+  current.pack();
   const bool threads_allowed = mpi_threads_allowed();
   const int next = (c.rank + 1) % c.ranks, previous = (c.rank + c.ranks - 1) % c.ranks;
+  std::vector<std::byte> sending, arriving;  // packed [dK | dV] sums, in flight
+  Transfer gradient_transfer(threads_allowed);
+  const std::int64_t gradient_row_bytes = c.batch * c.kv_heads * (c.k_dim + c.v_dim) *
+                                          static_cast<std::int64_t>(dtype_size(accumulate));
   for (int step = 0; step < c.ranks; ++step) {
     const int source = (c.rank - step + c.ranks) % c.ranks;
     const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
-    Bundle incoming = bundle_for(shard_length(d.k_total, c.ranks, coming, d.layout));
-    Transfer transfer(threads_allowed);
+    Block incoming;
+    Transfer kv_transfer(threads_allowed);
     if (step + 1 < c.ranks) {  // the next K and V, while this step computes
-      transfer.start(current.kv.bytes.data(), current.kv.bytes.size(), next,
-                     incoming.kv.bytes.data(), incoming.kv.bytes.size(), previous, 2 * step,
-                     c.comm);
+      incoming = block_for(c, shard_length(d.k_total, c.ranks, coming, d.layout), q.dtype);
+      kv_transfer.start(current.bytes.data(), current.bytes.size(), next, incoming.bytes.data(),
+                        incoming.bytes.size(), previous, 2 * step, c.comm);
     }
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
+    const std::int64_t source_rows = current.k.shape()[1];
+    Tensor share_dk(accumulate, {c.batch, source_rows, c.kv_heads, c.k_dim});
+    Tensor share_dv(accumulate, {c.batch, source_rows, c.kv_heads, c.v_dim});
+    const double compute_start = MPI_Wtime();
     for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
       const auto q_piece = c.q_pieces[a];
       const std::int64_t q0 = q_starts[a], q1 = q0 + q_piece.second;
@@ -452,38 +545,64 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
         Tensor part_dq(accumulate, {c.batch, q1 - q0, c.q_heads, c.q_dim});
         Tensor part_dk(accumulate, {c.batch, k1 - k0, c.kv_heads, c.k_dim});
         Tensor part_dv(accumulate, {c.batch, k1 - k0, c.kv_heads, c.v_dim});
-        const AttentionOptions block = block_options(options, d, q_piece.first, k_pieces[e].first);
+        const AttentionOptions block = block_options(options, d, q_piece, q0, k_pieces[e]);
         AttentionGradients grads = sums.block_slots(block);
         grads.dq = part_dq.mutable_view();
         grads.dk = part_dk.mutable_view();
         grads.dv = part_dv.mutable_view();
-        attention_backward(q.narrow(1, q0, q1), current.kv.k.view().narrow(1, k0, k1),
-                           current.kv.v.view().narrow(1, k0, k1), block, dout.narrow(1, q0, q1),
+        attention_backward(q.narrow(1, q0, q1), current.k.view().narrow(1, k0, k1),
+                           current.v.view().narrow(1, k0, k1), block, dout.narrow(1, q0, q1),
                            std::nullopt, grads,
                            SavedForward{out.narrow(1, q0, q1), lse.narrow(2, q0, q1)});
         sums.add_parts(0);
         add_rows(dq_total, part_dq, q0);
-        add_rows(current.dk, part_dk, k0);
-        add_rows(current.dv, part_dv, k0);
-        transfer.nudge();
+        add_rows(share_dk, part_dk, k0);
+        add_rows(share_dv, part_dv, k0);
+        kv_transfer.nudge();
+        gradient_transfer.nudge();
       }
     }
-    // The gradients follow (after P passes every bundle is home).
-    transfer.finish();
-    current.pack_gradients();
-    check_mpi(
-        MPI_Sendrecv(current.gradient_bytes.data(), static_cast<int>(current.gradient_bytes.size()),
-                     MPI_BYTE, next, 2 * step + 1, incoming.gradient_bytes.data(),
-                     static_cast<int>(incoming.gradient_bytes.size()), MPI_BYTE, previous,
-                     2 * step + 1, c.comm, MPI_STATUS_IGNORE),
-        "MPI_Sendrecv");
-    incoming.unpack_gradients();
-    if (step + 1 < c.ranks) incoming.kv.unpack();
-    current = std::move(incoming);
+    // The sum of the ranks before this one (for the same shard) has arrived meanwhile.
+    const double wait_start = MPI_Wtime();
+    stats.compute_seconds += wait_start - compute_start;
+    if (step > 0) {
+      ++stats.transfer_steps;
+      if (gradient_transfer.finish()) ++stats.hidden_steps;
+    }
+    stats.wait_seconds += MPI_Wtime() - wait_start;
+    add_and_pack(share_dk, share_dv, step > 0 ? &arriving : nullptr, sending);
+    if (c.ranks > 1) {  // on to the next rank; the sum for the next step's shard comes in
+      const int arriving_shard = (step + 1 < c.ranks) ? coming : c.rank;
+      arriving.resize(static_cast<std::size_t>(
+          shard_length(d.k_total, c.ranks, arriving_shard, d.layout) * gradient_row_bytes));
+      gradient_transfer.start(sending.data(), sending.size(), next, arriving.data(),
+                              arriving.size(), previous, 2 * step + 1, c.comm);
+      stats.bytes_sent += static_cast<double>(sending.size());
+    }
+    if (step + 1 < c.ranks) {
+      stats.bytes_sent += static_cast<double>(current.bytes.size());
+      const double kv_wait = MPI_Wtime();
+      ++stats.transfer_steps;
+      if (kv_transfer.finish()) ++stats.hidden_steps;
+      stats.wait_seconds += MPI_Wtime() - kv_wait;
+      incoming.unpack();
+      current = std::move(incoming);
+    }
+    ++stats.steps;
   }
+  // Every shard's total comes home: the last sum sent to this rank is its own shard's (a transfer
+  // with nothing left to hide behind).
+  const std::vector<std::byte>& home = c.ranks > 1 ? arriving : sending;
+  const double home_wait = MPI_Wtime();
+  if (c.ranks > 1) gradient_transfer.finish();
+  stats.wait_seconds += MPI_Wtime() - home_wait;
+  if (statistics != nullptr) *statistics = stats;
+  Tensor total_dk(accumulate, shape_of(k)), total_dv(accumulate, shape_of(v));
+  std::memcpy(total_dk.raw(), home.data(), total_dk.nbytes());
+  std::memcpy(total_dv.raw(), home.data() + total_dk.nbytes(), total_dv.nbytes());
   copy_into(dq_total.view(), dq);
-  copy_into(current.dk.view(), dk);
-  copy_into(current.dv.view(), dv);
+  copy_into(total_dk.view(), dk);
+  copy_into(total_dv.view(), dv);
 }
 
 // ---- Heads --------------------------------------------------------------------------------------
@@ -583,6 +702,8 @@ AttentionOptions head_options(const AttentionOptions& options, std::int64_t firs
   slice(o.wq, 3);
   slice(o.wk, 3);
   slice(o.va, 2);
+  o.query_head_offset = first;  // dropout hashes global heads
+  o.query_head_total = q_heads;
   if (o.alibi_slopes) {
     o.alibi_slopes = o.alibi_slopes->narrow(o.alibi_slopes->rank - 1, first, first + count);
   }
@@ -648,13 +769,23 @@ void heads_backward(const Context& c, const TensorView& q, const TensorView& k, 
   copy_into(reshard(c, dvh.view(), d.k_total, d.layout, false, c.kv_heads).view(), dv);
 }
 
-bool use_heads(const Context& c, Strategy strategy) {
+// Whether the heads strategy runs: asked for, or chosen automatically when the head counts divide
+// by P and nothing [Nq, Nk]-shaped (bias, mask, weights: held as the rank's query rows) is
+// involved.
+bool use_heads(const Context& c, Strategy strategy, const AttentionOptions& options, bool weights) {
   const bool divisible = c.q_heads % c.ranks == 0 && c.kv_heads % c.ranks == 0;
+  const bool row_sharded = options.bias || options.mask || weights;
   if (strategy == Strategy::heads && !divisible) {
     throw Error(fmt::format("strategy: heads needs Hq and Hk divisible by P = {}, got {} and {}",
                             c.ranks, c.q_heads, c.kv_heads));
   }
-  return strategy == Strategy::heads || (strategy == Strategy::automatic && divisible);
+  if (strategy == Strategy::heads && row_sharded) {
+    throw Error(
+        "strategy: heads expected no bias, mask or weights (they are sharded by query rows: use "
+        "the ring), got one");
+  }
+  return strategy == Strategy::heads ||
+         (strategy == Strategy::automatic && divisible && !row_sharded);
 }
 
 }  // namespace
@@ -677,13 +808,22 @@ std::int64_t shard_length(std::int64_t n, int ranks, int rank, Layout layout) {
 
 void attention_forward(MPI_Comm comm, const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const DistributedOptions& distributed,
-                       const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
-                       RingStatistics* statistics) {
+                       const AttentionOutputs& outputs, RingStatistics* statistics) {
   const Context c = context(comm, q, k, v, options, distributed);
-  if (use_heads(c, distributed.strategy)) {
-    heads_forward(c, q, k, v, options, distributed, out, lse);
+  if (outputs.weights) {
+    const MutableTensorView& w = *outputs.weights;
+    if (w.rank != 4 || w.shape[0] != c.batch || w.shape[1] != c.q_heads ||
+        w.shape[2] != q.shape[1] || w.shape[3] != distributed.k_total) {
+      throw Error(fmt::format("weights: expected [B, Hq, Nq_r, Nk] = [{}, {}, {}, {}], got {}",
+                              c.batch, c.q_heads, q.shape[1], distributed.k_total,
+                              w.as_const().shape_string()));
+    }
+  }
+  if (use_heads(c, distributed.strategy, options, outputs.weights.has_value())) {
+    heads_forward(c, q, k, v, options, distributed, outputs.out, outputs.lse);
   } else {
-    ring_forward(c, q, k, v, options, distributed, out, lse, statistics);
+    ring_forward(c, q, k, v, options, distributed, outputs.out, outputs.lse, outputs.weights,
+                 statistics);
   }
 }
 
@@ -692,13 +832,13 @@ void attention_backward(MPI_Comm comm, const TensorView& q, const TensorView& k,
                         const DistributedOptions& distributed, const TensorView& dout,
                         const TensorView& out, const TensorView& lse, const MutableTensorView& dq,
                         const MutableTensorView& dk, const MutableTensorView& dv,
-                        const AttentionGradients& parameters) {
+                        const AttentionGradients& parameters, RingStatistics* statistics) {
   const Context c = context(comm, q, k, v, options, distributed);
   ParameterSums sums(options, parameters);
-  if (use_heads(c, distributed.strategy)) {
+  if (use_heads(c, distributed.strategy, options, false)) {
     heads_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv, sums);
   } else {
-    ring_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv, sums);
+    ring_backward(c, q, k, v, options, distributed, dout, out, lse, dq, dk, dv, sums, statistics);
   }
   sums.finish(comm);
 }

@@ -49,6 +49,45 @@ def test_equals_one_process(files, ranks, strategy, layout):
         assert np.abs(one - many).max() <= 2e-5 * (1 + np.abs(one).max()), name
 
 
+@pytest.mark.parametrize("ranks,layout", [(2, "contiguous"), (3, "zigzag")])
+def test_row_sharded_bias_mask_weights_dropout_and_parameter_gradients(files, ranks, layout):
+    rng = np.random.default_rng(4)
+    np.save(files / "bias.npy", rng.standard_normal((4, 23, 23), dtype=np.float32))  # [H, Nq, Nk]
+    mask = rng.random((2, 1, 23, 23)) < 0.8
+    mask[1, 0, 5] = False  # a row that sees nothing
+    np.save(files / "mask.npy", mask)
+    np.save(files / "w.npy", rng.standard_normal((8, 8), dtype=np.float32) * 0.3)
+    inputs = ["attention", "--q", "q.npy", "--k", "k.npy", "--v", "v.npy", "--score", "bilinear",
+              "--w", "w.npy", "--bias", "bias.npy", "--mask", "mask.npy", "--dropout", "0.2",
+              "--dropout-seed", "5"]
+    names = OUTPUTS + ("weights", "dw")
+
+    def extra(suffix):
+        return ["--weights", f"weights{suffix}.npy", "--dw", f"dw{suffix}.npy"]
+
+    single = run(inputs + outputs("1") + extra("1"), files)
+    assert single.returncode == 0, single.stderr
+    job = run(inputs + outputs("P") + extra("P") + ["--distributed", "auto", "--layout", layout],
+              files, ranks)
+    assert job.returncode == 0, job.stderr
+    for name in names:
+        one, many = np.load(files / f"{name}1.npy"), np.load(files / f"{name}P.npy")
+        assert one.shape == many.shape, name
+        finite = np.isfinite(one)
+        assert (finite == np.isfinite(many)).all(), name
+        assert np.abs(one[finite] - many[finite]).max() <= 2e-5 * (1 + np.abs(one[finite]).max()), name
+    assert (np.load(files / "weightsP.npy") == 0).mean() > 0.2  # the mask and dropout are there
+
+
+def test_heads_refuses_a_row_sharded_bias(files):
+    np.save(files / "bias.npy", np.zeros((23, 23), dtype=np.float32))
+    job = run(["attention", "--q", "q.npy", "--k", "k.npy", "--v", "v.npy", "--out", "o.npy",
+               "--bias", "bias.npy", "--distributed", "heads"], files, 2)
+    assert job.returncode == 2
+    assert "strategy: heads expected no bias" in job.stderr
+    assert not (files / "o.npy").exists()
+
+
 def test_a_bad_file_fails_the_job_without_output(files):
     with open(files / "k.npy", "r+b") as f:  # truncate the data: the header promises more
         f.truncate(os.path.getsize(files / "k.npy") - 40)

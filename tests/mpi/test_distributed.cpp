@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <string>
 #include <vector>
@@ -25,7 +26,18 @@ struct Case {
   bool causal = false;
   Score score = Score::scaled_dot;
   bool alibi = false, window = false, key_lengths = false;
+  bool bias = false, mask = false, weights = false;  // bias and mask sharded by query rows
+  double dropout = 0.0;
 };
+
+Case with(Case c, const std::string& name, bool bias, bool mask, bool weights, double dropout) {
+  c.name = name;
+  c.bias = bias;
+  c.mask = mask;
+  c.weights = weights;
+  c.dropout = dropout;
+  return c;
+}
 
 Tensor random(std::vector<std::int64_t> shape, std::uint64_t seed) {
   Tensor t(DType::float32, std::move(shape));
@@ -35,38 +47,30 @@ Tensor random(std::vector<std::int64_t> shape, std::uint64_t seed) {
   return t;
 }
 
-// The rows of a rank's shard of a [B, N, H, D] tensor, dense.
-Tensor shard(const Tensor& whole,
-             const std::vector<std::pair<std::int64_t, std::int64_t>>& pieces) {
-  const std::int64_t b = whole.shape()[0], n = whole.shape()[1];
-  const std::int64_t inner = whole.numel() / (b * n);
+// The rows of a rank's shard (`pieces` of dimension `dim`) of a dense tensor of any dtype.
+Tensor shard(const Tensor& whole, const std::vector<std::pair<std::int64_t, std::int64_t>>& pieces,
+             int dim = 1) {
+  std::vector<std::int64_t> shape = whole.shape();
+  const auto at_dim = static_cast<std::size_t>(dim);
+  const std::int64_t n = shape[at_dim];
+  std::int64_t outer = 1, inner = static_cast<std::int64_t>(dtype_size(whole.dtype()));
+  for (std::size_t x = 0; x < shape.size(); ++x) {
+    if (x < at_dim) outer *= shape[x];
+    if (x > at_dim) inner *= shape[x];
+  }
   std::int64_t rows = 0;
   for (const auto& piece : pieces) rows += piece.second;
-  Tensor out(whole.dtype(), {b, rows, whole.shape()[2], whole.shape()[3]});
-  for (std::int64_t batch = 0; batch < b; ++batch) {
+  shape[at_dim] = rows;
+  Tensor out(whole.dtype(), shape);
+  const auto* from = static_cast<const std::byte*>(whole.raw());
+  auto* to = static_cast<std::byte*>(out.raw());
+  for (std::int64_t o = 0; o < outer; ++o) {
     std::int64_t at = 0;
     for (const auto& [offset, length] : pieces) {
-      for (std::int64_t r = 0; r < length; ++r, ++at)
-        for (std::int64_t x = 0; x < inner; ++x)
-          out.data<float>()[(batch * rows + at) * inner + x] =
-              whole.data<float>()[(batch * n + offset + r) * inner + x];
+      std::memcpy(to + (o * rows + at) * inner, from + (o * n + offset) * inner,
+                  static_cast<std::size_t>(length * inner));
+      at += length;
     }
-  }
-  return out;
-}
-
-// The same for LSE [B, H, N].
-Tensor shard_lse(const Tensor& whole,
-                 const std::vector<std::pair<std::int64_t, std::int64_t>>& pieces) {
-  const std::int64_t b = whole.shape()[0], h = whole.shape()[1], n = whole.shape()[2];
-  std::int64_t rows = 0;
-  for (const auto& piece : pieces) rows += piece.second;
-  Tensor out(DType::float32, {b, h, rows});
-  for (std::int64_t x = 0; x < b * h; ++x) {
-    std::int64_t at = 0;
-    for (const auto& [offset, length] : pieces)
-      for (std::int64_t r = 0; r < length; ++r, ++at)
-        out.data<float>()[x * rows + at] = whole.data<float>()[x * n + offset + r];
   }
   return out;
 }
@@ -118,10 +122,28 @@ bool run(const Case& c, int ranks, int rank) {
     lengths.data<std::int64_t>()[1] = c.n / 2;
     options.key_lengths = lengths.view();
   }
+  options.dropout = c.dropout;
+  options.dropout_seed = 11;
+  const auto pieces = distributed::shard_pieces(c.n, ranks, rank, c.layout);
+  Tensor bias, mask, bias_local, mask_local;
+  if (c.bias) {  // per head, broadcast over the batch
+    bias = random({1, c.hq, c.n, c.n}, 9);
+    options.bias = bias.view();
+    bias_local = shard(bias, pieces, 2);
+  }
+  if (c.mask) {  // per batch, broadcast over heads; row 3 of batch 0 sees nothing
+    mask = Tensor(DType::boolean, {b, 1, c.n, c.n});
+    std::mt19937_64 rng(10);
+    for (std::int64_t i = 0; i < mask.numel(); ++i) mask.data<bool>()[i] = rng() % 4 != 0;
+    for (std::int64_t j = 0; j < c.n; ++j) mask.data<bool>()[3 * c.n + j] = false;
+    options.mask = mask.view();
+    mask_local = shard(mask, pieces, 2);
+  }
   // One process, the whole sequence.
   Tensor out(DType::float32, {b, c.n, c.hq, dv}), lse(DType::float32, {b, c.hq, c.n});
+  Tensor weights(DType::float32, {b, c.hq, c.n, c.n});
   attention_forward(q.view(), k.view(), v.view(), options,
-                    {out.mutable_view(), lse.mutable_view(), {}});
+                    {out.mutable_view(), lse.mutable_view(), weights.mutable_view()});
   Tensor dq(DType::float32, {b, c.n, c.hq, d}), dk(DType::float32, {b, c.n, c.hk, d}),
       dv_(DType::float32, {b, c.n, c.hk, dv});
   AttentionGradients grads;
@@ -147,29 +169,35 @@ bool run(const Case& c, int ranks, int rank) {
   attention_backward(q.view(), k.view(), v.view(), options, dout.view(), std::nullopt, grads,
                      SavedForward{out.view(), lse.view()});
 
-  // Distributed.
-  const auto pieces = distributed::shard_pieces(c.n, ranks, rank, c.layout);
+  // Distributed: the bias and mask as the rank's query rows.
+  AttentionOptions local_options = options;
+  if (c.bias) local_options.bias = bias_local.view();
+  if (c.mask) local_options.mask = mask_local.view();
   const Tensor q_local = shard(q, pieces), k_local = shard(k, pieces), v_local = shard(v, pieces),
                dout_local = shard(dout, pieces);
   distributed::DistributedOptions dist{c.strategy, c.layout, c.n, c.n};
   Tensor out_local(DType::float32, {b, q_local.shape()[1], c.hq, dv});
   Tensor lse_local(DType::float32, {b, c.hq, q_local.shape()[1]});
-  distributed::attention_forward(MPI_COMM_WORLD, q_local.view(), k_local.view(), v_local.view(),
-                                 options, dist, out_local.mutable_view(), lse_local.mutable_view());
+  Tensor weights_local(DType::float32, {b, c.hq, q_local.shape()[1], c.n});
+  std::optional<MutableTensorView> weights_slot;
+  if (c.weights) weights_slot = weights_local.mutable_view();
+  distributed::attention_forward(
+      MPI_COMM_WORLD, q_local.view(), k_local.view(), v_local.view(), local_options, dist,
+      {out_local.mutable_view(), lse_local.mutable_view(), weights_slot});
   Tensor dq_local(DType::float32, {b, q_local.shape()[1], c.hq, d});
   Tensor dk_local(DType::float32, {b, k_local.shape()[1], c.hk, d});
   Tensor dv_local(DType::float32, {b, k_local.shape()[1], c.hk, dv});
   distributed::attention_backward(
-      MPI_COMM_WORLD, q_local.view(), k_local.view(), v_local.view(), options, dist,
+      MPI_COMM_WORLD, q_local.view(), k_local.view(), v_local.view(), local_options, dist,
       dout_local.view(), out_local.view(), lse_local.view(), dq_local.mutable_view(),
       dk_local.mutable_view(), dv_local.mutable_view(), distributed_parameters);
-  const double errors[] = {relative_error(out_local, shard(out, pieces)),
-                           relative_error(lse_local, shard_lse(lse, pieces)),
-                           relative_error(dq_local, shard(dq, pieces)),
-                           relative_error(dk_local, shard(dk, pieces)),
-                           relative_error(dv_local, shard(dv_, pieces))};
+  const double errors[] = {
+      relative_error(out_local, shard(out, pieces)),
+      relative_error(lse_local, shard(lse, pieces, 2)), relative_error(dq_local, shard(dq, pieces)),
+      relative_error(dk_local, shard(dk, pieces)), relative_error(dv_local, shard(dv_, pieces))};
   double worst = 0.0;
   for (double e : errors) worst = std::max(worst, e);
+  if (c.weights) worst = std::max(worst, relative_error(weights_local, shard(weights, pieces, 2)));
   for (const auto& [whole, summed] : parameter_grads)
     worst = std::max(worst, relative_error(summed, whole));
   double global_worst = 0.0;
@@ -207,6 +235,16 @@ int main(int argc, char** argv) {
       {"heads GQA 12/6 causal", Strategy::heads, Layout::zigzag, 25, 12, 6, true},
       {"automatic", Strategy::automatic, Layout::contiguous, 22, 4, 2, true},
   };
+  // Row-sharded operands and dropout (the same mask as one process: global positions).
+  const Case ring{"", Strategy::ring, Layout::contiguous, 23, 4, 2};
+  const Case ring_causal_zigzag{"", Strategy::ring, Layout::zigzag, 26, 4, 2, true};
+  const Case heads_causal{"", Strategy::heads, Layout::zigzag, 23, 4, 4, true};
+  const Case automatic{"", Strategy::automatic, Layout::contiguous, 21, 4, 4};
+  cases.push_back(with(ring, "ring bias mask weights", true, true, true, 0.0));
+  cases.push_back(
+      with(ring_causal_zigzag, "ring zigzag causal bias dropout", true, false, true, 0.25));
+  cases.push_back(with(heads_causal, "heads causal dropout", false, false, false, 0.25));
+  cases.push_back(with(automatic, "automatic with mask (ring)", false, true, true, 0.0));
   bool all = true;
   for (const Case& c : cases) {
     const bool divisible = c.hq % ranks == 0 && c.hk % ranks == 0;

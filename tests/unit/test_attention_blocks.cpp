@@ -21,6 +21,7 @@ struct BlockCase {
   std::int64_t window_left = -1, window_right = -1;
   bool alibi = false, key_lengths = false;
   std::int64_t q_len = 37, k_len = 53;
+  double dropout = 0.0;  // the mask hashes global positions: blocks see the whole problem's
 };
 
 class AttentionBlocks : public ::testing::TestWithParam<BlockCase> {};
@@ -41,6 +42,8 @@ TEST_P(AttentionBlocks, EqualWholeForwardAndBackward) {
   c.key_lengths = bc.key_lengths;
   c.v_dim = 6;
   AttentionInputs in = make_inputs(c, DType::float64);
+  in.options.dropout = bc.dropout;
+  in.options.dropout_seed = 21;
   const AttentionResults whole = evaluate(c, in, Evaluator::fast, DType::float64, false);
   const Tensor dout = random_float32({c.batch, c.q_len, c.q_heads, c.v_dim}, 4);
   Tensor dq(DType::float64, {c.batch, c.q_len, c.q_heads, c.q_dim});
@@ -121,13 +124,50 @@ INSTANTIATE_TEST_SUITE_P(
                       BlockCase{false, CausalAlign::bottom_right, 7, 2},
                       BlockCase{true, CausalAlign::bottom_right, 5, -1, true},
                       BlockCase{false, CausalAlign::bottom_right, -1, -1, false, true},
-                      BlockCase{true, CausalAlign::top_left, -1, -1, true, true, 53, 37}));
+                      BlockCase{true, CausalAlign::top_left, -1, -1, true, true, 53, 37},
+                      BlockCase{true, CausalAlign::bottom_right, -1, -1, false, false, 37, 53,
+                                0.3}));
+
+// Head blocks (head-parallel attention): query_head_offset gives dropout the global head.
+TEST(AttentionBlocks, DropoutOfHeadBlocksEqualsWhole) {
+  AttentionCase c;
+  c.q_len = 19;
+  c.k_len = 23;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  AttentionInputs in = make_inputs(c, DType::float64);
+  in.options.dropout = 0.4;
+  in.options.dropout_seed = 3;
+  const AttentionResults whole = evaluate(c, in, Evaluator::fast, DType::float64, false);
+  for (std::int64_t first = 0; first < 4; first += 2) {  // query heads [first, first + 2)
+    AttentionOptions options = in.options;
+    options.query_head_offset = first;
+    options.query_head_total = 4;
+    Tensor out(DType::float64, {c.batch, c.q_len, 2, c.v_dim});
+    attention_forward(in.q.narrow(2, first, first + 2), in.k.narrow(2, first / 2, first / 2 + 1),
+                      in.v.narrow(2, first / 2, first / 2 + 1), options,
+                      {out.mutable_view(), std::nullopt, std::nullopt});
+    Tensor expected(DType::float64, out.shape());
+    for (std::int64_t b = 0; b < c.batch; ++b)
+      for (std::int64_t i = 0; i < c.q_len; ++i)
+        for (std::int64_t h = 0; h < 2; ++h)
+          for (std::int64_t d = 0; d < c.v_dim; ++d)
+            expected.data<double>()[((b * c.q_len + i) * 2 + h) * c.v_dim + d] =
+                whole.out.data<double>()[((b * c.q_len + i) * 4 + first + h) * c.v_dim + d];
+    EXPECT_LE(max_abs_difference(out, expected), 1e-12) << "heads from " << first;
+  }
+}
 
 TEST(AttentionBlocks, OffsetsAreChecked) {
   AttentionCase c;
   AttentionInputs in = make_inputs(c, DType::float32);
   in.options.query_offset = 3;
   in.options.query_total = 9;  // 3 + Nq = 11 > 9
+  EXPECT_THROW(evaluate(c, in, Evaluator::fast, DType::float32, false), Error);
+  in.options.query_offset = 0;
+  in.options.query_total = 0;
+  in.options.query_head_offset = 1;
+  in.options.query_head_total = c.q_heads;  // 1 + Hq > total
   EXPECT_THROW(evaluate(c, in, Evaluator::fast, DType::float32, false), Error);
 }
 

@@ -148,17 +148,36 @@ void run_distributed(const AttentionFlags& flags) {
   }
   run.layout =
       flags.layout == "zigzag" ? distributed::Layout::zigzag : distributed::Layout::contiguous;
-  if (!flags.weights.empty() || !flags.dw.empty() || !flags.dwq.empty() || !flags.dwk.empty() ||
-      !flags.dva.empty()) {
-    throw Error(
-        "--distributed: expected no --weights, --dw, --dwq, --dwk or --dva (not sharded), "
-        "got one");
+  const bool any_gradient =
+      !(flags.dq.empty() && flags.dk.empty() && flags.dv.empty() && flags.dw.empty() &&
+        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty());
+  if (any_gradient != !flags.dout.empty()) {
+    throw Error(any_gradient ? "--dout: expected ∂L/∂O for the requested gradients, got none"
+                             : "--dout: expected at least one of --dq, --dk, --dv, --dw, --dwq, "
+                               "--dwk, --dva with it, got none");
   }
-  if (flags.dout.empty() != (flags.dq.empty() && flags.dk.empty() && flags.dv.empty())) {
-    throw Error("--dout: expected it together with --dq, --dk or --dv");
+  for (const auto& [gradient, primal, names] :
+       {std::tuple{&flags.dw, &flags.w, "--dw: expected --w"},
+        std::tuple{&flags.dwq, &flags.wq, "--dwq: expected --wq"},
+        std::tuple{&flags.dwk, &flags.wk, "--dwk: expected --wk"},
+        std::tuple{&flags.dva, &flags.va, "--dva: expected --va"}}) {
+    if (!gradient->empty() && primal->empty()) {
+      throw Error(fmt::format("{} to differentiate, got none", names));
+    }
   }
-  const LoadedOptions loaded = load_options(flags);
+  // The bias and mask are read by each rank, its query rows only.
+  AttentionFlags shared = flags;
+  shared.bias.clear();
+  shared.mask.clear();
+  const LoadedOptions loaded = load_options(shared);
   run.options = loaded.options;
+  run.bias = flags.bias;
+  run.mask = flags.mask;
+  run.weights = flags.weights;
+  run.dw = flags.dw;
+  run.dwq = flags.dwq;
+  run.dwk = flags.dwk;
+  run.dva = flags.dva;
   run.q = flags.q;
   run.k = flags.k;
   run.v = flags.v;

@@ -71,6 +71,23 @@ Tensor gather(const Tensor& shard, int dim, std::int64_t total, const distribute
   return whole;
 }
 
+// A bias or mask file broadcastable to [B, H, Nq, Nk]: this rank's query rows when it has the
+// query dimension, the whole (broadcast) file otherwise.
+Tensor load_score_operand(const std::string& path, std::int64_t q_total, const Pieces& q_pieces) {
+  const std::vector<std::int64_t> shape = npy_shape(path);
+  if (shape.size() >= 2 && shape[shape.size() - 2] == q_total && q_total > 1) {
+    return load_npy_rows(path, static_cast<int>(shape.size()) - 2, q_pieces);
+  }
+  return load_npy(path);
+}
+
+// A file's shape from the library's [B, H, …] one: rank-3 files drop B, rank-2 files B and H.
+std::vector<std::int64_t> file_shape(std::vector<std::int64_t> full, std::size_t file_rank) {
+  if (file_rank <= 3) full.erase(full.begin());
+  if (file_rank == 2) full.erase(full.begin());
+  return full;
+}
+
 }  // namespace
 
 void run_distributed_attention(const DistributedRun& run) {
@@ -89,7 +106,7 @@ void run_distributed_attention(const DistributedRun& run) {
 
   // 1. Read this rank's shards; every rank learns whether all could.
   distributed::DistributedOptions options;
-  Tensor q, k, v, dout;
+  Tensor q, k, v, dout, bias, mask;
   std::size_t file_rank = 0;
   std::string failure;
   try {
@@ -110,6 +127,8 @@ void run_distributed_attention(const DistributedRun& run) {
     k = load_npy_rows(run.k, dim, k_pieces);
     v = load_npy_rows(run.v, dim, k_pieces);
     if (!run.dout.empty()) dout = load_npy_rows(run.dout, dim, q_pieces);
+    if (!run.bias.empty()) bias = load_score_operand(run.bias, options.q_total, q_pieces);
+    if (!run.mask.empty()) mask = load_score_operand(run.mask, options.q_total, q_pieces);
   } catch (const Error& error) {
     failure = error.what();
   }
@@ -132,12 +151,25 @@ void run_distributed_attention(const DistributedRun& run) {
     const MutableTensorView out_view = MutableTensorView::contiguous(
         out.raw(), out.dtype(), {qv.shape[0], qv.shape[1], qv.shape[2], vv.shape[3]});
     Tensor lse(DType::float32, {qv.shape[0], qv.shape[2], qv.shape[1]});
-    distributed::attention_forward(MPI_COMM_WORLD, qv, kv, vv, run.options, options, out_view,
-                                   lse.mutable_view());
+    AttentionOptions attention_options = run.options;
+    if (!run.bias.empty()) attention_options.bias = bias.view();
+    if (!run.mask.empty()) attention_options.mask = mask.view();
+    Tensor weights;  // [B, H, Nq_r, Nk]: this rank's query rows
+    std::optional<MutableTensorView> weights_view;
+    if (!run.weights.empty()) {
+      weights = Tensor(q.dtype() == DType::float64 ? DType::float64 : DType::float32,
+                       {qv.shape[0], qv.shape[2], qv.shape[1], options.k_total});
+      weights_view = weights.mutable_view();
+    }
+    distributed::attention_forward(MPI_COMM_WORLD, qv, kv, vv, attention_options, options,
+                                   {out_view, lse.mutable_view(), weights_view});
     const int dim = sequence_dim(file_rank);
     const Tensor whole_out = gather(out, dim, options.q_total, run.layout, ranks, rank);
     // LSE [B, H, N_r] (as the file drops leading dimensions: [H, N] for rank 3, [N] for rank 2).
     const Tensor whole_lse = gather(lse, 2, options.q_total, run.layout, ranks, rank);
+    const Tensor whole_weights = run.weights.empty()
+                                     ? Tensor()
+                                     : gather(weights, 2, options.q_total, run.layout, ranks, rank);
     std::vector<std::pair<std::string, Tensor>> gradients;
     if (!run.dout.empty()) {
       Tensor dq(DType::float32, q.shape()), dk(DType::float32, k.shape()),
@@ -146,24 +178,45 @@ void run_distributed_attention(const DistributedRun& run) {
         return MutableTensorView::contiguous(t.raw(), t.dtype(),
                                              std::span<const std::int64_t>(like.shape.data(), 4));
       };
-      distributed::attention_backward(
-          MPI_COMM_WORLD, qv, kv, vv, run.options, options, run.as_sequence(dout, "--dout"),
-          out_view.as_const(), lse.view(), view_of(dq, qv), view_of(dk, kv), view_of(dv, vv));
+      // The score parameters' gradients: summed over the ranks, the same on every rank.
+      AttentionGradients parameters;
+      std::vector<std::pair<std::string, Tensor>> parameter_files;
+      parameter_files.reserve(4);
+      for (const auto& [path, primal, slot] :
+           {std::tuple{&run.dw, &attention_options.w, &parameters.dw},
+            std::tuple{&run.dwq, &attention_options.wq, &parameters.dwq},
+            std::tuple{&run.dwk, &attention_options.wk, &parameters.dwk},
+            std::tuple{&run.dva, &attention_options.va, &parameters.dva}}) {
+        if (path->empty()) continue;
+        parameter_files.emplace_back(
+            *path, Tensor(DType::float32,
+                          std::vector<std::int64_t>((*primal)->shape.begin(),
+                                                    (*primal)->shape.begin() + (*primal)->rank)));
+        *slot = parameter_files.back().second.mutable_view();
+      }
+      distributed::attention_backward(MPI_COMM_WORLD, qv, kv, vv, attention_options, options,
+                                      run.as_sequence(dout, "--dout"), out_view.as_const(),
+                                      lse.view(), view_of(dq, qv), view_of(dk, kv), view_of(dv, vv),
+                                      parameters);
       for (auto [path, tensor, total] :
            {std::tuple{run.dq, &dq, options.q_total}, std::tuple{run.dk, &dk, options.k_total},
             std::tuple{run.dv, &dv, options.k_total}}) {
         Tensor whole = gather(*tensor, dim, total, run.layout, ranks, rank);
         if (!path.empty()) gradients.emplace_back(path, std::move(whole));
       }
+      for (auto& file : parameter_files) gradients.push_back(std::move(file));
     }
     if (rank == 0) {
       add_npy(files, run.out, whole_out.view());
       if (!run.lse.empty()) {
-        const std::int64_t b = whole_lse.shape()[0], h = whole_lse.shape()[1];
-        std::vector<std::int64_t> shape{b, h, options.q_total};
-        if (file_rank <= 3) shape.erase(shape.begin());
-        if (file_rank == 2) shape.erase(shape.begin());
-        add_npy(files, run.lse, TensorView::contiguous(whole_lse.raw(), whole_lse.dtype(), shape));
+        add_npy(files, run.lse,
+                TensorView::contiguous(whole_lse.raw(), whole_lse.dtype(),
+                                       file_shape(whole_lse.shape(), file_rank)));
+      }
+      if (!run.weights.empty()) {
+        add_npy(files, run.weights,
+                TensorView::contiguous(whole_weights.raw(), whole_weights.dtype(),
+                                       file_shape(whole_weights.shape(), file_rank)));
       }
       for (const auto& [path, tensor] : gradients) add_npy(files, path, tensor.view());
       files.commit();

@@ -10,8 +10,9 @@
 namespace qkv::cli {
 
 struct DistributedRun {
-  std::string q, k, v, out, lse, dout, dq, dk, dv;
-  AttentionOptions options;  // the flags' options (no bias, mask, weights or dropout)
+  std::string q, k, v, out, lse, weights, dout, dq, dk, dv, dw, dwq, dwk, dva;
+  std::string bias, mask;    // read by each rank: its query rows, every key
+  AttentionOptions options;  // the flags' options but the bias and mask
   distributed::Strategy strategy = distributed::Strategy::automatic;
   distributed::Layout layout = distributed::Layout::contiguous;
   // A file's [B, N, H, D] view (the command's own rule for ranks 2, 3, 4).

@@ -53,7 +53,7 @@ void run_distributed_bench(const std::string& spec, int repetitions, double link
   const Tensor q = random_tensor({b, rows, h, d}, 1 + static_cast<std::uint64_t>(rank));
   const Tensor k = random_tensor({b, rows, hk, d}, 100 + static_cast<std::uint64_t>(rank));
   const Tensor v = random_tensor({b, rows, hk, d}, 200 + static_cast<std::uint64_t>(rank));
-  Tensor out(DType::float32, {b, rows, h, d});
+  Tensor out(DType::float32, {b, rows, h, d}), lse(DType::float32, {b, h, rows});
   AttentionOptions options;
   options.causal = shape.causal;
   const distributed::DistributedOptions dist{distributed::Strategy::ring, layout, n, n};
@@ -66,11 +66,29 @@ void run_distributed_bench(const std::string& spec, int repetitions, double link
     MPI_Barrier(MPI_COMM_WORLD);
     const double start = MPI_Wtime();
     distributed::attention_forward(MPI_COMM_WORLD, q.view(), k.view(), v.view(), options, dist,
-                                   out.mutable_view(), std::nullopt, &stats);
+                                   {out.mutable_view(), lse.mutable_view(), std::nullopt}, &stats);
     const double wall = MPI_Wtime() - start;
     if (r > 0 && wall < best_wall) {
       best_wall = wall;
       best = stats;
+    }
+  }
+  // 1b. The ring backward: K/V ahead and dK/dV one step behind, split the same way.
+  const Tensor dout = random_tensor({b, rows, h, d}, 300 + static_cast<std::uint64_t>(rank));
+  Tensor dq(DType::float32, {b, rows, h, d}), dk(DType::float32, {b, rows, hk, d}),
+      dv(DType::float32, {b, rows, hk, d});
+  distributed::RingStatistics backward_stats, backward_best;
+  double backward_wall = 1e30;
+  for (int r = 0; r <= repetitions; ++r) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    const double start = MPI_Wtime();
+    distributed::attention_backward(MPI_COMM_WORLD, q.view(), k.view(), v.view(), options, dist,
+                                    dout.view(), out.view(), lse.view(), dq.mutable_view(),
+                                    dk.mutable_view(), dv.mutable_view(), {}, &backward_stats);
+    const double wall = MPI_Wtime() - start;
+    if (r > 0 && wall < backward_wall) {
+      backward_wall = wall;
+      backward_best = backward_stats;
     }
   }
   // 2. The same transfers with nothing to hide them behind.
@@ -90,10 +108,24 @@ void run_distributed_bench(const std::string& spec, int repetitions, double link
   // Hidden: the share of transfers that had completed when the compute beside them ended.
   const double hidden =
       best.transfer_steps > 0 ? static_cast<double>(best.hidden_steps) / best.transfer_steps : 1.0;
-  const double figures[] = {best_wall, best.compute_seconds, best.wait_seconds, transfer,
-                            hidden,    best.bytes_sent};
-  std::vector<double> all(6 * static_cast<std::size_t>(ranks));
-  MPI_Gather(figures, 6, MPI_DOUBLE, all.data(), 6, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  const double backward_hidden =
+      backward_best.transfer_steps > 0
+          ? static_cast<double>(backward_best.hidden_steps) / backward_best.transfer_steps
+          : 1.0;
+  constexpr int kFigures = 11;
+  const double figures[kFigures] = {best_wall,
+                                    best.compute_seconds,
+                                    best.wait_seconds,
+                                    transfer,
+                                    hidden,
+                                    best.bytes_sent,
+                                    backward_wall,
+                                    backward_best.compute_seconds,
+                                    backward_best.wait_seconds,
+                                    backward_hidden,
+                                    backward_best.bytes_sent};
+  std::vector<double> all(kFigures * static_cast<std::size_t>(ranks));
+  MPI_Gather(figures, kFigures, MPI_DOUBLE, all.data(), kFigures, MPI_DOUBLE, 0, MPI_COMM_WORLD);
   if (rank == 0) {
     fmt::print("qkv bench --distributed: ring attention, {} ranks, {} ({} layout), float32\n",
                ranks, shape.name, shape.causal ? "zigzag" : "contiguous");
@@ -101,7 +133,7 @@ void run_distributed_bench(const std::string& spec, int repetitions, double link
                "waiting ms", "transfers ms", "hidden", "MiB sent");
     double compute_total = 0, bytes_total = 0, transfer_total = 0;
     for (int r = 0; r < ranks; ++r) {
-      const double* f = all.data() + 6 * r;
+      const double* f = all.data() + kFigures * r;
       fmt::print("{:>5} {:>10.2f} {:>11.2f} {:>13.2f} {:>13.2f} {:>7.0f}% {:>10.1f}\n", r,
                  f[0] * 1e3, f[1] * 1e3, f[2] * 1e3, f[3] * 1e3, f[4] * 100, f[5] / (1 << 20));
       compute_total += f[1];
@@ -112,6 +144,16 @@ void run_distributed_bench(const std::string& spec, int repetitions, double link
         "(waiting: after its compute, for the next block — exposed communication or a slower "
         "neighbour; transfers: the same K/V messages sent round the ring alone; hidden: the "
         "share of transfers complete when the compute beside them ended)\n\n");
+    fmt::print("ring backward (K/V ahead, dK/dV one step behind):\n");
+    fmt::print("{:>5} {:>10} {:>11} {:>13} {:>8} {:>10}\n", "rank", "wall ms", "compute ms",
+               "waiting ms", "hidden", "MiB sent");
+    for (int r = 0; r < ranks; ++r) {
+      const double* f = all.data() + kFigures * r;
+      fmt::print("{:>5} {:>10.2f} {:>11.2f} {:>13.2f} {:>7.0f}% {:>10.1f}\n", r, f[6] * 1e3,
+                 f[7] * 1e3, f[8] * 1e3, f[9] * 100, f[10] / (1 << 20));
+    }
+    fmt::print(
+        "(waiting includes the last dK/dV pass home, which has no compute to hide behind)\n\n");
     // 3. The model, fed by this run.
     const double flops = bench::attention_flops(shape);  // causal counts visible pairs
     const double rate = flops / compute_total;           // per rank, FLOP/s
