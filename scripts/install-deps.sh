@@ -16,6 +16,7 @@ packages=(
   python3-pip python3-venv python3-setuptools python3-wheel  # pip install . without a download
   python3-hypothesis                  # property-based tests of the Python module
   libopenmpi-dev openmpi-bin          # distributed attention (ring, heads) over MPI
+  libcairo2-dev fonts-dejavu-core     # PNG heatmaps with readable labels (qkv plot, qkv demo)
 )
 
 missing=()

@@ -69,6 +69,8 @@ class MultiHeadAttention {
   // "in_proj_bias" [3E], "out_proj.weight" [E, E], "out_proj.bias" [E], "bias_k", "bias_v"
   // [1, 1, E]; and the score's own (see MultiHeadAttentionOptions::score).
   const NamedTensors& parameters() const { return parameters_; }
+  // The same, for an optimizer to update in place (values only: shapes must stay).
+  NamedTensors& parameters() { return parameters_; }
   // Replaces every parameter from a state_dict (float32, float64 or bfloat16, converted to
   // float32). Throws qkv::Error naming a missing, unexpected or misshapen tensor.
   void load_state_dict(const NamedTensors& state);
@@ -86,7 +88,8 @@ class MultiHeadAttention {
   // that passed one tensor as query, key and value sum the three.
   MultiHeadAttentionInputGradients backward(const TensorView& dout);
 
-  // Parameter gradients, by the parameters' names, summed until zero_grad.
+  // Parameter gradients, by the parameters' names, summed until zero_grad (which zeroes them in
+  // place: their addresses stay valid).
   const NamedTensors& gradients() const { return gradients_; }
   void zero_grad();
 

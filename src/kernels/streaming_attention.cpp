@@ -211,8 +211,8 @@ class StreamingKernel {
   const detail::DropoutMask dropout_{p_};
   RowMajorOperand<T> q_, k_, v_;
   // q_ and k_ hold the projections for bilinear/additive
-  std::vector<T> va_;             // additive: v per query head [Hq, A]
-  std::int64_t score_dim_ = 0;    // length of the vectors a score compares
+  std::vector<T> va_;           // additive: v per query head [Hq, A]
+  std::int64_t score_dim_ = 0;  // length of the vectors a score compares
   bool keys_per_query_head_ = false;
 };
 

@@ -14,6 +14,7 @@
 #include <fmt/ranges.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <type_traits>
 #include <utility>
@@ -110,8 +111,15 @@ MultiHeadAttention::MultiHeadAttention(const MultiHeadAttentionOptions& options,
 }
 
 void MultiHeadAttention::zero_grad() {
-  gradients_.clear();
-  for (const auto& [name, tensor] : parameters_) gradients_[name] = like(tensor);
+  // In place, as PyTorch's zero_grad: an optimizer may hold the gradients' addresses.
+  for (const auto& [name, tensor] : parameters_) {
+    const auto found = gradients_.find(name);
+    if (found != gradients_.end() && found->second.shape() == tensor.shape()) {
+      std::memset(found->second.raw(), 0, found->second.nbytes());
+    } else {
+      gradients_[name] = like(tensor);
+    }
+  }
 }
 
 void MultiHeadAttention::load_state_dict(const NamedTensors& state) {

@@ -210,16 +210,6 @@ def test_outputs_replace_old_files_whole(inputs):
     assert np.load(inputs / "o.npy").shape == (5, 2, 3), "a failed run must not touch old outputs"
 
 
-def test_demo_prints_four_scores_with_heatmaps(tmp_path):
-    result = run("demo", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    for score in ("dot", "scaled_dot", "bilinear", "additive"):
-        assert f"== {score} ==" in result.stdout
-    assert result.stdout.count("rows of P sum to 1 within") == 4
-    assert "because" in result.stdout and "▓" in result.stdout or "█" in result.stdout
-    assert os.listdir(tmp_path) == []
-
-
 def test_help_exits_0(tmp_path):
     result = run("attention", "--help", cwd=tmp_path)
     assert result.returncode == 0

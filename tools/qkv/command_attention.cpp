@@ -16,6 +16,7 @@
 #include "commands.hpp"
 #ifdef QKV_HAS_MPI
 #include "distributed_attention_run.hpp"
+#include "heatmap_image.hpp"
 #endif
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
@@ -27,7 +28,7 @@ namespace qkv::cli {
 namespace {
 
 struct AttentionFlags {
-  std::string q, k, v, out, lse, weights;
+  std::string q, k, v, out, lse, weights, weights_png;
   std::string score = "scaled_dot";
   std::optional<double> scale;
   std::string w, wq, wk, va, alibi, bias, key_lengths, mask;
@@ -174,6 +175,7 @@ void run_distributed(const AttentionFlags& flags) {
   run.bias = flags.bias;
   run.mask = flags.mask;
   run.weights = flags.weights;
+  run.weights_png = flags.weights_png;
   run.dw = flags.dw;
   run.dwq = flags.dwq;
   run.dwk = flags.dwk;
@@ -251,7 +253,7 @@ void run_attention(const AttentionFlags& flags) {
     lse.emplace(DType::float32, lse_shape);
     outputs.lse = MutableTensorView::contiguous(lse->raw(), lse->dtype(), {batch, q_heads, q_len});
   }
-  if (!flags.weights.empty()) {
+  if (!flags.weights.empty() || !flags.weights_png.empty()) {
     weights.emplace(q.dtype() == DType::float64 ? DType::float64 : DType::float32, weights_shape);
     outputs.weights = MutableTensorView::contiguous(weights->raw(), weights->dtype(),
                                                     {batch, q_heads, q_len, k_len});
@@ -303,7 +305,15 @@ void run_attention(const AttentionFlags& flags) {
   StagedFiles files;
   add_npy(files, flags.out, out.view());
   if (!flags.lse.empty()) add_npy(files, flags.lse, lse->view());
-  if (weights) add_npy(files, flags.weights, weights->view());
+  if (!flags.weights.empty()) add_npy(files, flags.weights, weights->view());
+  if (!flags.weights_png.empty()) {  // batch 0: one panel per head
+    const TensorView first_batch =
+        weights->rank() == 4 ? weights->view().narrow(0, 0, 1) : weights->view();
+    add_heatmap(files, flags.weights_png, "--weights-png",
+                weight_panels(first_batch, "--weights-png", {}, {}, std::nullopt, "--weights-png",
+                              "--weights-png"),
+                "attention weights (rows: queries, columns: keys)");
+  }
   for (const auto& [path, gradient] : gradient_files) add_npy(files, path, gradient.view());
   files.commit();
 }
@@ -320,6 +330,8 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--out", flags->out, "output O, Q's rank, V's dtype")->required();
   command->add_option("--lse", flags->lse, "log-sum-exp [Nq], [H, Nq] or [B, H, Nq], float32");
   command->add_option("--weights", flags->weights, "softmax weights [.., Nq, Nk]");
+  command->add_option("--weights-png", flags->weights_png,
+                      "heatmap of the weights (batch 0, a panel per head): FILE.png or FILE.svg");
   command->add_option("--score", flags->score, "dot | scaled_dot | bilinear | additive")
       ->default_str("scaled_dot");
   command->add_option("--scale", flags->scale, "score multiplier (default: per score)");

@@ -1,173 +1,287 @@
-// qkv demo: the picture of self-attention made visible. A built-in sentence gets seeded random
-// embeddings and random Q/K/V projections; for each of the four scores the demo prints the score
-// matrix, the softmax weights as a shaded heatmap (every row sums to 1), the output rows, and the
-// token each token looks at most. The projections are random, so the patterns are arbitrary:
-// training them is what makes attention meaningful.
+// qkv demo: attention learns to translate. A toy English → French-with-German-word-order task is
+// built in code (tools/translation/toy_language.hpp); a small encoder–decoder with attention is
+// trained on it with qkv's own forward and backward and Adam; the demo then reports held-out
+// accuracy, translates a few sentences and draws the cross-attention alignment of one — where the
+// adjective follows its noun and the verb moves to the end, the picture's diagonal crosses over.
 
+#include <cblas.h>
 #include <fmt/format.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <memory>
 #include <random>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "commands.hpp"
-#include "qkv/attention.hpp"
+#include "heatmap_image.hpp"
 #include "qkv/error.hpp"
+#include "qkv/safetensors.hpp"
 #include "terminal_heatmap.hpp"
+#include "translation_model.hpp"
 
 namespace qkv::cli {
 
 namespace {
 
-constexpr const char* kSentence = "the cat sat on the mat because it was tired";
-constexpr std::int64_t kEmbedDim = 12;    // size of each token's embedding x
-constexpr std::int64_t kHeadDim = 4;      // size of q, k, v
-constexpr std::int64_t kAdditiveDim = 8;  // hidden size A of the additive score
+using namespace qkv::translation;
 
 struct DemoFlags {
-  std::uint64_t seed = 7;
+  std::uint64_t seed = 1;
+  std::string score = "scaled_dot";
+  int steps = 400;
+  std::string output_dir = "qkv-demo";
+  std::string load, translate;
 };
 
-std::vector<std::string> split_words(const std::string& sentence) {
-  std::istringstream in(sentence);
-  std::vector<std::string> words;
-  for (std::string word; in >> word;) words.push_back(word);
-  return words;
-}
+constexpr std::size_t kTrainSentences = 8000, kTestSentences = 500, kBatch = 64;
+constexpr const char* kShowcase = "the old farmer says that a young dog sees the red bird today";
 
-// A [rows, cols] matrix of N(0, stddev²) entries.
-Tensor random_matrix(std::mt19937_64& rng, std::int64_t rows, std::int64_t cols, double stddev) {
-  Tensor t(DType::float32, {rows, cols});
-  std::normal_distribution<float> normal(0.0f, static_cast<float>(stddev));
-  for (std::int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = normal(rng);
-  return t;
-}
-
-// y[n, :] = W x[n, :] for W [out, in], x [N, in]: the learned projections of the seed picture.
-Tensor project(const Tensor& x, const Tensor& w) {
-  const std::int64_t n = x.shape()[0], in = x.shape()[1], out = w.shape()[0];
-  Tensor y(DType::float32, {n, out});
-  for (std::int64_t t = 0; t < n; ++t)
-    for (std::int64_t r = 0; r < out; ++r) {
-      float sum = 0.0f;
-      for (std::int64_t c = 0; c < in; ++c)
-        sum += w.data<float>()[r * in + c] * x.data<float>()[t * in + c];
-      y.data<float>()[t * out + r] = sum;
+// A bar that redraws itself on a terminal, and prints a line a quarter of the way otherwise.
+class ProgressBar {
+ public:
+  explicit ProgressBar(int total) : total_(total), terminal_(isatty(STDOUT_FILENO) != 0) {}
+  void show(int done, double loss, double tokens_per_second) {
+    const int width = 30;
+    const int filled = width * done / total_;
+    std::string bar;
+    for (int i = 0; i < width; ++i) bar += i < filled ? "█" : "░";
+    const std::string line =
+        fmt::format("training [{}] {:3d}%  step {}/{}  loss {:.3f}  {:.1f}k tokens/s", bar,
+                    100 * done / total_, done, total_, loss, tokens_per_second / 1000);
+    if (terminal_) {
+      fmt::print("\r{}", line);
+      if (done == total_) fmt::print("\n");
+      std::fflush(stdout);
+    } else if (done == total_ || done * 4 / total_ != (done - 1) * 4 / total_) {
+      fmt::print("{}\n", line);
     }
-  return y;
+  }
+
+ private:
+  int total_;
+  bool terminal_;
+};
+
+Score parse_demo_score(const std::string& name) {
+  if (name == "scaled_dot") return Score::scaled_dot;
+  if (name == "additive") return Score::additive;
+  if (name == "dot") return Score::dot;
+  if (name == "bilinear") return Score::bilinear;
+  throw Error(
+      fmt::format("--score: expected scaled_dot, additive, dot or bilinear, got '{}'", name));
 }
 
-const char* formula(Score score) {
-  switch (score) {
-    case Score::dot:
-      return "s(q, k) = q·k";
-    case Score::scaled_dot:
-      return "s(q, k) = q·k / sqrt(d)";
-    case Score::bilinear:
-      return "s(q, k) = qᵀ W k          (Luong)";
-    case Score::additive:
-      return "s(q, k) = vᵀ tanh(Wq q + Wk k)   (Bahdanau)";
+TranslationModel train(const ToyLanguage& language, const std::vector<Example>& training,
+                       const DemoFlags& flags) {
+  ModelConfig config;
+  config.score = parse_demo_score(flags.score);
+  TranslationModel model(config, static_cast<std::int64_t>(language.source_words().size()),
+                         static_cast<std::int64_t>(language.target_words().size()), flags.seed);
+  Adam adam(model.parameters(), 0.0);
+  std::mt19937_64 rng(flags.seed + 1);
+  std::vector<std::size_t> order(training.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  ProgressBar progress(flags.steps);
+  const auto start = std::chrono::steady_clock::now();
+  double tokens = 0, smoothed = 0;
+  std::size_t at = order.size();
+  for (int step = 1; step <= flags.steps; ++step) {
+    std::vector<const Example*> batch;
+    while (batch.size() < kBatch) {
+      if (at == order.size()) {
+        std::shuffle(order.begin(), order.end(), rng);
+        at = 0;
+      }
+      batch.push_back(&training[order[at++]]);
+    }
+    const Batch b = make_batch(batch);
+    model.zero_grad();
+    const double loss = model.forward(b);
+    model.backward();
+    // Warm up for 100 steps, then decay linearly to a tenth.
+    const double peak = 3e-3, warm = std::min(1.0, step / 100.0);
+    const double decay = 1.0 - 0.9 * std::max(0, step - 100) / std::max(1, flags.steps - 100);
+    adam.step(peak * warm * decay);
+    tokens += static_cast<double>(b.target_tokens);
+    smoothed = step == 1 ? loss : 0.95 * smoothed + 0.05 * loss;
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    progress.show(step, smoothed, tokens / std::max(seconds, 1e-9));
   }
-  return "";
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  fmt::print("trained {} steps of {} sentences in {:.1f} s\n", flags.steps, kBatch, seconds);
+  return model;
+}
+
+// Held-out exact-sentence accuracy.
+double accuracy(TranslationModel& model, const ToyLanguage& language,
+                const std::vector<Example>& test) {
+  std::vector<std::vector<std::int32_t>> sources;
+  for (const Example& e : test) sources.push_back(e.source);
+  const std::vector<Translation> out = model.translate(sources);
+  std::size_t right = 0;
+  for (std::size_t n = 0; n < test.size(); ++n)
+    right += language.decode_target(out[n].ids) == test[n].target_text ? 1 : 0;
+  return static_cast<double>(right) / static_cast<double>(test.size());
+}
+
+// The words of `sentence`, or a qkv::Error naming the first unknown one.
+std::vector<std::int32_t> encode_or_explain(const ToyLanguage& language,
+                                            const std::vector<std::string>& words) {
+  std::string unknown;
+  const auto ids = language.encode_source(words, &unknown);
+  if (!ids) {
+    std::string known;
+    for (std::size_t w = 3; w < language.source_words().size(); ++w)
+      known += (known.empty() ? "" : " ") + language.source_words()[w];
+    throw Error(
+        fmt::format("--translate: expected words of the demo's language, got '{}' "
+                    "(it knows: {})",
+                    unknown, known));
+  }
+  if (words.empty() || static_cast<std::int64_t>(words.size()) > ModelConfig{}.max_len - 1) {
+    throw Error(fmt::format("--translate: expected 1 to {} words, got {}",
+                            ModelConfig{}.max_len - 1, words.size()));
+  }
+  return *ids;
+}
+
+// Prints a translation with its alignment, and writes the alignment as PNG and SVG (staged).
+void show_alignment(TranslationModel& model, const ToyLanguage& language,
+                    const std::vector<std::string>& words, StagedFiles* files,
+                    const std::string& directory) {
+  const Translation t = model.translate({encode_or_explain(language, words)})[0];
+  std::vector<std::string> produced = language.decode_target(t.ids);
+  std::vector<std::string> rows = produced;
+  if (rows.size() < t.ids.size()) rows.push_back("</s>");
+  fmt::print("\n  {}\n→ {}\n", join_words(words), join_words(produced));
+  if (language.parses(words)) {
+    const std::vector<std::string> reference = language.translate(words);
+    fmt::print("  {}\n", reference == produced
+                             ? "(the grammar's own translation: the same)"
+                             : "(the grammar's own translation: " + join_words(reference) + ")");
+  } else {
+    fmt::print(
+        "  (not a sentence of the demo's grammar — NP VERB NP [ADV], or NP SAYS that "
+        "NP VERB NP [ADV] — so the model is guessing)\n");
+  }
+  const HeatmapPanel panel{t.alignment, rows, words, ""};
+  fmt::print(
+      "\ncross-attention: each output word (row) and the input words it looked at "
+      "(columns), in percent\n{}",
+      render_heatmap(panel.values, panel.row_labels, panel.col_labels, use_color()));
+  if (files != nullptr) {
+    const std::string caption =
+        fmt::format("qkv demo: where each French word looks ({} score)",
+                    model.config().score == Score::additive ? "additive" : "scaled-dot");
+    for (const char* extension : {".png", ".svg"}) {
+      const std::string path =
+          (std::filesystem::path(directory) / "alignment").string() + extension;
+      add_heatmap(*files, path, "--output-dir", {panel}, caption);
+      fmt::print("wrote {}\n", path);
+    }
+  }
 }
 
 void run_demo(const DemoFlags& flags) {
-  const std::vector<std::string> tokens = split_words(kSentence);
-  const auto n = static_cast<std::int64_t>(tokens.size());
-  std::mt19937_64 rng(flags.seed);
-  const double embed_scale = 1.0 / std::sqrt(static_cast<double>(kEmbedDim));
-  const Tensor embeddings = random_matrix(rng, n, kEmbedDim, 1.0);
-  const Tensor wq = random_matrix(rng, kHeadDim, kEmbedDim, 2.0 * embed_scale);
-  const Tensor wk = random_matrix(rng, kHeadDim, kEmbedDim, 2.0 * embed_scale);
-  const Tensor wv = random_matrix(rng, kHeadDim, kEmbedDim, embed_scale);
-  const Tensor q = project(embeddings, wq), k = project(embeddings, wk),
-               v = project(embeddings, wv);
-  const Tensor bilinear_w = random_matrix(rng, kHeadDim, kHeadDim, 1.0);
-  const Tensor additive_wq = random_matrix(rng, kAdditiveDim, kHeadDim, 1.0);
-  const Tensor additive_wk = random_matrix(rng, kAdditiveDim, kHeadDim, 1.0);
-  const Tensor additive_v = random_matrix(rng, 1, kAdditiveDim, 1.0);
+  if (flags.steps < 1) throw Error(fmt::format("--steps: expected >= 1, got {}", flags.steps));
+  // The model's matrices are tiny (64 sentences × 64 features): one BLAS thread is faster than
+  // two that wait for each other, and qkv's own kernels still use every core.
+  openblas_set_num_threads(1);
+  const ToyLanguage language;
+  const auto source_vocab = static_cast<std::int64_t>(language.source_words().size());
+  const auto target_vocab = static_cast<std::int64_t>(language.target_words().size());
+  const std::filesystem::path directory(flags.output_dir);
+  const std::string model_path = (directory / "translator.safetensors").string();
 
-  const bool color = use_color();
-  fmt::print("qkv demo: self-attention on one sentence (seed {})\n\n", flags.seed);
-  fmt::print("  \"{}\"\n\n", kSentence);
-  fmt::print(
-      "Each token gets a random embedding x ({} numbers). Three projections turn it into a query\n"
-      "q = Wq x (what the token asks for), a key k = Wk x (what it offers) and a value v = Wv x\n"
-      "(what it carries), {} numbers each. A score compares every query with every key; softmax\n"
-      "turns each row of scores into weights that sum to 1; each output row is the weighted\n"
-      "average of the values. The projections here are random, so the patterns are arbitrary:\n"
-      "training them is what makes them mean something.\n",
-      kEmbedDim, kHeadDim);
-
-  // One head, B = 1: the [N, D] matrices seen as [1, N, 1, D].
-  const auto as_sequence = [n](const Tensor& t) {
-    return TensorView::contiguous(t.raw(), DType::float32, {1, n, 1, t.shape()[1]});
-  };
-  for (Score score : {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive}) {
-    AttentionOptions options;
-    options.score = score;
-    if (score == Score::bilinear) options.w = bilinear_w.view();
-    if (score == Score::additive) {
-      options.wq = additive_wq.view();
-      options.wk = additive_wk.view();
-      options.va = TensorView::contiguous(additive_v.raw(), DType::float32, {kAdditiveDim});
-    }
-    Tensor out(DType::float32, {1, n, 1, kHeadDim}), lse(DType::float32, {1, 1, n}),
-        weights(DType::float32, {1, 1, n, n});
-    attention_forward(as_sequence(q), as_sequence(k), as_sequence(v), options,
-                      {out.mutable_view(), lse.mutable_view(), weights.mutable_view()});
-
-    // The scores themselves are recovered exactly from the softmax: s_ij = LSE_i + log P_ij.
-    std::vector<double> scores(static_cast<std::size_t>(n * n)), probabilities(scores.size());
-    for (std::int64_t i = 0; i < n; ++i)
-      for (std::int64_t j = 0; j < n; ++j) {
-        const double p = weights.data<float>()[i * n + j];
-        probabilities[static_cast<std::size_t>(i * n + j)] = p;
-        scores[static_cast<std::size_t>(i * n + j)] = lse.data<float>()[i] + std::log(p);
-      }
-    std::vector<double> outputs(out.data<float>(), out.data<float>() + n * kHeadDim);
-    std::vector<std::string> dims;
-    for (std::int64_t d = 0; d < kHeadDim; ++d) dims.push_back(fmt::format("o{}", d));
-
-    fmt::print("\n== {} ==  {}\n\n", score_name(score), formula(score));
-    fmt::print("scores s (row: query token, column: key token)\n{}\n",
-               render_matrix(scores, tokens, tokens, 2));
-    fmt::print("weights P = softmax(s) per row, in percent (every row sums to 1)\n{}\n",
-               render_heatmap(probabilities, tokens, tokens, color));
-    fmt::print("output O = P V (each row: a blend of the value rows)\n{}",
-               render_matrix(outputs, tokens, dims, 3));
-    std::string strongest;
-    double worst_row_sum_error = 0.0;
-    for (std::int64_t i = 0; i < n; ++i) {
-      std::int64_t best = 0;
-      double sum = 0.0;
-      for (std::int64_t j = 0; j < n; ++j) {
-        sum += probabilities[static_cast<std::size_t>(i * n + j)];
-        if (probabilities[static_cast<std::size_t>(i * n + j)] >
-            probabilities[static_cast<std::size_t>(i * n + best)]) {
-          best = j;
-        }
-      }
-      worst_row_sum_error = std::max(worst_row_sum_error, std::abs(sum - 1.0));
-      strongest += fmt::format("{}{} → {}", i == 0 ? "" : ", ", tokens[static_cast<std::size_t>(i)],
-                               tokens[static_cast<std::size_t>(best)]);
-    }
-    fmt::print("\nlooks at most: {}\nrows of P sum to 1 within {:.1e}\n", strongest,
-               worst_row_sum_error);
+  // A typed sentence with a saved model: no training.
+  std::string load = flags.load;
+  if (load.empty() && !flags.translate.empty() && std::filesystem::exists(model_path))
+    load = model_path;
+  std::optional<TranslationModel> model;
+  if (!load.empty()) {
+    model.emplace(TranslationModel::from_state(load_safetensors(load), source_vocab, target_vocab));
+    fmt::print("loaded {}\n", load);
   }
+  if (!flags.translate.empty()) {
+    if (!model) fmt::print("no saved model in {}: training one first\n", flags.output_dir);
+    const std::vector<std::string> words = split_words(flags.translate);
+    encode_or_explain(language, words);  // an unknown word stops here, before any training
+    if (!model) {
+      std::mt19937_64 rng(flags.seed);
+      model.emplace(train(language, make_examples(language, kTrainSentences, rng), flags));
+    }
+    show_alignment(*model, language, words, nullptr, "");
+    return;
+  }
+
+  fmt::print(
+      "qkv demo: attention learns to translate.\n"
+      "A toy language pair built in code: English words → French words, with the adjective after "
+      "its noun\n(as in French) and the verb of a 'that' clause at the end (as in German). "
+      "{} source and {} target words.\n",
+      source_vocab - 3, target_vocab - 3);
+  std::mt19937_64 rng(flags.seed);
+  const std::vector<Example> test = make_examples(language, kTestSentences, rng);
+  const std::vector<Example> training = make_examples(language, kTrainSentences, rng, test);
+  fmt::print("for example:  {}\n          →   {}\n\n", join_words(training[0].source_text),
+             join_words(training[0].target_text));
+  if (!model) {
+    fmt::print(
+        "an encoder–decoder with attention (embeddings {}, {} cross-attention score), "
+        "{} training sentences, {} held out\n",
+        ModelConfig{}.embed_dim, flags.score, kTrainSentences, kTestSentences);
+    model.emplace(train(language, training, flags));
+  }
+  const double correct = accuracy(*model, language, test);
+  fmt::print("\nheld-out exact-sentence accuracy: {:.1f}% of {} sentences never seen in training\n",
+             100 * correct, kTestSentences);
+  fmt::print("\nsome held-out sentences:\n");
+  std::vector<std::vector<std::int32_t>> sources;
+  for (std::size_t n = 0; n < 5; ++n) sources.push_back(test[n].source);
+  const std::vector<Translation> out = model->translate(sources);
+  for (std::size_t n = 0; n < sources.size(); ++n) {
+    const std::vector<std::string> words = language.decode_target(out[n].ids);
+    fmt::print("  {}\n→ {}  {}\n", join_words(test[n].source_text), join_words(words),
+               words == test[n].target_text
+                   ? "✓"
+                   : "✗ (expected " + join_words(test[n].target_text) + ")");
+  }
+  std::filesystem::create_directories(directory);
+  StagedFiles files;
+  show_alignment(*model, language, split_words(kShowcase), &files, flags.output_dir);
+  if (flags.load.empty()) {
+    add_safetensors(files, model_path, model->state());
+    fmt::print(
+        "saved the model to {} (qkv demo --load {} reuses it; --translate \"…\" "
+        "translates your sentence)\n",
+        model_path, model_path);
+  }
+  files.commit();
 }
 
 }  // namespace
 
 void add_demo_command(CLI::App& app) {
   auto flags = std::make_shared<DemoFlags>();
-  CLI::App* command =
-      app.add_subcommand("demo", "Self-attention on a built-in sentence, for every score");
-  command->add_option("--seed", flags->seed, "seed of the embeddings and projections")
-      ->default_str("7");
+  CLI::App* command = app.add_subcommand(
+      "demo", "Train attention to translate a toy language, and see where it looks");
+  command->add_option("--seed", flags->seed, "seed of the data, the model and the batches");
+  command->add_option("--score", flags->score,
+                      "cross-attention score: scaled_dot (Transformer) or additive (Bahdanau)");
+  command->add_option("--steps", flags->steps, "training steps (batches of 64 sentences)");
+  command->add_option("--output-dir", flags->output_dir,
+                      "where the model and the alignment pictures go");
+  command->add_option("--load", flags->load, "a model saved by the demo: no training");
+  command->add_option("--translate", flags->translate,
+                      "translate this sentence and show where "
+                      "attention looks");
   command->callback([flags] { run_demo(*flags); });
 }
 

@@ -15,6 +15,9 @@ void add_bench_command(CLI::App& app);
 // qkv demo: self-attention on a built-in sentence, shown for every score.
 void add_demo_command(CLI::App& app);
 
+// qkv plot WEIGHTS.npy -o FILE.png|FILE.svg: a heatmap of attention weights.
+void add_plot_command(CLI::App& app);
+
 // qkv mha: a MultiheadAttention layer from a .safetensors state_dict, forward and backward.
 void add_mha_command(CLI::App& app);
 

@@ -6,6 +6,8 @@
 
 #include "distributed_attention_run.hpp"
 
+#include "heatmap_image.hpp"
+
 #include <fmt/format.h>
 #include <mpi.h>
 
@@ -156,7 +158,8 @@ void run_distributed_attention(const DistributedRun& run) {
     if (!run.mask.empty()) attention_options.mask = mask.view();
     Tensor weights;  // [B, H, Nq_r, Nk]: this rank's query rows
     std::optional<MutableTensorView> weights_view;
-    if (!run.weights.empty()) {
+    const bool want_weights = !run.weights.empty() || !run.weights_png.empty();
+    if (want_weights) {
       weights = Tensor(q.dtype() == DType::float64 ? DType::float64 : DType::float32,
                        {qv.shape[0], qv.shape[2], qv.shape[1], options.k_total});
       weights_view = weights.mutable_view();
@@ -167,9 +170,8 @@ void run_distributed_attention(const DistributedRun& run) {
     const Tensor whole_out = gather(out, dim, options.q_total, run.layout, ranks, rank);
     // LSE [B, H, N_r] (as the file drops leading dimensions: [H, N] for rank 3, [N] for rank 2).
     const Tensor whole_lse = gather(lse, 2, options.q_total, run.layout, ranks, rank);
-    const Tensor whole_weights = run.weights.empty()
-                                     ? Tensor()
-                                     : gather(weights, 2, options.q_total, run.layout, ranks, rank);
+    const Tensor whole_weights =
+        want_weights ? gather(weights, 2, options.q_total, run.layout, ranks, rank) : Tensor();
     std::vector<std::pair<std::string, Tensor>> gradients;
     if (!run.dout.empty()) {
       Tensor dq(DType::float32, q.shape()), dk(DType::float32, k.shape()),
@@ -217,6 +219,12 @@ void run_distributed_attention(const DistributedRun& run) {
         add_npy(files, run.weights,
                 TensorView::contiguous(whole_weights.raw(), whole_weights.dtype(),
                                        file_shape(whole_weights.shape(), file_rank)));
+      }
+      if (!run.weights_png.empty()) {  // batch 0: one panel per head
+        add_heatmap(files, run.weights_png, "--weights-png",
+                    weight_panels(whole_weights.view().narrow(0, 0, 1), "--weights-png", {}, {},
+                                  std::nullopt, "--weights-png", "--weights-png"),
+                    "attention weights (rows: queries, columns: keys)");
       }
       for (const auto& [path, tensor] : gradients) add_npy(files, path, tensor.view());
       files.commit();

@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   qkv::cli::add_bench_command(app);
   qkv::cli::add_demo_command(app);
   qkv::cli::add_mha_command(app);
+  qkv::cli::add_plot_command(app);
   try {
     app.parse(argc, argv);  // runs the chosen command's callback
   } catch (const CLI::CallForHelp&) {
