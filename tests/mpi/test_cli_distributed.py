@@ -67,9 +67,10 @@ def test_row_sharded_bias_mask_weights_dropout_and_parameter_gradients(files, ra
 
     single = run(inputs + outputs("1") + extra("1"), files)
     assert single.returncode == 0, single.stderr
-    job = run(inputs + outputs("P") + extra("P") + ["--distributed", "auto", "--layout", layout],
-              files, ranks)
+    job = run(inputs + outputs("P") + extra("P") + ["--distributed", "auto", "--layout", layout,
+                                                    "--weights-png", "weightsP.svg"], files, ranks)
     assert job.returncode == 0, job.stderr
+    assert (files / "weightsP.svg").read_text().count("head ") == 4  # batch 0, a panel per head
     for name in names:
         one, many = np.load(files / f"{name}1.npy"), np.load(files / f"{name}P.npy")
         assert one.shape == many.shape, name
