@@ -19,6 +19,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -50,8 +51,15 @@ DType wide(DType dtype) {
   return dtype == DType::float64 ? DType::float64 : DType::float32;
 }
 
-// to = from, element by element (any strides and float dtypes), through float64.
+// to = from, element by element (any strides and float dtypes), through float64 unless both are
+// dense and of one dtype.
 void copy_into(const TensorView& from, const MutableTensorView& to) {
+  if (from.dtype == to.dtype && from.is_contiguous() && to.as_const().is_contiguous() &&
+      from.numel() == to.as_const().numel()) {
+    std::memcpy(to.data, from.data,
+                static_cast<std::size_t>(from.numel()) * dtype_size(from.dtype));
+    return;
+  }
   const Tensor dense = detail::dense_copy(from);
   detail::store_dense(dense.data<double>(), to);
 }
@@ -323,28 +331,61 @@ bool mpi_threads_allowed() {
   return thread_level == MPI_THREAD_MULTIPLE;
 }
 
-// K and V of one rank's shard as one dense buffer: [k | v].
-struct Block {
-  Tensor k, v;
-  std::vector<std::byte> bytes;
-  void pack() {
-    bytes.resize(k.nbytes() + v.nbytes());
-    std::memcpy(bytes.data(), k.raw(), k.nbytes());
-    std::memcpy(bytes.data() + k.nbytes(), v.raw(), v.nbytes());
+// K and V of one shard in one dense buffer, [k | v], which is also the message that travels: the
+// ring keeps two (the one computed on, the one arriving) and swaps them, so nothing is allocated
+// or copied per step.
+class Block {
+ public:
+  // Sized for a shard of `rows` rows (the buffer only grows).
+  void resize(const Context& c, std::int64_t rows, DType dtype) {
+    dtype_ = dtype;
+    k_shape_ = {c.batch, rows, c.kv_heads, c.k_dim};
+    v_shape_ = {c.batch, rows, c.kv_heads, c.v_dim};
+    k_bytes_ = static_cast<std::size_t>(c.batch * rows * c.kv_heads * c.k_dim) * dtype_size(dtype);
+    size_ = k_bytes_ +
+            static_cast<std::size_t>(c.batch * rows * c.kv_heads * c.v_dim) * dtype_size(dtype);
+    if (buffer_.size() < size_) buffer_.resize(size_);
   }
-  void unpack() {
-    std::memcpy(k.raw(), bytes.data(), k.nbytes());
-    std::memcpy(v.raw(), bytes.data() + k.nbytes(), v.nbytes());
+  // Copies the rank's own K and V in (any strides).
+  void fill(const TensorView& k, const TensorView& v) {
+    copy_rows(k, buffer_.data());
+    copy_rows(v, buffer_.data() + k_bytes_);
   }
-};
+  TensorView k() const { return TensorView::contiguous(buffer_.data(), dtype_, k_shape_); }
+  TensorView v() const {
+    return TensorView::contiguous(buffer_.data() + k_bytes_, dtype_, v_shape_);
+  }
+  std::int64_t rows() const { return k_shape_[1]; }
+  std::byte* data() { return buffer_.data(); }
+  std::size_t size() const { return size_; }
 
-Block block_for(const Context& c, std::int64_t rows, DType dtype) {
-  Block block;
-  block.k = Tensor(dtype, {c.batch, rows, c.kv_heads, c.k_dim});
-  block.v = Tensor(dtype, {c.batch, rows, c.kv_heads, c.v_dim});
-  block.pack();
-  return block;
-}
+ private:
+  // A [B, N, H, D] view into dense memory, a row of D at a time.
+  static void copy_rows(const TensorView& view, std::byte* to) {
+    const std::size_t element = dtype_size(view.dtype);
+    const auto* from = static_cast<const std::byte*>(view.data);
+    for (std::int64_t b = 0; b < view.shape[0]; ++b)
+      for (std::int64_t n = 0; n < view.shape[1]; ++n)
+        for (std::int64_t h = 0; h < view.shape[2]; ++h) {
+          const std::byte* row =
+              from + (b * view.strides[0] + n * view.strides[1] + h * view.strides[2]) *
+                         static_cast<std::int64_t>(element);
+          if (view.strides[3] == 1) {
+            std::memcpy(to, row, static_cast<std::size_t>(view.shape[3]) * element);
+          } else {
+            for (std::int64_t d = 0; d < view.shape[3]; ++d)
+              std::memcpy(to + static_cast<std::size_t>(d) * element,
+                          row + d * view.strides[3] * static_cast<std::int64_t>(element), element);
+          }
+          to += static_cast<std::size_t>(view.shape[3]) * element;
+        }
+  }
+
+  std::vector<std::byte> buffer_;
+  std::size_t k_bytes_ = 0, size_ = 0;
+  DType dtype_ = DType::float32;
+  std::array<std::int64_t, 4> k_shape_{}, v_shape_{};
+};
 
 // One block's attention weights [B, Hq, n_a, n_e], normalized by its own LSE [B, Hq, n_a]: the
 // final weights are these times exp(LSE_block − LSE_row).
@@ -388,36 +429,34 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
     }
     running_lse.push_back(std::move(minus_infinity));
   }
-  Block current = block_for(c, k.shape[1], q.dtype);
-  current.k = to_tensor(k);
-  current.v = to_tensor(v);
-  current.pack();
+  Block blocks[2];
+  Block* current = &blocks[0];
+  Block* incoming = &blocks[1];
+  current->resize(c, k.shape[1], q.dtype);
+  current->fill(k, v);
   const int next = (c.rank + 1) % c.ranks, previous = (c.rank + c.ranks - 1) % c.ranks;
   for (int step = 0; step < c.ranks; ++step) {
     const int source = (c.rank - step + c.ranks) % c.ranks;
     // The next shard travels while this one is computed on.
-    Block incoming;
     Transfer transfer(threads_allowed);
     const bool more = step + 1 < c.ranks;
     if (more) {
       const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
-      incoming = block_for(c, shard_length(d.k_total, c.ranks, coming, d.layout), q.dtype);
-      transfer.start(current.bytes.data(), current.bytes.size(), next, incoming.bytes.data(),
-                     incoming.bytes.size(), previous, step, c.comm);
+      incoming->resize(c, shard_length(d.k_total, c.ranks, coming, d.layout), q.dtype);
+      transfer.start(current->data(), current->size(), next, incoming->data(), incoming->size(),
+                     previous, step, c.comm);
     }
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
     const double compute_start = MPI_Wtime();
-    if (more) stats.bytes_sent += static_cast<double>(current.bytes.size());
+    if (more) stats.bytes_sent += static_cast<double>(current->size());
     for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
       const auto q_piece = c.q_pieces[a];
       for (std::size_t e = 0; e < k_pieces.size(); ++e) {
         if (hidden(options, d.q_total, d.k_total, q_piece, k_pieces[e])) continue;
         const TensorView qv = q.narrow(1, q_starts[a], q_starts[a] + q_piece.second);
-        const TensorView kv =
-            current.k.view().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
-        const TensorView vv =
-            current.v.view().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
+        const TensorView kv = current->k().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
+        const TensorView vv = current->v().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
         Tensor part_out(merged, {c.batch, q_piece.second, c.q_heads, c.v_dim});
         Tensor part_lse(merged, {c.batch, c.q_heads, q_piece.second});
         std::optional<MutableTensorView> part_weights;
@@ -441,8 +480,7 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
     if (more) {
       ++stats.transfer_steps;
       if (transfer.finish()) ++stats.hidden_steps;
-      incoming.unpack();
-      current = std::move(incoming);
+      std::swap(current, incoming);
     }
     ++stats.steps;
   }
@@ -510,10 +548,11 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
   const DType accumulate = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
   Tensor dq_total(accumulate, shape_of(q));
-  Block current = block_for(c, k.shape[1], q.dtype);
-  current.k = to_tensor(k);
-  current.v = to_tensor(v);
-  current.pack();
+  Block blocks[2];
+  Block* current = &blocks[0];
+  Block* incoming = &blocks[1];
+  current->resize(c, k.shape[1], q.dtype);
+  current->fill(k, v);
   const bool threads_allowed = mpi_threads_allowed();
   const int next = (c.rank + 1) % c.ranks, previous = (c.rank + c.ranks - 1) % c.ranks;
   std::vector<std::byte> sending, arriving;  // packed [dK | dV] sums, in flight
@@ -523,17 +562,16 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
   for (int step = 0; step < c.ranks; ++step) {
     const int source = (c.rank - step + c.ranks) % c.ranks;
     const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
-    Block incoming;
     Transfer kv_transfer(threads_allowed);
     if (step + 1 < c.ranks) {  // the next K and V, while this step computes
-      incoming = block_for(c, shard_length(d.k_total, c.ranks, coming, d.layout), q.dtype);
-      kv_transfer.start(current.bytes.data(), current.bytes.size(), next, incoming.bytes.data(),
-                        incoming.bytes.size(), previous, 2 * step, c.comm);
+      incoming->resize(c, shard_length(d.k_total, c.ranks, coming, d.layout), q.dtype);
+      kv_transfer.start(current->data(), current->size(), next, incoming->data(), incoming->size(),
+                        previous, 2 * step, c.comm);
     }
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
-    const std::int64_t source_rows = current.k.shape()[1];
-    Tensor share_dk(accumulate, {c.batch, source_rows, c.kv_heads, c.k_dim});
+    const std::int64_t source_rows = current->rows();
+    Tensor share_dk(accumulate, {c.batch, source_rows, c.kv_heads, c.k_dim});  // this rank's share
     Tensor share_dv(accumulate, {c.batch, source_rows, c.kv_heads, c.v_dim});
     const double compute_start = MPI_Wtime();
     for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
@@ -550,8 +588,8 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
         grads.dq = part_dq.mutable_view();
         grads.dk = part_dk.mutable_view();
         grads.dv = part_dv.mutable_view();
-        attention_backward(q.narrow(1, q0, q1), current.k.view().narrow(1, k0, k1),
-                           current.v.view().narrow(1, k0, k1), block, dout.narrow(1, q0, q1),
+        attention_backward(q.narrow(1, q0, q1), current->k().narrow(1, k0, k1),
+                           current->v().narrow(1, k0, k1), block, dout.narrow(1, q0, q1),
                            std::nullopt, grads,
                            SavedForward{out.narrow(1, q0, q1), lse.narrow(2, q0, q1)});
         sums.add_parts(0);
@@ -580,13 +618,12 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
       stats.bytes_sent += static_cast<double>(sending.size());
     }
     if (step + 1 < c.ranks) {
-      stats.bytes_sent += static_cast<double>(current.bytes.size());
+      stats.bytes_sent += static_cast<double>(current->size());
       const double kv_wait = MPI_Wtime();
       ++stats.transfer_steps;
       if (kv_transfer.finish()) ++stats.hidden_steps;
       stats.wait_seconds += MPI_Wtime() - kv_wait;
-      incoming.unpack();
-      current = std::move(incoming);
+      std::swap(current, incoming);
     }
     ++stats.steps;
   }
