@@ -85,6 +85,16 @@ void add_rows(Tensor& total, const Tensor& part, std::int64_t first) {
   }
 }
 
+// `slot` as a zeroed tensor of this dtype and shape: its memory is reused when they match.
+Tensor& zeroed_reused(Tensor& slot, DType dtype, std::vector<std::int64_t> shape) {
+  if (slot.dtype() != dtype || slot.shape() != shape) {
+    slot = Tensor(dtype, std::move(shape));
+  } else {
+    std::memset(slot.raw(), 0, slot.nbytes());
+  }
+  return slot;
+}
+
 std::vector<std::int64_t> shape_of(const TensorView& view) {
   return std::vector<std::int64_t>(view.shape.begin(), view.shape.begin() + view.rank);
 }
@@ -333,7 +343,8 @@ bool mpi_threads_allowed() {
 
 // K and V of one shard in one dense buffer, [k | v], which is also the message that travels: the
 // ring keeps two (the one computed on, the one arriving) and swaps them, so nothing is allocated
-// or copied per step.
+// or copied per step. The buffer only grows: a block reused across calls is not touched again by
+// the system (first touches of fresh memory are the expensive part).
 class Block {
  public:
   // Sized for a shard of `rows` rows (the buffer only grows).
@@ -429,7 +440,9 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
     }
     running_lse.push_back(std::move(minus_infinity));
   }
-  Block blocks[2];
+  // Kept by the calling thread between calls, as the fused kernel keeps its packed K and V: fresh
+  // pages cost more than the copy into them.
+  thread_local Block blocks[2];
   Block* current = &blocks[0];
   Block* incoming = &blocks[1];
   current->resize(c, k.shape[1], q.dtype);
@@ -547,15 +560,19 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
   RingStatistics stats;
   const DType accumulate = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
-  Tensor dq_total(accumulate, shape_of(q));
-  Block blocks[2];
+  // Working space kept by the calling thread between calls (see Block).
+  thread_local Tensor dq_slot, share_slots[2];
+  Tensor& dq_total = zeroed_reused(dq_slot, accumulate, shape_of(q));
+  // Kept by the calling thread between calls, as the fused kernel keeps its packed K and V: fresh
+  // pages cost more than the copy into them.
+  thread_local Block blocks[2];
   Block* current = &blocks[0];
   Block* incoming = &blocks[1];
   current->resize(c, k.shape[1], q.dtype);
   current->fill(k, v);
   const bool threads_allowed = mpi_threads_allowed();
   const int next = (c.rank + 1) % c.ranks, previous = (c.rank + c.ranks - 1) % c.ranks;
-  std::vector<std::byte> sending, arriving;  // packed [dK | dV] sums, in flight
+  thread_local std::vector<std::byte> sending, arriving;  // packed [dK | dV] sums, in flight
   Transfer gradient_transfer(threads_allowed);
   const std::int64_t gradient_row_bytes = c.batch * c.kv_heads * (c.k_dim + c.v_dim) *
                                           static_cast<std::int64_t>(dtype_size(accumulate));
@@ -571,8 +588,11 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
     const std::int64_t source_rows = current->rows();
-    Tensor share_dk(accumulate, {c.batch, source_rows, c.kv_heads, c.k_dim});  // this rank's share
-    Tensor share_dv(accumulate, {c.batch, source_rows, c.kv_heads, c.v_dim});
+    // This rank's share of the shard's dK and dV.
+    Tensor& share_dk =
+        zeroed_reused(share_slots[0], accumulate, {c.batch, source_rows, c.kv_heads, c.k_dim});
+    Tensor& share_dv =
+        zeroed_reused(share_slots[1], accumulate, {c.batch, source_rows, c.kv_heads, c.v_dim});
     const double compute_start = MPI_Wtime();
     for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
       const auto q_piece = c.q_pieces[a];
@@ -634,12 +654,11 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
   if (c.ranks > 1) gradient_transfer.finish();
   stats.wait_seconds += MPI_Wtime() - home_wait;
   if (statistics != nullptr) *statistics = stats;
-  Tensor total_dk(accumulate, shape_of(k)), total_dv(accumulate, shape_of(v));
-  std::memcpy(total_dk.raw(), home.data(), total_dk.nbytes());
-  std::memcpy(total_dv.raw(), home.data() + total_dk.nbytes(), total_dv.nbytes());
+  const TensorView total_dk = TensorView::contiguous(home.data(), accumulate, shape_of(k));
+  const auto dk_bytes = static_cast<std::size_t>(total_dk.numel()) * dtype_size(accumulate);
   copy_into(dq_total.view(), dq);
-  copy_into(total_dk.view(), dk);
-  copy_into(total_dv.view(), dv);
+  copy_into(total_dk, dk);
+  copy_into(TensorView::contiguous(home.data() + dk_bytes, accumulate, shape_of(v)), dv);
 }
 
 // ---- Heads --------------------------------------------------------------------------------------
