@@ -61,7 +61,8 @@ struct RingStatistics {
 // float bias or boolean mask is the rank's query rows and every key, broadcastable to [B, Hq,
 // Nq_r, Nk] (ring only: with a bias, mask or weights the automatic strategy is the ring).
 // Equal to attention_forward on the whole sequence up to float rounding (the same dropout mask).
-// Throws qkv::Error on bad input, the same on every rank.
+// Throws qkv::Error on bad input, the same on every rank. Working space: the ring keeps two K/V
+// shards (the backward also its dK/dV messages) with the calling thread between calls.
 void attention_forward(MPI_Comm comm, const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const DistributedOptions& distributed,
                        const AttentionOutputs& outputs, RingStatistics* statistics = nullptr);

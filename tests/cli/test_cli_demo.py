@@ -90,6 +90,13 @@ def test_unknown_words_get_one_clear_line(trained):
     assert result.stderr.count("\n") == 1
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    result = run("demo", "--steps", "1", "--output-dir", "file/sub", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--output-dir: expected a folder that can be created, got 'file/sub'" in result.stderr
+
+
 def test_a_bad_model_file_is_refused(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     result = run("demo", "--load", "bad.safetensors", cwd=tmp_path)

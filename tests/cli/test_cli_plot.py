@@ -104,12 +104,16 @@ def test_terminal_preview_shades_cells_with_labels(weights):
     (["w.npy", "-o", "x.svg", "--head", "3"], "--head: expected a head in [0, 3), got 3"),
     (["w2.npy", "-o", "x.jpg"], "-o: expected a .png or .svg file, got 'x.jpg'"),
     (["missing.npy", "-o", "x.png"], "missing.npy"),
+    (["empty.npy", "-o", "x.svg"], "empty.npy: expected at least one head, query and key, got [0, 3]"),
+    (["huge.npy", "-o", "x.svg"], "huge.npy: expected at most 1048576 cells to draw, got 1050000"),
 ])
 def test_bad_input_is_one_line_and_no_file(weights, args, message):
     np.save(weights / "bad_rank.npy", np.zeros(5, dtype=np.float32))
     nan = np.full((2, 3), 0.5, dtype=np.float32)
     nan[1, 2] = np.nan
     np.save(weights / "nan.npy", nan)
+    np.save(weights / "empty.npy", np.zeros((0, 3), dtype=np.float32))
+    np.save(weights / "huge.npy", np.zeros((1050, 1000), dtype=np.float32))
     result = run("plot", *args, cwd=weights)
     assert result.returncode == 2
     assert message in result.stderr

@@ -221,6 +221,12 @@ void run_demo(const DemoFlags& flags) {
     return;
   }
 
+  std::error_code error;  // before any training: a bad folder fails fast
+  std::filesystem::create_directories(directory, error);
+  if (error) {
+    throw Error(fmt::format("--output-dir: expected a folder that can be created, got '{}' ({})",
+                            flags.output_dir, error.message()));
+  }
   fmt::print(
       "qkv demo: attention learns to translate.\n"
       "A toy language pair built in code: English words → French words, with the adjective after "
@@ -253,7 +259,6 @@ void run_demo(const DemoFlags& flags) {
                    ? "✓"
                    : "✗ (expected " + join_words(test[n].target_text) + ")");
   }
-  std::filesystem::create_directories(directory);
   StagedFiles files;
   show_alignment(*model, language, split_words(kShowcase), &files, flags.output_dir);
   if (flags.load.empty()) {

@@ -54,6 +54,7 @@ class Painter {
 };
 
 constexpr double kFont = 13.0, kMargin = 16.0, kGap = 28.0;
+constexpr std::int64_t kMaxCells = 1 << 20;
 
 // Width of a UTF-8 string in the figure's font, estimated (code points × 0.62 em).
 double text_width(const std::string& s, double size) {
@@ -308,6 +309,17 @@ std::vector<HeatmapPanel> weight_panels(const TensorView& weights, const std::st
   }
   const TensorView w = weights.with_rank(3);  // [H, Nq, Nk]
   const std::int64_t heads = w.shape[0], rows = w.shape[1], cols = w.shape[2];
+  if (heads < 1 || rows < 1 || cols < 1) {
+    throw Error(fmt::format("{}: expected at least one head, query and key, got {}", what,
+                            weights.shape_string()));
+  }
+  const std::int64_t cells = (head ? 1 : heads) * rows * cols;
+  if (cells > kMaxCells) {  // a picture nobody could read, and an SVG of gigabytes
+    throw Error(
+        fmt::format("{}: expected at most {} cells to draw, got {} (pick a --head or a "
+                    "slice)",
+                    what, kMaxCells, cells));
+  }
   const auto labels = [](const std::vector<std::string>& given, std::int64_t count,
                          const char* flag, const char* dimension) {
     if (given.empty()) {

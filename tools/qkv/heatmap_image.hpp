@@ -25,13 +25,15 @@ struct HeatmapPanel {
 // colour bar. `caption` goes above everything (may be empty).
 // The SVG document as text.
 std::string heatmap_svg(const std::vector<HeatmapPanel>& panels, const std::string& caption);
-// The PNG file's bytes. Throws qkv::Error if cairo cannot draw (out of memory).
+// The PNG file's bytes. Throws qkv::Error if cairo cannot draw (out of memory, or a picture wider
+// or taller than cairo's 32767 pixels).
 std::string heatmap_png(const std::vector<HeatmapPanel>& panels, const std::string& caption);
 
 // The panels of an attention-weights tensor: [Nq, Nk] (one panel), [H, Nq, Nk] (one per head, or
-// only `head`) or [1, H, Nq, Nk]; float32 or float64, every value finite. Labels: one per query
-// row and one per key column, or empty for 0, 1, 2, … Throws qkv::Error naming `what` (the
-// tensor) or `rows_flag` / `cols_flag` (a label count that does not fit).
+// only `head`) or [1, H, Nq, Nk]; float32 or float64, every value finite, at most 2^20 cells to
+// draw. Labels: one per query row and one per key column, or empty for 0, 1, 2, … Throws
+// qkv::Error naming `what` (the tensor) or `rows_flag` / `cols_flag` (a label count that does not
+// fit).
 std::vector<HeatmapPanel> weight_panels(const TensorView& weights, const std::string& what,
                                         const std::vector<std::string>& row_labels,
                                         const std::vector<std::string>& col_labels,
