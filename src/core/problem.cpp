@@ -340,31 +340,26 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     }
     p.mask = broadcast_operand(*options.mask, "mask", score_shape);
   }
-  // Positions: this call as a block of a larger problem.
-  const std::int64_t q_total = options.query_total > 0 ? options.query_total : p.q_len;
-  const std::int64_t k_total = options.key_total > 0 ? options.key_total : p.k_len;
-  if (options.query_total < 0 || options.query_offset < 0 ||
-      options.query_offset > q_total - p.q_len) {
-    throw Error(
-        fmt::format("query_offset, query_total: expected 0 <= offset <= total - Nq with "
-                    "Nq = {}, got offset {} and total {}",
-                    p.q_len, options.query_offset, options.query_total));
-  }
-  if (options.key_total < 0 || options.key_offset < 0 || options.key_offset > k_total - p.k_len) {
-    throw Error(
-        fmt::format("key_offset, key_total: expected 0 <= offset <= total - Nk with "
-                    "Nk = {}, got offset {} and total {}",
-                    p.k_len, options.key_offset, options.key_total));
-  }
+  // Positions: this call as a block of a larger problem. Each total (0: this call's extent)
+  // must hold the block at its offset.
+  const auto resolve_total = [](std::int64_t offset, std::int64_t total, std::int64_t local,
+                                const char* names, const char* extent) {
+    const std::int64_t resolved = total > 0 ? total : local;
+    if (total < 0 || offset < 0 || offset > resolved - local) {
+      throw Error(
+          fmt::format("{}: expected 0 <= offset <= total - {} with {} = {}, got offset {} "
+                      "and total {}",
+                      names, extent, extent, local, offset, total));
+    }
+    return resolved;
+  };
+  const std::int64_t q_total = resolve_total(options.query_offset, options.query_total, p.q_len,
+                                             "query_offset, query_total", "Nq");
+  const std::int64_t k_total =
+      resolve_total(options.key_offset, options.key_total, p.k_len, "key_offset, key_total", "Nk");
   const std::int64_t head_total =
-      options.query_head_total > 0 ? options.query_head_total : p.q_heads;
-  if (options.query_head_total < 0 || options.query_head_offset < 0 ||
-      options.query_head_offset > head_total - p.q_heads) {
-    throw Error(
-        fmt::format("query_head_offset, query_head_total: expected 0 <= offset <= total - Hq "
-                    "with Hq = {}, got offset {} and total {}",
-                    p.q_heads, options.query_head_offset, options.query_head_total));
-  }
+      resolve_total(options.query_head_offset, options.query_head_total, p.q_heads,
+                    "query_head_offset, query_head_total", "Hq");
   p.head_offset = options.query_head_offset;
   p.head_total = head_total;
   p.query_offset = options.query_offset;

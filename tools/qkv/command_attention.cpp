@@ -130,6 +130,18 @@ LoadedOptions load_options(const AttentionFlags& flags) {
   return loaded;
 }
 
+// --dout comes with at least one requested gradient, and a gradient with --dout.
+void check_gradient_flags(const AttentionFlags& flags) {
+  const bool any_gradient =
+      !(flags.dq.empty() && flags.dk.empty() && flags.dv.empty() && flags.dw.empty() &&
+        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty());
+  if (any_gradient != !flags.dout.empty()) {
+    throw Error(any_gradient ? "--dout: expected ∂L/∂O for the requested gradients, got none"
+                             : "--dout: expected at least one of --dq, --dk, --dv, --dw, --dwq, "
+                               "--dwk, --dva with it, got none");
+  }
+}
+
 // The distributed path (issue: ring and head-parallel attention over MPI).
 void run_distributed(const AttentionFlags& flags) {
 #ifdef QKV_HAS_MPI
@@ -149,14 +161,7 @@ void run_distributed(const AttentionFlags& flags) {
   }
   run.layout =
       flags.layout == "zigzag" ? distributed::Layout::zigzag : distributed::Layout::contiguous;
-  const bool any_gradient =
-      !(flags.dq.empty() && flags.dk.empty() && flags.dv.empty() && flags.dw.empty() &&
-        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty());
-  if (any_gradient != !flags.dout.empty()) {
-    throw Error(any_gradient ? "--dout: expected ∂L/∂O for the requested gradients, got none"
-                             : "--dout: expected at least one of --dq, --dk, --dv, --dw, --dwq, "
-                               "--dwk, --dva with it, got none");
-  }
+  check_gradient_flags(flags);
   for (const auto& [gradient, primal, names] :
        {std::tuple{&flags.dw, &flags.w, "--dw: expected --w"},
         std::tuple{&flags.dwq, &flags.wq, "--dwq: expected --wq"},
@@ -214,14 +219,7 @@ void run_attention(const AttentionFlags& flags) {
   }
   const LoadedOptions loaded = load_options(flags);
   const AttentionOptions& options = loaded.options;
-  const bool any_gradient =
-      !(flags.dq.empty() && flags.dk.empty() && flags.dv.empty() && flags.dw.empty() &&
-        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty());
-  if (any_gradient != !flags.dout.empty()) {
-    throw Error(any_gradient ? "--dout: expected ∂L/∂O for the requested gradients, got none"
-                             : "--dout: expected at least one of --dq, --dk, --dv, --dw, --dwq, "
-                               "--dwk, --dva with it, got none");
-  }
+  check_gradient_flags(flags);
   const std::optional<Tensor> dout = load_optional(flags.dout);
   if (dout && dout->rank() != q.rank()) {
     throw Error(

@@ -92,14 +92,19 @@ std::vector<std::int64_t> file_shape(std::vector<std::int64_t> full, std::size_t
 
 }  // namespace
 
-void run_distributed_attention(const DistributedRun& run) {
+std::pair<int, int> start_mpi() {
   int initialized = 0;
   MPI_Initialized(&initialized);
-  int provided = 0;  // several threads may call MPI: the ring's transfers progress beside compute
+  int provided = 0;
   if (!initialized) MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided);
   int ranks = 1, rank = 0;
   MPI_Comm_size(MPI_COMM_WORLD, &ranks);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  return {ranks, rank};
+}
+
+void run_distributed_attention(const DistributedRun& run) {
+  const auto [ranks, rank] = start_mpi();
   const auto fail_everywhere = [&](const std::string& message) {
     fmt::print(stderr, "qkv: rank {}: {}\n", rank, message);
     MPI_Abort(MPI_COMM_WORLD, 2);

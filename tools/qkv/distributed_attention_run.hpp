@@ -3,6 +3,7 @@
 
 #include <functional>
 #include <string>
+#include <utility>
 
 #include "qkv/attention.hpp"
 #include "qkv/distributed.hpp"
@@ -18,6 +19,10 @@ struct DistributedRun {
   // A file's [B, N, H, D] view (the command's own rule for ranks 2, 3, 4).
   std::function<TensorView(const Tensor&, const char*)> as_sequence;
 };
+
+// Initializes MPI unless already done, allowing calls from several threads (the ring's transfers
+// progress on a helper thread beside the compute); returns {ranks, rank} of MPI_COMM_WORLD.
+std::pair<int, int> start_mpi();
 
 // Runs under MPI (initializing it if needed): reads this rank's shards, computes with the other
 // ranks, and has rank 0 write the outputs. Exits the process with status 2 on any rank's failure.

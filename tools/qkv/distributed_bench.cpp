@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "attention_bench.hpp"
+#include "distributed_attention_run.hpp"
 #include "qkv/distributed.hpp"
 #include "qkv/error.hpp"
 
@@ -38,13 +39,7 @@ Tensor random_tensor(std::vector<std::int64_t> shape, std::uint64_t seed) {
 
 void run_distributed_bench(const std::string& spec, int repetitions, double link_gbs,
                            double latency_us) {
-  int initialized = 0;
-  MPI_Initialized(&initialized);
-  int provided = 0;  // several threads may call MPI: the ring's transfers progress beside compute
-  if (!initialized) MPI_Init_thread(nullptr, nullptr, MPI_THREAD_MULTIPLE, &provided);
-  int ranks = 1, rank = 0;
-  MPI_Comm_size(MPI_COMM_WORLD, &ranks);
-  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const auto [ranks, rank] = start_mpi();
   const bench::Shape shape = bench::parse_shape(spec.empty() ? "B1H8N4096D64causal" : spec);
   const distributed::Layout layout =
       shape.causal ? distributed::Layout::zigzag : distributed::Layout::contiguous;
