@@ -98,3 +98,22 @@ def test_a_bad_file_fails_the_job_without_output(files):
     assert "k.npy" in job.stderr and "truncated" in job.stderr
     assert not (files / "o.npy").exists()
     assert [p.name for p in files.iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_bench_reports_time_per_rank_overlap_and_the_model(tmp_path):
+    """The figures a closing note quotes are all printed (timings themselves are not tested)."""
+    job = run(["bench", "--distributed", "--shapes", "B1H2N256D16causal", "--repetitions", "1",
+               "--link-gbs", "2.5", "--latency-us", "4"], tmp_path, 2)
+    assert job.returncode == 0, job.stderr
+    lines = job.stdout.splitlines()
+    assert "ring attention, 2 ranks, B1H2N256D16causal (zigzag layout)" in lines[0]
+    forward = lines.index(next(l for l in lines if l.split()[:2] == ["rank", "wall"]))
+    for rank in (0, 1):  # wall, compute, waiting, transfers, hidden %, MiB sent
+        row = lines[forward + 1 + rank].split()
+        assert row[0] == str(rank) and row[5].endswith("%") and float(row[1]) >= float(row[2]) * 0.5
+    assert any(l.startswith("ring backward") for l in lines)
+    model = next(l for l in lines if l.startswith("model:"))
+    assert "link W = 2.5 GB/s (--link-gbs)" in model and "latency 4.0 µs" in model
+    ranks = [int(l.split()[0]) for l in lines if l.split() and l.split()[0].isdigit() and
+             l.split()[-1].endswith("%") and "×" in l]
+    assert ranks == [8, 16, 32, 64, 128, 256, 512, 1024]
