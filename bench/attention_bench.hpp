@@ -27,10 +27,10 @@ std::vector<Shape> default_shapes();
 // "B1H32Nq1Nk8192D128". Throws qkv::Error naming the spec.
 Shape parse_shape(const std::string& spec);
 
-// FLOPs of DESIGN.md §8: 4·Nq·Nk·D per head, counting only visible pairs when causal.
+// FLOPs of docs/contract.md §8: 4·Nq·Nk·D per head, counting only visible pairs when causal.
 double attention_flops(const Shape& shape);
 
-// Backward FLOPs of DESIGN.md §8: 2.5 × the forward's.
+// Backward FLOPs of docs/contract.md §8: 2.5 × the forward's.
 double backward_flops(const Shape& shape);
 
 struct GemmResult {

@@ -5,6 +5,7 @@ set -euo pipefail
 
 packages=(
   cmake make g++                      # the toolchain (CMake >= 3.25)
+  clang libomp-dev libclang-rt-dev    # CI's clang build; libFuzzer for the readers (scripts/fuzz.sh)
   libfmt-dev libcli11-dev             # formatting, the command line
   libhwy-dev                          # SIMD with run-time dispatch (Highway)
   libopenblas-dev pkg-config          # GEMM: the bench's yardstick and naive baseline

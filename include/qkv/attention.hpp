@@ -1,5 +1,5 @@
 // Attention forward: scores, masks, stable softmax, and the weighted average of the values.
-// The semantics are those of shared/DESIGN.md §1–4; this header restates what a caller needs.
+// The semantics are those of docs/contract.md §1–4; this header restates what a caller needs.
 #pragma once
 
 #include <cstdint>
@@ -106,7 +106,7 @@ struct AttentionOutputs {
 // (computed in float64). Any strides (PyTorch's [B, H, N, D] storage is the view with strides
 // permuted); a unit stride in the last dimension avoids a copy.
 // Hq % Hk == 0: query head h reads key/value head h / (Hq / Hk) (Hk == 1 is multi-query).
-// Dk == Dq for dot and scaled_dot. Results (DESIGN.md §4):
+// Dk == Dq for dot and scaled_dot. Results (docs/contract.md §4):
 //   P[i, j] = exp(s_ij - LSE_i) over visible keys, 0 elsewhere;  O_i = Σ_j P[i, j] V_j;
 //   LSE_i = log Σ_visible exp(s_ij). A row with no visible key gets O = 0, P = 0, LSE = -inf.
 // Never builds the Nq×Nk matrix unless `weights` is requested. Results are bitwise the same for

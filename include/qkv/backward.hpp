@@ -51,7 +51,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
 
 // The float64 oracle of the backward pass. For the loss L with ∂L/∂O = dout [B, Nq, Hq, Dv] and
 // ∂L/∂LSE = dlse [B, Hq, Nq] (absent: zero), writes ∂L/∂x for every requested x. It recomputes
-// the forward literally and applies, per row i (DESIGN.md §4):
+// the forward literally and applies, per row i (docs/contract.md §4):
 //   dP_ij = dO_i · V_j,   Δ_i = Σ_j P_ij dP_ij,   dS_ij = P_ij (dP_ij − Δ_i + dLSE_i),
 //   dV_j += P_ij dO_i,   dbias_ij += dS_ij,
 // then back through the soft cap (1 − tanh²), the scale, and the score's own parameters.

@@ -1,4 +1,4 @@
-// Linear: y = x Wᵀ + b, torch.nn.Linear's layer (DESIGN.md §5), with its backward.
+// Linear: y = x Wᵀ + b, torch.nn.Linear's layer (docs/contract.md §5), with its backward.
 #pragma once
 
 #include <cstdint>

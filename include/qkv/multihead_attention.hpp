@@ -1,5 +1,5 @@
 // Multi-head attention with learned Q/K/V/output projections: torch.nn.MultiheadAttention's
-// layer (DESIGN.md §5), its parameter names and semantics, forward and backward, plus the
+// layer (docs/contract.md §5), its parameter names and semantics, forward and backward, plus the
 // bilinear and additive scores PyTorch lacks.
 #pragma once
 

@@ -6,7 +6,7 @@
 namespace qkv {
 
 // Same contract and validation as attention_forward, computed in float64 straight from the
-// formulas of DESIGN.md §2–4 (every score, then every mask checked per key, then a two-pass
+// formulas of docs/contract.md §2–4 (every score, then every mask checked per key, then a two-pass
 // softmax). Inputs of any supported dtype are widened to float64; results are rounded once into
 // the output views. Slow (O(Nq·Nk·D) with no blocking) and meant for tests and small checks.
 void attention_reference(const TensorView& q, const TensorView& k, const TensorView& v,

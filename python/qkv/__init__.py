@@ -10,8 +10,9 @@ tensors that require grad, the functions are differentiable (qkv's fused backwar
 - ``flash_attn_func``, ``flash_attn_varlen_func``: FlashAttention's signatures and layout.
 - ``qkv.nn.MultiheadAttention``: ``torch.nn.MultiheadAttention`` computing with qkv.
 
-Errors are ``ValueError`` (bad shapes or values, with qkv's message naming the argument) or
-``TypeError`` (a dtype qkv does not read).
+Errors are ``qkv.Error`` (bad shapes, dtypes or values, the message naming the argument, the
+expected and the given), which is both a ``ValueError`` and a ``RuntimeError`` (what PyTorch
+raises for the same mistakes), or ``TypeError`` (a dtype qkv does not read).
 """
 from ._functions import (attention, flash_attn_func, flash_attn_varlen_func,
                          scaled_dot_product_attention, simd_target)

@@ -8,7 +8,7 @@ from . import nn as nn
 Array = TypeVar("Array")  # numpy.ndarray or torch.Tensor: results are of the inputs' kind
 Window = Tuple[int, int]
 
-class Error(ValueError):
+class Error(ValueError, RuntimeError):
     """qkv's own error: bad shapes or values, the message naming the argument."""
 
 def simd_target() -> str: ...

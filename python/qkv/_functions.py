@@ -6,6 +6,7 @@ import math
 import numpy as np
 
 from . import _qkv
+from ._qkv import Error
 
 try:
     import torch
@@ -32,7 +33,7 @@ def _numpy_view(x, name):
         return None
     if _is_torch(x):
         if x.device.type != "cpu":
-            raise ValueError(f"{name}: expected a CPU tensor, got one on {x.device}")
+            raise Error(f"{name}: expected a CPU tensor, got one on {x.device}")
         x = x.detach()
         if x.dtype == torch.bfloat16:
             return x.view(torch.int16).numpy().view(np.uint16)
@@ -78,17 +79,19 @@ class _Config:
         self.out_layout = out_layout
 
 
-def _allocate(config, q, k, v, like_torch):
+def _allocate(config, q, k, v, like_torch, saved_lse=False):
     b, nq, hq, _ = q.shape
     nk, dv = k.shape[1], v.shape[3]
     out_dtype, wide = _result_dtypes(v)
+    lse_dtype = torch.float64 if saved_lse else wide
     if config.out_layout == "bhnd":
         out = _empty((b, hq, nq, dv), out_dtype, like_torch)
         out = out.transpose(1, 2) if like_torch else out.swapaxes(1, 2)
     else:
         out = _empty((b, nq, hq, dv), out_dtype, like_torch)
-    # LSE is kept whenever torch may differentiate: the backward recomputes P from it.
-    lse = _empty((b, hq, nq), wide, like_torch) if (config.want_lse or like_torch) else None
+    # LSE is kept whenever torch may differentiate: the backward recomputes P from it, so the
+    # copy kept for it is float64 (a float32 LSE would cost the gradients |LSE|·2^-24).
+    lse = _empty((b, hq, nq), lse_dtype, like_torch) if (config.want_lse or like_torch) else None
     weights = _empty((b, hq, nq, nk), wide, like_torch) if config.want_weights else None
     return out, lse, weights
 
@@ -96,13 +99,14 @@ def _allocate(config, q, k, v, like_torch):
 def _check_rank4(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if len(x.shape) != 4:
-            raise ValueError(f"{name}: expected [B, N, H, D] (rank 4), got shape {tuple(x.shape)}")
+            raise Error(f"{name}: expected [B, N, H, D] (rank 4), got shape {tuple(x.shape)}")
 
 
-def _forward(config, q, k, v, parameters):
-    """O, LSE, P for [B, N, H, D] inputs of one kind (NumPy or torch), without autograd."""
+def _forward(config, q, k, v, parameters, saved_lse=False):
+    """O, LSE, P for [B, N, H, D] inputs of one kind (NumPy or torch), without autograd; with
+    saved_lse, LSE in float64 (torch), as the backward wants it."""
     like_torch = _is_torch(q)
-    out, lse, weights = _allocate(config, q, k, v, like_torch)
+    out, lse, weights = _allocate(config, q, k, v, like_torch, saved_lse)
     options = dict(config.options)
     for name, value in parameters.items():
         options[name] = _numpy_view(value, name)
@@ -119,12 +123,14 @@ if torch is not None:
         @staticmethod
         def forward(ctx, config, q, k, v, w, wq, wk, va, bias):
             parameters = {n: t for n, t in zip(_PARAMETERS, (w, wq, wk, va, bias)) if t is not None}
-            out, lse, weights = _forward(config, q, k, v, parameters)
+            out, lse, weights = _forward(config, q, k, v, parameters, saved_lse=True)
             ctx.config = config
             ctx.save_for_backward(q, k, v, w, wq, wk, va, bias, out, lse)
             if weights is not None:
                 ctx.mark_non_differentiable(weights)
-            return out, lse, weights
+            # The caller's LSE in the public dtype (float32 unless the inputs are float64).
+            returned_lse = lse if v.dtype == torch.float64 else lse.to(torch.float32)
+            return out, returned_lse, weights
 
         @staticmethod
         def backward(ctx, dout, dlse, _dweights):
@@ -212,11 +218,69 @@ def _as_rank4(x, name):
     dimensions (a view when the storage allows it)."""
     shape = tuple(x.shape)
     if len(shape) < 2:
-        raise ValueError(f"{name}: expected [..., N, D] (rank >= 2), got shape {shape}")
+        raise Error(f"{name}: expected [..., N, D] (rank >= 2), got shape {shape}")
     lead = shape[:-3] if len(shape) >= 3 else ()
     heads = shape[-3] if len(shape) >= 3 else 1
     batch = int(np.prod(lead)) if lead else 1
     return x.reshape((batch, heads) + shape[-2:])
+
+
+def _dtype_name(x):
+    return str(x.dtype).replace("torch.", "")
+
+
+def _is_floating(x):
+    if _is_torch(x):
+        return x.is_floating_point()
+    return np.issubdtype(np.asarray(x).dtype, np.floating)
+
+
+def _is_bool(x):
+    return x.dtype == torch.bool if _is_torch(x) else np.asarray(x).dtype == bool
+
+
+def _check_sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
+    """PyTorch's argument checks of scaled_dot_product_attention, one qkv.Error (a ValueError and
+    a RuntimeError, as PyTorch raises) naming the argument, the expected and the given."""
+    shapes = {"query": tuple(query.shape), "key": tuple(key.shape), "value": tuple(value.shape)}
+    for name, shape in shapes.items():
+        if len(shape) < 2:
+            raise Error(f"{name}: expected at least 2 dimensions [..., N, E], got shape {shape}")
+    if not (str(query.dtype) == str(key.dtype) == str(value.dtype)):
+        raise Error(f"query, key, value: expected one dtype, got {_dtype_name(query)}, "
+                    f"{_dtype_name(key)} and {_dtype_name(value)}")
+    q_shape, k_shape, v_shape = shapes["query"], shapes["key"], shapes["value"]
+    if k_shape[-1] != q_shape[-1]:
+        raise Error(f"key: expected the query's last dimension E = {q_shape[-1]}, got shape "
+                    f"{k_shape}")
+    if v_shape[-2] != k_shape[-2] or v_shape[:-2] != k_shape[:-2]:
+        raise Error(f"value: expected [..., S, Ev] with key's leading dimensions and S = "
+                    f"{k_shape[-2]}, got shape {v_shape} (key {k_shape})")
+    if len(k_shape) != len(q_shape) or k_shape[:-3] != q_shape[:-3]:
+        raise Error(f"key: expected the query's batch dimensions {q_shape[:-3]} (rank "
+                    f"{len(q_shape)}), got shape {k_shape}")
+    q_heads = q_shape[-3] if len(q_shape) >= 3 else 1
+    kv_heads = k_shape[-3] if len(k_shape) >= 3 else 1
+    if q_heads != kv_heads and not (enable_gqa and kv_heads > 0 and q_heads % kv_heads == 0):
+        expected = "a divisor of the query's" if enable_gqa else "the query's (or enable_gqa=True)"
+        raise Error(f"key, value: expected {expected} {q_heads} heads, got {kv_heads}")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        raise Error(f"dropout_p: expected a probability in [0, 1), got {dropout_p}")
+    if attn_mask is None:
+        return
+    if is_causal:
+        raise Error("attn_mask, is_causal: expected at most one of them (an explicit attn_mask "
+                    "should not be set when is_causal=True), got both")
+    if not (_is_bool(attn_mask) or _is_floating(attn_mask)):
+        raise Error(f"attn_mask: expected dtype bool or a floating dtype, got "
+                    f"{_dtype_name(attn_mask)}")
+    target = q_shape[:-1] + (k_shape[-2],)
+    mask_shape = tuple(attn_mask.shape)
+    fits = len(mask_shape) <= len(target) and all(
+        m in (1, t) for m, t in zip(reversed(mask_shape), reversed(target)))
+    if not fits:
+        raise Error(f"attn_mask: expected a shape broadcastable to [..., L, S] = {list(target)}, "
+                    f"got {list(mask_shape)}")
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
@@ -229,22 +293,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale defaults to 1/sqrt(E). enable_gqa lets Hq be a multiple of Hk. Returns
     [..., Hq, L, Ev]. Unlike PyTorch, a query that may attend to no key gets 0, not NaN.
     """
-    if attn_mask is not None and is_causal:
-        raise ValueError("attn_mask, is_causal: expected at most one of them, got both")
+    _check_sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa)
     q, k, v = (_as_rank4(x, n) for x, n in ((query, "query"), (key, "key"), (value, "value")))
-    if q.shape[1] != k.shape[1] and not enable_gqa:
-        raise ValueError(f"key: expected {q.shape[1]} heads like query (or enable_gqa=True), "
-                         f"got {k.shape[1]}")
     options = dict(score="scaled_dot", scale=scale, causal=bool(is_causal),
                    causal_align="top-left", dropout=float(dropout_p),
                    dropout_seed=_seed(dropout_p, None))
     parameters = {}
     if attn_mask is not None:
         mask = attn_mask
-        if len(mask.shape) > 4:
-            mask = mask.reshape((-1,) + tuple(mask.shape[-3:]))
-        is_bool = (mask.dtype == torch.bool) if _is_torch(mask) else (np.asarray(mask).dtype == bool)
-        if is_bool:
+        if len(query.shape) > 4 and len(mask.shape) >= 4:
+            # The query's batch dimensions are folded into one: fold the mask's alike, each
+            # broadcast dimension first widened to the query's.
+            full = (1,) * (len(query.shape) - len(mask.shape)) + tuple(mask.shape)
+            widened = tuple(query.shape[:-3]) + full[-3:]
+            mask = (mask.reshape(full).expand(widened) if _is_torch(mask) else
+                    np.broadcast_to(np.reshape(mask, full), widened))
+            mask = mask.reshape((-1,) + full[-3:])
+        if _is_bool(mask):
             options["mask"] = _numpy_view(mask, "attn_mask")
         else:
             parameters["bias"] = mask
@@ -297,15 +362,15 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     starts_q = [int(x) for x in _numpy_view(cu_seqlens_q, "cu_seqlens_q")]
     starts_k = [int(x) for x in _numpy_view(cu_seqlens_k, "cu_seqlens_k")]
     if len(starts_q) != len(starts_k) or len(starts_q) < 1:
-        raise ValueError(f"cu_seqlens_q, cu_seqlens_k: expected the same number (>= 1) of "
+        raise Error(f"cu_seqlens_q, cu_seqlens_k: expected the same number (>= 1) of "
                          f"offsets, got {len(starts_q)} and {len(starts_k)}")
     for name, starts, total, longest in (("cu_seqlens_q", starts_q, q.shape[0], max_seqlen_q),
                                           ("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)):
         lengths = np.diff(starts)
         if starts[0] != 0 or starts[-1] != total or (lengths < 0).any():
-            raise ValueError(f"{name}: expected offsets rising from 0 to {total}, got {starts}")
+            raise Error(f"{name}: expected offsets rising from 0 to {total}, got {starts}")
         if len(lengths) and lengths.max() > longest:
-            raise ValueError(f"{name}: expected sequences of at most {longest} (the max_seqlen), "
+            raise Error(f"{name}: expected sequences of at most {longest} (the max_seqlen), "
                              f"got {lengths.max()}")
     seed = _seed(dropout_p, None)
     outs, lses, probs = [], [], []

@@ -3,7 +3,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-class Error(ValueError): ...
+class Error(ValueError, RuntimeError): ...
 
 def forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, options: Dict[str, Any],
             out: np.ndarray, lse: Optional[np.ndarray] = ...,

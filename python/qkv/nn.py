@@ -8,12 +8,14 @@ v [H, A]). A query that may attend to no key gets zero attention (the output is 
 where PyTorch gives NaN.
 """
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn as _nn
 
 from ._functions import _Config, _run, _seed
+from ._qkv import Error
 
 __all__ = ["MultiheadAttention"]
 
@@ -27,10 +29,10 @@ class MultiheadAttention(_nn.Module):
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None, score="scaled_dot", additive_dim=None):
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
-            raise ValueError(f"embed_dim: expected a positive multiple of num_heads ({num_heads}), "
+            raise Error(f"embed_dim: expected a positive multiple of num_heads ({num_heads}), "
                              f"got {embed_dim}")
         if score not in ("scaled_dot", "bilinear", "additive"):
-            raise ValueError(f"score: expected scaled_dot, bilinear or additive, got '{score}'")
+            raise Error(f"score: expected scaled_dot, bilinear or additive, got '{score}'")
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
@@ -114,6 +116,7 @@ class MultiheadAttention(_nn.Module):
         value [S, N, vdim]; key_padding_mask [N, S] (True = padding) ; attn_mask [L, S] or
         [N·H, L, S], bool (True = not allowed) or float (added); is_causal hides key j > i.
         Returns (output like query, weights [N, L, S'] averaged or [N, H, L, S'], or None)."""
+        attn_mask = self._check_arguments(query, key, value, key_padding_mask, attn_mask)
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -125,9 +128,6 @@ class MultiheadAttention(_nn.Module):
             q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         n, length, _ = q_in.shape
         keys = k_in.shape[1]
-        if v_in.shape[1] != keys or k_in.shape[0] != n or v_in.shape[0] != n:
-            raise ValueError(f"key, value: expected {n} sequences of one length, got key "
-                             f"{tuple(key.shape)} and value {tuple(value.shape)}")
         (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
         q = F.linear(q_in, w_q, b_q)
         k = F.linear(k_in, w_k, b_k)
@@ -174,6 +174,71 @@ class MultiheadAttention(_nn.Module):
             weights = weights.squeeze(0)
         return output, weights
 
+    def _check_arguments(self, query, key, value, key_padding_mask, attn_mask):
+        """torch.nn.MultiheadAttention.forward's own checks, each a qkv.Error naming the argument,
+        the expected and the given (PyTorch raises AssertionError or RuntimeError for these; a
+        qkv.Error is a RuntimeError). Returns attn_mask, a uint8 one turned bool as PyTorch does."""
+        if query.dim() not in (2, 3):
+            raise Error(f"query: expected [L, E] (unbatched) or [L, N, E] (batched; [N, L, E] "
+                        f"with batch_first), got shape {list(query.shape)}")
+        batched = query.dim() == 3
+        if key.dim() != query.dim() or value.dim() != query.dim():
+            raise Error(f"key, value: expected {query.dim()}-D like query, got {key.dim()}-D and "
+                        f"{value.dim()}-D")
+        if not (query.dtype == key.dtype == value.dtype):
+            raise Error(f"query, key, value: expected one dtype, got {query.dtype}, {key.dtype} "
+                        f"and {value.dtype}")
+        weight = self.in_proj_weight if self._qkv_same_embed_dim else self.q_proj_weight
+        if query.dtype != weight.dtype:
+            raise Error(f"query: expected the parameters' dtype {weight.dtype}, got {query.dtype}")
+        for name, x, width, option in (("query", query, self.embed_dim, "embed_dim"),
+                                       ("key", key, self.kdim, "kdim"),
+                                       ("value", value, self.vdim, "vdim")):
+            if x.shape[-1] != width:
+                raise Error(f"{name}: expected a last dimension of {width} ({option}), got shape "
+                            f"{list(x.shape)}")
+        # Sequence and batch dimensions: [L, N] of query, [S, N] of key and value (batch first:
+        # [N, L] and [N, S]; unbatched: [L] and [S]).
+        first = self.batch_first and batched
+        length = query.shape[1] if first else query.shape[0]
+        keys = key.shape[1] if first else key.shape[0]
+        if key.shape[:-1] != value.shape[:-1]:
+            raise Error(f"value: expected the sequence and batch dimensions of key "
+                        f"{list(key.shape[:-1])}, got shape {list(value.shape)}")
+        if batched:
+            n = query.shape[0] if first else query.shape[1]
+            key_n = key.shape[0] if first else key.shape[1]
+            if key_n != n:
+                raise Error(f"key, value: expected the query's batch size {n}, got shape "
+                            f"{list(key.shape)}")
+        if key_padding_mask is not None:
+            expected = [n, keys] if batched else [keys]
+            if key_padding_mask.dtype != torch.bool and not key_padding_mask.is_floating_point():
+                raise Error(f"key_padding_mask: expected dtype bool or a floating dtype, got "
+                            f"{key_padding_mask.dtype}")
+            if list(key_padding_mask.shape) != expected:
+                raise Error(f"key_padding_mask: expected {'[N, S]' if batched else '[S]'} = "
+                            f"{expected}, got {list(key_padding_mask.shape)}")
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.uint8:
+                warnings.warn("Byte tensor for attn_mask in nn.MultiheadAttention is deprecated. "
+                              "Use bool tensor instead.")
+                attn_mask = attn_mask.to(torch.bool)
+            elif attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+                raise Error(f"attn_mask: expected dtype bool, uint8 or a floating dtype, got "
+                            f"{attn_mask.dtype}")
+            heads = (n if batched else 1) * self.num_heads
+            if attn_mask.dim() == 2:
+                expected, layout = [length, keys], "[L, S]"
+            elif attn_mask.dim() == 3:
+                expected, layout = [heads, length, keys], "[N·num_heads, L, S]"
+            else:
+                expected, layout = None, "[L, S] or [N·num_heads, L, S]"
+            if expected is None or list(attn_mask.shape) != expected:
+                shown = f" = {expected}" if expected else ""
+                raise Error(f"attn_mask: expected {layout}{shown}, got {list(attn_mask.shape)}")
+        return attn_mask
+
     def _masks(self, attn_mask, key_padding_mask, n, length, keys, extra):
         """PyTorch's masks as qkv's: (bool mask, True = may attend) and (float bias), each
         broadcastable to [N, H, L, S'], the appended key columns visible and unbiased."""
@@ -185,23 +250,16 @@ class MultiheadAttention(_nn.Module):
             pad = mask.new_full(tuple(mask.shape[:-1]) + (extra,), fill)
             return torch.cat([mask, pad], -1)
 
-        if attn_mask is not None:
+        if attn_mask is not None:  # its shape is checked (_check_arguments)
             if attn_mask.dim() == 2:
                 shaped = attn_mask.reshape(1, 1, length, keys)
-            elif attn_mask.dim() == 3 and attn_mask.shape[0] == n * self.num_heads:
-                shaped = attn_mask.reshape(n, self.num_heads, length, keys)
             else:
-                raise ValueError(f"attn_mask: expected [L, S] = [{length}, {keys}] or [N·H, L, S] = "
-                                 f"[{n * self.num_heads}, {length}, {keys}], got "
-                                 f"{list(attn_mask.shape)}")
+                shaped = attn_mask.reshape(n, self.num_heads, length, keys)
             if attn_mask.dtype == torch.bool:
                 allowed = widen(~shaped, True)
             else:
                 added = widen(shaped, 0.0)
         if key_padding_mask is not None:
-            if tuple(key_padding_mask.shape) != (n, keys):
-                raise ValueError(f"key_padding_mask: expected [N, S] = [{n}, {keys}], got "
-                                 f"{list(key_padding_mask.shape)}")
             shaped = key_padding_mask.reshape(n, 1, 1, keys)
             if key_padding_mask.dtype == torch.bool:
                 visible = widen(~shaped, True)

@@ -140,10 +140,28 @@ void backward(const py::array& q, const py::array& k, const py::array& v, const 
 
 PYBIND11_MODULE(_qkv, m) {
   m.doc() = "qkv's C++ core (private: use the functions of the qkv package)";
-  auto& error = py::register_exception<qkv::Error>(m, "Error", PyExc_ValueError);
-  error.attr("__doc__") =
-      "qkv's own error (a ValueError): bad shapes or values, the message naming the argument, "
-      "what was expected and what came.";
+  // qkv.Error is both a ValueError (a bad argument, Python's convention) and a RuntimeError
+  // (what PyTorch raises for the same mistakes, e.g. attn_mask with is_causal), so that code
+  // written for either catches it.
+  static PyObject* error_type = [] {
+    PyObject* bases = PyTuple_Pack(2, PyExc_ValueError, PyExc_RuntimeError);
+    PyObject* type = PyErr_NewExceptionWithDoc(
+        "qkv.Error",
+        "qkv's own error, a ValueError and a RuntimeError: bad shapes, dtypes or values, the "
+        "message naming the argument, what was expected and what came.",
+        bases, nullptr);
+    Py_DECREF(bases);
+    return type;
+  }();
+  if (error_type == nullptr) throw py::error_already_set();
+  m.add_object("Error", py::handle(error_type));
+  py::register_exception_translator([](std::exception_ptr raised) {
+    try {
+      if (raised) std::rethrow_exception(raised);
+    } catch (const qkv::Error& error) {
+      PyErr_SetString(error_type, error.what());
+    }
+  });
   m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("options"),
         py::arg("out"), py::arg("lse") = py::none(), py::arg("weights") = py::none(),
         "attention_forward into the given arrays (uint16 = bfloat16 bits).");

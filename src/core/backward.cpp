@@ -50,7 +50,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
     lse_view = saved->lse;
   } else {
     out = Tensor(DType::float32, {B, Nq, Hq, Dv});
-    lse = Tensor(DType::float32, {B, Hq, Nq});
+    lse = Tensor(DType::float64, {B, Hq, Nq});  // P is recomputed from it: keep every bit
     attention_forward(q, k, v, options, {out.mutable_view(), lse.mutable_view(), {}});
     out_view = out.view();
     lse_view = lse.view();

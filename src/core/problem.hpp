@@ -48,7 +48,7 @@ struct StridedOutput {
 };
 
 struct AttentionProblem {
-  // Sizes (DESIGN.md §1). additive_dim is A for the additive score, 0 otherwise.
+  // Sizes (docs/contract.md §1). additive_dim is A for the additive score, 0 otherwise.
   std::int64_t batch = 0, q_len = 0, k_len = 0, q_heads = 0, kv_heads = 0;
   std::int64_t q_dim = 0, k_dim = 0, v_dim = 0, additive_dim = 0;
   std::int64_t group_size = 1;  // Hq / Hk: query heads per key/value head

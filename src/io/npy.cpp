@@ -57,7 +57,7 @@ class HeaderParser {
         if (header.shape) fail("'shape' given twice");
         header.shape = parse_shape();
       } else {
-        fail(fmt::format("unexpected key '{}'", key));
+        fail(fmt::format("unexpected key '{}'", io::escaped(key)));
       }
       if (!peek('}')) expect(',');
     }
@@ -149,7 +149,7 @@ DType dtype_from_descr(const std::string& descr, const std::string& what) {
   throw Error(fmt::format(
       "{}: expected dtype '<f4', '<f8', '|b1', '<i4' or '<i8' (little-endian float32, float64, "
       "bool, int32, int64), got '{}'",
-      what, descr));
+      what, io::escaped(descr)));
 }
 
 const char* descr_of(DType dtype) {

@@ -39,7 +39,7 @@ DType dtype_of(const std::string& name, const std::string& what, const std::stri
   }
   throw Error(
       fmt::format("{}: tensor '{}': expected dtype F32, F64, BF16, I32, I64 or BOOL, got '{}'",
-                  what, tensor, name));
+                  what, io::escaped(tensor), io::escaped(name)));
 }
 
 const char* name_of(DType dtype) {
@@ -49,6 +49,11 @@ const char* name_of(DType dtype) {
   return "";
 }
 
+// A header value as ASCII JSON (non-ASCII as \uXXXX), escaped for a message.
+std::string ascii_json(const nlohmann::json& value) {
+  return io::escaped(value.dump(-1, ' ', /*ensure_ascii=*/true));
+}
+
 // A non-negative integer from the header, or an error naming where it was expected.
 std::int64_t header_integer(const nlohmann::json& value, const std::string& what,
                             const std::string& tensor, const char* field) {
@@ -56,7 +61,7 @@ std::int64_t header_integer(const nlohmann::json& value, const std::string& what
       value.get<std::uint64_t>() >
           static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
     throw Error(fmt::format("{}: tensor '{}': expected non-negative integers in \"{}\", got {}",
-                            what, tensor, field, value.dump()));
+                            what, io::escaped(tensor), field, ascii_json(value)));
   }
   return value.get<std::int64_t>();
 }
@@ -108,7 +113,7 @@ NamedTensors read_safetensors(std::istream& in, std::uint64_t stream_bytes,
           return true;
         });
   } catch (const nlohmann::json::exception& error) {
-    throw Error(fmt::format("{}: malformed header: {}", what, error.what()));
+    throw Error(fmt::format("{}: malformed header: {}", what, io::escaped(error.what())));
   }
   if (!header.is_object()) {
     throw Error(fmt::format("{}: malformed header: expected a JSON object, got {}", what,
@@ -119,6 +124,7 @@ NamedTensors read_safetensors(std::istream& in, std::uint64_t stream_bytes,
   const std::uint64_t data_bytes = stream_bytes - 8 - header_bytes;
   std::vector<Entry> entries;
   for (const auto& [name, value] : header.items()) {
+    const std::string shown = io::escaped(name);  // the name as messages show it
     if (name == "__metadata__") {
       if (!value.is_object())
         throw Error(fmt::format("{}: expected \"__metadata__\" to be an object", what));
@@ -129,20 +135,20 @@ NamedTensors read_safetensors(std::istream& in, std::uint64_t stream_bytes,
       throw Error(
           fmt::format("{}: tensor '{}': expected exactly \"dtype\", \"shape\" and "
                       "\"data_offsets\", got {}",
-                      what, name, value.dump()));
+                      what, shown, ascii_json(value)));
     }
     const nlohmann::json& dtype = value["dtype"];
     const nlohmann::json& shape = value["shape"];
     const nlohmann::json& offsets = value["data_offsets"];
     if (!dtype.is_string()) {
-      throw Error(fmt::format("{}: tensor '{}': expected a string \"dtype\", got {}", what, name,
-                              dtype.dump()));
+      throw Error(fmt::format("{}: tensor '{}': expected a string \"dtype\", got {}", what, shown,
+                              ascii_json(dtype)));
     }
     if (!shape.is_array() || !offsets.is_array() || offsets.size() != 2) {
       throw Error(
           fmt::format("{}: tensor '{}': expected \"shape\" [d, …] and \"data_offsets\" [begin, "
                       "end], got {} and {}",
-                      what, name, shape.dump(), offsets.dump()));
+                      what, shown, ascii_json(shape), ascii_json(offsets)));
     }
     Entry entry{name, dtype_of(dtype.get<std::string>(), what, name), {}, 0, 0};
     for (const nlohmann::json& extent : shape)
@@ -151,16 +157,16 @@ NamedTensors read_safetensors(std::istream& in, std::uint64_t stream_bytes,
         static_cast<std::uint64_t>(header_integer(offsets[0], what, name, "data_offsets"));
     entry.end = static_cast<std::uint64_t>(header_integer(offsets[1], what, name, "data_offsets"));
     const auto count = static_cast<std::uint64_t>(checked_numel(
-        entry.shape, dtype_size(entry.dtype), fmt::format("{}: tensor '{}'", what, name)));
+        entry.shape, dtype_size(entry.dtype), fmt::format("{}: tensor '{}'", what, shown)));
     if (entry.begin > entry.end || entry.end > data_bytes) {
       throw Error(
           fmt::format("{}: tensor '{}': expected data_offsets within the {} bytes of data, got "
                       "[{}, {}]",
-                      what, name, data_bytes, entry.begin, entry.end));
+                      what, shown, data_bytes, entry.begin, entry.end));
     }
     if (entry.end - entry.begin != count * dtype_size(entry.dtype)) {
-      throw Error(fmt::format("{}: tensor '{}': expected {} bytes for {} {}, got {}", what, name,
-                              count * dtype_size(entry.dtype), dtype.get<std::string>(),
+      throw Error(fmt::format("{}: tensor '{}': expected {} bytes for {} {}, got {}", what, shown,
+                              count * dtype_size(entry.dtype), name_of(entry.dtype),
                               fmt::format("[{}]", fmt::join(entry.shape, ", ")),
                               entry.end - entry.begin));
     }
@@ -175,8 +181,9 @@ NamedTensors read_safetensors(std::istream& in, std::uint64_t stream_bytes,
   for (const Entry& entry : entries) {
     if (entry.begin != covered) {
       throw Error(fmt::format(
-          "{}: tensor '{}': expected its data to start at byte {} ({}), got {}", what, entry.name,
-          covered, entry.begin < covered ? "it overlaps the tensor before it" : "no holes allowed",
+          "{}: tensor '{}': expected its data to start at byte {} ({}), got {}", what,
+          io::escaped(entry.name), covered,
+          entry.begin < covered ? "it overlaps the tensor before it" : "no holes allowed",
           entry.begin));
     }
     covered = entry.end;
@@ -192,7 +199,8 @@ NamedTensors read_safetensors(std::istream& in, std::uint64_t stream_bytes,
     Tensor tensor(entry.dtype, entry.shape);
     in.read(static_cast<char*>(tensor.raw()), static_cast<std::streamsize>(tensor.nbytes()));
     if (static_cast<std::uint64_t>(in.gcount()) != tensor.nbytes()) {
-      throw Error(fmt::format("{}: tensor '{}': the file ended early", what, entry.name));
+      throw Error(
+          fmt::format("{}: tensor '{}': the file ended early", what, io::escaped(entry.name)));
     }
     tensors.emplace(entry.name, std::move(tensor));
   }

@@ -22,4 +22,20 @@ UntrustedFile open_untrusted_file(const std::string& path, const char* kind) {
   return file;
 }
 
+std::string escaped(std::string_view untrusted) {
+  std::string text;
+  text.reserve(untrusted.size());
+  for (const char c : untrusted) {
+    const auto byte = static_cast<unsigned char>(c);
+    if (byte == '\\') {
+      text += "\\\\";
+    } else if (byte >= 0x20 && byte < 0x7f) {
+      text += c;
+    } else {
+      text += fmt::format("\\x{:02x}", byte);
+    }
+  }
+  return text;
+}
+
 }  // namespace qkv::io

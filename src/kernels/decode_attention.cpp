@@ -130,9 +130,12 @@ class DecodeKernel {
   void Run() const {
     const std::int64_t items = p_.batch * chunks_;
     // Partial results of every item: O_c [Hk·R, Dv] and LSE_c [Hk·R].
-    thread_local ReusedBuffer partial_buffers[2];  // the calling thread's, kept between calls
+    thread_local ReusedBuffer partial_buffers[1];  // the calling thread's, kept between calls
     float* partial_out = partial_buffers[0].Get(items * item_rows_ * p_.v_dim);
-    float* partial_lse = partial_buffers[1].Get(items * item_rows_);
+    // LSE_c in double (m_c + log l_c): a float32 LSE_c would round at |LSE_c|·2⁻²⁴.
+    thread_local std::vector<double> partial_lse_buffer;
+    partial_lse_buffer.resize(static_cast<std::size_t>(items * item_rows_));
+    double* partial_lse = partial_lse_buffer.data();
 #pragma omp parallel num_threads(worker_threads(p_))
     {
       Scratch scratch(*this);
@@ -142,19 +145,19 @@ class DecodeKernel {
                      partial_lse + item * item_rows_, scratch);
       }
       // 3'. Merge the chunks of each (batch, row).
-      std::vector<float> weights(static_cast<std::size_t>(chunks_));
+      std::vector<double> weights(static_cast<std::size_t>(chunks_));
 #pragma omp for schedule(static)
       for (std::int64_t row = 0; row < p_.batch * item_rows_; ++row) {
         const std::int64_t b = row / item_rows_, r = row % item_rows_;
         const std::int64_t h = HeadOf(r), i = PositionOf(r);
         const std::int64_t first_item = b * chunks_;
-        const float lse = detail::merge_row<float>(
+        const double lse = detail::merge_row<double>(
             weights, p_.v_dim,
             [&](std::int64_t c) { return partial_lse[(first_item + c) * item_rows_ + r]; },
             [&](std::int64_t c, std::int64_t d) {
               return partial_out[((first_item + c) * item_rows_ + r) * p_.v_dim + d];
             },
-            [&](std::int64_t d, float value) { p_.out.store(value, b, i, h, d); });
+            [&](std::int64_t d, double value) { p_.out.store(value, b, i, h, d); });
         if (p_.lse.present) p_.lse.store(lse, b, h, i);
       }
     }
@@ -186,7 +189,7 @@ class DecodeKernel {
     std::vector<std::int64_t> first, last;  // visible key ranges
   };
 
-  void ComputeChunk(std::int64_t b, std::int64_t chunk, float* out, float* lse, Scratch& s) const {
+  void ComputeChunk(std::int64_t b, std::int64_t chunk, float* out, double* lse, Scratch& s) const {
     constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
     const FloatTag d;
     const std::int64_t dim = o_.score_dim;
@@ -269,7 +272,8 @@ class DecodeKernel {
       for (std::int64_t e = 0; e < p_.v_dim; ++e) {
         out[r * p_.v_dim + e] = s.accumulator[static_cast<std::size_t>(r * p_.v_dim + e)] * inverse;
       }
-      lse[r] = empty ? kMinusInfinity : s.row_max[r] + std::log(s.row_sum[r]);
+      lse[r] = empty ? -std::numeric_limits<double>::infinity()
+                     : static_cast<double>(s.row_max[r]) + std::log(double{s.row_sum[r]});
     }
   }
 

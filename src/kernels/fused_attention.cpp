@@ -22,8 +22,9 @@
 //           l = α·l + Σ P;
 //        d. O_acc = α·O_acc + P·V: a 4 × (4 vectors) register tile per step over the keys, V rows
 //           loaded once per 4 rows.
-//   3. O = O_acc / l, LSE = m + log l; rows that saw no key get O = 0 and LSE = -inf. When the
-//      weights are requested, a second walk recomputes S and writes P = e^(S − LSE).
+//   3. O = O_acc / l, LSE = m + log l (in double); rows that saw no key get O = 0 and LSE = -inf.
+//      When the weights are requested, a second walk recomputes S and writes P = e^(S − LSE),
+//      LSE subtracted as two floats (its high and low parts).
 //
 // Cost per tile and 4-row block: 2·4·kKeyTile·(D + Dv) flops on data that stays in L1/L2 (a key
 // tile and a value tile are 32 KiB each at D = Dv = 64 on AVX-512, kKeyTile = 128). The exp work
@@ -130,6 +131,7 @@ class FusedKernel {
         p_pairs = reinterpret_cast<std::uint32_t*>(buffers[5].Get(k.rows_ * k.key_tile_ / 2));
       }
       row_max.resize(static_cast<std::size_t>(k.rows_));
+      lse_low.resize(static_cast<std::size_t>(k.rows_));
       correction.resize(static_cast<std::size_t>(k.rows_));
       first.resize(static_cast<std::size_t>(k.rows_));
       last.resize(static_cast<std::size_t>(k.rows_));
@@ -141,6 +143,7 @@ class FusedKernel {
     std::uint32_t* q_pairs = nullptr;  // bf16 mode: [rows, ⌈D/2⌉] query pairs (unscaled)
     std::uint32_t* p_pairs = nullptr;  // bf16 mode: [rows, kKeyTile/2] weight pairs
     std::vector<float> row_max, correction;
+    std::vector<float> lse_low;  // after step 3: LSE − row_max, row_max then holding float(LSE)
     std::vector<std::int64_t> first, last;  // each row's visible key range
   };
 
@@ -223,10 +226,14 @@ class FusedKernel {
       const float* accumulator = s.accumulator + r * v_stride_;
       for (std::int64_t d = 0; d < p_.v_dim; ++d)
         p_.out.store(accumulator[d] * inverse, b, i, h, d);
-      const float lse =
-          empty ? -std::numeric_limits<float>::infinity() : s.row_max[r] + std::log(row_sum);
+      // LSE in double: m is one of the scores, exact; log l is small. A float32 LSE would round
+      // at |LSE|·2⁻²⁴, which for logits of ±1e4 is far more than the weights' own error.
+      const double lse = empty ? -std::numeric_limits<double>::infinity()
+                               : static_cast<double>(s.row_max[r]) + std::log(double{row_sum});
       if (p_.lse.present) p_.lse.store(lse, b, h, i);
-      s.row_max[r] = lse;  // kept for the weights pass
+      // Kept for the weights pass as two floats, lse_high + lse_low = LSE to about 2⁻⁴⁸·|LSE|.
+      s.row_max[r] = static_cast<float>(lse);
+      s.lse_low[r] = empty ? 0.0f : static_cast<float>(lse - static_cast<double>(s.row_max[r]));
     }
     if (p_.weights.present) WriteWeights(b, kh, i0, positions, s);
   }
@@ -415,26 +422,42 @@ class FusedKernel {
     }
     const std::int64_t dim = o_.score_dim;
     const float* q = s.q_tile + r0 * dim;
-    for (std::int64_t e = 0; e < dim; ++e) {
-      const float* k_row = k + e * key_tile_ + c0 * lanes_;
-      V keys[kTileVectors];
-      for (int c = 0; c < kTileVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
-      for (int r = 0; r < kRows; ++r) {
-        const V query = hn::Set(d, q[r * dim + e]);
-        if constexpr (kAdditive) {
-          const V weight = hn::Set(d, v_of_row[r][e]);
-          for (int c = 0; c < kTileVectors; ++c) {
-            acc[r][c] = hn::MulAdd(weight, hn::Tanh(d, hn::Add(query, keys[c])), acc[r][c]);
+    // The dot score sums over D in blocks of kScoreDepthBlock (operands.hpp), as the backward
+    // does; the additive score's sum over A stays one sequential sum, as its backward's.
+    const std::int64_t depth_block = kAdditive ? std::max<std::int64_t>(dim, 1) : kScoreDepthBlock;
+    std::int64_t e0 = 0;
+    do {
+      const std::int64_t e1 = std::min(dim, e0 + depth_block);
+      if (e0 > 0) {
+        for (int r = 0; r < kRows; ++r)
+          for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::Zero(d);
+      }
+      for (std::int64_t e = e0; e < e1; ++e) {
+        const float* k_row = k + e * key_tile_ + c0 * lanes_;
+        V keys[kTileVectors];
+        for (int c = 0; c < kTileVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
+        for (int r = 0; r < kRows; ++r) {
+          const V query = hn::Set(d, q[r * dim + e]);
+          if constexpr (kAdditive) {
+            const V weight = hn::Set(d, v_of_row[r][e]);
+            for (int c = 0; c < kTileVectors; ++c) {
+              acc[r][c] = hn::MulAdd(weight, hn::Tanh(d, hn::Add(query, keys[c])), acc[r][c]);
+            }
+          } else {
+            for (int c = 0; c < kTileVectors; ++c)
+              acc[r][c] = hn::MulAdd(query, keys[c], acc[r][c]);
           }
-        } else {
-          for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::MulAdd(query, keys[c], acc[r][c]);
         }
       }
-    }
-    for (int r = 0; r < kRows; ++r) {
-      float* out = s.scores + (r0 + r) * key_tile_ + c0 * lanes_;
-      for (int c = 0; c < kTileVectors; ++c) hn::Store(acc[r][c], d, out + c * lanes_);
-    }
+      for (int r = 0; r < kRows; ++r) {
+        float* out = s.scores + (r0 + r) * key_tile_ + c0 * lanes_;
+        for (int c = 0; c < kTileVectors; ++c) {
+          float* lane_out = out + c * lanes_;
+          hn::Store(e0 > 0 ? hn::Add(hn::Load(d, lane_out), acc[r][c]) : acc[r][c], d, lane_out);
+        }
+      }
+      e0 = e1;
+    } while (e0 < dim);
   }
 
   // 2b. Everything after the product, for one row of one tile; returns whether any key of the
@@ -579,7 +602,9 @@ class FusedKernel {
     }
   }
 
-  // 3'. P = e^(S − LSE) with the same products and masks as the forward walk; row_max holds LSE.
+  // 3'. P = e^((S − LSE_high) − LSE_low) with the same products and masks as the forward walk
+  // (row_max holds LSE_high = float(LSE), lse_low the rest). S − LSE_high is exact wherever P is
+  // not negligible (Sterbenz), so P is as precise as a softmax that subtracts the row's maximum.
   void WriteWeights(std::int64_t b, std::int64_t kh, std::int64_t i0, std::int64_t positions,
                     Scratch& s) const {
     for (std::int64_t r = 0; r < rows_; ++r) {
@@ -608,9 +633,10 @@ class FusedKernel {
           if (!MaskRow(b, kh, i0, row, start, count, s)) continue;
           if (s.row_max[row] == -std::numeric_limits<float>::infinity()) continue;
           float* scores = s.scores + row * key_tile_;
-          const auto lse = hn::Set(d, s.row_max[row]);
+          const auto lse_high = hn::Set(d, s.row_max[row]), lse_low = hn::Set(d, s.lse_low[row]);
           for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
-            hn::Store(hn::Exp(d, hn::Sub(hn::Load(d, scores + t), lse)), d, scores + t);
+            const auto shifted = hn::Sub(hn::Sub(hn::Load(d, scores + t), lse_high), lse_low);
+            hn::Store(hn::Exp(d, shifted), d, scores + t);
           }
           if (dropout_.active()) DropoutRow(b, kh, i0, row, start, {0, count}, s);
           const std::int64_t h = HeadOf(kh, row), i = i0 + row % positions_;

@@ -15,7 +15,8 @@
 // same for any thread count. For each key block, for each query head of the group, for each
 // block of 64 query rows that can see some of the keys:
 //   1. S = Q·Kᵀ (a 64 × 64 tile: Kᵀ packed so the keys run along the vector lanes);
-//   2. the forward's options on S (soft cap, ALiBi, bias, masks), then P = e^(S − LSE);
+//   2. the forward's options on S (soft cap, ALiBi, bias, masks), then P = e^(S − LSE), LSE
+//      subtracted as its float32 high part and the rest (a float64 saved LSE loses nothing);
 //   3. dP = dO·Vᵀ (Vᵀ packed the same way);
 //   4. dS = P ∘ (dP − Δ), with dropout, the bias gradient and the cap's derivative;
 //   5. dV += (P∘M)ᵀ·dO,  dK += dSᵀ·Q,  dQ += dS·K.
@@ -42,6 +43,7 @@
 
 #include "core/backward_arguments.hpp"
 #include "core/dropout.hpp"
+#include "kernels/decode_attention.hpp"
 #include "kernels/fused_backward.hpp"
 #include "kernels/operands.hpp"
 #include "kernels/simd_dispatch.hpp"
@@ -67,66 +69,90 @@ struct Broadcast {
   std::int64_t row_step, column_step;
 };
 
-// C[m, 0 : kVectors·lanes) (+)= Σ_k A(m, k) · B[k, same columns], for the kRows rows m0 …
+// C[m, 0 : kVectors·lanes) (+)= Σ_k A(m, k) · B[k, same columns], for the kRows rows m0 … .
+// The sum over k runs in blocks of depth_block: each block is summed from zero and then added to
+// C (depth_block ≥ depth: one sequential sum, continuing C's when accumulating). S = Q·Kᵀ uses
+// blocks of kScoreDepthBlock, as the forward does, so both round every score the same way.
 template <int kRows, int kVectors>
 void GemmTile(Broadcast a, std::int64_t m0, const float* b, std::int64_t ldb, float* c,
-              std::int64_t ldc, std::int64_t depth, bool accumulate) {
+              std::int64_t ldc, std::int64_t depth, bool accumulate, std::int64_t depth_block) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  Vec acc[kRows][kVectors];
-  for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVectors; ++v) {
-      acc[r][v] = accumulate ? hn::LoadU(d, c + (m0 + r) * ldc + v * lanes) : hn::Zero(d);
-    }
-  }
+  const bool continue_c = accumulate && depth_block >= depth;
   const float* a_row = a.data + m0 * a.row_step;
-  for (std::int64_t k = 0; k < depth; ++k) {
-    Vec columns[kVectors];
-    for (int v = 0; v < kVectors; ++v) columns[v] = hn::LoadU(d, b + k * ldb + v * lanes);
+  std::int64_t k0 = 0;
+  do {
+    const std::int64_t k1 = std::min(depth, k0 + depth_block);
+    Vec acc[kRows][kVectors];
     for (int r = 0; r < kRows; ++r) {
-      const Vec element = hn::Set(d, a_row[r * a.row_step + k * a.column_step]);
-      for (int v = 0; v < kVectors; ++v) acc[r][v] = hn::MulAdd(element, columns[v], acc[r][v]);
+      for (int v = 0; v < kVectors; ++v) {
+        acc[r][v] = continue_c ? hn::LoadU(d, c + (m0 + r) * ldc + v * lanes) : hn::Zero(d);
+      }
     }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    for (int v = 0; v < kVectors; ++v) hn::StoreU(acc[r][v], d, c + (m0 + r) * ldc + v * lanes);
-  }
+    for (std::int64_t k = k0; k < k1; ++k) {
+      Vec columns[kVectors];
+      for (int v = 0; v < kVectors; ++v) columns[v] = hn::LoadU(d, b + k * ldb + v * lanes);
+      for (int r = 0; r < kRows; ++r) {
+        const Vec element = hn::Set(d, a_row[r * a.row_step + k * a.column_step]);
+        for (int v = 0; v < kVectors; ++v) acc[r][v] = hn::MulAdd(element, columns[v], acc[r][v]);
+      }
+    }
+    const bool onto_c = !continue_c && (accumulate || k0 > 0);
+    for (int r = 0; r < kRows; ++r) {
+      for (int v = 0; v < kVectors; ++v) {
+        float* out = c + (m0 + r) * ldc + v * lanes;
+        hn::StoreU(onto_c ? hn::Add(hn::LoadU(d, out), acc[r][v]) : acc[r][v], d, out);
+      }
+    }
+    k0 = k1;
+  } while (k0 < depth);
 }
 
 template <int kVectors>
 void GemmRows(Broadcast a, std::int64_t m0, std::int64_t rows, const float* b, std::int64_t ldb,
-              float* c, std::int64_t ldc, std::int64_t depth, bool accumulate) {
+              float* c, std::int64_t ldc, std::int64_t depth, bool accumulate,
+              std::int64_t depth_block) {
   switch (rows) {
     case 4:
-      GemmTile<4, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate);
+      GemmTile<4, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
       break;
     case 3:
-      GemmTile<3, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate);
+      GemmTile<3, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
       break;
     case 2:
-      GemmTile<2, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate);
+      GemmTile<2, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
       break;
     default:
-      GemmTile<1, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate);
+      GemmTile<1, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
       break;
   }
 }
 
+// How a product sums over its depth (see GemmTile).
+enum class DepthOrder {
+  sequential,  // one running sum: dP, dV, dK, dQ
+  scores,      // blocks of kScoreDepthBlock, exactly as the forward's S
+};
+
 // C[m, n] (+)= Σ_{k < depth} A(m, k) · B[k, n] for m < rows, n < columns (a multiple of the
 // lanes): register tiles of kTileRows × kTileVectors, the last columns a vector at a time. The
-// sum over k runs in order, so a result does not depend on how the work was split.
+// sum over k runs in a fixed order, so a result does not depend on how the work was split.
 void Gemm(std::int64_t rows, std::int64_t columns, std::int64_t depth, Broadcast a, const float* b,
-          std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate) {
+          std::int64_t ldb, float* c, std::int64_t ldc, bool accumulate,
+          DepthOrder order = DepthOrder::sequential) {
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(FloatTag()));
+  const std::int64_t depth_block =
+      order == DepthOrder::scores ? kScoreDepthBlock : std::max<std::int64_t>(depth, 1);
   for (std::int64_t n0 = 0; n0 < columns; n0 += kTileVectors * lanes) {
     const bool whole = columns - n0 >= kTileVectors * lanes;
     for (std::int64_t m0 = 0; m0 < rows; m0 += kTileRows) {
       const std::int64_t block = std::min<std::int64_t>(kTileRows, rows - m0);
       if (whole) {
-        GemmRows<kTileVectors>(a, m0, block, b + n0, ldb, c + n0, ldc, depth, accumulate);
+        GemmRows<kTileVectors>(a, m0, block, b + n0, ldb, c + n0, ldc, depth, accumulate,
+                               depth_block);
       } else {
         for (std::int64_t n = n0; n < columns; n += lanes) {
-          GemmRows<1>(a, m0, block, b + n, ldb, c + n, ldc, depth, accumulate);
+          GemmRows<1>(a, m0, block, b + n, ldb, c + n, ldc, depth, accumulate, depth_block);
         }
       }
     }
@@ -147,6 +173,76 @@ class BackwardKernel {
     // derivative.
     after_cap_ = p_;
     after_cap_.softcap = 0.0;
+  }
+
+  // The row statistics from this kernel's own S and P, for the rows that see a key (rows whose
+  // saved LSE is -inf see none and keep it), in place of the saved LSE and of dO·O:
+  //   pass 1: LSE by the forward's online max and sum, stored as lse_high + lse_low;
+  //   pass 2: Δ = Σ_j P_ij dP_ij − dLSE_i (dlse: [B, Hq, Nq] or null) with P from step 2 itself,
+  // so that Σ_j dS_ij = 0 holds for the very P and dP that steps 2–4 compute. The same products
+  // and options as steps 1–3 (S by row dot products: only such problems re-derive); work items:
+  // (batch, query head, block of 64 rows).
+  void RederiveRowStatistics(float* lse_high, float* lse_low, float* delta,
+                             const float* dlse) const {
+    const FloatTag d;
+    const std::int64_t query_blocks = (p_.q_len + kBlock - 1) / kBlock;
+    const std::int64_t items = p_.batch * p_.q_heads * query_blocks;
+#pragma omp parallel num_threads(worker_threads(p_))
+    {
+      Scratch s(o_);
+      float row_max[kBlock], row_sum[kBlock];
+      double row_dot[kBlock];
+#pragma omp for schedule(dynamic)
+      for (std::int64_t item = 0; item < items; ++item) {
+        const std::int64_t i0 = item % query_blocks * kBlock;
+        const std::int64_t h = item / query_blocks % p_.q_heads;
+        const std::int64_t b = item / (query_blocks * p_.q_heads);
+        const std::int64_t hv = p_.kv_head(h);
+        const std::int64_t rows = std::min(kBlock, p_.q_len - i0);
+        const std::int64_t first_row = (b * p_.q_heads + h) * p_.q_len + i0;
+        std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
+        std::fill(row_sum, row_sum + rows, 0.0f);
+        std::fill(row_dot, row_dot + rows, 0.0);
+        for (int pass = 1; pass <= 2; ++pass) {
+          for (std::int64_t j0 = 0; j0 < p_.k_len; j0 += kBlock) {
+            const std::int64_t keys = std::min(kBlock, p_.k_len - j0);
+            if (!FindVisible(b, h, i0, rows, j0, keys, s)) continue;
+            Scores(QRow(b, h, i0), rows, KRow(b, KeyHead(h), j0), keys, s);
+            if (pass == 1) {
+              for (std::int64_t r = 0; r < rows; ++r)
+                OnlineSoftmaxSum(b, h, i0, r, j0, row_max, row_sum, s);
+              continue;
+            }
+            PackTransposed(o_.v + ((b * p_.kv_heads + hv) * p_.k_len + j0) * o_.value_stride,
+                           o_.value_stride, keys, p_.v_dim, s.values_t);
+            Gemm(rows, kBlock, p_.v_dim, {DoutRow(b, h, i0), o_.value_stride, 1}, s.values_t,
+                 kBlock, s.d_scores, kBlock, false);
+            for (std::int64_t r = 0; r < rows; ++r) {
+              Probabilities(b, h, i0 + r, r, j0, s);
+              const float* weights = s.scores + r * kBlock;
+              const float* d_weights = s.d_scores + r * kBlock;
+              Vec dot = hn::Zero(d);
+              for (std::int64_t t = 0; t < kBlock; t += lanes_)
+                dot = hn::MulAdd(hn::LoadU(d, weights + t), hn::LoadU(d, d_weights + t), dot);
+              row_dot[r] += hn::GetLane(hn::SumOfLanes(d, dot));
+            }
+          }
+          if (pass == 2) break;
+          for (std::int64_t r = 0; r < rows; ++r) {  // LSE, before pass 2 reads it
+            if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
+            const double lse = static_cast<double>(row_max[r]) + std::log(double{row_sum[r]});
+            lse_high[first_row + r] = static_cast<float>(lse);
+            lse_low[first_row + r] =
+                static_cast<float>(lse - static_cast<double>(lse_high[first_row + r]));
+          }
+        }
+        for (std::int64_t r = 0; r < rows; ++r) {
+          if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
+          delta[first_row + r] =
+              static_cast<float>(row_dot[r] - (dlse ? dlse[first_row + r] : 0.0f));
+        }
+      }
+    }
   }
 
   void Run() const {
@@ -216,7 +312,8 @@ class BackwardKernel {
       for (std::int64_t g = 0; g < group_; ++g) {
         const std::int64_t h = hv * group_ + g, kh = KeyHead(h);
         if (kh != packed_key_head) {
-          PackTransposed(KRow(b, kh, j0), o_.score_stride, keys, o_.score_dim, s.keys_t);
+          if (!o_.row_dot_scores)
+            PackTransposed(KRow(b, kh, j0), o_.score_stride, keys, o_.score_dim, s.keys_t);
           packed_key_head = kh;
         }
         if (o_.additive) std::fill(s.d_keys_t, s.d_keys_t + o_.score_dim * kBlock, 0.0f);
@@ -253,7 +350,8 @@ class BackwardKernel {
     for (std::int64_t r = 0; r < rows; ++r) {
       std::int64_t first = 0, last = 0;
       const std::int64_t i = i0 + r;
-      if (o_.lse[(b * p_.q_heads + h) * p_.q_len + i] != -std::numeric_limits<float>::infinity()) {
+      if (o_.lse_high[(b * p_.q_heads + h) * p_.q_len + i] !=
+          -std::numeric_limits<float>::infinity()) {
         visible_key_range(p_, b, i, first, last);
       }
       s.first[r] = std::clamp<std::int64_t>(first - j0, 0, keys);
@@ -274,7 +372,7 @@ class BackwardKernel {
     if (o_.additive) {
       AdditiveScores(q, rows, h, s);
     } else {
-      Gemm(rows, kBlock, o_.score_dim, {q, ss, 1}, s.keys_t, kBlock, s.scores, kBlock, false);
+      Scores(q, rows, KRow(b, kh, j0), keys, s);
     }
     // 2. The options, then P.
     for (std::int64_t r = 0; r < rows; ++r) Probabilities(b, h, i0 + r, r, j0, s);
@@ -295,17 +393,80 @@ class BackwardKernel {
     Gemm(rows, ss, keys, {s.d_scores, kBlock, 1}, KRow(b, kh, j0), ss, dq, ss, true);
   }
 
-  // 2. Row r of the tile: soft cap (keeping tanh), the other options and -inf outside the row's
-  // keys, then P = e^(s − LSE) with the forward's exp.
+  // 1. S [rows, 64] of the query rows q (stride ss) against the block's keys: the register-tiled
+  // product over the packed Kᵀ, summed over D in blocks exactly as the forward's; or, for a
+  // problem with few query rows (row_dot_scores), each score one dot product of the rows of q and
+  // k in vector lanes and then across them — the order of a BLAS matrix-vector product, which
+  // rounds a peaked row's scores 2–4× less than blocks of 16 (keys past `count` score 0).
+  void Scores(const float* q, std::int64_t rows, const float* keys, std::int64_t count,
+              Scratch& s) const {
+    const std::int64_t ss = o_.score_stride;
+    if (!o_.row_dot_scores) {
+      Gemm(rows, kBlock, o_.score_dim, {q, ss, 1}, s.keys_t, kBlock, s.scores, kBlock, false,
+           DepthOrder::scores);
+      return;
+    }
+    const FloatTag d;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      const float* query = q + r * ss;
+      float* scores = s.scores + r * kBlock;
+      for (std::int64_t t = 0; t < count; ++t) {
+        const float* key = keys + t * ss;
+        Vec sum = hn::Zero(d);
+        for (std::int64_t e = 0; e < ss; e += lanes_)
+          sum = hn::MulAdd(hn::LoadU(d, query + e), hn::LoadU(d, key + e), sum);
+        scores[t] = hn::GetLane(hn::SumOfLanes(d, sum));
+      }
+      std::fill(scores + count, scores + kBlock, 0.0f);
+    }
+  }
+
+  // Pass 1 of RederiveRowStatistics on row r of the tile of S: the options, then the online max
+  // m and sum l of e^(s − m), as the forward keeps them.
+  void OnlineSoftmaxSum(std::int64_t b, std::int64_t h, std::int64_t i0, std::int64_t r,
+                        std::int64_t j0, float* row_max, float* row_sum, Scratch& s) const {
+    const FloatTag d;
+    if (!ScoreOptions(b, h, i0 + r, r, j0, s)) return;
+    const float* scores = s.scores + r * kBlock;
+    Vec maximum = hn::Set(d, -std::numeric_limits<float>::infinity());
+    for (std::int64_t t = 0; t < kBlock; t += lanes_)
+      maximum = hn::Max(maximum, hn::LoadU(d, scores + t));
+    const float new_max = std::max(row_max[r], hn::GetLane(hn::MaxOfLanes(d, maximum)));
+    if (new_max == -std::numeric_limits<float>::infinity()) return;
+    Vec sum = hn::Zero(d);
+    for (std::int64_t t = 0; t < kBlock; t += lanes_)
+      sum = hn::Add(sum, hn::Exp(d, hn::Sub(hn::LoadU(d, scores + t), hn::Set(d, new_max))));
+    row_sum[r] = row_sum[r] * std::exp(row_max[r] - new_max) + hn::GetLane(hn::SumOfLanes(d, sum));
+    row_max[r] = new_max;
+  }
+
+  // 2. Row r of the tile: the options on S (ScoreOptions), then P = e^(s − LSE) with the
+  // forward's exp.
   void Probabilities(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t r,
                      std::int64_t j0, Scratch& s) const {
     const FloatTag d;
     float* scores = s.scores + r * kBlock;
-    const std::int64_t from = s.first[r], to = s.last[r];
-    if (from >= to) {
+    if (!ScoreOptions(b, h, i, r, j0, s)) {
       std::fill(scores, scores + kBlock, 0.0f);
       return;
     }
+    // (s − LSE_high) is exact wherever P matters (Sterbenz); LSE_low then adds what float32
+    // rounded off LSE, so large logits (±100, soft caps of 50) lose nothing to the LSE.
+    const std::int64_t row = (b * p_.q_heads + h) * p_.q_len + i;
+    const Vec lse_high = hn::Set(d, o_.lse_high[row]), lse_low = hn::Set(d, o_.lse_low[row]);
+    for (std::int64_t t = 0; t < kBlock; t += lanes_) {
+      const Vec shifted = hn::Sub(hn::Sub(hn::LoadU(d, scores + t), lse_high), lse_low);
+      hn::StoreU(hn::Exp(d, shifted), d, scores + t);
+    }
+  }
+
+  // Row r of the tile of S: soft cap (keeping tanh), the other options, and -inf outside the
+  // row's keys. Returns false (and leaves S alone) when the row sees none of the block.
+  bool ScoreOptions(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t r, std::int64_t j0,
+                    Scratch& s) const {
+    float* scores = s.scores + r * kBlock;
+    const std::int64_t from = s.first[r], to = s.last[r];
+    if (from >= to) return false;
     if (o_.softcap) {
       const auto cap = static_cast<float>(p_.softcap);
       float* capped = s.capped + r * kBlock;
@@ -317,10 +478,7 @@ class BackwardKernel {
     apply_score_options(after_cap_, b, h, i, j0 + from, to - from, scores + from);
     std::fill(scores, scores + from, -std::numeric_limits<float>::infinity());
     std::fill(scores + to, scores + kBlock, -std::numeric_limits<float>::infinity());
-    const Vec lse = hn::Set(d, o_.lse[(b * p_.q_heads + h) * p_.q_len + i]);
-    for (std::int64_t t = 0; t < kBlock; t += lanes_) {
-      hn::StoreU(hn::Exp(d, hn::Sub(hn::LoadU(d, scores + t), lse)), d, scores + t);
-    }
+    return true;
   }
 
   // 4. Row r: dS = P (M·dP − Δ) from dP, and P∘M in place of P; the bias gradient takes dS
@@ -427,6 +585,11 @@ void FusedBackward(const BackwardOperands& operands) {
   BackwardKernel(operands).Run();
 }
 
+void RederiveRowStatistics(const BackwardOperands& operands, float* lse_high, float* lse_low,
+                           float* delta, const float* dlse) {
+  BackwardKernel(operands).RederiveRowStatistics(lse_high, lse_low, delta, dlse);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace qkv::kernels
 HWY_AFTER_NAMESPACE();
@@ -435,13 +598,14 @@ HWY_AFTER_NAMESPACE();
 namespace qkv::kernels {
 
 HWY_EXPORT(FusedBackward);
+HWY_EXPORT(RederiveRowStatistics);
 
 namespace {
 
 // The calling thread's buffers, one per role, kept between calls at the largest size seen (as
 // the forward keeps its packed K and V): first-touch page faults would cost more than the
 // small problems themselves.
-enum Role { kQ, kK, kV, kDout, kLse, kDelta, kDq, kDk, kDv, kDva, kDbias, kRoles };
+enum Role { kQ, kK, kV, kDout, kLseHigh, kLseLow, kDelta, kDq, kDk, kDv, kDva, kDbias, kRoles };
 
 float* buffer(Role role, std::int64_t count) {
   thread_local ReusedBuffer buffers[kRoles];
@@ -641,7 +805,8 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
     o.additive_v = additive_v.data();
   }
   // LSE and Δ − dLSE per row (dO as packed above).
-  float* lse = buffer(kLse, B * Hq * Nq);
+  float* lse_high = buffer(kLseHigh, B * Hq * Nq);
+  float* lse_low = buffer(kLseLow, B * Hq * Nq);
   float* delta = buffer(kDelta, B * Hq * Nq);
 #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
   for (std::int64_t b = 0; b < B; ++b) {
@@ -654,7 +819,9 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
         for (std::int64_t d = 0; d < p.v_dim; ++d)
           sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
         if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
-        lse[row] = static_cast<float>(inputs.lse.load(b, h, i));
+        const double lse = inputs.lse.load(b, h, i);
+        lse_high[row] = static_cast<float>(lse);
+        lse_low[row] = std::isfinite(lse) ? static_cast<float>(lse - lse_high[row]) : 0.0f;
         delta[row] = static_cast<float>(sum);
       }
     }
@@ -663,7 +830,32 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   o.k = k;
   o.v = v;
   o.dout = dout;
-  o.lse = lse;
+  o.lse_high = lse_high;
+  o.lse_low = lse_low;
+  // P = e^(s − LSE) is only as precise as s here and s in the forward agree: in a peaked row the
+  // largest P is e^(s_max − LSE) ≈ 1, and any difference between the two roundings of s_max is
+  // all its error; likewise Δ = dO·O must be the Σ P dP of the P recomputed here. The fused
+  // forward computes S exactly as this kernel does; the split-KV decode kernel (dot products
+  // along D) does not, which cost up to 10× PyTorch's float32 error in dQ and dK. A problem it
+  // would have run has few query rows, so LSE and Δ are re-derived here from this kernel's own S
+  // and P (one more pass of two products over those few rows) — when the call holds all of the
+  // keys (a block of a larger problem needs the whole problem's, which only the caller has).
+  if (decode_attention_supports(p) && p.key_offset == 0 && p.key_total == Nk && B * Hq * Nq > 0 &&
+      Nk > 0) {
+    std::vector<float> dlse;
+    if (inputs.dlse.present) {
+      dlse.resize(static_cast<std::size_t>(B * Hq * Nq));
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t h = 0; h < Hq; ++h)
+          for (std::int64_t i = 0; i < Nq; ++i)
+            dlse[static_cast<std::size_t>((b * Hq + h) * Nq + i)] =
+                static_cast<float>(inputs.dlse.load(b, h, i));
+    }
+    o.row_dot_scores = true;
+    apply_simd_environment();
+    HWY_DYNAMIC_DISPATCH(RederiveRowStatistics)
+    (o, lse_high, lse_low, delta, dlse.empty() ? nullptr : dlse.data());
+  }
   o.delta = delta;
 
   // Items: enough key chunks for 16 items, unless a broadcast bias gradient forbids splitting.

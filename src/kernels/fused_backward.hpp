@@ -36,11 +36,18 @@ struct BackwardOperands {
   std::int64_t value_stride = 0;  // Dv padded
   bool additive = false;
   bool softcap = false;
-  const float* q = nullptr;           // [B, Hq, Nq, ss]: scale·q, scale·Wᵀq, or Wq q (additive)
-  const float* k = nullptr;           // [B, key_heads, Nk, ss]: k, or Wk k (additive)
-  const float* v = nullptr;           // [B, Hk, Nk, vs]
-  const float* dout = nullptr;        // [B, Hq, Nq, vs]
-  const float* lse = nullptr;         // [B, Hq, Nq]
+  // A problem with few query rows a head, whose statistics the backward derives itself (see
+  // fused_backward): each score one dot product along D, like the forward's split-KV kernel and
+  // a BLAS matrix-vector product, rather than the register tile's running sum over D.
+  bool row_dot_scores = false;
+  const float* q = nullptr;     // [B, Hq, Nq, ss]: scale·q, scale·Wᵀq, or Wq q (additive)
+  const float* k = nullptr;     // [B, key_heads, Nk, ss]: k, or Wk k (additive)
+  const float* v = nullptr;     // [B, Hk, Nk, vs]
+  const float* dout = nullptr;  // [B, Hq, Nq, vs]
+  // LSE [B, Hq, Nq] as two floats, lse_high = float(LSE) and lse_low = LSE − lse_high (0 when the
+  // saved LSE is float32): e^((s − lse_high) − lse_low) keeps P as precise as a float64 LSE would.
+  const float* lse_high = nullptr;
+  const float* lse_low = nullptr;
   const float* delta = nullptr;       // [B, Hq, Nq]: rowsum(dO ∘ O) − dLSE
   const float* additive_v = nullptr;  // [Hq, A]: scale·va
 

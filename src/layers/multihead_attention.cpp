@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "io/untrusted_file.hpp"
 #include "layers/dense.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
@@ -125,7 +126,8 @@ void MultiHeadAttention::zero_grad() {
 void MultiHeadAttention::load_state_dict(const NamedTensors& state) {
   for (const auto& [name, tensor] : state) {
     if (parameters_.count(name) == 0) {
-      throw Error(fmt::format("state_dict: unexpected tensor '{}' for this layer", name));
+      throw Error(
+          fmt::format("state_dict: unexpected tensor '{}' for this layer", io::escaped(name)));
     }
   }
   NamedTensors loaded;
@@ -375,7 +377,7 @@ MultiHeadAttentionResult MultiHeadAttention::forward(const TensorView& query, co
   // 4. Attention.
   s->q_strides = row_view_strides(o.batch_first, L, N, E, head);
   s->o_rows = Tensor(DType::float32, {L * N, E});
-  s->lse = Tensor(DType::float32, {N, H, L});
+  s->lse = Tensor(DType::float64, {N, H, L});  // for the backward's P: every bit kept
   const TensorView q_view{
       s->q_rows.data<float>(), DType::float32, 4, {N, L, H, head}, s->q_strides};
   MutableTensorView o_view{

@@ -24,7 +24,7 @@ Real load(const StridedInput& input, std::int64_t i0, std::int64_t i1 = 0, std::
   return static_cast<Real>(input.load(i0, i1, i2, i3));
 }
 
-// DESIGN.md §3, one condition at a time.
+// docs/contract.md §3, one condition at a time.
 bool key_visible(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
                  std::int64_t j) {
   const std::int64_t diagonal_j = i + p.diagonal();  // the key aligned with query i
@@ -99,7 +99,7 @@ void evaluate_literally(const AttentionProblem& p) {
           }
         }
 
-        // Pass 1: every score (DESIGN.md §2, in its order) and the running maximum.
+        // Pass 1: every score (docs/contract.md §2, in its order) and the running maximum.
         Real row_max = minus_infinity;
         for (std::int64_t j = 0; j < p.k_len; ++j) {
           Real s = 0;

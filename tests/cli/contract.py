@@ -1,4 +1,4 @@
-"""DESIGN.md §2–4 evaluated with NumPy in float64, independently of qkv's C++ code.
+"""docs/contract.md §2–4 evaluated with NumPy in float64, independently of qkv's C++ code.
 
 Layout as the contract: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
 Returns O [B, Nq, Hq, Dv], LSE [B, Hq, Nq] and P [B, Hq, Nq, Nk].

@@ -142,6 +142,11 @@ def inputs(tmp_path):
     (tmp_path / "truncated.npy").write_bytes(good[:-7])
     (tmp_path / "lying.npy").write_bytes(good.replace(b"(5, 2, 4)", b"(9, 2, 4)"))
     (tmp_path / "text.npy").write_text("not an array\n")
+    # A header whose key is a terminal escape sequence (clear the screen, set the title) and a
+    # newline: the message must show it escaped, on its one line.
+    header = b"{'descr': '<f4', '\x1b[2J\x1b]0;owned\x07\n': False, 'shape': (1,), }"
+    (tmp_path / "escape.npy").write_bytes(b"\x93NUMPY\x01\x00" + bytes([len(header), 0]) + header +
+                                          bytes(4))
     return tmp_path
 
 
@@ -177,6 +182,10 @@ BAD = [
     ("truncated npy", with_flag("--v", "truncated.npy"), "truncated"),
     ("lying header", with_flag("--q", "lying.npy"), "expected 288 bytes of data"),
     ("not npy", with_flag("--k", "text.npy"), "magic"),
+    ("control bytes in a header", with_flag("--k", "escape.npy"),
+     "unexpected key '\\x1b[2J\\x1b]0;owned\\x07\\x0a'"),
+    ("control bytes in a file name", with_flag("--k", "no\x1b[31mfile.npy"),
+     "no\\x1b[31mfile.npy: expected a readable .npy file"),
     ("missing file", with_flag("--k", "nothere.npy"), "nothere.npy: expected a readable .npy file, got no such file"),
     ("negative softcap", with_flag("--softcap", "-1"), "softcap: expected a finite number >= 0"),
     ("negative threads", with_flag("--threads", "-3"), "threads: expected >= 0"),
@@ -196,6 +205,7 @@ def test_bad_input_is_one_line_exit_2_no_output(name, args, message, inputs):
     assert len(lines) == 1, result.stderr
     assert message in lines[0]
     assert lines[0].startswith("qkv: ")
+    assert not any(ord(c) < 0x20 or ord(c) == 0x7f for c in lines[0]), lines[0]
     assert result.stdout == ""
     assert sorted(os.listdir(inputs)) == before, "an output file was left behind"
 

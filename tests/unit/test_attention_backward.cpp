@@ -180,7 +180,7 @@ TEST_P(AttentionBackward, Float32MatchesReference) {
 }
 
 // bfloat16 storage (computed in float32): against the oracle on the same rounded inputs,
-// DESIGN.md §7's relative bound.
+// docs/contract.md §7's relative bound.
 TEST_P(AttentionBackward, Bfloat16MatchesReference) {
   compare_with_reference(GetParam(), DType::bfloat16, 1e-2);
 }

@@ -1,6 +1,6 @@
 // The shape zoo: the fast path against the float64 reference over sizes, head dims, GQA ratios,
 // every score and every mask, with tolerances from the error floor of the naive float32
-// evaluation (STYLE.md) and the contract's bound (DESIGN.md §7).
+// evaluation (STYLE.md) and the contract's bound (docs/contract.md §7).
 
 #include <gtest/gtest.h>
 

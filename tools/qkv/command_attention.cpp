@@ -2,7 +2,7 @@
 // forward, and writes O (and LSE, P) — and, given dO, the backward's gradients — all of them or
 // none.
 //
-// File layouts (DESIGN.md §1): rank 2 [N, D] means B = H = 1, rank 3 [N, H, D] means B = 1,
+// File layouts (docs/contract.md §1): rank 2 [N, D] means B = H = 1, rank 3 [N, H, D] means B = 1,
 // rank 4 is [B, N, H, D]. O keeps Q's rank; LSE and the weights drop the same leading dimensions
 // ([Nq] / [H, Nq] / [B, H, Nq] and [Nq, Nk] / [H, Nq, Nk] / [B, H, Nq, Nk]).
 
@@ -14,9 +14,9 @@
 #include <string>
 
 #include "commands.hpp"
+#include "heatmap_image.hpp"
 #ifdef QKV_HAS_MPI
 #include "distributed_attention_run.hpp"
-#include "heatmap_image.hpp"
 #endif
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
