@@ -136,31 +136,30 @@ class DecodeKernel {
     thread_local std::vector<double> partial_lse_buffer;
     partial_lse_buffer.resize(static_cast<std::size_t>(items * item_rows_));
     double* partial_lse = partial_lse_buffer.data();
-#pragma omp parallel num_threads(worker_threads(p_))
-    {
-      Scratch scratch(*this);
-#pragma omp for schedule(dynamic)
-      for (std::int64_t item = 0; item < items; ++item) {
-        ComputeChunk(item / chunks_, item % chunks_, partial_out + item * item_rows_ * p_.v_dim,
-                     partial_lse + item * item_rows_, scratch);
-      }
-      // 3'. Merge the chunks of each (batch, row).
-      std::vector<double> weights(static_cast<std::size_t>(chunks_));
-#pragma omp for schedule(static)
-      for (std::int64_t row = 0; row < p_.batch * item_rows_; ++row) {
-        const std::int64_t b = row / item_rows_, r = row % item_rows_;
-        const std::int64_t h = HeadOf(r), i = PositionOf(r);
-        const std::int64_t first_item = b * chunks_;
-        const double lse = detail::merge_row<double>(
-            weights, p_.v_dim,
-            [&](std::int64_t c) { return partial_lse[(first_item + c) * item_rows_ + r]; },
-            [&](std::int64_t c, std::int64_t d) {
-              return partial_out[((first_item + c) * item_rows_ + r) * p_.v_dim + d];
-            },
-            [&](std::int64_t d, double value) { p_.out.store(value, b, i, h, d); });
-        if (p_.lse.present) p_.lse.store(lse, b, h, i);
-      }
-    }
+    const int threads = worker_threads(p_);
+    parallel_for_each(
+        threads, items, [this] { return Scratch(*this); },
+        [&](Scratch& scratch, std::int64_t item) {
+          ComputeChunk(item / chunks_, item % chunks_, partial_out + item * item_rows_ * p_.v_dim,
+                       partial_lse + item * item_rows_, scratch);
+        });
+    // 3'. Merge the chunks of each (batch, row).
+    parallel_for_each(
+        threads, p_.batch * item_rows_,
+        [this] { return std::vector<double>(static_cast<std::size_t>(chunks_)); },
+        [&](std::vector<double>& weights, std::int64_t row) {
+          const std::int64_t b = row / item_rows_, r = row % item_rows_;
+          const std::int64_t h = HeadOf(r), i = PositionOf(r);
+          const std::int64_t first_item = b * chunks_;
+          const double lse = detail::merge_row<double>(
+              weights, p_.v_dim,
+              [&](std::int64_t c) { return partial_lse[(first_item + c) * item_rows_ + r]; },
+              [&](std::int64_t c, std::int64_t d) {
+                return partial_out[((first_item + c) * item_rows_ + r) * p_.v_dim + d];
+              },
+              [&](std::int64_t d, double value) { p_.out.store(value, b, i, h, d); });
+          if (p_.lse.present) p_.lse.store(lse, b, h, i);
+        });
   }
 
  private:
@@ -168,9 +167,7 @@ class DecodeKernel {
   std::int64_t HeadOf(std::int64_t r) const {
     return (r / rows_) * p_.group_size + (r % rows_) / p_.q_len;
   }
-  std::int64_t PositionOf(std::int64_t r) const {
-    return r % p_.q_len;
-  }
+  std::int64_t PositionOf(std::int64_t r) const { return r % p_.q_len; }
 
   struct Scratch {
     explicit Scratch(const DecodeKernel& k)

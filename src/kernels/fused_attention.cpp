@@ -3,8 +3,8 @@
 // Work items. One item is (batch b, key/value head hk, block of query positions). Its rows are
 // the query rows of every query head that reads hk (the GQA group) at those positions, head by
 // head, about kItemRows rows in all: the K/V tiles loaded for the item serve the whole group.
-// OpenMP hands items out dynamically (longest first); each thread keeps its scratch between
-// calls.
+// The workers (kernels/workers.hpp) take items one at a time (longest first); each thread keeps
+// its scratch between calls.
 //
 // Once per call, for all items, K and V are packed into tiles of kKeyTile keys: Kᵀ as
 // [D, kKeyTile] (keys along the vector lanes), V as [kKeyTile, Dv'] (Dv' = Dv rounded up to whole
@@ -102,23 +102,20 @@ class FusedKernel {
     PackKeysAndValues();
     const std::int64_t position_blocks = (p_.q_len + positions_ - 1) / positions_;
     const std::int64_t items = p_.batch * o_.key_heads * position_blocks;
-#pragma omp parallel num_threads(worker_threads(p_))
-    {
-      Scratch scratch(*this);
-#pragma omp for schedule(dynamic)
-      for (std::int64_t item = 0; item < items; ++item) {
-        // Later query blocks see more keys under a causal mask: hand those out first, so the
-        // dynamic schedule ends on short items.
-        const std::int64_t block = position_blocks - 1 - item % position_blocks;
-        const std::int64_t kh = (item / position_blocks) % o_.key_heads;
-        const std::int64_t b = item / (position_blocks * o_.key_heads);
-        ComputeItem(b, kh, block * positions_, scratch);
-      }
-    }
+    parallel_for_each(
+        worker_threads(p_), items, [this] { return Scratch(*this); },
+        [&](Scratch& scratch, std::int64_t item) {
+          // Later query blocks see more keys under a causal mask: hand those out first, so the
+          // dynamic schedule ends on short items.
+          const std::int64_t block = position_blocks - 1 - item % position_blocks;
+          const std::int64_t kh = (item / position_blocks) % o_.key_heads;
+          const std::int64_t b = item / (position_blocks * o_.key_heads);
+          ComputeItem(b, kh, block * positions_, scratch);
+        });
   }
 
  private:
-  // One OpenMP thread's working set, in buffers the thread keeps between calls.
+  // One worker thread's working set, in buffers the thread keeps between calls.
   struct Scratch {
     explicit Scratch(const FusedKernel& k) {
       thread_local ReusedBuffer buffers[6];
@@ -152,9 +149,7 @@ class FusedKernel {
   std::int64_t HeadOf(std::int64_t kh, std::int64_t r) const {
     return kh * item_group_ + r / positions_;
   }
-  std::int64_t ValueHead(std::int64_t kh) const {
-    return kh * item_group_ / p_.group_size;
-  }
+  std::int64_t ValueHead(std::int64_t kh) const { return kh * item_group_ / p_.group_size; }
 
   void ComputeItem(std::int64_t b, std::int64_t kh, std::int64_t i0, Scratch& s) const {
     const std::int64_t positions = std::min(positions_, p_.q_len - i0);
@@ -276,38 +271,34 @@ class FusedKernel {
       PackPairs(key_sets, value_sets);
       return;
     }
-#pragma omp parallel num_threads(worker_threads(p_))
-    {
-#pragma omp for collapse(2) schedule(static) nowait
-      for (std::int64_t set = 0; set < key_sets; ++set) {
-        for (std::int64_t tile = 0; tile < tiles_; ++tile) {
-          const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
-          float* keys = KeyTile(b, kh, tile);
-          for (std::int64_t t = 0; t < key_tile_; ++t) {
-            const std::int64_t j = tile * key_tile_ + t;
-            const float* key = j < p_.k_len ? o_.k.row(b, j, kh) : nullptr;
-            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key ? key[d] : 0.0f;
-          }
+    // One index per packed tile: the key tiles, then the value tiles.
+    const std::int64_t key_tiles = key_sets * tiles_;
+    parallel_for(worker_threads(p_), key_tiles + value_sets * tiles_, [&](std::int64_t index) {
+      if (index < key_tiles) {
+        const std::int64_t set = index / tiles_, tile = index % tiles_;
+        const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
+        float* keys = KeyTile(b, kh, tile);
+        for (std::int64_t t = 0; t < key_tile_; ++t) {
+          const std::int64_t j = tile * key_tile_ + t;
+          const float* key = j < p_.k_len ? o_.k.row(b, j, kh) : nullptr;
+          for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key ? key[d] : 0.0f;
         }
+        return;
       }
-#pragma omp for collapse(2) schedule(static)
-      for (std::int64_t set = 0; set < value_sets; ++set) {
-        for (std::int64_t tile = 0; tile < tiles_; ++tile) {
-          const std::int64_t b = set / p_.kv_heads, hv = set % p_.kv_heads;
-          float* values = ValueTile(b, hv, tile);
-          for (std::int64_t t = 0; t < key_tile_; ++t) {
-            const std::int64_t j = tile * key_tile_ + t;
-            float* value_row = values + t * v_stride_;
-            std::int64_t d = 0;
-            if (j < p_.k_len) {
-              const float* value = o_.v.row(b, j, hv);
-              for (; d < p_.v_dim; ++d) value_row[d] = value[d];
-            }
-            std::fill(value_row + d, value_row + v_stride_, 0.0f);
-          }
+      const std::int64_t set = (index - key_tiles) / tiles_, tile = (index - key_tiles) % tiles_;
+      const std::int64_t b = set / p_.kv_heads, hv = set % p_.kv_heads;
+      float* values = ValueTile(b, hv, tile);
+      for (std::int64_t t = 0; t < key_tile_; ++t) {
+        const std::int64_t j = tile * key_tile_ + t;
+        float* value_row = values + t * v_stride_;
+        std::int64_t d = 0;
+        if (j < p_.k_len) {
+          const float* value = o_.v.row(b, j, hv);
+          for (; d < p_.v_dim; ++d) value_row[d] = value[d];
         }
+        std::fill(value_row + d, value_row + v_stride_, 0.0f);
       }
-    }
+    });
   }
 
   // The bf16 mode's tiles, same order as above, in 32-bit words of two bfloat16 values:
@@ -320,40 +311,35 @@ class FusedKernel {
     const auto element = [](const std::uint16_t* row, std::int64_t d, std::int64_t length) {
       return row != nullptr && d < length ? row[d] : std::uint16_t{0};
     };
-#pragma omp parallel num_threads(worker_threads(p_))
-    {
-#pragma omp for collapse(2) schedule(static) nowait
-      for (std::int64_t set = 0; set < key_sets; ++set) {
-        for (std::int64_t tile = 0; tile < tiles_; ++tile) {
-          const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
-          auto* keys = reinterpret_cast<std::uint32_t*>(KeyTile(b, kh, tile));
-          for (std::int64_t t = 0; t < key_tile_; ++t) {
-            const std::int64_t j = tile * key_tile_ + t;
-            const std::uint16_t* key = j < p_.k_len ? o_.k16.row(b, j, kh) : nullptr;
-            for (std::int64_t e = 0; e < pair_dim_; ++e) {
-              keys[e * key_tile_ + t] =
-                  bf16_pair(element(key, 2 * e, dim), element(key, 2 * e + 1, dim));
-            }
+    const std::int64_t key_tiles = key_sets * tiles_;
+    parallel_for(worker_threads(p_), key_tiles + value_sets * tiles_, [&](std::int64_t index) {
+      if (index < key_tiles) {
+        const std::int64_t set = index / tiles_, tile = index % tiles_;
+        const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
+        auto* keys = reinterpret_cast<std::uint32_t*>(KeyTile(b, kh, tile));
+        for (std::int64_t t = 0; t < key_tile_; ++t) {
+          const std::int64_t j = tile * key_tile_ + t;
+          const std::uint16_t* key = j < p_.k_len ? o_.k16.row(b, j, kh) : nullptr;
+          for (std::int64_t e = 0; e < pair_dim_; ++e) {
+            keys[e * key_tile_ + t] =
+                bf16_pair(element(key, 2 * e, dim), element(key, 2 * e + 1, dim));
           }
         }
+        return;
       }
-#pragma omp for collapse(2) schedule(static)
-      for (std::int64_t set = 0; set < value_sets; ++set) {
-        for (std::int64_t tile = 0; tile < tiles_; ++tile) {
-          const std::int64_t b = set / p_.kv_heads, hv = set % p_.kv_heads;
-          auto* values = reinterpret_cast<std::uint32_t*>(ValueTile(b, hv, tile));
-          for (std::int64_t t = 0; t < key_tile_ / 2; ++t) {
-            const std::int64_t j = tile * key_tile_ + 2 * t;
-            const std::uint16_t* even = j < p_.k_len ? o_.v16.row(b, j, hv) : nullptr;
-            const std::uint16_t* odd = j + 1 < p_.k_len ? o_.v16.row(b, j + 1, hv) : nullptr;
-            for (std::int64_t d = 0; d < v_stride_; ++d) {
-              values[t * v_stride_ + d] =
-                  bf16_pair(element(even, d, p_.v_dim), element(odd, d, p_.v_dim));
-            }
-          }
+      const std::int64_t set = (index - key_tiles) / tiles_, tile = (index - key_tiles) % tiles_;
+      const std::int64_t b = set / p_.kv_heads, hv = set % p_.kv_heads;
+      auto* values = reinterpret_cast<std::uint32_t*>(ValueTile(b, hv, tile));
+      for (std::int64_t t = 0; t < key_tile_ / 2; ++t) {
+        const std::int64_t j = tile * key_tile_ + 2 * t;
+        const std::uint16_t* even = j < p_.k_len ? o_.v16.row(b, j, hv) : nullptr;
+        const std::uint16_t* odd = j + 1 < p_.k_len ? o_.v16.row(b, j + 1, hv) : nullptr;
+        for (std::int64_t d = 0; d < v_stride_; ++d) {
+          values[t * v_stride_ + d] =
+              bf16_pair(element(even, d, p_.v_dim), element(odd, d, p_.v_dim));
         }
       }
-    }
+    });
   }
 
   float* KeyTile(std::int64_t b, std::int64_t kh, std::int64_t tile) const {

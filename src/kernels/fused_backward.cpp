@@ -187,82 +187,86 @@ class BackwardKernel {
     const FloatTag d;
     const std::int64_t query_blocks = (p_.q_len + kBlock - 1) / kBlock;
     const std::int64_t items = p_.batch * p_.q_heads * query_blocks;
-#pragma omp parallel num_threads(worker_threads(p_))
-    {
-      Scratch s(o_);
+    struct RowsOfThread {
+      Scratch s;
       float row_max[kBlock], row_sum[kBlock];
       double row_dot[kBlock];
-#pragma omp for schedule(dynamic)
-      for (std::int64_t item = 0; item < items; ++item) {
-        const std::int64_t i0 = item % query_blocks * kBlock;
-        const std::int64_t h = item / query_blocks % p_.q_heads;
-        const std::int64_t b = item / (query_blocks * p_.q_heads);
-        const std::int64_t hv = p_.kv_head(h);
-        const std::int64_t rows = std::min(kBlock, p_.q_len - i0);
-        const std::int64_t first_row = (b * p_.q_heads + h) * p_.q_len + i0;
-        std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
-        std::fill(row_sum, row_sum + rows, 0.0f);
-        std::fill(row_dot, row_dot + rows, 0.0);
-        for (int pass = 1; pass <= 2; ++pass) {
-          for (std::int64_t j0 = 0; j0 < p_.k_len; j0 += kBlock) {
-            const std::int64_t keys = std::min(kBlock, p_.k_len - j0);
-            if (!FindVisible(b, h, i0, rows, j0, keys, s)) continue;
-            Scores(QRow(b, h, i0), rows, KRow(b, KeyHead(h), j0), keys, s);
-            if (pass == 1) {
-              for (std::int64_t r = 0; r < rows; ++r)
-                OnlineSoftmaxSum(b, h, i0, r, j0, row_max, row_sum, s);
-              continue;
+    };
+    parallel_for_each(
+        worker_threads(p_), items,
+        [this] {
+          return RowsOfThread{Scratch(o_), {}, {}, {}};
+        },
+        [&](RowsOfThread& thread, std::int64_t item) {
+          Scratch& s = thread.s;
+          float* row_max = thread.row_max;
+          float* row_sum = thread.row_sum;
+          double* row_dot = thread.row_dot;
+          const std::int64_t i0 = item % query_blocks * kBlock;
+          const std::int64_t h = item / query_blocks % p_.q_heads;
+          const std::int64_t b = item / (query_blocks * p_.q_heads);
+          const std::int64_t hv = p_.kv_head(h);
+          const std::int64_t rows = std::min(kBlock, p_.q_len - i0);
+          const std::int64_t first_row = (b * p_.q_heads + h) * p_.q_len + i0;
+          std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
+          std::fill(row_sum, row_sum + rows, 0.0f);
+          std::fill(row_dot, row_dot + rows, 0.0);
+          for (int pass = 1; pass <= 2; ++pass) {
+            for (std::int64_t j0 = 0; j0 < p_.k_len; j0 += kBlock) {
+              const std::int64_t keys = std::min(kBlock, p_.k_len - j0);
+              if (!FindVisible(b, h, i0, rows, j0, keys, s)) continue;
+              Scores(QRow(b, h, i0), rows, KRow(b, KeyHead(h), j0), keys, s);
+              if (pass == 1) {
+                for (std::int64_t r = 0; r < rows; ++r)
+                  OnlineSoftmaxSum(b, h, i0, r, j0, row_max, row_sum, s);
+                continue;
+              }
+              PackTransposed(o_.v + ((b * p_.kv_heads + hv) * p_.k_len + j0) * o_.value_stride,
+                             o_.value_stride, keys, p_.v_dim, s.values_t);
+              Gemm(rows, kBlock, p_.v_dim, {DoutRow(b, h, i0), o_.value_stride, 1}, s.values_t,
+                   kBlock, s.d_scores, kBlock, false);
+              for (std::int64_t r = 0; r < rows; ++r) {
+                Probabilities(b, h, i0 + r, r, j0, s);
+                const float* weights = s.scores + r * kBlock;
+                const float* d_weights = s.d_scores + r * kBlock;
+                Vec dot = hn::Zero(d);
+                for (std::int64_t t = 0; t < kBlock; t += lanes_)
+                  dot = hn::MulAdd(hn::LoadU(d, weights + t), hn::LoadU(d, d_weights + t), dot);
+                row_dot[r] += hn::GetLane(hn::SumOfLanes(d, dot));
+              }
             }
-            PackTransposed(o_.v + ((b * p_.kv_heads + hv) * p_.k_len + j0) * o_.value_stride,
-                           o_.value_stride, keys, p_.v_dim, s.values_t);
-            Gemm(rows, kBlock, p_.v_dim, {DoutRow(b, h, i0), o_.value_stride, 1}, s.values_t,
-                 kBlock, s.d_scores, kBlock, false);
-            for (std::int64_t r = 0; r < rows; ++r) {
-              Probabilities(b, h, i0 + r, r, j0, s);
-              const float* weights = s.scores + r * kBlock;
-              const float* d_weights = s.d_scores + r * kBlock;
-              Vec dot = hn::Zero(d);
-              for (std::int64_t t = 0; t < kBlock; t += lanes_)
-                dot = hn::MulAdd(hn::LoadU(d, weights + t), hn::LoadU(d, d_weights + t), dot);
-              row_dot[r] += hn::GetLane(hn::SumOfLanes(d, dot));
+            if (pass == 2) break;
+            for (std::int64_t r = 0; r < rows; ++r) {  // LSE, before pass 2 reads it
+              if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
+              const double lse = static_cast<double>(row_max[r]) + std::log(double{row_sum[r]});
+              lse_high[first_row + r] = static_cast<float>(lse);
+              lse_low[first_row + r] =
+                  static_cast<float>(lse - static_cast<double>(lse_high[first_row + r]));
             }
           }
-          if (pass == 2) break;
-          for (std::int64_t r = 0; r < rows; ++r) {  // LSE, before pass 2 reads it
+          for (std::int64_t r = 0; r < rows; ++r) {
             if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
-            const double lse = static_cast<double>(row_max[r]) + std::log(double{row_sum[r]});
-            lse_high[first_row + r] = static_cast<float>(lse);
-            lse_low[first_row + r] =
-                static_cast<float>(lse - static_cast<double>(lse_high[first_row + r]));
+            delta[first_row + r] =
+                static_cast<float>(row_dot[r] - (dlse ? dlse[first_row + r] : 0.0f));
           }
-        }
-        for (std::int64_t r = 0; r < rows; ++r) {
-          if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
-          delta[first_row + r] =
-              static_cast<float>(row_dot[r] - (dlse ? dlse[first_row + r] : 0.0f));
-        }
-      }
-    }
+        });
   }
 
   void Run() const {
-#pragma omp parallel num_threads(worker_threads(p_))
-    {
-      Scratch s(o_);
-#pragma omp for schedule(dynamic)
-      for (std::int64_t item = 0; item < o_.items; ++item) {
-        const std::int64_t chunk = item % o_.chunks;
-        const std::int64_t hv_item = (item / o_.chunks) % head_items_;
-        const std::int64_t b_item = item / (o_.chunks * head_items_);
-        for (std::int64_t b = 0; b < p_.batch; ++b) {
-          if (!o_.batches_in_item && b != b_item) continue;
-          for (std::int64_t hv = 0; hv < p_.kv_heads; ++hv) {
-            if (!o_.heads_in_item && hv != hv_item) continue;
-            ComputeChunk(item, b, hv, chunk, s);
+    parallel_for_each(
+        worker_threads(p_), o_.items, [this] { return Scratch(o_); },
+        [&](Scratch& s, std::int64_t item) {
+          const std::int64_t chunk = item % o_.chunks;
+          const std::int64_t hv_item = (item / o_.chunks) % head_items_;
+          const std::int64_t b_item = item / (o_.chunks * head_items_);
+          for (std::int64_t b = 0; b < p_.batch; ++b) {
+            if (!o_.batches_in_item && b != b_item) continue;
+            for (std::int64_t hv = 0; hv < p_.kv_heads; ++hv) {
+              if (!o_.heads_in_item && hv != hv_item) continue;
+              ComputeChunk(item, b, hv, chunk, s);
+            }
           }
-        }
-      }
-    }
+        });
   }
 
  private:
@@ -615,9 +619,9 @@ float* buffer(Role role, std::int64_t count) {
 // buffer(role, count), zeroed by `threads` threads.
 float* zeroed(Role role, std::int64_t count, int threads) {
   float* data = buffer(role, count);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (std::int64_t start = 0; start < count; start += 4096)
-    std::fill(data + start, data + std::min(count, start + 4096), 0.0f);
+  parallel_for(threads, (count + 4095) / 4096, [&](std::int64_t block) {
+    std::fill(data + block * 4096, data + std::min(count, (block + 1) * 4096), 0.0f);
+  });
   return data;
 }
 
@@ -679,26 +683,24 @@ void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64
                std::int64_t heads, std::int64_t in_dim, std::int64_t stride, double factor,
                const DenseWeights* weights, SourceHead source_head, int threads) {
   const std::int64_t out_dim = weights != nullptr ? weights->rows : in_dim;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (std::int64_t b = 0; b < batch; ++b) {
-    for (std::int64_t h = 0; h < heads; ++h) {
-      std::vector<double> row(static_cast<std::size_t>(in_dim));
-      for (std::int64_t n = 0; n < length; ++n) {
-        float* target = out + ((b * heads + h) * length + n) * stride;
-        read_row(x, b, n, source_head(h), in_dim, row.data());
-        for (std::int64_t r = 0; r < out_dim; ++r) {
-          double value = row[static_cast<std::size_t>(std::min(r, in_dim - 1))];
-          if (weights != nullptr) {
-            const double* w = weights->row(h, r);
-            value = 0.0;
-            for (std::int64_t c = 0; c < in_dim; ++c)
-              value += w[c] * row[static_cast<std::size_t>(c)];
-          }
-          target[r] = static_cast<float>(factor * value);
+  parallel_for(threads, (batch) * (heads), [&](std::int64_t index) {
+    const std::int64_t b = index / (heads), h = index % (heads);
+    std::vector<double> row(static_cast<std::size_t>(in_dim));
+    for (std::int64_t n = 0; n < length; ++n) {
+      float* target = out + ((b * heads + h) * length + n) * stride;
+      read_row(x, b, n, source_head(h), in_dim, row.data());
+      for (std::int64_t r = 0; r < out_dim; ++r) {
+        double value = row[static_cast<std::size_t>(std::min(r, in_dim - 1))];
+        if (weights != nullptr) {
+          const double* w = weights->row(h, r);
+          value = 0.0;
+          for (std::int64_t c = 0; c < in_dim; ++c)
+            value += w[c] * row[static_cast<std::size_t>(c)];
         }
+        target[r] = static_cast<float>(factor * value);
       }
     }
-  }
+  });
 }
 
 // Dense rows [B, heads, length, stride] of floats.
@@ -721,22 +723,20 @@ void outer_product_gradient(const MutableTensorView& target, bool shared, std::i
                             DenseRows right, RightHead right_head, double factor, int threads) {
   const std::int64_t stored_heads = shared ? 1 : heads;
   std::vector<double> values(static_cast<std::size_t>(stored_heads * rows * cols));
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (std::int64_t sh = 0; sh < stored_heads; ++sh) {
-    for (std::int64_t r = 0; r < rows; ++r) {
-      double* sums = values.data() + (sh * rows + r) * cols;
-      for (std::int64_t h = shared ? 0 : sh; h < (shared ? heads : sh + 1); ++h) {
-        for (std::int64_t b = 0; b < batch; ++b) {
-          for (std::int64_t i = 0; i < length; ++i) {
-            const double l = left.row(b, left_head(h), i)[r];
-            const float* other = right.row(b, right_head(h), i);
-            for (std::int64_t c = 0; c < cols; ++c) sums[c] += l * other[c];
-          }
+  parallel_for(threads, (stored_heads) * (rows), [&](std::int64_t index) {
+    const std::int64_t sh = index / (rows), r = index % (rows);
+    double* sums = values.data() + (sh * rows + r) * cols;
+    for (std::int64_t h = shared ? 0 : sh; h < (shared ? heads : sh + 1); ++h) {
+      for (std::int64_t b = 0; b < batch; ++b) {
+        for (std::int64_t i = 0; i < length; ++i) {
+          const double l = left.row(b, left_head(h), i)[r];
+          const float* other = right.row(b, right_head(h), i);
+          for (std::int64_t c = 0; c < cols; ++c) sums[c] += l * other[c];
         }
       }
-      for (std::int64_t c = 0; c < cols; ++c) sums[c] *= factor;
     }
-  }
+    for (std::int64_t c = 0; c < cols; ++c) sums[c] *= factor;
+  });
   detail::store_dense(values.data(), target);
 }
 
@@ -808,24 +808,22 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   float* lse_high = buffer(kLseHigh, B * Hq * Nq);
   float* lse_low = buffer(kLseLow, B * Hq * Nq);
   float* delta = buffer(kDelta, B * Hq * Nq);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (std::int64_t b = 0; b < B; ++b) {
-    for (std::int64_t h = 0; h < Hq; ++h) {
-      std::vector<double> out_row(static_cast<std::size_t>(p.v_dim));
-      for (std::int64_t i = 0; i < Nq; ++i) {
-        const std::int64_t row = (b * Hq + h) * Nq + i;
-        read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
-        double sum = 0.0;
-        for (std::int64_t d = 0; d < p.v_dim; ++d)
-          sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
-        if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
-        const double lse = inputs.lse.load(b, h, i);
-        lse_high[row] = static_cast<float>(lse);
-        lse_low[row] = std::isfinite(lse) ? static_cast<float>(lse - lse_high[row]) : 0.0f;
-        delta[row] = static_cast<float>(sum);
-      }
+  parallel_for(threads, (B) * (Hq), [&](std::int64_t index) {
+    const std::int64_t b = index / (Hq), h = index % (Hq);
+    std::vector<double> out_row(static_cast<std::size_t>(p.v_dim));
+    for (std::int64_t i = 0; i < Nq; ++i) {
+      const std::int64_t row = (b * Hq + h) * Nq + i;
+      read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
+      double sum = 0.0;
+      for (std::int64_t d = 0; d < p.v_dim; ++d)
+        sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
+      if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
+      const double lse = inputs.lse.load(b, h, i);
+      lse_high[row] = static_cast<float>(lse);
+      lse_low[row] = std::isfinite(lse) ? static_cast<float>(lse - lse_high[row]) : 0.0f;
+      delta[row] = static_cast<float>(sum);
     }
-  }
+  });
   o.q = q;
   o.k = k;
   o.v = v;
@@ -894,14 +892,13 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   const std::int64_t dim = o.score_dim;
   const double dq_factor = o.additive ? 1.0 : p.scale;
   std::vector<float> dq_sum(static_cast<std::size_t>(B * Hq * Nq * dim));
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (std::int64_t row = 0; row < B * Hq * Nq; ++row) {
+  parallel_for(threads, B * Hq * Nq, [&](std::int64_t row) {
     for (std::int64_t a = 0; a < dim; ++a) {
       float sum = 0.0f;
       for (std::int64_t c = 0; c < o.chunks; ++c) sum += dq[(c * B * Hq * Nq + row) * ss + a];
       dq_sum[static_cast<std::size_t>(row * dim + a)] = static_cast<float>(dq_factor * sum);
     }
-  }
+  });
   // Each row of dQ (dK) from its compared vector's gradient, back through the projection.
   const auto back_project = [&](const double* compared, std::int64_t h,
                                 const std::optional<DenseWeights>& back, std::int64_t count,
@@ -918,55 +915,49 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   };
   if (gradients.dq) {
     const detail::StridedOutput out = writer_of(*gradients.dq);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (std::int64_t b = 0; b < B; ++b) {
-      for (std::int64_t i = 0; i < Nq; ++i) {
-        std::vector<double> compared(static_cast<std::size_t>(dim)),
-            row(static_cast<std::size_t>(p.q_dim));
-        for (std::int64_t h = 0; h < Hq; ++h) {
-          const float* source = dq_sum.data() + ((b * Hq + h) * Nq + i) * dim;
-          std::copy(source, source + dim, compared.begin());
-          back_project(compared.data(), h, back_q, p.q_dim, row);
-          write_row(out, b, i, h, p.q_dim, row.data());
-        }
+    parallel_for(threads, (B) * (Nq), [&](std::int64_t index) {
+      const std::int64_t b = index / (Nq), i = index % (Nq);
+      std::vector<double> compared(static_cast<std::size_t>(dim)),
+          row(static_cast<std::size_t>(p.q_dim));
+      for (std::int64_t h = 0; h < Hq; ++h) {
+        const float* source = dq_sum.data() + ((b * Hq + h) * Nq + i) * dim;
+        std::copy(source, source + dim, compared.begin());
+        back_project(compared.data(), h, back_q, p.q_dim, row);
+        write_row(out, b, i, h, p.q_dim, row.data());
       }
-    }
+    });
   }
   if (gradients.dk) {
     const detail::StridedOutput out = writer_of(*gradients.dk);
     const std::int64_t heads_per_key = o.key_heads / Hk;  // projected key heads per k head
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (std::int64_t b = 0; b < B; ++b) {
-      for (std::int64_t j = 0; j < Nk; ++j) {
-        std::vector<double> compared(static_cast<std::size_t>(dim)),
-            row(static_cast<std::size_t>(p.k_dim)), total(static_cast<std::size_t>(p.k_dim));
-        for (std::int64_t hk = 0; hk < Hk; ++hk) {
-          std::fill(total.begin(), total.end(), 0.0);
-          for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh) {
-            const float* source = dk + ((b * o.key_heads + kh) * Nk + j) * ss;
-            std::copy(source, source + dim, compared.begin());
-            back_project(compared.data(), kh, back_k, p.k_dim, row);
-            for (std::int64_t d = 0; d < p.k_dim; ++d)
-              total[static_cast<std::size_t>(d)] += row[static_cast<std::size_t>(d)];
-          }
-          write_row(out, b, j, hk, p.k_dim, total.data());
+    parallel_for(threads, (B) * (Nk), [&](std::int64_t index) {
+      const std::int64_t b = index / (Nk), j = index % (Nk);
+      std::vector<double> compared(static_cast<std::size_t>(dim)),
+          row(static_cast<std::size_t>(p.k_dim)), total(static_cast<std::size_t>(p.k_dim));
+      for (std::int64_t hk = 0; hk < Hk; ++hk) {
+        std::fill(total.begin(), total.end(), 0.0);
+        for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh) {
+          const float* source = dk + ((b * o.key_heads + kh) * Nk + j) * ss;
+          std::copy(source, source + dim, compared.begin());
+          back_project(compared.data(), kh, back_k, p.k_dim, row);
+          for (std::int64_t d = 0; d < p.k_dim; ++d)
+            total[static_cast<std::size_t>(d)] += row[static_cast<std::size_t>(d)];
         }
+        write_row(out, b, j, hk, p.k_dim, total.data());
       }
-    }
+    });
   }
   if (gradients.dv) {
     const detail::StridedOutput out = writer_of(*gradients.dv);
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-    for (std::int64_t b = 0; b < B; ++b) {
-      for (std::int64_t j = 0; j < Nk; ++j) {
-        std::vector<double> row(static_cast<std::size_t>(p.v_dim));
-        for (std::int64_t hv = 0; hv < Hk; ++hv) {
-          const float* values = dv + ((b * Hk + hv) * Nk + j) * vs;
-          for (std::int64_t d = 0; d < p.v_dim; ++d) row[static_cast<std::size_t>(d)] = values[d];
-          write_row(out, b, j, hv, p.v_dim, row.data());
-        }
+    parallel_for(threads, (B) * (Nk), [&](std::int64_t index) {
+      const std::int64_t b = index / (Nk), j = index % (Nk);
+      std::vector<double> row(static_cast<std::size_t>(p.v_dim));
+      for (std::int64_t hv = 0; hv < Hk; ++hv) {
+        const float* values = dv + ((b * Hk + hv) * Nk + j) * vs;
+        for (std::int64_t d = 0; d < p.v_dim; ++d) row[static_cast<std::size_t>(d)] = values[d];
+        write_row(out, b, j, hv, p.v_dim, row.data());
       }
-    }
+    });
   }
 
   // The score parameters: outer products of the compared vectors' gradients with the raw

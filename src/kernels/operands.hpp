@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/problem.hpp"
+#include "kernels/workers.hpp"
 
 namespace qkv::kernels {
 
@@ -45,9 +46,24 @@ class ReusedBuffer {
 // of 16 match them, for one extra add per block and score.
 inline constexpr std::int64_t kScoreDepthBlock = 16;
 
-// OpenMP threads a kernel uses for this problem.
+// Below this many multiply-adds (about 50 µs on one core) a call runs on the calling thread
+// alone: waking a second thread and waiting for it would cost more than it saves, and on a busy
+// machine it would make the call wait for a core. (The decode-sized, training-sized calls of
+// `qkv demo` are all below it; S1 is 200× above.)
+inline constexpr double kParallelWork = 2.5e6;
+
+// Threads a kernel uses for this problem: the caller's choice (AttentionOptions::threads), else
+// one for a small problem and OpenMP's count (OMP_NUM_THREADS, or every core) otherwise.
 inline int worker_threads(const AttentionProblem& p) {
-  return p.threads > 0 ? p.threads : omp_get_max_threads();
+  if (p.threads > 0) return p.threads;
+  // The two products per visible pair, over-counted when a mask hides keys; the additive score
+  // pays a tanh (about 8 multiply-adds) per element of A.
+  const double per_pair = static_cast<double>(p.v_dim) +
+                          (p.score == Score::additive ? 8.0 * static_cast<double>(p.additive_dim)
+                                                      : static_cast<double>(p.k_dim));
+  const double work = static_cast<double>(p.batch * p.q_heads) * static_cast<double>(p.q_len) *
+                      static_cast<double>(p.k_len) * per_pair;
+  return work < kParallelWork ? 1 : omp_get_max_threads();
 }
 
 // Keys [first, last) pass the position masks (causal, window, key_lengths) for query row i of
@@ -163,21 +179,19 @@ void project(RowMajorOperand<T>& result, const RowMajorOperand<T>& input, const 
       for (std::int64_t c = 0; c < in_dim; ++c)
         weight[static_cast<std::size_t>((h * out_dim + r) * in_dim + c)] =
             static_cast<T>(transposed ? w.load(h, c, r) : w.load(h, r, c));
-#pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
-  for (std::int64_t b = 0; b < batch; ++b) {
-    for (std::int64_t n = 0; n < length; ++n) {
-      for (std::int64_t h = 0; h < out_heads; ++h) {
-        const T* x = input.row(b, n, input_head(h));
-        T* y = result.storage.data() + b * result.stride_b + n * result.stride_n + h * out_dim;
-        for (std::int64_t r = 0; r < out_dim; ++r) {
-          const T* wr = weight.data() + (h * out_dim + r) * in_dim;
-          T sum = 0;
-          for (std::int64_t c = 0; c < in_dim; ++c) sum += wr[c] * x[c];
-          y[r] = sum;
-        }
+  parallel_for(threads, batch * length, [&](std::int64_t row) {
+    const std::int64_t b = row / length, n = row % length;
+    for (std::int64_t h = 0; h < out_heads; ++h) {
+      const T* x = input.row(b, n, input_head(h));
+      T* y = result.storage.data() + b * result.stride_b + n * result.stride_n + h * out_dim;
+      for (std::int64_t r = 0; r < out_dim; ++r) {
+        const T* wr = weight.data() + (h * out_dim + r) * in_dim;
+        T sum = 0;
+        for (std::int64_t c = 0; c < in_dim; ++c) sum += wr[c] * x[c];
+        y[r] = sum;
       }
     }
-  }
+  });
 }
 
 }  // namespace qkv::kernels

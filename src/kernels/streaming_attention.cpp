@@ -58,14 +58,14 @@ class StreamingKernel {
       RowMajorOperand<T> projected;
       project(
           projected, q_, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim, p.q_dim,
-          [](std::int64_t h) { return h; }, threads());
+          [](std::int64_t h) { return h; }, worker_threads(p_));
       q_ = std::move(projected);
     } else if (p.score == Score::additive) {
       score_dim_ = p.additive_dim;
       RowMajorOperand<T> projected_q;
       project(
           projected_q, q_, p.wq, false, p.batch, p.q_len, p.q_heads, p.additive_dim, p.q_dim,
-          [](std::int64_t h) { return h; }, threads());
+          [](std::int64_t h) { return h; }, worker_threads(p_));
       q_ = std::move(projected_q);
       // Keys are projected once per key head when Wk is shared, once per query head otherwise.
       keys_per_query_head_ = p.wk.strides[0] != 0;
@@ -74,7 +74,7 @@ class StreamingKernel {
       const std::int64_t group = keys_per_query_head_ ? p.group_size : 1;
       project(
           projected_k, k_, p.wk, false, p.batch, p.k_len, heads, p.additive_dim, p.k_dim,
-          [group](std::int64_t h) { return h / group; }, threads());
+          [group](std::int64_t h) { return h / group; }, worker_threads(p_));
       k_ = std::move(projected_k);
       va_.resize(static_cast<std::size_t>(p.q_heads * p.additive_dim));
       for (std::int64_t h = 0; h < p.q_heads; ++h)
@@ -86,27 +86,20 @@ class StreamingKernel {
   void run() const {
     const std::int64_t row_blocks = (p_.q_len + kRowsPerItem - 1) / kRowsPerItem;
     const std::int64_t items = p_.batch * p_.q_heads * row_blocks;
-#pragma omp parallel num_threads(threads())
-    {
-      Scratch scratch(p_.v_dim);
-#pragma omp for schedule(dynamic)
-      for (std::int64_t item = 0; item < items; ++item) {
-        const std::int64_t row_block = item % row_blocks;
-        const std::int64_t h = (item / row_blocks) % p_.q_heads;
-        const std::int64_t b = item / (row_blocks * p_.q_heads);
-        const std::int64_t row_end = std::min(p_.q_len, (row_block + 1) * kRowsPerItem);
-        for (std::int64_t i = row_block * kRowsPerItem; i < row_end; ++i) {
-          attend_row(b, h, i, scratch);
-        }
-      }
-    }
+    parallel_for_each(
+        worker_threads(p_), items, [this] { return Scratch(p_.v_dim); },
+        [&](Scratch& scratch, std::int64_t item) {
+          const std::int64_t row_block = item % row_blocks;
+          const std::int64_t h = (item / row_blocks) % p_.q_heads;
+          const std::int64_t b = item / (row_blocks * p_.q_heads);
+          const std::int64_t row_end = std::min(p_.q_len, (row_block + 1) * kRowsPerItem);
+          for (std::int64_t i = row_block * kRowsPerItem; i < row_end; ++i) {
+            attend_row(b, h, i, scratch);
+          }
+        });
   }
 
  private:
-  int threads() const {
-    return p_.threads > 0 ? p_.threads : omp_get_max_threads();
-  }
-
   struct Scratch {
     explicit Scratch(std::int64_t v_dim)
         : scores(kKeyBlock), accumulator(static_cast<std::size_t>(v_dim)) {}

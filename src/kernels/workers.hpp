@@ -1,0 +1,57 @@
+// The threads the kernels share out their work on.
+//
+// Why not OpenMP's own: libgomp's idle threads spin for their next region (300 000 pauses, about
+// 14 ms on this project's machines) unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set before the
+// process starts — which a library cannot do for its host. On a shared machine those spinning
+// threads take the cores other processes want, and every region then waits for a descheduled
+// thread: `qkv demo` ran 5.4× slower beside two busy processes instead of 2×. These workers spin
+// for at most kSpinMicroseconds after a call and then sleep on a condition variable, so a busy
+// machine slows qkv down fairly and a loop of calls still finds them awake. OpenMP's thread count
+// (OMP_NUM_THREADS, omp_get_max_threads) still says how many threads "all cores" means.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <functional>
+
+namespace qkv::kernels {
+
+// How long a worker, or a caller waiting for its workers, spins before it sleeps.
+inline constexpr int kSpinMicroseconds = 50;
+
+// Runs task(0) on the calling thread and task(w), 0 < w < workers, on each helper that joins in
+// time, and returns when every task that started has returned. A task must take its work from a
+// queue it shares with the others (see parallel_for): the caller's task(0) may find itself alone —
+// when the helpers are busy with a nested or concurrent call, or have not woken before the caller
+// ran out of work (a helper without a core on a busy machine never holds the call up).
+void run_on_workers(int workers, const std::function<void(int worker)>& task);
+
+// Calls body(state, i) for every i in [0, count), on up to `threads` threads, handing the indices
+// out one at a time (the longest items first is the caller's order to choose). Each thread that
+// takes part makes its own state with make_state() first (its scratch buffers). With one thread,
+// or one index, no worker is woken.
+template <class MakeState, class Body>
+void parallel_for_each(int threads, std::int64_t count, MakeState make_state, Body body) {
+  if (count <= 0) return;
+  const int workers = static_cast<int>(std::min<std::int64_t>(std::max(threads, 1), count));
+  std::atomic<std::int64_t> next{0};
+  const auto take_all = [&](int) {
+    auto state = make_state();
+    for (std::int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) body(state, i);
+  };
+  if (workers == 1) {
+    take_all(0);
+  } else {
+    run_on_workers(workers, take_all);
+  }
+}
+
+// body(i) for every i in [0, count), as parallel_for_each without a state.
+template <class Body>
+void parallel_for(int threads, std::int64_t count, Body body) {
+  parallel_for_each(
+      threads, count, [] { return 0; }, [&](int, std::int64_t i) { body(i); });
+}
+
+}  // namespace qkv::kernels

@@ -1,0 +1,115 @@
+// The kernels' worker threads: every index exactly once, nested and concurrent calls, idle workers
+// that sleep instead of spinning, and small problems that stay on the calling thread.
+
+#include <gtest/gtest.h>
+#include <pthread.h>
+
+#include <atomic>
+#include <chrono>
+#include <ctime>
+#include <mutex>
+#include <set>
+#include <thread>
+#include <vector>
+
+#include "kernels/operands.hpp"
+#include "kernels/workers.hpp"
+#include "qkv/attention.hpp"
+
+namespace qkv::kernels {
+namespace {
+
+TEST(Workers, EveryIndexExactlyOnce) {
+  for (const int threads : {1, 2, 3, 8}) {
+    for (const std::int64_t count : {0, 1, 2, 7, 1000}) {
+      std::vector<std::atomic<int>> seen(static_cast<std::size_t>(count));
+      parallel_for(threads, count, [&](std::int64_t i) { seen[static_cast<std::size_t>(i)]++; });
+      for (std::int64_t i = 0; i < count; ++i)
+        EXPECT_EQ(seen[static_cast<std::size_t>(i)].load(), 1) << threads << " " << count;
+    }
+  }
+}
+
+TEST(Workers, EachThreadMakesItsOwnState) {
+  std::atomic<int> states{0};
+  std::atomic<std::int64_t> total{0};
+  parallel_for_each(
+      4, 10000,
+      [&] {
+        states++;
+        return std::int64_t{0};
+      },
+      [&](std::int64_t& mine, std::int64_t i) {
+        mine += i;
+        total += i;
+      });
+  EXPECT_EQ(total.load(), 10000 * 9999 / 2);
+  EXPECT_GE(states.load(), 1);
+  EXPECT_LE(states.load(), 4);
+}
+
+TEST(Workers, NestedAndConcurrentCallsFinish) {
+  std::atomic<std::int64_t> inner{0};
+  parallel_for(2, 8, [&](std::int64_t) {
+    parallel_for(2, 100, [&](std::int64_t) { inner++; });  // runs on its caller alone
+  });
+  EXPECT_EQ(inner.load(), 800);
+
+  std::atomic<std::int64_t> calls{0};
+  std::vector<std::thread> callers;
+  for (int c = 0; c < 4; ++c) {
+    callers.emplace_back([&] {
+      for (int round = 0; round < 200; ++round) parallel_for(2, 16, [&](std::int64_t) { calls++; });
+    });
+  }
+  for (std::thread& caller : callers) caller.join();
+  EXPECT_EQ(calls.load(), 4 * 200 * 16);
+}
+
+double cpu_seconds(pthread_t thread) {
+  clockid_t clock{};
+  timespec time{};
+  if (pthread_getcpuclockid(thread, &clock) != 0 || clock_gettime(clock, &time) != 0) return 0;
+  return static_cast<double>(time.tv_sec) + 1e-9 * static_cast<double>(time.tv_nsec);
+}
+
+// The property a shared machine needs: once a call has returned, its helpers stop taking CPU
+// time within kSpinMicroseconds (OpenMP's default spins for milliseconds after each region).
+// Measured on the helper threads themselves (OpenBLAS's own threads spin at start-up).
+TEST(Workers, IdleWorkersSleep) {
+  const pthread_t caller = pthread_self();
+  std::mutex mutex;
+  std::set<pthread_t> helpers;
+  parallel_for(4, 400, [&](std::int64_t) {
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+    while (std::chrono::steady_clock::now() < until) {
+    }
+    std::lock_guard<std::mutex> lock(mutex);
+    if (!pthread_equal(pthread_self(), caller)) helpers.insert(pthread_self());
+  });
+  if (helpers.empty()) GTEST_SKIP() << "no helper joined (the machine is busy)";
+  double before = 0, after = 0;
+  for (pthread_t helper : helpers) before += cpu_seconds(helper);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  for (pthread_t helper : helpers) after += cpu_seconds(helper);
+  EXPECT_LT(after - before, 0.005)
+      << "helpers spun " << (after - before) * 1e3 << " ms of CPU while there was no work";
+}
+
+TEST(Workers, SmallProblemsStayOnTheCallingThread) {
+  detail::AttentionProblem p;
+  p.batch = 1;
+  p.q_heads = p.kv_heads = 4;
+  p.q_len = p.k_len = 32;
+  p.q_dim = p.k_dim = p.v_dim = 64;
+  EXPECT_EQ(worker_threads(p), 1);  // 0.5 M multiply-adds: one thread
+  p.q_len = p.k_len = 1024;
+  EXPECT_EQ(worker_threads(p), omp_get_max_threads());
+  p.threads = 3;  // the caller's explicit choice stands
+  EXPECT_EQ(worker_threads(p), 3);
+  p.q_len = p.k_len = 8;
+  EXPECT_EQ(worker_threads(p), 3);
+}
+
+}  // namespace
+}  // namespace qkv::kernels
