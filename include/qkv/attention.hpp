@@ -82,7 +82,9 @@ struct AttentionOptions {
   double dropout = 0.0;
   std::uint64_t dropout_seed = 0;
 
-  // Worker threads; 0 uses the OpenMP default.
+  // Threads for this call. 0: one for a problem under 2.5 M multiply-adds (waking a thread would
+  // cost more), else OpenMP's count (OMP_NUM_THREADS, or every core). Idle threads sleep after a
+  // call (contract.md §8).
   int threads = 0;
 };
 
@@ -91,7 +93,8 @@ struct AttentionOutputs {
   // O [B, Nq, Hq, Dv], float32, float64 or bfloat16.
   MutableTensorView out;
   // LSE [B, Hq, Nq], float32 or float64 (or bfloat16): natural log of each row's softmax
-  // denominator.
+  // denominator, computed in double. Keep it in float64 for attention_backward when logits are
+  // large: a float32 LSE carries an error of |LSE|·2⁻²⁴ into every recomputed weight.
   std::optional<MutableTensorView> lse;
   // P [B, Hq, Nq, Nk], float32 or float64 (or bfloat16): the softmax weights (after dropout, as
   // the values were averaged with them, like PyTorch's MultiheadAttention). O(N²) memory: only on

@@ -39,8 +39,11 @@ struct SavedForward {
 // With `saved` from the whole problem, a call on a block of it (AttentionOptions::query_offset …)
 // gives that block's share of every gradient: summed over blocks, the whole problem's. Without
 // `saved`, the forward is
-// run first (float32) to get O and LSE. Keep LSE in float32 when the inputs are bfloat16: P is
-// recomputed as e^(s − LSE), and a bfloat16 LSE would shift it by up to 2^-8·|LSE|.
+// run first to get O and a float64 LSE. P is recomputed as e^(s − LSE): save LSE in float64 to
+// keep every gradient as precise as PyTorch's float32 (contract.md §7; a float32 LSE costs up to
+// |LSE|·2⁻²⁴, a bfloat16 one 2⁻⁸·|LSE|). For a problem with few query rows per head (the split-KV
+// decoding kernel's), the backward re-derives LSE and dO·O from its own scores when the call
+// holds every key.
 // Memory: O(N·D) working space (packed operands, one dQ per key chunk), which the calling thread
 // keeps between calls at the size of the largest problem it has run.
 // Validates like attention_forward, plus the shapes of dout, dlse, saved and every gradient.

@@ -60,9 +60,19 @@ class Workers {
       generation_.fetch_add(1, std::memory_order_release);
       if (sleeping_ > 0) wake_.notify_all();
     }
-    task(0);
-    // Close the team: a helper that has not joined by now (descheduled on a busy machine, or
-    // still asleep) finds the work taken and stays out; wait only for those inside the task.
+    try {
+      task(0);
+    } catch (...) {  // no helper may outlive the call whose state it reads
+      Close();
+      throw;
+    }
+    Close();
+  }
+
+ private:
+  // Closes the team: a helper that has not joined by now (descheduled on a busy machine, or
+  // still asleep) finds the work taken and stays out; waits only for those inside the task.
+  void Close() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       open_ = false;
@@ -73,7 +83,6 @@ class Workers {
     }
   }
 
- private:
   void Grow(int helpers) {
     while (static_cast<int>(threads_.size()) < helpers) {
       // The thread may start after the team it is grown for is published: it must count that

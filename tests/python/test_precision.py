@@ -191,19 +191,27 @@ def test_the_rule_can_fail():
 
 
 def test_weights_precise_with_logits_of_1e4():
-    """The returned weights, with logits near ±1e4 (inputs of magnitude 100, D = 8), are within 2×
-    a naive float32 softmax's error (LSE kept in two parts, not rounded to float32)."""
+    """The returned weights, with logits near 1e4 (integer inputs of magnitude 100, D = 8, the dot
+    score: every logit exact in float32), are within 2× a naive float32 softmax's error. A float32
+    LSE alone would be off by up to half its unit in the last place, 2^-11 here (the old kernels:
+    27× the naive error)."""
     g = torch.Generator().manual_seed(3)
-    q = (torch.randn(1, 64, 2, 8, generator=g, dtype=torch.float64) * 100).float()
-    k = (torch.randn(1, 64, 2, 8, generator=g, dtype=torch.float64) * 100).float()
-    v = torch.randn(1, 64, 2, 8, generator=g).float()
-    _, weights = qkv.attention(q, k, v, return_weights=True)
-    scale = 1 / math.sqrt(8)
-    reference = torch.softmax(
-        torch.einsum("bihd,bjhd->bhij", q.double(), k.double()) * scale, -1)
-    naive = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) * scale, -1)
+    base = torch.randint(-100, 101, (1, 1, 2, 8), generator=g).double()
+    q = torch.randint(-100, 101, (1, 48, 2, 8), generator=g).double()
+    q[..., 7] = 1.0  # the last feature separates the keys by a few units: rows of many weights
+    k = base.repeat(1, 64, 1, 1)
+    k[..., 7] = torch.randint(-4, 5, (1, 64, 2), generator=g).double()
+    v = torch.randn(1, 64, 2, 8, generator=g)
+    _, weights = qkv.attention(q.float(), k.float(), v.float(), score="dot", return_weights=True)
+    logits = torch.einsum("bihd,bjhd->bhij", q, k)
+    assert 5e3 < logits.abs().max() < 1e5
+    reference = torch.softmax(logits, -1)
+    naive = torch.softmax(logits.float(), -1)
     ours = (weights.double() - reference).abs().max().item()
     plain = (naive.double() - reference).abs().max().item()
+    rounded_lse = torch.logsumexp(logits, -1, keepdim=True).float().double()
+    float32_lse = (torch.exp(logits - rounded_lse) - reference).abs().max().item()
+    assert float32_lse > 10 * plain  # the case the rule is about
     assert ours <= 2 * plain + 1e-7, (ours, plain)
 
 

@@ -241,14 +241,15 @@ void run_attention(const AttentionFlags& flags) {
   const std::vector<std::int64_t> lse_shape = file_shape({batch, q_heads, q_len}, 1);
   const std::vector<std::int64_t> weights_shape = file_shape({batch, q_heads, q_len, k_len}, 1);
 
-  // O in V's dtype; LSE in float32; weights in float32 (float64 for float64 inputs).
+  // O in V's dtype; LSE written in float32; weights in float32 (float64 for float64 inputs).
   Tensor out(v.dtype(), out_shape);
   std::optional<Tensor> lse, weights;
   AttentionOutputs outputs;
   outputs.out =
       MutableTensorView::contiguous(out.raw(), out.dtype(), {batch, q_len, q_heads, v_dim});
   if (!flags.lse.empty() || dout) {  // the backward needs LSE, written or not
-    lse.emplace(DType::float32, lse_shape);
+    // Kept in float64 for the backward's weights (contract.md §7); the file is float32.
+    lse.emplace(DType::float64, lse_shape);
     outputs.lse = MutableTensorView::contiguous(lse->raw(), lse->dtype(), {batch, q_heads, q_len});
   }
   if (!flags.weights.empty() || !flags.weights_png.empty()) {
@@ -290,11 +291,8 @@ void run_attention(const AttentionFlags& flags) {
     parameter(flags.dwq, loaded.wq, gradients.dwq, "--dwq", "--wq");
     parameter(flags.dwk, loaded.wk, gradients.dwk, "--dwk", "--wk");
     parameter(flags.dva, loaded.va, gradients.dva, "--dva", "--va");
-    // float64 recomputes its own LSE: the one written is float32.
     const std::optional<SavedForward> saved =
-        q.dtype() == DType::float64 ? std::nullopt
-                                    : std::optional<SavedForward>(SavedForward{
-                                          outputs.out.as_const(), outputs.lse->as_const()});
+        SavedForward{outputs.out.as_const(), outputs.lse->as_const()};
     attention_backward(qv, kv, vv, options, sequence_view(*dout, "--dout"), std::nullopt, gradients,
                        saved);
   }
@@ -302,7 +300,12 @@ void run_attention(const AttentionFlags& flags) {
   // 4. Write all outputs, or none.
   StagedFiles files;
   add_npy(files, flags.out, out.view());
-  if (!flags.lse.empty()) add_npy(files, flags.lse, lse->view());
+  if (!flags.lse.empty()) {
+    Tensor lse32(DType::float32, lse->shape());
+    for (std::int64_t i = 0; i < lse->numel(); ++i)
+      lse32.data<float>()[i] = static_cast<float>(lse->data<double>()[i]);
+    add_npy(files, flags.lse, lse32.view());
+  }
   if (!flags.weights.empty()) add_npy(files, flags.weights, weights->view());
   if (!flags.weights_png.empty()) {  // batch 0: one panel per head
     const TensorView first_batch =

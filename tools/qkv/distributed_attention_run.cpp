@@ -104,7 +104,10 @@ std::pair<int, int> start_mpi() {
 }
 
 void run_distributed_attention(const DistributedRun& run) {
-  const auto [ranks, rank] = start_mpi();
+  // (Plain variables, not a structured binding: lambdas below capture them, which clang 14
+  // refuses for bindings.)
+  const std::pair<int, int> mpi = start_mpi();
+  const int ranks = mpi.first, rank = mpi.second;
   const auto fail_everywhere = [&](const std::string& message) {
     fmt::print(stderr, "qkv: rank {}: {}\n", rank, message);
     MPI_Abort(MPI_COMM_WORLD, 2);

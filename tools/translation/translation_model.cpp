@@ -124,7 +124,7 @@ struct TranslationModel::Activations {
 
 TranslationModel::TranslationModel(const ModelConfig& config, std::int64_t source_vocab,
                                    std::int64_t target_vocab, std::uint64_t seed)
-    : config_(config), source_vocab_(source_vocab), target_vocab_(target_vocab) {
+    : config_(config), target_vocab_(target_vocab) {
   std::mt19937_64 rng(seed);
   const std::int64_t e = config.embed_dim;
   source_embedding_ = normal_tensor({source_vocab, e}, 0.5, rng);

@@ -81,7 +81,7 @@ class TranslationModel {
  private:
   struct Activations;
   ModelConfig config_;
-  std::int64_t source_vocab_, target_vocab_;
+  std::int64_t target_vocab_;  // the source vocabulary is the rows of source_embedding_
   Tensor source_embedding_, target_embedding_, source_position_, target_position_;
   Tensor source_embedding_grad_, target_embedding_grad_, source_position_grad_,
       target_position_grad_;
