@@ -363,7 +363,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     starts_k = [int(x) for x in _numpy_view(cu_seqlens_k, "cu_seqlens_k")]
     if len(starts_q) != len(starts_k) or len(starts_q) < 1:
         raise Error(f"cu_seqlens_q, cu_seqlens_k: expected the same number (>= 1) of "
-                         f"offsets, got {len(starts_q)} and {len(starts_k)}")
+                    f"offsets, got {len(starts_q)} and {len(starts_k)}")
     for name, starts, total, longest in (("cu_seqlens_q", starts_q, q.shape[0], max_seqlen_q),
                                           ("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)):
         lengths = np.diff(starts)
@@ -371,7 +371,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise Error(f"{name}: expected offsets rising from 0 to {total}, got {starts}")
         if len(lengths) and lengths.max() > longest:
             raise Error(f"{name}: expected sequences of at most {longest} (the max_seqlen), "
-                             f"got {lengths.max()}")
+                        f"got {lengths.max()}")
     seed = _seed(dropout_p, None)
     outs, lses, probs = [], [], []
     for i in range(len(starts_q) - 1):

@@ -30,7 +30,7 @@ class MultiheadAttention(_nn.Module):
                  dtype=None, score="scaled_dot", additive_dim=None):
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise Error(f"embed_dim: expected a positive multiple of num_heads ({num_heads}), "
-                             f"got {embed_dim}")
+                        f"got {embed_dim}")
         if score not in ("scaled_dot", "bilinear", "additive"):
             raise Error(f"score: expected scaled_dot, bilinear or additive, got '{score}'")
         factory = {"device": device, "dtype": dtype}

@@ -12,7 +12,7 @@ void add_attention_command(CLI::App& app);
 // qkv bench: attention throughput beside OpenBLAS sgemm.
 void add_bench_command(CLI::App& app);
 
-// qkv demo: self-attention on a built-in sentence, shown for every score.
+// qkv demo: trains the toy translator with qkv and shows where its attention looks.
 void add_demo_command(CLI::App& app);
 
 // qkv plot WEIGHTS.npy -o FILE.png|FILE.svg: a heatmap of attention weights.
