@@ -49,7 +49,7 @@ const char* name_of(DType dtype) {
   return "";
 }
 
-// A header value as ASCII JSON (non-ASCII as \uXXXX), escaped for a message.
+// A header value as JSON in ASCII (other characters as \u escapes), escaped for a message.
 std::string ascii_json(const nlohmann::json& value) {
   return io::escaped(value.dump(-1, ' ', /*ensure_ascii=*/true));
 }

@@ -175,79 +175,50 @@ class BackwardKernel {
     after_cap_.softcap = 0.0;
   }
 
-  // The row statistics from this kernel's own S and P, for the rows that see a key (rows whose
-  // saved LSE is -inf see none and keep it), in place of the saved LSE and of dO·O:
-  //   pass 1: LSE by the forward's online max and sum, stored as lse_high + lse_low;
-  //   pass 2: Δ = Σ_j P_ij dP_ij − dLSE_i (dlse: [B, Hq, Nq] or null) with P from step 2 itself,
-  // so that Σ_j dS_ij = 0 holds for the very P and dP that steps 2–4 compute. The same products
-  // and options as steps 1–3 (S by row dot products: only such problems re-derive); work items:
+  // The row statistics from this kernel's own S, for the rows that see a key (rows whose saved
+  // LSE is -inf see none and keep it), in place of the saved LSE and of dO·O, in one walk over
+  // the keys with the forward's online softmax: the running maximum m, l = Σ e^(s − m) and
+  // t = Σ e^(s − m) dP, rescaled together when m grows; then LSE = m + log l (stored as
+  // lse_high + lse_low) and Δ = t / l, added to delta (which holds −dLSE). The same products and
+  // options as steps 1–3 (S by row dot products: only such problems re-derive); work items:
   // (batch, query head, block of 64 rows).
-  void RederiveRowStatistics(float* lse_high, float* lse_low, float* delta,
-                             const float* dlse) const {
-    const FloatTag d;
+  void RederiveRowStatistics(float* lse_high, float* lse_low, float* delta) const {
     const std::int64_t query_blocks = (p_.q_len + kBlock - 1) / kBlock;
     const std::int64_t items = p_.batch * p_.q_heads * query_blocks;
-    struct RowsOfThread {
-      Scratch s;
-      float row_max[kBlock], row_sum[kBlock];
-      double row_dot[kBlock];
-    };
     parallel_for_each(
         worker_threads(p_), items,
         [this] {
-          return RowsOfThread{Scratch(o_), {}, {}, {}};
+          return RowStatistics{Scratch(o_), {}, {}, {}};
         },
-        [&](RowsOfThread& thread, std::int64_t item) {
-          Scratch& s = thread.s;
-          float* row_max = thread.row_max;
-          float* row_sum = thread.row_sum;
-          double* row_dot = thread.row_dot;
+        [&](RowStatistics& rows_of, std::int64_t item) {
+          Scratch& s = rows_of.scratch;
           const std::int64_t i0 = item % query_blocks * kBlock;
           const std::int64_t h = item / query_blocks % p_.q_heads;
           const std::int64_t b = item / (query_blocks * p_.q_heads);
           const std::int64_t hv = p_.kv_head(h);
           const std::int64_t rows = std::min(kBlock, p_.q_len - i0);
-          const std::int64_t first_row = (b * p_.q_heads + h) * p_.q_len + i0;
-          std::fill(row_max, row_max + rows, -std::numeric_limits<float>::infinity());
-          std::fill(row_sum, row_sum + rows, 0.0f);
-          std::fill(row_dot, row_dot + rows, 0.0);
-          for (int pass = 1; pass <= 2; ++pass) {
-            for (std::int64_t j0 = 0; j0 < p_.k_len; j0 += kBlock) {
-              const std::int64_t keys = std::min(kBlock, p_.k_len - j0);
-              if (!FindVisible(b, h, i0, rows, j0, keys, s)) continue;
-              Scores(QRow(b, h, i0), rows, KRow(b, KeyHead(h), j0), keys, s);
-              if (pass == 1) {
-                for (std::int64_t r = 0; r < rows; ++r)
-                  OnlineSoftmaxSum(b, h, i0, r, j0, row_max, row_sum, s);
-                continue;
-              }
-              PackTransposed(o_.v + ((b * p_.kv_heads + hv) * p_.k_len + j0) * o_.value_stride,
-                             o_.value_stride, keys, p_.v_dim, s.values_t);
-              Gemm(rows, kBlock, p_.v_dim, {DoutRow(b, h, i0), o_.value_stride, 1}, s.values_t,
-                   kBlock, s.d_scores, kBlock, false);
-              for (std::int64_t r = 0; r < rows; ++r) {
-                Probabilities(b, h, i0 + r, r, j0, s);
-                const float* weights = s.scores + r * kBlock;
-                const float* d_weights = s.d_scores + r * kBlock;
-                Vec dot = hn::Zero(d);
-                for (std::int64_t t = 0; t < kBlock; t += lanes_)
-                  dot = hn::MulAdd(hn::LoadU(d, weights + t), hn::LoadU(d, d_weights + t), dot);
-                row_dot[r] += hn::GetLane(hn::SumOfLanes(d, dot));
-              }
-            }
-            if (pass == 2) break;
-            for (std::int64_t r = 0; r < rows; ++r) {  // LSE, before pass 2 reads it
-              if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
-              const double lse = static_cast<double>(row_max[r]) + std::log(double{row_sum[r]});
-              lse_high[first_row + r] = static_cast<float>(lse);
-              lse_low[first_row + r] =
-                  static_cast<float>(lse - static_cast<double>(lse_high[first_row + r]));
+          std::fill(rows_of.max, rows_of.max + rows, -std::numeric_limits<float>::infinity());
+          std::fill(rows_of.sum, rows_of.sum + rows, 0.0);
+          std::fill(rows_of.dot, rows_of.dot + rows, 0.0);
+          for (std::int64_t j0 = 0; j0 < p_.k_len; j0 += kBlock) {
+            const std::int64_t keys = std::min(kBlock, p_.k_len - j0);
+            if (!FindVisible(b, h, i0, rows, j0, keys, s)) continue;
+            Scores(QRow(b, h, i0), rows, KRow(b, KeyHead(h), j0), keys, s);
+            PackTransposed(o_.v + ((b * p_.kv_heads + hv) * p_.k_len + j0) * o_.value_stride,
+                           o_.value_stride, keys, p_.v_dim, s.values_t);
+            Gemm(rows, kBlock, p_.v_dim, {DoutRow(b, h, i0), o_.value_stride, 1}, s.values_t,
+                 kBlock, s.d_scores, kBlock, false);
+            for (std::int64_t r = 0; r < rows; ++r) {
+              if (ScoreOptions(b, h, i0 + r, r, j0, s)) OnlineRowUpdate(r, rows_of, s);
             }
           }
           for (std::int64_t r = 0; r < rows; ++r) {
-            if (row_max[r] == -std::numeric_limits<float>::infinity()) continue;
-            delta[first_row + r] =
-                static_cast<float>(row_dot[r] - (dlse ? dlse[first_row + r] : 0.0f));
+            if (rows_of.max[r] == -std::numeric_limits<float>::infinity()) continue;
+            const std::int64_t row = (b * p_.q_heads + h) * p_.q_len + i0 + r;
+            const double lse = static_cast<double>(rows_of.max[r]) + std::log(rows_of.sum[r]);
+            lse_high[row] = static_cast<float>(lse);
+            lse_low[row] = static_cast<float>(lse - static_cast<double>(lse_high[row]));
+            delta[row] = static_cast<float>(rows_of.dot[r] / rows_of.sum[r] + delta[row]);
           }
         });
   }
@@ -401,7 +372,7 @@ class BackwardKernel {
   // product over the packed Kᵀ, summed over D in blocks exactly as the forward's; or, for a
   // problem with few query rows (row_dot_scores), each score one dot product of the rows of q and
   // k in vector lanes and then across them — the order of a BLAS matrix-vector product, which
-  // rounds a peaked row's scores 2–4× less than blocks of 16 (keys past `count` score 0).
+  // rounds a peaked row's scores 2–4× less than blocks of 32 (keys past `count` score 0).
   void Scores(const float* q, std::int64_t rows, const float* keys, std::int64_t count,
               Scratch& s) const {
     const std::int64_t ss = o_.score_stride;
@@ -425,23 +396,34 @@ class BackwardKernel {
     }
   }
 
-  // Pass 1 of RederiveRowStatistics on row r of the tile of S: the options, then the online max
-  // m and sum l of e^(s − m), as the forward keeps them.
-  void OnlineSoftmaxSum(std::int64_t b, std::int64_t h, std::int64_t i0, std::int64_t r,
-                        std::int64_t j0, float* row_max, float* row_sum, Scratch& s) const {
+  // RederiveRowStatistics' running m, l and t of one block of query rows.
+  struct RowStatistics {
+    Scratch scratch;
+    float max[kBlock];
+    double sum[kBlock], dot[kBlock];
+  };
+
+  // Row r of the tile (S with the options applied, dP beside it) into the row's running
+  // statistics: m' = max(m, max S), then l and t rescaled by e^(m − m') and added to.
+  void OnlineRowUpdate(std::int64_t r, RowStatistics& rows_of, const Scratch& s) const {
     const FloatTag d;
-    if (!ScoreOptions(b, h, i0 + r, r, j0, s)) return;
     const float* scores = s.scores + r * kBlock;
+    const float* d_weights = s.d_scores + r * kBlock;
     Vec maximum = hn::Set(d, -std::numeric_limits<float>::infinity());
     for (std::int64_t t = 0; t < kBlock; t += lanes_)
       maximum = hn::Max(maximum, hn::LoadU(d, scores + t));
-    const float new_max = std::max(row_max[r], hn::GetLane(hn::MaxOfLanes(d, maximum)));
+    const float new_max = std::max(rows_of.max[r], hn::GetLane(hn::MaxOfLanes(d, maximum)));
     if (new_max == -std::numeric_limits<float>::infinity()) return;
-    Vec sum = hn::Zero(d);
-    for (std::int64_t t = 0; t < kBlock; t += lanes_)
-      sum = hn::Add(sum, hn::Exp(d, hn::Sub(hn::LoadU(d, scores + t), hn::Set(d, new_max))));
-    row_sum[r] = row_sum[r] * std::exp(row_max[r] - new_max) + hn::GetLane(hn::SumOfLanes(d, sum));
-    row_max[r] = new_max;
+    Vec sum = hn::Zero(d), dot = hn::Zero(d);
+    for (std::int64_t t = 0; t < kBlock; t += lanes_) {
+      const Vec weight = hn::Exp(d, hn::Sub(hn::LoadU(d, scores + t), hn::Set(d, new_max)));
+      sum = hn::Add(sum, weight);
+      dot = hn::MulAdd(weight, hn::LoadU(d, d_weights + t), dot);
+    }
+    const double correction = std::exp(static_cast<double>(rows_of.max[r]) - new_max);
+    rows_of.sum[r] = rows_of.sum[r] * correction + hn::GetLane(hn::SumOfLanes(d, sum));
+    rows_of.dot[r] = rows_of.dot[r] * correction + hn::GetLane(hn::SumOfLanes(d, dot));
+    rows_of.max[r] = new_max;
   }
 
   // 2. Row r of the tile: the options on S (ScoreOptions), then P = e^(s − LSE) with the
@@ -590,8 +572,8 @@ void FusedBackward(const BackwardOperands& operands) {
 }
 
 void RederiveRowStatistics(const BackwardOperands& operands, float* lse_high, float* lse_low,
-                           float* delta, const float* dlse) {
-  BackwardKernel(operands).RederiveRowStatistics(lse_high, lse_low, delta, dlse);
+                           float* delta) {
+  BackwardKernel(operands).RederiveRowStatistics(lse_high, lse_low, delta);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -683,8 +665,8 @@ void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64
                std::int64_t heads, std::int64_t in_dim, std::int64_t stride, double factor,
                const DenseWeights* weights, SourceHead source_head, int threads) {
   const std::int64_t out_dim = weights != nullptr ? weights->rows : in_dim;
-  parallel_for(threads, (batch) * (heads), [&](std::int64_t index) {
-    const std::int64_t b = index / (heads), h = index % (heads);
+  parallel_for(threads, batch * heads, [&](std::int64_t index) {
+    const std::int64_t b = index / heads, h = index % heads;
     std::vector<double> row(static_cast<std::size_t>(in_dim));
     for (std::int64_t n = 0; n < length; ++n) {
       float* target = out + ((b * heads + h) * length + n) * stride;
@@ -723,8 +705,8 @@ void outer_product_gradient(const MutableTensorView& target, bool shared, std::i
                             DenseRows right, RightHead right_head, double factor, int threads) {
   const std::int64_t stored_heads = shared ? 1 : heads;
   std::vector<double> values(static_cast<std::size_t>(stored_heads * rows * cols));
-  parallel_for(threads, (stored_heads) * (rows), [&](std::int64_t index) {
-    const std::int64_t sh = index / (rows), r = index % (rows);
+  parallel_for(threads, stored_heads * rows, [&](std::int64_t index) {
+    const std::int64_t sh = index / rows, r = index % rows;
     double* sums = values.data() + (sh * rows + r) * cols;
     for (std::int64_t h = shared ? 0 : sh; h < (shared ? heads : sh + 1); ++h) {
       for (std::int64_t b = 0; b < batch; ++b) {
@@ -804,19 +786,31 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
             static_cast<float>(p.scale * p.va.load(h, a));
     o.additive_v = additive_v.data();
   }
-  // LSE and Δ − dLSE per row (dO as packed above).
+  // P = e^(s − LSE) is only as precise as s here and s in the forward agree: in a peaked row the
+  // largest P is e^(s_max − LSE) ≈ 1, and any difference between the two roundings of s_max is
+  // all its error; likewise Δ = dO·O must be the Σ P dP of the P recomputed here. The fused
+  // forward computes S exactly as this kernel does; the split-KV decode kernel (dot products
+  // along D) does not, which cost up to 10× PyTorch's float32 error in dQ and dK. A problem it
+  // would have run has few query rows, so LSE and Δ are re-derived here from this kernel's own S
+  // and P (one more pass of two products over those few rows) — when the call holds all of the
+  // keys (a block of a larger problem needs the whole problem's, which only the caller has).
+  const bool rederive = decode_attention_supports(p) && p.key_offset == 0 && p.key_total == Nk &&
+                        B * Hq * Nq > 0 && Nk > 0;
+  // LSE and Δ − dLSE per row (dO as packed above); when re-derived, Δ is added below.
   float* lse_high = buffer(kLseHigh, B * Hq * Nq);
   float* lse_low = buffer(kLseLow, B * Hq * Nq);
   float* delta = buffer(kDelta, B * Hq * Nq);
-  parallel_for(threads, (B) * (Hq), [&](std::int64_t index) {
-    const std::int64_t b = index / (Hq), h = index % (Hq);
+  parallel_for(threads, B * Hq, [&](std::int64_t index) {
+    const std::int64_t b = index / Hq, h = index % Hq;
     std::vector<double> out_row(static_cast<std::size_t>(p.v_dim));
     for (std::int64_t i = 0; i < Nq; ++i) {
       const std::int64_t row = (b * Hq + h) * Nq + i;
-      read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
       double sum = 0.0;
-      for (std::int64_t d = 0; d < p.v_dim; ++d)
-        sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
+      if (!rederive) {
+        read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
+        for (std::int64_t d = 0; d < p.v_dim; ++d)
+          sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
+      }
       if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
       const double lse = inputs.lse.load(b, h, i);
       lse_high[row] = static_cast<float>(lse);
@@ -830,29 +824,10 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   o.dout = dout;
   o.lse_high = lse_high;
   o.lse_low = lse_low;
-  // P = e^(s − LSE) is only as precise as s here and s in the forward agree: in a peaked row the
-  // largest P is e^(s_max − LSE) ≈ 1, and any difference between the two roundings of s_max is
-  // all its error; likewise Δ = dO·O must be the Σ P dP of the P recomputed here. The fused
-  // forward computes S exactly as this kernel does; the split-KV decode kernel (dot products
-  // along D) does not, which cost up to 10× PyTorch's float32 error in dQ and dK. A problem it
-  // would have run has few query rows, so LSE and Δ are re-derived here from this kernel's own S
-  // and P (one more pass of two products over those few rows) — when the call holds all of the
-  // keys (a block of a larger problem needs the whole problem's, which only the caller has).
-  if (decode_attention_supports(p) && p.key_offset == 0 && p.key_total == Nk && B * Hq * Nq > 0 &&
-      Nk > 0) {
-    std::vector<float> dlse;
-    if (inputs.dlse.present) {
-      dlse.resize(static_cast<std::size_t>(B * Hq * Nq));
-      for (std::int64_t b = 0; b < B; ++b)
-        for (std::int64_t h = 0; h < Hq; ++h)
-          for (std::int64_t i = 0; i < Nq; ++i)
-            dlse[static_cast<std::size_t>((b * Hq + h) * Nq + i)] =
-                static_cast<float>(inputs.dlse.load(b, h, i));
-    }
+  if (rederive) {
     o.row_dot_scores = true;
     apply_simd_environment();
-    HWY_DYNAMIC_DISPATCH(RederiveRowStatistics)
-    (o, lse_high, lse_low, delta, dlse.empty() ? nullptr : dlse.data());
+    HWY_DYNAMIC_DISPATCH(RederiveRowStatistics)(o, lse_high, lse_low, delta);
   }
   o.delta = delta;
 
@@ -915,8 +890,8 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   };
   if (gradients.dq) {
     const detail::StridedOutput out = writer_of(*gradients.dq);
-    parallel_for(threads, (B) * (Nq), [&](std::int64_t index) {
-      const std::int64_t b = index / (Nq), i = index % (Nq);
+    parallel_for(threads, B * Nq, [&](std::int64_t index) {
+      const std::int64_t b = index / Nq, i = index % Nq;
       std::vector<double> compared(static_cast<std::size_t>(dim)),
           row(static_cast<std::size_t>(p.q_dim));
       for (std::int64_t h = 0; h < Hq; ++h) {
@@ -930,8 +905,8 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   if (gradients.dk) {
     const detail::StridedOutput out = writer_of(*gradients.dk);
     const std::int64_t heads_per_key = o.key_heads / Hk;  // projected key heads per k head
-    parallel_for(threads, (B) * (Nk), [&](std::int64_t index) {
-      const std::int64_t b = index / (Nk), j = index % (Nk);
+    parallel_for(threads, B * Nk, [&](std::int64_t index) {
+      const std::int64_t b = index / Nk, j = index % Nk;
       std::vector<double> compared(static_cast<std::size_t>(dim)),
           row(static_cast<std::size_t>(p.k_dim)), total(static_cast<std::size_t>(p.k_dim));
       for (std::int64_t hk = 0; hk < Hk; ++hk) {
@@ -949,8 +924,8 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   }
   if (gradients.dv) {
     const detail::StridedOutput out = writer_of(*gradients.dv);
-    parallel_for(threads, (B) * (Nk), [&](std::int64_t index) {
-      const std::int64_t b = index / (Nk), j = index % (Nk);
+    parallel_for(threads, B * Nk, [&](std::int64_t index) {
+      const std::int64_t b = index / Nk, j = index % Nk;
       std::vector<double> row(static_cast<std::size_t>(p.v_dim));
       for (std::int64_t hv = 0; hv < Hk; ++hv) {
         const float* values = dv + ((b * Hk + hv) * Nk + j) * vs;

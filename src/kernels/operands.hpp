@@ -42,9 +42,11 @@ class ReusedBuffer {
 // A score q·k is summed over D in blocks of this many terms, each block from zero and then added
 // to the running total, by the fused forward and the fused backward alike (the backward's
 // P = e^(s − LSE) needs the forward's very rounding of s). One sequential sum of D = 64 products
-// rounds 2–5× worse than the blocked sums of a BLAS (measured against PyTorch's float32); blocks
-// of 16 match them, for one extra add per block and score.
-inline constexpr std::int64_t kScoreDepthBlock = 16;
+// rounds 2–5× worse than the blocked sums of a BLAS (measured against PyTorch's float32), which
+// broke FlashAttention's 3× rule for gradients. Blocks of 32 keep every case of
+// tests/python/test_precision.py within 2× (worst 1.98) for one extra add per score at D = 64 and
+// cost 1% of S1 and 2.5% of S3 (one thread); blocks of 16 were barely more precise and cost 3–7%.
+inline constexpr std::int64_t kScoreDepthBlock = 32;
 
 // Below this many multiply-adds (about 50 µs on one core) a call runs on the calling thread
 // alone: waking a second thread and waiting for it would cost more than it saves, and on a busy

@@ -36,6 +36,13 @@ bool has_control_bytes(const std::string& message) {
   return false;
 }
 
+// A .safetensors file: the header's length (8 bytes, little-endian), the header, then `data`.
+std::string safetensors_file(const std::string& header, const std::string& data) {
+  std::string file;
+  for (int b = 0; b < 8; ++b) file += static_cast<char>((header.size() >> (8 * b)) & 0xff);
+  return file + header + data;
+}
+
 // Reads `bytes` as the reader `kind` would ("npy", "safetensors", or "safetensors_header": the
 // bytes framed as the fuzz target frames them). Returns the error message, or "" on success.
 std::string read_as(const std::string& kind, const std::string& bytes) {
@@ -44,13 +51,8 @@ std::string read_as(const std::string& kind, const std::string& bytes) {
       std::istringstream in(bytes);
       read_npy(in, bytes.size(), "file.npy");
     } else {
-      std::string file = bytes;
-      if (kind == "safetensors_header") {
-        file.clear();
-        for (int b = 0; b < 8; ++b) file += static_cast<char>((bytes.size() >> (8 * b)) & 0xff);
-        file += bytes;
-        file += std::string(64, '\x01');
-      }
+      const std::string file =
+          kind == "safetensors_header" ? safetensors_file(bytes, std::string(64, '\x01')) : bytes;
       std::istringstream in(file);
       read_safetensors(in, file.size(), "file.safetensors");
     }
@@ -109,20 +111,15 @@ TEST(UntrustedInputs, NpyHeaderBytesAreEscaped) {
 TEST(UntrustedInputs, SafetensorsNamesAndJsonAreEscaped) {
   const std::string header =
       "{\"\\u001b[31mred\": {\"dtype\": \"F\\u0007\", \"shape\": [1], \"data_offsets\": [0, 4]}}";
-  std::string file;
-  for (int b = 0; b < 8; ++b) file += static_cast<char>((header.size() >> (8 * b)) & 0xff);
-  file += header + std::string(4, '\0');
-  const std::string message = read_as("safetensors", file);
+  const std::string message =
+      read_as("safetensors", safetensors_file(header, std::string(4, '\0')));
   EXPECT_THAT(message, HasSubstr("tensor '\\x1b[31mred'"));
   EXPECT_THAT(message, HasSubstr("got 'F\\x07'"));
   EXPECT_FALSE(has_control_bytes(message)) << message;
 
   // nlohmann's own parse error quotes the bytes it read last.
   const std::string broken = "{\"a\x1b\x9b\": ";
-  std::string truncated;
-  for (int b = 0; b < 8; ++b) truncated += static_cast<char>((broken.size() >> (8 * b)) & 0xff);
-  truncated += broken;
-  const std::string parse_error = read_as("safetensors", truncated);
+  const std::string parse_error = read_as("safetensors", safetensors_file(broken, ""));
   EXPECT_THAT(parse_error, HasSubstr("malformed header"));
   EXPECT_FALSE(has_control_bytes(parse_error)) << parse_error;
   EXPECT_THAT(parse_error, Not(HasSubstr("\x9b")));

@@ -6,9 +6,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <ctime>
 #include <mutex>
-#include <set>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -77,23 +78,27 @@ double cpu_seconds(pthread_t thread) {
 // time within kSpinMicroseconds (OpenMP's default spins for milliseconds after each region).
 // Measured on the helper threads themselves (OpenBLAS's own threads spin at start-up).
 TEST(Workers, IdleWorkersSleep) {
-  const pthread_t caller = pthread_self();
+  // The caller's task waits until a helper has run, so the team stays open until one joins.
   std::mutex mutex;
-  std::set<pthread_t> helpers;
-  parallel_for(4, 400, [&](std::int64_t) {
-    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
-    while (std::chrono::steady_clock::now() < until) {
+  std::condition_variable joined;
+  std::optional<pthread_t> helper;
+  run_on_workers(2, [&](int worker) {
+    std::unique_lock<std::mutex> lock(mutex);
+    if (worker != 0) {
+      helper = pthread_self();
+      joined.notify_one();
+    } else {
+      ASSERT_TRUE(joined.wait_for(lock, std::chrono::seconds(20), [&] {
+        return helper.has_value();
+      })) << "no helper joined within 20 s";
     }
-    std::lock_guard<std::mutex> lock(mutex);
-    if (!pthread_equal(pthread_self(), caller)) helpers.insert(pthread_self());
   });
-  if (helpers.empty()) GTEST_SKIP() << "no helper joined (the machine is busy)";
-  double before = 0, after = 0;
-  for (pthread_t helper : helpers) before += cpu_seconds(helper);
+  ASSERT_TRUE(helper.has_value());
+  const double before = cpu_seconds(*helper);
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  for (pthread_t helper : helpers) after += cpu_seconds(helper);
-  EXPECT_LT(after - before, 0.005)
-      << "helpers spun " << (after - before) * 1e3 << " ms of CPU while there was no work";
+  const double spent = cpu_seconds(*helper) - before;
+  EXPECT_LT(spent, 0.005) << "the helper spun " << spent * 1e3
+                          << " ms of CPU while there was no work";
 }
 
 TEST(Workers, SmallProblemsStayOnTheCallingThread) {
