@@ -119,16 +119,18 @@ std::vector<Shape> default_shapes() {
 
 Shape parse_shape(const std::string& spec) {
   static const std::pair<const char*, const char*> kNamed[] = {
-      {"S1", "B1H8N1024D64"},       {"S2", "B1H8N4096D64"},    {"S3", "B1H8N4096D128"},
-      {"S4", "B1H32Nq1Nk8192D128"}, {"A1", "B1H8N1024D64A64"}, {"S5", "B1H8N4096D64causal"}};
+      {"S1", "B1H8N1024D64"},        {"S2", "B1H8N4096D64"},        {"S3", "B1H8N4096D128"},
+      {"S4", "B1H32Nq1Nk8192D128"},  {"A1", "B1H8N1024D64A64"},     {"S5", "B1H8N4096D64causal"},
+      {"M1", "B1H8N4096D64docs512"}, {"M2", "B1H8N4096D64slide256"}};
   std::string text = spec;
   for (const auto& [name, definition] : kNamed) {
     if (spec == name) text = definition;
   }
   const auto bad = [&spec] {
     return Error(
-        fmt::format("--shapes: expected S1 … S5, A1 or "
-                    "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal], got '{}'",
+        fmt::format("--shapes: expected S1 … S5, A1, M1, M2 or "
+                    "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], "
+                    "got '{}'",
                     spec));
   };
   Shape shape;
@@ -166,6 +168,8 @@ Shape parse_shape(const std::string& spec) {
   shape.k_len = n >= 0 ? n : take("Nk");
   shape.head_dim = take("D");
   shape.additive_dim = std::max<std::int64_t>(0, take("A"));
+  shape.documents = std::max<std::int64_t>(0, take("docs"));
+  shape.sliding_window = std::max<std::int64_t>(0, take("slide"));
   if (shape.kv_heads < 0) shape.kv_heads = shape.q_heads;
   if (!fields.empty() || shape.batch < 1 || shape.q_heads < 1 || shape.q_len < 1 ||
       shape.k_len < 1 || shape.head_dim < 1) {
@@ -177,14 +181,24 @@ Shape parse_shape(const std::string& spec) {
   return shape;
 }
 
+bool Shape::visible(std::int64_t i, std::int64_t j) const {
+  if (causal && j > i + k_len - q_len) return false;
+  if (documents > 0 && i / documents != j / documents) return false;
+  if (sliding_window > 0 && (j > i || i - j > sliding_window)) return false;
+  return true;
+}
+
+double Shape::visible_share() const {
+  if (!causal && documents == 0 && sliding_window == 0) return 1.0;
+  double pairs = 0;
+  for (std::int64_t i = 0; i < q_len; ++i)
+    for (std::int64_t j = 0; j < k_len; ++j) pairs += visible(i, j) ? 1.0 : 0.0;
+  return pairs / (static_cast<double>(q_len) * static_cast<double>(k_len));
+}
+
 double attention_flops(const Shape& s) {
-  double pairs = static_cast<double>(s.q_len) * static_cast<double>(s.k_len);
-  if (s.causal) {
-    pairs = 0;
-    for (std::int64_t i = 0; i < s.q_len; ++i) {
-      pairs += static_cast<double>(std::clamp<std::int64_t>(i + s.k_len - s.q_len + 1, 0, s.k_len));
-    }
-  }
+  const double pairs =
+      static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * s.visible_share();
   return 4.0 * pairs * static_cast<double>(s.head_dim) * static_cast<double>(s.batch * s.q_heads);
 }
 
@@ -249,6 +263,14 @@ struct BenchProblem {
     }
     options.causal = s.causal;
     options.threads = threads;
+    if (s.documents > 0 || s.sliding_window > 0) {
+      const Shape shape = s;
+      block_mask =
+          BlockMask::from_mask_mod([&shape](std::int64_t, std::int64_t, std::int64_t i,
+                                            std::int64_t j) { return shape.visible(i, j); },
+                                   {1, 1, s.q_len, s.k_len, 128, 128});
+      options.block_mask = &block_mask;
+    }
     if (a > 0) {
       wq = random_floats(static_cast<std::size_t>(a * d), 6);
       wk = random_floats(static_cast<std::size_t>(a * d), 7);
@@ -270,6 +292,7 @@ struct BenchProblem {
   }
   std::vector<float> q, k, v, out, wq, wk, va;
   std::vector<std::uint16_t> q16, k16, v16;
+  BlockMask block_mask;
   AttentionOptions options;
   TensorView q_view, k_view, v_view;
   AttentionOutputs outputs;
@@ -349,8 +372,10 @@ void measure_baseline(ShapeResult& result, int threads, int repetitions) {
         problem.q_view, problem.k_view, problem.v_view, problem.options, problem.outputs));
     result.naive_ms = milliseconds_since(start);
   } else {
-    // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run.
-    if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes) {
+    // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run; it knows no
+    // block masks.
+    if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes ||
+        s.documents > 0 || s.sliding_window > 0) {
       return;
     }
     openblas_set_num_threads(threads);

@@ -16,18 +16,27 @@ struct Shape {
   std::int64_t batch = 1, q_heads = 8, kv_heads = 8, q_len = 1024, k_len = 1024, head_dim = 64;
   std::int64_t additive_dim = 0;
   bool causal = false;
+  // A block mask (blocks of 128 × 128) built from a mask_mod: documents of this many positions
+  // (a query sees its own document), or a causal sliding window (q − window <= kv <= q).
+  std::int64_t documents = 0, sliding_window = 0;
+  // The share of the Nq × Nk pairs the masks leave visible (1 without masks).
+  double visible_share() const;
+  // Whether query i sees key j under the shape's masks.
+  bool visible(std::int64_t i, std::int64_t j) const;
 };
 
 // S1 … S5 of issue 3: S1 B1 H8 N1024 D64, S2 B1 H8 N4096 D64, S3 B1 H8 N4096 D128,
 // S4 decode B1 H32 Nq1 Nk8192 D128, S5 = S2 causal.
 std::vector<Shape> default_shapes();
 
-// A shape by name (S1 … S5, and A1 = B1H8N1024D64A64, the additive score) or spec:
-// B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal], e.g. "B1H8N4096D64causal" or
-// "B1H32Nq1Nk8192D128". Throws qkv::Error naming the spec.
+// A shape by name (S1 … S5; A1 = B1H8N1024D64A64, the additive score; M1 = S2 with 8 documents
+// of 512, M2 = S2 with a sliding window of 256) or spec:
+// B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], e.g.
+// "B1H8N4096D64causal", "B1H8N4096D64docs512" or "B1H32Nq1Nk8192D128". Throws qkv::Error naming
+// the spec.
 Shape parse_shape(const std::string& spec);
 
-// FLOPs of docs/contract.md §8: 4·Nq·Nk·D per head, counting only visible pairs when causal.
+// FLOPs of docs/contract.md §8: 4·Nq·Nk·D per head, counting only the visible pairs under masks.
 double attention_flops(const Shape& shape);
 
 // Backward FLOPs of docs/contract.md §8: 2.5 × the forward's.

@@ -6,6 +6,8 @@
 #include <optional>
 #include <string_view>
 
+#include "qkv/block_mask.hpp"
+#include "qkv/score_mod.hpp"
 #include "qkv/tensor.hpp"
 
 namespace qkv {
@@ -51,10 +53,16 @@ struct AttentionOptions {
   // Float bias added to the scores, broadcastable to [B, Hq, Nq, Nk] (numpy rules, rank <= 4,
   // aligned to the right). -inf entries hide a key, like a false mask entry.
   std::optional<TensorView> bias;
+  // A score_mod (FlexAttention's): s ← fn(s, b, h, q_idx, kv_idx) after the options above, in
+  // the forward and the backward (qkv/score_mod.hpp). Not owned: it must outlive the call.
+  const ScoreMod* score_mod = nullptr;
 
   // Masks; a key is visible only if every one of them lets it through.
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;
+  // Prefix LM (with causal): the first prefix_length keys are visible to every query as well, so
+  // the prefix attends to itself both ways. 0 = none.
+  std::int64_t prefix_length = 0;
   // Visible iff i + Nk - Nq - left <= j <= i + Nk - Nq + right; -1 leaves a side unbounded.
   std::int64_t window_left = -1;
   std::int64_t window_right = -1;
@@ -62,6 +70,10 @@ struct AttentionOptions {
   std::optional<TensorView> key_lengths;
   // Boolean, broadcastable to [B, Hq, Nq, Nk]: true = may attend (PyTorch SDPA meaning).
   std::optional<TensorView> mask;
+  // A block mask (FlexAttention's): pair (b, h, i, j) visible only where it says so. Its shape is
+  // [1 or B, 1 or Hq, Nq, Nk] in the whole problem's positions (query_total, key_total below).
+  // Not owned: it must outlive the call. Empty blocks cost nothing.
+  const BlockMask* block_mask = nullptr;
 
   // This call as one block of a larger problem (ring attention): the global position of its first
   // query and first key, and the global lengths (0: this call's Nq, Nk). Causal masks, windows,

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include "qkv/attention.hpp"
 
@@ -20,6 +21,9 @@ struct AttentionGradients {
   std::optional<MutableTensorView> dwk;    // additive: the shape of options.wk
   std::optional<MutableTensorView> dva;    // additive: the shape of options.va
   std::optional<MutableTensorView> dbias;  // the shape of options.bias
+  // The parameters of options.score_mod, in its list's order (fewer: the rest not computed);
+  // float32 or float64, each its parameter's shape.
+  std::vector<std::optional<MutableTensorView>> dscore_mod;
 };
 
 // What a forward call returned, kept for its backward: O [B, Nq, Hq, Dv] and LSE [B, Hq, Nq]

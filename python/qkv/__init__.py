@@ -8,6 +8,9 @@ tensors that require grad, the functions are differentiable (qkv's fused backwar
 - ``attention``: the whole contract (scores, masks, options) in qkv's ``[B, N, H, D]`` layout.
 - ``scaled_dot_product_attention``: PyTorch's signature and ``[..., H, N, D]`` layout.
 - ``flash_attn_func``, ``flash_attn_varlen_func``: FlashAttention's signatures and layout.
+- ``flex_attention``, ``create_block_mask``, ``and_masks``, ``or_masks``, ``noop_mask``:
+  PyTorch's FlexAttention (block masks from a mask_mod, a score_mod) with a backward;
+  ``qkv.score_mods``: the score_mods it runs natively (ALiBi, soft cap, relative bias, scales).
 - ``qkv.nn.MultiheadAttention``: ``torch.nn.MultiheadAttention`` computing with qkv.
 
 Errors are ``qkv.Error`` (bad shapes, dtypes or values, the message naming the argument, the
@@ -16,10 +19,14 @@ raises for the same mistakes), or ``TypeError`` (a dtype qkv does not read).
 """
 from ._functions import (attention, flash_attn_func, flash_attn_varlen_func,
                          scaled_dot_product_attention, simd_target)
+from . import score_mods
+from ._flex import (BlockMask, and_masks, create_block_mask, flex_attention, noop_mask,
+                    or_masks)
 from ._qkv import Error
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
-           "simd_target", "Error", "nn"]
+           "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
+           "noop_mask", "score_mods", "simd_target", "Error", "nn"]
 
 
 def __getattr__(name):

@@ -4,6 +4,7 @@ from typing import Any, List, Optional, Sequence, Tuple, TypeVar, Union, overloa
 import numpy as np
 
 from . import nn as nn
+from . import score_mods as score_mods
 
 Array = TypeVar("Array")  # numpy.ndarray or torch.Tensor: results are of the inputs' kind
 Window = Tuple[int, int]
@@ -18,7 +19,7 @@ def attention(
     w: Optional[Array] = ..., wq: Optional[Array] = ..., wk: Optional[Array] = ...,
     va: Optional[Array] = ..., softcap: float = ..., alibi_slopes: Optional[Array] = ...,
     bias: Optional[Array] = ..., causal: bool = ..., causal_align: str = ...,
-    window: Window = ..., key_lengths: Optional[Array] = ..., mask: Optional[Array] = ...,
+    prefix_length: int = ..., window: Window = ..., key_lengths: Optional[Array] = ..., mask: Optional[Array] = ...,
     return_lse: bool = ..., return_weights: bool = ..., dropout_p: float = ...,
     dropout_seed: Optional[int] = ..., threads: Optional[int] = ...,
 ) -> Union[Array, Tuple[Array, Array], Tuple[Array, Array, Array]]: ...
@@ -43,3 +44,33 @@ def flash_attn_varlen_func(
     alibi_slopes: Optional[Array] = ..., deterministic: bool = ...,
     return_attn_probs: bool = ...,
 ) -> Union[Array, Tuple[Array, Array, List[Optional[Array]]]]: ...
+
+MaskMod = Any  # (b, h, q_idx, kv_idx) -> bool tensor, vectorized over index tensors
+ScoreMod = Any  # (score, b, h, q_idx, kv_idx) -> score tensor, vectorized
+
+class BlockMask:
+    shape: Tuple[int, int, int, int]
+    seq_lengths: Tuple[int, int]
+    BLOCK_SIZE: Tuple[int, int]
+    mask_mod: MaskMod
+    kv_num_blocks: Any
+    kv_indices: Any
+    full_kv_num_blocks: Any
+    full_kv_indices: Any
+    def sparsity(self) -> float: ...
+    def to_dense(self) -> Any: ...
+
+def create_block_mask(
+    mask_mod: MaskMod, B: Optional[int], H: Optional[int], Q_LEN: int, KV_LEN: int,
+    device: str = ..., BLOCK_SIZE: Union[int, Tuple[int, int]] = ..., _compile: bool = ...,
+) -> BlockMask: ...
+
+def flex_attention(
+    query: Array, key: Array, value: Array, score_mod: Optional[ScoreMod] = ...,
+    block_mask: Optional[BlockMask] = ..., scale: Optional[float] = ..., enable_gqa: bool = ...,
+    return_lse: bool = ..., kernel_options: Optional[Any] = ...,
+) -> Union[Array, Tuple[Array, Array]]: ...
+
+def and_masks(*mask_mods: MaskMod) -> MaskMod: ...
+def or_masks(*mask_mods: MaskMod) -> MaskMod: ...
+def noop_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any: ...

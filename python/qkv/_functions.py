@@ -70,13 +70,26 @@ def _result_dtypes(v):
 
 class _Config:
     """What a call fixes besides its tensors: the keyword options of the C++ core, which results to
-    return, and the physical layout of O ("bnhd", or "bhnd" for PyTorch's layout)."""
+    return, the physical layout of O ("bnhd", or "bhnd" for PyTorch's layout), and the pieces of a
+    built-in score_mod (kind, parameter index, constant), whose parameters come as tensors."""
 
-    def __init__(self, options, want_lse, want_weights, out_layout="bnhd"):
+    def __init__(self, options, want_lse, want_weights, out_layout="bnhd", score_pieces=None):
         self.options = options
         self.want_lse = want_lse
         self.want_weights = want_weights
         self.out_layout = out_layout
+        self.score_pieces = score_pieces
+
+    def options_with(self, parameters, score_parameters):
+        """The core's options with the tensors of this call as NumPy views."""
+        options = dict(self.options)
+        for name, value in parameters.items():
+            options[name] = _numpy_view(value, name)
+        if self.score_pieces is not None:
+            options["score_pieces"] = self.score_pieces
+            options["score_parameters"] = [_numpy_view(p, "score_mod parameter")
+                                           for p in score_parameters]
+        return options
 
 
 def _allocate(config, q, k, v, like_torch, saved_lse=False):
@@ -102,14 +115,12 @@ def _check_rank4(q, k, v):
             raise Error(f"{name}: expected [B, N, H, D] (rank 4), got shape {tuple(x.shape)}")
 
 
-def _forward(config, q, k, v, parameters, saved_lse=False):
+def _forward(config, q, k, v, parameters, saved_lse=False, score_parameters=()):
     """O, LSE, P for [B, N, H, D] inputs of one kind (NumPy or torch), without autograd; with
     saved_lse, LSE in float64 (torch), as the backward wants it."""
     like_torch = _is_torch(q)
     out, lse, weights = _allocate(config, q, k, v, like_torch, saved_lse)
-    options = dict(config.options)
-    for name, value in parameters.items():
-        options[name] = _numpy_view(value, name)
+    options = config.options_with(parameters, score_parameters)
     _qkv.forward(_numpy_view(q, "q"), _numpy_view(k, "k"), _numpy_view(v, "v"), options,
                  _numpy_view(out, "out"), _numpy_view(lse, "lse"), _numpy_view(weights, "weights"))
     return out, lse, weights
@@ -121,11 +132,11 @@ if torch is not None:
         """qkv's forward, and qkv's fused backward for every input that requires grad."""
 
         @staticmethod
-        def forward(ctx, config, q, k, v, w, wq, wk, va, bias):
+        def forward(ctx, config, q, k, v, w, wq, wk, va, bias, *score_parameters):
             parameters = {n: t for n, t in zip(_PARAMETERS, (w, wq, wk, va, bias)) if t is not None}
-            out, lse, weights = _forward(config, q, k, v, parameters, saved_lse=True)
+            out, lse, weights = _forward(config, q, k, v, parameters, True, score_parameters)
             ctx.config = config
-            ctx.save_for_backward(q, k, v, w, wq, wk, va, bias, out, lse)
+            ctx.save_for_backward(q, k, v, w, wq, wk, va, bias, out, lse, *score_parameters)
             if weights is not None:
                 ctx.mark_non_differentiable(weights)
             # The caller's LSE in the public dtype (float32 unless the inputs are float64).
@@ -134,26 +145,37 @@ if torch is not None:
 
         @staticmethod
         def backward(ctx, dout, dlse, _dweights):
-            q, k, v, w, wq, wk, va, bias, out, lse = ctx.saved_tensors
+            q, k, v, w, wq, wk, va, bias, out, lse, *score_parameters = ctx.saved_tensors
             primals = (q, k, v, w, wq, wk, va, bias)
+            needed = ctx.needs_input_grad[1:]
             gradients = {}
-            for name, primal, needed in zip(_GRADIENT_NAMES, primals, ctx.needs_input_grad[1:]):
-                if needed:
+            for name, primal, wanted in zip(_GRADIENT_NAMES, primals, needed):
+                if wanted:
                     gradients[name] = _empty(tuple(primal.shape), primal.dtype, True)
-            options = dict(ctx.config.options)
-            for name, value in zip(_PARAMETERS, (w, wq, wk, va, bias)):
-                options[name] = _numpy_view(value, name)
+            # A score_mod parameter's gradient in float32 or float64 (bfloat16 through float32).
+            score_gradients = [
+                _empty(tuple(p.shape), torch.float64 if p.dtype == torch.float64 else
+                       torch.float32, True) if wanted else None
+                for p, wanted in zip(score_parameters, needed[len(primals):])]
+            parameters = {n: t for n, t in zip(_PARAMETERS, (w, wq, wk, va, bias))
+                          if t is not None}
+            options = ctx.config.options_with(parameters, score_parameters)
+            views = {n: _numpy_view(g, n) for n, g in gradients.items()}
+            if score_parameters:
+                views["dscore_mod"] = [_numpy_view(g, "dscore_mod") for g in score_gradients]
             _qkv.backward(_numpy_view(q, "q"), _numpy_view(k, "k"), _numpy_view(v, "v"), options,
                           _numpy_view(dout, "dout"), _numpy_view(dlse, "dlse"),
-                          _numpy_view(out, "out"), _numpy_view(lse, "lse"),
-                          {n: _numpy_view(g, n) for n, g in gradients.items()})
-            return (None, *(gradients.get(name) for name in _GRADIENT_NAMES))
+                          _numpy_view(out, "out"), _numpy_view(lse, "lse"), views)
+            score_gradients = [g if g is None else g.to(p.dtype)
+                               for g, p in zip(score_gradients, score_parameters)]
+            return (None, *(gradients.get(name) for name in _GRADIENT_NAMES), *score_gradients)
 
 
-def _run(config, q, k, v, parameters):
-    """(O, LSE, P) of [B, N, H, D] views; differentiable when torch tensors require grad."""
+def _run(config, q, k, v, parameters, score_parameters=()):
+    """(O, LSE, P) of [B, N, H, D] views; differentiable when torch tensors require grad (the
+    score_mod's parameters too)."""
     _check_rank4(q, k, v)
-    tensors = [q, k, v, *parameters.values()]
+    tensors = [q, k, v, *parameters.values(), *score_parameters]
     kinds = {_is_torch(t) for t in tensors if t is not None}
     if len(kinds) > 1:
         raise TypeError("q, k, v and the parameters: expected all NumPy arrays or all torch "
@@ -161,8 +183,8 @@ def _run(config, q, k, v, parameters):
     if _is_torch(q) and torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in tensors):
         args = [parameters.get(name) for name in _PARAMETERS]
-        return _AttentionFunction.apply(config, q, k, v, *args)
-    return _forward(config, q, k, v, parameters)
+        return _AttentionFunction.apply(config, q, k, v, *args, *score_parameters)
+    return _forward(config, q, k, v, parameters, score_parameters=score_parameters)
 
 
 def _seed(dropout_p, seed):
@@ -178,7 +200,7 @@ def _seed(dropout_p, seed):
 
 def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               softcap=0.0, alibi_slopes=None, bias=None, causal=False, causal_align="bottom-right",
-              window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
+              prefix_length=0, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
               return_weights=False, dropout_p=0.0, dropout_seed=None, threads=None):
     """Attention in qkv's layout: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
 
@@ -186,7 +208,8 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     [Hq, Dq, Dk]) or "additive" (wq [A, Dq], wk [A, Dk], va [A], or each with a leading Hq).
     softcap c > 0: s <- c·tanh(s/c). alibi_slopes [Hq] or [B, Hq]. bias: float, broadcastable to
     [B, Hq, Nq, Nk]. causal with causal_align "bottom-right" (FlashAttention) or "top-left"
-    (PyTorch). window (left, right), -1 unbounded. key_lengths [B] ints. mask: bool,
+    (PyTorch); prefix_length P (with causal): the first P keys are visible to every query
+    (prefix LM). window (left, right), -1 unbounded. key_lengths [B] ints. mask: bool,
     broadcastable to [B, Hq, Nq, Nk], True = may attend. dropout_p on the weights, with
     dropout_seed (drawn when None). threads: None = all cores.
 
@@ -197,6 +220,7 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     """
     options = dict(score=score, scale=scale, softcap=float(softcap), alibi_slopes=_numpy_view(
         alibi_slopes, "alibi_slopes"), causal=bool(causal), causal_align=causal_align,
+        prefix_length=int(prefix_length),
         window_left=int(window[0]), window_right=int(window[1]),
         key_lengths=_numpy_view(key_lengths, "key_lengths"), mask=_numpy_view(mask, "mask"),
         dropout=float(dropout_p), dropout_seed=_seed(dropout_p, dropout_seed),

@@ -16,3 +16,10 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, options: Dict[str, Any
     """attention_backward into the arrays of `gradients`."""
 
 def simd_target() -> str: ...
+
+class BlockMask:
+    """The C++ block mask: kinds uint8 [B, H, q_blocks, kv_blocks] (0 empty, 1 partial, 2 full),
+    partial uint8 [P, q_block, kv_block], the pairs of each partial block in order."""
+    def __init__(self, batch: int, heads: int, q_len: int, kv_len: int, q_block: int,
+                 kv_block: int, kinds: np.ndarray, partial: np.ndarray) -> None: ...
+    def density(self) -> float: ...

@@ -16,6 +16,7 @@
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 #include "qkv/simd.hpp"
+#include "score_pieces.hpp"
 
 namespace py = pybind11;
 
@@ -76,9 +77,37 @@ T get(const py::dict& options, const char* key, T fallback) {
   return options[key].cast<T>();
 }
 
-// AttentionOptions from the keyword dictionary the Python layer builds (arrays stay alive in it).
-qkv::AttentionOptions options_of(const py::dict& o) {
+// AttentionOptions and what they point at for the call: the built-in score_mod's pieces.
+struct CallOptions {
   qkv::AttentionOptions options;
+  std::unique_ptr<qkv::python::ScorePieces> score_pieces;
+};
+
+// The built-in score_mod of options["score_pieces"] (tuples of kind, parameter index, constant)
+// over the arrays of options["score_parameters"].
+std::unique_ptr<qkv::python::ScorePieces> score_pieces_of(const py::dict& o) {
+  if (!o.contains("score_pieces") || o["score_pieces"].is_none()) return nullptr;
+  std::vector<qkv::python::ScorePiece> pieces;
+  for (const py::handle item : o["score_pieces"]) {
+    const auto entry = item.cast<py::tuple>();
+    qkv::python::ScorePiece piece;
+    piece.kind = qkv::python::parse_piece_kind(entry[0].cast<std::string>());
+    piece.parameter = entry[1].cast<int>();
+    piece.constant = entry[2].cast<double>();
+    pieces.push_back(piece);
+  }
+  std::vector<qkv::TensorView> parameters;
+  if (o.contains("score_parameters")) {
+    for (const py::handle item : o["score_parameters"])
+      parameters.push_back(input(item.cast<py::array>(), "score_mod parameter"));
+  }
+  return std::make_unique<qkv::python::ScorePieces>(std::move(pieces), parameters);
+}
+
+// AttentionOptions from the keyword dictionary the Python layer builds (arrays stay alive in it).
+CallOptions options_of(const py::dict& o) {
+  CallOptions call;
+  qkv::AttentionOptions& options = call.options;
   options.score = qkv::parse_score(get<std::string>(o, "score", "scaled_dot"));
   if (o.contains("scale") && !o["scale"].is_none()) options.scale = o["scale"].cast<double>();
   options.softcap = get<double>(o, "softcap", 0.0);
@@ -91,6 +120,9 @@ qkv::AttentionOptions options_of(const py::dict& o) {
   options.causal = get<bool>(o, "causal", false);
   options.causal_align =
       qkv::parse_causal_align(get<std::string>(o, "causal_align", "bottom-right"));
+  options.prefix_length = get<std::int64_t>(o, "prefix_length", 0);
+  if (o.contains("block_mask") && !o["block_mask"].is_none())
+    options.block_mask = o["block_mask"].cast<const qkv::BlockMask*>();
   options.window_left = get<std::int64_t>(o, "window_left", -1);
   options.window_right = get<std::int64_t>(o, "window_right", -1);
   options.key_lengths = optional_input(o, "key_lengths");
@@ -98,12 +130,15 @@ qkv::AttentionOptions options_of(const py::dict& o) {
   options.dropout = get<double>(o, "dropout", 0.0);
   options.dropout_seed = get<std::uint64_t>(o, "dropout_seed", 0);
   options.threads = get<int>(o, "threads", 0);
-  return options;
+  call.score_pieces = score_pieces_of(o);
+  if (call.score_pieces) options.score_mod = &call.score_pieces->score_mod();
+  return call;
 }
 
 void forward(const py::array& q, const py::array& k, const py::array& v, const py::dict& options,
              py::array out, std::optional<py::array> lse, std::optional<py::array> weights) {
-  const qkv::AttentionOptions attention_options = options_of(options);
+  const CallOptions call = options_of(options);
+  const qkv::AttentionOptions& attention_options = call.options;
   qkv::AttentionOutputs outputs;
   outputs.out = output(out, "out");
   if (lse) outputs.lse = output(*lse, "lse");
@@ -116,7 +151,8 @@ void forward(const py::array& q, const py::array& k, const py::array& v, const p
 void backward(const py::array& q, const py::array& k, const py::array& v, const py::dict& options,
               const py::array& dout, std::optional<py::array> dlse, const py::array& out,
               const py::array& lse, py::dict gradients) {
-  const qkv::AttentionOptions attention_options = options_of(options);
+  const CallOptions call = options_of(options);
+  const qkv::AttentionOptions& attention_options = call.options;
   qkv::AttentionGradients grads;
   const std::pair<const char*, std::optional<qkv::MutableTensorView>*> slots[] = {
       {"dq", &grads.dq},   {"dk", &grads.dk},   {"dv", &grads.dv},   {"dw", &grads.dw},
@@ -125,6 +161,16 @@ void backward(const py::array& q, const py::array& k, const py::array& v, const 
     if (gradients.contains(name) && !gradients[name].is_none()) {
       py::array array = gradients[name].cast<py::array>();
       *slot = output(array, name);
+    }
+  }
+  if (gradients.contains("dscore_mod")) {
+    for (const py::handle item : gradients["dscore_mod"]) {
+      if (item.is_none()) {
+        grads.dscore_mod.emplace_back();
+      } else {
+        py::array array = item.cast<py::array>();
+        grads.dscore_mod.emplace_back(output(array, "dscore_mod"));
+      }
     }
   }
   const qkv::TensorView qv = input(q, "q"), kv = input(k, "k"), vv = input(v, "v");
@@ -162,6 +208,23 @@ PYBIND11_MODULE(_qkv, m) {
       PyErr_SetString(error_type, error.what());
     }
   });
+  // The C++ block mask, built by qkv.create_block_mask from the blocks it classified (kinds: uint8
+  // [B, H, q_blocks, kv_blocks]; partial: uint8 [P, q_block, kv_block], the partial blocks' pairs).
+  py::class_<qkv::BlockMask>(m, "BlockMask")
+      .def(py::init([](std::int64_t batch, std::int64_t heads, std::int64_t q_len,
+                       std::int64_t kv_len, std::int64_t q_block, std::int64_t kv_block,
+                       const py::array_t<std::uint8_t, py::array::c_style>& kinds,
+                       const py::array_t<std::uint8_t, py::array::c_style>& partial) {
+             std::vector<qkv::BlockKind> kind_list(static_cast<std::size_t>(kinds.size()));
+             for (std::size_t n = 0; n < kind_list.size(); ++n)
+               kind_list[n] = static_cast<qkv::BlockKind>(kinds.data()[n]);
+             std::vector<std::uint8_t> pairs(partial.data(), partial.data() + partial.size());
+             return qkv::BlockMask({batch, heads, q_len, kv_len, q_block, kv_block}, kind_list,
+                                   pairs);
+           }),
+           py::arg("batch"), py::arg("heads"), py::arg("q_len"), py::arg("kv_len"),
+           py::arg("q_block"), py::arg("kv_block"), py::arg("kinds"), py::arg("partial"))
+      .def("density", &qkv::BlockMask::density);
   m.def("forward", &forward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("options"),
         py::arg("out"), py::arg("lse") = py::none(), py::arg("weights") = py::none(),
         "attention_forward into the given arrays (uint16 = bfloat16 bits).");

@@ -2,6 +2,8 @@
 
 #include "core/backward_arguments.hpp"
 
+#include "core/score_mod_gradients.hpp"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -102,6 +104,7 @@ void check_backward_arguments(const TensorView& q, const TensorView& k, const Te
   check_gradient(gradients.dwk, options.wk ? &*options.wk : nullptr, "dwk", "wk");
   check_gradient(gradients.dva, options.va ? &*options.va : nullptr, "dva", "va");
   check_gradient(gradients.dbias, options.bias ? &*options.bias : nullptr, "dbias", "bias");
+  check_score_mod_gradients(options.score_mod, gradients.dscore_mod);
 }
 
 }  // namespace qkv::detail

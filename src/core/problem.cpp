@@ -333,6 +333,7 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     require_float(*options.bias, "bias");
     p.bias = broadcast_operand(*options.bias, "bias", score_shape);
   }
+  p.score_mod = options.score_mod;
   if (options.mask) {
     if (options.mask->dtype != DType::boolean) {
       throw Error(
@@ -365,8 +366,9 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
   p.query_offset = options.query_offset;
   p.query_total = q_total;
   p.key_total = k_total;
-  p.top_left_diagonal = options.query_offset - options.key_offset;
-  p.bottom_right_diagonal = k_total - q_total + p.top_left_diagonal;
+  p.positions.top_left_diagonal = options.query_offset - options.key_offset;
+  p.positions.bottom_right_diagonal = k_total - q_total + p.positions.top_left_diagonal;
+  p.positions.key_offset = options.key_offset;
   p.key_offset = options.key_offset;
   if (options.key_lengths) {
     const TensorView& lengths = *options.key_lengths;
@@ -387,15 +389,34 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
       }
     }
   }
-  p.causal = options.causal;
-  p.causal_align = options.causal_align;
+  p.positions.causal = options.causal;
+  p.positions.causal_align = options.causal_align;
+  if (options.prefix_length != 0 && (!options.causal || options.prefix_length < 0)) {
+    throw Error(
+        fmt::format("prefix_length: expected 0, or a length >= 0 with causal (prefix LM), got {}{}",
+                    options.prefix_length, options.causal ? "" : " without causal"));
+  }
+  p.positions.prefix_length = options.prefix_length;
   if (options.window_left < -1 || options.window_right < -1) {
     throw Error(
         fmt::format("window: expected (left, right) each >= 0 or -1 (unbounded), got ({}, {})",
                     options.window_left, options.window_right));
   }
-  p.window_left = options.window_left;
-  p.window_right = options.window_right;
+  p.positions.window_left = options.window_left;
+  p.positions.window_right = options.window_right;
+  if (options.block_mask != nullptr) {
+    const BlockMaskShape& shape = options.block_mask->shape();
+    const bool batch_fits = shape.batch == 1 || shape.batch == p.batch;
+    const bool heads_fit = shape.heads == 1 || shape.heads == p.q_heads;
+    if (!batch_fits || !heads_fit || shape.q_len != q_total || shape.kv_len != k_total) {
+      throw Error(fmt::format(
+          "block_mask: expected [1 or B, 1 or Hq, Nq, Nk] = [1 or {}, 1 or {}, {}, {}], got "
+          "[{}, {}, {}, {}]",
+          p.batch, p.q_heads, q_total, k_total, shape.batch, shape.heads, shape.q_len,
+          shape.kv_len));
+    }
+    p.block_mask = options.block_mask;
+  }
   if (options.threads < 0) {
     throw Error(fmt::format("threads: expected >= 0 (0 = default), got {}", options.threads));
   }

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "core/position_masks.hpp"
 #include "qkv/attention.hpp"
 
 namespace qkv::detail {
@@ -65,23 +66,23 @@ struct AttentionProblem {
 
   DType dtype = DType::float32;  // of q, k and v
 
-  StridedInput q, k, v;       // (b, n, h, d)
-  StridedInput w;             // bilinear (h, a, c): stride 0 on h when shared
-  StridedInput wq, wk;        // additive (h, a, d)
-  StridedInput va;            // additive (h, a)
-  StridedInput alibi_slopes;  // (b, h)
-  StridedInput bias;          // (b, h, i, j), broadcast
-  StridedInput mask;          // (b, h, i, j), broadcast, bool
-  StridedInput key_lengths;   // (b), int32 or int64, each in [0, Nk]
+  StridedInput q, k, v;                 // (b, n, h, d)
+  StridedInput w;                       // bilinear (h, a, c): stride 0 on h when shared
+  StridedInput wq, wk;                  // additive (h, a, d)
+  StridedInput va;                      // additive (h, a)
+  StridedInput alibi_slopes;            // (b, h)
+  StridedInput bias;                    // (b, h, i, j), broadcast
+  const ScoreMod* score_mod = nullptr;  // after the bias: global (b, h, q_idx, kv_idx)
+  StridedInput mask;                    // (b, h, i, j), broadcast, bool
+  StridedInput key_lengths;             // (b), int32 or int64, each in [0, Nk]
 
-  bool causal = false;
-  CausalAlign causal_align = CausalAlign::bottom_right;
-  std::int64_t window_left = -1, window_right = -1;
+  // Causal (with its prefix), window: in local coordinates, with the diagonals that place this
+  // call in a larger problem (AttentionOptions::query_offset …).
+  PositionMasks positions;
+  // The caller's block mask (global positions: query i + query_offset, key j + key_offset).
+  const BlockMask* block_mask = nullptr;
+  std::int64_t key_offset = 0;  // shifts key_lengths and the block mask's keys
   int threads = 0;
-  // Where this block sits in a larger problem (AttentionOptions::query_offset …), as diagonals in
-  // local coordinates: key j is aligned with query i at j = i + bottom_right_diagonal
-  // (FlashAttention) or j = i + top_left_diagonal (PyTorch); key_offset shifts key_lengths.
-  std::int64_t bottom_right_diagonal = 0, top_left_diagonal = 0, key_offset = 0;
 
   StridedOutput out;      // (b, i, h, d)
   StridedOutput lse;      // (b, h, i)
@@ -96,8 +97,14 @@ struct AttentionProblem {
   }
   // Key/value head read by query head h.
   std::int64_t kv_head(std::int64_t h) const { return h / group_size; }
+  // The row of a score_mod call for keys first_key … first_key + count − 1 of query row i of
+  // head h in batch b: the whole problem's positions and heads.
+  ScoreMod::Row score_mod_row(std::int64_t b, std::int64_t h, std::int64_t i,
+                              std::int64_t first_key, std::int64_t count) const {
+    return {b, h + head_offset, i + query_offset, first_key + key_offset, count};
+  }
   // The diagonal offset of bottom-right alignment: Nk − Nq for a whole problem.
-  std::int64_t diagonal() const { return bottom_right_diagonal; }
+  std::int64_t diagonal() const { return positions.bottom_right_diagonal; }
 };
 
 // A view read through its own strides (up to four indices).

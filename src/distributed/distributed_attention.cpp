@@ -27,6 +27,7 @@
 #include <thread>
 
 #include "core/backward_arguments.hpp"
+#include "core/position_masks.hpp"
 #include "qkv/error.hpp"
 #include "qkv/merge.hpp"
 
@@ -99,22 +100,32 @@ std::vector<std::int64_t> shape_of(const TensorView& view) {
   return std::vector<std::int64_t>(view.shape.begin(), view.shape.begin() + view.rank);
 }
 
-// Whether the position masks hide every pair of a query piece and a key piece.
+// Whether the position masks, or the block mask, hide every pair of a query piece and a key piece
+// (global positions).
 bool hidden(const AttentionOptions& o, std::int64_t q_total, std::int64_t k_total,
             std::pair<std::int64_t, std::int64_t> q_piece,
             std::pair<std::int64_t, std::int64_t> k_piece) {
   if (q_piece.second == 0 || k_piece.second == 0) return true;
-  const std::int64_t diagonal = k_total - q_total;  // bottom-right, global
-  const std::int64_t last_query = q_piece.first + q_piece.second - 1;
-  const std::int64_t first_key = k_piece.first, last_key = k_piece.first + k_piece.second - 1;
-  if (o.causal) {
-    const std::int64_t newest =
-        o.causal_align == CausalAlign::bottom_right ? last_query + diagonal : last_query;
-    if (first_key > newest) return true;
-  }
-  if (o.window_right >= 0 && first_key > last_query + diagonal + o.window_right) return true;
-  if (o.window_left >= 0 && last_key < q_piece.first + diagonal - o.window_left) return true;
-  return false;
+  detail::PositionMasks masks;
+  masks.causal = o.causal;
+  masks.causal_align = o.causal_align;
+  masks.prefix_length = o.prefix_length;
+  masks.window_left = o.window_left;
+  masks.window_right = o.window_right;
+  masks.bottom_right_diagonal = k_total - q_total;
+  const std::int64_t q_end = q_piece.first + q_piece.second;
+  const std::int64_t k_end = k_piece.first + k_piece.second;
+  if (masks.tile(q_piece.first, q_end, k_piece.first, k_end, k_total) == BlockKind::empty)
+    return true;
+  if (o.block_mask == nullptr) return false;
+  const BlockMask& mask = *o.block_mask;
+  const BlockMaskShape& shape = mask.shape();
+  for (std::int64_t b = 0; b < shape.batch; ++b)
+    for (std::int64_t h = 0; h < shape.heads; ++h)
+      for (std::int64_t qb = q_piece.first / shape.q_block; qb * shape.q_block < q_end; ++qb)
+        for (std::int64_t kb = k_piece.first / shape.kv_block; kb * shape.kv_block < k_end; ++kb)
+          if (mask.kind(b, h, qb, kb) != BlockKind::empty) return false;
+  return true;
 }
 
 struct Context {

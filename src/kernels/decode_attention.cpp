@@ -199,9 +199,10 @@ class DecodeKernel {
       const float* q = o_.q.row(b, i, HeadOf(r));
       for (std::int64_t e = 0; e < dim; ++e)
         s.queries[static_cast<std::size_t>(r * dim + e)] = scale * q[e];
-      visible_key_range(p_, b, i, s.first[r], s.last[r]);
-      s.first[r] = std::max(s.first[r], chunk_first);
-      s.last[r] = std::min(s.last[r], chunk_last);
+      const detail::KeyInterval keys = detail::visible_keys_within(
+          p_, b, HeadOf(r), i, detail::visible_keys(p_, b, HeadOf(r), i), chunk_first, chunk_last);
+      s.first[r] = keys.first;
+      s.last[r] = keys.last;
       s.row_max[r] = kMinusInfinity;
       s.row_sum[r] = 0.0f;
     }

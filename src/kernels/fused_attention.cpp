@@ -177,7 +177,9 @@ class FusedKernel {
         const float* q = o_.q.row(b, i0 + t, HeadOf(kh, r));
         for (std::int64_t d = 0; d < dim; ++d) row[d] = scale * q[d];
       }
-      visible_key_range(p_, b, i0 + t, s.first[r], s.last[r]);
+      const detail::KeyInterval keys = detail::visible_keys(p_, b, HeadOf(kh, r), i0 + t);
+      s.first[r] = keys.first;
+      s.last[r] = keys.last;
       if (s.first[r] < s.last[r]) {
         item_first = std::min(item_first, s.first[r]);
         item_last = std::max(item_last, s.last[r]);
@@ -195,7 +197,7 @@ class FusedKernel {
       const float* values = ValueTile(b, ValueHead(kh), tile);
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
-        const KeySpan span = VisibleSpan(s, r0, block, start, count);
+        const KeySpan span = VisibleSpan(s, b, kh, i0, r0, block, start, count);
         if (span.begin >= span.end) continue;
         ScoreBlock(s, keys, kh, r0, block, span);
         bool any_visible = false;
@@ -219,8 +221,13 @@ class FusedKernel {
           hn::GetLane(hn::SumOfLanes(FloatTag(), hn::Load(FloatTag(), s.row_sum + r * lanes_)));
       const float inverse = empty ? 0.0f : 1.0f / row_sum;
       const float* accumulator = s.accumulator + r * v_stride_;
-      for (std::int64_t d = 0; d < p_.v_dim; ++d)
-        p_.out.store(accumulator[d] * inverse, b, i, h, d);
+      if (p_.out.dtype == DType::float32 && p_.out.strides[3] == 1) {  // most calls: no rounding
+        float* out = reinterpret_cast<float*>(p_.out.data) + p_.out.offset(b, i, h);
+        for (std::int64_t d = 0; d < p_.v_dim; ++d) out[d] = accumulator[d] * inverse;
+      } else {
+        for (std::int64_t d = 0; d < p_.v_dim; ++d)
+          p_.out.store(accumulator[d] * inverse, b, i, h, d);
+      }
       // LSE in double: m is one of the scores, exact; log l is small. A float32 LSE would round
       // at |LSE|·2⁻²⁴, which for logits of ±1e4 is far more than the weights' own error.
       const double lse = empty ? -std::numeric_limits<double>::infinity()
@@ -235,17 +242,22 @@ class FusedKernel {
 
   // The keys [begin, end) of a tile, relative to its start, that any row of a block can see,
   // widened to whole score register tiles (kSubTile keys): only these are scored and summed. On
-  // the diagonal of a causal mask, or the edges of a window, this skips the parts of the tile
-  // that every row of the block is past.
+  // the diagonal of a causal mask, the edges of a window, or beside a block mask's empty blocks,
+  // this skips the parts of the tile that no row of the block sees.
   struct KeySpan {
     std::int64_t begin = 0, end = 0;
   };
-  KeySpan VisibleSpan(const Scratch& s, std::int64_t r0, int block, std::int64_t start,
-                      std::int64_t count) const {
+  KeySpan VisibleSpan(const Scratch& s, std::int64_t b, std::int64_t kh, std::int64_t i0,
+                      std::int64_t r0, int block, std::int64_t start, std::int64_t count) const {
     std::int64_t first = count, last = 0;
     for (int r = 0; r < block; ++r) {
-      const std::int64_t from = std::max<std::int64_t>(s.first[r0 + r] - start, 0);
-      const std::int64_t to = std::min<std::int64_t>(s.last[r0 + r] - start, count);
+      detail::KeyInterval keys{s.first[r0 + r], s.last[r0 + r]};
+      if (p_.block_mask != nullptr && !keys.empty()) {  // past the tile's empty blocks
+        keys = detail::visible_keys_within(p_, b, HeadOf(kh, r0 + r), i0 + (r0 + r) % positions_,
+                                           keys, start, start + count);
+      }
+      const std::int64_t from = std::max<std::int64_t>(keys.first - start, 0);
+      const std::int64_t to = std::min<std::int64_t>(keys.last - start, count);
       if (from < to) {
         first = std::min(first, from);
         last = std::max(last, to);
@@ -611,7 +623,7 @@ class FusedKernel {
       const std::int64_t count = std::min(key_tile_, p_.k_len - start);
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
-        const KeySpan span = VisibleSpan(s, r0, block, start, count);
+        const KeySpan span = VisibleSpan(s, b, kh, i0, r0, block, start, count);
         if (span.begin >= span.end) continue;
         ScoreBlock(s, KeyTile(b, kh, tile), kh, r0, block, span);
         for (int r = 0; r < block; ++r) {

@@ -173,6 +173,7 @@ class BackwardKernel {
     // derivative.
     after_cap_ = p_;
     after_cap_.softcap = 0.0;
+    after_cap_.score_mod = nullptr;  // applied by ScoreOptions itself, keeping its input
   }
 
   // The row statistics from this kernel's own S, for the rows that see a key (rows whose saved
@@ -180,8 +181,8 @@ class BackwardKernel {
   // the keys with the forward's online softmax: the running maximum m, l = Σ e^(s − m) and
   // t = Σ e^(s − m) dP, rescaled together when m grows; then LSE = m + log l (stored as
   // lse_high + lse_low) and Δ = t / l, added to delta (which holds −dLSE). The same products and
-  // options as steps 1–3 (S by row dot products: only such problems re-derive); work items:
-  // (batch, query head, block of 64 rows).
+  // options as steps 1–3 (S by row dot products for decode-shaped problems, else the main pass's
+  // register tile); work items: (batch, query head, block of 64 rows).
   void RederiveRowStatistics(float* lse_high, float* lse_low, float* delta) const {
     const std::int64_t query_blocks = (p_.q_len + kBlock - 1) / kBlock;
     const std::int64_t items = p_.batch * p_.q_heads * query_blocks;
@@ -203,7 +204,17 @@ class BackwardKernel {
           for (std::int64_t j0 = 0; j0 < p_.k_len; j0 += kBlock) {
             const std::int64_t keys = std::min(kBlock, p_.k_len - j0);
             if (!FindVisible(b, h, i0, rows, j0, keys, s)) continue;
-            Scores(QRow(b, h, i0), rows, KRow(b, KeyHead(h), j0), keys, s);
+            if (o_.row_dot_scores) {
+              Scores(QRow(b, h, i0), rows, KRow(b, KeyHead(h), j0), keys, s);
+            } else {  // the main pass's S: the register tile over the packed Kᵀ
+              PackTransposed(KRow(b, KeyHead(h), j0), o_.score_stride, keys, o_.score_dim,
+                             s.keys_t);
+              if (o_.additive) {
+                AdditiveScores(QRow(b, h, i0), rows, h, s);
+              } else {
+                Scores(QRow(b, h, i0), rows, KRow(b, KeyHead(h), j0), keys, s);
+              }
+            }
             PackTransposed(o_.v + ((b * p_.kv_heads + hv) * p_.k_len + j0) * o_.value_stride,
                            o_.value_stride, keys, p_.v_dim, s.values_t);
             Gemm(rows, kBlock, p_.v_dim, {DoutRow(b, h, i0), o_.value_stride, 1}, s.values_t,
@@ -243,21 +254,38 @@ class BackwardKernel {
  private:
   // One thread's working set.
   struct Scratch {
-    explicit Scratch(const BackwardOperands& o) {
-      thread_local ReusedBuffer buffers[6];
+    explicit Scratch(const BackwardOperands& o) : shared_gradients(o.score_mod_gradients) {
+      thread_local ReusedBuffer buffers[7];
       keys_t = buffers[0].Get(o.score_dim * kBlock);
       values_t = buffers[1].Get(o.problem->v_dim * kBlock);
       scores = buffers[2].Get(kBlock * kBlock);
       d_scores = buffers[3].Get(kBlock * kBlock);
       capped = buffers[4].Get(kBlock * kBlock);
       d_keys_t = buffers[5].Get(o.additive ? o.score_dim * kBlock : 1);
+      unmodified = buffers[6].Get(o.problem->score_mod != nullptr ? kBlock * kBlock : 1);
     }
-    float* keys_t;    // [D, 64]: the key block transposed, zero past the last key
-    float* values_t;  // [Dv, 64]: the value block transposed
-    float* scores;    // [64, 64]: S, then P, then P∘M
-    float* d_scores;  // [64, 64]: dP, then dS
-    float* capped;    // [64, 64]: tanh(s / c) of the soft cap
-    float* d_keys_t;  // additive: [A, 64], the block's d(Wk k) transposed
+    Scratch(const Scratch&) = delete;
+    Scratch& operator=(const Scratch&) = delete;
+    ~Scratch() {
+      if (gradients) shared_gradients->merge(*gradients);
+    }
+    // This thread's sums of the score_mod's parameter gradients (made on first use).
+    double* const* ParameterGradients() {
+      if (shared_gradients == nullptr) return nullptr;
+      if (!gradients)
+        gradients = std::make_unique<detail::ScoreModGradients>(shared_gradients->score_mod(),
+                                                                shared_gradients->targets());
+      return gradients->arrays();
+    }
+    float* keys_t;      // [D, 64]: the key block transposed, zero past the last key
+    float* values_t;    // [Dv, 64]: the value block transposed
+    float* scores;      // [64, 64]: S, then P, then P∘M
+    float* d_scores;    // [64, 64]: dP, then dS
+    float* capped;      // [64, 64]: tanh(s / c) of the soft cap
+    float* d_keys_t;    // additive: [A, 64], the block's d(Wk k) transposed
+    float* unmodified;  // score_mod: [64, 64], the scores it was given
+    detail::ScoreModGradients* shared_gradients;
+    std::unique_ptr<detail::ScoreModGradients> gradients;
     std::int64_t first[kBlock], last[kBlock];  // each row's visible keys, relative to the block
   };
 
@@ -317,21 +345,22 @@ class BackwardKernel {
     }
   }
 
-  // Each row's visible keys within the block (position masks; an empty row sees none); whether
-  // any row sees any.
+  // Each row's visible keys within the block (core/visibility.hpp; a row whose saved LSE is -inf
+  // sees none); whether any row sees any.
   bool FindVisible(std::int64_t b, std::int64_t h, std::int64_t i0, std::int64_t rows,
                    std::int64_t j0, std::int64_t keys, Scratch& s) const {
+    if (detail::block_mask_hides(p_, b, h, i0, i0 + rows, j0, j0 + keys)) return false;
     bool any = false;
     for (std::int64_t r = 0; r < rows; ++r) {
-      std::int64_t first = 0, last = 0;
       const std::int64_t i = i0 + r;
+      detail::KeyInterval seen;
       if (o_.lse_high[(b * p_.q_heads + h) * p_.q_len + i] !=
           -std::numeric_limits<float>::infinity()) {
-        visible_key_range(p_, b, i, first, last);
+        seen = detail::visible_keys_within(p_, b, h, i, detail::visible_keys(p_, b, h, i), j0,
+                                           j0 + keys);
       }
-      s.first[r] = std::clamp<std::int64_t>(first - j0, 0, keys);
-      s.last[r] = std::clamp<std::int64_t>(last - j0, 0, keys);
-      if (s.first[r] >= s.last[r]) s.first[r] = s.last[r] = 0;
+      s.first[r] = seen.empty() ? 0 : seen.first - j0;
+      s.last[r] = seen.empty() ? 0 : seen.last - j0;
       any |= s.first[r] < s.last[r];
     }
     return any;
@@ -461,7 +490,12 @@ class BackwardKernel {
         scores[t] = cap * capped[t];
       }
     }
-    apply_score_options(after_cap_, b, h, i, j0 + from, to - from, scores + from);
+    modify_scores(after_cap_, b, h, i, j0 + from, to - from, scores + from);
+    if (p_.score_mod != nullptr) {
+      std::copy(scores + from, scores + to, s.unmodified + r * kBlock + from);
+      p_.score_mod->forward(p_.score_mod_row(b, h, i, j0 + from, to - from), scores + from);
+    }
+    detail::hide_masked_keys(p_, b, h, i, j0 + from, to - from, scores + from);
     std::fill(scores, scores + from, -std::numeric_limits<float>::infinity());
     std::fill(scores + to, scores + kBlock, -std::numeric_limits<float>::infinity());
     return true;
@@ -493,6 +527,12 @@ class BackwardKernel {
         const Vec p = hn::LoadU(d, weights + t);
         hn::StoreU(hn::Mul(p, hn::Sub(hn::LoadU(d, d_scores + t), delta_v)), d, d_scores + t);
       }
+    }
+    if (p_.score_mod != nullptr) {  // dS of the score_mod's result → dS of its input
+      const std::int64_t from = s.first[r], count = s.last[r] - s.first[r];
+      p_.score_mod->backward(p_.score_mod_row(b, h, i, j0 + from, count),
+                             s.unmodified + r * kBlock + from, d_scores + from,
+                             s.ParameterGradients());
     }
     if (o_.dbias != nullptr) {
       float* dbias =
@@ -794,7 +834,13 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   // would have run has few query rows, so LSE and Δ are re-derived here from this kernel's own S
   // and P (one more pass of two products over those few rows) — when the call holds all of the
   // keys (a block of a larger problem needs the whole problem's, which only the caller has).
-  const bool rederive = decode_attention_supports(p) && p.key_offset == 0 && p.key_total == Nk &&
+  // A score_mod's parameter gradient is a sum of dS·∂s/∂θ over whole rows, where Δ's rounding
+  // (dO·O against this kernel's Σ P dP) no longer averages out: 7× PyTorch's float32 error for
+  // per-head ALiBi slopes, and as much for a bias whose gradient the caller sums (a score_mod
+  // of Python's general path). Those calls re-derive Δ as well, with the register-tiled S.
+  const bool decode_shaped = decode_attention_supports(p);
+  const bool score_sums = !gradients.dscore_mod.empty() || gradients.dbias.has_value();
+  const bool rederive = (decode_shaped || score_sums) && p.key_offset == 0 && p.key_total == Nk &&
                         B * Hq * Nq > 0 && Nk > 0;
   // LSE and Δ − dLSE per row (dO as packed above); when re-derived, Δ is added below.
   float* lse_high = buffer(kLseHigh, B * Hq * Nq);
@@ -825,7 +871,7 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   o.lse_high = lse_high;
   o.lse_low = lse_low;
   if (rederive) {
-    o.row_dot_scores = true;
+    o.row_dot_scores = decode_shaped;
     apply_simd_environment();
     HWY_DYNAMIC_DISPATCH(RederiveRowStatistics)(o, lse_high, lse_low, delta);
   }
@@ -856,6 +902,8 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   float* dk = o.dk = zeroed(kDk, B * o.key_heads * Nk * ss, threads);
   float* dv = o.dv = zeroed(kDv, B * Hk * Nk * vs, threads);
   float* dva = o.dva = zeroed(kDva, o.additive ? o.items * Hq * o.score_dim : 0, threads);
+  detail::ScoreModGradients score_mod_gradients(p.score_mod, gradients.dscore_mod);
+  if (score_mod_gradients.arrays() != nullptr) o.score_mod_gradients = &score_mod_gradients;
 
   if (B * Hq * Nq > 0 && Nk > 0) {
     apply_simd_environment();
@@ -972,6 +1020,7 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
       }
     detail::store_dense(values.data(), *gradients.dva);
   }
+  score_mod_gradients.store();
   if (gradients.dbias) {
     std::vector<double> values(static_cast<std::size_t>(gradients.dbias->as_const().numel()));
     for (std::size_t n = 0; n < values.size(); ++n) values[n] = o.dbias[n];

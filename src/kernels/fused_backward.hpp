@@ -5,6 +5,7 @@
 #include <optional>
 
 #include "core/problem.hpp"
+#include "core/score_mod_gradients.hpp"
 #include "qkv/backward.hpp"
 
 namespace qkv::kernels {
@@ -64,6 +65,8 @@ struct BackwardOperands {
   float* dva = nullptr;    // additive: [items, Hq, A], Σ dS·tanh(…) per item
   float* dbias = nullptr;  // when requested: the bias's own elements, strides dbias_strides
   std::array<std::int64_t, 4> dbias_strides{};  // (b, h, i, j), 0 where the bias broadcasts
+  // The score_mod's parameter gradients: each thread sums its own, then merges them here.
+  detail::ScoreModGradients* score_mod_gradients = nullptr;
 };
 
 }  // namespace qkv::kernels

@@ -1,5 +1,5 @@
 // What every kernel does before its main loop: operands with unit stride along the head dim,
-// the bilinear/additive projections, the key range that the position masks leave visible.
+// the bilinear/additive projections, the options applied to a row of scores.
 #pragma once
 
 #include <hwy/aligned_allocator.h>
@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/problem.hpp"
+#include "core/visibility.hpp"
 #include "kernels/workers.hpp"
 
 namespace qkv::kernels {
@@ -68,28 +69,12 @@ inline int worker_threads(const AttentionProblem& p) {
   return work < kParallelWork ? 1 : omp_get_max_threads();
 }
 
-// Keys [first, last) pass the position masks (causal, window, key_lengths) for query row i of
-// batch b; the boolean mask and the bias may still hide some of them.
-inline void visible_key_range(const AttentionProblem& p, std::int64_t b, std::int64_t i,
-                              std::int64_t& first, std::int64_t& last) {
-  const std::int64_t diagonal_j = i + p.diagonal();
-  first = 0;
-  last = p.key_length(b);
-  if (p.causal) {
-    const std::int64_t newest =
-        p.causal_align == CausalAlign::bottom_right ? diagonal_j : i + p.top_left_diagonal;
-    last = std::min(last, newest + 1);
-  }
-  if (p.window_left >= 0) first = std::max(first, diagonal_j - p.window_left);
-  if (p.window_right >= 0) last = std::min(last, diagonal_j + p.window_right + 1);
-}
-
-// Everything docs/contract.md §2 applies after the scaled product, in its order, to the scores of
-// keys first_key … first_key + count − 1 of query row i of head h in batch b: soft cap, ALiBi,
-// float bias, then the boolean mask (hidden keys get -inf). Only the options present cost anything.
+// docs/contract.md §2 after the scaled product, in its order, on the scores of keys first_key …
+// first_key + count − 1 of query row i of head h in batch b: soft cap, ALiBi, float bias, then
+// the score_mod. Only the options present cost anything.
 template <class T>
-void apply_score_options(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
-                         std::int64_t first_key, std::int64_t count, T* scores) {
+void modify_scores(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
+                   std::int64_t first_key, std::int64_t count, T* scores) {
   if (p.softcap > 0) {
     const auto cap = static_cast<T>(p.softcap);
     for (std::int64_t t = 0; t < count; ++t) scores[t] = cap * std::tanh(scores[t] / cap);
@@ -106,12 +91,17 @@ void apply_score_options(const AttentionProblem& p, std::int64_t b, std::int64_t
       scores[t] += static_cast<T>(p.bias.load(b, h, i, first_key + t));
     }
   }
-  if (p.mask.present) {
-    for (std::int64_t t = 0; t < count; ++t) {
-      if (p.mask.load(b, h, i, first_key + t) == 0.0)
-        scores[t] = -std::numeric_limits<T>::infinity();
-    }
-  }
+  if (p.score_mod != nullptr)
+    p.score_mod->forward(p.score_mod_row(b, h, i, first_key, count), scores);
+}
+
+// Everything after the scaled product: the modifications, then the masks' element tests (hidden
+// keys get -inf: core/visibility.hpp).
+template <class T>
+void apply_score_options(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
+                         std::int64_t first_key, std::int64_t count, T* scores) {
+  modify_scores(p, b, h, i, first_key, count, scores);
+  detail::hide_masked_keys(p, b, h, i, first_key, count, scores);
 }
 
 // A [B, N, H, D] operand with unit stride along D, in the compute type T: the caller's storage

@@ -138,8 +138,7 @@ class StreamingKernel {
 
   void attend_row(std::int64_t b, std::int64_t h, std::int64_t i, Scratch& scratch) const {
     constexpr T kMinusInfinity = -std::numeric_limits<T>::infinity();
-    std::int64_t first = 0, last = 0;
-    visible_key_range(p_, b, i, first, last);
+    const auto [first, last] = detail::visible_keys(p_, b, h, i);
     T* accumulator = scratch.accumulator.data();
     std::fill(scratch.accumulator.begin(), scratch.accumulator.end(), T{0});
     T running_max = kMinusInfinity;

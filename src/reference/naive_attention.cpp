@@ -24,21 +24,29 @@ Real load(const StridedInput& input, std::int64_t i0, std::int64_t i1 = 0, std::
   return static_cast<Real>(input.load(i0, i1, i2, i3));
 }
 
+}  // namespace
+
 // docs/contract.md §3, one condition at a time.
 bool key_visible(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
                  std::int64_t j) {
+  const PositionMasks& m = p.positions;
   const std::int64_t diagonal_j = i + p.diagonal();  // the key aligned with query i
   if (p.mask.present && p.mask.load(b, h, i, j) == 0.0) return false;
-  if (p.causal) {
+  if (p.block_mask != nullptr && !p.block_mask->visible(b, h, i + p.query_offset, j + p.key_offset))
+    return false;
+  if (m.causal) {
     const std::int64_t last =
-        p.causal_align == CausalAlign::bottom_right ? diagonal_j : i + p.top_left_diagonal;
-    if (j > last) return false;
+        m.causal_align == CausalAlign::bottom_right ? diagonal_j : i + m.top_left_diagonal;
+    const bool in_prefix = j + p.key_offset < m.prefix_length;
+    if (j > last && !in_prefix) return false;
   }
-  if (p.window_left >= 0 && j < diagonal_j - p.window_left) return false;
-  if (p.window_right >= 0 && j > diagonal_j + p.window_right) return false;
+  if (m.window_left >= 0 && j < diagonal_j - m.window_left) return false;
+  if (m.window_right >= 0 && j > diagonal_j + m.window_right) return false;
   if (j >= p.key_length(b)) return false;
   return true;
 }
+
+namespace {
 
 // Rounds to bfloat16 and back when the evaluation imitates a bfloat16 pipeline.
 template <bool kBfloat16Stages, class Real>
@@ -125,6 +133,7 @@ void evaluate_literally(const AttentionProblem& p) {
             s -= load<Real>(p.alibi_slopes, b, h) * distance;
           }
           if (p.bias.present) s += load<Real>(p.bias, b, h, i, j);
+          if (p.score_mod != nullptr) p.score_mod->forward(p.score_mod_row(b, h, i, j, 1), &s);
           scores[static_cast<std::size_t>(j)] = stage<kBfloat16Stages>(s);
           visible[static_cast<std::size_t>(j)] = key_visible(p, b, h, i, j) ? 1 : 0;
           if (visible[static_cast<std::size_t>(j)] && s > row_max) row_max = s;

@@ -17,6 +17,8 @@
 #include "core/backward_arguments.hpp"
 #include "core/dropout.hpp"
 #include "core/problem.hpp"
+#include "core/score_mod_gradients.hpp"
+#include "reference/naive_attention.hpp"
 
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
@@ -107,7 +109,8 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
   const detail::DropoutMask dropout(p);
   const std::int64_t A = p.additive_dim;
   std::vector<double> raw(static_cast<std::size_t>(p.k_len)), scaled(raw.size()),
-      scores(raw.size()), weights(raw.size()), d_weights(raw.size());
+      unmodified(raw.size()), scores(raw.size()), weights(raw.size()), d_weights(raw.size());
+  detail::ScoreModGradients score_mod_gradients(p.score_mod, gradients.dscore_mod);
   std::vector<char> visible(raw.size());
   std::vector<double> projected_q,
       projected_k;  // bilinear: Wᵀq [Dk]; additive: Wq q [A], Wk k [Nk, A]
@@ -159,16 +162,10 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
             s -= p.alibi_slopes.load(b, h) * static_cast<double>(std::llabs(i + p.diagonal() - j));
           }
           if (p.bias.present) s += p.bias.load(b, h, i, j);
+          unmodified[J] = s;
+          if (p.score_mod != nullptr) p.score_mod->forward(p.score_mod_row(b, h, i, j, 1), &s);
           scores[J] = s;
-          const std::int64_t diagonal_j = i + p.diagonal();
-          bool seen = j < p.key_length(b);
-          if (p.mask.present && p.mask.load(b, h, i, j) == 0.0) seen = false;
-          if (p.causal &&
-              j > (p.causal_align == CausalAlign::bottom_right ? diagonal_j
-                                                               : i + p.top_left_diagonal))
-            seen = false;
-          if (p.window_left >= 0 && j < diagonal_j - p.window_left) seen = false;
-          if (p.window_right >= 0 && j > diagonal_j + p.window_right) seen = false;
+          const bool seen = key_visible(p, b, h, i, j);
           visible[J] = seen ? 1 : 0;
           if (seen && s > row_max) row_max = s;
         }
@@ -214,7 +211,12 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
           if (weights[J] == 0.0) continue;
           // P_ij = exp(s_ij − LSE_i), LSE_i = log Σ exp(s_ij)  →  dS_ij = P_ij (dP_ij − Δ_i +
           // dLSE_i).
-          const double d_score = weights[J] * (d_weights[J] - delta + d_lse_value);
+          double d_score = weights[J] * (d_weights[J] - delta + d_lse_value);
+          // s = score_mod(u)  →  du = dS ∂score_mod/∂u (dual numbers), and its parameters'.
+          if (p.score_mod != nullptr) {
+            p.score_mod->backward(p.score_mod_row(b, h, i, j, 1), &unmodified[J], &d_score,
+                                  score_mod_gradients.arrays());
+          }
           // s += bias  →  dbias += dS.
           grad_bias.add(d_score, b, h, i, j);
           // s = c·tanh(u / c)  →  du = dS (1 − tanh²(u / c));  u = scale·raw  →  draw = scale·du.
@@ -273,6 +275,7 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
   for (const auto& [target, gradient] : outputs) {
     if (*target) detail::store_dense(gradient->values.data(), **target);
   }
+  score_mod_gradients.store();
 }
 
 }  // namespace qkv

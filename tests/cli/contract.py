@@ -8,7 +8,7 @@ import numpy as np
 
 def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               softcap=0.0, alibi=None, bias=None, causal=False, causal_align="bottom-right",
-              window=(-1, -1), key_lengths=None, mask=None):
+              window=(-1, -1), key_lengths=None, mask=None, prefix_length=0):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, nq, hq, dq = q.shape
     _, nk, hk, _ = k.shape
@@ -52,7 +52,7 @@ def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None,
     if mask is not None:
         visible &= np.asarray(mask, dtype=bool)
     if causal:
-        visible &= j <= (diagonal if causal_align == "bottom-right" else i)
+        visible &= (j <= (diagonal if causal_align == "bottom-right" else i)) | (j < prefix_length)
     left, right = window
     if left >= 0:
         visible &= j >= diagonal - left

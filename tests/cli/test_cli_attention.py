@@ -44,6 +44,8 @@ CASES = [
          causal=True, causal_align="top-left", dtype=np.float64),
     dict(name="rank4_empty_rows", rank=4, b=2, nq=9, nk=4, hq=1, hk=1, dq=3, dv=3, causal=True,
          key_lengths=True),
+    dict(name="rank3_prefix_lm", rank=3, b=1, nq=14, nk=14, hq=2, hk=2, dq=4, dv=4, causal=True,
+         prefix_length=5),
 ]
 
 
@@ -102,6 +104,9 @@ def test_matches_numpy_contract(case, tmp_path):
     if "window" in case:
         kwargs["window"] = case["window"]
         args += ["--window", "{},{}".format(*case["window"])]
+    if "prefix_length" in case:
+        kwargs["prefix_length"] = case["prefix_length"]
+        args += ["--prefix-length", str(case["prefix_length"])]
     if case.get("key_lengths"):
         kwargs["key_lengths"] = np.array([nk // 2, 0, nk][:b], dtype=np.int64)
         args += ["--key-lengths", save(tmp_path, "kl.npy", kwargs["key_lengths"])]
@@ -245,7 +250,7 @@ def test_bench_json_reports_every_figure(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--shapes", "B1H8"], "--shapes: expected S1 … S5, A1 or"),
+    (["--shapes", "B1H8"], "--shapes: expected S1 … S5, A1, M1, M2 or"),
     (["--shapes", "B1H3Hk2N8D8"], "--shapes: expected Hk dividing H"),
     (["--dtype", "f16"], "--dtype: expected f32 or bf16, got 'f16'"),
     (["--repetitions", "0"], "--repetitions: expected >= 1"),

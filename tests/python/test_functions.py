@@ -28,6 +28,8 @@ CASES = [
          score="additive", bias=True, softcap=3.0),
     dict(name="alibi_mask_lengths", b=3, nq=8, nk=12, hq=2, hk=2, d=8, dv=8, alibi=True,
          mask=True, key_lengths=True),
+    dict(name="prefix_lm", b=2, nq=11, nk=11, hq=2, hk=1, d=8, dv=8, causal=True,
+         prefix_length=4),
 ]
 
 
@@ -57,7 +59,7 @@ def inputs(case, dtype=np.float32):
         kw["mask"][0, 1, :] = False  # a row that sees nothing
     if case.get("key_lengths"):
         kw["key_lengths"] = np.array([nk, 0, nk // 2][:b], dtype=np.int64)
-    for option in ("causal", "causal_align", "window"):
+    for option in ("causal", "causal_align", "window", "prefix_length"):
         if option in case:
             kw[option] = case[option]
     return q, k, v, kw

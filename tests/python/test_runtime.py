@@ -66,13 +66,15 @@ def test_every_public_function_has_a_docstring_and_a_stub():
     import ast
     import os
     package = os.path.dirname(qkv.__file__)
-    for module, names in ((qkv, qkv.__all__), (qkv.nn, qkv.nn.__all__)):
+    submodules = {"nn", "score_mods"}
+    for module, stub_name, names in ((qkv, "__init__", qkv.__all__), (qkv.nn, "nn", qkv.nn.__all__),
+                                     (qkv.score_mods, "score_mods", qkv.score_mods.__all__)):
         for name in names:
-            if name == "nn":
-                continue
             assert getattr(module, name).__doc__, name
-        stub = os.path.join(package, ("__init__" if module is qkv else "nn") + ".pyi")
-        declared = {node.name for node in ast.parse(open(stub).read()).body
-                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-        assert set(names) - {"nn"} <= declared, (stub, set(names) - declared)
+        stub = os.path.join(package, stub_name + ".pyi")
+        tree = ast.parse(open(stub).read()).body
+        declared = {node.name for node in tree if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        declared |= {alias.asname for node in tree if isinstance(node, ast.ImportFrom)
+                     for alias in node.names if alias.asname in submodules}
+        assert set(names) <= declared, (stub, set(names) - declared)
     assert os.path.exists(os.path.join(package, "py.typed"))

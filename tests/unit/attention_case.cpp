@@ -22,6 +22,11 @@ std::string AttentionCase::name() const {
   if (alibi) text += "_alibi";
   if (bias) text += "_bias";
   if (causal) text += causal_align == CausalAlign::bottom_right ? "_causalBR" : "_causalTL";
+  if (prefix_length > 0) text += fmt::format("_prefix{}", prefix_length);
+  if (block_mask == BlockMaskRule::documents) text += fmt::format("_documents{}", mask_block);
+  if (block_mask == BlockMaskRule::strided) text += fmt::format("_strided{}", mask_block);
+  if (score_mod == ScoreModRule::relative_bias) text += "_relbias";
+  if (score_mod == ScoreModRule::capped_slopes) text += "_cappedslopes";
   if (window_left >= 0 || window_right >= 0) {
     text += fmt::format("_window{}x{}",
                         window_left < 0 ? std::string("inf") : std::to_string(window_left),
@@ -40,6 +45,21 @@ Tensor random_float32(std::vector<std::int64_t> shape, std::uint64_t seed) {
   std::normal_distribution<float> normal;
   for (std::int64_t n = 0; n < t.numel(); ++n) t.data<float>()[n] = normal(rng);
   return t;
+}
+
+bool block_mask_rule_visible(BlockMaskRule rule, std::int64_t b, std::int64_t h, std::int64_t q_idx,
+                             std::int64_t kv_idx) {
+  switch (rule) {
+    case BlockMaskRule::none:
+      return true;
+    case BlockMaskRule::documents: {
+      const std::int64_t length = 11 + 5 * b;
+      return q_idx / length == kv_idx / length;
+    }
+    case BlockMaskRule::strided:
+      return (kv_idx / 16 + h) % 3 != 0 && (q_idx + kv_idx) % 5 != 0;
+  }
+  return true;
 }
 
 void PrintTo(const AttentionCase& c, std::ostream* os) {
@@ -96,8 +116,50 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
   o.softcap = c.softcap;
   o.causal = c.causal;
   o.causal_align = c.causal_align;
+  o.prefix_length = c.prefix_length;
   o.window_left = c.window_left;
   o.window_right = c.window_right;
+  if (c.block_mask != BlockMaskRule::none) {
+    const BlockMaskRule rule = c.block_mask;
+    BlockMaskShape shape{rule == BlockMaskRule::documents ? c.batch : 1,
+                         rule == BlockMaskRule::strided ? c.q_heads : 1,
+                         c.q_len,
+                         c.k_len,
+                         c.mask_block,
+                         c.mask_block};
+    in.block_mask = std::make_shared<BlockMask>(BlockMask::from_mask_mod(
+        [rule](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+          return block_mask_rule_visible(rule, b, h, i, j);
+        },
+        shape));
+    o.block_mask = in.block_mask.get();
+  }
+  if (c.score_mod != ScoreModRule::none) {
+    const bool table = c.score_mod == ScoreModRule::relative_bias;
+    const DType values_dtype = dtype == DType::float64 ? DType::float64 : DType::float32;
+    in.score_values = table ? Tensor(values_dtype, {c.q_heads, c.q_len + c.k_len - 1})
+                            : Tensor(values_dtype, {c.q_heads});
+    fill_normal(in.score_values, rng, table ? 1.0 : 0.5);
+    in.score_parameter = std::make_shared<ScoreParameter>(in.score_values.view());
+    const std::int64_t offset = c.k_len - 1;
+    if (table) {
+      in.score_mod = std::make_shared<ScoreMod>(
+          [parameter = in.score_parameter, offset](Dual s, std::int64_t, std::int64_t h,
+                                                   std::int64_t q, std::int64_t kv) {
+            return s + (*parameter)(h, q - kv + offset);
+          },
+          std::vector<const ScoreParameter*>{in.score_parameter.get()});
+    } else {
+      in.score_mod = std::make_shared<ScoreMod>(
+          [parameter = in.score_parameter](Dual s, std::int64_t, std::int64_t h, std::int64_t q,
+                                           std::int64_t kv) {
+            const auto distance = static_cast<double>(q > kv ? q - kv : kv - q);
+            return 6.0 * qkv::tanh(s / 6.0) - (*parameter)(h) * (distance / 8.0);
+          },
+          std::vector<const ScoreParameter*>{in.score_parameter.get()});
+    }
+    o.score_mod = in.score_mod.get();
+  }
   auto with_heads = [&](std::vector<std::int64_t> shape) {
     if (c.per_head_parameters) shape.insert(shape.begin(), c.q_heads);
     return shape;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -12,6 +13,17 @@
 #include "qkv/tensor.hpp"
 
 namespace qkv::testing {
+
+// Block masks of the tests, as mask_mods on global positions (blocks of mask_block × mask_block):
+//   documents: batch b is cut into documents of 11 + 5b positions; a query sees its document;
+//   strided:   per head h, key blocks kb ≡ −h (mod 3) are hidden whole (empty blocks between
+//              non-empty ones) and pairs with (q_idx + kv_idx) % 5 == 0 too (partial blocks).
+enum class BlockMaskRule { none, documents, strided };
+
+// score_mods of the tests, each reading a learned parameter:
+//   relative_bias: s + table(h, q_idx − kv_idx + Nk − 1), table [Hq, Nq + Nk − 1];
+//   capped_slopes: 6·tanh(s / 6) − slopes(h)·|q_idx − kv_idx| / 8, slopes [Hq].
+enum class ScoreModRule { none, relative_bias, capped_slopes };
 
 struct AttentionCase {
   std::int64_t batch = 1, q_len = 8, k_len = 8, q_heads = 2, kv_heads = 1;
@@ -24,7 +36,11 @@ struct AttentionCase {
   bool bias = false;  // a [B, 1, Nq, Nk] float bias
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;
+  std::int64_t prefix_length = 0;  // prefix LM, with causal
   std::int64_t window_left = -1, window_right = -1;
+  BlockMaskRule block_mask = BlockMaskRule::none;
+  std::int64_t mask_block = 16;  // the block mask's q_block and kv_block
+  ScoreModRule score_mod = ScoreModRule::none;
   bool key_lengths = false;      // batch b keeps (b + 1)·Nk / (B + 1) keys, one batch keeps none
   bool mask = false;             // a random [1, Hq, Nq, Nk] boolean mask with one all-false row
   bool head_major = false;       // q, k, v stored as PyTorch's [B, H, N, D], read through strides
@@ -43,6 +59,10 @@ void PrintTo(const AttentionCase& c, std::ostream* os);
 struct AttentionInputs {
   Tensor q_storage, k_storage, v_storage;
   Tensor w, wq, wk, va, alibi_slopes, bias, mask, key_lengths;
+  std::shared_ptr<BlockMask> block_mask;  // on the heap: options point at it across moves
+  Tensor score_values;                    // the score_mod's parameter
+  std::shared_ptr<ScoreParameter> score_parameter;
+  std::shared_ptr<ScoreMod> score_mod;
   TensorView q, k, v;
   AttentionOptions options;
 };
@@ -61,6 +81,10 @@ AttentionResults allocate_results(const AttentionCase& c, DType dtype);
 enum class Evaluator { fast, reference, naive_float32, naive_bfloat16 };
 AttentionResults evaluate(const AttentionCase& c, const AttentionInputs& inputs,
                           Evaluator evaluator, DType result_dtype, bool with_weights);
+
+// Whether the block mask rule lets query q_idx see key kv_idx of (b, h).
+bool block_mask_rule_visible(BlockMaskRule rule, std::int64_t b, std::int64_t h, std::int64_t q_idx,
+                             std::int64_t kv_idx);
 
 // A float32 tensor of standard normal entries drawn from `seed`.
 Tensor random_float32(std::vector<std::int64_t> shape, std::uint64_t seed);

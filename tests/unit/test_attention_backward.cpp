@@ -44,17 +44,22 @@ struct Gradients {
       dbias = like(*in.options.bias);
       views.dbias = dbias.mutable_view();
     }
+    if (in.score_parameter) {
+      dscore_mod = like(in.score_parameter->values());
+      views.dscore_mod = {dscore_mod.mutable_view()};
+    }
     (void)c;
   }
   std::vector<std::pair<const char*, const Tensor*>> named() const {
     std::vector<std::pair<const char*, const Tensor*>> all{{"dq", &dq}, {"dk", &dk}, {"dv", &dv}};
     for (auto [name, t] : {std::pair{"dw", &dw}, std::pair{"dwq", &dwq}, std::pair{"dwk", &dwk},
-                           std::pair{"dva", &dva}, std::pair{"dbias", &dbias}}) {
+                           std::pair{"dva", &dva}, std::pair{"dbias", &dbias},
+                           std::pair{"dscore_mod", &dscore_mod}}) {
       if (t->numel() > 0) all.push_back({name, t});
     }
     return all;
   }
-  Tensor dq, dk, dv, dw, dwq, dwk, dva, dbias;
+  Tensor dq, dk, dv, dw, dwq, dwk, dva, dbias, dscore_mod;
   AttentionGradients views;
 };
 
@@ -112,7 +117,7 @@ std::vector<BackwardCase> backward_zoo() {
     add_all_scores(c);
   }
   // Every mask and option.
-  for (int variant = 0; variant < 8; ++variant) {
+  for (int variant = 0; variant < 13; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = 70;
@@ -133,6 +138,25 @@ std::vector<BackwardCase> backward_zoo() {
     c.head_major = variant == 5;
     c.spaced_last_dim = variant == 6;
     c.input_scale = variant == 6 ? 2.0 : 1.0;
+    if (variant == 8) {  // prefix LM
+      c.causal = true;
+      c.prefix_length = 30;
+    }
+    if (variant == 9) {  // documents, causal, in blocks that straddle the kernel's 64-key blocks
+      c.block_mask = BlockMaskRule::documents;
+      c.mask_block = 24;
+      c.causal = true;
+    }
+    if (variant == 10) c.block_mask = BlockMaskRule::strided;  // empty blocks between others
+    if (variant == 11) {  // a learned relative bias table, causal
+      c.score_mod = ScoreModRule::relative_bias;
+      c.causal = true;
+    }
+    if (variant == 12) {  // a non-linear score_mod with learned slopes, and a soft cap before it
+      c.score_mod = ScoreModRule::capped_slopes;
+      c.softcap = 20.0;
+      c.block_mask = BlockMaskRule::documents;
+    }
     add_all_scores(c);
   }
   return zoo;

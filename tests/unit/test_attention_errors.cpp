@@ -173,6 +173,22 @@ TEST(AttentionErrors, MasksAndBias) {
                {"key_lengths: expected [B] = [2], got [1]"});
   expect_error([](Valid& p) { p.options.window_left = -2; },
                {"window: expected (left, right)", "got (-2, -1)"});
+  expect_error([](Valid& p) { p.options.prefix_length = 2; },
+               {"prefix_length: expected 0, or a length >= 0 with causal", "got 2 without causal"});
+  expect_error(
+      [](Valid& p) {
+        p.options.causal = true;
+        p.options.prefix_length = -1;
+      },
+      {"prefix_length: expected", "got -1"});
+  // A block mask of another problem: Nk 4 instead of 5, or 3 heads instead of 1 or 4.
+  const auto all = [](std::int64_t, std::int64_t, std::int64_t, std::int64_t) { return true; };
+  const BlockMask short_keys = BlockMask::from_mask_mod(all, {1, 1, 3, 4, 2, 2});
+  const BlockMask three_heads = BlockMask::from_mask_mod(all, {2, 3, 3, 5, 2, 2});
+  expect_error([&](Valid& p) { p.options.block_mask = &short_keys; },
+               {"block_mask: expected [1 or B, 1 or Hq, Nq, Nk] = [1 or 2, 1 or 4, 3, 5]",
+                "got [1, 1, 3, 4]"});
+  expect_error([&](Valid& p) { p.options.block_mask = &three_heads; }, {"got [2, 3, 3, 5]"});
   expect_error([](Valid& p) { p.options.threads = -1; }, {"threads: expected >= 0"});
 }
 

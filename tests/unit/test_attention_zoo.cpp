@@ -113,6 +113,50 @@ std::vector<AttentionCase> shape_zoo() {
     masks.push_back(all);
     all.q_len = 90;  // Nq > Nk: bottom-right causal leaves the first rows empty
     masks.push_back(all);
+    AttentionCase prefix = c;  // prefix LM, both alignments, with a window
+    prefix.causal = true;
+    prefix.prefix_length = 23;
+    masks.push_back(prefix);
+    prefix.causal_align = CausalAlign::top_left;
+    prefix.window_left = 30;
+    masks.push_back(prefix);
+    // Block masks: per batch (documents, some rows of the last see no key when Nq > Nk) and per
+    // head (strided: empty blocks between non-empty ones), in blocks that match the kernels'
+    // tiles and blocks that do not, alone and with the other masks.
+    AttentionCase documents = c;
+    documents.block_mask = BlockMaskRule::documents;
+    masks.push_back(documents);
+    documents.causal = true;
+    documents.mask = true;
+    documents.mask_block = 24;
+    masks.push_back(documents);
+    AttentionCase strided = c;
+    strided.block_mask = BlockMaskRule::strided;
+    masks.push_back(strided);
+    strided.mask_block = 40;
+    strided.key_lengths = true;
+    strided.window_left = 33;
+    masks.push_back(strided);
+    AttentionCase long_documents = c;  // several of the kernels' key tiles
+    long_documents.q_len = long_documents.k_len = 300;
+    long_documents.block_mask = BlockMaskRule::documents;
+    long_documents.mask_block = 64;
+    masks.push_back(long_documents);
+    long_documents.block_mask = BlockMaskRule::strided;
+    long_documents.mask_block = 16;
+    long_documents.causal = true;
+    masks.push_back(long_documents);
+    AttentionCase relative = c;  // score_mods, with and without other options
+    relative.score_mod = ScoreModRule::relative_bias;
+    masks.push_back(relative);
+    relative.causal = true;
+    relative.alibi = true;
+    masks.push_back(relative);
+    AttentionCase capped = c;
+    capped.score_mod = ScoreModRule::capped_slopes;
+    capped.bias = true;
+    capped.block_mask = BlockMaskRule::strided;
+    masks.push_back(capped);
   }
   for (AttentionCase c : masks) {
     c.seed = ++seed;
@@ -150,7 +194,7 @@ std::vector<AttentionCase> shape_zoo() {
   }
   // 7. Decoding: a few query rows per key head against more keys than one split-KV chunk, with
   // every option and mask.
-  for (int variant = 0; variant < 4; ++variant) {
+  for (int variant = 0; variant < 5; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = variant == 3 ? 2 : 1;
@@ -166,6 +210,10 @@ std::vector<AttentionCase> shape_zoo() {
     c.bias = variant == 3;
     c.mask = variant == 1;
     c.softcap = variant == 2 ? 4.0 : 0.0;
+    if (variant == 4) {
+      c.block_mask = BlockMaskRule::strided;
+      c.mask_block = 128;
+    }
     c.seed = ++seed;
     add_all_scores(c);
   }

@@ -85,7 +85,7 @@ std::vector<AttentionCase> backward_cases() {
   for (Score score : {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive}) {
     for (bool per_head : {false, true}) {
       if (per_head && (score == Score::dot || score == Score::scaled_dot)) continue;
-      for (int variant = 0; variant < 5; ++variant) {
+      for (int variant = 0; variant < 7; ++variant) {
         AttentionCase c;
         c.batch = 2;
         c.q_len = 3;
@@ -107,6 +107,15 @@ std::vector<AttentionCase> backward_cases() {
         c.alibi = variant == 4;
         c.bias = variant == 0 || variant == 4;
         if (variant == 4) c.scale = 0.8;
+        if (variant == 5) {  // a learned relative bias table under a causal mask
+          c.score_mod = ScoreModRule::relative_bias;
+          c.causal = true;
+        }
+        if (variant == 6) {  // a non-linear score_mod after the soft cap and a bias
+          c.score_mod = ScoreModRule::capped_slopes;
+          c.softcap = 2.5;
+          c.bias = true;
+        }
         c.seed = ++seed;
         cases.push_back(c);
       }
@@ -138,6 +147,11 @@ TEST_P(BackwardReference, MatchesFiniteDifferences) {
     gradients.dva = dva.mutable_view();
   }
   if (in.options.bias) gradients.dbias = dbias.mutable_view();
+  Tensor dscore_mod;
+  if (in.score_parameter) {
+    dscore_mod = like(in.score_values);
+    gradients.dscore_mod = {dscore_mod.mutable_view()};
+  }
   attention_backward_reference(in.q, in.k, in.v, in.options, problem.dout.view(),
                                problem.dlse.view(), gradients);
 
@@ -153,6 +167,10 @@ TEST_P(BackwardReference, MatchesFiniteDifferences) {
         std::tuple{&problem.bias, &dbias, "dbias"}}) {
     if (tensor->numel() > 0)
       expect_gradient(problem, tensor->data<double>(), tensor->numel(), *gradient, name);
+  }
+  if (in.score_parameter) {
+    expect_gradient(problem, in.score_values.data<double>(), in.score_values.numel(), dscore_mod,
+                    "dscore_mod");
   }
 }
 

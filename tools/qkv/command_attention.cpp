@@ -35,6 +35,7 @@ struct AttentionFlags {
   double softcap = 0.0;
   bool causal = false;
   std::string causal_align = "bottom-right";
+  std::int64_t prefix_length = 0;
   std::string window;
   double dropout = 0.0;
   std::uint64_t dropout_seed = 0;
@@ -121,6 +122,7 @@ LoadedOptions load_options(const AttentionFlags& flags) {
   attach(loaded.mask, options.mask, "--mask");
   options.causal = flags.causal;
   options.causal_align = parse_causal_align(flags.causal_align);
+  options.prefix_length = flags.prefix_length;
   if (!flags.window.empty()) {
     std::tie(options.window_left, options.window_right) = parse_window(flags.window);
   }
@@ -346,6 +348,8 @@ void add_attention_command(CLI::App& app) {
   command->add_flag("--causal", flags->causal, "causal mask");
   command->add_option("--causal-align", flags->causal_align, "bottom-right | top-left")
       ->default_str("bottom-right");
+  command->add_option("--prefix-length", flags->prefix_length,
+                      "prefix LM (with --causal): the first N keys are visible to every query");
   command->add_option("--window", flags->window, "local window L,R (-1 = unbounded)");
   command->add_option("--key-lengths", flags->key_lengths, "valid keys per batch [B], int");
   command->add_option("--mask", flags->mask, "boolean mask, true = may attend");

@@ -1,0 +1,50 @@
+// The built-in score_mods of qkv.flex_attention (qkv.score_mods): ALiBi, soft cap, a relative
+// position bias table and per-head scales, composed in order into one qkv::ScoreMod that the
+// kernels run natively, forward and backward, with the gradients of the learned tensors.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "qkv/score_mod.hpp"
+
+namespace qkv::python {
+
+// One piece: what it does to the score s of (b, h, q_idx, kv_idx), with P its parameter:
+//   alibi:         s + P[h]·(kv_idx − q_idx)
+//   soft_cap:      c·tanh(s / c)                         (c = constant)
+//   relative_bias: s + P[h, d + M − 1] (or P[d + M − 1]), d = q_idx − kv_idx clamped to
+//                  [−(M − 1), M − 1], the table's last dimension 2M − 1
+//   head_scale:    s·P[h]
+struct ScorePiece {
+  enum class Kind { alibi, soft_cap, relative_bias, head_scale };
+  Kind kind = Kind::soft_cap;
+  int parameter = -1;      // index into the parameters, or -1
+  double constant = 0.0;   // soft_cap's c
+  bool per_head = true;    // relative_bias: a table per head ([H, 2M − 1]) or shared
+  std::int64_t reach = 0;  // relative_bias: M − 1
+};
+
+// Parses "alibi", "soft_cap", "relative_bias", "head_scale" (qkv::Error otherwise).
+ScorePiece::Kind parse_piece_kind(const std::string& name);
+
+// The pieces with their parameters, as one ScoreMod.
+class ScorePieces {
+ public:
+  // Each piece's parameter index refers to `parameters`; the tensors must outlive the calls.
+  // Throws qkv::Error for a parameter of the wrong rank or an even-length table.
+  ScorePieces(std::vector<ScorePiece> pieces, const std::vector<TensorView>& parameters);
+  ScorePieces(const ScorePieces&) = delete;  // the ScoreMod points into this object
+  ScorePieces& operator=(const ScorePieces&) = delete;
+  const ScoreMod& score_mod() const { return *score_mod_; }
+
+ private:
+  std::vector<ScorePiece> pieces_;
+  std::deque<ScoreParameter> parameters_;  // stable addresses: the ScoreMod points at them
+  std::optional<ScoreMod> score_mod_;
+};
+
+}  // namespace qkv::python
