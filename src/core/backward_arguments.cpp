@@ -83,15 +83,20 @@ void store_dense(const double* values, const MutableTensorView& view) {
   for (std::int64_t n = 0; n < shape.numel(); ++n) element.store(values[n], offset_of(shape, n));
 }
 
-void check_backward_arguments(const TensorView& q, const TensorView& k, const TensorView& v,
-                              const AttentionOptions& options, const TensorView& dout,
-                              const std::optional<TensorView>& dlse,
-                              const AttentionGradients& gradients) {
-  {
-    Tensor probe_out(DType::float64, {q.rank == 4 ? q.shape[0] : 0, q.rank == 4 ? q.shape[1] : 0,
-                                      q.rank == 4 ? q.shape[2] : 0, v.rank == 4 ? v.shape[3] : 0});
-    make_problem(q, k, v, options, {probe_out.mutable_view(), {}, {}});
-  }
+AttentionProblem check_backward_arguments(const TensorView& q, const TensorView& k,
+                                          const TensorView& v, const AttentionOptions& options,
+                                          const TensorView& dout,
+                                          const std::optional<TensorView>& dlse,
+                                          const AttentionGradients& gradients) {
+  // O's slot: its shape (from q and v, once they are known to be rank 4), every stride 0.
+  static float no_storage = 0.0f;
+  const MutableTensorView out_slot{&no_storage,
+                                   DType::float32,
+                                   4,
+                                   {q.rank == 4 ? q.shape[0] : 0, q.rank == 4 ? q.shape[1] : 0,
+                                    q.rank == 4 ? q.shape[2] : 0, v.rank == 4 ? v.shape[3] : 0},
+                                   {0, 0, 0, 0}};
+  AttentionProblem problem = make_problem(q, k, v, options, {out_slot, {}, {}});
   check_sequence_like(dout, "dout", {q.shape[0], q.shape[1], q.shape[2], v.shape[3]}, 4,
                       "[B, Nq, Hq, Dv]");
   if (dlse)
@@ -105,6 +110,7 @@ void check_backward_arguments(const TensorView& q, const TensorView& k, const Te
   check_gradient(gradients.dva, options.va ? &*options.va : nullptr, "dva", "va");
   check_gradient(gradients.dbias, options.bias ? &*options.bias : nullptr, "dbias", "bias");
   check_score_mod_gradients(options.score_mod, gradients.dscore_mod);
+  return problem;
 }
 
 }  // namespace qkv::detail

@@ -5,24 +5,20 @@
 #include <cstdint>
 #include <optional>
 
+#include "core/problem.hpp"
 #include "qkv/backward.hpp"
 
 namespace qkv::detail {
 
 // Validates the forward's arguments (as attention_forward would), then dout [B, Nq, Hq, Dv],
 // dlse [B, Hq, Nq] and every requested gradient (the primal's shape, a float dtype; none for a
-// parameter the score does not have). Throws qkv::Error naming the argument.
-void check_backward_arguments(const TensorView& q, const TensorView& k, const TensorView& v,
-                              const AttentionOptions& options, const TensorView& dout,
-                              const std::optional<TensorView>& dlse,
-                              const AttentionGradients& gradients);
-
-// The float64 oracle (attention_backward_reference), and with `saved` the backward of one block
-// of a larger problem: P from the saved LSE and Δ from the saved O, as the fused kernel does.
-void backward_reference(const TensorView& q, const TensorView& k, const TensorView& v,
-                        const AttentionOptions& options, const TensorView& dout,
-                        const std::optional<TensorView>& dlse, const AttentionGradients& gradients,
-                        const std::optional<SavedForward>& saved);
+// parameter the score does not have). Throws qkv::Error naming the argument. Returns the
+// problem, whose output slot has O's shape and no storage (the backward never writes it).
+AttentionProblem check_backward_arguments(const TensorView& q, const TensorView& k,
+                                          const TensorView& v, const AttentionOptions& options,
+                                          const TensorView& dout,
+                                          const std::optional<TensorView>& dlse,
+                                          const AttentionGradients& gradients);
 
 // Offset, in elements, of the n-th element (row-major order) of a strided view.
 std::int64_t offset_of(const TensorView& view, std::int64_t n);

@@ -53,6 +53,15 @@ StridedInput input_of(const TensorView& view) {
   return input;
 }
 
+StridedOutput output_of(const MutableTensorView& view) {
+  StridedOutput output;
+  output.data = static_cast<std::byte*>(view.data);
+  output.dtype = view.dtype;
+  output.present = true;
+  for (int d = 0; d < view.rank; ++d) output.strides[d] = view.strides[d];
+  return output;
+}
+
 void require_float_data(const TensorView& view, const std::string& name) {
   if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
       view.dtype != DType::bfloat16) {
@@ -168,8 +177,8 @@ StridedInput broadcast_operand(const TensorView& view, const char* name, const S
   return input;
 }
 
-StridedOutput output_of(const MutableTensorView& view, const char* name, const Shape& expected,
-                        int rank, const char* layout) {
+StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
+                                const Shape& expected, int rank, const char* layout) {
   const TensorView as_input = view.as_const();
   require_view(as_input, name);
   bool ok = view.rank == rank;
@@ -423,13 +432,14 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
   p.threads = options.threads;
 
   // Results.
-  p.out =
-      output_of(outputs.out, "out", {p.batch, p.q_len, p.q_heads, p.v_dim}, 4, "[B, Nq, Hq, Dv]");
+  p.out = checked_output_of(outputs.out, "out", {p.batch, p.q_len, p.q_heads, p.v_dim}, 4,
+                            "[B, Nq, Hq, Dv]");
   if (outputs.lse) {
-    p.lse = output_of(*outputs.lse, "lse", {p.batch, p.q_heads, p.q_len, 0}, 3, "[B, Hq, Nq]");
+    p.lse =
+        checked_output_of(*outputs.lse, "lse", {p.batch, p.q_heads, p.q_len, 0}, 3, "[B, Hq, Nq]");
   }
   if (outputs.weights) {
-    p.weights = output_of(*outputs.weights, "weights", score_shape, 4, "[B, Hq, Nq, Nk]");
+    p.weights = checked_output_of(*outputs.weights, "weights", score_shape, 4, "[B, Hq, Nq, Nk]");
   }
   return p;
 }

@@ -107,8 +107,9 @@ struct AttentionProblem {
   std::int64_t diagonal() const { return positions.bottom_right_diagonal; }
 };
 
-// A view read through its own strides (up to four indices).
+// A view read (written) through its own strides (up to four indices), unchecked.
 StridedInput input_of(const TensorView& view);
+StridedOutput output_of(const MutableTensorView& view);
 
 // Throws qkv::Error naming `name` unless the view holds float32, float64 or bfloat16 data (not a
 // null pointer when it has elements).

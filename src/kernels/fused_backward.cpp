@@ -762,17 +762,6 @@ void outer_product_gradient(const MutableTensorView& target, bool shared, std::i
   detail::store_dense(values.data(), target);
 }
 
-// The output view of a gradient as a (b, n, h, d) writer.
-detail::StridedOutput writer_of(const MutableTensorView& view) {
-  detail::StridedOutput out;
-  out.data = static_cast<std::byte*>(view.data);
-  out.dtype = view.dtype;
-  out.present = true;
-  for (int d = 0; d < view.rank && d < 4; ++d)
-    out.strides[static_cast<std::size_t>(d)] = view.strides[static_cast<std::size_t>(d)];
-  return out;
-}
-
 }  // namespace
 
 void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
@@ -937,7 +926,7 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
     }
   };
   if (gradients.dq) {
-    const detail::StridedOutput out = writer_of(*gradients.dq);
+    const detail::StridedOutput out = detail::output_of(*gradients.dq);
     parallel_for(threads, B * Nq, [&](std::int64_t index) {
       const std::int64_t b = index / Nq, i = index % Nq;
       std::vector<double> compared(static_cast<std::size_t>(dim)),
@@ -951,7 +940,7 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
     });
   }
   if (gradients.dk) {
-    const detail::StridedOutput out = writer_of(*gradients.dk);
+    const detail::StridedOutput out = detail::output_of(*gradients.dk);
     const std::int64_t heads_per_key = o.key_heads / Hk;  // projected key heads per k head
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
@@ -971,7 +960,7 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
     });
   }
   if (gradients.dv) {
-    const detail::StridedOutput out = writer_of(*gradients.dv);
+    const detail::StridedOutput out = detail::output_of(*gradients.dv);
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
       std::vector<double> row(static_cast<std::size_t>(p.v_dim));

@@ -19,6 +19,7 @@
 #include "core/problem.hpp"
 #include "core/score_mod_gradients.hpp"
 #include "reference/naive_attention.hpp"
+#include "reference/naive_backward.hpp"
 
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"

@@ -4,11 +4,13 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include "api/forward.hpp"
 #include "core/backward_arguments.hpp"
 #include "core/problem.hpp"
 #include "kernels/fused_backward.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
+#include "reference/naive_backward.hpp"
 
 namespace qkv {
 
@@ -32,8 +34,9 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
                         const AttentionOptions& options, const TensorView& dout,
                         const std::optional<TensorView>& dlse, const AttentionGradients& gradients,
                         const std::optional<SavedForward>& saved) {
-  detail::check_backward_arguments(q, k, v, options, dout, dlse, gradients);
-  const std::int64_t B = q.shape[0], Nq = q.shape[1], Hq = q.shape[2], Dv = v.shape[3];
+  const detail::AttentionProblem p =
+      detail::check_backward_arguments(q, k, v, options, dout, dlse, gradients);
+  const std::int64_t B = p.batch, Nq = p.q_len, Hq = p.q_heads, Dv = p.v_dim;
   if (saved) {
     check_saved(saved->out, "saved.out", {B, Nq, Hq, Dv}, "[B, Nq, Hq, Dv]");
     check_saved(saved->lse, "saved.lse", {B, Hq, Nq}, "[B, Hq, Nq]");
@@ -51,14 +54,13 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   } else {
     out = Tensor(DType::float32, {B, Nq, Hq, Dv});
     lse = Tensor(DType::float64, {B, Hq, Nq});  // P is recomputed from it: keep every bit
-    attention_forward(q, k, v, options, {out.mutable_view(), lse.mutable_view(), {}});
+    detail::AttentionProblem forward = p;       // validated already: only the results change
+    forward.out = detail::output_of(out.mutable_view());
+    forward.lse = detail::output_of(lse.mutable_view());
+    api::run_forward(forward);
     out_view = out.view();
     lse_view = lse.view();
   }
-  // The problem's output slot is validated for its shape only; the backward never writes it.
-  Tensor shape_only(DType::float32, {1});
-  MutableTensorView out_slot{shape_only.raw(), DType::float32, 4, {B, Nq, Hq, Dv}, {0, 0, 0, 0}};
-  const detail::AttentionProblem p = detail::make_problem(q, k, v, options, {out_slot, {}, {}});
   kernels::BackwardInputs inputs;
   inputs.dout = detail::input_of(dout);
   inputs.out = detail::input_of(out_view);

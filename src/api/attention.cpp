@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include "api/forward.hpp"
 #include "core/problem.hpp"
 #include "kernels/decode_attention.hpp"
 #include "kernels/fused_attention.hpp"
@@ -45,9 +46,12 @@ CausalAlign parse_causal_align(std::string_view name) {
 
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const AttentionOutputs& outputs) {
-  const detail::AttentionProblem problem = detail::make_problem(q, k, v, options, outputs);
+  api::run_forward(detail::make_problem(q, k, v, options, outputs));
+}
+
+void api::run_forward(const detail::AttentionProblem& problem) {
   // Dispatch once, here: decoding shapes stream K and V once; the fused kernel takes the rest of
-  // float32 dot/bilinear; the streaming kernel takes float64 and the additive score.
+  // float32 and bfloat16; the streaming kernel takes float64.
   if (kernels::decode_attention_supports(problem)) {
     kernels::decode_attention(problem);
   } else if (kernels::fused_attention_supports(problem)) {
