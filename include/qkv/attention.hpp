@@ -18,6 +18,7 @@ enum class Score {
   scaled_dot,  // q·k                      default scale 1/sqrt(Dq)
   bilinear,    // qᵀ W k   (Luong)          default scale 1
   additive,    // vᵀ tanh(Wq q + Wk k)      default scale 1 (Bahdanau)
+  cosine,      // τ[h]·(q·k)/(|q||k|)       default scale 1 (a learned temperature τ)
 };
 
 // Where a causal mask puts its diagonal when Nq != Nk.
@@ -26,7 +27,8 @@ enum class CausalAlign {
   top_left,      // key j visible to query i iff j <= i             (PyTorch is_causal)
 };
 
-// "dot", "scaled_dot", "bilinear", "additive" (and back; throws qkv::Error on an unknown name).
+// "dot", "scaled_dot", "bilinear", "additive", "cosine" (and back; throws qkv::Error on an unknown
+// name).
 const char* score_name(Score score);
 Score parse_score(std::string_view name);
 const char* causal_align_name(CausalAlign align);
@@ -47,6 +49,9 @@ struct AttentionOptions {
   std::optional<TensorView> wq;
   std::optional<TensorView> wk;
   std::optional<TensorView> va;
+  // cosine: the temperature τ, [Hq] (one per query head) or [1] (shared); unset means 1. A zero
+  // q or k compares as the zero vector (score 0).
+  std::optional<TensorView> temperature;
 
   // ALiBi: adds -slope[h]·|i + Nk - Nq - j|. Shape [Hq], or [B, Hq] (one set per batch).
   std::optional<TensorView> alibi_slopes;

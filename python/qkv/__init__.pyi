@@ -17,7 +17,8 @@ def simd_target() -> str: ...
 def attention(
     q: Array, k: Array, v: Array, *, score: str = ..., scale: Optional[float] = ...,
     w: Optional[Array] = ..., wq: Optional[Array] = ..., wk: Optional[Array] = ...,
-    va: Optional[Array] = ..., softcap: float = ..., alibi_slopes: Optional[Array] = ...,
+    va: Optional[Array] = ..., temperature: Optional[Array] = ..., softcap: float = ...,
+    alibi_slopes: Optional[Array] = ...,
     bias: Optional[Array] = ..., causal: bool = ..., causal_align: str = ...,
     prefix_length: int = ..., window: Window = ..., key_lengths: Optional[Array] = ..., mask: Optional[Array] = ...,
     return_lse: bool = ..., return_weights: bool = ..., dropout_p: float = ...,

@@ -13,8 +13,9 @@ try:
 except ImportError:  # NumPy alone works; torch tensors need torch
     torch = None
 
-_PARAMETERS = ("w", "wq", "wk", "va", "bias")  # differentiable tensors besides q, k, v
-_GRADIENT_NAMES = ("dq", "dk", "dv", "dw", "dwq", "dwk", "dva", "dbias")
+# Differentiable tensors besides q, k, v, and the names of all their gradients.
+_PARAMETERS = ("w", "wq", "wk", "va", "temperature", "bias")
+_GRADIENT_NAMES = ("dq", "dk", "dv", "dw", "dwq", "dwk", "dva", "dtemperature", "dbias")
 
 
 def simd_target():
@@ -132,11 +133,12 @@ if torch is not None:
         """qkv's forward, and qkv's fused backward for every input that requires grad."""
 
         @staticmethod
-        def forward(ctx, config, q, k, v, w, wq, wk, va, bias, *score_parameters):
-            parameters = {n: t for n, t in zip(_PARAMETERS, (w, wq, wk, va, bias)) if t is not None}
+        def forward(ctx, config, q, k, v, w, wq, wk, va, temperature, bias, *score_parameters):
+            named = (w, wq, wk, va, temperature, bias)
+            parameters = {n: t for n, t in zip(_PARAMETERS, named) if t is not None}
             out, lse, weights = _forward(config, q, k, v, parameters, True, score_parameters)
             ctx.config = config
-            ctx.save_for_backward(q, k, v, w, wq, wk, va, bias, out, lse, *score_parameters)
+            ctx.save_for_backward(q, k, v, *named, out, lse, *score_parameters)
             if weights is not None:
                 ctx.mark_non_differentiable(weights)
             # The caller's LSE in the public dtype (float32 unless the inputs are float64).
@@ -145,8 +147,10 @@ if torch is not None:
 
         @staticmethod
         def backward(ctx, dout, dlse, _dweights):
-            q, k, v, w, wq, wk, va, bias, out, lse, *score_parameters = ctx.saved_tensors
-            primals = (q, k, v, w, wq, wk, va, bias)
+            q, k, v, w, wq, wk, va, temperature, bias, out, lse, *score_parameters = (
+                ctx.saved_tensors)
+            named = (w, wq, wk, va, temperature, bias)
+            primals = (q, k, v, *named)
             needed = ctx.needs_input_grad[1:]
             gradients = {}
             for name, primal, wanted in zip(_GRADIENT_NAMES, primals, needed):
@@ -157,8 +161,7 @@ if torch is not None:
                 _empty(tuple(p.shape), torch.float64 if p.dtype == torch.float64 else
                        torch.float32, True) if wanted else None
                 for p, wanted in zip(score_parameters, needed[len(primals):])]
-            parameters = {n: t for n, t in zip(_PARAMETERS, (w, wq, wk, va, bias))
-                          if t is not None}
+            parameters = {n: t for n, t in zip(_PARAMETERS, named) if t is not None}
             options = ctx.config.options_with(parameters, score_parameters)
             views = {n: _numpy_view(g, n) for n, g in gradients.items()}
             if score_parameters:
@@ -199,13 +202,14 @@ def _seed(dropout_p, seed):
 
 
 def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
-              softcap=0.0, alibi_slopes=None, bias=None, causal=False, causal_align="bottom-right",
+              temperature=None, softcap=0.0, alibi_slopes=None, bias=None, causal=False, causal_align="bottom-right",
               prefix_length=0, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
               return_weights=False, dropout_p=0.0, dropout_seed=None, threads=None):
     """Attention in qkv's layout: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
 
     score: "dot", "scaled_dot" (default scale 1/sqrt(Dq)), "bilinear" (w [Dq, Dk] or
-    [Hq, Dq, Dk]) or "additive" (wq [A, Dq], wk [A, Dk], va [A], or each with a leading Hq).
+    [Hq, Dq, Dk]), "additive" (wq [A, Dq], wk [A, Dk], va [A], or each with a leading Hq) or
+    "cosine" (temperature [Hq] or [1] times q·k/(|q||k|); none: 1).
     softcap c > 0: s <- c·tanh(s/c). alibi_slopes [Hq] or [B, Hq]. bias: float, broadcastable to
     [B, Hq, Nq, Nk]. causal with causal_align "bottom-right" (FlashAttention) or "top-left"
     (PyTorch); prefix_length P (with causal): the first P keys are visible to every query
@@ -216,7 +220,7 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     Returns O [B, Nq, Hq, Dv] in v's dtype, followed by LSE [B, Hq, Nq] and the weights
     [B, Hq, Nq, Nk] when asked for (float32; float64 for float64 inputs). A query that sees no
     key gets O = 0, weights 0 and LSE = -inf, never NaN. Differentiable for torch tensors in q, k,
-    v, w, wq, wk, va and bias.
+    v, w, wq, wk, va, temperature and bias.
     """
     options = dict(score=score, scale=scale, softcap=float(softcap), alibi_slopes=_numpy_view(
         alibi_slopes, "alibi_slopes"), causal=bool(causal), causal_align=causal_align,
@@ -225,7 +229,8 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
         key_lengths=_numpy_view(key_lengths, "key_lengths"), mask=_numpy_view(mask, "mask"),
         dropout=float(dropout_p), dropout_seed=_seed(dropout_p, dropout_seed),
         threads=0 if threads is None else int(threads))
-    parameters = {n: t for n, t in (("w", w), ("wq", wq), ("wk", wk), ("va", va), ("bias", bias))
+    parameters = {n: t for n, t in (("w", w), ("wq", wq), ("wk", wk), ("va", va),
+                                    ("temperature", temperature), ("bias", bias))
                   if t is not None}
     config = _Config(options, return_lse, return_weights)
     out, lse, weights = _run(config, q, k, v, parameters)

@@ -115,6 +115,7 @@ CallOptions options_of(const py::dict& o) {
   options.wq = optional_input(o, "wq");
   options.wk = optional_input(o, "wk");
   options.va = optional_input(o, "va");
+  options.temperature = optional_input(o, "temperature");
   options.alibi_slopes = optional_input(o, "alibi_slopes");
   options.bias = optional_input(o, "bias");
   options.causal = get<bool>(o, "causal", false);
@@ -155,8 +156,9 @@ void backward(const py::array& q, const py::array& k, const py::array& v, const 
   const qkv::AttentionOptions& attention_options = call.options;
   qkv::AttentionGradients grads;
   const std::pair<const char*, std::optional<qkv::MutableTensorView>*> slots[] = {
-      {"dq", &grads.dq},   {"dk", &grads.dk},   {"dv", &grads.dv},   {"dw", &grads.dw},
-      {"dwq", &grads.dwq}, {"dwk", &grads.dwk}, {"dva", &grads.dva}, {"dbias", &grads.dbias}};
+      {"dq", &grads.dq},   {"dk", &grads.dk},       {"dv", &grads.dv},
+      {"dw", &grads.dw},   {"dwq", &grads.dwq},     {"dwk", &grads.dwk},
+      {"dva", &grads.dva}, {"dbias", &grads.dbias}, {"dtemperature", &grads.dtemperature}};
   for (const auto& [name, slot] : slots) {
     if (gradients.contains(name) && !gradients[name].is_none()) {
       py::array array = gradients[name].cast<py::array>();

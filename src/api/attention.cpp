@@ -13,27 +13,6 @@
 
 namespace qkv {
 
-const char* score_name(Score score) {
-  switch (score) {
-    case Score::dot:
-      return "dot";
-    case Score::scaled_dot:
-      return "scaled_dot";
-    case Score::bilinear:
-      return "bilinear";
-    case Score::additive:
-      return "additive";
-  }
-  return "unknown";
-}
-
-Score parse_score(std::string_view name) {
-  for (Score score : {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive}) {
-    if (name == score_name(score)) return score;
-  }
-  throw Error(fmt::format("score: expected dot, scaled_dot, bilinear or additive, got '{}'", name));
-}
-
 const char* causal_align_name(CausalAlign align) {
   return align == CausalAlign::bottom_right ? "bottom-right" : "top-left";
 }

@@ -3,6 +3,7 @@
 #include "core/backward_arguments.hpp"
 
 #include "core/score_mod_gradients.hpp"
+#include "core/score_unit.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -104,10 +105,11 @@ AttentionProblem check_backward_arguments(const TensorView& q, const TensorView&
   check_gradient(gradients.dq, &q, "dq", "q");
   check_gradient(gradients.dk, &k, "dk", "k");
   check_gradient(gradients.dv, &v, "dv", "v");
-  check_gradient(gradients.dw, options.w ? &*options.w : nullptr, "dw", "w");
-  check_gradient(gradients.dwq, options.wq ? &*options.wq : nullptr, "dwq", "wq");
-  check_gradient(gradients.dwk, options.wk ? &*options.wk : nullptr, "dwk", "wk");
-  check_gradient(gradients.dva, options.va ? &*options.va : nullptr, "dva", "va");
+  for (const ScoreParameterOption& parameter : score_parameter_options()) {
+    const std::optional<TensorView>& primal = options.*parameter.option;
+    check_gradient(gradients.*parameter.gradient, primal ? &*primal : nullptr,
+                   parameter.gradient_name, parameter.name);
+  }
   check_gradient(gradients.dbias, options.bias ? &*options.bias : nullptr, "dbias", "bias");
   check_score_mod_gradients(options.score_mod, gradients.dscore_mod);
   return problem;

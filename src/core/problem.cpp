@@ -1,5 +1,7 @@
 #include "core/problem.hpp"
 
+#include "core/score_unit.hpp"
+
 #include <fmt/format.h>
 
 #include <cmath>
@@ -104,13 +106,15 @@ void check_extent(const TensorView& view, const char* name) {
   }
 }
 
+}  // namespace
+
 void require_view(const TensorView& view, const char* name) {
   if (view.rank < 0 || view.rank > kMaxRank) {
     throw Error(fmt::format("{}: expected rank <= {}, got rank {}", name, kMaxRank, view.rank));
   }
   if (view.data == nullptr && view.numel() != 0) {
-    throw Error(
-        fmt::format("{}: expected data for shape {}, got a null pointer", name, dims(view)));
+    throw Error(fmt::format("{}: expected data for shape {}, got a null pointer", name,
+                            view.shape_string()));
   }
   check_extent(view, name);
 }
@@ -122,6 +126,30 @@ void require_float(const TensorView& view, const char* name) {
   }
 }
 
+// A parameter that is either shared (`shared_rank` dims matching `tail`) or per query head (one
+// more leading dim of size Hq). Returned with a leading head index whose stride is 0 if shared.
+StridedInput per_head_parameter(const TensorView& view, const char* name,
+                                const std::array<std::int64_t, 4>& tail, int shared_rank,
+                                std::int64_t q_heads, const std::string& expect) {
+  require_view(view, name);
+  require_float(view, name);
+  const bool per_head = view.rank == shared_rank + 1;
+  bool ok = view.rank == shared_rank || per_head;
+  if (ok && per_head) ok = view.shape[0] == q_heads;
+  for (int d = 0; ok && d < shared_rank; ++d) {
+    ok = view.shape[d + (per_head ? 1 : 0)] == tail[d];
+  }
+  if (!ok) throw Error(fmt::format("{}: expected {}, got {}", name, expect, view.shape_string()));
+  StridedInput input = input_of(view);
+  if (!per_head) {
+    for (int d = shared_rank; d > 0; --d) input.strides[d] = input.strides[d - 1];
+    input.strides[0] = 0;
+  }
+  return input;
+}
+
+namespace {
+
 // A [B, N, H, D] operand (q, k or v).
 StridedInput sequence_operand(const TensorView& view, const char* name, const char* layout) {
   require_view(view, name);
@@ -131,27 +159,6 @@ StridedInput sequence_operand(const TensorView& view, const char* name, const ch
   }
   require_float(view, name);
   return input_of(view);
-}
-
-// A parameter that is either shared (`shared_rank` dims matching `tail`) or per query head (one
-// more leading dim of size Hq). Returned with a leading head index whose stride is 0 if shared.
-StridedInput per_head_parameter(const TensorView& view, const char* name, const Shape& tail,
-                                int shared_rank, std::int64_t q_heads, const std::string& expect) {
-  require_view(view, name);
-  require_float(view, name);
-  const bool per_head = view.rank == shared_rank + 1;
-  bool ok = view.rank == shared_rank || per_head;
-  if (ok && per_head) ok = view.shape[0] == q_heads;
-  for (int d = 0; ok && d < shared_rank; ++d) {
-    ok = view.shape[d + (per_head ? 1 : 0)] == tail[d];
-  }
-  if (!ok) throw Error(fmt::format("{}: expected {}, got {}", name, expect, dims(view)));
-  StridedInput input = input_of(view);
-  if (!per_head) {
-    for (int d = shared_rank; d > 0; --d) input.strides[d] = input.strides[d - 1];
-    input.strides[0] = 0;
-  }
-  return input;
 }
 
 // A tensor broadcast (numpy rules, aligned right) to `target`.
@@ -200,14 +207,6 @@ StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
   return output;
 }
 
-void reject_unused(const std::optional<TensorView>& given, const char* name, Score score,
-                   const char* used_by) {
-  if (given) {
-    throw Error(fmt::format("{}: expected none for score '{}' ({} is only used by {}), got {}",
-                            name, score_name(score), name, used_by, dims(*given)));
-  }
-}
-
 }  // namespace
 
 AttentionProblem make_problem(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -251,65 +250,18 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
                             p.q_dim, p.k_dim, p.v_dim));
   }
 
-  // Scores and their parameters.
+  // The score: its unit checks its parameters and knows its default scale and form.
+  const ScoreUnit& unit = score_unit(options.score);
   p.score = options.score;
-  switch (p.score) {
-    case Score::dot:
-    case Score::scaled_dot:
-      if (p.k_dim != p.q_dim) {
-        throw Error(fmt::format("k: expected Dk == Dq = {} for score '{}', got Dk = {}", p.q_dim,
-                                score_name(p.score), p.k_dim));
-      }
-      reject_unused(options.w, "w", p.score, "bilinear");
-      reject_unused(options.wq, "wq", p.score, "additive");
-      reject_unused(options.wk, "wk", p.score, "additive");
-      reject_unused(options.va, "va", p.score, "additive");
-      break;
-    case Score::bilinear:
-      if (!options.w)
-        throw Error("w: expected [Dq, Dk] or [Hq, Dq, Dk] for score 'bilinear', got none");
-      p.w =
-          per_head_parameter(*options.w, "w", {p.q_dim, p.k_dim, 0, 0}, 2, p.q_heads,
-                             fmt::format("[Dq, Dk] = [{0}, {1}] or [Hq, Dq, Dk] = [{2}, {0}, {1}]",
-                                         p.q_dim, p.k_dim, p.q_heads));
-      reject_unused(options.wq, "wq", p.score, "additive");
-      reject_unused(options.wk, "wk", p.score, "additive");
-      reject_unused(options.va, "va", p.score, "additive");
-      break;
-    case Score::additive: {
-      if (!options.wq || !options.wk || !options.va) {
-        throw Error(fmt::format(
-            "{}: expected a tensor for score 'additive' (it needs wq, wk and va), got none",
-            !options.wq   ? "wq"
-            : !options.wk ? "wk"
-                          : "va"));
-      }
-      reject_unused(options.w, "w", p.score, "bilinear");
-      require_view(*options.va, "va");
-      if (options.va->rank < 1 || options.va->rank > 2) {
-        throw Error(fmt::format("va: expected [A] or [Hq, A], got {}", dims(*options.va)));
-      }
-      p.additive_dim = options.va->shape[options.va->rank - 1];
-      if (p.additive_dim < 1) throw Error("va: expected A >= 1, got A = 0");
-      const std::int64_t a = p.additive_dim;
-      p.va = per_head_parameter(*options.va, "va", {a, 0, 0, 0}, 1, p.q_heads,
-                                fmt::format("[A] = [{0}] or [Hq, A] = [{1}, {0}]", a, p.q_heads));
-      p.wq = per_head_parameter(*options.wq, "wq", {a, p.q_dim, 0, 0}, 2, p.q_heads,
-                                fmt::format("[A, Dq] = [{0}, {1}] or [Hq, A, Dq] = [{2}, {0}, {1}]",
-                                            a, p.q_dim, p.q_heads));
-      p.wk = per_head_parameter(*options.wk, "wk", {a, p.k_dim, 0, 0}, 2, p.q_heads,
-                                fmt::format("[A, Dk] = [{0}, {1}] or [Hq, A, Dk] = [{2}, {0}, {1}]",
-                                            a, p.k_dim, p.q_heads));
-      break;
-    }
-  }
+  unit.check(options, p);
+  p.form = unit.operands(p).form;
   if (options.scale) {
     if (!std::isfinite(*options.scale)) {
       throw Error(fmt::format("scale: expected a finite number, got {}", *options.scale));
     }
     p.scale = *options.scale;
   } else {
-    p.scale = p.score == Score::scaled_dot ? 1.0 / std::sqrt(static_cast<double>(p.q_dim)) : 1.0;
+    p.scale = unit.default_scale(p);
   }
   if (!(options.softcap >= 0.0) || !std::isfinite(options.softcap)) {
     throw Error(

@@ -48,6 +48,11 @@ struct StridedOutput {
              std::int64_t i3 = 0) const;
 };
 
+// The two forms of score the kernels compute, over compared vectors q' and k'
+// (core/score_unit.hpp):
+//   dot: s = q'·k';  additive: s = Σ_a v[h, a]·tanh(q'_a + k'_a).
+enum class ScoreForm { dot, additive };
+
 struct AttentionProblem {
   // Sizes (docs/contract.md §1). additive_dim is A for the additive score, 0 otherwise.
   std::int64_t batch = 0, q_len = 0, k_len = 0, q_heads = 0, kv_heads = 0;
@@ -55,9 +60,10 @@ struct AttentionProblem {
   std::int64_t group_size = 1;  // Hq / Hk: query heads per key/value head
 
   Score score = Score::scaled_dot;
-  double scale = 1.0;    // resolved: the caller's or the score's default
-  double softcap = 0.0;  // 0 = off
-  double dropout = 0.0;  // probability of zeroing a weight; 0 = off
+  ScoreForm form = ScoreForm::dot;  // of the score's unit
+  double scale = 1.0;               // resolved: the caller's or the score's default
+  double softcap = 0.0;             // 0 = off
+  double dropout = 0.0;             // probability of zeroing a weight; 0 = off
   std::uint64_t dropout_seed = 0;
   // The global coordinates dropout hashes: local (h, i, j) is (h + head_offset, i + query_offset,
   // j + key_offset) of a [B, head_total, query_total, key_total] problem.
@@ -70,6 +76,7 @@ struct AttentionProblem {
   StridedInput w;                       // bilinear (h, a, c): stride 0 on h when shared
   StridedInput wq, wk;                  // additive (h, a, d)
   StridedInput va;                      // additive (h, a)
+  StridedInput temperature;             // cosine (h): stride 0 when shared
   StridedInput alibi_slopes;            // (b, h)
   StridedInput bias;                    // (b, h, i, j), broadcast
   const ScoreMod* score_mod = nullptr;  // after the bias: global (b, h, q_idx, kv_idx)
@@ -114,6 +121,18 @@ StridedOutput output_of(const MutableTensorView& view);
 // Throws qkv::Error naming `name` unless the view holds float32, float64 or bfloat16 data (not a
 // null pointer when it has elements).
 void require_float_data(const TensorView& view, const std::string& name);
+
+// The checks every door and score unit shares, each a qkv::Error naming `name`: a rank of at most
+// 4, data behind the elements, strides that stay inside int64 (require_view); a float dtype
+// (require_float).
+void require_view(const TensorView& view, const char* name);
+void require_float(const TensorView& view, const char* name);
+// A score parameter that is either shared (`shared_rank` dims equal to tail[0 …]) or one per
+// query head (a leading dim of Hq): read as (h, …) with stride 0 on h when shared. `expect` says
+// both shapes for the message.
+StridedInput per_head_parameter(const TensorView& view, const char* name,
+                                const std::array<std::int64_t, 4>& tail, int shared_rank,
+                                std::int64_t q_heads, const std::string& expect);
 
 // Checks every argument against the contract and resolves defaults. Throws qkv::Error naming the
 // argument, the expectation and what was given.

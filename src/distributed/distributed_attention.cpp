@@ -28,6 +28,7 @@
 
 #include "core/backward_arguments.hpp"
 #include "core/position_masks.hpp"
+#include "core/score_unit.hpp"
 #include "qkv/error.hpp"
 #include "qkv/merge.hpp"
 
@@ -230,34 +231,34 @@ AttentionOptions block_options(const AttentionOptions& options, const Distribute
 class ParameterSums {
  public:
   ParameterSums(const AttentionOptions& options, const AttentionGradients& requested) {
-    const std::pair<const std::optional<TensorView>*, const std::optional<MutableTensorView>*>
-        pairs[] = {{&options.w, &requested.dw},
-                   {&options.wq, &requested.dwq},
-                   {&options.wk, &requested.dwk},
-                   {&options.va, &requested.dva}};
-    for (std::size_t n = 0; n < 4; ++n) {
-      if (pairs[n].second->has_value() && pairs[n].first->has_value()) {
-        totals_[n] = Tensor(DType::float64, shape_of(**pairs[n].first));
-        targets_[n] = **pairs[n].second;
+    const auto parameters = detail::score_parameter_options();
+    totals_.resize(parameters.size());
+    parts_.resize(parameters.size());
+    targets_.resize(parameters.size());
+    for (std::size_t n = 0; n < parameters.size(); ++n) {
+      const std::optional<TensorView>& primal = options.*parameters[n].option;
+      const std::optional<MutableTensorView>& target = requested.*parameters[n].gradient;
+      if (target.has_value() && primal.has_value()) {
+        totals_[n] = Tensor(DType::float64, shape_of(*primal));
+        targets_[n] = *target;
       }
     }
   }
   // Gradient slots for one block call, shaped like the (possibly head-sliced) parameters.
   AttentionGradients block_slots(const AttentionOptions& block_options) {
     AttentionGradients slots;
-    std::optional<MutableTensorView>* fields[] = {&slots.dw, &slots.dwq, &slots.dwk, &slots.dva};
-    const std::optional<TensorView>* params[] = {&block_options.w, &block_options.wq,
-                                                 &block_options.wk, &block_options.va};
-    for (std::size_t n = 0; n < 4; ++n) {
-      if (totals_[n].numel() == 0 || !params[n]->has_value()) continue;
-      parts_[n] = Tensor(DType::float64, shape_of(**params[n]));
-      *fields[n] = parts_[n].mutable_view();
+    const auto parameters = detail::score_parameter_options();
+    for (std::size_t n = 0; n < parameters.size(); ++n) {
+      const std::optional<TensorView>& primal = block_options.*parameters[n].option;
+      if (totals_[n].numel() == 0 || !primal.has_value()) continue;
+      parts_[n] = Tensor(DType::float64, shape_of(*primal));
+      slots.*parameters[n].gradient = parts_[n].mutable_view();
     }
     return slots;
   }
   // Adds the last block's parts; `first_head` places a head shard's per-head rows.
   void add_parts(std::int64_t first_head) {
-    for (std::size_t n = 0; n < 4; ++n) {
+    for (std::size_t n = 0; n < parts_.size(); ++n) {
       if (parts_[n].numel() == 0) continue;
       const std::int64_t offset = parts_[n].numel() == totals_[n].numel()
                                       ? 0
@@ -268,7 +269,7 @@ class ParameterSums {
   }
   // Sums over the ranks and writes the requested gradients.
   void finish(MPI_Comm comm) {
-    for (std::size_t n = 0; n < 4; ++n) {
+    for (std::size_t n = 0; n < totals_.size(); ++n) {
       if (totals_[n].numel() == 0) continue;
       check_mpi(MPI_Allreduce(MPI_IN_PLACE, totals_[n].raw(), static_cast<int>(totals_[n].numel()),
                               MPI_DOUBLE, MPI_SUM, comm),
@@ -278,8 +279,9 @@ class ParameterSums {
   }
 
  private:
-  Tensor totals_[4], parts_[4];
-  MutableTensorView targets_[4];
+  // One of each per score parameter option (detail::score_parameter_options()).
+  std::vector<Tensor> totals_, parts_;
+  std::vector<MutableTensorView> targets_;
 };
 
 // ---- Ring ---------------------------------------------------------------------------------------
@@ -765,10 +767,8 @@ AttentionOptions head_options(const AttentionOptions& options, std::int64_t firs
       parameter = parameter->narrow(0, first, first + count);
     }
   };
-  slice(o.w, 3);
-  slice(o.wq, 3);
-  slice(o.wk, 3);
-  slice(o.va, 2);
+  for (const detail::ScoreParameterOption& parameter : detail::score_parameter_options())
+    slice(o.*parameter.option, parameter.per_head_rank);
   o.query_head_offset = first;  // dropout hashes global heads
   o.query_head_total = q_heads;
   if (o.alibi_slopes) {

@@ -316,8 +316,9 @@ namespace qkv::kernels {
 HWY_EXPORT(DecodeForward);
 
 bool decode_attention_supports(const AttentionProblem& p) {
-  return (p.dtype == DType::float32 || p.dtype == DType::bfloat16) && p.score != Score::additive &&
-         !p.weights.present && p.dropout == 0 && p.q_len * p.group_size <= kDecodeRows;
+  return (p.dtype == DType::float32 || p.dtype == DType::bfloat16) &&
+         p.form == detail::ScoreForm::dot && !p.weights.present && p.dropout == 0 &&
+         p.q_len * p.group_size <= kDecodeRows;
 }
 
 void decode_attention(const AttentionProblem& p) {

@@ -6,18 +6,20 @@
 // The workers (kernels/workers.hpp) take items one at a time (longest first); each thread keeps
 // its scratch between calls.
 //
-// Once per call, for all items, K and V are packed into tiles of kKeyTile keys: Kᵀ as
-// [D, kKeyTile] (keys along the vector lanes), V as [kKeyTile, Dv'] (Dv' = Dv rounded up to whole
-// vectors), zero-padded; in bfloat16 mode as pairs for the BF16 dot product. Then, for one item:
+// Once per call, for all items, K and V are packed into tiles of T = kKeyTileVectors vectors of
+// keys (128 on AVX-512): Kᵀ as [D, T] (keys along the vector lanes), V as [T, Dv'] (Dv' = Dv
+// rounded up to whole vectors), zero-padded; in bfloat16 mode as pairs for the BF16 dot product.
+// Then, for one item:
 //   1. Pack the item's Q rows (times the score scale) into q_tile [R, D], and find the union of
-//      the rows' visible key ranges (position masks only); keys outside it are never touched.
+//      the rows' visible key ranges (position masks, and the block mask's first and last visible
+//      key: core/visibility.hpp); keys outside it are never touched.
 //   2. For each key tile in that range, for each block of 4 rows whose ranges meet the tile
 //      (and only the 64-key parts of it that some row of the block can see):
-//        a. S = Q·Kᵀ: a 4 × kKeyTile register tile (4 rows × 4 vectors: 16 accumulators, 4 loads
+//        a. S = Q·Kᵀ: register tiles of 4 rows × kTileVectors (4 vectors: 16 accumulators, 4 loads
 //           of k_tile and 1 broadcast of q live per step, 21 of 32 zmm registers on AVX-512);
-//        b. soft cap, ALiBi, bias, boolean mask, and -inf outside each row's range, in a scalar
-//           pass that only runs on tiles that need it (a tile inside every row's range with no
-//           per-element option skips it);
+//        b. -inf outside each row's range, then, in a scalar pass over the range, only the options
+//           given: soft cap, ALiBi, bias, score_mod, and the masks' element tests (boolean mask,
+//           the block mask's empty and partial blocks);
 //        c. online softmax per row: m' = max(m, max S), α = e^(m − m'), P = e^(S − m') in place,
 //           l = α·l + Σ P;
 //        d. O_acc = α·O_acc + P·V: a 4 × (4 vectors) register tile per step over the keys, V rows
@@ -26,9 +28,9 @@
 //      When the weights are requested, a second walk recomputes S and writes P = e^(S − LSE),
 //      LSE subtracted as two floats (its high and low parts).
 //
-// Cost per tile and 4-row block: 2·4·kKeyTile·(D + Dv) flops on data that stays in L1/L2 (a key
-// tile and a value tile are 32 KiB each at D = Dv = 64 on AVX-512, kKeyTile = 128). The exp work
-// is kKeyTile per row per tile, small beside the 2·kKeyTile·(D + Dv) flops of the two products.
+// Cost per tile and 4-row block: 2·4·T·(D + Dv) flops on data that stays in L1/L2 (a key
+// tile and a value tile are 32 KiB each at D = Dv = 64 on AVX-512, T = 128). The exp work
+// is T per row per tile, small beside the 2·T·(D + Dv) flops of the two products.
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/fused_attention.cpp"
@@ -50,6 +52,7 @@
 #include "kernels/bf16_microkernels.hpp"
 
 #include "kernels/fused_attention.hpp"
+#include "kernels/score_operands.hpp"
 #include "kernels/simd_dispatch.hpp"
 
 HWY_BEFORE_NAMESPACE();
@@ -65,7 +68,7 @@ constexpr int kBlockRows = 4;           // rows of one register tile
 constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 4 : 2;
 // Keys per tile, in vectors: the softmax bookkeeping of a row (max, rescale) is paid once per
 // tile, so longer tiles spend a larger share of the time in the two products.
-constexpr int kKeyTileVectors = 8;
+constexpr int TVectors = 8;
 
 using FloatTag = hn::ScalableTag<float>;
 
@@ -86,7 +89,7 @@ class FusedKernel {
       : o_(operands),
         p_(*operands.problem),
         lanes_(static_cast<std::int64_t>(hn::Lanes(FloatTag()))),
-        key_tile_(kKeyTileVectors * lanes_),
+        key_tile_(TVectors * lanes_),
         v_stride_((p_.v_dim + lanes_ - 1) / lanes_ * lanes_),
         item_group_(p_.q_heads / operands.key_heads),
         positions_(std::max<std::int64_t>(1, kItemRows / item_group_)),
@@ -134,11 +137,11 @@ class FusedKernel {
       last.resize(static_cast<std::size_t>(k.rows_));
     }
     float* q_tile;                     // [rows, D]: the item's queries times the scale
-    float* scores;                     // [rows, kKeyTile]: S, then P, of the current tile
+    float* scores;                     // [rows, T]: S, then P, of the current tile
     float* accumulator;                // [rows, Dv']: unnormalized O
     float* row_sum;                    // [rows, lanes]: per-lane partial softmax sums
     std::uint32_t* q_pairs = nullptr;  // bf16 mode: [rows, ⌈D/2⌉] query pairs (unscaled)
-    std::uint32_t* p_pairs = nullptr;  // bf16 mode: [rows, kKeyTile/2] weight pairs
+    std::uint32_t* p_pairs = nullptr;  // bf16 mode: [rows, T/2] weight pairs
     std::vector<float> row_max, correction;
     std::vector<float> lse_low;  // after step 3: LSE − row_max, row_max then holding float(LSE)
     std::vector<std::int64_t> first, last;  // each row's visible key range
@@ -241,7 +244,7 @@ class FusedKernel {
   }
 
   // The keys [begin, end) of a tile, relative to its start, that any row of a block can see,
-  // widened to whole score register tiles (kSubTile keys): only these are scored and summed. On
+  // widened to whole score register tiles (sub_tile_ keys): only these are scored and summed. On
   // the diagonal of a causal mask, the edges of a window, or beside a block mask's empty blocks,
   // this skips the parts of the tile that no row of the block sees.
   struct KeySpan {
@@ -269,9 +272,9 @@ class FusedKernel {
   }
 
   // K and V of every (batch, key head) in tiles, once for all items:
-  //   key tile n:   [D, kKeyTile], element (d, t) = K[n·kKeyTile + t, d]   (Kᵀ, so keys run
+  //   key tile n:   [D, T], element (d, t) = K[n·T + t, d]   (Kᵀ, so keys run
   //                 along the vector lanes of the score micro-kernel)
-  //   value tile n: [kKeyTile, Dv'], row t = V[n·kKeyTile + t, :] padded with zeros
+  //   value tile n: [T, Dv'], row t = V[n·T + t, :] padded with zeros
   // Keys past Nk in the last tile are zero; the masks give them -inf scores.
   void PackKeysAndValues() {
     const std::int64_t dim = o_.score_dim;
@@ -314,9 +317,8 @@ class FusedKernel {
   }
 
   // The bf16 mode's tiles, same order as above, in 32-bit words of two bfloat16 values:
-  //   key tile:   [⌈D/2⌉, kKeyTile], word (e, t) = (K[j, 2e], K[j, 2e + 1]) with j = tile·kKeyTile
-  //   + t value tile: [kKeyTile/2, Dv'],  word (t, d) = (V[2t', d], V[2t' + 1, d]) with t' =
-  //   tile·kKeyTile/2 + t
+  //   key tile:   [⌈D/2⌉, T], word (e, t) = (K[j, 2e], K[j, 2e + 1]) with j = tile·T + t
+  //   value tile: [T/2, Dv'],  word (t, d) = (V[2t', d], V[2t' + 1, d]) with t' = tile·T/2 + t
   // (pairs along D for Q·Kᵀ, pairs of neighbouring keys for P·V), zero past Nk, D and Dv.
   void PackPairs(std::int64_t key_sets, std::int64_t value_sets) {
     const std::int64_t dim = o_.score_dim;
@@ -659,8 +661,8 @@ class FusedKernel {
   const std::int64_t sub_tile_;          // keys of one score register tile
   const std::int64_t key_tile_words_;    // floats (or pairs) of one packed key tile
   const std::int64_t value_tile_words_;  // floats (or pairs) of one packed value tile
-  float* packed_keys_ = nullptr;         // [B·key_heads, tiles, D, kKeyTile]
-  float* packed_values_ = nullptr;       // [B·Hk, tiles, kKeyTile, Dv']
+  float* packed_keys_ = nullptr;         // [B·key_heads, tiles, D, T]
+  float* packed_values_ = nullptr;       // [B·Hk, tiles, T, Dv']
 };
 
 // Whether this target may call the AVX-512 BF16 tiles (on a CPU that has them).
@@ -690,56 +692,35 @@ bool fused_attention_supports(const AttentionProblem& problem) {
 FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands bf16) {
   FusedOperands operands;
   operands.problem = &p;
-  operands.score_dim = p.k_dim;
-  operands.key_heads = p.kv_heads;
   apply_simd_environment();
-  if (bf16 == Bfloat16Operands::products && p.dtype == DType::bfloat16 &&
-      (p.score == Score::dot || p.score == Score::scaled_dot) &&
-      HWY_DYNAMIC_DISPATCH(TargetRunsBf16Tiles)()) {
+  const bool bf16_inputs = p.dtype == DType::bfloat16;
+  if (bf16 == Bfloat16Operands::products && bf16_inputs && queries_as_they_are(p) &&
+      keys_as_they_are(p) && HWY_DYNAMIC_DISPATCH(TargetRunsBf16Tiles)()) {
     operands.bf16_products = true;
+    operands.score_dim = p.k_dim;
+    operands.key_heads = p.kv_heads;
     adopt_or_pack(operands.q16, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
     adopt_or_pack(operands.k16, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
     adopt_or_pack(operands.v16, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
     return operands;
   }
-  adopt_or_pack(operands.q, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
-  if (bf16 == Bfloat16Operands::keys_and_values && p.dtype == DType::bfloat16 &&
-      p.score != Score::additive) {
+  // The score unit's compared vectors in float32; K and V stay bfloat16 for a kernel that
+  // converts them on the fly, when the keys are compared as they are.
+  const bool keep_keys =
+      bf16 == Bfloat16Operands::keys_and_values && bf16_inputs && keys_as_they_are(p);
+  ComparedVectors<float> vectors = compared_vectors<float>(p, worker_threads(p), false, keep_keys);
+  operands.q = std::move(vectors.q);
+  operands.score_dim = vectors.dim;
+  operands.key_heads = vectors.key_heads;
+  operands.additive = vectors.additive;
+  operands.additive_v = std::move(vectors.additive_v);
+  if (keep_keys) {
     operands.bf16_keys_and_values = true;
     adopt_or_pack(operands.k16, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
     adopt_or_pack(operands.v16, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
   } else {
-    adopt_or_pack(operands.k, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
+    operands.k = std::move(vectors.k);
     adopt_or_pack(operands.v, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
-  }
-  const auto same_head = [](std::int64_t h) { return h; };
-  if (p.score == Score::bilinear) {  // qᵀ W k = (Wᵀ q)·k
-    RowMajorOperand<float> projected;
-    project(projected, operands.q, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim,
-            p.q_dim, same_head, worker_threads(p));
-    operands.q = std::move(projected);
-  } else if (p.score == Score::additive) {
-    operands.additive = true;
-    operands.score_dim = p.additive_dim;
-    RowMajorOperand<float> projected_q, projected_k;
-    project(projected_q, operands.q, p.wq, false, p.batch, p.q_len, p.q_heads, p.additive_dim,
-            p.q_dim, same_head, worker_threads(p));
-    // Keys are projected once per key head when Wk is shared, once per query head otherwise.
-    const bool per_query_head = p.wk.strides[0] != 0;
-    operands.key_heads = per_query_head ? p.q_heads : p.kv_heads;
-    const std::int64_t group = per_query_head ? p.group_size : 1;
-    project(
-        projected_k, operands.k, p.wk, false, p.batch, p.k_len, operands.key_heads, p.additive_dim,
-        p.k_dim, [group](std::int64_t h) { return h / group; }, worker_threads(p));
-    operands.q = std::move(projected_q);
-    operands.k = std::move(projected_k);
-    operands.additive_v.resize(static_cast<std::size_t>(p.q_heads * p.additive_dim));
-    for (std::int64_t h = 0; h < p.q_heads; ++h) {
-      for (std::int64_t a = 0; a < p.additive_dim; ++a) {
-        operands.additive_v[static_cast<std::size_t>(h * p.additive_dim + a)] =
-            static_cast<float>(p.scale * p.va.load(h, a));
-      }
-    }
   }
   return operands;
 }

@@ -16,10 +16,9 @@ bool fused_attention_supports(const AttentionProblem& problem);
 // Computes problem.out (and lse, weights when present). Requires fused_attention_supports().
 void fused_attention(const AttentionProblem& problem);
 
-// The operands as the SIMD code reads them: unit stride along the head dim, bilinear already
-// reduced to a dot score (q' = Wᵀq).
-// The additive score is reduced the same way: q holds Wq q and k holds Wk k (both [.., A]), and
-// the score of a pair is Σ_a additive_v[h, a] · tanh(q_a + k_a), the scale folded into v.
+// The operands as the SIMD code reads them: the score unit's compared vectors q' and k'
+// (kernels/score_operands.hpp) with unit stride along their dim. A dot-form score compares q'·k';
+// the additive form Σ_a additive_v[h, a] · tanh(q'_a + k'_a), the scale folded into v.
 struct FusedOperands {
   const AttentionProblem* problem = nullptr;
   RowMajorOperand<float> q, k, v;

@@ -46,6 +46,7 @@
 #include "kernels/decode_attention.hpp"
 #include "kernels/fused_backward.hpp"
 #include "kernels/operands.hpp"
+#include "kernels/score_operands.hpp"
 #include "kernels/simd_dispatch.hpp"
 
 HWY_BEFORE_NAMESPACE();
@@ -677,50 +678,26 @@ void write_row(const detail::StridedOutput& y, std::int64_t b, std::int64_t n, s
   }
 }
 
-// A per-head (or shared) weight matrix as dense [heads, rows, cols] doubles: element (h, r, c) is
-// w(h, r, c), or w(h, c, r) when transposed. Shared weights keep one copy (heads = 1).
-struct DenseWeights {
-  DenseWeights(const StridedInput& w, std::int64_t all_heads, std::int64_t row_count,
-               std::int64_t column_count, bool transposed)
-      : heads(w.strides[0] != 0 ? all_heads : 1), rows(row_count), cols(column_count) {
-    values.resize(static_cast<std::size_t>(heads * rows * cols));
-    for (std::int64_t h = 0; h < heads; ++h)
-      for (std::int64_t r = 0; r < rows; ++r)
-        for (std::int64_t c = 0; c < cols; ++c)
-          values[static_cast<std::size_t>((h * rows + r) * cols + c)] =
-              transposed ? w.load(h, c, r) : w.load(h, r, c);
-  }
-  // Row r of head h's matrix.
-  const double* row(std::int64_t h, std::int64_t r) const {
-    return values.data() + ((heads == 1 ? 0 : h) * rows + r) * cols;
-  }
-  std::int64_t heads, rows, cols;
-  std::vector<double> values;
-};
-
-// A [B, N, H, D] input as dense [B, H, N, stride] float rows, times `factor`, each row projected
-// by `weights` (row r = Σ_c W[h, r, c] · x[c]) when given; x[b, n, source_head(h), :] feeds head h.
+// A [B, N, H, D] input as dense [B, H, N, stride] float rows, times `factor`, each row through
+// the score unit's `transform` when given; x[b, n, source_head(h), :] feeds head h.
 template <class SourceHead>
 void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64_t length,
                std::int64_t heads, std::int64_t in_dim, std::int64_t stride, double factor,
-               const DenseWeights* weights, SourceHead source_head, int threads) {
-  const std::int64_t out_dim = weights != nullptr ? weights->rows : in_dim;
+               const RowTransformer* transform, SourceHead source_head, int threads) {
+  const std::int64_t out_dim = transform != nullptr ? transform->out_dim() : in_dim;
   parallel_for(threads, batch * heads, [&](std::int64_t index) {
     const std::int64_t b = index / heads, h = index % heads;
-    std::vector<double> row(static_cast<std::size_t>(in_dim));
+    std::vector<double> row(static_cast<std::size_t>(in_dim)),
+        transformed(static_cast<std::size_t>(out_dim));
     for (std::int64_t n = 0; n < length; ++n) {
       float* target = out + ((b * heads + h) * length + n) * stride;
       read_row(x, b, n, source_head(h), in_dim, row.data());
-      for (std::int64_t r = 0; r < out_dim; ++r) {
-        double value = row[static_cast<std::size_t>(std::min(r, in_dim - 1))];
-        if (weights != nullptr) {
-          const double* w = weights->row(h, r);
-          value = 0.0;
-          for (std::int64_t c = 0; c < in_dim; ++c)
-            value += w[c] * row[static_cast<std::size_t>(c)];
-        }
-        target[r] = static_cast<float>(factor * value);
+      const double* values = row.data();
+      if (transform != nullptr) {
+        transform->apply(h, row.data(), transformed.data());
+        values = transformed.data();
       }
+      for (std::int64_t r = 0; r < out_dim; ++r) target[r] = static_cast<float>(factor * values[r]);
     }
   });
 }
@@ -768,42 +745,32 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
                     const BackwardInputs& inputs, const AttentionGradients& gradients) {
   const int threads = worker_threads(p);
   const std::int64_t B = p.batch, Hq = p.q_heads, Hk = p.kv_heads, Nq = p.q_len, Nk = p.k_len;
+  // The score unit's compared vectors: packed through its transforms here, and their gradients
+  // sent back through the same transforms at the end.
+  const detail::ScoreOperands score = detail::score_unit(p.score).operands(p);
+  const RowTransformer query_transform(score.query, Hq), key_transform(score.key, Hq);
   BackwardOperands o;
   o.problem = &p;
-  o.additive = p.score == Score::additive;
+  o.additive = score.form == detail::ScoreForm::additive;
   o.softcap = p.softcap > 0;
-  o.score_dim = o.additive ? p.additive_dim : p.k_dim;
-  const bool per_head_wk = o.additive && p.wk.strides[0] != 0;
-  o.key_heads = per_head_wk ? Hq : Hk;
+  o.score_dim = score.dim;
+  o.key_heads = score.keys_per_query_head ? Hq : Hk;
   o.score_stride = padded(o.score_dim);
   o.value_stride = padded(p.v_dim);
   const std::int64_t ss = o.score_stride, vs = o.value_stride;
   const auto same = [](std::int64_t h) { return h; };
-  const std::int64_t key_group = per_head_wk ? p.group_size : 1;  // query heads per Wk head
+  const std::int64_t key_group = score.keys_per_query_head ? p.group_size : 1;
   const auto key_source = [key_group](std::int64_t kh) { return kh / key_group; };
-
-  // The score's projections, dense: bilinear packs Wᵀq and sends dq' back through W; additive
-  // packs Wq q and Wk k and sends their gradients back through Wqᵀ and Wkᵀ.
-  std::optional<DenseWeights> pack_q, pack_k, back_q, back_k;
-  if (p.score == Score::bilinear) {
-    pack_q.emplace(p.w, Hq, p.k_dim, p.q_dim, true);
-    back_q.emplace(p.w, Hq, p.q_dim, p.k_dim, false);
-  } else if (o.additive) {
-    pack_q.emplace(p.wq, Hq, o.score_dim, p.q_dim, false);
-    back_q.emplace(p.wq, Hq, p.q_dim, o.score_dim, true);
-    pack_k.emplace(p.wk, Hq, o.score_dim, p.k_dim, false);
-    back_k.emplace(p.wk, Hq, p.k_dim, o.score_dim, true);
-  }
 
   // Operands. Q carries the scale, except for the additive score, whose v carries it.
   float* q = zeroed(kQ, B * Hq * Nq * ss, threads);
   float* k = zeroed(kK, B * o.key_heads * Nk * ss, threads);
   float* v = zeroed(kV, B * Hk * Nk * vs, threads);
   float* dout = zeroed(kDout, B * Hq * Nq * vs, threads);
-  pack_rows(q, p.q, B, Nq, Hq, p.q_dim, ss, o.additive ? 1.0 : p.scale, pack_q ? &*pack_q : nullptr,
-            same, threads);
-  pack_rows(k, p.k, B, Nk, o.key_heads, p.k_dim, ss, 1.0, pack_k ? &*pack_k : nullptr, key_source,
-            threads);
+  pack_rows(q, p.q, B, Nq, Hq, p.q_dim, ss, o.additive ? 1.0 : p.scale,
+            query_transform.identity() ? nullptr : &query_transform, same, threads);
+  pack_rows(k, p.k, B, Nk, o.key_heads, p.k_dim, ss, 1.0,
+            key_transform.identity() ? nullptr : &key_transform, key_source, threads);
   pack_rows(v, p.v, B, Nk, Hk, p.v_dim, vs, 1.0, nullptr, same, threads);
   pack_rows(dout, inputs.dout, B, Nq, Hq, p.v_dim, vs, 1.0, nullptr, same, threads);
   std::vector<float> additive_v;
@@ -812,7 +779,7 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
     for (std::int64_t h = 0; h < Hq; ++h)
       for (std::int64_t a = 0; a < o.score_dim; ++a)
         additive_v[static_cast<std::size_t>(h * o.score_dim + a)] =
-            static_cast<float>(p.scale * p.va.load(h, a));
+            static_cast<float>(p.scale * score.additive_v->load(h, a));
     o.additive_v = additive_v.data();
   }
   // P = e^(s − LSE) is only as precise as s here and s in the forward agree: in a peaked row the
@@ -911,47 +878,52 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
       dq_sum[static_cast<std::size_t>(row * dim + a)] = static_cast<float>(dq_factor * sum);
     }
   });
-  // Each row of dQ (dK) from its compared vector's gradient, back through the projection.
-  const auto back_project = [&](const double* compared, std::int64_t h,
-                                const std::optional<DenseWeights>& back, std::int64_t count,
-                                std::vector<double>& row) {
-    for (std::int64_t d = 0; d < count; ++d) {
-      double value = compared[std::min(d, dim - 1)];
-      if (back) {
-        const double* w = back->row(h, d);
-        value = 0.0;
-        for (std::int64_t a = 0; a < dim; ++a) value += w[a] * compared[a];
-      }
-      row[static_cast<std::size_t>(d)] = value;
-    }
-  };
-  if (gradients.dq) {
-    const detail::StridedOutput out = detail::output_of(*gradients.dq);
+  // Each row of dQ (dK) from its compared vector's gradient, back through the unit's transform;
+  // a factor's gradient (the cosine's temperature) per (row, head), summed per head below.
+  const bool query_factor =
+      score.query.factor != nullptr && (gradients.*score.query.factor_gradient).has_value();
+  std::vector<double> factor_parts(query_factor ? static_cast<std::size_t>(B * Nq * Hq) : 0);
+  if (gradients.dq || query_factor) {
+    const std::optional<detail::StridedOutput> out =
+        gradients.dq ? std::optional(detail::output_of(*gradients.dq)) : std::nullopt;
     parallel_for(threads, B * Nq, [&](std::int64_t index) {
       const std::int64_t b = index / Nq, i = index % Nq;
       std::vector<double> compared(static_cast<std::size_t>(dim)),
-          row(static_cast<std::size_t>(p.q_dim));
+          input(static_cast<std::size_t>(p.q_dim)), row(static_cast<std::size_t>(p.q_dim));
       for (std::int64_t h = 0; h < Hq; ++h) {
         const float* source = dq_sum.data() + ((b * Hq + h) * Nq + i) * dim;
         std::copy(source, source + dim, compared.begin());
-        back_project(compared.data(), h, back_q, p.q_dim, row);
-        write_row(out, b, i, h, p.q_dim, row.data());
+        if (query_transform.identity()) {
+          std::copy(compared.begin(), compared.end(), row.begin());
+        } else {
+          read_row(p.q, b, i, h, p.q_dim, input.data());
+          const double d_factor =
+              query_transform.backward(h, input.data(), compared.data(), row.data());
+          if (query_factor) factor_parts[static_cast<std::size_t>(index * Hq + h)] = d_factor;
+        }
+        if (out) write_row(*out, b, i, h, p.q_dim, row.data());
       }
     });
   }
   if (gradients.dk) {
     const detail::StridedOutput out = detail::output_of(*gradients.dk);
-    const std::int64_t heads_per_key = o.key_heads / Hk;  // projected key heads per k head
+    const std::int64_t heads_per_key = o.key_heads / Hk;  // transformed key heads per k head
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
       std::vector<double> compared(static_cast<std::size_t>(dim)),
-          row(static_cast<std::size_t>(p.k_dim)), total(static_cast<std::size_t>(p.k_dim));
+          input(static_cast<std::size_t>(p.k_dim)), row(static_cast<std::size_t>(p.k_dim)),
+          total(static_cast<std::size_t>(p.k_dim));
       for (std::int64_t hk = 0; hk < Hk; ++hk) {
         std::fill(total.begin(), total.end(), 0.0);
+        if (!key_transform.identity()) read_row(p.k, b, j, hk, p.k_dim, input.data());
         for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh) {
           const float* source = dk + ((b * o.key_heads + kh) * Nk + j) * ss;
           std::copy(source, source + dim, compared.begin());
-          back_project(compared.data(), kh, back_k, p.k_dim, row);
+          if (key_transform.identity()) {
+            std::copy(compared.begin(), compared.end(), row.begin());
+          } else {
+            key_transform.backward(kh, input.data(), compared.data(), row.data());
+          }
           for (std::int64_t d = 0; d < p.k_dim; ++d)
             total[static_cast<std::size_t>(d)] += row[static_cast<std::size_t>(d)];
         }
@@ -972,34 +944,56 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
     });
   }
 
-  // The score parameters: outer products of the compared vectors' gradients with the raw
-  // inputs, which are packed densely for the purpose.
+  // The score's parameters. A transform's matrix M (x' = M x): dM = Σ dx' ⊗ x over the rows, as
+  // outer products of the compared vectors' gradients with the raw inputs (packed densely for
+  // the purpose); stored transposed for a transposed matrix (bilinear's q' = Wᵀq: dW = Σ q ⊗ dq').
   const DenseRows d_queries{dq_sum.data(), Hq, Nq, dim};
   const DenseRows d_keys{dk, o.key_heads, Nk, ss};
-  std::vector<float> raw_q, raw_k;
-  if (gradients.dw || gradients.dwq) {
-    raw_q.resize(static_cast<std::size_t>(B * Hq * Nq * p.q_dim));
-    pack_rows(raw_q.data(), p.q, B, Nq, Hq, p.q_dim, p.q_dim, 1.0, nullptr, same, threads);
+  const auto matrix_gradient = [&](const detail::RowTransform& transform) {
+    return transform.matrix != nullptr && transform.matrix_gradient != nullptr &&
+                   (gradients.*transform.matrix_gradient).has_value()
+               ? &*(gradients.*transform.matrix_gradient)
+               : nullptr;
+  };
+  if (const MutableTensorView* target = matrix_gradient(score.query)) {
+    std::vector<float> raw(static_cast<std::size_t>(B * Hq * Nq * p.q_dim));
+    pack_rows(raw.data(), p.q, B, Nq, Hq, p.q_dim, p.q_dim, 1.0, nullptr, same, threads);
+    const DenseRows queries{raw.data(), Hq, Nq, p.q_dim};
+    const bool shared = score.query.matrix->strides[0] == 0;
+    if (score.query.transposed) {
+      outer_product_gradient(*target, shared, Hq, p.q_dim, dim, B, Nq, queries, same, d_queries,
+                             same, 1.0, threads);
+    } else {
+      outer_product_gradient(*target, shared, Hq, dim, p.q_dim, B, Nq, d_queries, same, queries,
+                             same, 1.0, threads);
+    }
   }
-  if (gradients.dwk) {
-    raw_k.resize(static_cast<std::size_t>(B * Hk * Nk * p.k_dim));
-    pack_rows(raw_k.data(), p.k, B, Nk, Hk, p.k_dim, p.k_dim, 1.0, nullptr, same, threads);
+  if (const MutableTensorView* target = matrix_gradient(score.key)) {  // per transformed key head
+    std::vector<float> raw(static_cast<std::size_t>(B * Hk * Nk * p.k_dim));
+    pack_rows(raw.data(), p.k, B, Nk, Hk, p.k_dim, p.k_dim, 1.0, nullptr, same, threads);
+    const DenseRows keys{raw.data(), Hk, Nk, p.k_dim};
+    const bool shared = score.key.matrix->strides[0] == 0;
+    if (score.key.transposed) {
+      outer_product_gradient(*target, shared, o.key_heads, p.k_dim, dim, B, Nk, keys, key_source,
+                             d_keys, same, 1.0, threads);
+    } else {
+      outer_product_gradient(*target, shared, o.key_heads, dim, p.k_dim, B, Nk, d_keys, same, keys,
+                             key_source, 1.0, threads);
+    }
   }
-  const DenseRows queries{raw_q.data(), Hq, Nq, p.q_dim}, keys{raw_k.data(), Hk, Nk, p.k_dim};
-  if (gradients.dw) {  // q' = Wᵀq: dW[d, c] = Σ q_d dq'_c
-    outer_product_gradient(*gradients.dw, gradients.dw->rank == 2, Hq, p.q_dim, p.k_dim, B, Nq,
-                           queries, same, d_queries, same, 1.0, threads);
+  if (query_factor) {  // Σ over rows, per head (one sum when the factor is shared)
+    const bool shared = score.query.factor->strides[0] == 0;
+    std::vector<double> values(static_cast<std::size_t>(shared ? 1 : Hq));
+    for (std::int64_t row = 0; row < B * Nq; ++row)
+      for (std::int64_t h = 0; h < Hq; ++h)
+        values[static_cast<std::size_t>(shared ? 0 : h)] +=
+            factor_parts[static_cast<std::size_t>(row * Hq + h)];
+    detail::store_dense(values.data(), *(gradients.*score.query.factor_gradient));
   }
-  if (gradients.dwq) {  // qa = Wq q: dWq[a, d] = Σ dqa_a q_d
-    outer_product_gradient(*gradients.dwq, gradients.dwq->rank == 2, Hq, dim, p.q_dim, B, Nq,
-                           d_queries, same, queries, same, 1.0, threads);
-  }
-  if (gradients.dwk) {  // ka = Wk k: dWk[a, d] = Σ dka_a k_d, per projected key head
-    outer_product_gradient(*gradients.dwk, gradients.dwk->rank == 2, o.key_heads, dim, p.k_dim, B,
-                           Nk, d_keys, same, keys, key_source, 1.0, threads);
-  }
-  if (gradients.dva) {  // v carried the scale; each item summed its own part
-    const bool shared = gradients.dva->rank == 1;
+  if (o.additive && (gradients.*score.additive_v_gradient).has_value()) {
+    // v carried the scale; each item summed its own part.
+    const MutableTensorView& target = *(gradients.*score.additive_v_gradient);
+    const bool shared = score.additive_v->strides[0] == 0;
     std::vector<double> values(static_cast<std::size_t>((shared ? 1 : Hq) * dim));
     for (std::int64_t h = 0; h < Hq; ++h)
       for (std::int64_t a = 0; a < dim; ++a) {
@@ -1007,7 +1001,7 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
         for (std::int64_t item = 0; item < o.items; ++item) sum += dva[(item * Hq + h) * dim + a];
         values[static_cast<std::size_t>((shared ? 0 : h) * dim + a)] += p.scale * sum;
       }
-    detail::store_dense(values.data(), *gradients.dva);
+    detail::store_dense(values.data(), target);
   }
   score_mod_gradients.store();
   if (gradients.dbias) {

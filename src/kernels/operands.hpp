@@ -61,9 +61,10 @@ inline int worker_threads(const AttentionProblem& p) {
   if (p.threads > 0) return p.threads;
   // The two products per visible pair, over-counted when a mask hides keys; the additive score
   // pays a tanh (about 8 multiply-adds) per element of A.
-  const double per_pair = static_cast<double>(p.v_dim) +
-                          (p.score == Score::additive ? 8.0 * static_cast<double>(p.additive_dim)
-                                                      : static_cast<double>(p.k_dim));
+  const double per_pair =
+      static_cast<double>(p.v_dim) + (p.form == detail::ScoreForm::additive
+                                          ? 8.0 * static_cast<double>(p.additive_dim)
+                                          : static_cast<double>(p.k_dim));
   const double work = static_cast<double>(p.batch * p.q_heads) * static_cast<double>(p.q_len) *
                       static_cast<double>(p.k_len) * per_pair;
   return work < kParallelWork ? 1 : omp_get_max_threads();
@@ -152,38 +153,6 @@ void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::
                                                    h * operand.stride_h + d)] =
               StoredAs<T>(input.load(b, n, h, d));
   operand.data = operand.storage.data();
-}
-
-// out[b, n, h', r] = Σ_c weight(h', r, c) · in[b, n, h'', c] for every output head h', where the
-// input head h'' = input_head(h') and weight(h', r, c) = W[h', r, c] (or W[h', c, r] transposed).
-template <class T, class InputHead>
-void project(RowMajorOperand<T>& result, const RowMajorOperand<T>& input, const StridedInput& w,
-             bool transposed, std::int64_t batch, std::int64_t length, std::int64_t out_heads,
-             std::int64_t out_dim, std::int64_t in_dim, InputHead input_head, int threads) {
-  result.storage.assign(static_cast<std::size_t>(batch * length * out_heads * out_dim), T{0});
-  result.stride_h = out_dim;
-  result.stride_n = out_heads * out_dim;
-  result.stride_b = length * out_heads * out_dim;
-  result.data = result.storage.data();
-  std::vector<T> weight(static_cast<std::size_t>(out_heads * out_dim * in_dim));
-  for (std::int64_t h = 0; h < out_heads; ++h)
-    for (std::int64_t r = 0; r < out_dim; ++r)
-      for (std::int64_t c = 0; c < in_dim; ++c)
-        weight[static_cast<std::size_t>((h * out_dim + r) * in_dim + c)] =
-            static_cast<T>(transposed ? w.load(h, c, r) : w.load(h, r, c));
-  parallel_for(threads, batch * length, [&](std::int64_t row) {
-    const std::int64_t b = row / length, n = row % length;
-    for (std::int64_t h = 0; h < out_heads; ++h) {
-      const T* x = input.row(b, n, input_head(h));
-      T* y = result.storage.data() + b * result.stride_b + n * result.stride_n + h * out_dim;
-      for (std::int64_t r = 0; r < out_dim; ++r) {
-        const T* wr = weight.data() + (h * out_dim + r) * in_dim;
-        T sum = 0;
-        for (std::int64_t c = 0; c < in_dim; ++c) sum += wr[c] * x[c];
-        y[r] = sum;
-      }
-    }
-  });
 }
 
 }  // namespace qkv::kernels

@@ -15,14 +15,15 @@
 // requested, a second walk recomputes the scores and writes P_ij = exp(s_ij - LSE_i) directly,
 // so P is exactly the softmax that produced O.
 //
-// Bilinear and additive scores are reduced to cheap per-key work by projecting once up front:
-// bilinear uses q' = Wᵀq (then it is a dot score against k); additive uses qa = Wq q for every
-// query and ka = Wk k for every key, leaving Σ_a v_a tanh(qa_a + ka_a) per pair (Nq·Nk·A tanh).
+// Every score is reduced to cheap per-key work by its unit's compared vectors, made once up front
+// (kernels/score_operands.hpp): a dot of q' and k' (bilinear: q' = Wᵀq; cosine: unit vectors), or
+// Σ_a v_a tanh(q'_a + k'_a) for the additive score (Nq·Nk·A tanh).
 
 #include "kernels/streaming_attention.hpp"
 
 #include "core/dropout.hpp"
 #include "kernels/operands.hpp"
+#include "kernels/score_operands.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -50,37 +51,14 @@ template <class T>
 class StreamingKernel {
  public:
   explicit StreamingKernel(const AttentionProblem& p) : p_(p) {
-    adopt_or_pack(q_, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
-    adopt_or_pack(k_, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);
+    ComparedVectors<T> vectors = compared_vectors<T>(p, worker_threads(p));
+    q_ = std::move(vectors.q);
+    k_ = std::move(vectors.k);
+    score_dim_ = vectors.dim;
+    keys_per_query_head_ = vectors.key_heads != p.kv_heads;
+    additive_ = vectors.additive;
+    va_ = std::move(vectors.additive_v);
     adopt_or_pack(v_, p.v, p.batch, p.k_len, p.kv_heads, p.v_dim);
-    score_dim_ = p.k_dim;
-    if (p.score == Score::bilinear) {
-      RowMajorOperand<T> projected;
-      project(
-          projected, q_, p.w, /*transposed=*/true, p.batch, p.q_len, p.q_heads, p.k_dim, p.q_dim,
-          [](std::int64_t h) { return h; }, worker_threads(p_));
-      q_ = std::move(projected);
-    } else if (p.score == Score::additive) {
-      score_dim_ = p.additive_dim;
-      RowMajorOperand<T> projected_q;
-      project(
-          projected_q, q_, p.wq, false, p.batch, p.q_len, p.q_heads, p.additive_dim, p.q_dim,
-          [](std::int64_t h) { return h; }, worker_threads(p_));
-      q_ = std::move(projected_q);
-      // Keys are projected once per key head when Wk is shared, once per query head otherwise.
-      keys_per_query_head_ = p.wk.strides[0] != 0;
-      RowMajorOperand<T> projected_k;
-      const std::int64_t heads = keys_per_query_head_ ? p.q_heads : p.kv_heads;
-      const std::int64_t group = keys_per_query_head_ ? p.group_size : 1;
-      project(
-          projected_k, k_, p.wk, false, p.batch, p.k_len, heads, p.additive_dim, p.k_dim,
-          [group](std::int64_t h) { return h / group; }, worker_threads(p_));
-      k_ = std::move(projected_k);
-      va_.resize(static_cast<std::size_t>(p.q_heads * p.additive_dim));
-      for (std::int64_t h = 0; h < p.q_heads; ++h)
-        for (std::int64_t a = 0; a < p.additive_dim; ++a)
-          va_[static_cast<std::size_t>(h * p.additive_dim + a)] = static_cast<T>(p.va.load(h, a));
-    }
   }
 
   void run() const {
@@ -115,8 +93,8 @@ class StreamingKernel {
   T score_block(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t first,
                 std::int64_t count, T* scores) const {
     const T* query = q_.row(b, i, h);
-    if (p_.score == Score::additive) {
-      const T* va = va_.data() + h * p_.additive_dim;
+    if (additive_) {  // the scale is folded into v
+      const T* va = va_.data() + h * score_dim_;
       for (std::int64_t t = 0; t < count; ++t) {
         const T* key = key_row(b, first + t, h);
         T sum = 0;
@@ -124,12 +102,11 @@ class StreamingKernel {
         scores[t] = sum;
       }
     } else {
+      const auto scale = static_cast<T>(p_.scale);
       for (std::int64_t t = 0; t < count; ++t) {
-        scores[t] = dot(query, key_row(b, first + t, h), score_dim_);
+        scores[t] = scale * dot(query, key_row(b, first + t, h), score_dim_);
       }
     }
-    const auto scale = static_cast<T>(p_.scale);
-    for (std::int64_t t = 0; t < count; ++t) scores[t] *= scale;
     apply_score_options(p_, b, h, i, first, count, scores);
     T block_max = -std::numeric_limits<T>::infinity();
     for (std::int64_t t = 0; t < count; ++t) block_max = std::max(block_max, scores[t]);
@@ -203,7 +180,8 @@ class StreamingKernel {
   const detail::DropoutMask dropout_{p_};
   RowMajorOperand<T> q_, k_, v_;
   // q_ and k_ hold the projections for bilinear/additive
-  std::vector<T> va_;           // additive: v per query head [Hq, A]
+  std::vector<T> va_;  // additive: scale·v per query head [Hq, A]
+  bool additive_ = false;
   std::int64_t score_dim_ = 0;  // length of the vectors a score compares
   bool keys_per_query_head_ = false;
 };

@@ -123,6 +123,16 @@ void evaluate_literally(const AttentionProblem& p) {
               s += left[static_cast<std::size_t>(d)] * load<Real>(p.k, b, j, hk, d);
             }
           }
+          if (p.score == Score::cosine) {  // τ[h]·(q·k)/(|q||k|); a zero vector scores 0
+            Real q_norm = 0, k_norm = 0;
+            for (std::int64_t d = 0; d < p.k_dim; ++d) {
+              q_norm += query[static_cast<std::size_t>(d)] * query[static_cast<std::size_t>(d)];
+              k_norm += load<Real>(p.k, b, j, hk, d) * load<Real>(p.k, b, j, hk, d);
+            }
+            const Real norms = std::sqrt(q_norm) * std::sqrt(k_norm);
+            const Real tau = p.temperature.present ? load<Real>(p.temperature, h) : Real{1};
+            s = norms > 0 ? tau * (s / norms) : Real{0};
+          }
           s *= static_cast<Real>(p.scale);
           if (p.softcap > 0) {
             const auto cap = static_cast<Real>(p.softcap);

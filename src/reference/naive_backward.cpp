@@ -43,6 +43,14 @@ struct Gradient {
   std::vector<double> values;
 };
 
+// |x[b, n, h, :]|.
+double norm_of(const StridedInput& x, std::int64_t b, std::int64_t n, std::int64_t h,
+               std::int64_t dim) {
+  double sum = 0.0;
+  for (std::int64_t d = 0; d < dim; ++d) sum += x.load(b, n, h, d) * x.load(b, n, h, d);
+  return std::sqrt(sum);
+}
+
 }  // namespace
 
 void attention_backward_reference(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -72,8 +80,8 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
   AttentionOptions dense = options;
   std::vector<Tensor> keep;
   for (std::optional<TensorView>* slot :
-       {&dense.w, &dense.wq, &dense.wk, &dense.va, &dense.alibi_slopes, &dense.bias,
-        &dense.key_lengths, &dense.mask}) {
+       {&dense.w, &dense.wq, &dense.wk, &dense.va, &dense.temperature, &dense.alibi_slopes,
+        &dense.bias, &dense.key_lengths, &dense.mask}) {
     if (*slot) {
       keep.push_back(detail::dense_copy(**slot));
       *slot = keep.back().view();
@@ -105,6 +113,11 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
   Gradient grad_wk(p.wk, size_of(dense.wk), gradients.dwk.has_value());
   Gradient grad_va(p.va, size_of(dense.va), gradients.dva.has_value());
   Gradient grad_bias(p.bias, size_of(dense.bias), gradients.dbias.has_value());
+  Gradient grad_temperature(p.temperature, size_of(dense.temperature),
+                            gradients.dtemperature.has_value());
+  const auto temperature = [&p](std::int64_t h) {
+    return p.temperature.present ? p.temperature.load(h) : 1.0;
+  };
 
   // 3. Per row: recompute, then differentiate.
   const detail::DropoutMask dropout(p);
@@ -155,6 +168,10 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
                                       : p.q.load(b, i, h, d);
               r += left * p.k.load(b, j, hk, d);
             }
+          }
+          if (p.score == Score::cosine) {  // r = τ[h]·(q·k)/(|q||k|), 0 for a zero vector
+            const double norms = norm_of(p.q, b, i, h, p.q_dim) * norm_of(p.k, b, j, hk, p.k_dim);
+            r = norms > 0 ? temperature(h) * r / norms : 0.0;
           }
           raw[J] = r;
           scaled[J] = p.scale * r;
@@ -227,7 +244,28 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
             d_scaled *= 1.0 - t * t;
           }
           const double d_raw = p.scale * d_scaled;
-          if (p.score == Score::dot || p.score == Score::scaled_dot) {
+          if (p.score == Score::cosine) {
+            // raw = τ c, c = q·k / (|q||k|):  dτ += draw·c,  dq = draw·τ (k/(|q||k|) − c q/|q|²),
+            // dk = draw·τ (q/(|q||k|) − c k/|k|²); nothing through a zero vector.
+            const double q_norm = norm_of(p.q, b, i, h, p.q_dim);
+            const double k_norm = norm_of(p.k, b, j, hk, p.k_dim);
+            if (q_norm > 0 && k_norm > 0) {
+              double dot = 0.0;
+              for (std::int64_t d = 0; d < p.q_dim; ++d)
+                dot += p.q.load(b, i, h, d) * p.k.load(b, j, hk, d);
+              const double tau = temperature(h), cosine = dot / (q_norm * k_norm);
+              grad_temperature.add(d_raw * cosine, h);
+              for (std::int64_t d = 0; d < p.q_dim; ++d) {
+                const double q_d = p.q.load(b, i, h, d), k_d = p.k.load(b, j, hk, d);
+                grad_q.add(
+                    d_raw * tau * (k_d / (q_norm * k_norm) - cosine * q_d / (q_norm * q_norm)), b,
+                    i, h, d);
+                grad_k.add(
+                    d_raw * tau * (q_d / (q_norm * k_norm) - cosine * k_d / (k_norm * k_norm)), b,
+                    j, hk, d);
+              }
+            }
+          } else if (p.score == Score::dot || p.score == Score::scaled_dot) {
             // raw = q·k
             for (std::int64_t d = 0; d < p.q_dim; ++d) {
               grad_q.add(d_raw * p.k.load(b, j, hk, d), b, i, h, d);
@@ -270,9 +308,15 @@ void detail::backward_reference(const TensorView& q, const TensorView& k, const 
 
   // 4. Write the requested gradients.
   const std::pair<const std::optional<MutableTensorView>*, const Gradient*> outputs[] = {
-      {&gradients.dq, &grad_q},   {&gradients.dk, &grad_k},      {&gradients.dv, &grad_v},
-      {&gradients.dw, &grad_w},   {&gradients.dwq, &grad_wq},    {&gradients.dwk, &grad_wk},
-      {&gradients.dva, &grad_va}, {&gradients.dbias, &grad_bias}};
+      {&gradients.dq, &grad_q},
+      {&gradients.dk, &grad_k},
+      {&gradients.dv, &grad_v},
+      {&gradients.dw, &grad_w},
+      {&gradients.dwq, &grad_wq},
+      {&gradients.dwk, &grad_wk},
+      {&gradients.dva, &grad_va},
+      {&gradients.dbias, &grad_bias},
+      {&gradients.dtemperature, &grad_temperature}};
   for (const auto& [target, gradient] : outputs) {
     if (*target) detail::store_dense(gradient->values.data(), **target);
   }

@@ -7,7 +7,7 @@ import numpy as np
 
 
 def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
-              softcap=0.0, alibi=None, bias=None, causal=False, causal_align="bottom-right",
+              temperature=None, softcap=0.0, alibi=None, bias=None, causal=False, causal_align="bottom-right",
               window=(-1, -1), key_lengths=None, mask=None, prefix_length=0):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, nq, hq, dq = q.shape
@@ -26,6 +26,13 @@ def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None,
         s = Q @ K.transpose(0, 1, 3, 2)
     elif score == "bilinear":
         s = np.einsum("bhid,hde,bhje->bhij", Q, per_head(w, 2), K)
+    elif score == "cosine":  # τ[h]·(q·k)/(|q||k|), a zero vector scoring 0
+        norms = (np.linalg.norm(Q, axis=-1)[..., :, None] * np.linalg.norm(K, axis=-1)[..., None, :])
+        tau = np.ones(hq) if temperature is None else np.broadcast_to(
+            np.asarray(temperature, dtype=np.float64), (hq,))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            s = np.where(norms > 0, tau[None, :, None, None] * (Q @ K.transpose(0, 1, 3, 2)) / norms,
+                         0.0)
     elif score == "additive":
         qa = np.einsum("had,bhid->bhia", per_head(wq, 2), Q)
         ka = np.einsum("had,bhjd->bhja", per_head(wk, 2), K)

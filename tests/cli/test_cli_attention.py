@@ -46,6 +46,8 @@ CASES = [
          key_lengths=True),
     dict(name="rank3_prefix_lm", rank=3, b=1, nq=14, nk=14, hq=2, hk=2, dq=4, dv=4, causal=True,
          prefix_length=5),
+    dict(name="rank4_cosine_temperature", rank=4, b=2, nq=7, nk=9, hq=2, hk=1, dq=5, dv=3,
+         score="cosine", window=(3, 1)),
 ]
 
 
@@ -79,6 +81,9 @@ def test_matches_numpy_contract(case, tmp_path):
         kwargs["va"] = rng.standard_normal(lead + (a,)).astype(np.float32)
         for name in ("wq", "wk", "va"):
             args += [f"--{name}", save(tmp_path, f"{name}.npy", kwargs[name])]
+    if score == "cosine":
+        kwargs["temperature"] = (2.0 + rng.random(hq) * 3.0).astype(np.float32)
+        args += ["--temperature", save(tmp_path, "temperature.npy", kwargs["temperature"])]
     if "scale" in case:
         kwargs["scale"] = case["scale"]
         args += ["--scale", case["scale"]]
@@ -178,7 +183,7 @@ BAD = [
     ("mismatched Dk", with_flag("--k", "k_dim5.npy"), "k: expected Dk == Dq = 4 for score 'scaled_dot'"),
     ("missing w", with_flag("--score", "bilinear"), "w: expected [Dq, Dk] or [Hq, Dq, Dk] for score 'bilinear', got none"),
     ("w with dot", with_flag("--w", "w_bad.npy"), "w: expected none for score 'scaled_dot'"),
-    ("unknown score", with_flag("--score", "cosine"), "score: expected dot, scaled_dot, bilinear or additive, got 'cosine'"),
+    ("unknown score", with_flag("--score", "sine"), "score: expected one of dot, scaled_dot, bilinear, additive, cosine, got 'sine'"),
     ("bad align", with_flag("--causal-align", "middle"), "causal_align: expected bottom-right or top-left"),
     ("bad window", with_flag("--window", "3"), "--window: expected L,R"),
     ("window below -1", with_flag("--window", "-2,1"), "window: expected (left, right)"),

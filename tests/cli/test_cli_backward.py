@@ -33,6 +33,7 @@ CASES = [
     dict(name="scaled_dot_float32", score="scaled_dot", dtype=np.float32),
     dict(name="bilinear_float64", score="bilinear", dtype=np.float64),
     dict(name="additive_float32", score="additive", dtype=np.float32),
+    dict(name="cosine_temperature_float64", score="cosine", causal=True, dtype=np.float64),
 ]
 
 
@@ -42,7 +43,8 @@ def test_gradients_match_finite_differences(case, tmp_path):
     dtype = case["dtype"]
     b, nq, nk, h, d = 2, 4, 6, 2, 3
     q = rng.standard_normal((b, nq, h, d))
-    k = rng.standard_normal((b, nk, h, d + (1 if case["score"] != "scaled_dot" else 0)))
+    same_dims = case["score"] in ("scaled_dot", "cosine")
+    k = rng.standard_normal((b, nk, h, d + (0 if same_dims else 1)))
     v = rng.standard_normal((b, nk, h, 2))
     params = {}
     if case["score"] == "bilinear":
@@ -51,6 +53,8 @@ def test_gradients_match_finite_differences(case, tmp_path):
         params["wq"] = rng.standard_normal((h, 4, d))
         params["wk"] = rng.standard_normal((h, 4, k.shape[-1]))
         params["va"] = rng.standard_normal((h, 4))
+    if case["score"] == "cosine":
+        params["temperature"] = 2.0 + rng.random(h) * 3.0
     # What qkv reads (the values rounded to the file dtype; the parameters in float32).
     q, k, v = (x.astype(dtype).astype(np.float64) for x in (q, k, v))
     params = {n: p.astype(np.float32).astype(np.float64) for n, p in params.items()}

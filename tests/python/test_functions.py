@@ -30,6 +30,8 @@ CASES = [
          mask=True, key_lengths=True),
     dict(name="prefix_lm", b=2, nq=11, nk=11, hq=2, hk=1, d=8, dv=8, causal=True,
          prefix_length=4),
+    dict(name="cosine_temperature_gqa", b=2, nq=9, nk=12, hq=4, hk=2, d=8, dv=6, score="cosine",
+         causal=True),
 ]
 
 
@@ -44,6 +46,8 @@ def inputs(case, dtype=np.float32):
     kw["score"] = score
     if score == "bilinear":
         kw["w"] = rng.standard_normal((hq, d, dk)).astype(dtype)
+    if score == "cosine":
+        kw["temperature"] = (2.0 + rng.random(hq) * 4.0).astype(dtype)
     if score == "additive":
         kw["wq"] = rng.standard_normal((hq, 5, d)).astype(dtype)
         kw["wk"] = rng.standard_normal((5, dk)).astype(dtype)
@@ -100,7 +104,7 @@ def test_attention_gradcheck_float64(case):
     small = dict(case, b=min(case["b"], 2), nq=min(case["nq"], 5), nk=min(case["nk"], 6))
     q, k, v, kw = inputs(small, dtype=np.float64)
     tensors = {"q": q, "k": k, "v": v}
-    for name in ("w", "wq", "wk", "va", "bias"):
+    for name in ("w", "wq", "wk", "va", "temperature", "bias"):
         if name in kw:
             tensors[name] = kw.pop(name)
     if "alibi_slopes" in kw:
@@ -236,8 +240,8 @@ def test_errors_are_python_exceptions():
         qkv.attention(q[0], q[0], q[0])
     with pytest.raises(TypeError, match="mix"):
         qkv.attention(q, torch.from_numpy(q), q)
-    with pytest.raises(qkv.Error, match="score"):
-        qkv.attention(q, q, q, score="cosine")
+    with pytest.raises(qkv.Error, match="score: expected one of dot, scaled_dot, bilinear, additive, cosine, got .sine."):
+        qkv.attention(q, q, q, score="sine")
 
 
 def test_gradcheck_sdpa_flash_and_dropout_float64():

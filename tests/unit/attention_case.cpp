@@ -180,6 +180,12 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
     o.wk = in.wk.view();
     o.va = in.va.view();
   }
+  if (c.score == Score::cosine) {  // temperatures between 2 and 6, so that the scores matter
+    in.temperature = Tensor(DType::float32, {c.per_head_parameters ? c.q_heads : 1});
+    for (std::int64_t h = 0; h < in.temperature.numel(); ++h)
+      in.temperature.data<float>()[h] = 2.0f + static_cast<float>((3 * h + 1) % 5);
+    o.temperature = in.temperature.view();
+  }
   if (c.alibi) {
     in.alibi_slopes = Tensor(DType::float32, {c.q_heads});
     for (std::int64_t h = 0; h < c.q_heads; ++h) {

@@ -29,7 +29,7 @@ struct AttentionCase {
   std::int64_t batch = 1, q_len = 8, k_len = 8, q_heads = 2, kv_heads = 1;
   std::int64_t q_dim = 8, k_dim = 0 /* 0: same as q_dim */, v_dim = 8, additive_dim = 8;
   Score score = Score::scaled_dot;
-  bool per_head_parameters = false;  // W / Wq, Wk, v with a leading Hq dimension
+  bool per_head_parameters = false;  // W / Wq, Wk, v with a leading Hq; cosine: τ [Hq], not [1]
   std::optional<double> scale;
   double softcap = 0.0;
   bool alibi = false;
@@ -58,7 +58,7 @@ void PrintTo(const AttentionCase& c, std::ostream* os);
 // Owns the tensors of a case and the views and options that point into them.
 struct AttentionInputs {
   Tensor q_storage, k_storage, v_storage;
-  Tensor w, wq, wk, va, alibi_slopes, bias, mask, key_lengths;
+  Tensor w, wq, wk, va, temperature, alibi_slopes, bias, mask, key_lengths;
   std::shared_ptr<BlockMask> block_mask;  // on the heap: options point at it across moves
   Tensor score_values;                    // the score_mod's parameter
   std::shared_ptr<ScoreParameter> score_parameter;

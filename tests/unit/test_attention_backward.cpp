@@ -44,6 +44,10 @@ struct Gradients {
       dbias = like(*in.options.bias);
       views.dbias = dbias.mutable_view();
     }
+    if (in.options.temperature) {
+      dtemperature = like(*in.options.temperature);
+      views.dtemperature = dtemperature.mutable_view();
+    }
     if (in.score_parameter) {
       dscore_mod = like(in.score_parameter->values());
       views.dscore_mod = {dscore_mod.mutable_view()};
@@ -52,14 +56,15 @@ struct Gradients {
   }
   std::vector<std::pair<const char*, const Tensor*>> named() const {
     std::vector<std::pair<const char*, const Tensor*>> all{{"dq", &dq}, {"dk", &dk}, {"dv", &dv}};
-    for (auto [name, t] : {std::pair{"dw", &dw}, std::pair{"dwq", &dwq}, std::pair{"dwk", &dwk},
-                           std::pair{"dva", &dva}, std::pair{"dbias", &dbias},
-                           std::pair{"dscore_mod", &dscore_mod}}) {
+    for (auto [name, t] :
+         {std::pair{"dw", &dw}, std::pair{"dwq", &dwq}, std::pair{"dwk", &dwk},
+          std::pair{"dva", &dva}, std::pair{"dbias", &dbias}, std::pair{"dscore_mod", &dscore_mod},
+          std::pair{"dtemperature", &dtemperature}}) {
       if (t->numel() > 0) all.push_back({name, t});
     }
     return all;
   }
-  Tensor dq, dk, dv, dw, dwq, dwk, dva, dbias, dscore_mod;
+  Tensor dq, dk, dv, dw, dwq, dwk, dva, dbias, dscore_mod, dtemperature;
   AttentionGradients views;
 };
 
@@ -77,7 +82,8 @@ std::vector<BackwardCase> backward_zoo() {
   std::vector<BackwardCase> zoo;
   std::uint64_t seed = 900;
   const auto add_all_scores = [&](AttentionCase c) {
-    for (Score score : {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive}) {
+    for (Score score :
+         {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive, Score::cosine}) {
       for (bool per_head : {false, true}) {
         if (per_head && (score == Score::dot || score == Score::scaled_dot)) continue;
         c.score = score;

@@ -18,6 +18,7 @@ namespace {
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 using ::testing::StartsWith;
+using ::testing::StrEq;
 
 // A valid problem (B=2, Nq=3, Nk=5, Hq=4, Hk=2, Dq=Dk=8, Dv=6) whose parts each test breaks.
 struct Valid {
@@ -209,9 +210,11 @@ TEST(AttentionErrors, SizesThatOverflowOrPointNowhere) {
 TEST(AttentionErrors, ParsedNames) {
   EXPECT_EQ(parse_score("bilinear"), Score::bilinear);
   EXPECT_EQ(parse_causal_align("top-left"), CausalAlign::top_left);
-  EXPECT_THAT([] { parse_score("cosine"); },
+  EXPECT_EQ(parse_score("cosine"), Score::cosine);
+  EXPECT_THAT([] { parse_score("sine"); },
               ::testing::ThrowsMessage<Error>(
-                  AllOf(StartsWith("score: expected dot"), HasSubstr("'cosine'"))));
+                  StrEq("score: expected one of dot, scaled_dot, bilinear, additive, cosine, got "
+                        "'sine'")));
   EXPECT_THAT([] { parse_causal_align("middle"); },
               ::testing::ThrowsMessage<Error>(
                   HasSubstr("causal_align: expected bottom-right or top-left")));

@@ -15,7 +15,8 @@ namespace {
 // Every score, with its per-head parameter variants.
 std::vector<AttentionCase> score_variants(AttentionCase base) {
   std::vector<AttentionCase> cases;
-  for (Score score : {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive}) {
+  for (Score score :
+       {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive, Score::cosine}) {
     for (bool per_head : {false, true}) {
       if (per_head && (score == Score::dot || score == Score::scaled_dot)) continue;
       AttentionCase c = base;

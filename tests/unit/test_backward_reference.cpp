@@ -20,9 +20,10 @@ namespace {
 struct Float64Problem {
   explicit Float64Problem(const AttentionCase& base)
       : c(base), in(make_inputs(base, DType::float64)) {
-    for (auto [slot, tensor] : {std::pair{&in.options.w, &w}, std::pair{&in.options.wq, &wq},
-                                std::pair{&in.options.wk, &wk}, std::pair{&in.options.va, &va},
-                                std::pair{&in.options.bias, &bias}}) {
+    for (auto [slot, tensor] :
+         {std::pair{&in.options.w, &w}, std::pair{&in.options.wq, &wq},
+          std::pair{&in.options.wk, &wk}, std::pair{&in.options.va, &va},
+          std::pair{&in.options.temperature, &temperature}, std::pair{&in.options.bias, &bias}}) {
       if (!*slot) continue;
       *tensor =
           Tensor(DType::float64, std::vector<std::int64_t>((*slot)->shape.begin(),
@@ -56,7 +57,7 @@ struct Float64Problem {
 
   AttentionCase c;
   AttentionInputs in;
-  Tensor w, wq, wk, va, bias, dout, dlse;
+  Tensor w, wq, wk, va, temperature, bias, dout, dlse;
 };
 
 // Every element of `values` nudged by ±h; the central difference of the loss against `analytic`.
@@ -82,7 +83,8 @@ void expect_gradient(Float64Problem& problem, double* values, std::int64_t count
 std::vector<AttentionCase> backward_cases() {
   std::vector<AttentionCase> cases;
   std::uint64_t seed = 500;
-  for (Score score : {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive}) {
+  for (Score score :
+       {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive, Score::cosine}) {
     for (bool per_head : {false, true}) {
       if (per_head && (score == Score::dot || score == Score::scaled_dot)) continue;
       for (int variant = 0; variant < 7; ++variant) {
@@ -135,7 +137,8 @@ TEST_P(BackwardReference, MatchesFiniteDifferences) {
   Tensor dv(DType::float64, {c.batch, c.k_len, c.kv_heads, c.v_dim});
   const auto like = [](const Tensor& t) { return Tensor(DType::float64, t.shape()); };
   Tensor dw = like(problem.w), dwq = like(problem.wq), dwk = like(problem.wk),
-         dva = like(problem.va), dbias = like(problem.bias);
+         dva = like(problem.va), dbias = like(problem.bias),
+         dtemperature = like(problem.temperature);
   AttentionGradients gradients;
   gradients.dq = dq.mutable_view();
   gradients.dk = dk.mutable_view();
@@ -147,6 +150,7 @@ TEST_P(BackwardReference, MatchesFiniteDifferences) {
     gradients.dva = dva.mutable_view();
   }
   if (in.options.bias) gradients.dbias = dbias.mutable_view();
+  if (in.options.temperature) gradients.dtemperature = dtemperature.mutable_view();
   Tensor dscore_mod;
   if (in.score_parameter) {
     dscore_mod = like(in.score_values);
@@ -164,7 +168,8 @@ TEST_P(BackwardReference, MatchesFiniteDifferences) {
   for (auto [tensor, gradient, name] :
        {std::tuple{&problem.w, &dw, "dw"}, std::tuple{&problem.wq, &dwq, "dwq"},
         std::tuple{&problem.wk, &dwk, "dwk"}, std::tuple{&problem.va, &dva, "dva"},
-        std::tuple{&problem.bias, &dbias, "dbias"}}) {
+        std::tuple{&problem.bias, &dbias, "dbias"},
+        std::tuple{&problem.temperature, &dtemperature, "dtemperature"}}) {
     if (tensor->numel() > 0)
       expect_gradient(problem, tensor->data<double>(), tensor->numel(), *gradient, name);
   }

@@ -31,7 +31,7 @@ struct AttentionFlags {
   std::string q, k, v, out, lse, weights, weights_png;
   std::string score = "scaled_dot";
   std::optional<double> scale;
-  std::string w, wq, wk, va, alibi, bias, key_lengths, mask;
+  std::string w, wq, wk, va, temperature, alibi, bias, key_lengths, mask;
   double softcap = 0.0;
   bool causal = false;
   std::string causal_align = "bottom-right";
@@ -41,7 +41,7 @@ struct AttentionFlags {
   std::uint64_t dropout_seed = 0;
   int threads = 0;
   // The backward: ∂L/∂O in, the requested gradients out.
-  std::string dout, dq, dk, dv, dw, dwq, dwk, dva;
+  std::string dout, dq, dk, dv, dw, dwq, dwk, dva, dtemperature;
   // Under mpirun: ring | heads | auto, and how the sequence is laid out over the ranks.
   std::string distributed, layout = "contiguous";
 };
@@ -85,7 +85,7 @@ std::optional<Tensor> load_optional(const std::string& path) {
 
 // The options of the flags, with the tensors they point into (read from their files).
 struct LoadedOptions {
-  std::optional<Tensor> w, wq, wk, va, alibi, bias, key_lengths, mask;
+  std::optional<Tensor> w, wq, wk, va, temperature, alibi, bias, key_lengths, mask;
   AttentionOptions options;
 };
 
@@ -95,6 +95,7 @@ LoadedOptions load_options(const AttentionFlags& flags) {
   loaded.wq = load_optional(flags.wq);
   loaded.wk = load_optional(flags.wk);
   loaded.va = load_optional(flags.va);
+  loaded.temperature = load_optional(flags.temperature);
   loaded.alibi = load_optional(flags.alibi);
   loaded.bias = load_optional(flags.bias);
   loaded.key_lengths = load_optional(flags.key_lengths);
@@ -116,6 +117,7 @@ LoadedOptions load_options(const AttentionFlags& flags) {
   attach(loaded.wq, options.wq, "--wq");
   attach(loaded.wk, options.wk, "--wk");
   attach(loaded.va, options.va, "--va");
+  attach(loaded.temperature, options.temperature, "--temperature");
   attach(loaded.alibi, options.alibi_slopes, "--alibi");
   attach(loaded.bias, options.bias, "--bias");
   attach(loaded.key_lengths, options.key_lengths, "--key-lengths");
@@ -136,11 +138,11 @@ LoadedOptions load_options(const AttentionFlags& flags) {
 void check_gradient_flags(const AttentionFlags& flags) {
   const bool any_gradient =
       !(flags.dq.empty() && flags.dk.empty() && flags.dv.empty() && flags.dw.empty() &&
-        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty());
+        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty() && flags.dtemperature.empty());
   if (any_gradient != !flags.dout.empty()) {
     throw Error(any_gradient ? "--dout: expected ∂L/∂O for the requested gradients, got none"
                              : "--dout: expected at least one of --dq, --dk, --dv, --dw, --dwq, "
-                               "--dwk, --dva with it, got none");
+                               "--dwk, --dva, --dtemperature with it, got none");
   }
 }
 
@@ -168,7 +170,9 @@ void run_distributed(const AttentionFlags& flags) {
        {std::tuple{&flags.dw, &flags.w, "--dw: expected --w"},
         std::tuple{&flags.dwq, &flags.wq, "--dwq: expected --wq"},
         std::tuple{&flags.dwk, &flags.wk, "--dwk: expected --wk"},
-        std::tuple{&flags.dva, &flags.va, "--dva: expected --va"}}) {
+        std::tuple{&flags.dva, &flags.va, "--dva: expected --va"},
+        std::tuple{&flags.dtemperature, &flags.temperature,
+                   "--dtemperature: expected --temperature"}}) {
     if (!gradient->empty() && primal->empty()) {
       throw Error(fmt::format("{} to differentiate, got none", names));
     }
@@ -187,6 +191,7 @@ void run_distributed(const AttentionFlags& flags) {
   run.dwq = flags.dwq;
   run.dwk = flags.dwk;
   run.dva = flags.dva;
+  run.dtemperature = flags.dtemperature;
   run.q = flags.q;
   run.k = flags.k;
   run.v = flags.v;
@@ -293,6 +298,8 @@ void run_attention(const AttentionFlags& flags) {
     parameter(flags.dwq, loaded.wq, gradients.dwq, "--dwq", "--wq");
     parameter(flags.dwk, loaded.wk, gradients.dwk, "--dwk", "--wk");
     parameter(flags.dva, loaded.va, gradients.dva, "--dva", "--va");
+    parameter(flags.dtemperature, loaded.temperature, gradients.dtemperature, "--dtemperature",
+              "--temperature");
     const std::optional<SavedForward> saved =
         SavedForward{outputs.out.as_const(), outputs.lse->as_const()};
     attention_backward(qv, kv, vv, options, sequence_view(*dout, "--dout"), std::nullopt, gradients,
@@ -335,13 +342,14 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--weights", flags->weights, "softmax weights [.., Nq, Nk]");
   command->add_option("--weights-png", flags->weights_png,
                       "heatmap of the weights (batch 0, a panel per head): FILE.png or FILE.svg");
-  command->add_option("--score", flags->score, "dot | scaled_dot | bilinear | additive")
+  command->add_option("--score", flags->score, "dot | scaled_dot | bilinear | additive | cosine")
       ->default_str("scaled_dot");
   command->add_option("--scale", flags->scale, "score multiplier (default: per score)");
   command->add_option("--w", flags->w, "bilinear W [Dq, Dk] or [Hq, Dq, Dk]");
   command->add_option("--wq", flags->wq, "additive Wq [A, Dq] or [Hq, A, Dq]");
   command->add_option("--wk", flags->wk, "additive Wk [A, Dk] or [Hq, A, Dk]");
   command->add_option("--va", flags->va, "additive v [A] or [Hq, A]");
+  command->add_option("--temperature", flags->temperature, "cosine τ [Hq] or [1] (default 1)");
   command->add_option("--softcap", flags->softcap, "soft cap c: s <- c tanh(s / c); 0 = off");
   command->add_option("--alibi", flags->alibi, "ALiBi slopes [Hq] or [B, Hq]");
   command->add_option("--bias", flags->bias, "float bias broadcastable to [B, Hq, Nq, Nk]");
@@ -370,6 +378,7 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--dwq", flags->dwq, "write ∂L/∂Wq (additive)");
   command->add_option("--dwk", flags->dwk, "write ∂L/∂Wk (additive)");
   command->add_option("--dva", flags->dva, "write ∂L/∂v (additive)");
+  command->add_option("--dtemperature", flags->dtemperature, "write ∂L/∂τ (cosine)");
   command->callback([flags] { run_attention(*flags); });
 }
 

@@ -67,19 +67,10 @@ class ProgressBar {
   bool terminal_;
 };
 
-Score parse_demo_score(const std::string& name) {
-  if (name == "scaled_dot") return Score::scaled_dot;
-  if (name == "additive") return Score::additive;
-  if (name == "dot") return Score::dot;
-  if (name == "bilinear") return Score::bilinear;
-  throw Error(
-      fmt::format("--score: expected scaled_dot, additive, dot or bilinear, got '{}'", name));
-}
-
 TranslationModel train(const ToyLanguage& language, const std::vector<Example>& training,
                        const DemoFlags& flags) {
   ModelConfig config;
-  config.score = parse_demo_score(flags.score);
+  config.score = parse_score(flags.score);
   TranslationModel model(config, static_cast<std::int64_t>(language.source_words().size()),
                          static_cast<std::int64_t>(language.target_words().size()), flags.seed);
   Adam adam(model.parameters(), 0.0);

@@ -191,12 +191,14 @@ void run_distributed_attention(const DistributedRun& run) {
       // The score parameters' gradients: summed over the ranks, the same on every rank.
       AttentionGradients parameters;
       std::vector<std::pair<std::string, Tensor>> parameter_files;
-      parameter_files.reserve(4);
+      parameter_files.reserve(5);
       for (const auto& [path, primal, slot] :
            {std::tuple{&run.dw, &attention_options.w, &parameters.dw},
             std::tuple{&run.dwq, &attention_options.wq, &parameters.dwq},
             std::tuple{&run.dwk, &attention_options.wk, &parameters.dwk},
-            std::tuple{&run.dva, &attention_options.va, &parameters.dva}}) {
+            std::tuple{&run.dva, &attention_options.va, &parameters.dva},
+            std::tuple{&run.dtemperature, &attention_options.temperature,
+                       &parameters.dtemperature}}) {
         if (path->empty()) continue;
         parameter_files.emplace_back(
             *path, Tensor(DType::float32,

@@ -322,7 +322,7 @@ TranslationModel TranslationModel::from_state(const NamedTensors& state, std::in
   const std::int64_t* c = config->second.data<std::int64_t>();
   ModelConfig model_config{c[0], c[1], c[2], c[3], static_cast<Score>(c[4])};
   if (c[0] <= 0 || c[0] > 4096 || c[1] <= 0 || c[0] % c[1] != 0 || c[2] <= 0 || c[2] > 16384 ||
-      c[3] <= 0 || c[3] > 1024 || c[4] < 0 || c[4] > static_cast<std::int64_t>(Score::additive)) {
+      c[3] <= 0 || c[3] > 1024 || c[4] < 0 || c[4] > static_cast<std::int64_t>(Score::cosine)) {
     throw Error(fmt::format("model: expected a valid 'config', got [{}, {}, {}, {}, {}]", c[0],
                             c[1], c[2], c[3], c[4]));
   }
