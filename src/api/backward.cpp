@@ -66,7 +66,7 @@ void attention_backward(const TensorView& q, const TensorView& k, const TensorVi
   inputs.out = detail::input_of(out_view);
   inputs.lse = detail::input_of(lse_view);
   if (dlse) inputs.dlse = detail::input_of(*dlse);
-  kernels::fused_backward(p, options, inputs, gradients);
+  kernels::fused_backward(p, inputs, gradients);
 }
 
 }  // namespace qkv

@@ -1,5 +1,6 @@
 #include "core/problem.hpp"
 
+#include "core/backward_arguments.hpp"
 #include "core/score_unit.hpp"
 
 #include <fmt/format.h>
@@ -209,9 +210,11 @@ StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
 
 }  // namespace
 
-AttentionProblem make_problem(const TensorView& q, const TensorView& k, const TensorView& v,
-                              const AttentionOptions& options, const AttentionOutputs& outputs) {
-  AttentionProblem p;
+namespace {
+
+// q, k, v: rank 4, one float dtype, sizes that agree (docs/contract.md §1).
+void check_operands(const TensorView& q, const TensorView& k, const TensorView& v,
+                    AttentionProblem& p) {
   p.q = sequence_operand(q, "q", "[B, Nq, Hq, Dq]");
   p.k = sequence_operand(k, "k", "[B, Nk, Hk, Dk]");
   p.v = sequence_operand(v, "v", "[B, Nk, Hk, Dv]");
@@ -249,7 +252,11 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     throw Error(fmt::format("q, k, v: expected head dims >= 1, got Dq = {}, Dk = {}, Dv = {}",
                             p.q_dim, p.k_dim, p.v_dim));
   }
+}
 
+// The score (its unit), and what §2 applies after it: scale, soft cap, ALiBi, bias, score_mod;
+// dropout; the boolean mask.
+void check_score_options(const AttentionOptions& options, AttentionProblem& p) {
   // The score: its unit checks its parameters and knows its default scale and form.
   const ScoreUnit& unit = score_unit(options.score);
   p.score = options.score;
@@ -291,8 +298,30 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     if (shared) p.alibi_slopes.strides = {0, slopes.strides[0], 0, 0};
   }
   if (options.bias) {
-    require_float(*options.bias, "bias");
-    p.bias = broadcast_operand(*options.bias, "bias", score_shape);
+    const TensorView& bias = *options.bias;
+    require_float(bias, "bias");
+    p.bias = broadcast_operand(bias, "bias", score_shape);
+    for (int d = 0; d < 4; ++d)
+      p.bias_shape[d] = d < 4 - bias.rank ? 1 : bias.shape[d - (4 - bias.rank)];
+    // Read by the kernels in their own dtype, converted once here when it is not.
+    const DType kernel_dtype = p.dtype == DType::float64 ? DType::float64 : DType::float32;
+    if (bias.dtype != kernel_dtype) {
+      auto copy = std::make_shared<Tensor>(
+          kernel_dtype,
+          std::vector<std::int64_t>(bias.shape.begin(), bias.shape.begin() + bias.rank));
+      StridedInput element = input_of(bias);
+      element.strides = {1, 0, 0, 0};
+      for (std::int64_t n = 0; n < copy->numel(); ++n) {
+        const double value = element.load(offset_of(bias, n));
+        if (kernel_dtype == DType::float64) {
+          copy->data<double>()[n] = value;
+        } else {
+          copy->data<float>()[n] = static_cast<float>(value);
+        }
+      }
+      p.bias = broadcast_operand(copy->view(), "bias", score_shape);
+      p.bias_storage = std::move(copy);
+    }
   }
   p.score_mod = options.score_mod;
   if (options.mask) {
@@ -302,6 +331,10 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     }
     p.mask = broadcast_operand(*options.mask, "mask", score_shape);
   }
+}
+
+// This call's place in a larger problem, and the position masks and block mask of §3.
+void check_positions(const AttentionOptions& options, AttentionProblem& p) {
   // Positions: this call as a block of a larger problem. Each total (0: this call's extent)
   // must hold the block at its offset.
   const auto resolve_total = [](std::int64_t offset, std::int64_t total, std::int64_t local,
@@ -378,6 +411,16 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
     }
     p.block_mask = options.block_mask;
   }
+}
+
+}  // namespace
+
+AttentionProblem make_problem(const TensorView& q, const TensorView& k, const TensorView& v,
+                              const AttentionOptions& options, const AttentionOutputs& outputs) {
+  AttentionProblem p;
+  check_operands(q, k, v, p);
+  check_score_options(options, p);
+  check_positions(options, p);
   if (options.threads < 0) {
     throw Error(fmt::format("threads: expected >= 0 (0 = default), got {}", options.threads));
   }
@@ -391,7 +434,9 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
         checked_output_of(*outputs.lse, "lse", {p.batch, p.q_heads, p.q_len, 0}, 3, "[B, Hq, Nq]");
   }
   if (outputs.weights) {
-    p.weights = checked_output_of(*outputs.weights, "weights", score_shape, 4, "[B, Hq, Nq, Nk]");
+    p.weights =
+        checked_output_of(*outputs.weights, "weights", Shape{p.batch, p.q_heads, p.q_len, p.k_len},
+                          4, "[B, Hq, Nq, Nk]");
   }
   return p;
 }

@@ -5,6 +5,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "core/position_masks.hpp"
@@ -72,16 +73,18 @@ struct AttentionProblem {
 
   DType dtype = DType::float32;  // of q, k and v
 
-  StridedInput q, k, v;                 // (b, n, h, d)
-  StridedInput w;                       // bilinear (h, a, c): stride 0 on h when shared
-  StridedInput wq, wk;                  // additive (h, a, d)
-  StridedInput va;                      // additive (h, a)
-  StridedInput temperature;             // cosine (h): stride 0 when shared
-  StridedInput alibi_slopes;            // (b, h)
-  StridedInput bias;                    // (b, h, i, j), broadcast
-  const ScoreMod* score_mod = nullptr;  // after the bias: global (b, h, q_idx, kv_idx)
-  StridedInput mask;                    // (b, h, i, j), broadcast, bool
-  StridedInput key_lengths;             // (b), int32 or int64, each in [0, Nk]
+  StridedInput q, k, v;                        // (b, n, h, d)
+  StridedInput w;                              // bilinear (h, a, c): stride 0 on h when shared
+  StridedInput wq, wk;                         // additive (h, a, d)
+  StridedInput va;                             // additive (h, a)
+  StridedInput temperature;                    // cosine (h): stride 0 when shared
+  StridedInput alibi_slopes;                   // (b, h)
+  StridedInput bias;                           // (b, h, i, j), broadcast, in the kernels' dtype
+  std::array<std::int64_t, 4> bias_shape{};    // its own extents, right-aligned (1 where absent)
+  std::shared_ptr<const Tensor> bias_storage;  // its converted copy, when it was converted
+  const ScoreMod* score_mod = nullptr;         // after the bias: global (b, h, q_idx, kv_idx)
+  StridedInput mask;                           // (b, h, i, j), broadcast, bool
+  StridedInput key_lengths;                    // (b), int32 or int64, each in [0, Nk]
 
   // Causal (with its prefix), window: in local coordinates, with the diagonals that place this
   // call in a larger problem (AttentionOptions::query_offset …).

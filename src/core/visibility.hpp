@@ -116,9 +116,11 @@ template <class T>
 void hide_masked_keys(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
                       std::int64_t j0, std::int64_t count, T* scores) {
   constexpr T kHidden = -std::numeric_limits<T>::infinity();
-  if (p.mask.present) {
+  if (p.mask.present) {  // bool, one byte per element (make_problem checked the dtype)
+    const auto* allowed = p.mask.pointer<std::uint8_t>(b, h, i, j0);
+    const std::int64_t stride = p.mask.strides[3];
     for (std::int64_t t = 0; t < count; ++t) {
-      if (p.mask.load(b, h, i, j0 + t) == 0.0) scores[t] = kHidden;
+      if (allowed[t * stride] == 0) scores[t] = kHidden;
     }
   }
   if (p.block_mask == nullptr) return;

@@ -739,49 +739,99 @@ void outer_product_gradient(const MutableTensorView& target, bool shared, std::i
   detail::store_dense(values.data(), target);
 }
 
-}  // namespace
+// What the door's steps share: the problem, the score's transforms, the kernel's operands.
+struct BackwardDoor {
+  BackwardDoor(const AttentionProblem& problem, const BackwardInputs& given,
+               const AttentionGradients& wanted)
+      : p(problem),
+        inputs(given),
+        gradients(wanted),
+        threads(worker_threads(problem)),
+        B(problem.batch),
+        Hq(problem.q_heads),
+        Hk(problem.kv_heads),
+        Nq(problem.q_len),
+        Nk(problem.k_len),
+        score(detail::score_unit(problem.score).operands(problem)),
+        query_transform(score.query, Hq),
+        key_transform(score.key, Hq),
+        key_group(score.keys_per_query_head ? problem.group_size : 1),
+        score_mod_gradients(problem.score_mod, wanted.dscore_mod) {
+    o.problem = &p;
+    o.additive = score.form == detail::ScoreForm::additive;
+    o.softcap = p.softcap > 0;
+    o.score_dim = score.dim;
+    o.key_heads = score.keys_per_query_head ? Hq : Hk;
+    o.score_stride = padded(o.score_dim);
+    o.value_stride = padded(p.v_dim);
+  }
+  // Transformed key head kh reads the keys of head kh / group (group 1 unless per query head).
+  std::int64_t KeySource(std::int64_t kh) const { return kh / key_group; }
+  // Whether the query transform has a factor whose gradient is asked for (cosine's τ).
+  bool QueryFactorWanted() const {
+    return score.query.factor != nullptr && (gradients.*score.query.factor_gradient).has_value();
+  }
 
-void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
-                    const BackwardInputs& inputs, const AttentionGradients& gradients) {
-  const int threads = worker_threads(p);
-  const std::int64_t B = p.batch, Hq = p.q_heads, Hk = p.kv_heads, Nq = p.q_len, Nk = p.k_len;
-  // The score unit's compared vectors: packed through its transforms here, and their gradients
-  // sent back through the same transforms at the end.
-  const detail::ScoreOperands score = detail::score_unit(p.score).operands(p);
-  const RowTransformer query_transform(score.query, Hq), key_transform(score.key, Hq);
+  const AttentionProblem& p;
+  const BackwardInputs& inputs;
+  const AttentionGradients& gradients;
+  const int threads;
+  const std::int64_t B, Hq, Hk, Nq, Nk;
+  // The score unit's compared vectors: packed through its transforms, and their gradients sent
+  // back through the same transforms at the end.
+  const detail::ScoreOperands score;
+  const RowTransformer query_transform, key_transform;
+  const std::int64_t key_group;  // query heads per transformed key head
   BackwardOperands o;
-  o.problem = &p;
-  o.additive = score.form == detail::ScoreForm::additive;
-  o.softcap = p.softcap > 0;
-  o.score_dim = score.dim;
-  o.key_heads = score.keys_per_query_head ? Hq : Hk;
-  o.score_stride = padded(o.score_dim);
-  o.value_stride = padded(p.v_dim);
-  const std::int64_t ss = o.score_stride, vs = o.value_stride;
-  const auto same = [](std::int64_t h) { return h; };
-  const std::int64_t key_group = score.keys_per_query_head ? p.group_size : 1;
-  const auto key_source = [key_group](std::int64_t kh) { return kh / key_group; };
+  std::vector<float> additive_v;     // [Hq, A]: scale·v
+  std::vector<float> dq_sum;         // ∂L/∂q' [B, Hq, Nq, dim], the chunks summed
+  std::vector<double> factor_parts;  // ∂L/∂factor[h] of each (row, head), when wanted
+  detail::ScoreModGradients score_mod_gradients;
+};
 
-  // Operands. Q carries the scale, except for the additive score, whose v carries it.
+const auto same_head = [](std::int64_t h) { return h; };
+
+// Step 1: the operands packed densely — Q (times the scale, except for the additive score, whose
+// v carries it) and K through the score's transforms, V and dO as they are.
+void pack_operands(BackwardDoor& s) {
+  const AttentionProblem& p = s.p;
+  const int threads = s.threads;
+  const std::int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Nq = s.Nq, Nk = s.Nk;
+  const std::int64_t ss = s.o.score_stride, vs = s.o.value_stride;
+  BackwardOperands& o = s.o;
+  const auto key_source = [&s](std::int64_t kh) { return s.KeySource(kh); };
+  const auto same = same_head;
   float* q = zeroed(kQ, B * Hq * Nq * ss, threads);
   float* k = zeroed(kK, B * o.key_heads * Nk * ss, threads);
   float* v = zeroed(kV, B * Hk * Nk * vs, threads);
   float* dout = zeroed(kDout, B * Hq * Nq * vs, threads);
   pack_rows(q, p.q, B, Nq, Hq, p.q_dim, ss, o.additive ? 1.0 : p.scale,
-            query_transform.identity() ? nullptr : &query_transform, same, threads);
+            s.query_transform.identity() ? nullptr : &s.query_transform, same, threads);
   pack_rows(k, p.k, B, Nk, o.key_heads, p.k_dim, ss, 1.0,
-            key_transform.identity() ? nullptr : &key_transform, key_source, threads);
+            s.key_transform.identity() ? nullptr : &s.key_transform, key_source, threads);
   pack_rows(v, p.v, B, Nk, Hk, p.v_dim, vs, 1.0, nullptr, same, threads);
-  pack_rows(dout, inputs.dout, B, Nq, Hq, p.v_dim, vs, 1.0, nullptr, same, threads);
-  std::vector<float> additive_v;
+  pack_rows(dout, s.inputs.dout, B, Nq, Hq, p.v_dim, vs, 1.0, nullptr, same, threads);
   if (o.additive) {
-    additive_v.resize(static_cast<std::size_t>(Hq * o.score_dim));
+    s.additive_v.resize(static_cast<std::size_t>(Hq * o.score_dim));
     for (std::int64_t h = 0; h < Hq; ++h)
       for (std::int64_t a = 0; a < o.score_dim; ++a)
-        additive_v[static_cast<std::size_t>(h * o.score_dim + a)] =
-            static_cast<float>(p.scale * score.additive_v->load(h, a));
-    o.additive_v = additive_v.data();
+        s.additive_v[static_cast<std::size_t>(h * o.score_dim + a)] =
+            static_cast<float>(p.scale * s.score.additive_v->load(h, a));
+    o.additive_v = s.additive_v.data();
   }
+  o.q = q;
+  o.k = k;
+  o.v = v;
+  o.dout = dout;
+}
+
+// Step 2: each row's LSE (as two floats) and Δ − dLSE.
+void row_statistics(BackwardDoor& s) {
+  const AttentionProblem& p = s.p;
+  const std::int64_t B = s.B, Hq = s.Hq, Nq = s.Nq, Nk = s.Nk;
+  const std::int64_t vs = s.o.value_stride;
+  BackwardOperands& o = s.o;
+  const float* dout = o.dout;
   // P = e^(s − LSE) is only as precise as s here and s in the forward agree: in a peaked row the
   // largest P is e^(s_max − LSE) ≈ 1, and any difference between the two roundings of s_max is
   // all its error; likewise Δ = dO·O must be the Σ P dP of the P recomputed here. The fused
@@ -795,35 +845,31 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   // per-head ALiBi slopes, and as much for a bias whose gradient the caller sums (a score_mod
   // of Python's general path). Those calls re-derive Δ as well, with the register-tiled S.
   const bool decode_shaped = decode_attention_supports(p);
-  const bool score_sums = !gradients.dscore_mod.empty() || gradients.dbias.has_value();
+  const bool score_sums = !s.gradients.dscore_mod.empty() || s.gradients.dbias.has_value();
   const bool rederive = (decode_shaped || score_sums) && p.key_offset == 0 && p.key_total == Nk &&
                         B * Hq * Nq > 0 && Nk > 0;
   // LSE and Δ − dLSE per row (dO as packed above); when re-derived, Δ is added below.
   float* lse_high = buffer(kLseHigh, B * Hq * Nq);
   float* lse_low = buffer(kLseLow, B * Hq * Nq);
   float* delta = buffer(kDelta, B * Hq * Nq);
-  parallel_for(threads, B * Hq, [&](std::int64_t index) {
+  parallel_for(s.threads, B * Hq, [&](std::int64_t index) {
     const std::int64_t b = index / Hq, h = index % Hq;
     std::vector<double> out_row(static_cast<std::size_t>(p.v_dim));
     for (std::int64_t i = 0; i < Nq; ++i) {
       const std::int64_t row = (b * Hq + h) * Nq + i;
       double sum = 0.0;
       if (!rederive) {
-        read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
+        read_row(s.inputs.out, b, i, h, p.v_dim, out_row.data());
         for (std::int64_t d = 0; d < p.v_dim; ++d)
           sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
       }
-      if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
-      const double lse = inputs.lse.load(b, h, i);
+      if (s.inputs.dlse.present) sum -= s.inputs.dlse.load(b, h, i);
+      const double lse = s.inputs.lse.load(b, h, i);
       lse_high[row] = static_cast<float>(lse);
       lse_low[row] = std::isfinite(lse) ? static_cast<float>(lse - lse_high[row]) : 0.0f;
       delta[row] = static_cast<float>(sum);
     }
   });
-  o.q = q;
-  o.k = k;
-  o.v = v;
-  o.dout = dout;
   o.lse_high = lse_high;
   o.lse_low = lse_low;
   if (rederive) {
@@ -832,17 +878,21 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
     HWY_DYNAMIC_DISPATCH(RederiveRowStatistics)(o, lse_high, lse_low, delta);
   }
   o.delta = delta;
+}
 
+// Step 3: the work items and the kernel's zeroed results.
+void plan_items(BackwardDoor& s) {
+  const AttentionProblem& p = s.p;
+  const int threads = s.threads;
+  const std::int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Nq = s.Nq, Nk = s.Nk;
+  const std::int64_t ss = s.o.score_stride, vs = s.o.value_stride;
+  BackwardOperands& o = s.o;
   // Items: enough key chunks for 16 items, unless a broadcast bias gradient forbids splitting.
-  std::array<std::int64_t, 4> bias_shape{1, 1, 1, 1};
-  if (gradients.dbias) {
-    const TensorView& bias = *options.bias;
+  if (s.gradients.dbias) {
     std::int64_t stride = 1;
-    for (int d = 3, e = bias.rank - 1; d >= 0; --d, --e) {
-      bias_shape[static_cast<std::size_t>(d)] = e >= 0 ? bias.shape[e] : 1;
-      o.dbias_strides[static_cast<std::size_t>(d)] =
-          bias_shape[static_cast<std::size_t>(d)] > 1 ? stride : 0;
-      stride *= bias_shape[static_cast<std::size_t>(d)];
+    for (std::size_t d = 4; d-- > 0;) {
+      o.dbias_strides[d] = p.bias_shape[d] > 1 ? stride : 0;
+      stride *= p.bias_shape[d];
     }
     o.dbias = zeroed(kDbias, stride, threads);
     o.batches_in_item = B > 1 && o.dbias_strides[0] == 0;
@@ -852,25 +902,31 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   const std::int64_t base_items = (o.batches_in_item ? 1 : B) * (o.heads_in_item ? 1 : Hk);
   o.chunks = std::clamp<std::int64_t>((16 + base_items - 1) / base_items, 1,
                                       std::max<std::int64_t>(blocks, 1));
-  if (gradients.dbias && o.dbias_strides[3] == 0) o.chunks = 1;
+  if (s.gradients.dbias && o.dbias_strides[3] == 0) o.chunks = 1;
   o.items = base_items * o.chunks;
-  float* dq = o.dq = zeroed(kDq, o.chunks * B * Hq * Nq * ss, threads);
-  float* dk = o.dk = zeroed(kDk, B * o.key_heads * Nk * ss, threads);
-  float* dv = o.dv = zeroed(kDv, B * Hk * Nk * vs, threads);
-  float* dva = o.dva = zeroed(kDva, o.additive ? o.items * Hq * o.score_dim : 0, threads);
-  detail::ScoreModGradients score_mod_gradients(p.score_mod, gradients.dscore_mod);
-  if (score_mod_gradients.arrays() != nullptr) o.score_mod_gradients = &score_mod_gradients;
+  o.dq = zeroed(kDq, o.chunks * B * Hq * Nq * ss, threads);
+  o.dk = zeroed(kDk, B * o.key_heads * Nk * ss, threads);
+  o.dv = zeroed(kDv, B * Hk * Nk * vs, threads);
+  o.dva = zeroed(kDva, o.additive ? o.items * Hq * o.score_dim : 0, threads);
+  if (s.score_mod_gradients.arrays() != nullptr) o.score_mod_gradients = &s.score_mod_gradients;
+}
 
-  if (B * Hq * Nq > 0 && Nk > 0) {
-    apply_simd_environment();
-    HWY_DYNAMIC_DISPATCH(FusedBackward)(o);
-  }
-
+// Step 5: dQ, dK, dV from the kernel's gradients of the compared vectors.
+void input_gradients(BackwardDoor& s) {
+  const AttentionProblem& p = s.p;
+  const int threads = s.threads;
+  const std::int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Nq = s.Nq, Nk = s.Nk;
+  const std::int64_t ss = s.o.score_stride, vs = s.o.value_stride;
+  BackwardOperands& o = s.o;
+  const float* dq = o.dq;
+  const float* dk = o.dk;
+  const float* dv = o.dv;
   // dQ of the compared vectors (Σ over chunks, in order), then back through the score's own
   // projection: dot/bilinear carry the scale in q.
   const std::int64_t dim = o.score_dim;
   const double dq_factor = o.additive ? 1.0 : p.scale;
-  std::vector<float> dq_sum(static_cast<std::size_t>(B * Hq * Nq * dim));
+  std::vector<float>& dq_sum = s.dq_sum;
+  dq_sum.assign(static_cast<std::size_t>(B * Hq * Nq * dim), 0.0f);
   parallel_for(threads, B * Hq * Nq, [&](std::int64_t row) {
     for (std::int64_t a = 0; a < dim; ++a) {
       float sum = 0.0f;
@@ -880,12 +936,12 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
   });
   // Each row of dQ (dK) from its compared vector's gradient, back through the unit's transform;
   // a factor's gradient (the cosine's temperature) per (row, head), summed per head below.
-  const bool query_factor =
-      score.query.factor != nullptr && (gradients.*score.query.factor_gradient).has_value();
-  std::vector<double> factor_parts(query_factor ? static_cast<std::size_t>(B * Nq * Hq) : 0);
-  if (gradients.dq || query_factor) {
+  const bool query_factor = s.QueryFactorWanted();
+  std::vector<double>& factor_parts = s.factor_parts;
+  factor_parts.assign(query_factor ? static_cast<std::size_t>(B * Nq * Hq) : 0, 0.0);
+  if (s.gradients.dq || query_factor) {
     const std::optional<detail::StridedOutput> out =
-        gradients.dq ? std::optional(detail::output_of(*gradients.dq)) : std::nullopt;
+        s.gradients.dq ? std::optional(detail::output_of(*s.gradients.dq)) : std::nullopt;
     parallel_for(threads, B * Nq, [&](std::int64_t index) {
       const std::int64_t b = index / Nq, i = index % Nq;
       std::vector<double> compared(static_cast<std::size_t>(dim)),
@@ -893,20 +949,20 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
       for (std::int64_t h = 0; h < Hq; ++h) {
         const float* source = dq_sum.data() + ((b * Hq + h) * Nq + i) * dim;
         std::copy(source, source + dim, compared.begin());
-        if (query_transform.identity()) {
+        if (s.query_transform.identity()) {
           std::copy(compared.begin(), compared.end(), row.begin());
         } else {
           read_row(p.q, b, i, h, p.q_dim, input.data());
           const double d_factor =
-              query_transform.backward(h, input.data(), compared.data(), row.data());
+              s.query_transform.backward(h, input.data(), compared.data(), row.data());
           if (query_factor) factor_parts[static_cast<std::size_t>(index * Hq + h)] = d_factor;
         }
         if (out) write_row(*out, b, i, h, p.q_dim, row.data());
       }
     });
   }
-  if (gradients.dk) {
-    const detail::StridedOutput out = detail::output_of(*gradients.dk);
+  if (s.gradients.dk) {
+    const detail::StridedOutput out = detail::output_of(*s.gradients.dk);
     const std::int64_t heads_per_key = o.key_heads / Hk;  // transformed key heads per k head
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
@@ -915,14 +971,14 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
           total(static_cast<std::size_t>(p.k_dim));
       for (std::int64_t hk = 0; hk < Hk; ++hk) {
         std::fill(total.begin(), total.end(), 0.0);
-        if (!key_transform.identity()) read_row(p.k, b, j, hk, p.k_dim, input.data());
+        if (!s.key_transform.identity()) read_row(p.k, b, j, hk, p.k_dim, input.data());
         for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh) {
           const float* source = dk + ((b * o.key_heads + kh) * Nk + j) * ss;
           std::copy(source, source + dim, compared.begin());
-          if (key_transform.identity()) {
+          if (s.key_transform.identity()) {
             std::copy(compared.begin(), compared.end(), row.begin());
           } else {
-            key_transform.backward(kh, input.data(), compared.data(), row.data());
+            s.key_transform.backward(kh, input.data(), compared.data(), row.data());
           }
           for (std::int64_t d = 0; d < p.k_dim; ++d)
             total[static_cast<std::size_t>(d)] += row[static_cast<std::size_t>(d)];
@@ -931,8 +987,8 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
       }
     });
   }
-  if (gradients.dv) {
-    const detail::StridedOutput out = detail::output_of(*gradients.dv);
+  if (s.gradients.dv) {
+    const detail::StridedOutput out = detail::output_of(*s.gradients.dv);
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
       std::vector<double> row(static_cast<std::size_t>(p.v_dim));
@@ -943,24 +999,37 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
       }
     });
   }
+}
 
+// Step 6: the gradients of the score's parameters, of a score_mod's and of the bias.
+void parameter_gradients(BackwardDoor& s) {
+  const AttentionProblem& p = s.p;
+  const int threads = s.threads;
+  const std::int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Nq = s.Nq, Nk = s.Nk;
+  const std::int64_t ss = s.o.score_stride;
+  const BackwardOperands& o = s.o;
+  const auto key_source = [&s](std::int64_t kh) { return s.KeySource(kh); };
+  const auto same = same_head;
+  const std::int64_t dim = o.score_dim;
+  const float* dk = o.dk;
+  const float* dva = o.dva;
   // The score's parameters. A transform's matrix M (x' = M x): dM = Σ dx' ⊗ x over the rows, as
   // outer products of the compared vectors' gradients with the raw inputs (packed densely for
   // the purpose); stored transposed for a transposed matrix (bilinear's q' = Wᵀq: dW = Σ q ⊗ dq').
-  const DenseRows d_queries{dq_sum.data(), Hq, Nq, dim};
+  const DenseRows d_queries{s.dq_sum.data(), Hq, Nq, dim};
   const DenseRows d_keys{dk, o.key_heads, Nk, ss};
   const auto matrix_gradient = [&](const detail::RowTransform& transform) {
     return transform.matrix != nullptr && transform.matrix_gradient != nullptr &&
-                   (gradients.*transform.matrix_gradient).has_value()
-               ? &*(gradients.*transform.matrix_gradient)
+                   (s.gradients.*transform.matrix_gradient).has_value()
+               ? &*(s.gradients.*transform.matrix_gradient)
                : nullptr;
   };
-  if (const MutableTensorView* target = matrix_gradient(score.query)) {
+  if (const MutableTensorView* target = matrix_gradient(s.score.query)) {
     std::vector<float> raw(static_cast<std::size_t>(B * Hq * Nq * p.q_dim));
     pack_rows(raw.data(), p.q, B, Nq, Hq, p.q_dim, p.q_dim, 1.0, nullptr, same, threads);
     const DenseRows queries{raw.data(), Hq, Nq, p.q_dim};
-    const bool shared = score.query.matrix->strides[0] == 0;
-    if (score.query.transposed) {
+    const bool shared = s.score.query.matrix->strides[0] == 0;
+    if (s.score.query.transposed) {
       outer_product_gradient(*target, shared, Hq, p.q_dim, dim, B, Nq, queries, same, d_queries,
                              same, 1.0, threads);
     } else {
@@ -968,12 +1037,12 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
                              same, 1.0, threads);
     }
   }
-  if (const MutableTensorView* target = matrix_gradient(score.key)) {  // per transformed key head
+  if (const MutableTensorView* target = matrix_gradient(s.score.key)) {  // per transformed key head
     std::vector<float> raw(static_cast<std::size_t>(B * Hk * Nk * p.k_dim));
     pack_rows(raw.data(), p.k, B, Nk, Hk, p.k_dim, p.k_dim, 1.0, nullptr, same, threads);
     const DenseRows keys{raw.data(), Hk, Nk, p.k_dim};
-    const bool shared = score.key.matrix->strides[0] == 0;
-    if (score.key.transposed) {
+    const bool shared = s.score.key.matrix->strides[0] == 0;
+    if (s.score.key.transposed) {
       outer_product_gradient(*target, shared, o.key_heads, p.k_dim, dim, B, Nk, keys, key_source,
                              d_keys, same, 1.0, threads);
     } else {
@@ -981,19 +1050,19 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
                              key_source, 1.0, threads);
     }
   }
-  if (query_factor) {  // Σ over rows, per head (one sum when the factor is shared)
-    const bool shared = score.query.factor->strides[0] == 0;
+  if (s.QueryFactorWanted()) {  // Σ over rows, per head (one sum when the factor is shared)
+    const bool shared = s.score.query.factor->strides[0] == 0;
     std::vector<double> values(static_cast<std::size_t>(shared ? 1 : Hq));
     for (std::int64_t row = 0; row < B * Nq; ++row)
       for (std::int64_t h = 0; h < Hq; ++h)
         values[static_cast<std::size_t>(shared ? 0 : h)] +=
-            factor_parts[static_cast<std::size_t>(row * Hq + h)];
-    detail::store_dense(values.data(), *(gradients.*score.query.factor_gradient));
+            s.factor_parts[static_cast<std::size_t>(row * Hq + h)];
+    detail::store_dense(values.data(), *(s.gradients.*s.score.query.factor_gradient));
   }
-  if (o.additive && (gradients.*score.additive_v_gradient).has_value()) {
+  if (o.additive && (s.gradients.*s.score.additive_v_gradient).has_value()) {
     // v carried the scale; each item summed its own part.
-    const MutableTensorView& target = *(gradients.*score.additive_v_gradient);
-    const bool shared = score.additive_v->strides[0] == 0;
+    const MutableTensorView& target = *(s.gradients.*s.score.additive_v_gradient);
+    const bool shared = s.score.additive_v->strides[0] == 0;
     std::vector<double> values(static_cast<std::size_t>((shared ? 1 : Hq) * dim));
     for (std::int64_t h = 0; h < Hq; ++h)
       for (std::int64_t a = 0; a < dim; ++a) {
@@ -1003,12 +1072,28 @@ void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
       }
     detail::store_dense(values.data(), target);
   }
-  score_mod_gradients.store();
-  if (gradients.dbias) {
-    std::vector<double> values(static_cast<std::size_t>(gradients.dbias->as_const().numel()));
+  s.score_mod_gradients.store();
+  if (s.gradients.dbias) {
+    std::vector<double> values(static_cast<std::size_t>(s.gradients.dbias->as_const().numel()));
     for (std::size_t n = 0; n < values.size(); ++n) values[n] = o.dbias[n];
-    detail::store_dense(values.data(), *gradients.dbias);
+    detail::store_dense(values.data(), *s.gradients.dbias);
   }
+}
+
+}  // namespace
+
+void fused_backward(const AttentionProblem& p, const BackwardInputs& inputs,
+                    const AttentionGradients& gradients) {
+  BackwardDoor door(p, inputs, gradients);
+  pack_operands(door);
+  row_statistics(door);
+  plan_items(door);
+  if (p.batch * p.q_heads * p.q_len > 0 && p.k_len > 0) {  // step 4: the kernel
+    apply_simd_environment();
+    HWY_DYNAMIC_DISPATCH(FusedBackward)(door.o);
+  }
+  input_gradients(door);
+  parameter_gradients(door);
 }
 
 }  // namespace qkv::kernels

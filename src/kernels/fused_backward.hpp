@@ -19,10 +19,12 @@ struct BackwardInputs {
   StridedInput dout, out, lse, dlse;
 };
 
-// Gradients of every requested input of `p` (AttentionGradients; each one's own shape comes from
-// `options`). Never builds an Nq×Nk matrix; bitwise the same result for any thread count.
-void fused_backward(const AttentionProblem& p, const AttentionOptions& options,
-                    const BackwardInputs& inputs, const AttentionGradients& gradients);
+// Gradients of every requested input of `p` (AttentionGradients, each view in its primal's
+// shape, checked at the door). Never builds an Nq×Nk matrix; dQ, dK, dV, the score's and the
+// bias's parameters bitwise the same for any thread count (a score_mod's: see
+// core/score_mod_gradients.hpp).
+void fused_backward(const AttentionProblem& p, const BackwardInputs& inputs,
+                    const AttentionGradients& gradients);
 
 // Operands, laid out for the kernel by fused_backward (rows padded to kBackwardPad floats, so
 // that the layout is the same on every SIMD target).

@@ -88,8 +88,15 @@ void modify_scores(const AttentionProblem& p, std::int64_t b, std::int64_t h, st
     }
   }
   if (p.bias.present) {
-    for (std::int64_t t = 0; t < count; ++t) {
-      scores[t] += static_cast<T>(p.bias.load(b, h, i, first_key + t));
+    // In the kernels' own dtype since make_problem (float32, or float64 for float64 problems).
+    constexpr DType kStored = std::is_same_v<T, double> ? DType::float64 : DType::float32;
+    if (p.bias.dtype == kStored) {
+      const T* bias = p.bias.pointer<T>(b, h, i, first_key);
+      const std::int64_t stride = p.bias.strides[3];
+      for (std::int64_t t = 0; t < count; ++t) scores[t] += bias[t * stride];
+    } else {  // the naive float32 evaluation of a float64 problem (tests' error floor)
+      for (std::int64_t t = 0; t < count; ++t)
+        scores[t] += static_cast<T>(p.bias.load(b, h, i, first_key + t));
     }
   }
   if (p.score_mod != nullptr)
