@@ -765,6 +765,13 @@ struct BackwardDoor {
     o.score_stride = padded(o.score_dim);
     o.value_stride = padded(p.v_dim);
   }
+  // The door's steps, in order (the kernel runs between PlanItems and InputGradients).
+  void PackOperands();
+  void RowStatistics();
+  void PlanItems();
+  void InputGradients();
+  void ParameterGradients();
+
   // Transformed key head kh reads the keys of head kh / group (group 1 unless per query head).
   std::int64_t KeySource(std::int64_t kh) const { return kh / key_group; }
   // Whether the query transform has a factor whose gradient is asked for (cosine's τ).
@@ -793,31 +800,27 @@ const auto same_head = [](std::int64_t h) { return h; };
 
 // Step 1: the operands packed densely — Q (times the scale, except for the additive score, whose
 // v carries it) and K through the score's transforms, V and dO as they are.
-void pack_operands(BackwardDoor& s) {
-  const AttentionProblem& p = s.p;
-  const int threads = s.threads;
-  const std::int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Nq = s.Nq, Nk = s.Nk;
-  const std::int64_t ss = s.o.score_stride, vs = s.o.value_stride;
-  BackwardOperands& o = s.o;
-  const auto key_source = [&s](std::int64_t kh) { return s.KeySource(kh); };
+void BackwardDoor::PackOperands() {
+  const std::int64_t ss = o.score_stride, vs = o.value_stride;
+  const auto key_source = [this](std::int64_t kh) { return KeySource(kh); };
   const auto same = same_head;
   float* q = zeroed(kQ, B * Hq * Nq * ss, threads);
   float* k = zeroed(kK, B * o.key_heads * Nk * ss, threads);
   float* v = zeroed(kV, B * Hk * Nk * vs, threads);
   float* dout = zeroed(kDout, B * Hq * Nq * vs, threads);
   pack_rows(q, p.q, B, Nq, Hq, p.q_dim, ss, o.additive ? 1.0 : p.scale,
-            s.query_transform.identity() ? nullptr : &s.query_transform, same, threads);
+            query_transform.identity() ? nullptr : &query_transform, same, threads);
   pack_rows(k, p.k, B, Nk, o.key_heads, p.k_dim, ss, 1.0,
-            s.key_transform.identity() ? nullptr : &s.key_transform, key_source, threads);
+            key_transform.identity() ? nullptr : &key_transform, key_source, threads);
   pack_rows(v, p.v, B, Nk, Hk, p.v_dim, vs, 1.0, nullptr, same, threads);
-  pack_rows(dout, s.inputs.dout, B, Nq, Hq, p.v_dim, vs, 1.0, nullptr, same, threads);
+  pack_rows(dout, inputs.dout, B, Nq, Hq, p.v_dim, vs, 1.0, nullptr, same, threads);
   if (o.additive) {
-    s.additive_v.resize(static_cast<std::size_t>(Hq * o.score_dim));
+    additive_v.resize(static_cast<std::size_t>(Hq * o.score_dim));
     for (std::int64_t h = 0; h < Hq; ++h)
       for (std::int64_t a = 0; a < o.score_dim; ++a)
-        s.additive_v[static_cast<std::size_t>(h * o.score_dim + a)] =
-            static_cast<float>(p.scale * s.score.additive_v->load(h, a));
-    o.additive_v = s.additive_v.data();
+        additive_v[static_cast<std::size_t>(h * o.score_dim + a)] =
+            static_cast<float>(p.scale * score.additive_v->load(h, a));
+    o.additive_v = additive_v.data();
   }
   o.q = q;
   o.k = k;
@@ -826,11 +829,8 @@ void pack_operands(BackwardDoor& s) {
 }
 
 // Step 2: each row's LSE (as two floats) and Δ − dLSE.
-void row_statistics(BackwardDoor& s) {
-  const AttentionProblem& p = s.p;
-  const std::int64_t B = s.B, Hq = s.Hq, Nq = s.Nq, Nk = s.Nk;
-  const std::int64_t vs = s.o.value_stride;
-  BackwardOperands& o = s.o;
+void BackwardDoor::RowStatistics() {
+  const std::int64_t vs = o.value_stride;
   const float* dout = o.dout;
   // P = e^(s − LSE) is only as precise as s here and s in the forward agree: in a peaked row the
   // largest P is e^(s_max − LSE) ≈ 1, and any difference between the two roundings of s_max is
@@ -845,26 +845,26 @@ void row_statistics(BackwardDoor& s) {
   // per-head ALiBi slopes, and as much for a bias whose gradient the caller sums (a score_mod
   // of Python's general path). Those calls re-derive Δ as well, with the register-tiled S.
   const bool decode_shaped = decode_attention_supports(p);
-  const bool score_sums = !s.gradients.dscore_mod.empty() || s.gradients.dbias.has_value();
+  const bool score_sums = !gradients.dscore_mod.empty() || gradients.dbias.has_value();
   const bool rederive = (decode_shaped || score_sums) && p.key_offset == 0 && p.key_total == Nk &&
                         B * Hq * Nq > 0 && Nk > 0;
   // LSE and Δ − dLSE per row (dO as packed above); when re-derived, Δ is added below.
   float* lse_high = buffer(kLseHigh, B * Hq * Nq);
   float* lse_low = buffer(kLseLow, B * Hq * Nq);
   float* delta = buffer(kDelta, B * Hq * Nq);
-  parallel_for(s.threads, B * Hq, [&](std::int64_t index) {
+  parallel_for(threads, B * Hq, [&](std::int64_t index) {
     const std::int64_t b = index / Hq, h = index % Hq;
     std::vector<double> out_row(static_cast<std::size_t>(p.v_dim));
     for (std::int64_t i = 0; i < Nq; ++i) {
       const std::int64_t row = (b * Hq + h) * Nq + i;
       double sum = 0.0;
       if (!rederive) {
-        read_row(s.inputs.out, b, i, h, p.v_dim, out_row.data());
+        read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
         for (std::int64_t d = 0; d < p.v_dim; ++d)
           sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
       }
-      if (s.inputs.dlse.present) sum -= s.inputs.dlse.load(b, h, i);
-      const double lse = s.inputs.lse.load(b, h, i);
+      if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
+      const double lse = inputs.lse.load(b, h, i);
       lse_high[row] = static_cast<float>(lse);
       lse_low[row] = std::isfinite(lse) ? static_cast<float>(lse - lse_high[row]) : 0.0f;
       delta[row] = static_cast<float>(sum);
@@ -881,14 +881,10 @@ void row_statistics(BackwardDoor& s) {
 }
 
 // Step 3: the work items and the kernel's zeroed results.
-void plan_items(BackwardDoor& s) {
-  const AttentionProblem& p = s.p;
-  const int threads = s.threads;
-  const std::int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Nq = s.Nq, Nk = s.Nk;
-  const std::int64_t ss = s.o.score_stride, vs = s.o.value_stride;
-  BackwardOperands& o = s.o;
+void BackwardDoor::PlanItems() {
+  const std::int64_t ss = o.score_stride, vs = o.value_stride;
   // Items: enough key chunks for 16 items, unless a broadcast bias gradient forbids splitting.
-  if (s.gradients.dbias) {
+  if (gradients.dbias) {
     std::int64_t stride = 1;
     for (std::size_t d = 4; d-- > 0;) {
       o.dbias_strides[d] = p.bias_shape[d] > 1 ? stride : 0;
@@ -902,22 +898,18 @@ void plan_items(BackwardDoor& s) {
   const std::int64_t base_items = (o.batches_in_item ? 1 : B) * (o.heads_in_item ? 1 : Hk);
   o.chunks = std::clamp<std::int64_t>((16 + base_items - 1) / base_items, 1,
                                       std::max<std::int64_t>(blocks, 1));
-  if (s.gradients.dbias && o.dbias_strides[3] == 0) o.chunks = 1;
+  if (gradients.dbias && o.dbias_strides[3] == 0) o.chunks = 1;
   o.items = base_items * o.chunks;
   o.dq = zeroed(kDq, o.chunks * B * Hq * Nq * ss, threads);
   o.dk = zeroed(kDk, B * o.key_heads * Nk * ss, threads);
   o.dv = zeroed(kDv, B * Hk * Nk * vs, threads);
   o.dva = zeroed(kDva, o.additive ? o.items * Hq * o.score_dim : 0, threads);
-  if (s.score_mod_gradients.arrays() != nullptr) o.score_mod_gradients = &s.score_mod_gradients;
+  if (score_mod_gradients.arrays() != nullptr) o.score_mod_gradients = &score_mod_gradients;
 }
 
 // Step 5: dQ, dK, dV from the kernel's gradients of the compared vectors.
-void input_gradients(BackwardDoor& s) {
-  const AttentionProblem& p = s.p;
-  const int threads = s.threads;
-  const std::int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Nq = s.Nq, Nk = s.Nk;
-  const std::int64_t ss = s.o.score_stride, vs = s.o.value_stride;
-  BackwardOperands& o = s.o;
+void BackwardDoor::InputGradients() {
+  const std::int64_t ss = o.score_stride, vs = o.value_stride;
   const float* dq = o.dq;
   const float* dk = o.dk;
   const float* dv = o.dv;
@@ -925,7 +917,6 @@ void input_gradients(BackwardDoor& s) {
   // projection: dot/bilinear carry the scale in q.
   const std::int64_t dim = o.score_dim;
   const double dq_factor = o.additive ? 1.0 : p.scale;
-  std::vector<float>& dq_sum = s.dq_sum;
   dq_sum.assign(static_cast<std::size_t>(B * Hq * Nq * dim), 0.0f);
   parallel_for(threads, B * Hq * Nq, [&](std::int64_t row) {
     for (std::int64_t a = 0; a < dim; ++a) {
@@ -936,12 +927,11 @@ void input_gradients(BackwardDoor& s) {
   });
   // Each row of dQ (dK) from its compared vector's gradient, back through the unit's transform;
   // a factor's gradient (the cosine's temperature) per (row, head), summed per head below.
-  const bool query_factor = s.QueryFactorWanted();
-  std::vector<double>& factor_parts = s.factor_parts;
+  const bool query_factor = QueryFactorWanted();
   factor_parts.assign(query_factor ? static_cast<std::size_t>(B * Nq * Hq) : 0, 0.0);
-  if (s.gradients.dq || query_factor) {
+  if (gradients.dq || query_factor) {
     const std::optional<detail::StridedOutput> out =
-        s.gradients.dq ? std::optional(detail::output_of(*s.gradients.dq)) : std::nullopt;
+        gradients.dq ? std::optional(detail::output_of(*gradients.dq)) : std::nullopt;
     parallel_for(threads, B * Nq, [&](std::int64_t index) {
       const std::int64_t b = index / Nq, i = index % Nq;
       std::vector<double> compared(static_cast<std::size_t>(dim)),
@@ -949,20 +939,20 @@ void input_gradients(BackwardDoor& s) {
       for (std::int64_t h = 0; h < Hq; ++h) {
         const float* source = dq_sum.data() + ((b * Hq + h) * Nq + i) * dim;
         std::copy(source, source + dim, compared.begin());
-        if (s.query_transform.identity()) {
+        if (query_transform.identity()) {
           std::copy(compared.begin(), compared.end(), row.begin());
         } else {
           read_row(p.q, b, i, h, p.q_dim, input.data());
           const double d_factor =
-              s.query_transform.backward(h, input.data(), compared.data(), row.data());
+              query_transform.backward(h, input.data(), compared.data(), row.data());
           if (query_factor) factor_parts[static_cast<std::size_t>(index * Hq + h)] = d_factor;
         }
         if (out) write_row(*out, b, i, h, p.q_dim, row.data());
       }
     });
   }
-  if (s.gradients.dk) {
-    const detail::StridedOutput out = detail::output_of(*s.gradients.dk);
+  if (gradients.dk) {
+    const detail::StridedOutput out = detail::output_of(*gradients.dk);
     const std::int64_t heads_per_key = o.key_heads / Hk;  // transformed key heads per k head
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
@@ -971,14 +961,14 @@ void input_gradients(BackwardDoor& s) {
           total(static_cast<std::size_t>(p.k_dim));
       for (std::int64_t hk = 0; hk < Hk; ++hk) {
         std::fill(total.begin(), total.end(), 0.0);
-        if (!s.key_transform.identity()) read_row(p.k, b, j, hk, p.k_dim, input.data());
+        if (!key_transform.identity()) read_row(p.k, b, j, hk, p.k_dim, input.data());
         for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh) {
           const float* source = dk + ((b * o.key_heads + kh) * Nk + j) * ss;
           std::copy(source, source + dim, compared.begin());
-          if (s.key_transform.identity()) {
+          if (key_transform.identity()) {
             std::copy(compared.begin(), compared.end(), row.begin());
           } else {
-            s.key_transform.backward(kh, input.data(), compared.data(), row.data());
+            key_transform.backward(kh, input.data(), compared.data(), row.data());
           }
           for (std::int64_t d = 0; d < p.k_dim; ++d)
             total[static_cast<std::size_t>(d)] += row[static_cast<std::size_t>(d)];
@@ -987,8 +977,8 @@ void input_gradients(BackwardDoor& s) {
       }
     });
   }
-  if (s.gradients.dv) {
-    const detail::StridedOutput out = detail::output_of(*s.gradients.dv);
+  if (gradients.dv) {
+    const detail::StridedOutput out = detail::output_of(*gradients.dv);
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
       std::vector<double> row(static_cast<std::size_t>(p.v_dim));
@@ -1002,13 +992,9 @@ void input_gradients(BackwardDoor& s) {
 }
 
 // Step 6: the gradients of the score's parameters, of a score_mod's and of the bias.
-void parameter_gradients(BackwardDoor& s) {
-  const AttentionProblem& p = s.p;
-  const int threads = s.threads;
-  const std::int64_t B = s.B, Hq = s.Hq, Hk = s.Hk, Nq = s.Nq, Nk = s.Nk;
-  const std::int64_t ss = s.o.score_stride;
-  const BackwardOperands& o = s.o;
-  const auto key_source = [&s](std::int64_t kh) { return s.KeySource(kh); };
+void BackwardDoor::ParameterGradients() {
+  const std::int64_t ss = o.score_stride;
+  const auto key_source = [this](std::int64_t kh) { return KeySource(kh); };
   const auto same = same_head;
   const std::int64_t dim = o.score_dim;
   const float* dk = o.dk;
@@ -1016,20 +1002,20 @@ void parameter_gradients(BackwardDoor& s) {
   // The score's parameters. A transform's matrix M (x' = M x): dM = Σ dx' ⊗ x over the rows, as
   // outer products of the compared vectors' gradients with the raw inputs (packed densely for
   // the purpose); stored transposed for a transposed matrix (bilinear's q' = Wᵀq: dW = Σ q ⊗ dq').
-  const DenseRows d_queries{s.dq_sum.data(), Hq, Nq, dim};
+  const DenseRows d_queries{dq_sum.data(), Hq, Nq, dim};
   const DenseRows d_keys{dk, o.key_heads, Nk, ss};
   const auto matrix_gradient = [&](const detail::RowTransform& transform) {
     return transform.matrix != nullptr && transform.matrix_gradient != nullptr &&
-                   (s.gradients.*transform.matrix_gradient).has_value()
-               ? &*(s.gradients.*transform.matrix_gradient)
+                   (gradients.*transform.matrix_gradient).has_value()
+               ? &*(gradients.*transform.matrix_gradient)
                : nullptr;
   };
-  if (const MutableTensorView* target = matrix_gradient(s.score.query)) {
+  if (const MutableTensorView* target = matrix_gradient(score.query)) {
     std::vector<float> raw(static_cast<std::size_t>(B * Hq * Nq * p.q_dim));
     pack_rows(raw.data(), p.q, B, Nq, Hq, p.q_dim, p.q_dim, 1.0, nullptr, same, threads);
     const DenseRows queries{raw.data(), Hq, Nq, p.q_dim};
-    const bool shared = s.score.query.matrix->strides[0] == 0;
-    if (s.score.query.transposed) {
+    const bool shared = score.query.matrix->strides[0] == 0;
+    if (score.query.transposed) {
       outer_product_gradient(*target, shared, Hq, p.q_dim, dim, B, Nq, queries, same, d_queries,
                              same, 1.0, threads);
     } else {
@@ -1037,12 +1023,12 @@ void parameter_gradients(BackwardDoor& s) {
                              same, 1.0, threads);
     }
   }
-  if (const MutableTensorView* target = matrix_gradient(s.score.key)) {  // per transformed key head
+  if (const MutableTensorView* target = matrix_gradient(score.key)) {  // per transformed key head
     std::vector<float> raw(static_cast<std::size_t>(B * Hk * Nk * p.k_dim));
     pack_rows(raw.data(), p.k, B, Nk, Hk, p.k_dim, p.k_dim, 1.0, nullptr, same, threads);
     const DenseRows keys{raw.data(), Hk, Nk, p.k_dim};
-    const bool shared = s.score.key.matrix->strides[0] == 0;
-    if (s.score.key.transposed) {
+    const bool shared = score.key.matrix->strides[0] == 0;
+    if (score.key.transposed) {
       outer_product_gradient(*target, shared, o.key_heads, p.k_dim, dim, B, Nk, keys, key_source,
                              d_keys, same, 1.0, threads);
     } else {
@@ -1050,19 +1036,19 @@ void parameter_gradients(BackwardDoor& s) {
                              key_source, 1.0, threads);
     }
   }
-  if (s.QueryFactorWanted()) {  // Σ over rows, per head (one sum when the factor is shared)
-    const bool shared = s.score.query.factor->strides[0] == 0;
+  if (QueryFactorWanted()) {  // Σ over rows, per head (one sum when the factor is shared)
+    const bool shared = score.query.factor->strides[0] == 0;
     std::vector<double> values(static_cast<std::size_t>(shared ? 1 : Hq));
     for (std::int64_t row = 0; row < B * Nq; ++row)
       for (std::int64_t h = 0; h < Hq; ++h)
         values[static_cast<std::size_t>(shared ? 0 : h)] +=
-            s.factor_parts[static_cast<std::size_t>(row * Hq + h)];
-    detail::store_dense(values.data(), *(s.gradients.*s.score.query.factor_gradient));
+            factor_parts[static_cast<std::size_t>(row * Hq + h)];
+    detail::store_dense(values.data(), *(gradients.*score.query.factor_gradient));
   }
-  if (o.additive && (s.gradients.*s.score.additive_v_gradient).has_value()) {
+  if (o.additive && (gradients.*score.additive_v_gradient).has_value()) {
     // v carried the scale; each item summed its own part.
-    const MutableTensorView& target = *(s.gradients.*s.score.additive_v_gradient);
-    const bool shared = s.score.additive_v->strides[0] == 0;
+    const MutableTensorView& target = *(gradients.*score.additive_v_gradient);
+    const bool shared = score.additive_v->strides[0] == 0;
     std::vector<double> values(static_cast<std::size_t>((shared ? 1 : Hq) * dim));
     for (std::int64_t h = 0; h < Hq; ++h)
       for (std::int64_t a = 0; a < dim; ++a) {
@@ -1072,11 +1058,11 @@ void parameter_gradients(BackwardDoor& s) {
       }
     detail::store_dense(values.data(), target);
   }
-  s.score_mod_gradients.store();
-  if (s.gradients.dbias) {
-    std::vector<double> values(static_cast<std::size_t>(s.gradients.dbias->as_const().numel()));
+  score_mod_gradients.store();
+  if (gradients.dbias) {
+    std::vector<double> values(static_cast<std::size_t>(gradients.dbias->as_const().numel()));
     for (std::size_t n = 0; n < values.size(); ++n) values[n] = o.dbias[n];
-    detail::store_dense(values.data(), *s.gradients.dbias);
+    detail::store_dense(values.data(), *gradients.dbias);
   }
 }
 
@@ -1085,15 +1071,15 @@ void parameter_gradients(BackwardDoor& s) {
 void fused_backward(const AttentionProblem& p, const BackwardInputs& inputs,
                     const AttentionGradients& gradients) {
   BackwardDoor door(p, inputs, gradients);
-  pack_operands(door);
-  row_statistics(door);
-  plan_items(door);
+  door.PackOperands();
+  door.RowStatistics();
+  door.PlanItems();
   if (p.batch * p.q_heads * p.q_len > 0 && p.k_len > 0) {  // step 4: the kernel
     apply_simd_environment();
     HWY_DYNAMIC_DISPATCH(FusedBackward)(door.o);
   }
-  input_gradients(door);
-  parameter_gradients(door);
+  door.InputGradients();
+  door.ParameterGradients();
 }
 
 }  // namespace qkv::kernels
