@@ -60,267 +60,332 @@ void attention_backward_reference(const TensorView& q, const TensorView& k, cons
   detail::backward_reference(q, k, v, options, dout, dlse, gradients, std::nullopt);
 }
 
+namespace {
+
+// The oracle's state: float64 copies of every input, the problem built on them, and a float64
+// accumulator per gradient. Each query row is recomputed literally (RecomputeRow), then
+// differentiated one step of docs/contract.md §2–4 at a time (DifferentiateRow), each score by
+// its own chain rule (AddScoreGradients).
+class LiteralBackward {
+ public:
+  LiteralBackward(const TensorView& q, const TensorView& k, const TensorView& v,
+                  const AttentionOptions& options, const TensorView& dout,
+                  const std::optional<TensorView>& dlse, const AttentionGradients& gradients,
+                  const std::optional<SavedForward>& saved)
+      : q64_(detail::dense_copy(q)),
+        k64_(detail::dense_copy(k)),
+        v64_(detail::dense_copy(v)),
+        dout64_(detail::dense_copy(dout)),
+        dlse64_(dlse ? detail::dense_copy(*dlse) : Tensor()),
+        saved_out_(saved ? detail::dense_copy(saved->out) : Tensor()),
+        saved_lse_(saved ? detail::dense_copy(saved->lse) : Tensor()),
+        saved_(saved.has_value()),
+        has_dlse_(dlse.has_value()),
+        dense_(DenseOptions(options)),
+        out64_(DType::float64, {q.shape[0], q.shape[1], q.shape[2], v.shape[3]}),
+        p_(detail::make_problem(q64_.view(), k64_.view(), v64_.view(), dense_,
+                                {out64_.mutable_view(), {}, {}})),
+        gradients_(gradients),
+        dropout_(p_),
+        grad_q_(p_.q, q64_.numel(), gradients.dq.has_value()),
+        grad_k_(p_.k, k64_.numel(), gradients.dk.has_value()),
+        grad_v_(p_.v, v64_.numel(), gradients.dv.has_value()),
+        grad_w_(p_.w, SizeOf(dense_.w), gradients.dw.has_value()),
+        grad_wq_(p_.wq, SizeOf(dense_.wq), gradients.dwq.has_value()),
+        grad_wk_(p_.wk, SizeOf(dense_.wk), gradients.dwk.has_value()),
+        grad_va_(p_.va, SizeOf(dense_.va), gradients.dva.has_value()),
+        grad_bias_(p_.bias, SizeOf(dense_.bias), gradients.dbias.has_value()),
+        grad_temperature_(p_.temperature, SizeOf(dense_.temperature),
+                          gradients.dtemperature.has_value()),
+        score_mod_gradients_(p_.score_mod, gradients.dscore_mod) {
+    d_out_ = detail::input_of(dout64_.view());
+    const auto keys = static_cast<std::size_t>(p_.k_len);
+    for (std::vector<double>* row :
+         {&raw_, &scaled_, &unmodified_, &scores_, &weights_, &d_weights_})
+      row->resize(keys);
+    visible_.resize(keys);
+  }
+
+  void Run() {
+    for (std::int64_t b = 0; b < p_.batch; ++b) {
+      for (std::int64_t h = 0; h < p_.q_heads; ++h) {
+        ProjectKeys(b, h);
+        for (std::int64_t i = 0; i < p_.q_len; ++i) {
+          ProjectQuery(b, h, i);
+          const double lse = RecomputeRow(b, h, i);
+          if (lse == -std::numeric_limits<double>::infinity()) continue;  // no key: no gradient
+          DifferentiateRow(b, h, i);
+        }
+      }
+    }
+    Write();
+  }
+
+ private:
+  // The caller's options with every tensor copied to dense float64 (kept by this object).
+  AttentionOptions DenseOptions(const AttentionOptions& options) {
+    AttentionOptions dense = options;
+    for (std::optional<TensorView>* slot :
+         {&dense.w, &dense.wq, &dense.wk, &dense.va, &dense.temperature, &dense.alibi_slopes,
+          &dense.bias, &dense.key_lengths, &dense.mask}) {
+      if (*slot) {
+        keep_.push_back(detail::dense_copy(**slot));
+        *slot = keep_.back().view();
+      }
+    }
+    return dense;
+  }
+  static std::int64_t SizeOf(const std::optional<TensorView>& view) {
+    return view ? view->numel() : std::int64_t{0};
+  }
+  double Temperature(std::int64_t h) const {
+    return p_.temperature.present ? p_.temperature.load(h) : 1.0;
+  }
+
+  // The additive score's Wk k for every key of head h [Nk, A].
+  void ProjectKeys(std::int64_t b, std::int64_t h) {
+    if (p_.score != Score::additive) return;
+    const std::int64_t A = p_.additive_dim, hk = p_.kv_head(h);
+    projected_k_.assign(static_cast<std::size_t>(p_.k_len * A), 0.0);
+    for (std::int64_t j = 0; j < p_.k_len; ++j)
+      for (std::int64_t a = 0; a < A; ++a)
+        for (std::int64_t d = 0; d < p_.k_dim; ++d)
+          projected_k_[static_cast<std::size_t>(j * A + a)] +=
+              p_.wk.load(h, a, d) * p_.k.load(b, j, hk, d);
+  }
+
+  // Bilinear: Wᵀq [Dk]; additive: Wq q [A].
+  void ProjectQuery(std::int64_t b, std::int64_t h, std::int64_t i) {
+    if (p_.score == Score::bilinear) {
+      projected_q_.assign(static_cast<std::size_t>(p_.k_dim), 0.0);
+      for (std::int64_t c = 0; c < p_.k_dim; ++c)
+        for (std::int64_t d = 0; d < p_.q_dim; ++d)
+          projected_q_[static_cast<std::size_t>(c)] += p_.q.load(b, i, h, d) * p_.w.load(h, d, c);
+    } else if (p_.score == Score::additive) {
+      projected_q_.assign(static_cast<std::size_t>(p_.additive_dim), 0.0);
+      for (std::int64_t a = 0; a < p_.additive_dim; ++a)
+        for (std::int64_t d = 0; d < p_.q_dim; ++d)
+          projected_q_[static_cast<std::size_t>(a)] += p_.wq.load(h, a, d) * p_.q.load(b, i, h, d);
+    }
+  }
+
+  // The score of docs/contract.md §2's table, before the scale.
+  double RawScore(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) const {
+    const std::int64_t hk = p_.kv_head(h), A = p_.additive_dim;
+    double r = 0.0;
+    if (p_.score == Score::additive) {
+      for (std::int64_t a = 0; a < A; ++a) {
+        r += p_.va.load(h, a) * std::tanh(projected_q_[static_cast<std::size_t>(a)] +
+                                          projected_k_[static_cast<std::size_t>(j * A + a)]);
+      }
+      return r;
+    }
+    for (std::int64_t d = 0; d < p_.k_dim; ++d) {
+      const double left = p_.score == Score::bilinear ? projected_q_[static_cast<std::size_t>(d)]
+                                                      : p_.q.load(b, i, h, d);
+      r += left * p_.k.load(b, j, hk, d);
+    }
+    if (p_.score == Score::cosine) {  // r = τ[h]·(q·k)/(|q||k|), 0 for a zero vector
+      const double norms = norm_of(p_.q, b, i, h, p_.q_dim) * norm_of(p_.k, b, j, hk, p_.k_dim);
+      r = norms > 0 ? Temperature(h) * r / norms : 0.0;
+    }
+    return r;
+  }
+
+  // The forward of row i, keeping every intermediate; returns its LSE (the saved one for a block
+  // of a larger problem), -inf when the row sees no key.
+  double RecomputeRow(std::int64_t b, std::int64_t h, std::int64_t i) {
+    double row_max = -std::numeric_limits<double>::infinity();
+    for (std::int64_t j = 0; j < p_.k_len; ++j) {
+      const auto J = static_cast<std::size_t>(j);
+      raw_[J] = RawScore(b, h, i, j);
+      scaled_[J] = p_.scale * raw_[J];
+      double s = p_.softcap > 0 ? p_.softcap * std::tanh(scaled_[J] / p_.softcap) : scaled_[J];
+      if (p_.alibi_slopes.present) {
+        s -= p_.alibi_slopes.load(b, h) * static_cast<double>(std::llabs(i + p_.diagonal() - j));
+      }
+      if (p_.bias.present) s += p_.bias.load(b, h, i, j);
+      unmodified_[J] = s;
+      if (p_.score_mod != nullptr) p_.score_mod->forward(p_.score_mod_row(b, h, i, j, 1), &s);
+      scores_[J] = s;
+      const bool seen = key_visible(p_, b, h, i, j);
+      visible_[J] = seen ? 1 : 0;
+      if (seen && s > row_max) row_max = s;
+    }
+    if (row_max == -std::numeric_limits<double>::infinity()) return row_max;
+    double denominator = 0.0;
+    for (std::int64_t j = 0; j < p_.k_len; ++j) {
+      if (visible_[static_cast<std::size_t>(j)])
+        denominator += std::exp(scores_[static_cast<std::size_t>(j)] - row_max);
+    }
+    const double lse = saved_ ? saved_lse_.data<double>()[(b * p_.q_heads + h) * p_.q_len + i]
+                              : row_max + std::log(denominator);
+    for (std::int64_t j = 0; j < p_.k_len; ++j) {
+      const auto J = static_cast<std::size_t>(j);
+      weights_[J] = visible_[J] && std::isfinite(lse) ? std::exp(scores_[J] - lse) : 0.0;
+    }
+    return lse;
+  }
+
+  // Row i's share of every gradient, from the intermediates of RecomputeRow.
+  void DifferentiateRow(std::int64_t b, std::int64_t h, std::int64_t i) {
+    const std::int64_t hk = p_.kv_head(h);
+    // O_i = Σ_j P_ij M_ij V_j, with M_ij the dropout factor (1 without dropout)
+    //   →  dV_j += P_ij M_ij dO_i,  dP_ij = M_ij (dO_i · V_j).
+    double delta = 0.0;  // Δ_i = Σ_j P_ij dP_ij
+    for (std::int64_t j = 0; j < p_.k_len; ++j) {
+      const auto J = static_cast<std::size_t>(j);
+      d_weights_[J] = 0.0;
+      if (weights_[J] == 0.0) continue;
+      const double factor = dropout_.active() ? dropout_.factor(b, h, i, j) : 1.0;
+      for (std::int64_t d = 0; d < p_.v_dim; ++d) {
+        const double d_out_value = d_out_.load(b, i, h, d);
+        grad_v_.add(weights_[J] * factor * d_out_value, b, j, hk, d);
+        d_weights_[J] += factor * d_out_value * p_.v.load(b, j, hk, d);
+      }
+      delta += weights_[J] * d_weights_[J];
+    }
+    if (saved_) {  // Δ_i = dO_i · O_i over the whole problem, not this block
+      delta = 0.0;
+      for (std::int64_t d = 0; d < p_.v_dim; ++d) {
+        delta += d_out_.load(b, i, h, d) *
+                 saved_out_.data<double>()[((b * p_.q_len + i) * p_.q_heads + h) * p_.v_dim + d];
+      }
+    }
+    const double d_lse =
+        has_dlse_ ? dlse64_.data<double>()[(b * p_.q_heads + h) * p_.q_len + i] : 0.0;
+    for (std::int64_t j = 0; j < p_.k_len; ++j) {
+      const auto J = static_cast<std::size_t>(j);
+      if (weights_[J] == 0.0) continue;
+      // P_ij = exp(s_ij − LSE_i), LSE_i = log Σ exp(s_ij)  →  dS_ij = P_ij (dP_ij − Δ_i + dLSE_i).
+      double d_score = weights_[J] * (d_weights_[J] - delta + d_lse);
+      // s = score_mod(u)  →  du = dS ∂score_mod/∂u (dual numbers), and its parameters'.
+      if (p_.score_mod != nullptr) {
+        p_.score_mod->backward(p_.score_mod_row(b, h, i, j, 1), &unmodified_[J], &d_score,
+                               score_mod_gradients_.arrays());
+      }
+      // s += bias  →  dbias += dS.
+      grad_bias_.add(d_score, b, h, i, j);
+      // s = c·tanh(u / c)  →  du = dS (1 − tanh²(u / c));  u = scale·raw  →  draw = scale·du.
+      double d_scaled = d_score;
+      if (p_.softcap > 0) {
+        const double t = std::tanh(scaled_[J] / p_.softcap);
+        d_scaled *= 1.0 - t * t;
+      }
+      AddScoreGradients(b, h, i, j, p_.scale * d_scaled);
+    }
+  }
+
+  // ∂L/∂raw of pair (i, j) into q, k and the score's parameters: each score's chain rule.
+  void AddScoreGradients(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j,
+                         double d_raw) {
+    const std::int64_t hk = p_.kv_head(h), A = p_.additive_dim;
+    switch (p_.score) {
+      case Score::dot:
+      case Score::scaled_dot:  // raw = q·k
+        for (std::int64_t d = 0; d < p_.q_dim; ++d) {
+          grad_q_.add(d_raw * p_.k.load(b, j, hk, d), b, i, h, d);
+          grad_k_.add(d_raw * p_.q.load(b, i, h, d), b, j, hk, d);
+        }
+        return;
+      case Score::bilinear:  // raw = qᵀ W k = Σ_dc q_d W_dc k_c
+        for (std::int64_t d = 0; d < p_.q_dim; ++d) {
+          double w_k = 0.0;
+          for (std::int64_t c = 0; c < p_.k_dim; ++c) {
+            w_k += p_.w.load(h, d, c) * p_.k.load(b, j, hk, c);
+            grad_w_.add(d_raw * p_.q.load(b, i, h, d) * p_.k.load(b, j, hk, c), h, d, c);
+          }
+          grad_q_.add(d_raw * w_k, b, i, h, d);
+        }
+        for (std::int64_t c = 0; c < p_.k_dim; ++c)
+          grad_k_.add(d_raw * projected_q_[static_cast<std::size_t>(c)], b, j, hk, c);
+        return;
+      case Score::additive:  // raw = Σ_a va_a tanh(Wq q + Wk k)_a
+        for (std::int64_t a = 0; a < A; ++a) {
+          const double t = std::tanh(projected_q_[static_cast<std::size_t>(a)] +
+                                     projected_k_[static_cast<std::size_t>(j * A + a)]);
+          grad_va_.add(d_raw * t, h, a);
+          const double d_pre = d_raw * p_.va.load(h, a) * (1.0 - t * t);
+          for (std::int64_t d = 0; d < p_.q_dim; ++d) {
+            grad_wq_.add(d_pre * p_.q.load(b, i, h, d), h, a, d);
+            grad_q_.add(d_pre * p_.wq.load(h, a, d), b, i, h, d);
+          }
+          for (std::int64_t d = 0; d < p_.k_dim; ++d) {
+            grad_wk_.add(d_pre * p_.k.load(b, j, hk, d), h, a, d);
+            grad_k_.add(d_pre * p_.wk.load(h, a, d), b, j, hk, d);
+          }
+        }
+        return;
+      case Score::cosine: {
+        // raw = τ c, c = q·k / (|q||k|):  dτ += draw·c,  dq = draw·τ (k/(|q||k|) − c q/|q|²),
+        // dk = draw·τ (q/(|q||k|) − c k/|k|²); nothing through a zero vector.
+        const double q_norm = norm_of(p_.q, b, i, h, p_.q_dim);
+        const double k_norm = norm_of(p_.k, b, j, hk, p_.k_dim);
+        if (q_norm == 0 || k_norm == 0) return;
+        double dot = 0.0;
+        for (std::int64_t d = 0; d < p_.q_dim; ++d)
+          dot += p_.q.load(b, i, h, d) * p_.k.load(b, j, hk, d);
+        const double tau = Temperature(h), cosine = dot / (q_norm * k_norm);
+        grad_temperature_.add(d_raw * cosine, h);
+        for (std::int64_t d = 0; d < p_.q_dim; ++d) {
+          const double q_d = p_.q.load(b, i, h, d), k_d = p_.k.load(b, j, hk, d);
+          grad_q_.add(d_raw * tau * (k_d / (q_norm * k_norm) - cosine * q_d / (q_norm * q_norm)), b,
+                      i, h, d);
+          grad_k_.add(d_raw * tau * (q_d / (q_norm * k_norm) - cosine * k_d / (k_norm * k_norm)), b,
+                      j, hk, d);
+        }
+        return;
+      }
+    }
+  }
+
+  // The requested gradients, rounded to their views' dtypes.
+  void Write() const {
+    const std::pair<const std::optional<MutableTensorView>*, const Gradient*> outputs[] = {
+        {&gradients_.dq, &grad_q_},
+        {&gradients_.dk, &grad_k_},
+        {&gradients_.dv, &grad_v_},
+        {&gradients_.dw, &grad_w_},
+        {&gradients_.dwq, &grad_wq_},
+        {&gradients_.dwk, &grad_wk_},
+        {&gradients_.dva, &grad_va_},
+        {&gradients_.dbias, &grad_bias_},
+        {&gradients_.dtemperature, &grad_temperature_}};
+    for (const auto& [target, gradient] : outputs) {
+      if (*target) detail::store_dense(gradient->values.data(), **target);
+    }
+    score_mod_gradients_.store();
+  }
+
+  const Tensor q64_, k64_, v64_, dout64_, dlse64_;
+  // A block of a larger problem (see attention_backward): the whole problem's O and LSE.
+  const Tensor saved_out_, saved_lse_;
+  const bool saved_, has_dlse_;
+  std::vector<Tensor> keep_;  // the dense copies of the options' tensors
+  const AttentionOptions dense_;
+  Tensor out64_;
+  const AttentionProblem p_;
+  const AttentionGradients& gradients_;
+  const detail::DropoutMask dropout_;
+  StridedInput d_out_;
+  Gradient grad_q_, grad_k_, grad_v_, grad_w_, grad_wq_, grad_wk_, grad_va_, grad_bias_,
+      grad_temperature_;
+  detail::ScoreModGradients score_mod_gradients_;
+  // One row's intermediates, and the score's projections.
+  std::vector<double> raw_, scaled_, unmodified_, scores_, weights_, d_weights_;
+  std::vector<char> visible_;
+  std::vector<double> projected_q_, projected_k_;
+};
+
+}  // namespace
+
 void detail::backward_reference(const TensorView& q, const TensorView& k, const TensorView& v,
                                 const AttentionOptions& options, const TensorView& dout,
                                 const std::optional<TensorView>& dlse,
                                 const AttentionGradients& gradients,
                                 const std::optional<SavedForward>& saved) {
-  // 1. Validate.
   detail::check_backward_arguments(q, k, v, options, dout, dlse, gradients);
-  const std::array<std::int64_t, 4> out_shape{q.shape[0], q.shape[1], q.shape[2], v.shape[3]};
-
-  // 2. Dense float64 copies, and the problem built on them.
-  const Tensor q64 = detail::dense_copy(q), k64 = detail::dense_copy(k),
-               v64 = detail::dense_copy(v);
-  const Tensor dout64 = detail::dense_copy(dout);
-  const Tensor dlse64 = dlse ? detail::dense_copy(*dlse) : Tensor();
-  // A block of a larger problem (see attention_backward): the whole problem's O and LSE.
-  const Tensor saved_out = saved ? detail::dense_copy(saved->out) : Tensor();
-  const Tensor saved_lse = saved ? detail::dense_copy(saved->lse) : Tensor();
-  AttentionOptions dense = options;
-  std::vector<Tensor> keep;
-  for (std::optional<TensorView>* slot :
-       {&dense.w, &dense.wq, &dense.wk, &dense.va, &dense.temperature, &dense.alibi_slopes,
-        &dense.bias, &dense.key_lengths, &dense.mask}) {
-    if (*slot) {
-      keep.push_back(detail::dense_copy(**slot));
-      *slot = keep.back().view();
-    }
-  }
-  Tensor out64(DType::float64, {out_shape[0], out_shape[1], out_shape[2], out_shape[3]});
-  const AttentionProblem p = detail::make_problem(q64.view(), k64.view(), v64.view(), dense,
-                                                  {out64.mutable_view(), {}, {}});
-  const StridedInput d_out = [&] {
-    StridedInput input;
-    input.data = static_cast<const std::byte*>(dout64.raw());
-    input.dtype = DType::float64;
-    input.present = true;
-    const TensorView view = dout64.view();
-    for (int d = 0; d < 4; ++d) input.strides[d] = view.strides[d];
-    return input;
-  }();
-  const auto d_lse = [&](std::int64_t b, std::int64_t h, std::int64_t i) {
-    return dlse ? dlse64.data<double>()[(b * p.q_heads + h) * p.q_len + i] : 0.0;
-  };
-  const auto size_of = [](const std::optional<TensorView>& view) {
-    return view ? view->numel() : std::int64_t{0};
-  };
-  Gradient grad_q(p.q, q64.numel(), gradients.dq.has_value());
-  Gradient grad_k(p.k, k64.numel(), gradients.dk.has_value());
-  Gradient grad_v(p.v, v64.numel(), gradients.dv.has_value());
-  Gradient grad_w(p.w, size_of(dense.w), gradients.dw.has_value());
-  Gradient grad_wq(p.wq, size_of(dense.wq), gradients.dwq.has_value());
-  Gradient grad_wk(p.wk, size_of(dense.wk), gradients.dwk.has_value());
-  Gradient grad_va(p.va, size_of(dense.va), gradients.dva.has_value());
-  Gradient grad_bias(p.bias, size_of(dense.bias), gradients.dbias.has_value());
-  Gradient grad_temperature(p.temperature, size_of(dense.temperature),
-                            gradients.dtemperature.has_value());
-  const auto temperature = [&p](std::int64_t h) {
-    return p.temperature.present ? p.temperature.load(h) : 1.0;
-  };
-
-  // 3. Per row: recompute, then differentiate.
-  const detail::DropoutMask dropout(p);
-  const std::int64_t A = p.additive_dim;
-  std::vector<double> raw(static_cast<std::size_t>(p.k_len)), scaled(raw.size()),
-      unmodified(raw.size()), scores(raw.size()), weights(raw.size()), d_weights(raw.size());
-  detail::ScoreModGradients score_mod_gradients(p.score_mod, gradients.dscore_mod);
-  std::vector<char> visible(raw.size());
-  std::vector<double> projected_q,
-      projected_k;  // bilinear: Wᵀq [Dk]; additive: Wq q [A], Wk k [Nk, A]
-  for (std::int64_t b = 0; b < p.batch; ++b) {
-    for (std::int64_t h = 0; h < p.q_heads; ++h) {
-      const std::int64_t hk = p.kv_head(h);
-      if (p.score == Score::additive) {
-        projected_k.assign(static_cast<std::size_t>(p.k_len * A), 0.0);
-        for (std::int64_t j = 0; j < p.k_len; ++j)
-          for (std::int64_t a = 0; a < A; ++a)
-            for (std::int64_t d = 0; d < p.k_dim; ++d)
-              projected_k[static_cast<std::size_t>(j * A + a)] +=
-                  p.wk.load(h, a, d) * p.k.load(b, j, hk, d);
-      }
-      for (std::int64_t i = 0; i < p.q_len; ++i) {
-        if (p.score == Score::bilinear) {
-          projected_q.assign(static_cast<std::size_t>(p.k_dim), 0.0);
-          for (std::int64_t c = 0; c < p.k_dim; ++c)
-            for (std::int64_t d = 0; d < p.q_dim; ++d)
-              projected_q[static_cast<std::size_t>(c)] += p.q.load(b, i, h, d) * p.w.load(h, d, c);
-        } else if (p.score == Score::additive) {
-          projected_q.assign(static_cast<std::size_t>(A), 0.0);
-          for (std::int64_t a = 0; a < A; ++a)
-            for (std::int64_t d = 0; d < p.q_dim; ++d)
-              projected_q[static_cast<std::size_t>(a)] += p.wq.load(h, a, d) * p.q.load(b, i, h, d);
-        }
-        // Forward, keeping every intermediate.
-        double row_max = -std::numeric_limits<double>::infinity();
-        for (std::int64_t j = 0; j < p.k_len; ++j) {
-          const auto J = static_cast<std::size_t>(j);
-          double r = 0.0;
-          if (p.score == Score::additive) {
-            for (std::int64_t a = 0; a < A; ++a) {
-              r += p.va.load(h, a) * std::tanh(projected_q[static_cast<std::size_t>(a)] +
-                                               projected_k[static_cast<std::size_t>(j * A + a)]);
-            }
-          } else {
-            for (std::int64_t d = 0; d < p.k_dim; ++d) {
-              const double left = p.score == Score::bilinear
-                                      ? projected_q[static_cast<std::size_t>(d)]
-                                      : p.q.load(b, i, h, d);
-              r += left * p.k.load(b, j, hk, d);
-            }
-          }
-          if (p.score == Score::cosine) {  // r = τ[h]·(q·k)/(|q||k|), 0 for a zero vector
-            const double norms = norm_of(p.q, b, i, h, p.q_dim) * norm_of(p.k, b, j, hk, p.k_dim);
-            r = norms > 0 ? temperature(h) * r / norms : 0.0;
-          }
-          raw[J] = r;
-          scaled[J] = p.scale * r;
-          double s = p.softcap > 0 ? p.softcap * std::tanh(scaled[J] / p.softcap) : scaled[J];
-          if (p.alibi_slopes.present) {
-            s -= p.alibi_slopes.load(b, h) * static_cast<double>(std::llabs(i + p.diagonal() - j));
-          }
-          if (p.bias.present) s += p.bias.load(b, h, i, j);
-          unmodified[J] = s;
-          if (p.score_mod != nullptr) p.score_mod->forward(p.score_mod_row(b, h, i, j, 1), &s);
-          scores[J] = s;
-          const bool seen = key_visible(p, b, h, i, j);
-          visible[J] = seen ? 1 : 0;
-          if (seen && s > row_max) row_max = s;
-        }
-        if (row_max == -std::numeric_limits<double>::infinity()) continue;  // no key: no gradient
-        double denominator = 0.0;
-        for (std::int64_t j = 0; j < p.k_len; ++j) {
-          if (visible[static_cast<std::size_t>(j)])
-            denominator += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
-        }
-        const double lse = saved ? saved_lse.data<double>()[(b * p.q_heads + h) * p.q_len + i]
-                                 : row_max + std::log(denominator);
-        if (lse == -std::numeric_limits<double>::infinity()) continue;
-        for (std::int64_t j = 0; j < p.k_len; ++j) {
-          const auto J = static_cast<std::size_t>(j);
-          weights[J] = visible[J] ? std::exp(scores[J] - lse) : 0.0;
-        }
-
-        // O_i = Σ_j P_ij M_ij V_j, with M_ij the dropout factor (1 without dropout)
-        //   →  dV_j += P_ij M_ij dO_i,  dP_ij = M_ij (dO_i · V_j).
-        double delta = 0.0;  // Δ_i = Σ_j P_ij dP_ij
-        for (std::int64_t j = 0; j < p.k_len; ++j) {
-          const auto J = static_cast<std::size_t>(j);
-          d_weights[J] = 0.0;
-          if (weights[J] == 0.0) continue;
-          const double factor = dropout.active() ? dropout.factor(b, h, i, j) : 1.0;
-          for (std::int64_t d = 0; d < p.v_dim; ++d) {
-            const double d_out_value = d_out.load(b, i, h, d);
-            grad_v.add(weights[J] * factor * d_out_value, b, j, hk, d);
-            d_weights[J] += factor * d_out_value * p.v.load(b, j, hk, d);
-          }
-          delta += weights[J] * d_weights[J];
-        }
-        if (saved) {  // Δ_i = dO_i · O_i over the whole problem, not this block
-          delta = 0.0;
-          for (std::int64_t d = 0; d < p.v_dim; ++d) {
-            delta += d_out.load(b, i, h, d) *
-                     saved_out.data<double>()[((b * p.q_len + i) * p.q_heads + h) * p.v_dim + d];
-          }
-        }
-        const double d_lse_value = d_lse(b, h, i);
-        for (std::int64_t j = 0; j < p.k_len; ++j) {
-          const auto J = static_cast<std::size_t>(j);
-          if (weights[J] == 0.0) continue;
-          // P_ij = exp(s_ij − LSE_i), LSE_i = log Σ exp(s_ij)  →  dS_ij = P_ij (dP_ij − Δ_i +
-          // dLSE_i).
-          double d_score = weights[J] * (d_weights[J] - delta + d_lse_value);
-          // s = score_mod(u)  →  du = dS ∂score_mod/∂u (dual numbers), and its parameters'.
-          if (p.score_mod != nullptr) {
-            p.score_mod->backward(p.score_mod_row(b, h, i, j, 1), &unmodified[J], &d_score,
-                                  score_mod_gradients.arrays());
-          }
-          // s += bias  →  dbias += dS.
-          grad_bias.add(d_score, b, h, i, j);
-          // s = c·tanh(u / c)  →  du = dS (1 − tanh²(u / c));  u = scale·raw  →  draw = scale·du.
-          double d_scaled = d_score;
-          if (p.softcap > 0) {
-            const double t = std::tanh(scaled[J] / p.softcap);
-            d_scaled *= 1.0 - t * t;
-          }
-          const double d_raw = p.scale * d_scaled;
-          if (p.score == Score::cosine) {
-            // raw = τ c, c = q·k / (|q||k|):  dτ += draw·c,  dq = draw·τ (k/(|q||k|) − c q/|q|²),
-            // dk = draw·τ (q/(|q||k|) − c k/|k|²); nothing through a zero vector.
-            const double q_norm = norm_of(p.q, b, i, h, p.q_dim);
-            const double k_norm = norm_of(p.k, b, j, hk, p.k_dim);
-            if (q_norm > 0 && k_norm > 0) {
-              double dot = 0.0;
-              for (std::int64_t d = 0; d < p.q_dim; ++d)
-                dot += p.q.load(b, i, h, d) * p.k.load(b, j, hk, d);
-              const double tau = temperature(h), cosine = dot / (q_norm * k_norm);
-              grad_temperature.add(d_raw * cosine, h);
-              for (std::int64_t d = 0; d < p.q_dim; ++d) {
-                const double q_d = p.q.load(b, i, h, d), k_d = p.k.load(b, j, hk, d);
-                grad_q.add(
-                    d_raw * tau * (k_d / (q_norm * k_norm) - cosine * q_d / (q_norm * q_norm)), b,
-                    i, h, d);
-                grad_k.add(
-                    d_raw * tau * (q_d / (q_norm * k_norm) - cosine * k_d / (k_norm * k_norm)), b,
-                    j, hk, d);
-              }
-            }
-          } else if (p.score == Score::dot || p.score == Score::scaled_dot) {
-            // raw = q·k
-            for (std::int64_t d = 0; d < p.q_dim; ++d) {
-              grad_q.add(d_raw * p.k.load(b, j, hk, d), b, i, h, d);
-              grad_k.add(d_raw * p.q.load(b, i, h, d), b, j, hk, d);
-            }
-          } else if (p.score == Score::bilinear) {
-            // raw = qᵀ W k = Σ_dc q_d W_dc k_c
-            for (std::int64_t d = 0; d < p.q_dim; ++d) {
-              double w_k = 0.0;
-              for (std::int64_t c = 0; c < p.k_dim; ++c) {
-                w_k += p.w.load(h, d, c) * p.k.load(b, j, hk, c);
-                grad_w.add(d_raw * p.q.load(b, i, h, d) * p.k.load(b, j, hk, c), h, d, c);
-              }
-              grad_q.add(d_raw * w_k, b, i, h, d);
-            }
-            for (std::int64_t c = 0; c < p.k_dim; ++c) {
-              grad_k.add(d_raw * projected_q[static_cast<std::size_t>(c)], b, j, hk, c);
-            }
-          } else {
-            // raw = Σ_a va_a tanh(Wq q + Wk k)_a
-            for (std::int64_t a = 0; a < A; ++a) {
-              const double t = std::tanh(projected_q[static_cast<std::size_t>(a)] +
-                                         projected_k[static_cast<std::size_t>(j * A + a)]);
-              grad_va.add(d_raw * t, h, a);
-              const double d_pre = d_raw * p.va.load(h, a) * (1.0 - t * t);
-              for (std::int64_t d = 0; d < p.q_dim; ++d) {
-                grad_wq.add(d_pre * p.q.load(b, i, h, d), h, a, d);
-                grad_q.add(d_pre * p.wq.load(h, a, d), b, i, h, d);
-              }
-              for (std::int64_t d = 0; d < p.k_dim; ++d) {
-                grad_wk.add(d_pre * p.k.load(b, j, hk, d), h, a, d);
-                grad_k.add(d_pre * p.wk.load(h, a, d), b, j, hk, d);
-              }
-            }
-          }
-        }
-      }
-    }
-  }
-
-  // 4. Write the requested gradients.
-  const std::pair<const std::optional<MutableTensorView>*, const Gradient*> outputs[] = {
-      {&gradients.dq, &grad_q},
-      {&gradients.dk, &grad_k},
-      {&gradients.dv, &grad_v},
-      {&gradients.dw, &grad_w},
-      {&gradients.dwq, &grad_wq},
-      {&gradients.dwk, &grad_wk},
-      {&gradients.dva, &grad_va},
-      {&gradients.dbias, &grad_bias},
-      {&gradients.dtemperature, &grad_temperature}};
-  for (const auto& [target, gradient] : outputs) {
-    if (*target) detail::store_dense(gradient->values.data(), **target);
-  }
-  score_mod_gradients.store();
+  LiteralBackward(q, k, v, options, dout, dlse, gradients, saved).Run();
 }
 
 }  // namespace qkv
