@@ -13,13 +13,13 @@ namespace qkv {
 // heads of a group; a parameter shared by all heads (W, Wq, Wk, va without a leading Hq) gets the
 // sum over heads; dbias has the bias's own shape and sums over its broadcast dimensions.
 struct AttentionGradients {
-  std::optional<MutableTensorView> dq;     // [B, Nq, Hq, Dq]
-  std::optional<MutableTensorView> dk;     // [B, Nk, Hk, Dk]
-  std::optional<MutableTensorView> dv;     // [B, Nk, Hk, Dv]
-  std::optional<MutableTensorView> dw;     // bilinear: the shape of options.w
-  std::optional<MutableTensorView> dwq;    // additive: the shape of options.wq
-  std::optional<MutableTensorView> dwk;    // additive: the shape of options.wk
-  std::optional<MutableTensorView> dva;    // additive: the shape of options.va
+  std::optional<MutableTensorView> dq;            // [B, Nq, Hq, Dq]
+  std::optional<MutableTensorView> dk;            // [B, Nk, Hk, Dk]
+  std::optional<MutableTensorView> dv;            // [B, Nk, Hk, Dv]
+  std::optional<MutableTensorView> dw;            // bilinear: the shape of options.w
+  std::optional<MutableTensorView> dwq;           // additive: the shape of options.wq
+  std::optional<MutableTensorView> dwk;           // additive: the shape of options.wk
+  std::optional<MutableTensorView> dva;           // additive: the shape of options.va
   std::optional<MutableTensorView> dtemperature;  // cosine: the shape of options.temperature
   std::optional<MutableTensorView> dbias;         // the shape of options.bias
   // The parameters of options.score_mod, in its list's order (fewer: the rest not computed);

@@ -113,6 +113,15 @@ struct ScoreModTape {
 };
 inline thread_local ScoreModTape* score_mod_tape = nullptr;
 
+// Points the thread's tape at `tape` for its lifetime (also when the score_mod throws).
+class TapeInUse {
+ public:
+  explicit TapeInUse(ScoreModTape& tape) { score_mod_tape = &tape; }
+  TapeInUse(const TapeInUse&) = delete;
+  TapeInUse& operator=(const TapeInUse&) = delete;
+  ~TapeInUse() { score_mod_tape = nullptr; }
+};
+
 }  // namespace detail
 
 inline Dual ScoreParameter::operator()(std::int64_t i0, std::int64_t i1, std::int64_t i2,
@@ -203,7 +212,7 @@ class ScoreMod {
                           double* const* gradients) {
     const F& f = *static_cast<const F*>(fn);
     detail::ScoreModTape tape;
-    detail::score_mod_tape = &tape;
+    const detail::TapeInUse in_use(tape);
     for (std::int64_t t = 0; t < row.count; ++t) {
       const double score = static_cast<double>(scores[t]), upstream = d_scores[t];
       const std::int64_t kv_idx = row.kv_begin + t;
@@ -225,7 +234,6 @@ class ScoreMod {
           gradients[tape.seeded_parameter][tape.seeded_element] += upstream * by_read.tangent;
       }
     }
-    detail::score_mod_tape = nullptr;
   }
 
   using Forward32 = void (*)(const void*, const Row&, float*);

@@ -7,8 +7,6 @@
 // dimensions sum by themselves. Then, per (batch, head, query row), the forward is recomputed
 // literally and differentiated step by step, each step quoting the forward line it undoes.
 
-#include <fmt/format.h>
-
 #include <cmath>
 #include <cstdlib>
 #include <limits>
