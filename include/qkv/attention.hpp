@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <string_view>
+#include <vector>
 
 #include "qkv/block_mask.hpp"
 #include "qkv/score_mod.hpp"
@@ -31,6 +32,8 @@ enum class CausalAlign {
 // name).
 const char* score_name(Score score);
 Score parse_score(std::string_view name);
+// Every score's name, in the order of Score (for help texts and listings).
+std::vector<std::string_view> score_names();
 const char* causal_align_name(CausalAlign align);
 CausalAlign parse_causal_align(std::string_view name);
 

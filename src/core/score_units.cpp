@@ -24,7 +24,7 @@ const std::array<const ScoreUnit*, 5> kUnits{&kDotUnit, &kScaledDotUnit, &kBilin
 
 const ScoreUnit& score_unit(Score score) {
   const auto index = static_cast<std::size_t>(score);
-  if (index >= kUnits.size()) {
+  if (index >= kUnits.size() || kUnits[index]->score != score) {
     throw Error(fmt::format("score: expected one of qkv::Score, got the value {}", index));
   }
   return *kUnits[index];
@@ -64,6 +64,12 @@ void reject_other_parameters(const ScoreUnit& unit, const AttentionOptions& opti
 const char* score_name(Score score) {
   const auto index = static_cast<std::size_t>(score);
   return index < detail::score_units().size() ? detail::score_units()[index].name : "unknown";
+}
+
+std::vector<std::string_view> score_names() {
+  std::vector<std::string_view> names;
+  for (const detail::ScoreUnit& unit : detail::score_units()) names.emplace_back(unit.name);
+  return names;
 }
 
 Score parse_score(std::string_view name) {

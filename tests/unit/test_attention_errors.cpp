@@ -208,6 +208,14 @@ TEST(AttentionErrors, SizesThatOverflowOrPointNowhere) {
 }
 
 TEST(AttentionErrors, ParsedNames) {
+  // Every score's unit answers to its own enum value and name (the table is in enum order).
+  for (Score score :
+       {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive, Score::cosine}) {
+    EXPECT_EQ(parse_score(score_name(score)), score);
+  }
+  EXPECT_STREQ(score_name(Score::cosine), "cosine");
+  EXPECT_EQ(score_names(),
+            (std::vector<std::string_view>{"dot", "scaled_dot", "bilinear", "additive", "cosine"}));
   EXPECT_EQ(parse_score("bilinear"), Score::bilinear);
   EXPECT_EQ(parse_causal_align("top-left"), CausalAlign::top_left);
   EXPECT_EQ(parse_score("cosine"), Score::cosine);

@@ -7,6 +7,7 @@
 // ([Nq] / [H, Nq] / [B, H, Nq] and [Nq, Nk] / [H, Nq, Nk] / [B, H, Nq, Nk]).
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <charconv>
 #include <memory>
@@ -342,7 +343,7 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--weights", flags->weights, "softmax weights [.., Nq, Nk]");
   command->add_option("--weights-png", flags->weights_png,
                       "heatmap of the weights (batch 0, a panel per head): FILE.png or FILE.svg");
-  command->add_option("--score", flags->score, "dot | scaled_dot | bilinear | additive | cosine")
+  command->add_option("--score", flags->score, fmt::format("{}", fmt::join(score_names(), " | ")))
       ->default_str("scaled_dot");
   command->add_option("--scale", flags->scale, "score multiplier (default: per score)");
   command->add_option("--w", flags->w, "bilinear W [Dq, Dk] or [Hq, Dq, Dk]");
