@@ -14,7 +14,7 @@
 //      the rows' visible key ranges (position masks, and the block mask's first and last visible
 //      key: core/visibility.hpp); keys outside it are never touched.
 //   2. For each key tile in that range, for each block of 4 rows whose ranges meet the tile
-//      (and only the 64-key parts of it that some row of the block can see):
+//      (and only the vectors of it that some row of the block can see):
 //        a. S = Q·Kᵀ: register tiles of 4 rows × kTileVectors (4 vectors: 16 accumulators, 4 loads
 //           of k_tile and 1 broadcast of q live per step, 21 of 32 zmm registers on AVX-512);
 //        b. -inf outside each row's range, then, in a scalar pass over the range, only the options
@@ -97,7 +97,7 @@ class FusedKernel {
         tiles_((p_.k_len + key_tile_ - 1) / key_tile_),
         bf16_(operands.bf16_products),
         pair_dim_((o_.score_dim + 1) / 2),
-        sub_tile_(bf16_ ? 64 : kTileVectors * lanes_),
+        sub_tile_(bf16_ ? 64 : lanes_),
         key_tile_words_(bf16_ ? pair_dim_ * key_tile_ : o_.score_dim * key_tile_),
         value_tile_words_(bf16_ ? key_tile_ / 2 * v_stride_ : key_tile_ * v_stride_) {}
 
@@ -206,7 +206,7 @@ class FusedKernel {
         bool any_visible = false;
         for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, kh, i0, r0 + r, start, count, s);
         if (!any_visible) continue;
-        for (int r = 0; r < block; ++r) SoftmaxRow(r0 + r, s);
+        for (int r = 0; r < block; ++r) SoftmaxRow(r0 + r, span, s);
         if (dropout_.active()) {
           for (int r = 0; r < block; ++r) DropoutRow(b, kh, i0, r0 + r, start, span, s);
         }
@@ -244,9 +244,9 @@ class FusedKernel {
   }
 
   // The keys [begin, end) of a tile, relative to its start, that any row of a block can see,
-  // widened to whole score register tiles (sub_tile_ keys): only these are scored and summed. On
-  // the diagonal of a causal mask, the edges of a window, or beside a block mask's empty blocks,
-  // this skips the parts of the tile that no row of the block sees.
+  // widened to whole vectors (sub_tile_ keys; 64 for the bf16 tiles): only these are scored,
+  // exponentiated and summed. On the diagonal of a causal mask, the edges of a window, or beside a
+  // block mask's empty blocks, this skips the parts of the tile that no row of the block sees.
   struct KeySpan {
     std::int64_t begin = 0, end = 0;
   };
@@ -393,32 +393,42 @@ class FusedKernel {
       }
       return;
     }
-    for (std::int64_t c0 = span.begin / lanes_; c0 < span.end / lanes_; c0 += kTileVectors) {
+    // Whole register tiles, then the last vectors of the span one at a time.
+    const std::int64_t end = span.end / lanes_;
+    std::int64_t c0 = span.begin / lanes_;
+    for (; c0 + kTileVectors <= end; c0 += kTileVectors) {
       if (o_.additive) {
-        ScoreTile<kRows, true>(s, k, kh, r0, c0);
+        ScoreTile<kRows, true, kTileVectors>(s, k, kh, r0, c0);
       } else {
-        ScoreTile<kRows, false>(s, k, kh, r0, c0);
+        ScoreTile<kRows, false, kTileVectors>(s, k, kh, r0, c0);
+      }
+    }
+    for (; c0 < end; ++c0) {
+      if (o_.additive) {
+        ScoreTile<kRows, true, 1>(s, k, kh, r0, c0);
+      } else {
+        ScoreTile<kRows, false, 1>(s, k, kh, r0, c0);
       }
     }
   }
 
-  // The register tile: rows r0 … r0 + kRows against keys c0·lanes … (c0 + kTileVectors)·lanes,
+  // The register tile: rows r0 … r0 + kRows against keys c0·lanes … (c0 + kVectors)·lanes,
   // one step per element e of the compared vectors:
   //   dot:       S[r, t] += q[r, e] · k[t, e]
   //   additive:  S[r, t] += v[h_r, e] · tanh(qa[r, e] + ka[t, e])   (e runs over A)
-  // The additive step costs kRows·kTileVectors vector tanh: there is no way around the Nq·Nk·A
+  // The additive step costs kRows·kVectors vector tanh: there is no way around the Nq·Nk·A
   // tanh of that score, only to make each one cheap.
-  template <int kRows, bool kAdditive>
+  template <int kRows, bool kAdditive, int kVectors>
   void ScoreTile(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0,
                  std::int64_t c0) const {
     const FloatTag d;
     using V = hn::Vec<FloatTag>;
-    V acc[kRows][kTileVectors];
+    V acc[kRows][kVectors];
     const float* v_of_row[kRows];  // additive: the v of each row's head
     for (int r = 0; r < kRows; ++r) {
       if constexpr (kAdditive)
         v_of_row[r] = o_.additive_v.data() + HeadOf(kh, r0 + r) * o_.score_dim;
-      for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::Zero(d);
+      for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::Zero(d);
     }
     const std::int64_t dim = o_.score_dim;
     const float* q = s.q_tile + r0 * dim;
@@ -430,28 +440,27 @@ class FusedKernel {
       const std::int64_t e1 = std::min(dim, e0 + depth_block);
       if (e0 > 0) {
         for (int r = 0; r < kRows; ++r)
-          for (int c = 0; c < kTileVectors; ++c) acc[r][c] = hn::Zero(d);
+          for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::Zero(d);
       }
       for (std::int64_t e = e0; e < e1; ++e) {
         const float* k_row = k + e * key_tile_ + c0 * lanes_;
-        V keys[kTileVectors];
-        for (int c = 0; c < kTileVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
+        V keys[kVectors];
+        for (int c = 0; c < kVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
         for (int r = 0; r < kRows; ++r) {
           const V query = hn::Set(d, q[r * dim + e]);
           if constexpr (kAdditive) {
             const V weight = hn::Set(d, v_of_row[r][e]);
-            for (int c = 0; c < kTileVectors; ++c) {
+            for (int c = 0; c < kVectors; ++c) {
               acc[r][c] = hn::MulAdd(weight, hn::Tanh(d, hn::Add(query, keys[c])), acc[r][c]);
             }
           } else {
-            for (int c = 0; c < kTileVectors; ++c)
-              acc[r][c] = hn::MulAdd(query, keys[c], acc[r][c]);
+            for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::MulAdd(query, keys[c], acc[r][c]);
           }
         }
       }
       for (int r = 0; r < kRows; ++r) {
         float* out = s.scores + (r0 + r) * key_tile_ + c0 * lanes_;
-        for (int c = 0; c < kTileVectors; ++c) {
+        for (int c = 0; c < kVectors; ++c) {
           float* lane_out = out + c * lanes_;
           hn::Store(e0 > 0 ? hn::Add(hn::Load(d, lane_out), acc[r][c]) : acc[r][c], d, lane_out);
         }
@@ -479,12 +488,13 @@ class FusedKernel {
     return true;
   }
 
-  // 2c. Online softmax of one row of the tile: P in place of S.
-  void SoftmaxRow(std::int64_t r, Scratch& s) const {
+  // 2c. Online softmax of one row of the tile, over the keys of `span` (whole vectors; the rest
+  // of the tile is never read): P in place of S.
+  void SoftmaxRow(std::int64_t r, KeySpan span, Scratch& s) const {
     const FloatTag d;
     float* scores = s.scores + r * key_tile_;
     auto maximum = hn::Set(d, -std::numeric_limits<float>::infinity());
-    for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
+    for (std::int64_t t = span.begin; t < span.end; t += lanes_) {
       maximum = hn::Max(maximum, hn::Load(d, scores + t));
     }
     const float tile_max = hn::GetLane(hn::MaxOfLanes(d, maximum));
@@ -501,7 +511,7 @@ class FusedKernel {
     // The row's sum is kept lane by lane and reduced once, at the end of the item.
     float* lane_sums = s.row_sum + r * lanes_;
     auto sum = hn::Mul(hn::Load(d, lane_sums), hn::Set(d, correction));
-    for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
+    for (std::int64_t t = span.begin; t < span.end; t += lanes_) {
       const auto p = hn::Exp(d, hn::Sub(hn::Load(d, scores + t), shift));
       hn::Store(p, d, scores + t);
       sum = hn::Add(sum, p);
@@ -658,7 +668,7 @@ class FusedKernel {
   const std::int64_t tiles_;             // key tiles per (batch, key head)
   const bool bf16_;                      // products on vdpbf16ps (see FusedOperands::bf16_products)
   const std::int64_t pair_dim_;          // ⌈D/2⌉: bfloat16 pairs along D
-  const std::int64_t sub_tile_;          // keys of one score register tile
+  const std::int64_t sub_tile_;          // a span's granularity: a vector (64 keys for bf16)
   const std::int64_t key_tile_words_;    // floats (or pairs) of one packed key tile
   const std::int64_t value_tile_words_;  // floats (or pairs) of one packed value tile
   float* packed_keys_ = nullptr;         // [B·key_heads, tiles, D, T]
