@@ -79,7 +79,8 @@ struct AttentionOptions {
   // Boolean, broadcastable to [B, Hq, Nq, Nk]: true = may attend (PyTorch SDPA meaning).
   std::optional<TensorView> mask;
   // A block mask (FlexAttention's): pair (b, h, i, j) visible only where it says so. Its shape is
-  // [1 or B, 1 or Hq, Nq, Nk] in the whole problem's positions (query_total, key_total below).
+  // [1 or B, 1 or Hq, Nq, Nk] in the whole problem's heads and positions (query_head_total,
+  // query_total, key_total below).
   // Not owned: it must outlive the call. Empty blocks cost nothing.
   const BlockMask* block_mask = nullptr;
 

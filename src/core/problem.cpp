@@ -401,12 +401,13 @@ void check_positions(const AttentionOptions& options, AttentionProblem& p) {
   if (options.block_mask != nullptr) {
     const BlockMaskShape& shape = options.block_mask->shape();
     const bool batch_fits = shape.batch == 1 || shape.batch == p.batch;
-    const bool heads_fit = shape.heads == 1 || shape.heads == p.q_heads;
+    // Heads of the whole problem: a head-parallel call reads its heads at query_head_offset.
+    const bool heads_fit = shape.heads == 1 || shape.heads == p.head_total;
     if (!batch_fits || !heads_fit || shape.q_len != q_total || shape.kv_len != k_total) {
       throw Error(fmt::format(
           "block_mask: expected [1 or B, 1 or Hq, Nq, Nk] = [1 or {}, 1 or {}, {}, {}], got "
           "[{}, {}, {}, {}]",
-          p.batch, p.q_heads, q_total, k_total, shape.batch, shape.heads, shape.q_len,
+          p.batch, p.head_total, q_total, k_total, shape.batch, shape.heads, shape.q_len,
           shape.kv_len));
     }
     p.block_mask = options.block_mask;

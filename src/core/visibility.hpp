@@ -54,6 +54,7 @@ inline KeyInterval narrow_to_block_mask(const AttentionProblem& p, std::int64_t 
                                         std::int64_t i, KeyInterval keys) {
   if (p.block_mask == nullptr || keys.empty()) return keys;
   const BlockMask& mask = *p.block_mask;
+  h += p.head_offset;  // the block mask's heads are the whole problem's
   const std::int64_t kv_block = mask.shape().kv_block;
   const std::int64_t q_idx = i + p.query_offset, offset = p.key_offset;
   // In global key positions [g_first, g_last).
@@ -81,8 +82,9 @@ inline KeyInterval visible_keys(const AttentionProblem& p, std::int64_t b, std::
   KeyInterval keys = p.positions.row(i, p.key_length(b));
   if (p.block_mask != nullptr) {
     const std::int64_t qb = (i + p.query_offset) / p.block_mask->shape().q_block;
-    keys = keys.intersect({p.block_mask->first_key(b, h, qb) - p.key_offset,
-                           p.block_mask->last_key(b, h, qb) - p.key_offset});
+    const std::int64_t mask_head = h + p.head_offset;
+    keys = keys.intersect({p.block_mask->first_key(b, mask_head, qb) - p.key_offset,
+                           p.block_mask->last_key(b, mask_head, qb) - p.key_offset});
   }
   return narrow_to_block_mask(p, b, h, i, keys);
 }
@@ -102,6 +104,7 @@ inline bool block_mask_hides(const AttentionProblem& p, std::int64_t b, std::int
                              std::int64_t i0, std::int64_t i1, std::int64_t j0, std::int64_t j1) {
   if (p.block_mask == nullptr || i0 >= i1 || j0 >= j1) return false;
   const BlockMask& mask = *p.block_mask;
+  h += p.head_offset;
   const std::int64_t q_block = mask.shape().q_block, kv_block = mask.shape().kv_block;
   const std::int64_t g0 = j0 + p.key_offset, g1 = j1 + p.key_offset;
   for (std::int64_t qb = (i0 + p.query_offset) / q_block; qb * q_block < i1 + p.query_offset; ++qb)
@@ -125,6 +128,7 @@ void hide_masked_keys(const AttentionProblem& p, std::int64_t b, std::int64_t h,
   }
   if (p.block_mask == nullptr) return;
   const BlockMask& mask = *p.block_mask;
+  h += p.head_offset;
   const std::int64_t kv_block = mask.shape().kv_block;
   const std::int64_t q_idx = i + p.query_offset, qb = q_idx / mask.shape().q_block;
   // Block by block in global key positions g = j + key_offset.

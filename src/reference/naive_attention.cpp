@@ -32,7 +32,8 @@ bool key_visible(const AttentionProblem& p, std::int64_t b, std::int64_t h, std:
   const PositionMasks& m = p.positions;
   const std::int64_t diagonal_j = i + p.diagonal();  // the key aligned with query i
   if (p.mask.present && p.mask.load(b, h, i, j) == 0.0) return false;
-  if (p.block_mask != nullptr && !p.block_mask->visible(b, h, i + p.query_offset, j + p.key_offset))
+  if (p.block_mask != nullptr &&
+      !p.block_mask->visible(b, h + p.head_offset, i + p.query_offset, j + p.key_offset))
     return false;
   if (m.causal) {
     const std::int64_t last =

@@ -22,6 +22,10 @@ struct BlockCase {
   bool alibi = false, key_lengths = false;
   std::int64_t q_len = 37, k_len = 53;
   double dropout = 0.0;  // the mask hashes global positions: blocks see the whole problem's
+  // A block mask and a score_mod read global positions too (and the prefix of a prefix LM).
+  BlockMaskRule block_mask = BlockMaskRule::none;
+  ScoreModRule score_mod = ScoreModRule::none;
+  std::int64_t prefix_length = 0;
 };
 
 class AttentionBlocks : public ::testing::TestWithParam<BlockCase> {};
@@ -40,6 +44,9 @@ TEST_P(AttentionBlocks, EqualWholeForwardAndBackward) {
   c.window_right = bc.window_right;
   c.alibi = bc.alibi;
   c.key_lengths = bc.key_lengths;
+  c.block_mask = bc.block_mask;
+  c.score_mod = bc.score_mod;
+  c.prefix_length = bc.prefix_length;
   c.v_dim = 6;
   AttentionInputs in = make_inputs(c, DType::float64);
   in.options.dropout = bc.dropout;
@@ -125,19 +132,31 @@ INSTANTIATE_TEST_SUITE_P(
                       BlockCase{true, CausalAlign::bottom_right, 5, -1, true},
                       BlockCase{false, CausalAlign::bottom_right, -1, -1, false, true},
                       BlockCase{true, CausalAlign::top_left, -1, -1, true, true, 53, 37},
-                      BlockCase{true, CausalAlign::bottom_right, -1, -1, false, false, 37, 53,
-                                0.3}));
+                      BlockCase{true, CausalAlign::bottom_right, -1, -1, false, false, 37, 53, 0.3},
+                      BlockCase{false, CausalAlign::bottom_right, -1, -1, false, false, 37, 53, 0.0,
+                                BlockMaskRule::strided, ScoreModRule::capped_slopes},
+                      BlockCase{true, CausalAlign::top_left, -1, -1, false, true, 53, 53, 0.0,
+                                BlockMaskRule::documents, ScoreModRule::relative_bias, 9}));
 
-// Head blocks (head-parallel attention): query_head_offset gives dropout the global head.
-TEST(AttentionBlocks, DropoutOfHeadBlocksEqualsWhole) {
+// Head blocks (head-parallel attention): query_head_offset gives dropout, a per-head block mask
+// and a score_mod's parameters the global head.
+class HeadBlocks : public ::testing::TestWithParam<int> {};
+
+TEST_P(HeadBlocks, EqualWhole) {
   AttentionCase c;
   c.q_len = 19;
   c.k_len = 23;
   c.q_heads = 4;
   c.kv_heads = 2;
+  if (GetParam() == 1) {
+    c.block_mask = BlockMaskRule::strided;  // one block mask per head
+    c.score_mod = ScoreModRule::capped_slopes;
+  }
   AttentionInputs in = make_inputs(c, DType::float64);
-  in.options.dropout = 0.4;
-  in.options.dropout_seed = 3;
+  if (GetParam() == 0) {
+    in.options.dropout = 0.4;
+    in.options.dropout_seed = 3;
+  }
   const AttentionResults whole = evaluate(c, in, Evaluator::fast, DType::float64, false);
   for (std::int64_t first = 0; first < 4; first += 2) {  // query heads [first, first + 2)
     AttentionOptions options = in.options;
@@ -157,6 +176,8 @@ TEST(AttentionBlocks, DropoutOfHeadBlocksEqualsWhole) {
     EXPECT_LE(max_abs_difference(out, expected), 1e-12) << "heads from " << first;
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(DropoutAndPerHeadMasks, HeadBlocks, ::testing::Values(0, 1));
 
 TEST(AttentionBlocks, OffsetsAreChecked) {
   AttentionCase c;
