@@ -32,27 +32,32 @@ def noop_mask(b, h, q_idx, kv_idx):
     return ones & (kv_idx >= 0)
 
 
+def _check_mask_mods(name, mask_mods):
+    for mod in mask_mods:
+        if not callable(mod):
+            raise Error(f"{name}: expected mask_mod functions, got {type(mod).__name__}")
+
+
 def and_masks(*mask_mods):
-    """A mask_mod that lets a pair through where every one of mask_mods does."""
-    if not mask_mods:
-        raise Error("and_masks: expected at least one mask_mod, got none")
+    """A mask_mod that lets a pair through where every one of mask_mods does (all pairs when
+    given none, as PyTorch's)."""
+    _check_mask_mods("and_masks", mask_mods)
 
     def combined(b, h, q_idx, kv_idx):
-        result = mask_mods[0](b, h, q_idx, kv_idx)
-        for mod in mask_mods[1:]:
+        result = noop_mask(b, h, q_idx, kv_idx)
+        for mod in mask_mods:
             result = result & mod(b, h, q_idx, kv_idx)
         return result
     return combined
 
 
 def or_masks(*mask_mods):
-    """A mask_mod that lets a pair through where any of mask_mods does."""
-    if not mask_mods:
-        raise Error("or_masks: expected at least one mask_mod, got none")
+    """A mask_mod that lets a pair through where any of mask_mods does (none when given none)."""
+    _check_mask_mods("or_masks", mask_mods)
 
     def combined(b, h, q_idx, kv_idx):
-        result = mask_mods[0](b, h, q_idx, kv_idx)
-        for mod in mask_mods[1:]:
+        result = ~noop_mask(b, h, q_idx, kv_idx)
+        for mod in mask_mods:
             result = result | mod(b, h, q_idx, kv_idx)
         return result
     return combined

@@ -269,3 +269,16 @@ def test_native_score_mods_on_numpy_and_their_refusals():
         qkv.flex_attention(q, k, v, score_mod=qkv.score_mods.relative_bias(np.ones((4, 8))))
     with pytest.raises(qkv.Error, match="soft_cap: expected a finite cap > 0, got 0"):
         qkv.score_mods.soft_cap(0)
+
+
+def test_mask_combinators_are_pytorchs():
+    q_idx, kv_idx = torch.arange(6).view(-1, 1), torch.arange(6).view(1, -1)
+    b = h = torch.zeros(1, dtype=torch.long)
+    both = qkv.and_masks(causal_mask, prefix_mask)(b, h, q_idx, kv_idx)
+    either = qkv.or_masks(causal_mask, prefix_mask)(b, h, q_idx, kv_idx)
+    assert torch.equal(both, (q_idx >= kv_idx) & (kv_idx <= PREFIX_LENGTH))
+    assert torch.equal(either, (q_idx >= kv_idx) | (kv_idx <= PREFIX_LENGTH))
+    assert qkv.and_masks()(b, h, q_idx, kv_idx).all()  # no mask_mod: every pair
+    assert not qkv.or_masks()(b, h, q_idx, kv_idx).any()
+    with pytest.raises(qkv.Error, match="and_masks: expected mask_mod functions, got int"):
+        qkv.and_masks(causal_mask, 3)
