@@ -196,7 +196,37 @@ class ScoreMod {
   }
   const std::vector<const ScoreParameter*>& parameters() const { return parameters_; }
 
+  // A score_mod that gives whole rows instead of one pair at a time (the Python module's
+  // built-in pieces): rows.forward(row, T* scores) and rows.backward(row, const T* scores,
+  // T* d_scores, double* const* gradients), for T float and double, with the meaning of forward()
+  // and backward() above. `rows` must be safe to call from several threads at once.
+  template <class Rows>
+  static ScoreMod from_rows(Rows rows, std::vector<const ScoreParameter*> parameters = {}) {
+    ScoreMod mod;
+    mod.fn_ = std::make_shared<Rows>(std::move(rows));
+    mod.parameters_ = std::move(parameters);
+    for (std::size_t n = 0; n < mod.parameters_.size(); ++n)
+      mod.parameters_[n]->id_ = static_cast<int>(n);
+    mod.forward_float_ = [](const void* r, const Row& row, float* scores) {
+      static_cast<const Rows*>(r)->forward(row, scores);
+    };
+    mod.forward_double_ = [](const void* r, const Row& row, double* scores) {
+      static_cast<const Rows*>(r)->forward(row, scores);
+    };
+    mod.backward_float_ = [](const void* r, const Row& row, const float* scores, float* d_scores,
+                             double* const* gradients) {
+      static_cast<const Rows*>(r)->backward(row, scores, d_scores, gradients);
+    };
+    mod.backward_double_ = [](const void* r, const Row& row, const double* scores, double* d_scores,
+                              double* const* gradients) {
+      static_cast<const Rows*>(r)->backward(row, scores, d_scores, gradients);
+    };
+    return mod;
+  }
+
  private:
+  ScoreMod() = default;
+
   template <class F, class T>
   static void ForwardRow(const void* fn, const Row& row, T* scores) {
     const F& f = *static_cast<const F*>(fn);
@@ -242,10 +272,10 @@ class ScoreMod {
   using Backward64 = void (*)(const void*, const Row&, const double*, double*, double* const*);
   std::shared_ptr<const void> fn_;
   std::vector<const ScoreParameter*> parameters_;
-  Forward32 forward_float_;
-  Forward64 forward_double_;
-  Backward32 backward_float_;
-  Backward64 backward_double_;
+  Forward32 forward_float_ = nullptr;
+  Forward64 forward_double_ = nullptr;
+  Backward32 backward_float_ = nullptr;
+  Backward64 backward_double_ = nullptr;
 };
 
 }  // namespace qkv

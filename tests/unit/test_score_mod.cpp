@@ -1,6 +1,7 @@
 // score_mod: dual numbers against finite differences; a learned relative bias table as a
 // score_mod equals the same table spread into a dense bias (forward, and its gradient equals the
-// bias gradient summed along the diagonals); refused arguments.
+// bias gradient summed along the diagonals); a score_mod given as whole rows equals the same rule
+// as a callable; refused arguments.
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -135,6 +136,69 @@ TEST(ScoreMod, ReadsPastTheShapeAreNaN) {
   EXPECT_FLOAT_EQ(parameter(2).value, values.data<float>()[2]);
   EXPECT_TRUE(std::isnan(parameter(3).value));
   EXPECT_TRUE(std::isnan(parameter(-1).value));
+}
+
+// ALiBi with learned slopes as whole rows (ScoreMod::from_rows, the derivatives written out):
+// the same attention and gradients as the same rule as a callable differentiated on dual numbers.
+struct AlibiRows {
+  const Tensor* slopes;
+  template <class T>
+  void forward(const ScoreMod::Row& row, T* scores) const {
+    const double slope = slopes->data<float>()[row.h];
+    for (std::int64_t t = 0; t < row.count; ++t) {  // in double, as the callable's dual numbers
+      scores[t] = static_cast<T>(static_cast<double>(scores[t]) +
+                                 slope * static_cast<double>(row.kv_begin + t - row.q_idx));
+    }
+  }
+  template <class T>
+  void backward(const ScoreMod::Row& row, const T*, T* d_scores, double* const* gradients) const {
+    // ∂/∂s = 1 leaves d_scores as it is; ∂/∂slope[h] = kv − q.
+    if (gradients == nullptr || gradients[0] == nullptr) return;
+    for (std::int64_t t = 0; t < row.count; ++t) {
+      gradients[0][row.h] +=
+          static_cast<double>(d_scores[t]) * static_cast<double>(row.kv_begin + t - row.q_idx);
+    }
+  }
+};
+
+TEST(ScoreMod, RowsEqualTheCallable) {
+  AttentionCase c;
+  c.batch = 2;
+  c.q_len = 29;
+  c.k_len = 41;
+  c.q_heads = 4;
+  c.kv_heads = 2;
+  c.causal = true;
+  const AttentionInputs inputs = make_inputs(c, DType::float32);
+  const Tensor slopes = random_float32({4}, 9);
+  const ScoreParameter by_callable_slopes(slopes.view()), by_rows_slopes(slopes.view());
+  const ScoreMod by_callable(
+      [&](Dual s, std::int64_t, std::int64_t h, std::int64_t q, std::int64_t kv) {
+        return s + by_callable_slopes(h) * static_cast<double>(kv - q);
+      },
+      {&by_callable_slopes});
+  const ScoreMod by_rows = ScoreMod::from_rows(AlibiRows{&slopes}, {&by_rows_slopes});
+  const Tensor dout = random_float32({c.batch, c.q_len, c.q_heads, c.v_dim}, 3);
+  std::vector<Tensor> results;
+  for (const ScoreMod* mod : {&by_callable, &by_rows}) {
+    AttentionInputs in = inputs;
+    in.options.score_mod = mod;
+    const AttentionResults forward = evaluate(c, in, Evaluator::fast, DType::float64, false);
+    Tensor dq(DType::float64, {c.batch, c.q_len, c.q_heads, c.q_dim});
+    Tensor dslopes(DType::float64, {4});
+    AttentionGradients gradients;
+    gradients.dq = dq.mutable_view();
+    gradients.dscore_mod = {dslopes.mutable_view()};
+    attention_backward(in.q, in.k, in.v, in.options, dout.view(), std::nullopt, gradients);
+    results.push_back(forward.out);
+    results.push_back(std::move(dq));
+    results.push_back(std::move(dslopes));
+  }
+  for (std::size_t n = 0; n < 3; ++n) {
+    EXPECT_LE(max_abs_difference(results[n], results[n + 3]), 1e-6 * (1.0 + max_abs(results[n])))
+        << n;
+  }
+  EXPECT_GT(max_abs(results[2]), 0.0);  // the slopes' gradient is not trivially zero
 }
 
 }  // namespace
