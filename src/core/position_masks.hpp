@@ -47,11 +47,12 @@ struct WindowMask {
 struct PositionMasks {
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;
-  std::int64_t prefix_length = 0;  // global; 0: none
+  // Prefix LM: local keys j < prefix_end are in the prefix (prefix_length − key_offset; ≤ 0: none).
+  std::int64_t prefix_end = 0;
   std::int64_t window_left = -1, window_right = -1;
   // Where this call sits in the whole problem, as the key aligned with local query 0:
-  // bottom-right (FlashAttention) and top-left (PyTorch) alignment; key_offset for the prefix.
-  std::int64_t bottom_right_diagonal = 0, top_left_diagonal = 0, key_offset = 0;
+  // bottom-right (FlashAttention) and top-left (PyTorch) alignment.
+  std::int64_t bottom_right_diagonal = 0, top_left_diagonal = 0;
 
   // The keys query row i sees, of the keys [0, key_end) that are not padding.
   KeyInterval row(std::int64_t i, std::int64_t key_end) const {
@@ -59,7 +60,7 @@ struct PositionMasks {
     if (causal) {
       const CausalMask mask{
           causal_align == CausalAlign::bottom_right ? bottom_right_diagonal : top_left_diagonal,
-          prefix_length - key_offset};
+          prefix_end};
       keys = keys.intersect(mask.keys(i));
     }
     if (window_left >= 0 || window_right >= 0) {

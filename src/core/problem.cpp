@@ -362,7 +362,6 @@ void check_positions(const AttentionOptions& options, AttentionProblem& p) {
   p.key_total = k_total;
   p.positions.top_left_diagonal = options.query_offset - options.key_offset;
   p.positions.bottom_right_diagonal = k_total - q_total + p.positions.top_left_diagonal;
-  p.positions.key_offset = options.key_offset;
   p.key_offset = options.key_offset;
   if (options.key_lengths) {
     const TensorView& lengths = *options.key_lengths;
@@ -390,7 +389,7 @@ void check_positions(const AttentionOptions& options, AttentionProblem& p) {
         fmt::format("prefix_length: expected 0, or a length >= 0 with causal (prefix LM), got {}{}",
                     options.prefix_length, options.causal ? "" : " without causal"));
   }
-  p.positions.prefix_length = options.prefix_length;
+  p.positions.prefix_end = options.prefix_length - options.key_offset;
   if (options.window_left < -1 || options.window_right < -1) {
     throw Error(
         fmt::format("window: expected (left, right) each >= 0 or -1 (unbounded), got ({}, {})",

@@ -62,7 +62,7 @@ struct ScoreUnit {
 
 // The unit of a score (qkv::Error for a value outside the enum), and every unit in enum order.
 const ScoreUnit& score_unit(Score score);
-std::span<const ScoreUnit> score_units();
+std::span<const ScoreUnit* const> score_units();
 
 // Each score's unit (core/score_<name>.cpp).
 extern const ScoreUnit kDotUnit, kScaledDotUnit, kBilinearUnit, kAdditiveUnit, kCosineUnit;

@@ -42,10 +42,8 @@ std::span<const ScoreParameterOption> score_parameter_options() {
   return options;
 }
 
-std::span<const ScoreUnit> score_units() {
-  static const std::array<ScoreUnit, kUnits.size()> units{*kUnits[0], *kUnits[1], *kUnits[2],
-                                                          *kUnits[3], *kUnits[4]};
-  return units;
+std::span<const ScoreUnit* const> score_units() {
+  return kUnits;
 }
 
 void reject_other_parameters(const ScoreUnit& unit, const AttentionOptions& options) {
@@ -63,21 +61,21 @@ void reject_other_parameters(const ScoreUnit& unit, const AttentionOptions& opti
 
 const char* score_name(Score score) {
   const auto index = static_cast<std::size_t>(score);
-  return index < detail::score_units().size() ? detail::score_units()[index].name : "unknown";
+  return index < detail::score_units().size() ? detail::score_units()[index]->name : "unknown";
 }
 
 std::vector<std::string_view> score_names() {
   std::vector<std::string_view> names;
-  for (const detail::ScoreUnit& unit : detail::score_units()) names.emplace_back(unit.name);
+  for (const detail::ScoreUnit* unit : detail::score_units()) names.emplace_back(unit->name);
   return names;
 }
 
 Score parse_score(std::string_view name) {
   std::string names;
-  for (const detail::ScoreUnit& unit : detail::score_units()) {
-    if (name == unit.name) return unit.score;
+  for (const detail::ScoreUnit* unit : detail::score_units()) {
+    if (name == unit->name) return unit->score;
     names += names.empty() ? "" : ", ";
-    names += unit.name;
+    names += unit->name;
   }
   throw Error(fmt::format("score: expected one of {}, got '{}'", names, name));
 }

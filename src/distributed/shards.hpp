@@ -94,7 +94,7 @@ inline bool hidden(const AttentionOptions& o, std::int64_t q_total, std::int64_t
   detail::PositionMasks masks;
   masks.causal = o.causal;
   masks.causal_align = o.causal_align;
-  masks.prefix_length = o.prefix_length;
+  masks.prefix_end = o.prefix_length;  // global positions
   masks.window_left = o.window_left;
   masks.window_right = o.window_right;
   masks.bottom_right_diagonal = k_total - q_total;

@@ -704,8 +704,9 @@ FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands
   operands.problem = &p;
   apply_simd_environment();
   const bool bf16_inputs = p.dtype == DType::bfloat16;
-  if (bf16 == Bfloat16Operands::products && bf16_inputs && queries_as_they_are(p) &&
-      keys_as_they_are(p) && HWY_DYNAMIC_DISPATCH(TargetRunsBf16Tiles)()) {
+  const detail::ScoreOperands score = detail::score_unit(p.score).operands(p);
+  if (bf16 == Bfloat16Operands::products && bf16_inputs && score.query.identity() &&
+      keys_as_they_are(score) && HWY_DYNAMIC_DISPATCH(TargetRunsBf16Tiles)()) {
     operands.bf16_products = true;
     operands.score_dim = p.k_dim;
     operands.key_heads = p.kv_heads;
@@ -717,8 +718,9 @@ FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands
   // The score unit's compared vectors in float32; K and V stay bfloat16 for a kernel that
   // converts them on the fly, when the keys are compared as they are.
   const bool keep_keys =
-      bf16 == Bfloat16Operands::keys_and_values && bf16_inputs && keys_as_they_are(p);
-  ComparedVectors<float> vectors = compared_vectors<float>(p, worker_threads(p), false, keep_keys);
+      bf16 == Bfloat16Operands::keys_and_values && bf16_inputs && keys_as_they_are(score);
+  ComparedVectors<float> vectors =
+      compared_vectors<float>(p, score, worker_threads(p), false, keep_keys);
   operands.q = std::move(vectors.q);
   operands.score_dim = vectors.dim;
   operands.key_heads = vectors.key_heads;

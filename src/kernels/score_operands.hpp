@@ -144,11 +144,11 @@ struct ComparedVectors {
 };
 
 // Fills q' (unless skip_queries) and k' (unless skip_keys: a kernel that keeps them in another
-// type) for problem p.
+// type) for problem p, whose score's unit gave `operands`.
 template <class T>
-ComparedVectors<T> compared_vectors(const AttentionProblem& p, int threads,
+ComparedVectors<T> compared_vectors(const AttentionProblem& p,
+                                    const detail::ScoreOperands& operands, int threads,
                                     bool skip_queries = false, bool skip_keys = false) {
-  const detail::ScoreOperands operands = detail::score_unit(p.score).operands(p);
   ComparedVectors<T> vectors;
   vectors.dim = operands.dim;
   vectors.additive = operands.form == detail::ScoreForm::additive;
@@ -183,13 +183,9 @@ ComparedVectors<T> compared_vectors(const AttentionProblem& p, int threads,
   return vectors;
 }
 
-// Whether a score's keys are compared as they are (so a kernel may keep them in bfloat16).
-inline bool keys_as_they_are(const AttentionProblem& p) {
-  const detail::ScoreOperands operands = detail::score_unit(p.score).operands(p);
+// Whether a dot-form score compares the keys as they are (a kernel may then keep them bfloat16).
+inline bool keys_as_they_are(const detail::ScoreOperands& operands) {
   return operands.form == detail::ScoreForm::dot && operands.key.identity();
-}
-inline bool queries_as_they_are(const AttentionProblem& p) {
-  return detail::score_unit(p.score).operands(p).query.identity();
 }
 
 }  // namespace qkv::kernels

@@ -51,7 +51,8 @@ template <class T>
 class StreamingKernel {
  public:
   explicit StreamingKernel(const AttentionProblem& p) : p_(p) {
-    ComparedVectors<T> vectors = compared_vectors<T>(p, worker_threads(p));
+    ComparedVectors<T> vectors =
+        compared_vectors<T>(p, detail::score_unit(p.score).operands(p), worker_threads(p));
     q_ = std::move(vectors.q);
     k_ = std::move(vectors.k);
     score_dim_ = vectors.dim;

@@ -38,7 +38,7 @@ bool key_visible(const AttentionProblem& p, std::int64_t b, std::int64_t h, std:
   if (m.causal) {
     const std::int64_t last =
         m.causal_align == CausalAlign::bottom_right ? diagonal_j : i + m.top_left_diagonal;
-    const bool in_prefix = j + p.key_offset < m.prefix_length;
+    const bool in_prefix = j < m.prefix_end;
     if (j > last && !in_prefix) return false;
   }
   if (m.window_left >= 0 && j < diagonal_j - m.window_left) return false;

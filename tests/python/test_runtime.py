@@ -67,14 +67,16 @@ def test_every_public_function_has_a_docstring_and_a_stub():
     import os
     package = os.path.dirname(qkv.__file__)
     submodules = {"nn", "score_mods"}
-    for module, stub_name, names in ((qkv, "__init__", qkv.__all__), (qkv.nn, "nn", qkv.nn.__all__),
-                                     (qkv.score_mods, "score_mods", qkv.score_mods.__all__)):
+    # Each public name has a docstring and a typed signature in the package's .pyi file.
+    for module, pyi_name, names in ((qkv, "__init__", qkv.__all__), (qkv.nn, "nn", qkv.nn.__all__),
+                                    (qkv.score_mods, "score_mods", qkv.score_mods.__all__)):
         for name in names:
             assert getattr(module, name).__doc__, name
-        stub = os.path.join(package, stub_name + ".pyi")
-        tree = ast.parse(open(stub).read()).body
-        declared = {node.name for node in tree if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
-        declared |= {alias.asname for node in tree if isinstance(node, ast.ImportFrom)
+        pyi_path = os.path.join(package, pyi_name + ".pyi")
+        declarations = ast.parse(open(pyi_path).read()).body
+        declared = {node.name for node in declarations
+                    if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        declared |= {alias.asname for node in declarations if isinstance(node, ast.ImportFrom)
                      for alias in node.names if alias.asname in submodules}
-        assert set(names) <= declared, (stub, set(names) - declared)
+        assert set(names) <= declared, (pyi_path, set(names) - declared)
     assert os.path.exists(os.path.join(package, "py.typed"))
