@@ -1,18 +1,48 @@
 // Multi-head attention with learned Q/K/V/output projections: torch.nn.MultiheadAttention's
 // layer (docs/contract.md §5), its parameter names and semantics, forward and backward, plus the
-// bilinear and additive scores PyTorch lacks.
+// scores PyTorch lacks (bilinear, additive, cosine), each with the parameters its unit declares.
 #pragma once
 
 #include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "qkv/attention.hpp"
 #include "qkv/safetensors.hpp"
 #include "qkv/tensor.hpp"
 
 namespace qkv {
+
+// A parameter an attention layer learns for its score, besides the projections: its name in
+// the state dict, the AttentionOptions member it is passed as (its name: "w", "wq", "wk", "va",
+// "temperature"), its shape, and how the layer starts it. Each score declares its own in its unit
+// (src/core/score_<name>.cpp); qkv::MultiHeadAttention and qkv.nn.MultiheadAttention both build
+// theirs from this list.
+struct ScoreLayerParameter {
+  enum class Start {
+    identity,  // each head's square matrix is the identity
+    xavier,    // each head's [out, in] matrix uniform in ±sqrt(6 / (in + out))
+    uniform,   // every element uniform in ±value
+    constant,  // every element equal to value
+  };
+  std::string name;
+  std::string option;
+  std::vector<std::int64_t> shape;
+  Start start = Start::constant;
+  double value = 0;
+};
+
+// What a layer with `heads` heads of `head_dim` features learns and passes for `score`:
+// its parameters (additive_dim: the A of the additive score; 0 means head_dim) and the scale it
+// passes (none: the score's default). qkv::Error for sizes below 1 (additive_dim below 0).
+struct ScoreLayer {
+  std::vector<ScoreLayerParameter> parameters;
+  std::optional<double> scale;
+};
+ScoreLayer score_layer(Score score, std::int64_t heads, std::int64_t head_dim,
+                       std::int64_t additive_dim = 0);
 
 struct MultiHeadAttentionOptions {
   std::int64_t embed_dim = 0;  // E; a multiple of num_heads
@@ -24,9 +54,10 @@ struct MultiHeadAttentionOptions {
   bool add_zero_attn = false;  // a zero key and value appended (after bias_kv)
   bool batch_first = false;    // inputs [N, L, E] instead of [L, N, E]
   double dropout = 0.0;        // on the attention weights, when a call is training
-  // scaled_dot is PyTorch's; bilinear adds a per-head W [H, E/H, E/H] ("score_weight", starting
-  // at the identity); additive adds per-head Wq, Wk [H, A, E/H] and v [H, A] ("score_wq",
-  // "score_wk", "score_v"). bilinear is scaled by 1/sqrt(E/H) like scaled_dot.
+  // scaled_dot is PyTorch's. Any other score adds the parameters score_layer() lists: bilinear
+  // a per-head W [H, E/H, E/H] ("score_weight", starting at the identity, scaled by 1/sqrt(E/H)
+  // like scaled_dot); additive per-head Wq, Wk [H, A, E/H] and v [H, A] ("score_wq", "score_wk",
+  // "score_v"); cosine a per-head temperature [H] ("score_temperature", starting at 10).
   Score score = Score::scaled_dot;
   std::int64_t additive_dim = 0;  // A of the additive score (0: E / H)
 };

@@ -1,5 +1,5 @@
 """The C++ core (private: use the functions of the qkv package)."""
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -16,6 +16,9 @@ def backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, options: Dict[str, Any
     """attention_backward into the arrays of `gradients`."""
 
 def simd_target() -> str: ...
+def score_names() -> List[str]: ...
+def score_layer(score: str, heads: int, head_dim: int, additive_dim: int = ...
+                ) -> Tuple[List[Tuple[str, str, Tuple[int, ...], str, float]], Optional[float]]: ...
 
 class BlockMask:
     """The C++ block mask: kinds uint8 [B, H, q_blocks, kv_blocks] (0 empty, 1 partial, 2 full),

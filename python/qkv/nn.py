@@ -2,12 +2,13 @@
 
 The constructor, the parameters (and so the state_dict), forward's arguments and its results are
 PyTorch's: swapping the import is the whole migration. The projections stay torch's F.linear; the
-attention between them is qkv's (forward and fused backward). Added: score="bilinear" (a per-head
-W [H, E/H, E/H], starting at the identity) and score="additive" (per-head Wq, Wk [H, A, E/H] and
-v [H, A]). A query that may attend to no key gets zero attention (the output is out_proj.bias)
-where PyTorch gives NaN.
+attention between them is qkv's (forward and fused backward). Added: the other scores, each with
+the parameters its C++ unit declares (qkv::score_layer): score="bilinear" (a per-head W
+[H, E/H, E/H] `score_weight`, starting at the identity), score="additive" (per-head `score_wq`,
+`score_wk` [H, A, E/H] and `score_v` [H, A]), score="cosine" (a per-head `score_temperature` [H],
+starting at 10), score="dot" (none). A query that may attend to no key gets zero attention (the
+output is out_proj.bias) where PyTorch gives NaN.
 """
-import math
 import warnings
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn as _nn
 
 from ._functions import _Config, _run, _seed
-from ._qkv import Error
+from ._qkv import Error, score_layer, score_names
 
 __all__ = ["MultiheadAttention"]
 
@@ -31,8 +32,8 @@ class MultiheadAttention(_nn.Module):
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise Error(f"embed_dim: expected a positive multiple of num_heads ({num_heads}), "
                         f"got {embed_dim}")
-        if score not in ("scaled_dot", "bilinear", "additive"):
-            raise Error(f"score: expected scaled_dot, bilinear or additive, got '{score}'")
+        if score not in score_names():
+            raise Error(f"score: expected one of {', '.join(score_names())}, got '{score}'")
         factory = {"device": device, "dtype": dtype}
         super().__init__()
         self.embed_dim = embed_dim
@@ -66,14 +67,11 @@ class MultiheadAttention(_nn.Module):
             self.bias_k = self.bias_v = None
         self.add_zero_attn = add_zero_attn
         self.additive_dim = additive_dim or self.head_dim
-        if score == "bilinear":
-            self.score_weight = _nn.Parameter(
-                torch.empty((num_heads, self.head_dim, self.head_dim), **factory))
-        elif score == "additive":
-            shape = (num_heads, self.additive_dim, self.head_dim)
-            self.score_wq = _nn.Parameter(torch.empty(shape, **factory))
-            self.score_wk = _nn.Parameter(torch.empty(shape, **factory))
-            self.score_v = _nn.Parameter(torch.empty((num_heads, self.additive_dim), **factory))
+        # (name, option, shape, start, value) of each parameter the score learns, and its scale.
+        self._score_parameters, self._score_scale = score_layer(
+            score, num_heads, self.head_dim, self.additive_dim)
+        for name, _, shape, _, _ in self._score_parameters:
+            setattr(self, name, _nn.Parameter(torch.empty(shape, **factory)))
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -89,15 +87,18 @@ class MultiheadAttention(_nn.Module):
         if self.bias_k is not None:
             _nn.init.xavier_normal_(self.bias_k)
             _nn.init.xavier_normal_(self.bias_v)
-        if self.score == "bilinear":
+        for name, _, shape, start, value in self._score_parameters:
+            parameter = getattr(self, name)
             with torch.no_grad():
-                self.score_weight.copy_(torch.eye(self.head_dim).expand_as(self.score_weight))
-        elif self.score == "additive":
-            for weight in (self.score_wq, self.score_wk):
-                for head in weight:
-                    _nn.init.xavier_uniform_(head)
-            bound = 1.0 / math.sqrt(self.additive_dim)
-            _nn.init.uniform_(self.score_v, -bound, bound)
+                if start == "identity":
+                    parameter.copy_(torch.eye(shape[-2], shape[-1]).expand_as(parameter))
+                elif start == "xavier":
+                    for matrix in parameter.view(-1, shape[-2], shape[-1]):
+                        _nn.init.xavier_uniform_(matrix)
+                elif start == "uniform":
+                    _nn.init.uniform_(parameter, -value, value)
+                else:
+                    _nn.init.constant_(parameter, value)
 
     def _projections(self):
         e = self.embed_dim
@@ -147,12 +148,9 @@ class MultiheadAttention(_nn.Module):
             extra += 1
 
         options = {"score": self.score, "causal": bool(is_causal), "causal_align": "top-left"}
-        parameters = {}
-        if self.score == "bilinear":
-            options["scale"] = 1.0 / math.sqrt(d)
-            parameters["w"] = self.score_weight
-        elif self.score == "additive":
-            parameters.update(wq=self.score_wq, wk=self.score_wk, va=self.score_v)
+        if self._score_scale is not None:
+            options["scale"] = self._score_scale
+        parameters = {option: getattr(self, name) for name, option, _, _, _ in self._score_parameters}
         allowed, added = self._masks(attn_mask, key_padding_mask, n, length, keys, extra)
         if allowed is not None:
             options["mask"] = allowed.numpy()  # a view: `allowed` outlives the call

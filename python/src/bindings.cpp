@@ -13,6 +13,7 @@
 #include <string>
 
 #include "qkv/attention.hpp"
+#include "qkv/multihead_attention.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 #include "qkv/simd.hpp"
@@ -234,6 +235,33 @@ PYBIND11_MODULE(_qkv, m) {
         py::arg("dout"), py::arg("dlse"), py::arg("out"), py::arg("lse"), py::arg("gradients"),
         "attention_backward into the arrays of `gradients` (keys dq, dk, dv, dw, dwq, dwk, dva, "
         "dbias).");
+  m.def(
+      "score_names",
+      [] {
+        std::vector<std::string> names;
+        for (const std::string_view name : qkv::score_names()) names.emplace_back(name);
+        return names;
+      },
+      "Every score's name, in qkv::Score's order.");
+  m.def(
+      "score_layer",
+      [](const std::string& score, std::int64_t heads, std::int64_t head_dim,
+         std::int64_t additive_dim) {
+        const qkv::ScoreLayer layer =
+            qkv::score_layer(qkv::parse_score(score), heads, head_dim, additive_dim);
+        static constexpr const char* kStarts[] = {"identity", "xavier", "uniform", "constant"};
+        py::list parameters;
+        for (const qkv::ScoreLayerParameter& parameter : layer.parameters) {
+          parameters.append(py::make_tuple(parameter.name, parameter.option,
+                                           py::tuple(py::cast(parameter.shape)),
+                                           kStarts[static_cast<int>(parameter.start)],
+                                           parameter.value));
+        }
+        return py::make_tuple(parameters, layer.scale ? py::cast(*layer.scale) : py::none());
+      },
+      py::arg("score"), py::arg("heads"), py::arg("head_dim"), py::arg("additive_dim") = 0,
+      "qkv::score_layer: ([(name, option, shape, start, value)], scale or None), the parameters "
+      "an attention layer learns for a score (start: identity, xavier, uniform or constant).");
   m.def(
       "simd_target", [] { return std::string(qkv::simd_target()); },
       "The SIMD target the kernels run on.");

@@ -3,6 +3,9 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+#include <vector>
+
 #include "core/score_unit.hpp"
 #include "qkv/error.hpp"
 
@@ -51,6 +54,15 @@ extern const ScoreUnit kAdditiveUnit{
       operands.additive_v = &p.va;
       operands.additive_v_gradient = &AttentionGradients::dva;
       return operands;
+    },
+    [](std::int64_t heads, std::int64_t head_dim, std::int64_t additive_dim) {
+      using Start = ScoreLayerParameter::Start;
+      const std::vector<std::int64_t> matrix{heads, additive_dim, head_dim};
+      const double v_bound = 1.0 / std::sqrt(static_cast<double>(additive_dim));
+      return ScoreLayer{{{"score_wq", "wq", matrix, Start::xavier},
+                         {"score_wk", "wk", matrix, Start::xavier},
+                         {"score_v", "va", {heads, additive_dim}, Start::uniform, v_bound}},
+                        std::nullopt};
     },
 };
 

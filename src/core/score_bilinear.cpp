@@ -3,6 +3,8 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+
 #include "core/score_unit.hpp"
 #include "qkv/error.hpp"
 
@@ -30,6 +32,11 @@ extern const ScoreUnit kBilinearUnit{
                         nullptr, &AttentionGradients::dw, nullptr};
       operands.key.in_dim = operands.key.out_dim = p.k_dim;
       return operands;
+    },
+    [](std::int64_t heads, std::int64_t head_dim, std::int64_t) {
+      using Start = ScoreLayerParameter::Start;
+      return ScoreLayer{{{"score_weight", "w", {heads, head_dim, head_dim}, Start::identity}},
+                        1.0 / std::sqrt(static_cast<double>(head_dim))};
     },
 };
 

@@ -47,6 +47,12 @@ extern const ScoreUnit kCosineUnit{
       operands.key.normalize = true;
       return operands;
     },
+    // Swin Transformer V2's cosine attention starts its learned scale at 10.
+    [](std::int64_t heads, std::int64_t, std::int64_t) {
+      using Start = ScoreLayerParameter::Start;
+      return ScoreLayer{{{"score_temperature", "temperature", {heads}, Start::constant, 10.0}},
+                        std::nullopt};
+    },
 };
 
 }  // namespace qkv::detail

@@ -40,6 +40,7 @@ extern const ScoreUnit kDotUnit{
     },
     [](const AttentionProblem&) { return 1.0; },
     as_they_are,
+    no_layer_parameters,
 };
 
 extern const ScoreUnit kScaledDotUnit{
@@ -52,6 +53,7 @@ extern const ScoreUnit kScaledDotUnit{
     },
     [](const AttentionProblem& p) { return 1.0 / std::sqrt(static_cast<double>(p.q_dim)); },
     as_they_are,
+    no_layer_parameters,
 };
 
 }  // namespace qkv::detail

@@ -16,6 +16,7 @@
 
 #include "core/problem.hpp"
 #include "qkv/backward.hpp"
+#include "qkv/multihead_attention.hpp"
 
 namespace qkv::detail {
 
@@ -58,7 +59,14 @@ struct ScoreUnit {
   void (*check)(const AttentionOptions& options, AttentionProblem& problem);
   double (*default_scale)(const AttentionProblem& problem);
   ScoreOperands (*operands)(const AttentionProblem& problem);
+  // The parameters an attention layer learns for this score and the scale it passes
+  // (qkv::score_layer; additive_dim already resolved to a positive A).
+  ScoreLayer (*layer)(std::int64_t heads, std::int64_t head_dim, std::int64_t additive_dim);
 };
+
+// The layer of a score with no parameters of its own, at its default scale.
+ScoreLayer no_layer_parameters(std::int64_t heads, std::int64_t head_dim,
+                               std::int64_t additive_dim);
 
 // The unit of a score (qkv::Error for a value outside the enum), and every unit in enum order.
 const ScoreUnit& score_unit(Score score);

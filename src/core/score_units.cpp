@@ -42,6 +42,10 @@ std::span<const ScoreParameterOption> score_parameter_options() {
   return options;
 }
 
+ScoreLayer no_layer_parameters(std::int64_t, std::int64_t, std::int64_t) {
+  return {};
+}
+
 std::span<const ScoreUnit* const> score_units() {
   return kUnits;
 }

@@ -13,12 +13,14 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
 #include <type_traits>
 #include <utility>
 
+#include "core/score_unit.hpp"
 #include "io/untrusted_file.hpp"
 #include "layers/dense.hpp"
 #include "qkv/backward.hpp"
@@ -42,6 +44,40 @@ double xavier(std::int64_t fan_out, std::int64_t fan_in) {
   return std::sqrt(6.0 / static_cast<double>(fan_in + fan_out));
 }
 
+// A score's layer parameter as ScoreLayerParameter::start says.
+Tensor started(const ScoreLayerParameter& parameter, std::mt19937_64& rng) {
+  using Start = ScoreLayerParameter::Start;
+  const std::vector<std::int64_t>& shape = parameter.shape;
+  switch (parameter.start) {
+    case Start::identity: {
+      Tensor t(DType::float32, shape);  // zeros, then each head's diagonal
+      const std::int64_t rows = shape.at(shape.size() - 2), columns = shape.back();
+      for (std::int64_t m = 0; m < t.numel() / (rows * columns); ++m)
+        for (std::int64_t d = 0; d < std::min(rows, columns); ++d)
+          t.data<float>()[(m * rows + d) * columns + d] = 1.0f;
+      return t;
+    }
+    case Start::xavier:
+      return filled(shape, rng, xavier(shape.at(shape.size() - 2), shape.back()), false);
+    case Start::uniform:
+      return filled(shape, rng, parameter.value, false);
+    case Start::constant: {
+      Tensor t(DType::float32, shape);
+      std::fill_n(t.data<float>(), t.numel(), static_cast<float>(parameter.value));
+      return t;
+    }
+  }
+  throw Error("score layer parameter: unknown start");
+}
+
+// The AttentionOptions member and the AttentionGradients slot a score's layer parameter binds.
+const detail::ScoreParameterOption& bound_option(const ScoreLayerParameter& parameter) {
+  for (const detail::ScoreParameterOption& option : detail::score_parameter_options())
+    if (parameter.option == option.name) return option;
+  throw Error(
+      fmt::format("score layer parameter {}: no option '{}'", parameter.name, parameter.option));
+}
+
 Tensor like(const Tensor& t) {
   return Tensor(DType::float32, t.shape());
 }
@@ -60,6 +96,17 @@ struct MultiHeadAttention::Saved {
   AttentionOptions options;
   std::array<std::int64_t, 4> q_strides{}, k_strides{};  // of [N, L|S, H, E/H] in row order
 };
+
+ScoreLayer score_layer(Score score, std::int64_t heads, std::int64_t head_dim,
+                       std::int64_t additive_dim) {
+  if (heads < 1 || head_dim < 1 || additive_dim < 0) {
+    throw Error(fmt::format(
+        "heads, head_dim, additive_dim: expected >= 1, >= 1 and >= 0, got {}, {} and {}", heads,
+        head_dim, additive_dim));
+  }
+  return detail::score_unit(score).layer(heads, head_dim,
+                                         additive_dim == 0 ? head_dim : additive_dim);
+}
 
 MultiHeadAttention::MultiHeadAttention(const MultiHeadAttentionOptions& options, std::uint64_t seed)
     : options_(options) {
@@ -97,17 +144,9 @@ MultiHeadAttention::MultiHeadAttention(const MultiHeadAttentionOptions& options,
     parameters_["bias_k"] = filled({1, 1, E}, rng, deviation, true);
     parameters_["bias_v"] = filled({1, 1, E}, rng, deviation, true);
   }
-  if (o.score == Score::bilinear) {
-    Tensor w(DType::float32, {H, head, head});
-    for (std::int64_t h = 0; h < H; ++h)
-      for (std::int64_t d = 0; d < head; ++d) w.data<float>()[(h * head + d) * head + d] = 1.0f;
-    parameters_["score_weight"] = std::move(w);
-  } else if (o.score == Score::additive) {
-    const std::int64_t A = o.additive_dim;
-    parameters_["score_wq"] = filled({H, A, head}, rng, xavier(A, head), false);
-    parameters_["score_wk"] = filled({H, A, head}, rng, xavier(A, head), false);
-    parameters_["score_v"] = filled({H, A}, rng, 1.0 / std::sqrt(static_cast<double>(A)), false);
-  }
+  for (const ScoreLayerParameter& parameter :
+       score_layer(o.score, H, head, o.additive_dim).parameters)
+    parameters_[parameter.name] = started(parameter, rng);
   zero_grad();
 }
 
@@ -293,14 +332,10 @@ MultiHeadAttentionResult MultiHeadAttention::forward(const TensorView& query, co
   // 3. Masks in qkv's terms.
   AttentionOptions& options = s->options;
   options.score = o.score;
-  if (o.score == Score::bilinear) {
-    options.scale = 1.0 / std::sqrt(static_cast<double>(head));
-    options.w = parameters_.at("score_weight").view();
-  } else if (o.score == Score::additive) {
-    options.wq = parameters_.at("score_wq").view();
-    options.wk = parameters_.at("score_wk").view();
-    options.va = parameters_.at("score_v").view();
-  }
+  const ScoreLayer score = score_layer(o.score, H, head, o.additive_dim);
+  options.scale = score.scale;
+  for (const ScoreLayerParameter& parameter : score.parameters)
+    options.*bound_option(parameter).option = parameters_.at(parameter.name).view();
   if (call.is_causal) {
     options.causal = true;
     options.causal_align = CausalAlign::top_left;
@@ -443,13 +478,10 @@ MultiHeadAttentionInputGradients MultiHeadAttention::backward(const TensorView& 
   grads.dk = dk_full.mutable_view();
   grads.dv = dv_full.mutable_view();
   NamedTensors score_grads;
-  for (auto [option, gradient, name] : {std::tuple{&s.options.w, &grads.dw, "score_weight"},
-                                        std::tuple{&s.options.wq, &grads.dwq, "score_wq"},
-                                        std::tuple{&s.options.wk, &grads.dwk, "score_wk"},
-                                        std::tuple{&s.options.va, &grads.dva, "score_v"}}) {
-    if (!*option) continue;
-    score_grads[name] = like(parameters_.at(name));
-    *gradient = score_grads[name].mutable_view();
+  for (const ScoreLayerParameter& parameter :
+       score_layer(o.score, H, head, o.additive_dim).parameters) {
+    score_grads[parameter.name] = like(parameters_.at(parameter.name));
+    grads.*bound_option(parameter).gradient = score_grads[parameter.name].mutable_view();
   }
   attention_backward(q_view, s.k_full.view(), s.v_full.view(), s.options, d_o_view, std::nullopt,
                      grads, SavedForward{o_view, s.lse.view()});

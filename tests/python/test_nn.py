@@ -2,6 +2,7 @@
 outputs, weights and gradients (float32, relative error <= 1e-5)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import qkv
 
@@ -79,7 +80,7 @@ def test_matches_torch(case):
         assert relative(p_q[name], p_t[name]) <= TOLERANCE, name
 
 
-@pytest.mark.parametrize("score", ["bilinear", "additive"])
+@pytest.mark.parametrize("score", ["bilinear", "additive", "cosine"])
 def test_scores_pytorch_lacks_train(score):
     """The extra scores learn: gradients reach their parameters and a few Adam steps on a copy
     task lower the loss."""
@@ -99,6 +100,49 @@ def test_scores_pytorch_lacks_train(score):
         losses.append(loss.item())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in layer.parameters())
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_cosine_layer_equals_literal_pytorch():
+    """score="cosine" learns one temperature per head, starting at 10 (the C++ unit's list), and
+    computes softmax(τ_h·q·k/(|q||k|))·V between torch's projections: output and gradients
+    against the same steps written in float64 PyTorch."""
+    torch.manual_seed(4)
+    layer = qkv.nn.MultiheadAttention(12, 3, score="cosine", batch_first=True)
+    assert layer.score_temperature.shape == (3,)
+    assert torch.equal(layer.score_temperature.detach(), torch.full((3,), 10.0))
+    with torch.no_grad():
+        layer.score_temperature.copy_(torch.tensor([0.5, 4.0, 12.0]))
+    x = torch.randn(2, 5, 12)
+    out, _ = layer(x, x, x, need_weights=False, is_causal=True,
+                   attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1))
+    out.square().sum().backward()
+
+    params = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
+    xd = x.double()
+    q, k, v = F.linear(xd, params["in_proj_weight"], params["in_proj_bias"]).chunk(3, -1)
+    heads = [t.reshape(2, 5, 3, 4).transpose(1, 2) for t in (q, k, v)]
+    qn, kn = F.normalize(heads[0], dim=-1), F.normalize(heads[1], dim=-1)
+    scores = params["score_temperature"].view(1, 3, 1, 1) * qn @ kn.transpose(-1, -2)
+    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+    attended = (scores.softmax(-1) @ heads[2]).transpose(1, 2).reshape(2, 5, 12)
+    expected = F.linear(attended, params["out_proj.weight"], params["out_proj.bias"])
+    expected.square().sum().backward()
+    assert relative(out.double(), expected) <= TOLERANCE
+    for name, p in layer.named_parameters():
+        assert relative(p.grad.double(), params[name].grad) <= TOLERANCE, name
+
+
+def test_layer_scores_are_the_units():
+    """Every score qkv has is accepted, with the parameters the C++ unit lists; others are not."""
+    for score in qkv._qkv.score_names():
+        layer = qkv.nn.MultiheadAttention(8, 2, score=score, additive_dim=3)
+        declared, _ = qkv._qkv.score_layer(score, 2, 4, 3)
+        own = sorted(name for name, _ in layer.named_parameters() if name.startswith("score_"))
+        assert own == sorted(name for name, _, _, _, _ in declared)
+        for name, _, shape, _, _ in declared:
+            assert tuple(getattr(layer, name).shape) == shape
+    with pytest.raises(qkv.Error, match="score: expected one of dot, scaled_dot"):
+        qkv.nn.MultiheadAttention(8, 2, score="sigmoid")
 
 
 def test_fully_masked_query_gives_bias_not_nan():

@@ -109,7 +109,7 @@ TEST(MultiHeadAttention, IsCausalEqualsTriangularAttnMask) {
 // differences in float32 (step 1e-2: the truncation error is O(h²)·L''' and the rounding error
 // O(ε·|L|/h), both near 1e-4 relative here).
 TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
-  for (Score score : {Score::bilinear, Score::additive}) {
+  for (Score score : {Score::bilinear, Score::additive, Score::cosine}) {
     MultiHeadAttention layer(small_options(score), 11);
     const Tensor query = random_float32({4, 2, 8}, 5), key = random_float32({6, 2, 8}, 6);
     const Tensor dout = random_float32({4, 2, 8}, 7);
@@ -146,6 +146,54 @@ TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
       }
     }
   }
+}
+
+// Every score works in the layer, which learns exactly the parameters its unit lists (names,
+// shapes, starting values) and passes its scale; only those are sent to the attention call.
+TEST(MultiHeadAttention, LearnsTheParametersEachScoreDeclares) {
+  for (const std::string_view name : score_names()) {
+    const Score score = parse_score(name);
+    MultiHeadAttentionOptions options = small_options(score);
+    options.additive_dim = 3;
+    MultiHeadAttention layer(options, 2);
+    const ScoreLayer declared = score_layer(score, 2, 4, 3);
+    std::size_t own = 0;
+    for (const auto& [parameter, tensor] : layer.parameters()) {
+      if (parameter.rfind("score_", 0) == 0) ++own;
+    }
+    EXPECT_EQ(own, declared.parameters.size()) << name;
+    for (const ScoreLayerParameter& parameter : declared.parameters) {
+      const Tensor& tensor = layer.parameters().at(parameter.name);
+      EXPECT_EQ(tensor.shape(), parameter.shape) << parameter.name;
+      const float first = tensor.data<float>()[0];
+      switch (parameter.start) {
+        case ScoreLayerParameter::Start::identity:
+          EXPECT_EQ(first, 1.0f);
+          EXPECT_EQ(tensor.data<float>()[1], 0.0f);
+          break;
+        case ScoreLayerParameter::Start::constant:
+          EXPECT_EQ(first, static_cast<float>(parameter.value));
+          break;
+        case ScoreLayerParameter::Start::uniform:
+          EXPECT_LE(std::abs(first), parameter.value);
+          break;
+        case ScoreLayerParameter::Start::xavier:
+          EXPECT_NE(first, 0.0f);
+          break;
+      }
+    }
+    const Tensor x = random_float32({3, 2, 8}, 4);
+    MultiHeadAttentionCall call;
+    const Tensor out = layer.forward(x.view(), x.view(), x.view(), call).output;
+    layer.backward(out.view());
+    for (std::int64_t n = 0; n < out.numel(); ++n) ASSERT_TRUE(std::isfinite(out.data<float>()[n]));
+  }
+  EXPECT_EQ(score_layer(Score::bilinear, 2, 16).scale, 0.25);
+  EXPECT_FALSE(score_layer(Score::scaled_dot, 2, 16).scale.has_value());
+  EXPECT_EQ(score_layer(Score::additive, 2, 16).parameters.at(2).shape,
+            (std::vector<std::int64_t>{2, 16}));
+  EXPECT_THAT([] { score_layer(Score::cosine, 0, 4); },
+              ::testing::ThrowsMessage<Error>(::testing::HasSubstr("expected >= 1")));
 }
 
 TEST(MultiHeadAttention, SavesAndLoadsStateDict) {

@@ -122,9 +122,9 @@ void run_bench(const BenchFlags& flags) {
     rows += fmt::format(
         "{}\n    {{\"shape\": \"{}\", \"batch\": {}, \"q_heads\": {}, \"kv_heads\": {}, "
         "\"q_len\": {}, \"k_len\": {}, \"head_dim\": {}, \"additive_dim\": {}, \"causal\": {}, "
-        "\"median_ms\": {:.4f}, \"gflops\": {:.2f}, \"ratio_to_sgemm\": {:.4f}, "
-        "\"tanh_per_second\": {:.4g}, \"floor_ms\": {:.4f}, \"peak_mib\": {:.1f}, "
-        "\"baseline_ms\": {:.4f}, \"speedup_over_baseline\": {:.3f}}}",
+        "\"median_ms\": {:.6g}, \"gflops\": {:.2f}, \"ratio_to_sgemm\": {:.4f}, "
+        "\"tanh_per_second\": {:.4g}, \"floor_ms\": {:.6g}, \"peak_mib\": {:.1f}, "
+        "\"baseline_ms\": {:.6g}, \"speedup_over_baseline\": {:.3f}}}",
         rows.empty() ? "" : ",", s.name, s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len,
         s.head_dim, s.additive_dim, s.causal ? "true" : "false", r.median_ms, r.gflops,
         r.ratio_to_sgemm, r.tanh_per_second, r.floor_ms, r.peak_mib, r.naive_ms,
