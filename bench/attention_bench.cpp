@@ -18,8 +18,6 @@
 #include <random>
 #include <string>
 
-#include "core/problem.hpp"
-#include "kernels/streaming_attention.hpp"
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
@@ -75,6 +73,61 @@ std::vector<float> random_floats(std::size_t count, std::uint64_t seed) {
 
 // The baseline a user can write with a BLAS: per head S = scale·Q Kᵀ (N×N, materialized),
 // masked, softmax per row, O = P V.
+// Each row of the [Nq, Nk] scores turned into its softmax (keys past the causal diagonal 0).
+void softmax_rows(const Shape& s, std::vector<float>& scores) {
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < s.q_len; ++i) {
+    float* row = scores.data() + i * s.k_len;
+    const std::int64_t visible = s.causal ? std::min(s.k_len, i + s.k_len - s.q_len + 1) : s.k_len;
+    float row_max = -std::numeric_limits<float>::infinity();
+    for (std::int64_t j = 0; j < visible; ++j) row_max = std::max(row_max, row[j]);
+    float sum = 0.0f;
+    for (std::int64_t j = 0; j < visible; ++j) sum += row[j] = std::exp(row[j] - row_max);
+    const float inverse = sum > 0 ? 1.0f / sum : 0.0f;
+    for (std::int64_t j = 0; j < visible; ++j) row[j] *= inverse;
+    for (std::int64_t j = std::max<std::int64_t>(visible, 0); j < s.k_len; ++j) row[j] = 0.0f;
+  }
+}
+
+// The additive score done plainly, the baseline of the additive shapes: per head q' = Wq q and
+// k' = Wk k (OpenBLAS), every score Σ_a v_a tanh(q'_a + k'_a) with std::tanh into an [Nq, Nk]
+// matrix, its softmax, and the average of V (OpenBLAS).
+void naive_additive_attention(const Shape& s, const float* q, const float* k, const float* v,
+                              const float* wq, const float* wk, const float* va, float* out,
+                              std::vector<float>& scores) {
+  const std::int64_t d = s.head_dim, a = s.additive_dim, group = s.q_heads / s.kv_heads;
+  const auto nq = static_cast<int>(s.q_len), nk = static_cast<int>(s.k_len);
+  const auto di = static_cast<int>(d), ai = static_cast<int>(a);
+  std::vector<float> q_proj(static_cast<std::size_t>(s.q_len * a));
+  std::vector<float> k_proj(static_cast<std::size_t>(s.k_len * a));
+  for (std::int64_t b = 0; b < s.batch; ++b) {
+    for (std::int64_t h = 0; h < s.q_heads; ++h) {
+      const std::int64_t hk = h / group;
+      const float* qh = q + (b * s.q_len * s.q_heads + h) * d;
+      const float* kh = k + (b * s.k_len * s.kv_heads + hk) * d;
+      const float* vh = v + (b * s.k_len * s.kv_heads + hk) * d;
+      float* oh = out + (b * s.q_len * s.q_heads + h) * d;
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, ai, di, 1.0f, qh,
+                  static_cast<int>(s.q_heads * d), wq, di, 0.0f, q_proj.data(), ai);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nk, ai, di, 1.0f, kh,
+                  static_cast<int>(s.kv_heads * d), wk, di, 0.0f, k_proj.data(), ai);
+#pragma omp parallel for schedule(static)
+      for (std::int64_t i = 0; i < s.q_len; ++i) {
+        const float* qi = q_proj.data() + i * a;
+        for (std::int64_t j = 0; j < s.k_len; ++j) {
+          const float* kj = k_proj.data() + j * a;
+          float score = 0.0f;
+          for (std::int64_t t = 0; t < a; ++t) score += va[t] * std::tanh(qi[t] + kj[t]);
+          scores[static_cast<std::size_t>(i * s.k_len + j)] = score;
+        }
+      }
+      softmax_rows(s, scores);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, di, nk, 1.0f, scores.data(), nk,
+                  vh, static_cast<int>(s.kv_heads * d), 0.0f, oh, static_cast<int>(s.q_heads * d));
+    }
+  }
+}
+
 void naive_attention(const Shape& s, const float* q, const float* k, const float* v, float* out,
                      std::vector<float>& scores) {
   const std::int64_t d = s.head_dim, group = s.q_heads / s.kv_heads;
@@ -90,19 +143,7 @@ void naive_attention(const Shape& s, const float* q, const float* k, const float
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, static_cast<int>(d), scale, qh,
                   static_cast<int>(s.q_heads * d), kh, static_cast<int>(s.kv_heads * d), 0.0f,
                   scores.data(), nk);
-#pragma omp parallel for schedule(static)
-      for (std::int64_t i = 0; i < s.q_len; ++i) {
-        float* row = scores.data() + i * s.k_len;
-        const std::int64_t visible =
-            s.causal ? std::min(s.k_len, i + s.k_len - s.q_len + 1) : s.k_len;
-        float row_max = -std::numeric_limits<float>::infinity();
-        for (std::int64_t j = 0; j < visible; ++j) row_max = std::max(row_max, row[j]);
-        float sum = 0.0f;
-        for (std::int64_t j = 0; j < visible; ++j) sum += row[j] = std::exp(row[j] - row_max);
-        const float inverse = sum > 0 ? 1.0f / sum : 0.0f;
-        for (std::int64_t j = 0; j < visible; ++j) row[j] *= inverse;
-        for (std::int64_t j = std::max<std::int64_t>(visible, 0); j < s.k_len; ++j) row[j] = 0.0f;
-      }
+      softmax_rows(s, scores);
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, static_cast<int>(d), nk, 1.0f,
                   scores.data(), nk, vh, static_cast<int>(s.kv_heads * d), 0.0f, oh,
                   static_cast<int>(s.q_heads * d));
@@ -365,22 +406,22 @@ ShapeResult measure_qkv_backward(const Shape& s, DType dtype, int threads, int r
 void measure_baseline(ShapeResult& result, int threads, int repetitions) {
   const Shape& s = result.shape;
   BenchProblem problem(s, result.dtype, threads);
-  if (s.additive_dim > 0) {
-    // The core issue's float32 path, run once: it takes seconds.
+  // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run; it knows no
+  // block masks.
+  if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes ||
+      s.documents > 0 || s.sliding_window > 0) {
+    return;
+  }
+  openblas_set_num_threads(threads);
+  omp_set_num_threads(threads);
+  std::vector<float> scores(static_cast<std::size_t>(s.q_len * s.k_len));
+  if (s.additive_dim > 0) {  // run once: it takes seconds
     const auto start = std::chrono::steady_clock::now();
-    kernels::streaming_attention(detail::make_problem(
-        problem.q_view, problem.k_view, problem.v_view, problem.options, problem.outputs));
+    naive_additive_attention(s, problem.q.data(), problem.k.data(), problem.v.data(),
+                             problem.wq.data(), problem.wk.data(), problem.va.data(),
+                             problem.out.data(), scores);
     result.naive_ms = milliseconds_since(start);
   } else {
-    // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run; it knows no
-    // block masks.
-    if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes ||
-        s.documents > 0 || s.sliding_window > 0) {
-      return;
-    }
-    openblas_set_num_threads(threads);
-    omp_set_num_threads(threads);
-    std::vector<float> scores(static_cast<std::size_t>(s.q_len * s.k_len));
     result.naive_ms = median_ms(std::max(1, repetitions / 2), [&] {
       naive_attention(s, problem.q.data(), problem.k.data(), problem.v.data(), problem.out.data(),
                       scores);

@@ -147,8 +147,6 @@ struct WeightBlock {
   std::int64_t key_offset;
 };
 
-}  // namespace
-
 template <class T>
 void rescale_weights(WeightBlock& block, const Tensor& row_lse) {
   const std::int64_t keys = block.weights.shape()[3];
@@ -161,28 +159,99 @@ void rescale_weights(WeightBlock& block, const Tensor& row_lse) {
   }
 }
 
+// Calls visit(a, e) for each pair of this rank's query piece a and the shard's key piece e that
+// the mask does not hide entirely.
+template <class Visit>
+void for_each_visible_pair(const Context& c, const AttentionOptions& options,
+                           const DistributedOptions& d, const Pieces& k_pieces, Visit visit) {
+  for (std::size_t a = 0; a < c.q_pieces.size(); ++a)
+    for (std::size_t e = 0; e < k_pieces.size(); ++e)
+      if (!hidden(options, d.q_total, d.k_total, c.q_pieces[a], k_pieces[e])) visit(a, e);
+}
+
+// The forward's result for this rank's query pieces as the key shards pass: each piece's O and
+// LSE, merged block by block in the wider dtype, and, when the weights are asked for, each
+// block's weights, kept until the rows' final LSE is known.
+class MergedRows {
+ public:
+  MergedRows(const Context& c, DType merged, bool keep_weights)
+      : merged_(merged), keep_weights_(keep_weights) {
+    for (const auto& piece : c.q_pieces) {
+      out_.emplace_back(merged,
+                        std::vector<std::int64_t>{c.batch, piece.second, c.q_heads, c.v_dim});
+      Tensor minus_infinity(merged, {c.batch, c.q_heads, piece.second});
+      for (std::int64_t n = 0; n < minus_infinity.numel(); ++n) {
+        if (merged == DType::float64)
+          minus_infinity.data<double>()[n] = -INFINITY;
+        else
+          minus_infinity.data<float>()[n] = -INFINITY;
+      }
+      lse_.push_back(std::move(minus_infinity));
+    }
+  }
+
+  // Attention of query piece a (q) on the keys k, v (the shard's rows from key_offset on), merged
+  // into the piece's running O and LSE.
+  void attend(std::size_t a, const TensorView& q, const TensorView& k, const TensorView& v,
+              const AttentionOptions& block, std::int64_t key_offset) {
+    const std::int64_t batch = q.shape[0], rows = q.shape[1], heads = q.shape[2];
+    Tensor part_out(merged_, {batch, rows, heads, v.shape[3]});
+    Tensor part_lse(merged_, {batch, heads, rows});
+    std::optional<MutableTensorView> part_weights;
+    if (keep_weights_) {  // normalized by the block's LSE; rescaled once the row's LSE is known
+      weight_blocks_.push_back({Tensor(merged_, {batch, heads, rows, k.shape[1]}),
+                                Tensor(merged_, {batch, heads, rows}), a, key_offset});
+      part_weights = weight_blocks_.back().weights.mutable_view();
+    }
+    attention_forward(q, k, v, block,
+                      {part_out.mutable_view(), part_lse.mutable_view(), part_weights});
+    if (keep_weights_) copy_into(part_lse.view(), weight_blocks_.back().lse.mutable_view());
+    const TensorView outs[] = {out_[a].view(), part_out.view()};
+    const TensorView lses[] = {lse_[a].view(), part_lse.view()};
+    merge_attention(outs, lses, out_[a].mutable_view(), lse_[a].mutable_view());
+  }
+
+  // Each piece's rows into out, lse and the weights (blocks the mask hid stay 0).
+  void write(const std::vector<std::int64_t>& q_starts, const MutableTensorView& out,
+             const std::optional<MutableTensorView>& lse,
+             const std::optional<MutableTensorView>& weights) {
+    for (std::size_t a = 0; a < out_.size(); ++a) {
+      const std::int64_t begin = q_starts[a], end = begin + out_[a].shape()[1];
+      copy_into(out_[a].view(), out.narrow(1, begin, end));
+      if (lse) copy_into(lse_[a].view(), lse->narrow(2, begin, end));
+    }
+    if (!weights) return;
+    const Tensor zeros(merged_, shape_of(weights->as_const()));
+    copy_into(zeros.view(), *weights);
+    for (WeightBlock& block : weight_blocks_) {
+      if (merged_ == DType::float64)
+        rescale_weights<double>(block, lse_[block.q_piece]);
+      else
+        rescale_weights<float>(block, lse_[block.q_piece]);
+      const std::int64_t begin = q_starts[block.q_piece];
+      copy_into(block.weights.view(),
+                weights->narrow(2, begin, begin + block.lse.shape()[2])
+                    .narrow(3, block.key_offset, block.key_offset + block.weights.shape()[3]));
+    }
+  }
+
+ private:
+  DType merged_;
+  bool keep_weights_;
+  std::vector<Tensor> out_, lse_;
+  std::vector<WeightBlock> weight_blocks_;
+};
+
+}  // namespace
+
 void ring_forward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
                   const AttentionOptions& options, const DistributedOptions& d,
                   const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
                   const std::optional<MutableTensorView>& weights, RingStatistics* statistics) {
   RingStatistics stats;
-  std::vector<WeightBlock> weight_blocks;
   const bool threads_allowed = mpi_threads_allowed();
-  const DType merged = wide(q.dtype);
   const std::vector<std::int64_t> q_starts = local_starts(c.q_pieces);
-  std::vector<Tensor> running_out, running_lse;
-  for (const auto& piece : c.q_pieces) {
-    running_out.emplace_back(merged,
-                             std::vector<std::int64_t>{c.batch, piece.second, c.q_heads, c.v_dim});
-    Tensor minus_infinity(merged, {c.batch, c.q_heads, piece.second});
-    for (std::int64_t n = 0; n < minus_infinity.numel(); ++n) {
-      if (merged == DType::float64)
-        minus_infinity.data<double>()[n] = -INFINITY;
-      else
-        minus_infinity.data<float>()[n] = -INFINITY;
-    }
-    running_lse.push_back(std::move(minus_infinity));
-  }
+  MergedRows rows(c, wide(q.dtype), weights.has_value());
   // Kept by the calling thread between calls, as the fused kernel keeps its packed K and V: fresh
   // pages cost more than the copy into them.
   thread_local Block blocks[2];
@@ -201,38 +270,19 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
       incoming->resize(c, shard_length(d.k_total, c.ranks, coming, d.layout), q.dtype);
       transfer.start(current->data(), current->size(), next, incoming->data(), incoming->size(),
                      previous, step, c.comm);
+      stats.bytes_sent += static_cast<double>(current->size());
     }
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
     const double compute_start = MPI_Wtime();
-    if (more) stats.bytes_sent += static_cast<double>(current->size());
-    for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
-      const auto q_piece = c.q_pieces[a];
-      for (std::size_t e = 0; e < k_pieces.size(); ++e) {
-        if (hidden(options, d.q_total, d.k_total, q_piece, k_pieces[e])) continue;
-        const TensorView qv = q.narrow(1, q_starts[a], q_starts[a] + q_piece.second);
-        const TensorView kv = current->k().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
-        const TensorView vv = current->v().narrow(1, k_starts[e], k_starts[e] + k_pieces[e].second);
-        Tensor part_out(merged, {c.batch, q_piece.second, c.q_heads, c.v_dim});
-        Tensor part_lse(merged, {c.batch, c.q_heads, q_piece.second});
-        std::optional<MutableTensorView> part_weights;
-        if (weights) {  // normalized by the block's LSE; rescaled once the row's LSE is known
-          weight_blocks.push_back(
-              {Tensor(merged, {c.batch, c.q_heads, q_piece.second, k_pieces[e].second}),
-               Tensor(merged, {c.batch, c.q_heads, q_piece.second}), a, k_pieces[e].first});
-          part_weights = weight_blocks.back().weights.mutable_view();
-        }
-        attention_forward(qv, kv, vv, block_options(options, d, q_piece, q_starts[a], k_pieces[e]),
-                          {part_out.mutable_view(), part_lse.mutable_view(), part_weights});
-        if (weights) copy_into(part_lse.view(), weight_blocks.back().lse.mutable_view());
-        const TensorView outs[] = {running_out[a].view(), part_out.view()};
-        const TensorView lses[] = {running_lse[a].view(), part_lse.view()};
-        merge_attention(outs, lses, running_out[a].mutable_view(), running_lse[a].mutable_view());
-        transfer.nudge();
-      }
-    }
-    const double wait_start = MPI_Wtime();
-    stats.compute_seconds += wait_start - compute_start;
+    for_each_visible_pair(c, options, d, k_pieces, [&](std::size_t a, std::size_t e) {
+      const std::int64_t q0 = q_starts[a], k0 = k_starts[e], k1 = k0 + k_pieces[e].second;
+      rows.attend(a, q.narrow(1, q0, q0 + c.q_pieces[a].second), current->k().narrow(1, k0, k1),
+                  current->v().narrow(1, k0, k1),
+                  block_options(options, d, c.q_pieces[a], q0, k_pieces[e]), k_pieces[e].first);
+      transfer.nudge();
+    });
+    stats.compute_seconds += MPI_Wtime() - compute_start;
     if (more) {
       ++stats.transfer_steps;
       if (transfer.finish()) ++stats.hidden_steps;
@@ -241,26 +291,10 @@ void ring_forward(const Context& c, const TensorView& q, const TensorView& k, co
     ++stats.steps;
   }
   if (statistics != nullptr) *statistics = stats;
-  for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
-    const std::int64_t begin = q_starts[a], end = begin + c.q_pieces[a].second;
-    copy_into(running_out[a].view(), out.narrow(1, begin, end));
-    if (lse) copy_into(running_lse[a].view(), lse->narrow(2, begin, end));
-  }
-  if (weights) {  // blocks never computed (hidden by the mask) stay 0
-    const Tensor zeros(merged, shape_of(weights->as_const()));
-    copy_into(zeros.view(), *weights);
-    for (WeightBlock& block : weight_blocks) {
-      if (merged == DType::float64)
-        rescale_weights<double>(block, running_lse[block.q_piece]);
-      else
-        rescale_weights<float>(block, running_lse[block.q_piece]);
-      const std::int64_t begin = q_starts[block.q_piece];
-      copy_into(block.weights.view(),
-                weights->narrow(2, begin, begin + block.lse.shape()[2])
-                    .narrow(3, block.key_offset, block.key_offset + block.weights.shape()[3]));
-    }
-  }
+  rows.write(q_starts, out, lse, weights);
 }
+
+namespace {
 
 // Adds the packed [dK | dV] sums that arrived (float32 or float64, like the tensors) to dk and dv,
 // then packs the totals into `packed` for the next rank.
@@ -289,12 +323,73 @@ void add_and_pack(Tensor& dk, Tensor& dv, const std::vector<std::byte>* arrived,
   }
 }
 
-// The backward's ring. K and V travel ahead as in the forward. The dK, dV of a shard, summed over
-// the ranks it has visited, travel one step behind it: rank r, having added its queries' share
-// for the shard of step s, sends the sum on while it computes step s + 1, and the next rank needs
-// it only after computing its own share. So both transfers hide behind compute, and after the
-// last step one more pass brings every shard's total home. A shard's sum is always added in the
-// same rank order (its owner first), whatever the timing.
+// The dK, dV sums of the backward's ring, each travelling one step behind its shard: at step s a
+// rank waits for the sum of the ranks before it (for the shard it just computed on), adds its own
+// share, and sends the total on while the next step computes. After the last step, the sum that
+// arrives is this rank's own shard's total.
+class TravellingSums {
+ public:
+  TravellingSums(const Context& c, const DistributedOptions& d, DType accumulate,
+                 bool threads_allowed)
+      : c_(c),
+        d_(d),
+        transfer_(threads_allowed),
+        row_bytes_(c.batch * c.kv_heads * (c.k_dim + c.v_dim) *
+                   static_cast<std::int64_t>(dtype_size(accumulate))) {}
+
+  void nudge() { transfer_.nudge(); }
+
+  // Adds the sum that arrived for this step's shard (none at step 0) to this rank's share, sends
+  // the total on, and starts receiving the sum for the shard of the next step (or, after the last
+  // step, this rank's own).
+  void pass_on(int step, int next_shard, Tensor& share_dk, Tensor& share_dv,
+               RingStatistics& stats) {
+    const double wait_start = MPI_Wtime();
+    if (step > 0) {
+      ++stats.transfer_steps;
+      if (transfer_.finish()) ++stats.hidden_steps;
+    }
+    stats.wait_seconds += MPI_Wtime() - wait_start;
+    thread_local std::vector<std::byte> sending_slot, arriving_slot;  // kept between calls
+    std::vector<std::byte>& sending = sending_slot;
+    std::vector<std::byte>& arriving = arriving_slot;
+    add_and_pack(share_dk, share_dv, step > 0 ? &arriving : nullptr, sending);
+    home_ = &sending;
+    if (c_.ranks == 1) return;
+    const int arriving_shard = step + 1 < c_.ranks ? next_shard : c_.rank;
+    arriving.resize(static_cast<std::size_t>(
+        shard_length(d_.k_total, c_.ranks, arriving_shard, d_.layout) * row_bytes_));
+    const int next = (c_.rank + 1) % c_.ranks, previous = (c_.rank + c_.ranks - 1) % c_.ranks;
+    transfer_.start(sending.data(), sending.size(), next, arriving.data(), arriving.size(),
+                    previous, 2 * step + 1, c_.comm);
+    stats.bytes_sent += static_cast<double>(sending.size());
+    home_ = &arriving;
+  }
+
+  // After the last step: this rank's shard's total dK and dV, packed [dK | dV].
+  const std::byte* home(RingStatistics& stats) {
+    const double wait_start = MPI_Wtime();
+    if (c_.ranks > 1) transfer_.finish();
+    stats.wait_seconds += MPI_Wtime() - wait_start;
+    return home_->data();
+  }
+
+ private:
+  const Context& c_;
+  const DistributedOptions& d_;
+  Transfer transfer_;
+  std::int64_t row_bytes_;
+  const std::vector<std::byte>* home_ = nullptr;
+};
+
+}  // namespace
+
+// The backward's ring. K and V travel ahead as in the forward; the dK, dV sums of each shard
+// travel one step behind it (TravellingSums): rank r, having added its queries' share for the
+// shard of step s, sends the sum on while it computes step s + 1, and the next rank needs it only
+// after computing its own share. So both transfers hide behind compute, and after the last step
+// one more pass brings every shard's total home. A shard's sum is always added in the same rank
+// order (its owner first), whatever the timing.
 void ring_backward(const Context& c, const TensorView& q, const TensorView& k, const TensorView& v,
                    const AttentionOptions& options, const DistributedOptions& d,
                    const TensorView& dout, const TensorView& out, const TensorView& lse,
@@ -306,8 +401,6 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
   // Working space kept by the calling thread between calls (see Block).
   thread_local Tensor dq_slot, share_slots[2];
   Tensor& dq_total = zeroed_reused(dq_slot, accumulate, shape_of(q));
-  // Kept by the calling thread between calls, as the fused kernel keeps its packed K and V: fresh
-  // pages cost more than the copy into them.
   thread_local Block blocks[2];
   Block* current = &blocks[0];
   Block* incoming = &blocks[1];
@@ -315,10 +408,7 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
   current->fill(k, v);
   const bool threads_allowed = mpi_threads_allowed();
   const int next = (c.rank + 1) % c.ranks, previous = (c.rank + c.ranks - 1) % c.ranks;
-  thread_local std::vector<std::byte> sending, arriving;  // packed [dK | dV] sums, in flight
-  Transfer gradient_transfer(threads_allowed);
-  const std::int64_t gradient_row_bytes = c.batch * c.kv_heads * (c.k_dim + c.v_dim) *
-                                          static_cast<std::int64_t>(dtype_size(accumulate));
+  TravellingSums travelling(c, d, accumulate, threads_allowed);
   for (int step = 0; step < c.ranks; ++step) {
     const int source = (c.rank - step + c.ranks) % c.ranks;
     const int coming = (c.rank - step - 1 + 2 * c.ranks) % c.ranks;
@@ -330,56 +420,37 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
     }
     const Pieces k_pieces = shard_pieces(d.k_total, c.ranks, source, d.layout);
     const std::vector<std::int64_t> k_starts = local_starts(k_pieces);
-    const std::int64_t source_rows = current->rows();
     // This rank's share of the shard's dK and dV.
+    const std::int64_t source_rows = current->rows();
     Tensor& share_dk =
         zeroed_reused(share_slots[0], accumulate, {c.batch, source_rows, c.kv_heads, c.k_dim});
     Tensor& share_dv =
         zeroed_reused(share_slots[1], accumulate, {c.batch, source_rows, c.kv_heads, c.v_dim});
     const double compute_start = MPI_Wtime();
-    for (std::size_t a = 0; a < c.q_pieces.size(); ++a) {
-      const auto q_piece = c.q_pieces[a];
-      const std::int64_t q0 = q_starts[a], q1 = q0 + q_piece.second;
-      for (std::size_t e = 0; e < k_pieces.size(); ++e) {
-        if (hidden(options, d.q_total, d.k_total, q_piece, k_pieces[e])) continue;
-        const std::int64_t k0 = k_starts[e], k1 = k0 + k_pieces[e].second;
-        Tensor part_dq(accumulate, {c.batch, q1 - q0, c.q_heads, c.q_dim});
-        Tensor part_dk(accumulate, {c.batch, k1 - k0, c.kv_heads, c.k_dim});
-        Tensor part_dv(accumulate, {c.batch, k1 - k0, c.kv_heads, c.v_dim});
-        const AttentionOptions block = block_options(options, d, q_piece, q0, k_pieces[e]);
-        AttentionGradients grads = sums.block_slots(block);
-        grads.dq = part_dq.mutable_view();
-        grads.dk = part_dk.mutable_view();
-        grads.dv = part_dv.mutable_view();
-        attention_backward(q.narrow(1, q0, q1), current->k().narrow(1, k0, k1),
-                           current->v().narrow(1, k0, k1), block, dout.narrow(1, q0, q1),
-                           std::nullopt, grads,
-                           SavedForward{out.narrow(1, q0, q1), lse.narrow(2, q0, q1)});
-        sums.add_parts(0);
-        add_rows(dq_total, part_dq, q0);
-        add_rows(share_dk, part_dk, k0);
-        add_rows(share_dv, part_dv, k0);
-        kv_transfer.nudge();
-        gradient_transfer.nudge();
-      }
-    }
-    // The sum of the ranks before this one (for the same shard) has arrived meanwhile.
-    const double wait_start = MPI_Wtime();
-    stats.compute_seconds += wait_start - compute_start;
-    if (step > 0) {
-      ++stats.transfer_steps;
-      if (gradient_transfer.finish()) ++stats.hidden_steps;
-    }
-    stats.wait_seconds += MPI_Wtime() - wait_start;
-    add_and_pack(share_dk, share_dv, step > 0 ? &arriving : nullptr, sending);
-    if (c.ranks > 1) {  // on to the next rank; the sum for the next step's shard comes in
-      const int arriving_shard = (step + 1 < c.ranks) ? coming : c.rank;
-      arriving.resize(static_cast<std::size_t>(
-          shard_length(d.k_total, c.ranks, arriving_shard, d.layout) * gradient_row_bytes));
-      gradient_transfer.start(sending.data(), sending.size(), next, arriving.data(),
-                              arriving.size(), previous, 2 * step + 1, c.comm);
-      stats.bytes_sent += static_cast<double>(sending.size());
-    }
+    for_each_visible_pair(c, options, d, k_pieces, [&](std::size_t a, std::size_t e) {
+      const std::int64_t q0 = q_starts[a], q1 = q0 + c.q_pieces[a].second;
+      const std::int64_t k0 = k_starts[e], k1 = k0 + k_pieces[e].second;
+      Tensor part_dq(accumulate, {c.batch, q1 - q0, c.q_heads, c.q_dim});
+      Tensor part_dk(accumulate, {c.batch, k1 - k0, c.kv_heads, c.k_dim});
+      Tensor part_dv(accumulate, {c.batch, k1 - k0, c.kv_heads, c.v_dim});
+      const AttentionOptions block = block_options(options, d, c.q_pieces[a], q0, k_pieces[e]);
+      AttentionGradients grads = sums.block_slots(block);
+      grads.dq = part_dq.mutable_view();
+      grads.dk = part_dk.mutable_view();
+      grads.dv = part_dv.mutable_view();
+      attention_backward(q.narrow(1, q0, q1), current->k().narrow(1, k0, k1),
+                         current->v().narrow(1, k0, k1), block, dout.narrow(1, q0, q1),
+                         std::nullopt, grads,
+                         SavedForward{out.narrow(1, q0, q1), lse.narrow(2, q0, q1)});
+      sums.add_parts(0);
+      add_rows(dq_total, part_dq, q0);
+      add_rows(share_dk, part_dk, k0);
+      add_rows(share_dv, part_dv, k0);
+      kv_transfer.nudge();
+      travelling.nudge();
+    });
+    stats.compute_seconds += MPI_Wtime() - compute_start;
+    travelling.pass_on(step, coming, share_dk, share_dv, stats);
     if (step + 1 < c.ranks) {
       stats.bytes_sent += static_cast<double>(current->size());
       const double kv_wait = MPI_Wtime();
@@ -390,18 +461,13 @@ void ring_backward(const Context& c, const TensorView& q, const TensorView& k, c
     }
     ++stats.steps;
   }
-  // Every shard's total comes home: the last sum sent to this rank is its own shard's (a transfer
-  // with nothing left to hide behind).
-  const std::vector<std::byte>& home = c.ranks > 1 ? arriving : sending;
-  const double home_wait = MPI_Wtime();
-  if (c.ranks > 1) gradient_transfer.finish();
-  stats.wait_seconds += MPI_Wtime() - home_wait;
+  const std::byte* home = travelling.home(stats);
   if (statistics != nullptr) *statistics = stats;
-  const TensorView total_dk = TensorView::contiguous(home.data(), accumulate, shape_of(k));
+  const TensorView total_dk = TensorView::contiguous(home, accumulate, shape_of(k));
   const auto dk_bytes = static_cast<std::size_t>(total_dk.numel()) * dtype_size(accumulate);
   copy_into(dq_total.view(), dq);
   copy_into(total_dk, dk);
-  copy_into(TensorView::contiguous(home.data() + dk_bytes, accumulate, shape_of(v)), dv);
+  copy_into(TensorView::contiguous(home + dk_bytes, accumulate, shape_of(v)), dv);
 }
 
 }  // namespace qkv::distributed::internal

@@ -1,4 +1,4 @@
-// Streaming attention.
+// Streaming attention: the float64 kernel (float32 and bfloat16 go to the fused kernel).
 //
 // Work is split into items of (batch b, query head h, block of kRowsPerItem query rows) that
 // OpenMP hands out dynamically; each thread owns a small scratch (one query row, one block of
@@ -24,6 +24,7 @@
 #include "core/dropout.hpp"
 #include "kernels/operands.hpp"
 #include "kernels/score_operands.hpp"
+#include "qkv/error.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -40,19 +41,17 @@ using detail::AttentionProblem;
 constexpr std::int64_t kKeyBlock = 64;     // scores kept per step of the online softmax
 constexpr std::int64_t kRowsPerItem = 16;  // query rows in one unit of parallel work
 
-template <class T>
-T dot(const T* a, const T* b, std::int64_t n) {
-  T sum = 0;
+double dot(const double* a, const double* b, std::int64_t n) {
+  double sum = 0;
   for (std::int64_t d = 0; d < n; ++d) sum += a[d] * b[d];
   return sum;
 }
 
-template <class T>
 class StreamingKernel {
  public:
   explicit StreamingKernel(const AttentionProblem& p) : p_(p) {
-    ComparedVectors<T> vectors =
-        compared_vectors<T>(p, detail::score_unit(p.score).operands(p), worker_threads(p));
+    ComparedVectors<double> vectors =
+        compared_vectors<double>(p, detail::score_unit(p.score).operands(p), worker_threads(p));
     q_ = std::move(vectors.q);
     k_ = std::move(vectors.k);
     score_dim_ = vectors.dim;
@@ -82,106 +81,107 @@ class StreamingKernel {
   struct Scratch {
     explicit Scratch(std::int64_t v_dim)
         : scores(kKeyBlock), accumulator(static_cast<std::size_t>(v_dim)) {}
-    std::vector<T> scores;
-    std::vector<T> accumulator;
+    std::vector<double> scores;
+    std::vector<double> accumulator;
   };
 
-  const T* key_row(std::int64_t b, std::int64_t j, std::int64_t h) const {
+  const double* key_row(std::int64_t b, std::int64_t j, std::int64_t h) const {
     return k_.row(b, j, keys_per_query_head_ ? h : p_.kv_head(h));
   }
 
   // Step 1: scores[0 .. count) for keys first .. first + count of row i. Returns their maximum.
-  T score_block(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t first,
-                std::int64_t count, T* scores) const {
-    const T* query = q_.row(b, i, h);
+  double score_block(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t first,
+                     std::int64_t count, double* scores) const {
+    const double* query = q_.row(b, i, h);
     if (additive_) {  // the scale is folded into v
-      const T* va = va_.data() + h * score_dim_;
+      const double* va = va_.data() + h * score_dim_;
       for (std::int64_t t = 0; t < count; ++t) {
-        const T* key = key_row(b, first + t, h);
-        T sum = 0;
+        const double* key = key_row(b, first + t, h);
+        double sum = 0;
         for (std::int64_t a = 0; a < score_dim_; ++a) sum += va[a] * std::tanh(query[a] + key[a]);
         scores[t] = sum;
       }
     } else {
-      const auto scale = static_cast<T>(p_.scale);
+      const double scale = p_.scale;
       for (std::int64_t t = 0; t < count; ++t) {
         scores[t] = scale * dot(query, key_row(b, first + t, h), score_dim_);
       }
     }
     apply_score_options(p_, b, h, i, first, count, scores);
-    T block_max = -std::numeric_limits<T>::infinity();
+    double block_max = -std::numeric_limits<double>::infinity();
     for (std::int64_t t = 0; t < count; ++t) block_max = std::max(block_max, scores[t]);
     return block_max;
   }
 
   void attend_row(std::int64_t b, std::int64_t h, std::int64_t i, Scratch& scratch) const {
-    constexpr T kMinusInfinity = -std::numeric_limits<T>::infinity();
+    constexpr double kMinusInfinity = -std::numeric_limits<double>::infinity();
     const auto [first, last] = detail::visible_keys(p_, b, h, i);
-    T* accumulator = scratch.accumulator.data();
-    std::fill(scratch.accumulator.begin(), scratch.accumulator.end(), T{0});
-    T running_max = kMinusInfinity;
-    T running_sum = 0;
+    double* accumulator = scratch.accumulator.data();
+    std::fill(scratch.accumulator.begin(), scratch.accumulator.end(), 0.0);
+    double running_max = kMinusInfinity;
+    double running_sum = 0;
     const std::int64_t hk = p_.kv_head(h);
     for (std::int64_t start = first; start < last; start += kKeyBlock) {
       const std::int64_t count = std::min(kKeyBlock, last - start);
-      T* scores = scratch.scores.data();
-      const T block_max = score_block(b, h, i, start, count, scores);
+      double* scores = scratch.scores.data();
+      const double block_max = score_block(b, h, i, start, count, scores);
       if (block_max == kMinusInfinity) continue;  // nothing visible in this block
       // Step 2: online softmax.
       if (block_max > running_max) {
-        const T correction = std::exp(running_max - block_max);  // 0 on the first visible block
+        const double correction =
+            std::exp(running_max - block_max);  // 0 on the first visible block
         running_sum *= correction;
         for (std::int64_t d = 0; d < p_.v_dim; ++d) accumulator[d] *= correction;
         running_max = block_max;
       }
       for (std::int64_t t = 0; t < count; ++t) {
-        T weight = std::exp(scores[t] - running_max);
+        double weight = std::exp(scores[t] - running_max);
         if (weight == 0) continue;
         running_sum += weight;
         if (dropout_.active()) {  // the sum is the softmax's; only the average sees the mask
-          weight *= static_cast<T>(dropout_.factor(b, h, i, start + t));
+          weight *= dropout_.factor(b, h, i, start + t);
           if (weight == 0) continue;
         }
-        const T* value = v_.row(b, start + t, hk);
+        const double* value = v_.row(b, start + t, hk);
         for (std::int64_t d = 0; d < p_.v_dim; ++d) accumulator[d] += weight * value[d];
       }
     }
 
     const bool empty = running_max == kMinusInfinity;
-    const T inverse_sum = empty ? T{0} : T{1} / running_sum;
+    const double inverse_sum = empty ? 0.0 : 1.0 / running_sum;
     for (std::int64_t d = 0; d < p_.v_dim; ++d) {
-      p_.out.store(static_cast<double>(accumulator[d] * inverse_sum), b, i, h, d);
+      p_.out.store(accumulator[d] * inverse_sum, b, i, h, d);
     }
-    const T lse = empty ? kMinusInfinity : running_max + std::log(running_sum);
-    if (p_.lse.present) p_.lse.store(static_cast<double>(lse), b, h, i);
+    const double lse = empty ? kMinusInfinity : running_max + std::log(running_sum);
+    if (p_.lse.present) p_.lse.store(lse, b, h, i);
     if (p_.weights.present) write_weights(b, h, i, first, last, lse, scratch);
   }
 
   // P_ij = exp(s_ij - LSE_i) for the visible keys, 0 for every other.
   void write_weights(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t first,
-                     std::int64_t last, T lse, Scratch& scratch) const {
-    const bool empty = lse == -std::numeric_limits<T>::infinity();
+                     std::int64_t last, double lse, Scratch& scratch) const {
+    const bool empty = lse == -std::numeric_limits<double>::infinity();
     for (std::int64_t j = 0; j < p_.k_len; ++j) {
       if (empty || j < first || j >= last) p_.weights.store(0.0, b, h, i, j);
     }
     if (empty) return;
     for (std::int64_t start = first; start < last; start += kKeyBlock) {
       const std::int64_t count = std::min(kKeyBlock, last - start);
-      T* scores = scratch.scores.data();
+      double* scores = scratch.scores.data();
       score_block(b, h, i, start, count, scores);
       for (std::int64_t t = 0; t < count; ++t) {
-        T weight = std::exp(scores[t] - lse);
-        if (dropout_.active()) weight *= static_cast<T>(dropout_.factor(b, h, i, start + t));
-        p_.weights.store(static_cast<double>(weight), b, h, i, start + t);
+        double weight = std::exp(scores[t] - lse);
+        if (dropout_.active()) weight *= dropout_.factor(b, h, i, start + t);
+        p_.weights.store(weight, b, h, i, start + t);
       }
     }
   }
 
   const AttentionProblem& p_;
   const detail::DropoutMask dropout_{p_};
-  RowMajorOperand<T> q_, k_, v_;
+  RowMajorOperand<double> q_, k_, v_;
   // q_ and k_ hold the projections for bilinear/additive
-  std::vector<T> va_;  // additive: scale·v per query head [Hq, A]
+  std::vector<double> va_;  // additive: scale·v per query head [Hq, A]
   bool additive_ = false;
   std::int64_t score_dim_ = 0;  // length of the vectors a score compares
   bool keys_per_query_head_ = false;
@@ -190,11 +190,11 @@ class StreamingKernel {
 }  // namespace
 
 void streaming_attention(const AttentionProblem& problem) {
-  if (problem.dtype == DType::float64) {
-    StreamingKernel<double>(problem).run();
-  } else {
-    StreamingKernel<float>(problem).run();
+  if (problem.dtype != DType::float64) {
+    throw Error(
+        "streaming_attention: expected a float64 problem (the fused kernel takes the rest)");
   }
+  StreamingKernel(problem).run();
 }
 
 }  // namespace qkv::kernels

@@ -1,13 +1,13 @@
 // The streaming kernel: attention one query row at a time with an online softmax over blocks of
-// keys, in O(N·D) memory. It covers every score and mask of the contract for float32 and float64
-// and is the fallback beneath the fused SIMD kernel.
+// keys, in float64 and O(N·D) memory, for every score and mask of the contract. It takes the
+// float64 problems; the fused kernel takes float32 and bfloat16.
 #pragma once
 
 #include "core/problem.hpp"
 
 namespace qkv::kernels {
 
-// Computes problem.out (and lse, weights when present) for a validated problem.
+// Computes problem.out (and lse, weights when present) for a validated float64 problem.
 void streaming_attention(const detail::AttentionProblem& problem);
 
 }  // namespace qkv::kernels

@@ -59,148 +59,174 @@ Real stage(Real value) {
   }
 }
 
+// The literal evaluation of one problem, a (batch, head, query row) at a time, in named steps:
+// the head's projected keys (additive), the row's query and its projection, each score by the
+// contract's formula, then the row's softmax and average in three passes.
 template <class Real, bool kBfloat16Stages>
-void evaluate_literally(const AttentionProblem& p) {
-  const Real minus_infinity = -std::numeric_limits<Real>::infinity();
-  const detail::DropoutMask dropout(p);
-  std::vector<Real> query(static_cast<std::size_t>(p.q_dim));
-  std::vector<Real> query_projected;  // bilinear: Wᵀq [Dk]; additive: Wq q [A]
-  std::vector<Real> keys_projected;   // additive: Wk k for every key [Nk, A]
-  std::vector<Real> scores(static_cast<std::size_t>(p.k_len));
-  std::vector<char> visible(static_cast<std::size_t>(p.k_len));
-  std::vector<Real> output(static_cast<std::size_t>(p.v_dim));
-  const std::int64_t A = p.additive_dim;
+class LiteralForward {
+ public:
+  explicit LiteralForward(const AttentionProblem& p)
+      : p_(p),
+        dropout_(p),
+        query_(static_cast<std::size_t>(p.q_dim)),
+        scores_(static_cast<std::size_t>(p.k_len)),
+        visible_(static_cast<std::size_t>(p.k_len)),
+        output_(static_cast<std::size_t>(p.v_dim)) {}
 
-  for (std::int64_t b = 0; b < p.batch; ++b) {
-    for (std::int64_t h = 0; h < p.q_heads; ++h) {
-      const std::int64_t hk = p.kv_head(h);
-      if (p.score == Score::additive) {
-        keys_projected.assign(static_cast<std::size_t>(p.k_len * A), Real{0});
-        for (std::int64_t j = 0; j < p.k_len; ++j) {
-          for (std::int64_t a = 0; a < A; ++a) {
-            Real sum = 0;
-            for (std::int64_t d = 0; d < p.k_dim; ++d) {
-              sum += load<Real>(p.wk, h, a, d) * load<Real>(p.k, b, j, hk, d);
-            }
-            keys_projected[static_cast<std::size_t>(j * A + a)] = sum;
-          }
-        }
-      }
-      for (std::int64_t i = 0; i < p.q_len; ++i) {
-        for (std::int64_t d = 0; d < p.q_dim; ++d) {
-          query[static_cast<std::size_t>(d)] = load<Real>(p.q, b, i, h, d);
-        }
-        if (p.score == Score::bilinear) {  // qᵀ W k = (Wᵀ q)·k
-          query_projected.assign(static_cast<std::size_t>(p.k_dim), Real{0});
-          for (std::int64_t c = 0; c < p.k_dim; ++c) {
-            for (std::int64_t d = 0; d < p.q_dim; ++d) {
-              query_projected[static_cast<std::size_t>(c)] +=
-                  query[static_cast<std::size_t>(d)] * load<Real>(p.w, h, d, c);
-            }
-          }
-        } else if (p.score == Score::additive) {
-          query_projected.assign(static_cast<std::size_t>(A), Real{0});
-          for (std::int64_t a = 0; a < A; ++a) {
-            for (std::int64_t d = 0; d < p.q_dim; ++d) {
-              query_projected[static_cast<std::size_t>(a)] +=
-                  load<Real>(p.wq, h, a, d) * query[static_cast<std::size_t>(d)];
-            }
-          }
-        }
-
-        // Pass 1: every score (docs/contract.md §2, in its order) and the running maximum.
-        Real row_max = minus_infinity;
-        for (std::int64_t j = 0; j < p.k_len; ++j) {
-          Real s = 0;
-          if (p.score == Score::additive) {
-            for (std::int64_t a = 0; a < A; ++a) {
-              s += load<Real>(p.va, h, a) *
-                   std::tanh(query_projected[static_cast<std::size_t>(a)] +
-                             keys_projected[static_cast<std::size_t>(j * A + a)]);
-            }
-          } else {
-            const std::vector<Real>& left = p.score == Score::bilinear ? query_projected : query;
-            for (std::int64_t d = 0; d < p.k_dim; ++d) {
-              s += left[static_cast<std::size_t>(d)] * load<Real>(p.k, b, j, hk, d);
-            }
-          }
-          if (p.score == Score::cosine) {  // τ[h]·(q·k)/(|q||k|); a zero vector scores 0
-            Real q_norm = 0, k_norm = 0;
-            for (std::int64_t d = 0; d < p.k_dim; ++d) {
-              q_norm += query[static_cast<std::size_t>(d)] * query[static_cast<std::size_t>(d)];
-              k_norm += load<Real>(p.k, b, j, hk, d) * load<Real>(p.k, b, j, hk, d);
-            }
-            const Real norms = std::sqrt(q_norm) * std::sqrt(k_norm);
-            const Real tau = p.temperature.present ? load<Real>(p.temperature, h) : Real{1};
-            s = norms > 0 ? tau * (s / norms) : Real{0};
-          }
-          s *= static_cast<Real>(p.scale);
-          if (p.softcap > 0) {
-            const auto cap = static_cast<Real>(p.softcap);
-            s = cap * std::tanh(s / cap);
-          }
-          if (p.alibi_slopes.present) {
-            const auto distance = static_cast<Real>(std::llabs(i + p.diagonal() - j));
-            s -= load<Real>(p.alibi_slopes, b, h) * distance;
-          }
-          if (p.bias.present) s += load<Real>(p.bias, b, h, i, j);
-          if (p.score_mod != nullptr) p.score_mod->forward(p.score_mod_row(b, h, i, j, 1), &s);
-          scores[static_cast<std::size_t>(j)] = stage<kBfloat16Stages>(s);
-          visible[static_cast<std::size_t>(j)] = key_visible(p, b, h, i, j) ? 1 : 0;
-          if (visible[static_cast<std::size_t>(j)] && s > row_max) row_max = s;
-        }
-
-        // Pass 2: the softmax denominator; an empty row (or one whose every visible score is
-        // -inf) has none, and gives O = 0, P = 0, LSE = -inf.
-        Real lse = minus_infinity;
-        if (row_max != minus_infinity) {
-          Real denominator = 0;
-          for (std::int64_t j = 0; j < p.k_len; ++j) {
-            if (visible[static_cast<std::size_t>(j)]) {
-              denominator += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
-            }
-          }
-          lse = row_max + std::log(denominator);
-        }
-
-        // Pass 3: weights and the weighted average of the values.
-        std::fill(output.begin(), output.end(), Real{0});
-        for (std::int64_t j = 0; j < p.k_len; ++j) {
-          Real weight = 0;
-          if (visible[static_cast<std::size_t>(j)] && lse != minus_infinity) {
-            weight = stage<kBfloat16Stages>(std::exp(scores[static_cast<std::size_t>(j)] - lse));
-            if (dropout.active()) weight *= static_cast<Real>(dropout.factor(b, h, i, j));
-          }
-
-          if (p.weights.present) p.weights.store(static_cast<double>(weight), b, h, i, j);
-          if (weight == 0) continue;
-          for (std::int64_t d = 0; d < p.v_dim; ++d) {
-            output[static_cast<std::size_t>(d)] += weight * load<Real>(p.v, b, j, hk, d);
-          }
-        }
-        for (std::int64_t d = 0; d < p.v_dim; ++d) {
-          p.out.store(
-              static_cast<double>(stage<kBfloat16Stages>(output[static_cast<std::size_t>(d)])), b,
-              i, h, d);
-        }
-        if (p.lse.present) p.lse.store(static_cast<double>(lse), b, h, i);
+  void run() {
+    for (std::int64_t b = 0; b < p_.batch; ++b) {
+      for (std::int64_t h = 0; h < p_.q_heads; ++h) {
+        if (p_.score == Score::additive) project_keys(b, h);
+        for (std::int64_t i = 0; i < p_.q_len; ++i) attend_row(b, h, i);
       }
     }
   }
-}
+
+ private:
+  static constexpr Real kMinusInfinity = -std::numeric_limits<Real>::infinity();
+
+  Real k(std::int64_t b, std::int64_t j, std::int64_t h, std::int64_t d) const {
+    return load<Real>(p_.k, b, j, p_.kv_head(h), d);
+  }
+
+  // Additive: Wk k for every key of head h [Nk, A].
+  void project_keys(std::int64_t b, std::int64_t h) {
+    const std::int64_t A = p_.additive_dim;
+    keys_projected_.assign(static_cast<std::size_t>(p_.k_len * A), Real{0});
+    for (std::int64_t j = 0; j < p_.k_len; ++j) {
+      for (std::int64_t a = 0; a < A; ++a) {
+        Real sum = 0;
+        for (std::int64_t d = 0; d < p_.k_dim; ++d)
+          sum += load<Real>(p_.wk, h, a, d) * k(b, j, h, d);
+        keys_projected_[static_cast<std::size_t>(j * A + a)] = sum;
+      }
+    }
+  }
+
+  // The row's query, and its projection: bilinear Wᵀq [Dk] (qᵀ W k = (Wᵀq)·k), additive Wq q [A].
+  void load_query(std::int64_t b, std::int64_t h, std::int64_t i) {
+    for (std::int64_t d = 0; d < p_.q_dim; ++d)
+      query_[static_cast<std::size_t>(d)] = load<Real>(p_.q, b, i, h, d);
+    if (p_.score == Score::bilinear) {
+      query_projected_.assign(static_cast<std::size_t>(p_.k_dim), Real{0});
+      for (std::int64_t c = 0; c < p_.k_dim; ++c)
+        for (std::int64_t d = 0; d < p_.q_dim; ++d)
+          query_projected_[static_cast<std::size_t>(c)] +=
+              query_[static_cast<std::size_t>(d)] * load<Real>(p_.w, h, d, c);
+    } else if (p_.score == Score::additive) {
+      query_projected_.assign(static_cast<std::size_t>(p_.additive_dim), Real{0});
+      for (std::int64_t a = 0; a < p_.additive_dim; ++a)
+        for (std::int64_t d = 0; d < p_.q_dim; ++d)
+          query_projected_[static_cast<std::size_t>(a)] +=
+              load<Real>(p_.wq, h, a, d) * query_[static_cast<std::size_t>(d)];
+    }
+  }
+
+  // The score of query i and key j (docs/contract.md §2, its steps in their order).
+  Real score(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) const {
+    Real s = 0;
+    if (p_.score == Score::additive) {
+      const std::int64_t A = p_.additive_dim;
+      for (std::int64_t a = 0; a < A; ++a) {
+        s += load<Real>(p_.va, h, a) *
+             std::tanh(query_projected_[static_cast<std::size_t>(a)] +
+                       keys_projected_[static_cast<std::size_t>(j * A + a)]);
+      }
+    } else {
+      const std::vector<Real>& left = p_.score == Score::bilinear ? query_projected_ : query_;
+      for (std::int64_t d = 0; d < p_.k_dim; ++d)
+        s += left[static_cast<std::size_t>(d)] * k(b, j, h, d);
+    }
+    if (p_.score == Score::cosine) {  // τ[h]·(q·k)/(|q||k|); a zero vector scores 0
+      Real q_norm = 0, k_norm = 0;
+      for (std::int64_t d = 0; d < p_.k_dim; ++d) {
+        q_norm += query_[static_cast<std::size_t>(d)] * query_[static_cast<std::size_t>(d)];
+        k_norm += k(b, j, h, d) * k(b, j, h, d);
+      }
+      const Real norms = std::sqrt(q_norm) * std::sqrt(k_norm);
+      const Real tau = p_.temperature.present ? load<Real>(p_.temperature, h) : Real{1};
+      s = norms > 0 ? tau * (s / norms) : Real{0};
+    }
+    s *= static_cast<Real>(p_.scale);
+    if (p_.softcap > 0) {
+      const auto cap = static_cast<Real>(p_.softcap);
+      s = cap * std::tanh(s / cap);
+    }
+    if (p_.alibi_slopes.present) {
+      const auto distance = static_cast<Real>(std::llabs(i + p_.diagonal() - j));
+      s -= load<Real>(p_.alibi_slopes, b, h) * distance;
+    }
+    if (p_.bias.present) s += load<Real>(p_.bias, b, h, i, j);
+    if (p_.score_mod != nullptr) p_.score_mod->forward(p_.score_mod_row(b, h, i, j, 1), &s);
+    return s;
+  }
+
+  void attend_row(std::int64_t b, std::int64_t h, std::int64_t i) {
+    load_query(b, h, i);
+    // Pass 1: every score and the maximum of the visible ones.
+    Real row_max = kMinusInfinity;
+    for (std::int64_t j = 0; j < p_.k_len; ++j) {
+      const Real s = score(b, h, i, j);
+      scores_[static_cast<std::size_t>(j)] = stage<kBfloat16Stages>(s);
+      visible_[static_cast<std::size_t>(j)] = key_visible(p_, b, h, i, j) ? 1 : 0;
+      if (visible_[static_cast<std::size_t>(j)] && s > row_max) row_max = s;
+    }
+
+    // Pass 2: the softmax denominator; an empty row (or one whose every visible score is -inf)
+    // has none, and gives O = 0, P = 0, LSE = -inf.
+    Real lse = kMinusInfinity;
+    if (row_max != kMinusInfinity) {
+      Real denominator = 0;
+      for (std::int64_t j = 0; j < p_.k_len; ++j) {
+        if (visible_[static_cast<std::size_t>(j)])
+          denominator += std::exp(scores_[static_cast<std::size_t>(j)] - row_max);
+      }
+      lse = row_max + std::log(denominator);
+    }
+
+    // Pass 3: weights and the weighted average of the values.
+    std::fill(output_.begin(), output_.end(), Real{0});
+    for (std::int64_t j = 0; j < p_.k_len; ++j) {
+      Real weight = 0;
+      if (visible_[static_cast<std::size_t>(j)] && lse != kMinusInfinity) {
+        weight = stage<kBfloat16Stages>(std::exp(scores_[static_cast<std::size_t>(j)] - lse));
+        if (dropout_.active()) weight *= static_cast<Real>(dropout_.factor(b, h, i, j));
+      }
+      if (p_.weights.present) p_.weights.store(static_cast<double>(weight), b, h, i, j);
+      if (weight == 0) continue;
+      for (std::int64_t d = 0; d < p_.v_dim; ++d)
+        output_[static_cast<std::size_t>(d)] += weight * load<Real>(p_.v, b, j, p_.kv_head(h), d);
+    }
+    for (std::int64_t d = 0; d < p_.v_dim; ++d) {
+      p_.out.store(
+          static_cast<double>(stage<kBfloat16Stages>(output_[static_cast<std::size_t>(d)])), b, i,
+          h, d);
+    }
+    if (p_.lse.present) p_.lse.store(static_cast<double>(lse), b, h, i);
+  }
+
+  const AttentionProblem& p_;
+  const DropoutMask dropout_;
+  std::vector<Real> query_;
+  std::vector<Real> query_projected_;  // bilinear: Wᵀq [Dk]; additive: Wq q [A]
+  std::vector<Real> keys_projected_;   // additive: Wk k for every key [Nk, A]
+  std::vector<Real> scores_;
+  std::vector<char> visible_;
+  std::vector<Real> output_;
+};
 
 }  // namespace
 
 template <class Real>
 void naive_attention(const AttentionProblem& p) {
-  evaluate_literally<Real, false>(p);
+  LiteralForward<Real, false>(p).run();
 }
 
 template void naive_attention<float>(const AttentionProblem&);
 template void naive_attention<double>(const AttentionProblem&);
 
 void naive_attention_bfloat16(const AttentionProblem& p) {
-  evaluate_literally<float, true>(p);
+  LiteralForward<float, true>(p).run();
 }
 
 }  // namespace qkv::detail

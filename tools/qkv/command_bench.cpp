@@ -112,8 +112,8 @@ void run_bench(const BenchFlags& flags) {
   if (!flags.json) {
     fmt::print(
         "\nbaseline: GEMM → softmax → GEMM in float32 with OpenBLAS (the N×N matrix in "
-        "memory); for additive shapes (A…), qkv's core float32 path; none for block masks "
-        "(M…), whose FLOPs count the visible pairs only\n");
+        "memory); for additive shapes (A…), every score with std::tanh into that matrix; none for "
+        "block masks (M…), whose FLOPs count the visible pairs only\n");
     return;
   }
   std::string rows;
