@@ -89,66 +89,66 @@ void softmax_rows(const Shape& s, std::vector<float>& scores) {
   }
 }
 
-// The additive score done plainly, the baseline of the additive shapes: per head q' = Wq q and
-// k' = Wk k (OpenBLAS), every score Σ_a v_a tanh(q'_a + k'_a) with std::tanh into an [Nq, Nk]
-// matrix, its softmax, and the average of V (OpenBLAS).
-void naive_additive_attention(const Shape& s, const float* q, const float* k, const float* v,
-                              const float* wq, const float* wk, const float* va, float* out,
-                              std::vector<float>& scores) {
-  const std::int64_t d = s.head_dim, a = s.additive_dim, group = s.q_heads / s.kv_heads;
+// The baseline's steps for each (batch, head): fill_scores(q, q row stride, k, k row stride)
+// writes the head's [Nq, Nk] scores, then their softmax and the average of V (OpenBLAS).
+template <class FillScores>
+void naive_per_head(const Shape& s, const float* q, const float* k, const float* v, float* out,
+                    std::vector<float>& scores, FillScores fill_scores) {
+  const std::int64_t d = s.head_dim, group = s.q_heads / s.kv_heads;
   const auto nq = static_cast<int>(s.q_len), nk = static_cast<int>(s.k_len);
-  const auto di = static_cast<int>(d), ai = static_cast<int>(a);
-  std::vector<float> q_proj(static_cast<std::size_t>(s.q_len * a));
-  std::vector<float> k_proj(static_cast<std::size_t>(s.k_len * a));
+  const auto q_stride = static_cast<int>(s.q_heads * d),
+             k_stride = static_cast<int>(s.kv_heads * d);
   for (std::int64_t b = 0; b < s.batch; ++b) {
     for (std::int64_t h = 0; h < s.q_heads; ++h) {
       const std::int64_t hk = h / group;
-      const float* qh = q + (b * s.q_len * s.q_heads + h) * d;
       const float* kh = k + (b * s.k_len * s.kv_heads + hk) * d;
       const float* vh = v + (b * s.k_len * s.kv_heads + hk) * d;
-      float* oh = out + (b * s.q_len * s.q_heads + h) * d;
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, ai, di, 1.0f, qh,
-                  static_cast<int>(s.q_heads * d), wq, di, 0.0f, q_proj.data(), ai);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nk, ai, di, 1.0f, kh,
-                  static_cast<int>(s.kv_heads * d), wk, di, 0.0f, k_proj.data(), ai);
-#pragma omp parallel for schedule(static)
-      for (std::int64_t i = 0; i < s.q_len; ++i) {
-        const float* qi = q_proj.data() + i * a;
-        for (std::int64_t j = 0; j < s.k_len; ++j) {
-          const float* kj = k_proj.data() + j * a;
-          float score = 0.0f;
-          for (std::int64_t t = 0; t < a; ++t) score += va[t] * std::tanh(qi[t] + kj[t]);
-          scores[static_cast<std::size_t>(i * s.k_len + j)] = score;
-        }
-      }
+      fill_scores(q + (b * s.q_len * s.q_heads + h) * d, q_stride, kh, k_stride);
       softmax_rows(s, scores);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, di, nk, 1.0f, scores.data(), nk,
-                  vh, static_cast<int>(s.kv_heads * d), 0.0f, oh, static_cast<int>(s.q_heads * d));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, static_cast<int>(d), nk, 1.0f,
+                  scores.data(), nk, vh, k_stride, 0.0f, out + (b * s.q_len * s.q_heads + h) * d,
+                  q_stride);
     }
   }
 }
 
+// Scaled dot scores by one GEMM per head.
 void naive_attention(const Shape& s, const float* q, const float* k, const float* v, float* out,
                      std::vector<float>& scores) {
-  const std::int64_t d = s.head_dim, group = s.q_heads / s.kv_heads;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  for (std::int64_t b = 0; b < s.batch; ++b) {
-    for (std::int64_t h = 0; h < s.q_heads; ++h) {
-      const std::int64_t hk = h / group;
-      const float* qh = q + (b * s.q_len * s.q_heads + h) * d;
-      const float* kh = k + (b * s.k_len * s.kv_heads + hk) * d;
-      const float* vh = v + (b * s.k_len * s.kv_heads + hk) * d;
-      float* oh = out + (b * s.q_len * s.q_heads + h) * d;
-      const auto nq = static_cast<int>(s.q_len), nk = static_cast<int>(s.k_len);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, static_cast<int>(d), scale, qh,
-                  static_cast<int>(s.q_heads * d), kh, static_cast<int>(s.kv_heads * d), 0.0f,
-                  scores.data(), nk);
-      softmax_rows(s, scores);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, static_cast<int>(d), nk, 1.0f,
-                  scores.data(), nk, vh, static_cast<int>(s.kv_heads * d), 0.0f, oh,
-                  static_cast<int>(s.q_heads * d));
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const auto nq = static_cast<int>(s.q_len), nk = static_cast<int>(s.k_len);
+  naive_per_head(s, q, k, v, out, scores, [&](const float* qh, int qs, const float* kh, int ks) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, static_cast<int>(s.head_dim),
+                scale, qh, qs, kh, ks, 0.0f, scores.data(), nk);
+  });
+}
+
+// The additive score done plainly, the baseline of the additive shapes: per head q' = Wq q and
+// k' = Wk k (OpenBLAS), then every score Σ_a v_a tanh(q'_a + k'_a) with std::tanh.
+void naive_additive_attention(const Shape& s, const float* q, const float* k, const float* v,
+                              const float* wq, const float* wk, const float* va, float* out,
+                              std::vector<float>& scores) {
+  const std::int64_t a = s.additive_dim;
+  const auto nq = static_cast<int>(s.q_len), nk = static_cast<int>(s.k_len);
+  const auto di = static_cast<int>(s.head_dim), ai = static_cast<int>(a);
+  std::vector<float> q_proj(static_cast<std::size_t>(s.q_len * a));
+  std::vector<float> k_proj(static_cast<std::size_t>(s.k_len * a));
+  naive_per_head(s, q, k, v, out, scores, [&](const float* qh, int qs, const float* kh, int ks) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, ai, di, 1.0f, qh, qs, wq, di, 0.0f,
+                q_proj.data(), ai);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nk, ai, di, 1.0f, kh, ks, wk, di, 0.0f,
+                k_proj.data(), ai);
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < s.q_len; ++i) {
+      const float* qi = q_proj.data() + i * a;
+      for (std::int64_t j = 0; j < s.k_len; ++j) {
+        const float* kj = k_proj.data() + j * a;
+        float score = 0.0f;
+        for (std::int64_t t = 0; t < a; ++t) score += va[t] * std::tanh(qi[t] + kj[t]);
+        scores[static_cast<std::size_t>(i * s.k_len + j)] = score;
+      }
     }
-  }
+  });
 }
 
 }  // namespace
