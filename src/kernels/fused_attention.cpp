@@ -38,6 +38,7 @@
 // clang-format off
 #include <hwy/foreach_target.h>  // IWYU pragma: keep
 #include <hwy/highway.h>
+#include <hwy/cache_control.h>
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
 // clang-format on
@@ -63,6 +64,14 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 constexpr std::int64_t kItemRows = 64;  // query rows per work item (all heads of a group)
 constexpr int kBlockRows = 4;           // rows of one register tile
+// Q, K and V rows lie a whole [H, D] row apart ([B, N, H, D]); read one head at a time, each row
+// is a new page every few rows, and the hardware prefetcher lets each read wait for memory. The
+// copies into the kernel's own layout ask for the row kRowsAhead ahead instead.
+constexpr std::int64_t kRowsAhead = 4;
+HWY_INLINE void PrefetchRow(const float* row, std::int64_t length) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (std::int64_t byte = 0; byte < length * 4; byte += 64) hwy::Prefetch(bytes + byte);
+}
 // Vectors across one register tile: 4 rows × 4 vectors = 16 accumulators + 4 loads + 1 broadcast
 // = 21 registers fits AVX-512's 32; targets with 16 registers use 4 × 2 (8 + 2 + 1 = 11).
 constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 4 : 2;
@@ -178,6 +187,9 @@ class FusedKernel {
         }
       } else {
         const float* q = o_.q.row(b, i0 + t, HeadOf(kh, r));
+        const std::int64_t ahead = r + kRowsAhead;
+        if (ahead < rows_ && ahead % positions_ < positions)
+          PrefetchRow(o_.q.row(b, i0 + ahead % positions_, HeadOf(kh, ahead)), dim);
         for (std::int64_t d = 0; d < dim; ++d) row[d] = scale * q[d];
       }
       const detail::KeyInterval keys = detail::visible_keys(p_, b, HeadOf(kh, r), i0 + t);
@@ -296,6 +308,7 @@ class FusedKernel {
         for (std::int64_t t = 0; t < key_tile_; ++t) {
           const std::int64_t j = tile * key_tile_ + t;
           const float* key = j < p_.k_len ? o_.k.row(b, j, kh) : nullptr;
+          if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.k.row(b, j + kRowsAhead, kh), dim);
           for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key ? key[d] : 0.0f;
         }
         return;
@@ -309,6 +322,7 @@ class FusedKernel {
         std::int64_t d = 0;
         if (j < p_.k_len) {
           const float* value = o_.v.row(b, j, hv);
+          if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.v.row(b, j + kRowsAhead, hv), p_.v_dim);
           for (; d < p_.v_dim; ++d) value_row[d] = value[d];
         }
         std::fill(value_row + d, value_row + v_stride_, 0.0f);
