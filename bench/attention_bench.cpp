@@ -164,18 +164,21 @@ Shape parse_shape(const std::string& spec) {
       {"S4", "B1H32Nq1Nk8192D128"},  {"A1", "B1H8N1024D64A64"},     {"S5", "B1H8N4096D64causal"},
       {"M1", "B1H8N4096D64docs512"}, {"M2", "B1H8N4096D64slide256"}};
   std::string text = spec;
+  const bool sinks = text.size() > 5 && text.compare(text.size() - 5, 5, "sinks") == 0;
+  if (sinks) text.resize(text.size() - 5);
   for (const auto& [name, definition] : kNamed) {
-    if (spec == name) text = definition;
+    if (text == name) text = definition;
   }
   const auto bad = [&spec] {
     return Error(
         fmt::format("--shapes: expected S1 … S5, A1, M1, M2 or "
-                    "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], "
-                    "got '{}'",
+                    "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], each "
+                    "optionally followed by sinks, got '{}'",
                     spec));
   };
   Shape shape;
   shape.name = spec;
+  shape.sinks = sinks;
   if (text.size() >= 6 && text.compare(text.size() - 6, 6, "causal") == 0) {
     shape.causal = true;
     text.resize(text.size() - 6);
@@ -312,6 +315,10 @@ struct BenchProblem {
                                    {1, 1, s.q_len, s.k_len, 128, 128});
       options.block_mask = &block_mask;
     }
+    if (s.sinks) {
+      sinks.assign(static_cast<std::size_t>(s.q_heads), 0.5f);
+      options.sinks = TensorView::contiguous(sinks.data(), DType::float32, {s.q_heads});
+    }
     if (a > 0) {
       wq = random_floats(static_cast<std::size_t>(a * d), 6);
       wk = random_floats(static_cast<std::size_t>(a * d), 7);
@@ -331,7 +338,7 @@ struct BenchProblem {
     outputs.out =
         MutableTensorView::contiguous(out.data(), dtype, {s.batch, s.q_len, s.q_heads, d});
   }
-  std::vector<float> q, k, v, out, wq, wk, va;
+  std::vector<float> q, k, v, out, wq, wk, va, sinks;
   std::vector<std::uint16_t> q16, k16, v16;
   BlockMask block_mask;
   AttentionOptions options;
@@ -387,6 +394,9 @@ ShapeResult measure_qkv_backward(const Shape& s, DType dtype, int threads, int r
   gradients.dq = dq.mutable_view();
   gradients.dk = dk.mutable_view();
   gradients.dv = dv.mutable_view();
+  std::vector<float> dsinks(static_cast<std::size_t>(s.q_heads));
+  if (s.sinks)
+    gradients.dsinks = MutableTensorView::contiguous(dsinks.data(), DType::float32, {s.q_heads});
   const TensorView dout_view =
       TensorView::contiguous(dout.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
   result.median_ms = median_ms(repetitions, [&] {

@@ -65,6 +65,14 @@ struct AttentionOptions {
   // the forward and the backward (qkv/score_mod.hpp). Not owned: it must outlive the call.
   const ScoreMod* score_mod = nullptr;
 
+  // Attention sinks (gpt-oss): one learned logit per query head, [Hq], that joins every row's
+  // softmax as one more column with no value, P = softmax([s_i1 … s_iN, sink_h]) with that column
+  // dropped, so a row's weights sum to less than one and LSE includes it; a row that sees no key
+  // gets O = 0 and LSE = sink_h. "Softmax plus one" is a sink of 0 for every head. In a block of
+  // a larger problem (key_offset below) the sink joins only the block whose keys start at key 0,
+  // so that merge_attention over the blocks counts it once.
+  std::optional<TensorView> sinks;
+
   // Masks; a key is visible only if every one of them lets it through.
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;
@@ -132,7 +140,8 @@ struct AttentionOutputs {
 // Hq % Hk == 0: query head h reads key/value head h / (Hq / Hk) (Hk == 1 is multi-query).
 // Dk == Dq for dot and scaled_dot. Results (docs/contract.md §4):
 //   P[i, j] = exp(s_ij - LSE_i) over visible keys, 0 elsewhere;  O_i = Σ_j P[i, j] V_j;
-//   LSE_i = log Σ_visible exp(s_ij). A row with no visible key gets O = 0, P = 0, LSE = -inf.
+//   LSE_i = log Σ_visible exp(s_ij) (+ exp(sink_h) with sinks). A row with no visible key gets
+//   O = 0, P = 0, LSE = -inf (sink_h with sinks).
 // Never builds the Nq×Nk matrix unless `weights` is requested. Results are bitwise the same for
 // any thread count. Throws qkv::Error on bad input before writing anything.
 // Memory: O(N·D) working space (a packed copy of K and V), which each calling thread keeps

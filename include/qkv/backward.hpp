@@ -22,6 +22,7 @@ struct AttentionGradients {
   std::optional<MutableTensorView> dva;           // additive: the shape of options.va
   std::optional<MutableTensorView> dtemperature;  // cosine: the shape of options.temperature
   std::optional<MutableTensorView> dbias;         // the shape of options.bias
+  std::optional<MutableTensorView> dsinks;        // [Hq], the shape of options.sinks
   // The parameters of options.score_mod, in its list's order (fewer: the rest not computed);
   // float32 or float64, each its parameter's shape.
   std::vector<std::optional<MutableTensorView>> dscore_mod;

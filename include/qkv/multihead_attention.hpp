@@ -60,6 +60,9 @@ struct MultiHeadAttentionOptions {
   // "score_v"); cosine a per-head temperature [H] ("score_temperature", starting at 10).
   Score score = Score::scaled_dot;
   std::int64_t additive_dim = 0;  // A of the additive score (0: E / H)
+  // A learned attention sink per head ("sinks" [H], starting at 0: "softmax plus one"), as in
+  // gpt-oss (AttentionOptions::sinks).
+  bool sinks = false;
 };
 
 // One call's masks and switches (PyTorch's forward arguments).
@@ -98,7 +101,7 @@ class MultiHeadAttention {
   // The parameters by PyTorch's state_dict names: "in_proj_weight" [3E, E] when kdim = vdim = E,
   // else "q_proj_weight" [E, E], "k_proj_weight" [E, kdim], "v_proj_weight" [E, vdim];
   // "in_proj_bias" [3E], "out_proj.weight" [E, E], "out_proj.bias" [E], "bias_k", "bias_v"
-  // [1, 1, E]; and the score's own (see MultiHeadAttentionOptions::score).
+  // [1, 1, E]; the score's own (see MultiHeadAttentionOptions::score); "sinks" [H].
   const NamedTensors& parameters() const { return parameters_; }
   // The same, for an optimizer to update in place (values only: shapes must stay).
   NamedTensors& parameters() { return parameters_; }

@@ -19,8 +19,8 @@ def attention(
     w: Optional[Array] = ..., wq: Optional[Array] = ..., wk: Optional[Array] = ...,
     va: Optional[Array] = ..., temperature: Optional[Array] = ..., softcap: float = ...,
     alibi_slopes: Optional[Array] = ...,
-    bias: Optional[Array] = ..., causal: bool = ..., causal_align: str = ...,
-    prefix_length: int = ..., window: Window = ..., key_lengths: Optional[Array] = ..., mask: Optional[Array] = ...,
+    bias: Optional[Array] = ..., sinks: Optional[Array] = ..., causal: bool = ...,
+    causal_align: str = ..., prefix_length: int = ..., window: Window = ..., key_lengths: Optional[Array] = ..., mask: Optional[Array] = ...,
     return_lse: bool = ..., return_weights: bool = ..., dropout_p: float = ...,
     dropout_seed: Optional[int] = ..., threads: Optional[int] = ...,
 ) -> Union[Array, Tuple[Array, Array], Tuple[Array, Array, Array]]: ...
@@ -35,7 +35,7 @@ def flash_attn_func(
     q: Array, k: Array, v: Array, dropout_p: float = ..., softmax_scale: Optional[float] = ...,
     causal: bool = ..., window_size: Window = ..., softcap: float = ...,
     alibi_slopes: Optional[Array] = ..., deterministic: bool = ...,
-    return_attn_probs: bool = ...,
+    return_attn_probs: bool = ..., sinks: Optional[Array] = ...,
 ) -> Union[Array, Tuple[Array, Array, Array]]: ...
 
 def flash_attn_varlen_func(
@@ -43,7 +43,7 @@ def flash_attn_varlen_func(
     max_seqlen_k: int, dropout_p: float = ..., softmax_scale: Optional[float] = ...,
     causal: bool = ..., window_size: Window = ..., softcap: float = ...,
     alibi_slopes: Optional[Array] = ..., deterministic: bool = ...,
-    return_attn_probs: bool = ...,
+    return_attn_probs: bool = ..., sinks: Optional[Array] = ...,
 ) -> Union[Array, Tuple[Array, Array, List[Optional[Array]]]]: ...
 
 MaskMod = Any  # (b, h, q_idx, kv_idx) -> bool tensor, vectorized over index tensors
@@ -69,7 +69,7 @@ def create_block_mask(
 def flex_attention(
     query: Array, key: Array, value: Array, score_mod: Optional[ScoreMod] = ...,
     block_mask: Optional[BlockMask] = ..., scale: Optional[float] = ..., enable_gqa: bool = ...,
-    return_lse: bool = ..., kernel_options: Optional[Any] = ...,
+    return_lse: bool = ..., kernel_options: Optional[Any] = ..., sinks: Optional[Array] = ...,
 ) -> Union[Array, Tuple[Array, Array]]: ...
 
 def and_masks(*mask_mods: MaskMod) -> MaskMod: ...

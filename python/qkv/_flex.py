@@ -227,7 +227,7 @@ def _modified_scores(query, key, score_mod, scale):
 
 
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None,
-                   enable_gqa=False, return_lse=False, kernel_options=None):
+                   enable_gqa=False, return_lse=False, kernel_options=None, sinks=None):
     """torch.nn.attention.flex_attention.flex_attention on the CPU, with a backward.
 
     query [B, Hq, L, E], key [B, Hkv, S, E], value [B, Hkv, S, Ev] (torch tensors or NumPy
@@ -235,8 +235,10 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     1/sqrt(E)), then score_mod(score, b, h, q_idx, kv_idx) when given; pairs the block_mask hides
     are left out of the softmax. Returns out [B, Hq, L, Ev] in the query's dtype, and with
     return_lse also LSE [B, Hq, L] (natural log, float32; float64 for float64 inputs). A query
-    that sees no key gets out 0 and LSE -inf, as PyTorch's. Differentiable for torch tensors:
-    query, key, value and whatever a score_mod reads. kernel_options is accepted and ignored.
+    that sees no key gets out 0 and LSE -inf, as PyTorch's. qkv adds sinks [Hq]: learned
+    attention sinks (see qkv.attention; such a query then gets LSE = its sink). Differentiable for
+    torch tensors: query, key, value, sinks and whatever a score_mod reads. kernel_options is
+    accepted and ignored.
     """
     del kernel_options
     _check_flex_arguments(query, key, value, block_mask, enable_gqa)
@@ -244,6 +246,8 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     options = dict(score="dot", scale=scale,
                    block_mask=None if block_mask is None else block_mask._native)
     parameters, pieces, score_parameters = {}, None, []
+    if sinks is not None:
+        parameters["sinks"] = sinks
     if isinstance(score_mod, score_mods.ScoreMod):  # native: the kernels run its pieces
         pieces, score_parameters = score_mod._native(query.shape[1])
     elif score_mod is not None:

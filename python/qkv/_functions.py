@@ -14,8 +14,8 @@ except ImportError:  # NumPy alone works; torch tensors need torch
     torch = None
 
 # Differentiable tensors besides q, k, v, and the names of all their gradients.
-_PARAMETERS = ("w", "wq", "wk", "va", "temperature", "bias")
-_GRADIENT_NAMES = ("dq", "dk", "dv", "dw", "dwq", "dwk", "dva", "dtemperature", "dbias")
+_PARAMETERS = ("w", "wq", "wk", "va", "temperature", "sinks", "bias")
+_GRADIENT_NAMES = ("dq", "dk", "dv") + tuple("d" + name for name in _PARAMETERS)
 
 
 def simd_target():
@@ -133,8 +133,9 @@ if torch is not None:
         """qkv's forward, and qkv's fused backward for every input that requires grad."""
 
         @staticmethod
-        def forward(ctx, config, q, k, v, w, wq, wk, va, temperature, bias, *score_parameters):
-            named = (w, wq, wk, va, temperature, bias)
+        def forward(ctx, config, q, k, v, *tensors):
+            # The tensors: one per _PARAMETERS name (None when absent), then a score_mod's.
+            named, score_parameters = tensors[:len(_PARAMETERS)], tensors[len(_PARAMETERS):]
             parameters = {n: t for n, t in zip(_PARAMETERS, named) if t is not None}
             out, lse, weights = _forward(config, q, k, v, parameters, True, score_parameters)
             ctx.config = config
@@ -147,9 +148,9 @@ if torch is not None:
 
         @staticmethod
         def backward(ctx, dout, dlse, _dweights):
-            q, k, v, w, wq, wk, va, temperature, bias, out, lse, *score_parameters = (
-                ctx.saved_tensors)
-            named = (w, wq, wk, va, temperature, bias)
+            q, k, v, *rest = ctx.saved_tensors
+            named = rest[:len(_PARAMETERS)]
+            out, lse, *score_parameters = rest[len(_PARAMETERS):]
             primals = (q, k, v, *named)
             needed = ctx.needs_input_grad[1:]
             gradients = {}
@@ -202,8 +203,8 @@ def _seed(dropout_p, seed):
 
 
 def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
-              temperature=None, softcap=0.0, alibi_slopes=None, bias=None, causal=False, causal_align="bottom-right",
-              prefix_length=0, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
+              temperature=None, softcap=0.0, alibi_slopes=None, bias=None, sinks=None, causal=False,
+              causal_align="bottom-right", prefix_length=0, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
               return_weights=False, dropout_p=0.0, dropout_seed=None, threads=None):
     """Attention in qkv's layout: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
 
@@ -211,7 +212,8 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     [Hq, Dq, Dk]), "additive" (wq [A, Dq], wk [A, Dk], va [A], or each with a leading Hq) or
     "cosine" (temperature [Hq] or [1] times q·k/(|q||k|); none: 1).
     softcap c > 0: s <- c·tanh(s/c). alibi_slopes [Hq] or [B, Hq]. bias: float, broadcastable to
-    [B, Hq, Nq, Nk]. causal with causal_align "bottom-right" (FlashAttention) or "top-left"
+    [B, Hq, Nq, Nk]. sinks [Hq]: one learned logit per query head that joins each row's softmax
+    as a column with no value (gpt-oss; a sink of 0 is "softmax plus one"). causal with causal_align "bottom-right" (FlashAttention) or "top-left"
     (PyTorch); prefix_length P (with causal): the first P keys are visible to every query
     (prefix LM). window (left, right), -1 unbounded. key_lengths [B] ints. mask: bool,
     broadcastable to [B, Hq, Nq, Nk], True = may attend. dropout_p on the weights, with
@@ -219,8 +221,8 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
 
     Returns O [B, Nq, Hq, Dv] in v's dtype, followed by LSE [B, Hq, Nq] and the weights
     [B, Hq, Nq, Nk] when asked for (float32; float64 for float64 inputs). A query that sees no
-    key gets O = 0, weights 0 and LSE = -inf, never NaN. Differentiable for torch tensors in q, k,
-    v, w, wq, wk, va, temperature and bias.
+    key gets O = 0, weights 0 and LSE = -inf (its sink with sinks), never NaN. Differentiable for
+    torch tensors in q, k, v, w, wq, wk, va, temperature, sinks and bias.
     """
     options = dict(score=score, scale=scale, softcap=float(softcap), alibi_slopes=_numpy_view(
         alibi_slopes, "alibi_slopes"), causal=bool(causal), causal_align=causal_align,
@@ -230,7 +232,8 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
         dropout=float(dropout_p), dropout_seed=_seed(dropout_p, dropout_seed),
         threads=0 if threads is None else int(threads))
     parameters = {n: t for n, t in (("w", w), ("wq", wq), ("wk", wk), ("va", va),
-                                    ("temperature", temperature), ("bias", bias))
+                                    ("temperature", temperature), ("sinks", sinks),
+                                    ("bias", bias))
                   if t is not None}
     config = _Config(options, return_lse, return_weights)
     out, lse, weights = _run(config, q, k, v, parameters)
@@ -360,11 +363,12 @@ def _flash_options(q, dropout_p, softmax_scale, causal, window_size, softcap, al
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=True,
-                    return_attn_probs=False):
+                    return_attn_probs=False, sinks=None):
     """flash_attn.flash_attn_func on the CPU: q [B, Nq, Hq, D], k and v [B, Nk, Hk, D].
 
     Bottom-right causal, sliding window_size (left, right) (-1 = unbounded), softcap, ALiBi
-    slopes [Hq] or [B, Hq], softmax_scale default 1/sqrt(D). qkv's backward is always
+    slopes [Hq] or [B, Hq], softmax_scale default 1/sqrt(D); qkv adds sinks [Hq] (learned
+    attention sinks, differentiable; see qkv.attention). qkv's backward is always
     deterministic (the flag is accepted for compatibility). Returns out [B, Nq, Hq, D], or
     (out, softmax_lse [B, Hq, Nq], attention probabilities [B, Hq, Nq, Nk]) with
     return_attn_probs.
@@ -373,16 +377,21 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     options = _flash_options(q, dropout_p, softmax_scale, causal, window_size, softcap,
                              alibi_slopes, _seed(dropout_p, None))
     config = _Config(options, return_attn_probs, return_attn_probs)
-    out, lse, weights = _run(config, q, k, v, {})
+    out, lse, weights = _run(config, q, k, v, _sinks_parameter(sinks))
     return (out, lse, weights) if return_attn_probs else out
+
+
+def _sinks_parameter(sinks):
+    return {} if sinks is None else {"sinks": sinks}
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=True,
-                           return_attn_probs=False):
+                           return_attn_probs=False, sinks=None):
     """flash_attn.flash_attn_varlen_func on the CPU: sequences packed along the first dimension,
     q [total_q, Hq, D], k and v [total_k, Hk, D], sequence i at cu_seqlens[i] : cu_seqlens[i + 1].
+    sinks [Hq]: as in flash_attn_func, the same for every sequence.
 
     Returns out [total_q, Hq, D], or (out, softmax_lse [Hq, total_q], a list of each sequence's
     probabilities [Hq, Nq_i, Nk_i]) with return_attn_probs.
@@ -413,7 +422,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         options = _flash_options(q, dropout_p, softmax_scale, causal, window_size, softcap,
                                  slopes, seed + i if dropout_p else 0)
         config = _Config(options, True, return_attn_probs)
-        out, lse, weights = _run(config, qi, ki, vi, {})
+        out, lse, weights = _run(config, qi, ki, vi, _sinks_parameter(sinks))
         outs.append(out[0])
         lses.append(lse[0])
         probs.append(None if weights is None else weights[0])

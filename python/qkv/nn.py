@@ -6,7 +6,8 @@ attention between them is qkv's (forward and fused backward). Added: the other s
 the parameters its C++ unit declares (qkv::score_layer): score="bilinear" (a per-head W
 [H, E/H, E/H] `score_weight`, starting at the identity), score="additive" (per-head `score_wq`,
 `score_wk` [H, A, E/H] and `score_v` [H, A]), score="cosine" (a per-head `score_temperature` [H],
-starting at 10), score="dot" (none). A query that may attend to no key gets zero attention (the
+starting at 10), score="dot" (none). sinks=True adds a learned attention sink per head (`sinks`
+[H], starting at 0, gpt-oss's). A query that may attend to no key gets zero attention (the
 output is out_proj.bias) where PyTorch gives NaN.
 """
 import warnings
@@ -22,13 +23,13 @@ __all__ = ["MultiheadAttention"]
 
 
 class MultiheadAttention(_nn.Module):
-    """See torch.nn.MultiheadAttention; score and additive_dim are qkv's additions."""
+    """See torch.nn.MultiheadAttention; score, additive_dim and sinks are qkv's additions."""
 
     __constants__ = ["batch_first"]
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
-                 dtype=None, score="scaled_dot", additive_dim=None):
+                 dtype=None, score="scaled_dot", additive_dim=None, sinks=False):
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise Error(f"embed_dim: expected a positive multiple of num_heads ({num_heads}), "
                         f"got {embed_dim}")
@@ -70,6 +71,10 @@ class MultiheadAttention(_nn.Module):
         # (name, option, shape, start, value) of each parameter the score learns, and its scale.
         self._score_parameters, self._score_scale = score_layer(
             score, num_heads, self.head_dim, self.additive_dim)
+        if sinks:  # one learned sink per head (the attention call's sinks)
+            self._score_parameters.append(("sinks", "sinks", (num_heads,), "constant", 0.0))
+        else:
+            self.register_parameter("sinks", None)
         for name, _, shape, _, _ in self._score_parameters:
             setattr(self, name, _nn.Parameter(torch.empty(shape, **factory)))
         self._reset_parameters()

@@ -19,12 +19,13 @@ class MultiheadAttention(torch.nn.Module):
     in_proj_bias: Optional[torch.nn.Parameter]
     bias_k: Optional[torch.nn.Parameter]
     bias_v: Optional[torch.nn.Parameter]
+    sinks: Optional[torch.nn.Parameter]
     out_proj: torch.nn.Linear
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = ..., bias: bool = ...,
                  add_bias_kv: bool = ..., add_zero_attn: bool = ..., kdim: Optional[int] = ...,
                  vdim: Optional[int] = ..., batch_first: bool = ..., device: object = ...,
                  dtype: Optional[torch.dtype] = ..., score: str = ...,
-                 additive_dim: Optional[int] = ...) -> None: ...
+                 additive_dim: Optional[int] = ..., sinks: bool = ...) -> None: ...
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = ..., need_weights: bool = ...,
                 attn_mask: Optional[torch.Tensor] = ..., average_attn_weights: bool = ...,

@@ -13,9 +13,9 @@
 #include <string>
 
 #include "qkv/attention.hpp"
-#include "qkv/multihead_attention.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
+#include "qkv/multihead_attention.hpp"
 #include "qkv/simd.hpp"
 #include "score_pieces.hpp"
 
@@ -118,6 +118,7 @@ CallOptions options_of(const py::dict& o) {
   options.va = optional_input(o, "va");
   options.temperature = optional_input(o, "temperature");
   options.alibi_slopes = optional_input(o, "alibi_slopes");
+  options.sinks = optional_input(o, "sinks");
   options.bias = optional_input(o, "bias");
   options.causal = get<bool>(o, "causal", false);
   options.causal_align =
@@ -157,9 +158,10 @@ void backward(const py::array& q, const py::array& k, const py::array& v, const 
   const qkv::AttentionOptions& attention_options = call.options;
   qkv::AttentionGradients grads;
   const std::pair<const char*, std::optional<qkv::MutableTensorView>*> slots[] = {
-      {"dq", &grads.dq},   {"dk", &grads.dk},       {"dv", &grads.dv},
-      {"dw", &grads.dw},   {"dwq", &grads.dwq},     {"dwk", &grads.dwk},
-      {"dva", &grads.dva}, {"dbias", &grads.dbias}, {"dtemperature", &grads.dtemperature}};
+      {"dq", &grads.dq},        {"dk", &grads.dk},       {"dv", &grads.dv},
+      {"dw", &grads.dw},        {"dwq", &grads.dwq},     {"dwk", &grads.dwk},
+      {"dva", &grads.dva},      {"dbias", &grads.dbias}, {"dtemperature", &grads.dtemperature},
+      {"dsinks", &grads.dsinks}};
   for (const auto& [name, slot] : slots) {
     if (gradients.contains(name) && !gradients[name].is_none()) {
       py::array array = gradients[name].cast<py::array>();
@@ -234,7 +236,7 @@ PYBIND11_MODULE(_qkv, m) {
   m.def("backward", &backward, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("options"),
         py::arg("dout"), py::arg("dlse"), py::arg("out"), py::arg("lse"), py::arg("gradients"),
         "attention_backward into the arrays of `gradients` (keys dq, dk, dv, dw, dwq, dwk, dva, "
-        "dbias).");
+        "dbias, dtemperature, dsinks).");
   m.def(
       "score_names",
       [] {
@@ -252,10 +254,9 @@ PYBIND11_MODULE(_qkv, m) {
         static constexpr const char* kStarts[] = {"identity", "xavier", "uniform", "constant"};
         py::list parameters;
         for (const qkv::ScoreLayerParameter& parameter : layer.parameters) {
-          parameters.append(py::make_tuple(parameter.name, parameter.option,
-                                           py::tuple(py::cast(parameter.shape)),
-                                           kStarts[static_cast<int>(parameter.start)],
-                                           parameter.value));
+          parameters.append(
+              py::make_tuple(parameter.name, parameter.option, py::tuple(py::cast(parameter.shape)),
+                             kStarts[static_cast<int>(parameter.start)], parameter.value));
         }
         return py::make_tuple(parameters, layer.scale ? py::cast(*layer.scale) : py::none());
       },

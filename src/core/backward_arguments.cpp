@@ -111,6 +111,7 @@ AttentionProblem check_backward_arguments(const TensorView& q, const TensorView&
                    parameter.gradient_name, parameter.name);
   }
   check_gradient(gradients.dbias, options.bias ? &*options.bias : nullptr, "dbias", "bias");
+  check_gradient(gradients.dsinks, options.sinks ? &*options.sinks : nullptr, "dsinks", "sinks");
   check_score_mod_gradients(options.score_mod, gradients.dscore_mod);
   return problem;
 }

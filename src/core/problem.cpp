@@ -297,6 +297,15 @@ void check_score_options(const AttentionOptions& options, AttentionProblem& p) {
     p.alibi_slopes = input_of(slopes);
     if (shared) p.alibi_slopes.strides = {0, slopes.strides[0], 0, 0};
   }
+  if (options.sinks) {
+    const TensorView& sinks = *options.sinks;
+    require_view(sinks, "sinks");
+    require_float(sinks, "sinks");
+    if (sinks.rank != 1 || sinks.shape[0] != p.q_heads) {
+      throw Error(fmt::format("sinks: expected [Hq] = [{}], got {}", p.q_heads, dims(sinks)));
+    }
+    if (options.key_offset == 0) p.sinks = input_of(sinks);  // the block holding key 0 joins it
+  }
   if (options.bias) {
     const TensorView& bias = *options.bias;
     require_float(bias, "bias");

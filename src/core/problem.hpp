@@ -73,12 +73,15 @@ struct AttentionProblem {
 
   DType dtype = DType::float32;  // of q, k and v
 
-  StridedInput q, k, v;                        // (b, n, h, d)
-  StridedInput w;                              // bilinear (h, a, c): stride 0 on h when shared
-  StridedInput wq, wk;                         // additive (h, a, d)
-  StridedInput va;                             // additive (h, a)
-  StridedInput temperature;                    // cosine (h): stride 0 when shared
-  StridedInput alibi_slopes;                   // (b, h)
+  StridedInput q, k, v;       // (b, n, h, d)
+  StridedInput w;             // bilinear (h, a, c): stride 0 on h when shared
+  StridedInput wq, wk;        // additive (h, a, d)
+  StridedInput va;            // additive (h, a)
+  StridedInput temperature;   // cosine (h): stride 0 when shared
+  StridedInput alibi_slopes;  // (b, h)
+  // (h): joined to each row's softmax by this call (absent in blocks whose keys do not start at
+  // key 0: the block holding key 0 joins it; see join_sink).
+  StridedInput sinks;
   StridedInput bias;                           // (b, h, i, j), broadcast, in the kernels' dtype
   std::array<std::int64_t, 4> bias_shape{};    // its own extents, right-aligned (1 where absent)
   std::shared_ptr<const Tensor> bias_storage;  // its converted copy, when it was converted

@@ -102,6 +102,7 @@ AttentionOptions head_options(const AttentionOptions& options, std::int64_t firs
   };
   for (const detail::ScoreParameterOption& parameter : detail::score_parameter_options())
     slice(o.*parameter.option, parameter.per_head_rank);
+  slice(o.sinks, 1);
   o.query_head_offset = first;  // dropout hashes global heads
   o.query_head_total = q_heads;
   if (o.alibi_slopes) {

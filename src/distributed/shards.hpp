@@ -91,6 +91,7 @@ inline bool hidden(const AttentionOptions& o, std::int64_t q_total, std::int64_t
                    std::pair<std::int64_t, std::int64_t> q_piece,
                    std::pair<std::int64_t, std::int64_t> k_piece) {
   if (q_piece.second == 0 || k_piece.second == 0) return true;
+  if (o.sinks && k_piece.first == 0) return false;  // the block that joins the rows' sinks
   detail::PositionMasks masks;
   masks.causal = o.causal;
   masks.causal_align = o.causal_align;
@@ -211,12 +212,26 @@ inline AttentionOptions block_options(const AttentionOptions& options, const Dis
   return block;
 }
 
-// The score parameters' gradients of one rank, in float64, summed over its blocks, then over all
+// The learned tensors of the options whose gradients are sums over query rows: the score's
+// parameters and the sinks (each [Hq] or with a leading Hq, or shared).
+struct LearnedTensor {
+  std::optional<TensorView> AttentionOptions::*option;
+  detail::GradientSlot gradient;
+};
+inline std::vector<LearnedTensor> learned_tensors() {
+  std::vector<LearnedTensor> tensors;
+  for (const detail::ScoreParameterOption& parameter : detail::score_parameter_options())
+    tensors.push_back({parameter.option, parameter.gradient});
+  tensors.push_back({&AttentionOptions::sinks, &AttentionGradients::dsinks});
+  return tensors;
+}
+
+// The learned tensors' gradients of one rank, in float64, summed over its blocks, then over all
 // ranks. A head shard adds its per-head rows at its own heads.
 class ParameterSums {
  public:
   ParameterSums(const AttentionOptions& options, const AttentionGradients& requested) {
-    const auto parameters = detail::score_parameter_options();
+    const auto parameters = learned_tensors();
     totals_.resize(parameters.size());
     parts_.resize(parameters.size());
     targets_.resize(parameters.size());
@@ -232,7 +247,7 @@ class ParameterSums {
   // Gradient slots for one block call, shaped like the (possibly head-sliced) parameters.
   AttentionGradients block_slots(const AttentionOptions& block_options) {
     AttentionGradients slots;
-    const auto parameters = detail::score_parameter_options();
+    const auto parameters = learned_tensors();
     for (std::size_t n = 0; n < parameters.size(); ++n) {
       const std::optional<TensorView>& primal = block_options.*parameters[n].option;
       if (totals_[n].numel() == 0 || !primal.has_value()) continue;
@@ -264,7 +279,7 @@ class ParameterSums {
   }
 
  private:
-  // One of each per score parameter option (detail::score_parameter_options()).
+  // One of each per learned tensor (learned_tensors()).
   std::vector<Tensor> totals_, parts_;
   std::vector<MutableTensorView> targets_;
 };

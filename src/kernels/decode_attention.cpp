@@ -143,19 +143,25 @@ class DecodeKernel {
           ComputeChunk(item / chunks_, item % chunks_, partial_out + item * item_rows_ * p_.v_dim,
                        partial_lse + item * item_rows_, scratch);
         });
-    // 3'. Merge the chunks of each (batch, row).
+    // 3'. Merge the chunks of each (batch, row); a sink joins as one more part, once, with
+    // LSE = sink and O = 0 (core/sinks.hpp).
+    const std::int64_t parts = chunks_ + (p_.sinks.present ? 1 : 0);
     parallel_for_each(
         threads, p_.batch * item_rows_,
-        [this] { return std::vector<double>(static_cast<std::size_t>(chunks_)); },
+        [parts] { return std::vector<double>(static_cast<std::size_t>(parts)); },
         [&](std::vector<double>& weights, std::int64_t row) {
           const std::int64_t b = row / item_rows_, r = row % item_rows_;
           const std::int64_t h = HeadOf(r), i = PositionOf(r);
           const std::int64_t first_item = b * chunks_;
           const double lse = detail::merge_row<double>(
               weights, p_.v_dim,
-              [&](std::int64_t c) { return partial_lse[(first_item + c) * item_rows_ + r]; },
+              [&](std::int64_t c) {
+                return c < chunks_ ? partial_lse[(first_item + c) * item_rows_ + r]
+                                   : p_.sinks.load(h);
+              },
               [&](std::int64_t c, std::int64_t d) {
-                return partial_out[((first_item + c) * item_rows_ + r) * p_.v_dim + d];
+                return c < chunks_ ? partial_out[((first_item + c) * item_rows_ + r) * p_.v_dim + d]
+                                   : 0.0f;
               },
               [&](std::int64_t d, double value) { p_.out.store(value, b, i, h, d); });
           if (p_.lse.present) p_.lse.store(lse, b, h, i);

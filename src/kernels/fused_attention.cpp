@@ -52,6 +52,7 @@
 #include "core/dropout.hpp"
 #include "kernels/bf16_microkernels.hpp"
 
+#include "core/sinks.hpp"
 #include "kernels/fused_attention.hpp"
 #include "kernels/score_operands.hpp"
 #include "kernels/simd_dispatch.hpp"
@@ -234,7 +235,16 @@ class FusedKernel {
       const bool empty = s.row_max[r] == -std::numeric_limits<float>::infinity();
       const float row_sum =
           hn::GetLane(hn::SumOfLanes(FloatTag(), hn::Load(FloatTag(), s.row_sum + r * lanes_)));
-      const float inverse = empty ? 0.0f : 1.0f / row_sum;
+      float inverse = empty ? 0.0f : 1.0f / row_sum;
+      // LSE in double: m is one of the scores, exact; log l is small. A float32 LSE would round
+      // at |LSE|·2⁻²⁴, which for logits of ±1e4 is far more than the weights' own error.
+      double lse = empty ? -std::numeric_limits<double>::infinity()
+                         : static_cast<double>(s.row_max[r]) + std::log(double{row_sum});
+      if (p_.sinks.present) {  // one more column, with no value (core/sinks.hpp)
+        const detail::SinkJoin joined = detail::join_sink(lse, p_.sinks.load(h));
+        lse = joined.lse;
+        inverse *= static_cast<float>(joined.keys_share);
+      }
       const float* accumulator = s.accumulator + r * v_stride_;
       if (p_.out.dtype == DType::float32 && p_.out.strides[3] == 1) {  // most calls: no rounding
         float* out = reinterpret_cast<float*>(p_.out.data) + p_.out.offset(b, i, h);
@@ -243,14 +253,11 @@ class FusedKernel {
         for (std::int64_t d = 0; d < p_.v_dim; ++d)
           p_.out.store(accumulator[d] * inverse, b, i, h, d);
       }
-      // LSE in double: m is one of the scores, exact; log l is small. A float32 LSE would round
-      // at |LSE|·2⁻²⁴, which for logits of ±1e4 is far more than the weights' own error.
-      const double lse = empty ? -std::numeric_limits<double>::infinity()
-                               : static_cast<double>(s.row_max[r]) + std::log(double{row_sum});
       if (p_.lse.present) p_.lse.store(lse, b, h, i);
       // Kept for the weights pass as two floats, lse_high + lse_low = LSE to about 2⁻⁴⁸·|LSE|.
       s.row_max[r] = static_cast<float>(lse);
-      s.lse_low[r] = empty ? 0.0f : static_cast<float>(lse - static_cast<double>(s.row_max[r]));
+      s.lse_low[r] =
+          std::isfinite(lse) ? static_cast<float>(lse - static_cast<double>(s.row_max[r])) : 0.0f;
     }
     if (p_.weights.present) WriteWeights(b, kh, i0, positions, s);
   }

@@ -43,6 +43,7 @@
 
 #include "core/backward_arguments.hpp"
 #include "core/dropout.hpp"
+#include "core/sinks.hpp"
 #include "kernels/decode_attention.hpp"
 #include "kernels/fused_backward.hpp"
 #include "kernels/operands.hpp"
@@ -227,10 +228,17 @@ class BackwardKernel {
           for (std::int64_t r = 0; r < rows; ++r) {
             if (rows_of.max[r] == -std::numeric_limits<float>::infinity()) continue;
             const std::int64_t row = (b * p_.q_heads + h) * p_.q_len + i0 + r;
-            const double lse = static_cast<double>(rows_of.max[r]) + std::log(rows_of.sum[r]);
+            double lse = static_cast<double>(rows_of.max[r]) + std::log(rows_of.sum[r]);
+            double keys_share = 1.0;  // of the row's weights, beside a sink's
+            if (p_.sinks.present) {
+              const detail::SinkJoin joined = detail::join_sink(lse, p_.sinks.load(h));
+              lse = joined.lse;
+              keys_share = joined.keys_share;
+            }
             lse_high[row] = static_cast<float>(lse);
             lse_low[row] = static_cast<float>(lse - static_cast<double>(lse_high[row]));
-            delta[row] = static_cast<float>(rows_of.dot[r] / rows_of.sum[r] + delta[row]);
+            delta[row] =
+                static_cast<float>(rows_of.dot[r] / rows_of.sum[r] * keys_share + delta[row]);
           }
         });
   }
@@ -768,6 +776,7 @@ struct BackwardDoor {
   // The door's steps, in order (the kernel runs between PlanItems and InputGradients).
   void PackOperands();
   void RowStatistics();
+  void SinkGradient();
   void PlanItems();
   void InputGradients();
   void ParameterGradients();
@@ -878,6 +887,25 @@ void BackwardDoor::RowStatistics() {
     HWY_DYNAMIC_DISPATCH(RederiveRowStatistics)(o, lse_high, lse_low, delta);
   }
   o.delta = delta;
+}
+
+// Step 2': the sinks' gradient, from each row's LSE and Δ − dLSE: Σ over the rows of a head of
+// −e^(sink − LSE)·(Δ − dLSE) (core/sinks.hpp). Zero in a block that does not join the sinks.
+void BackwardDoor::SinkGradient() {
+  if (!gradients.dsinks) return;
+  std::vector<double> sums(static_cast<std::size_t>(Hq), 0.0);
+  if (p.sinks.present) {
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < Hq; ++h)
+        for (std::int64_t i = 0; i < Nq; ++i) {
+          const std::int64_t row = (b * Hq + h) * Nq + i;
+          const double lse = double{o.lse_high[row]} + double{o.lse_low[row]};
+          sums[static_cast<std::size_t>(h)] +=
+              detail::sink_gradient(p.sinks.load(h), lse, double{o.delta[row]});
+        }
+  }
+  const detail::StridedOutput out = detail::output_of(*gradients.dsinks);
+  for (std::int64_t h = 0; h < Hq; ++h) out.store(sums[static_cast<std::size_t>(h)], h);
 }
 
 // Step 3: the work items and the kernel's zeroed results.
@@ -1073,6 +1101,7 @@ void fused_backward(const AttentionProblem& p, const BackwardInputs& inputs,
   BackwardDoor door(p, inputs, gradients);
   door.PackOperands();
   door.RowStatistics();
+  door.SinkGradient();
   door.PlanItems();
   if (p.batch * p.q_heads * p.q_len > 0 && p.k_len > 0) {  // step 4: the kernel
     apply_simd_environment();

@@ -22,6 +22,7 @@
 #include "kernels/streaming_attention.hpp"
 
 #include "core/dropout.hpp"
+#include "core/sinks.hpp"
 #include "kernels/operands.hpp"
 #include "kernels/score_operands.hpp"
 #include "qkv/error.hpp"
@@ -148,11 +149,16 @@ class StreamingKernel {
     }
 
     const bool empty = running_max == kMinusInfinity;
-    const double inverse_sum = empty ? 0.0 : 1.0 / running_sum;
+    double inverse_sum = empty ? 0.0 : 1.0 / running_sum;
+    double lse = empty ? kMinusInfinity : running_max + std::log(running_sum);
+    if (p_.sinks.present) {  // one more column, with no value (core/sinks.hpp)
+      const detail::SinkJoin joined = detail::join_sink(lse, p_.sinks.load(h));
+      lse = joined.lse;
+      inverse_sum *= joined.keys_share;
+    }
     for (std::int64_t d = 0; d < p_.v_dim; ++d) {
       p_.out.store(accumulator[d] * inverse_sum, b, i, h, d);
     }
-    const double lse = empty ? kMinusInfinity : running_max + std::log(running_sum);
     if (p_.lse.present) p_.lse.store(lse, b, h, i);
     if (p_.weights.present) write_weights(b, h, i, first, last, lse, scratch);
   }

@@ -70,12 +70,30 @@ Tensor started(const ScoreLayerParameter& parameter, std::mt19937_64& rng) {
   throw Error("score layer parameter: unknown start");
 }
 
-// The AttentionOptions member and the AttentionGradients slot a score's layer parameter binds.
-const detail::ScoreParameterOption& bound_option(const ScoreLayerParameter& parameter) {
+// The AttentionOptions member and the AttentionGradients slot an attention parameter binds.
+struct BoundOption {
+  std::optional<TensorView> AttentionOptions::*option;
+  detail::GradientSlot gradient;
+};
+BoundOption bound_option(const ScoreLayerParameter& parameter) {
+  if (parameter.option == "sinks") return {&AttentionOptions::sinks, &AttentionGradients::dsinks};
   for (const detail::ScoreParameterOption& option : detail::score_parameter_options())
-    if (parameter.option == option.name) return option;
+    if (parameter.option == option.name) return {option.option, option.gradient};
   throw Error(
       fmt::format("score layer parameter {}: no option '{}'", parameter.name, parameter.option));
+}
+
+// What the layer learns for its attention besides the projections: its score's parameters
+// (score_layer) and its sinks.
+std::vector<ScoreLayerParameter> attention_parameters(const MultiHeadAttentionOptions& o) {
+  const std::int64_t head = o.embed_dim / o.num_heads;
+  std::vector<ScoreLayerParameter> parameters =
+      score_layer(o.score, o.num_heads, head, o.additive_dim).parameters;
+  if (o.sinks) {
+    parameters.push_back(
+        {"sinks", "sinks", {o.num_heads}, ScoreLayerParameter::Start::constant, 0.0});
+  }
+  return parameters;
 }
 
 Tensor like(const Tensor& t) {
@@ -144,8 +162,7 @@ MultiHeadAttention::MultiHeadAttention(const MultiHeadAttentionOptions& options,
     parameters_["bias_k"] = filled({1, 1, E}, rng, deviation, true);
     parameters_["bias_v"] = filled({1, 1, E}, rng, deviation, true);
   }
-  for (const ScoreLayerParameter& parameter :
-       score_layer(o.score, H, head, o.additive_dim).parameters)
+  for (const ScoreLayerParameter& parameter : attention_parameters(o))
     parameters_[parameter.name] = started(parameter, rng);
   zero_grad();
 }
@@ -332,9 +349,8 @@ MultiHeadAttentionResult MultiHeadAttention::forward(const TensorView& query, co
   // 3. Masks in qkv's terms.
   AttentionOptions& options = s->options;
   options.score = o.score;
-  const ScoreLayer score = score_layer(o.score, H, head, o.additive_dim);
-  options.scale = score.scale;
-  for (const ScoreLayerParameter& parameter : score.parameters)
+  options.scale = score_layer(o.score, H, head, o.additive_dim).scale;
+  for (const ScoreLayerParameter& parameter : attention_parameters(o))
     options.*bound_option(parameter).option = parameters_.at(parameter.name).view();
   if (call.is_causal) {
     options.causal = true;
@@ -478,8 +494,7 @@ MultiHeadAttentionInputGradients MultiHeadAttention::backward(const TensorView& 
   grads.dk = dk_full.mutable_view();
   grads.dv = dv_full.mutable_view();
   NamedTensors score_grads;
-  for (const ScoreLayerParameter& parameter :
-       score_layer(o.score, H, head, o.additive_dim).parameters) {
+  for (const ScoreLayerParameter& parameter : attention_parameters(o)) {
     score_grads[parameter.name] = like(parameters_.at(parameter.name));
     grads.*bound_option(parameter).gradient = score_grads[parameter.name].mutable_view();
   }

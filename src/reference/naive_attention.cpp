@@ -172,8 +172,12 @@ class LiteralForward {
       if (visible_[static_cast<std::size_t>(j)] && s > row_max) row_max = s;
     }
 
+    // A sink is one more column of the softmax, after the keys, with a logit and no value.
+    const Real sink = p_.sinks.present ? load<Real>(p_.sinks, h) : kMinusInfinity;
+    row_max = std::max(row_max, sink);
+
     // Pass 2: the softmax denominator; an empty row (or one whose every visible score is -inf)
-    // has none, and gives O = 0, P = 0, LSE = -inf.
+    // has none, and gives O = 0, P = 0, LSE = -inf (the sink, with one).
     Real lse = kMinusInfinity;
     if (row_max != kMinusInfinity) {
       Real denominator = 0;
@@ -181,6 +185,7 @@ class LiteralForward {
         if (visible_[static_cast<std::size_t>(j)])
           denominator += std::exp(scores_[static_cast<std::size_t>(j)] - row_max);
       }
+      if (sink != kMinusInfinity) denominator += std::exp(sink - row_max);
       lse = row_max + std::log(denominator);
     }
 

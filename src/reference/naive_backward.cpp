@@ -95,6 +95,7 @@ class LiteralBackward {
         grad_bias_(p_.bias, SizeOf(dense_.bias), gradients.dbias.has_value()),
         grad_temperature_(p_.temperature, SizeOf(dense_.temperature),
                           gradients.dtemperature.has_value()),
+        grad_sinks_(p_.sinks, SizeOf(dense_.sinks), gradients.dsinks.has_value()),
         score_mod_gradients_(p_.score_mod, gradients.dscore_mod) {
     d_out_ = detail::input_of(dout64_.view());
     const auto keys = static_cast<std::size_t>(p_.k_len);
@@ -112,7 +113,7 @@ class LiteralBackward {
           ProjectQuery(b, h, i);
           const double lse = RecomputeRow(b, h, i);
           if (lse == -std::numeric_limits<double>::infinity()) continue;  // no key: no gradient
-          DifferentiateRow(b, h, i);
+          DifferentiateRow(b, h, i, lse);
         }
       }
     }
@@ -125,7 +126,7 @@ class LiteralBackward {
     AttentionOptions dense = options;
     for (std::optional<TensorView>* slot :
          {&dense.w, &dense.wq, &dense.wk, &dense.va, &dense.temperature, &dense.alibi_slopes,
-          &dense.bias, &dense.key_lengths, &dense.mask}) {
+          &dense.bias, &dense.key_lengths, &dense.mask, &dense.sinks}) {
       if (*slot) {
         keep_.push_back(detail::dense_copy(**slot));
         *slot = keep_.back().view();
@@ -135,6 +136,9 @@ class LiteralBackward {
   }
   static std::int64_t SizeOf(const std::optional<TensorView>& view) {
     return view ? view->numel() : std::int64_t{0};
+  }
+  double Sink(std::int64_t h) const {
+    return p_.sinks.present ? p_.sinks.load(h) : -std::numeric_limits<double>::infinity();
   }
   double Temperature(std::int64_t h) const {
     return p_.temperature.present ? p_.temperature.load(h) : 1.0;
@@ -191,7 +195,7 @@ class LiteralBackward {
   }
 
   // The forward of row i, keeping every intermediate; returns its LSE (the saved one for a block
-  // of a larger problem), -inf when the row sees no key.
+  // of a larger problem), -inf when the row sees no key (and has no sink).
   double RecomputeRow(std::int64_t b, std::int64_t h, std::int64_t i) {
     double row_max = -std::numeric_limits<double>::infinity();
     for (std::int64_t j = 0; j < p_.k_len; ++j) {
@@ -210,12 +214,16 @@ class LiteralBackward {
       visible_[J] = seen ? 1 : 0;
       if (seen && s > row_max) row_max = s;
     }
+    // A sink: one more column of the softmax, with a logit and no value.
+    const double sink = Sink(h);
+    row_max = std::max(row_max, sink);
     if (row_max == -std::numeric_limits<double>::infinity()) return row_max;
     double denominator = 0.0;
     for (std::int64_t j = 0; j < p_.k_len; ++j) {
       if (visible_[static_cast<std::size_t>(j)])
         denominator += std::exp(scores_[static_cast<std::size_t>(j)] - row_max);
     }
+    if (sink != -std::numeric_limits<double>::infinity()) denominator += std::exp(sink - row_max);
     const double lse = saved_ ? saved_lse_.data<double>()[(b * p_.q_heads + h) * p_.q_len + i]
                               : row_max + std::log(denominator);
     for (std::int64_t j = 0; j < p_.k_len; ++j) {
@@ -225,8 +233,8 @@ class LiteralBackward {
     return lse;
   }
 
-  // Row i's share of every gradient, from the intermediates of RecomputeRow.
-  void DifferentiateRow(std::int64_t b, std::int64_t h, std::int64_t i) {
+  // Row i's share of every gradient, from the intermediates of RecomputeRow and its LSE.
+  void DifferentiateRow(std::int64_t b, std::int64_t h, std::int64_t i, double lse) {
     const std::int64_t hk = p_.kv_head(h);
     // O_i = Σ_j P_ij M_ij V_j, with M_ij the dropout factor (1 without dropout)
     //   →  dV_j += P_ij M_ij dO_i,  dP_ij = M_ij (dO_i · V_j).
@@ -252,6 +260,9 @@ class LiteralBackward {
     }
     const double d_lse =
         has_dlse_ ? dlse64_.data<double>()[(b * p_.q_heads + h) * p_.q_len + i] : 0.0;
+    // The sink's column: P_sink = exp(sink − LSE), dP_sink = 0 (no value)  →
+    // dsink += P_sink (0 − Δ_i + dLSE_i).
+    if (p_.sinks.present) grad_sinks_.add(std::exp(Sink(h) - lse) * (d_lse - delta), h);
     for (std::int64_t j = 0; j < p_.k_len; ++j) {
       const auto J = static_cast<std::size_t>(j);
       if (weights_[J] == 0.0) continue;
@@ -348,7 +359,8 @@ class LiteralBackward {
         {&gradients_.dwk, &grad_wk_},
         {&gradients_.dva, &grad_va_},
         {&gradients_.dbias, &grad_bias_},
-        {&gradients_.dtemperature, &grad_temperature_}};
+        {&gradients_.dtemperature, &grad_temperature_},
+        {&gradients_.dsinks, &grad_sinks_}};
     for (const auto& [target, gradient] : outputs) {
       if (*target) detail::store_dense(gradient->values.data(), **target);
     }
@@ -367,7 +379,7 @@ class LiteralBackward {
   const detail::DropoutMask dropout_;
   StridedInput d_out_;
   Gradient grad_q_, grad_k_, grad_v_, grad_w_, grad_wq_, grad_wk_, grad_va_, grad_bias_,
-      grad_temperature_;
+      grad_temperature_, grad_sinks_;
   detail::ScoreModGradients score_mod_gradients_;
   // One row's intermediates, and the score's projections.
   std::vector<double> raw_, scaled_, unmodified_, scores_, weights_, d_weights_;

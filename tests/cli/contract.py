@@ -8,7 +8,7 @@ import numpy as np
 
 def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               temperature=None, softcap=0.0, alibi=None, bias=None, causal=False, causal_align="bottom-right",
-              window=(-1, -1), key_lengths=None, mask=None, prefix_length=0):
+              window=(-1, -1), key_lengths=None, mask=None, prefix_length=0, sinks=None):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, nq, hq, dq = q.shape
     _, nk, hk, _ = k.shape
@@ -69,11 +69,17 @@ def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None,
         visible &= j[None, None] < np.asarray(key_lengths)[:, None, None, None]
 
     masked = np.where(visible, s, -np.inf)
+    if sinks is not None:  # one more column, after the keys: the sink's logit, with no value
+        column = np.broadcast_to(np.asarray(sinks, dtype=np.float64)[None, :, None, None],
+                                 (batch, hq, nq, 1))
+        masked = np.concatenate([masked, column], axis=-1)
+        visible = np.concatenate([visible, np.ones((batch, hq, nq, 1), dtype=bool)], axis=-1)
     row_max = masked.max(axis=-1, initial=-np.inf, keepdims=True)
     empty = row_max == -np.inf
     shifted = np.where(visible & ~empty, masked - np.where(empty, 0.0, row_max), -np.inf)
     with np.errstate(divide="ignore"):
         lse = np.where(empty, -np.inf, row_max + np.log(np.exp(shifted).sum(-1, keepdims=True)))
     p = np.where(visible & ~empty, np.exp(masked - np.where(empty, 0.0, lse)), 0.0)
+    p = p[..., :nk]  # the sink's column has no value, and is not returned
     out = (p @ V).transpose(0, 2, 1, 3)
     return out, lse[..., 0], p

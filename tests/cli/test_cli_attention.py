@@ -48,6 +48,8 @@ CASES = [
          prefix_length=5),
     dict(name="rank4_cosine_temperature", rank=4, b=2, nq=7, nk=9, hq=2, hk=1, dq=5, dv=3,
          score="cosine", window=(3, 1)),
+    dict(name="rank4_sinks_empty_rows", rank=4, b=2, nq=9, nk=4, hq=2, hk=1, dq=3, dv=3,
+         causal=True, key_lengths=True, sinks=True),
 ]
 
 
@@ -93,6 +95,9 @@ def test_matches_numpy_contract(case, tmp_path):
     if case.get("alibi"):
         kwargs["alibi"] = (2.0 ** -np.arange(1, hq + 1)).astype(np.float32)
         args += ["--alibi", save(tmp_path, "alibi.npy", kwargs["alibi"])]
+    if case.get("sinks"):
+        kwargs["sinks"] = rng.standard_normal(hq).astype(np.float32)
+        args += ["--sinks", save(tmp_path, "sinks.npy", kwargs["sinks"])]
     if case.get("bias"):
         kwargs["bias"] = rng.standard_normal((nq, nk)).astype(np.float32)
         args += ["--bias", save(tmp_path, "bias.npy", kwargs["bias"])]

@@ -34,6 +34,8 @@ CASES = [
     dict(name="bilinear_float64", score="bilinear", dtype=np.float64),
     dict(name="additive_float32", score="additive", dtype=np.float32),
     dict(name="cosine_temperature_float64", score="cosine", causal=True, dtype=np.float64),
+    dict(name="sinks_causal_float32", score="scaled_dot", causal=True, dtype=np.float32,
+         sinks=True),
 ]
 
 
@@ -55,6 +57,8 @@ def test_gradients_match_finite_differences(case, tmp_path):
         params["va"] = rng.standard_normal((h, 4))
     if case["score"] == "cosine":
         params["temperature"] = 2.0 + rng.random(h) * 3.0
+    if case.get("sinks"):
+        params["sinks"] = rng.standard_normal(h)
     # What qkv reads (the values rounded to the file dtype; the parameters in float32).
     q, k, v = (x.astype(dtype).astype(np.float64) for x in (q, k, v))
     params = {n: p.astype(np.float32).astype(np.float64) for n, p in params.items()}

@@ -28,6 +28,7 @@ struct Case {
   bool alibi = false, window = false, key_lengths = false;
   bool bias = false, mask = false, weights = false;  // bias and mask sharded by query rows
   double dropout = 0.0;
+  bool sinks = false;  // joined once per row, by the block holding key 0, whatever the mask
 };
 
 Case with(Case c, const std::string& name, bool bias, bool mask, bool weights, double dropout) {
@@ -93,7 +94,7 @@ bool run(const Case& c, int ranks, int rank) {
   AttentionOptions options;
   options.score = c.score;
   options.causal = c.causal;
-  Tensor w, wq, wk, va, slopes, lengths;
+  Tensor w, wq, wk, va, slopes, lengths, sinks;
   if (c.score == Score::bilinear) {
     w = random({c.hq, d, d}, 5);
     options.w = w.view();
@@ -111,6 +112,11 @@ bool run(const Case& c, int ranks, int rank) {
     slopes = Tensor(DType::float32, {c.hq});
     for (std::int64_t h = 0; h < c.hq; ++h) slopes.data<float>()[h] = std::pow(2.0f, -1.0f - h);
     options.alibi_slopes = slopes.view();
+  }
+  if (c.sinks) {
+    sinks = Tensor(DType::float32, {c.hq});
+    for (std::int64_t h = 0; h < c.hq; ++h) sinks.data<float>()[h] = -1.0f + 0.8f * h;
+    options.sinks = sinks.view();
   }
   if (c.window) {
     options.window_left = 5;
@@ -158,7 +164,8 @@ bool run(const Case& c, int ranks, int rank) {
        {std::tuple{&w, &grads.dw, &distributed_parameters.dw},
         std::tuple{&wq, &grads.dwq, &distributed_parameters.dwq},
         std::tuple{&wk, &grads.dwk, &distributed_parameters.dwk},
-        std::tuple{&va, &grads.dva, &distributed_parameters.dva}}) {
+        std::tuple{&va, &grads.dva, &distributed_parameters.dva},
+        std::tuple{&sinks, &grads.dsinks, &distributed_parameters.dsinks}}) {
     if (param->numel() == 0) continue;
     parameter_grads.emplace_back(Tensor(DType::float32, param->shape()),
                                  Tensor(DType::float32, param->shape()));
@@ -245,6 +252,16 @@ int main(int argc, char** argv) {
       with(ring_causal_zigzag, "ring zigzag causal bias dropout", true, false, true, 0.25));
   cases.push_back(with(heads_causal, "heads causal dropout", false, false, false, 0.25));
   cases.push_back(with(automatic, "automatic with mask (ring)", false, true, true, 0.0));
+  Case sinks_window{"ring sinks window", Strategy::ring, Layout::contiguous, 29, 4, 2, true};
+  sinks_window.window = true;  // the rows far from key 0 see none of its shard
+  sinks_window.sinks = true;
+  cases.push_back(with(sinks_window, "ring sinks causal window weights", false, false, true, 0.0));
+  Case sinks_zigzag = sinks_window;
+  sinks_zigzag.layout = Layout::zigzag;
+  cases.push_back(with(sinks_zigzag, "ring zigzag sinks mask", false, true, false, 0.0));
+  Case sinks_heads{"heads sinks GQA", Strategy::heads, Layout::zigzag, 21, 8, 4, true};
+  sinks_heads.sinks = true;
+  cases.push_back(with(sinks_heads, "heads sinks GQA", false, false, false, 0.0));
   bool all = true;
   for (const Case& c : cases) {
     const bool divisible = c.hq % ranks == 0 && c.hk % ranks == 0;

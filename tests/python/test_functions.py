@@ -32,6 +32,10 @@ CASES = [
          prefix_length=4),
     dict(name="cosine_temperature_gqa", b=2, nq=9, nk=12, hq=4, hk=2, d=8, dv=6, score="cosine",
          causal=True),
+    dict(name="sinks_gqa_empty_rows", b=3, nq=8, nk=12, hq=4, hk=2, d=8, dv=8, sinks=True,
+         mask=True, key_lengths=True, causal=True),
+    dict(name="sinks_additive_window", b=1, nq=9, nk=9, hq=2, hk=1, d=4, dk=5, dv=3,
+         score="additive", sinks=True, window=(2, 1)),
 ]
 
 
@@ -61,6 +65,8 @@ def inputs(case, dtype=np.float32):
     if case.get("mask"):
         kw["mask"] = rng.random((hq, nq, nk)) < 0.7
         kw["mask"][0, 1, :] = False  # a row that sees nothing
+    if case.get("sinks"):  # a large one (the sink takes most of the weight) and small ones
+        kw["sinks"] = np.linspace(-2.0, 4.0, hq).astype(dtype)
     if case.get("key_lengths"):
         kw["key_lengths"] = np.array([nk, 0, nk // 2][:b], dtype=np.int64)
     for option in ("causal", "causal_align", "window", "prefix_length"):
@@ -104,7 +110,7 @@ def test_attention_gradcheck_float64(case):
     small = dict(case, b=min(case["b"], 2), nq=min(case["nq"], 5), nk=min(case["nk"], 6))
     q, k, v, kw = inputs(small, dtype=np.float64)
     tensors = {"q": q, "k": k, "v": v}
-    for name in ("w", "wq", "wk", "va", "temperature", "bias"):
+    for name in ("w", "wq", "wk", "va", "temperature", "sinks", "bias"):
         if name in kw:
             tensors[name] = kw.pop(name)
     if "alibi_slopes" in kw:

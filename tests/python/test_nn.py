@@ -132,6 +132,33 @@ def test_cosine_layer_equals_literal_pytorch():
         assert relative(p.grad.double(), params[name].grad) <= TOLERANCE, name
 
 
+def test_sinks_layer_equals_literal_pytorch():
+    """sinks=True learns one sink per head (gpt-oss), starting at 0; the layer equals the softmax
+    over the scores with each head's sink column concatenated (then dropped), gradients too."""
+    torch.manual_seed(6)
+    layer = qkv.nn.MultiheadAttention(8, 2, batch_first=True, sinks=True)
+    assert torch.equal(layer.sinks.detach(), torch.zeros(2))
+    assert qkv.nn.MultiheadAttention(8, 2).sinks is None
+    with torch.no_grad():
+        layer.sinks.copy_(torch.tensor([1.5, -0.5]))
+    x = torch.randn(3, 6, 8)
+    out, _ = layer(x, x, x, need_weights=False)
+    out.square().sum().backward()
+
+    params = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
+    q, k, v = F.linear(x.double(), params["in_proj_weight"], params["in_proj_bias"]).chunk(3, -1)
+    q, k, v = (t.reshape(3, 6, 2, 4).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / 2.0
+    column = params["sinks"].view(1, 2, 1, 1).expand(3, 2, 6, 1)
+    weights = torch.cat([scores, column], -1).softmax(-1)[..., :-1]
+    attended = (weights @ v).transpose(1, 2).reshape(3, 6, 8)
+    expected = F.linear(attended, params["out_proj.weight"], params["out_proj.bias"])
+    expected.square().sum().backward()
+    assert relative(out.double(), expected) <= TOLERANCE
+    for name, p in layer.named_parameters():
+        assert relative(p.grad.double(), params[name].grad) <= TOLERANCE, name
+
+
 def test_layer_scores_are_the_units():
     """Every score qkv has is accepted, with the parameters the C++ unit lists; others are not."""
     for score in qkv._qkv.score_names():

@@ -21,6 +21,7 @@ std::string AttentionCase::name() const {
   if (softcap > 0) text += "_softcap";
   if (alibi) text += "_alibi";
   if (bias) text += "_bias";
+  if (sinks) text += "_sinks";
   if (causal) text += causal_align == CausalAlign::bottom_right ? "_causalBR" : "_causalTL";
   if (prefix_length > 0) text += fmt::format("_prefix{}", prefix_length);
   if (block_mask == BlockMaskRule::documents) text += fmt::format("_documents{}", mask_block);
@@ -193,6 +194,12 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
           std::pow(2.0f, -8.0f * static_cast<float>(h + 1) / static_cast<float>(c.q_heads));
     }
     o.alibi_slopes = in.alibi_slopes.view();
+  }
+  if (c.sinks) {
+    in.sinks = Tensor(DType::float32, {c.q_heads});
+    for (std::int64_t h = 0; h < c.q_heads; ++h)
+      in.sinks.data<float>()[h] = -1.5f + 1.1f * static_cast<float>(h);
+    o.sinks = in.sinks.view();
   }
   if (c.bias) {
     in.bias = Tensor(DType::float32, {c.batch, 1, c.q_len, c.k_len});

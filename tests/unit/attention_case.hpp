@@ -34,6 +34,7 @@ struct AttentionCase {
   double softcap = 0.0;
   bool alibi = false;
   bool bias = false;  // a [B, 1, Nq, Nk] float bias
+  bool sinks = false;  // attention sinks [Hq], from −1.5 up in steps of 1.1 (large and small)
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;
   std::int64_t prefix_length = 0;  // prefix LM, with causal
@@ -58,7 +59,7 @@ void PrintTo(const AttentionCase& c, std::ostream* os);
 // Owns the tensors of a case and the views and options that point into them.
 struct AttentionInputs {
   Tensor q_storage, k_storage, v_storage;
-  Tensor w, wq, wk, va, temperature, alibi_slopes, bias, mask, key_lengths;
+  Tensor w, wq, wk, va, temperature, alibi_slopes, bias, sinks, mask, key_lengths;
   std::shared_ptr<BlockMask> block_mask;  // on the heap: options point at it across moves
   Tensor score_values;                    // the score_mod's parameter
   std::shared_ptr<ScoreParameter> score_parameter;

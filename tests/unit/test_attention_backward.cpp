@@ -48,6 +48,10 @@ struct Gradients {
       dtemperature = like(*in.options.temperature);
       views.dtemperature = dtemperature.mutable_view();
     }
+    if (in.options.sinks) {
+      dsinks = like(*in.options.sinks);
+      views.dsinks = dsinks.mutable_view();
+    }
     if (in.score_parameter) {
       dscore_mod = like(in.score_parameter->values());
       views.dscore_mod = {dscore_mod.mutable_view()};
@@ -59,12 +63,12 @@ struct Gradients {
     for (auto [name, t] :
          {std::pair{"dw", &dw}, std::pair{"dwq", &dwq}, std::pair{"dwk", &dwk},
           std::pair{"dva", &dva}, std::pair{"dbias", &dbias}, std::pair{"dscore_mod", &dscore_mod},
-          std::pair{"dtemperature", &dtemperature}}) {
+          std::pair{"dtemperature", &dtemperature}, std::pair{"dsinks", &dsinks}}) {
       if (t->numel() > 0) all.push_back({name, t});
     }
     return all;
   }
-  Tensor dq, dk, dv, dw, dwq, dwk, dva, dbias, dscore_mod, dtemperature;
+  Tensor dq, dk, dv, dw, dwq, dwk, dva, dbias, dscore_mod, dtemperature, dsinks;
   AttentionGradients views;
 };
 
@@ -102,6 +106,19 @@ std::vector<BackwardCase> backward_zoo() {
     c.k_len = nk;
     add_all_scores(c);
   }
+  // Sinks on a decode-shaped problem (its LSE and Δ re-derived) and in a batch one of whose
+  // sequences has no key.
+  for (std::int64_t nq : {1, 3}) {
+    AttentionCase c;
+    c.batch = 2;
+    c.q_len = nq;
+    c.k_len = 300;
+    c.q_heads = 4;
+    c.kv_heads = 2;
+    c.sinks = true;
+    c.key_lengths = true;
+    add_all_scores(c);
+  }
   // Head dims, Dv equal and different.
   for (std::int64_t d : {1, 8, 64, 80}) {
     AttentionCase c;
@@ -123,7 +140,7 @@ std::vector<BackwardCase> backward_zoo() {
     add_all_scores(c);
   }
   // Every mask and option.
-  for (int variant = 0; variant < 13; ++variant) {
+  for (int variant = 0; variant < 15; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = 70;
@@ -162,6 +179,16 @@ std::vector<BackwardCase> backward_zoo() {
       c.score_mod = ScoreModRule::capped_slopes;
       c.softcap = 20.0;
       c.block_mask = BlockMaskRule::documents;
+    }
+    if (variant == 13) {  // sinks, with a row that sees no key
+      c.sinks = true;
+      c.mask = true;
+      c.causal = true;
+    }
+    if (variant == 14) {  // sinks beside large logits and a bias (Δ re-derived)
+      c.sinks = true;
+      c.bias = true;
+      c.input_scale = 3.0;
     }
     add_all_scores(c);
   }

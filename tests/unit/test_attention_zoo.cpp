@@ -163,8 +163,9 @@ std::vector<AttentionCase> shape_zoo() {
     c.seed = ++seed;
     add_all_scores(c);
   }
-  // 5. Score transforms: explicit scale, soft cap, ALiBi, float bias, alone and together.
-  for (int variant = 0; variant < 5; ++variant) {
+  // 5. Score transforms: explicit scale, soft cap, ALiBi, float bias, alone and together; sinks
+  // (with a row that sees no key, and with large logits).
+  for (int variant = 0; variant < 7; ++variant) {
     AttentionCase c;
     c.q_len = 29;
     c.k_len = 41;
@@ -176,6 +177,15 @@ std::vector<AttentionCase> shape_zoo() {
     if (variant == 2 || variant == 4) c.alibi = true;
     if (variant == 3 || variant == 4) c.bias = true;
     if (variant == 4) c.causal = true;
+    if (variant == 5) {
+      c.sinks = true;
+      c.mask = true;
+      c.causal = true;
+    }
+    if (variant == 6) {
+      c.sinks = true;
+      c.input_scale = 8.0;
+    }
     c.seed = ++seed;
     add_all_scores(c);
   }
@@ -195,7 +205,7 @@ std::vector<AttentionCase> shape_zoo() {
   }
   // 7. Decoding: a few query rows per key head against more keys than one split-KV chunk, with
   // every option and mask.
-  for (int variant = 0; variant < 5; ++variant) {
+  for (int variant = 0; variant < 6; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = variant == 3 ? 2 : 1;
@@ -214,6 +224,10 @@ std::vector<AttentionCase> shape_zoo() {
     if (variant == 4) {
       c.block_mask = BlockMaskRule::strided;
       c.mask_block = 128;
+    }
+    if (variant == 5) {  // the sink joins once, not once per split
+      c.sinks = true;
+      c.key_lengths = true;
     }
     c.seed = ++seed;
     add_all_scores(c);

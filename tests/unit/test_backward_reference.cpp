@@ -23,7 +23,8 @@ struct Float64Problem {
     for (auto [slot, tensor] :
          {std::pair{&in.options.w, &w}, std::pair{&in.options.wq, &wq},
           std::pair{&in.options.wk, &wk}, std::pair{&in.options.va, &va},
-          std::pair{&in.options.temperature, &temperature}, std::pair{&in.options.bias, &bias}}) {
+          std::pair{&in.options.temperature, &temperature}, std::pair{&in.options.bias, &bias},
+          std::pair{&in.options.sinks, &sinks}}) {
       if (!*slot) continue;
       *tensor =
           Tensor(DType::float64, std::vector<std::int64_t>((*slot)->shape.begin(),
@@ -57,7 +58,7 @@ struct Float64Problem {
 
   AttentionCase c;
   AttentionInputs in;
-  Tensor w, wq, wk, va, temperature, bias, dout, dlse;
+  Tensor w, wq, wk, va, temperature, bias, sinks, dout, dlse;
 };
 
 // Every element of `values` nudged by ±h; the central difference of the loss against `analytic`.
@@ -87,7 +88,7 @@ std::vector<AttentionCase> backward_cases() {
        {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive, Score::cosine}) {
     for (bool per_head : {false, true}) {
       if (per_head && (score == Score::dot || score == Score::scaled_dot)) continue;
-      for (int variant = 0; variant < 7; ++variant) {
+      for (int variant = 0; variant < 8; ++variant) {
         AttentionCase c;
         c.batch = 2;
         c.q_len = 3;
@@ -118,6 +119,12 @@ std::vector<AttentionCase> backward_cases() {
           c.softcap = 2.5;
           c.bias = true;
         }
+        if (variant == 7) {  // sinks, with rows that see no key (their LSE is the sink)
+          c.sinks = true;
+          c.key_lengths = true;
+          c.mask = true;
+          c.causal = true;
+        }
         c.seed = ++seed;
         cases.push_back(c);
       }
@@ -138,7 +145,7 @@ TEST_P(BackwardReference, MatchesFiniteDifferences) {
   const auto like = [](const Tensor& t) { return Tensor(DType::float64, t.shape()); };
   Tensor dw = like(problem.w), dwq = like(problem.wq), dwk = like(problem.wk),
          dva = like(problem.va), dbias = like(problem.bias),
-         dtemperature = like(problem.temperature);
+         dtemperature = like(problem.temperature), dsinks = like(problem.sinks);
   AttentionGradients gradients;
   gradients.dq = dq.mutable_view();
   gradients.dk = dk.mutable_view();
@@ -151,6 +158,7 @@ TEST_P(BackwardReference, MatchesFiniteDifferences) {
   }
   if (in.options.bias) gradients.dbias = dbias.mutable_view();
   if (in.options.temperature) gradients.dtemperature = dtemperature.mutable_view();
+  if (in.options.sinks) gradients.dsinks = dsinks.mutable_view();
   Tensor dscore_mod;
   if (in.score_parameter) {
     dscore_mod = like(in.score_values);
@@ -169,7 +177,8 @@ TEST_P(BackwardReference, MatchesFiniteDifferences) {
        {std::tuple{&problem.w, &dw, "dw"}, std::tuple{&problem.wq, &dwq, "dwq"},
         std::tuple{&problem.wk, &dwk, "dwk"}, std::tuple{&problem.va, &dva, "dva"},
         std::tuple{&problem.bias, &dbias, "dbias"},
-        std::tuple{&problem.temperature, &dtemperature, "dtemperature"}}) {
+        std::tuple{&problem.temperature, &dtemperature, "dtemperature"},
+        std::tuple{&problem.sinks, &dsinks, "dsinks"}}) {
     if (tensor->numel() > 0)
       expect_gradient(problem, tensor->data<double>(), tensor->numel(), *gradient, name);
   }

@@ -105,12 +105,15 @@ TEST(MultiHeadAttention, IsCausalEqualsTriangularAttnMask) {
   EXPECT_EQ(a.weights.data<float>()[1], 0.0f);  // query 0 does not see key 1
 }
 
-// The loss L = Σ dout·output; the gradient of every score parameter against central finite
-// differences in float32 (step 1e-2: the truncation error is O(h²)·L''' and the rounding error
-// O(ε·|L|/h), both near 1e-4 relative here).
+// The loss L = Σ dout·output; the gradient of every score parameter, and of the sinks, against
+// central finite differences in float32 (step 1e-2: the truncation error is O(h²)·L''' and the
+// rounding error O(ε·|L|/h), both near 1e-4 relative here).
 TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
-  for (Score score : {Score::bilinear, Score::additive, Score::cosine}) {
-    MultiHeadAttention layer(small_options(score), 11);
+  for (auto [score, sinks] : {std::pair{Score::bilinear, false}, std::pair{Score::additive, false},
+                              std::pair{Score::cosine, true}, std::pair{Score::scaled_dot, true}}) {
+    MultiHeadAttentionOptions options = small_options(score);
+    options.sinks = sinks;
+    MultiHeadAttention layer(options, 11);
     const Tensor query = random_float32({4, 2, 8}, 5), key = random_float32({6, 2, 8}, 6);
     const Tensor dout = random_float32({4, 2, 8}, 7);
     MultiHeadAttentionCall call;
@@ -127,7 +130,7 @@ TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
     layer.zero_grad();
     layer.backward(dout.view());
     for (const auto& [name, gradient] : layer.gradients()) {
-      if (name.rfind("score_", 0) != 0) continue;
+      if (name.rfind("score_", 0) != 0 && name != "sinks") continue;
       NamedTensors state = layer.parameters();
       float* values = state.at(name).data<float>();
       for (std::int64_t n = 0; n < gradient.numel(); n += 3) {

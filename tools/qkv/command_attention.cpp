@@ -32,7 +32,7 @@ struct AttentionFlags {
   std::string q, k, v, out, lse, weights, weights_png;
   std::string score = "scaled_dot";
   std::optional<double> scale;
-  std::string w, wq, wk, va, temperature, alibi, bias, key_lengths, mask;
+  std::string w, wq, wk, va, temperature, alibi, sinks, bias, key_lengths, mask;
   double softcap = 0.0;
   bool causal = false;
   std::string causal_align = "bottom-right";
@@ -42,7 +42,7 @@ struct AttentionFlags {
   std::uint64_t dropout_seed = 0;
   int threads = 0;
   // The backward: ∂L/∂O in, the requested gradients out.
-  std::string dout, dq, dk, dv, dw, dwq, dwk, dva, dtemperature;
+  std::string dout, dq, dk, dv, dw, dwq, dwk, dva, dtemperature, dsinks;
   // Under mpirun: ring | heads | auto, and how the sequence is laid out over the ranks.
   std::string distributed, layout = "contiguous";
 };
@@ -86,7 +86,7 @@ std::optional<Tensor> load_optional(const std::string& path) {
 
 // The options of the flags, with the tensors they point into (read from their files).
 struct LoadedOptions {
-  std::optional<Tensor> w, wq, wk, va, temperature, alibi, bias, key_lengths, mask;
+  std::optional<Tensor> w, wq, wk, va, temperature, alibi, sinks, bias, key_lengths, mask;
   AttentionOptions options;
 };
 
@@ -98,6 +98,7 @@ LoadedOptions load_options(const AttentionFlags& flags) {
   loaded.va = load_optional(flags.va);
   loaded.temperature = load_optional(flags.temperature);
   loaded.alibi = load_optional(flags.alibi);
+  loaded.sinks = load_optional(flags.sinks);
   loaded.bias = load_optional(flags.bias);
   loaded.key_lengths = load_optional(flags.key_lengths);
   loaded.mask = load_optional(flags.mask);
@@ -120,6 +121,7 @@ LoadedOptions load_options(const AttentionFlags& flags) {
   attach(loaded.va, options.va, "--va");
   attach(loaded.temperature, options.temperature, "--temperature");
   attach(loaded.alibi, options.alibi_slopes, "--alibi");
+  attach(loaded.sinks, options.sinks, "--sinks");
   attach(loaded.bias, options.bias, "--bias");
   attach(loaded.key_lengths, options.key_lengths, "--key-lengths");
   attach(loaded.mask, options.mask, "--mask");
@@ -139,11 +141,12 @@ LoadedOptions load_options(const AttentionFlags& flags) {
 void check_gradient_flags(const AttentionFlags& flags) {
   const bool any_gradient =
       !(flags.dq.empty() && flags.dk.empty() && flags.dv.empty() && flags.dw.empty() &&
-        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty() && flags.dtemperature.empty());
+        flags.dwq.empty() && flags.dwk.empty() && flags.dva.empty() && flags.dtemperature.empty() &&
+        flags.dsinks.empty());
   if (any_gradient != !flags.dout.empty()) {
     throw Error(any_gradient ? "--dout: expected ∂L/∂O for the requested gradients, got none"
                              : "--dout: expected at least one of --dq, --dk, --dv, --dw, --dwq, "
-                               "--dwk, --dva, --dtemperature with it, got none");
+                               "--dwk, --dva, --dtemperature, --dsinks with it, got none");
   }
 }
 
@@ -173,7 +176,8 @@ void run_distributed(const AttentionFlags& flags) {
         std::tuple{&flags.dwk, &flags.wk, "--dwk: expected --wk"},
         std::tuple{&flags.dva, &flags.va, "--dva: expected --va"},
         std::tuple{&flags.dtemperature, &flags.temperature,
-                   "--dtemperature: expected --temperature"}}) {
+                   "--dtemperature: expected --temperature"},
+        std::tuple{&flags.dsinks, &flags.sinks, "--dsinks: expected --sinks"}}) {
     if (!gradient->empty() && primal->empty()) {
       throw Error(fmt::format("{} to differentiate, got none", names));
     }
@@ -193,6 +197,7 @@ void run_distributed(const AttentionFlags& flags) {
   run.dwk = flags.dwk;
   run.dva = flags.dva;
   run.dtemperature = flags.dtemperature;
+  run.dsinks = flags.dsinks;
   run.q = flags.q;
   run.k = flags.k;
   run.v = flags.v;
@@ -282,7 +287,7 @@ void run_attention(const AttentionFlags& flags) {
           std::span<const std::int64_t>(primal.shape.data(),
                                         static_cast<std::size_t>(primal.rank)));
     };
-    gradient_files.reserve(7);
+    gradient_files.reserve(9);
     request(flags.dq, q.shape(), qv, gradients.dq);
     request(flags.dk, k.shape(), kv, gradients.dk);
     request(flags.dv, v.shape(), vv, gradients.dv);
@@ -301,6 +306,7 @@ void run_attention(const AttentionFlags& flags) {
     parameter(flags.dva, loaded.va, gradients.dva, "--dva", "--va");
     parameter(flags.dtemperature, loaded.temperature, gradients.dtemperature, "--dtemperature",
               "--temperature");
+    parameter(flags.dsinks, loaded.sinks, gradients.dsinks, "--dsinks", "--sinks");
     const std::optional<SavedForward> saved =
         SavedForward{outputs.out.as_const(), outputs.lse->as_const()};
     attention_backward(qv, kv, vv, options, sequence_view(*dout, "--dout"), std::nullopt, gradients,
@@ -353,6 +359,8 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--temperature", flags->temperature, "cosine τ [Hq] or [1] (default 1)");
   command->add_option("--softcap", flags->softcap, "soft cap c: s <- c tanh(s / c); 0 = off");
   command->add_option("--alibi", flags->alibi, "ALiBi slopes [Hq] or [B, Hq]");
+  command->add_option("--sinks", flags->sinks,
+                      "attention sinks [Hq]: a learned logit per head joining each softmax");
   command->add_option("--bias", flags->bias, "float bias broadcastable to [B, Hq, Nq, Nk]");
   command->add_flag("--causal", flags->causal, "causal mask");
   command->add_option("--causal-align", flags->causal_align, "bottom-right | top-left")
@@ -380,6 +388,7 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--dwk", flags->dwk, "write ∂L/∂Wk (additive)");
   command->add_option("--dva", flags->dva, "write ∂L/∂v (additive)");
   command->add_option("--dtemperature", flags->dtemperature, "write ∂L/∂τ (cosine)");
+  command->add_option("--dsinks", flags->dsinks, "write ∂L/∂sinks");
   command->callback([flags] { run_attention(*flags); });
 }
 

@@ -146,9 +146,10 @@ void add_bench_command(CLI::App& app) {
   CLI::App* command = app.add_subcommand(
       "bench", "Attention throughput beside OpenBLAS sgemm, measured in the same run");
   command->add_flag("--json", flags->json, "print JSON instead of a table");
-  command->add_option(
-      "--shapes", flags->shapes,
-      "comma-separated S1…S5, A1 or B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][causal]");
+  command->add_option("--shapes", flags->shapes,
+                      "comma-separated S1…S5, A1, M1, M2 or "
+                      "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], "
+                      "each optionally followed by sinks");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
   command->add_option("--dtype", flags->dtype, "f32 | bf16 (inputs and output)")
       ->default_str("f32");

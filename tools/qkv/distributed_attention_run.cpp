@@ -188,17 +188,18 @@ void run_distributed_attention(const DistributedRun& run) {
         return MutableTensorView::contiguous(t.raw(), t.dtype(),
                                              std::span<const std::int64_t>(like.shape.data(), 4));
       };
-      // The score parameters' gradients: summed over the ranks, the same on every rank.
+      // The score parameters' and the sinks' gradients: summed over the ranks, the same on every
+      // rank.
       AttentionGradients parameters;
       std::vector<std::pair<std::string, Tensor>> parameter_files;
-      parameter_files.reserve(5);
+      parameter_files.reserve(6);
       for (const auto& [path, primal, slot] :
            {std::tuple{&run.dw, &attention_options.w, &parameters.dw},
             std::tuple{&run.dwq, &attention_options.wq, &parameters.dwq},
             std::tuple{&run.dwk, &attention_options.wk, &parameters.dwk},
             std::tuple{&run.dva, &attention_options.va, &parameters.dva},
-            std::tuple{&run.dtemperature, &attention_options.temperature,
-                       &parameters.dtemperature}}) {
+            std::tuple{&run.dtemperature, &attention_options.temperature, &parameters.dtemperature},
+            std::tuple{&run.dsinks, &attention_options.sinks, &parameters.dsinks}}) {
         if (path->empty()) continue;
         parameter_files.emplace_back(
             *path, Tensor(DType::float32,

@@ -12,7 +12,7 @@ namespace qkv::cli {
 
 struct DistributedRun {
   std::string q, k, v, out, lse, weights, weights_png, dout, dq, dk, dv, dw, dwq, dwk, dva,
-      dtemperature;
+      dtemperature, dsinks;
   std::string bias, mask;    // read by each rank: its query rows, every key
   AttentionOptions options;  // the flags' options but the bias and mask
   distributed::Strategy strategy = distributed::Strategy::automatic;
