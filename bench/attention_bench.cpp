@@ -17,6 +17,7 @@
 #include <map>
 #include <random>
 #include <string>
+#include <string_view>
 
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
@@ -164,8 +165,19 @@ Shape parse_shape(const std::string& spec) {
       {"S4", "B1H32Nq1Nk8192D128"},  {"A1", "B1H8N1024D64A64"},     {"S5", "B1H8N4096D64causal"},
       {"M1", "B1H8N4096D64docs512"}, {"M2", "B1H8N4096D64slide256"}};
   std::string text = spec;
-  const bool sinks = text.size() > 5 && text.compare(text.size() - 5, 5, "sinks") == 0;
-  if (sinks) text.resize(text.size() - 5);
+  // Suffixes, in any order: sinks, sigmoid.
+  bool sinks = false, sigmoid = false;
+  for (bool found = true; found;) {
+    found = false;
+    for (auto [suffix, flag] : {std::pair{"sinks", &sinks}, std::pair{"sigmoid", &sigmoid}}) {
+      const std::string_view end(suffix);
+      if (text.size() > end.size() &&
+          text.compare(text.size() - end.size(), end.size(), end) == 0) {
+        text.resize(text.size() - end.size());
+        *flag = found = true;
+      }
+    }
+  }
   for (const auto& [name, definition] : kNamed) {
     if (text == name) text = definition;
   }
@@ -173,12 +185,13 @@ Shape parse_shape(const std::string& spec) {
     return Error(
         fmt::format("--shapes: expected S1 … S5, A1, M1, M2 or "
                     "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], each "
-                    "optionally followed by sinks, got '{}'",
+                    "optionally followed by sinks and sigmoid, got '{}'",
                     spec));
   };
   Shape shape;
   shape.name = spec;
   shape.sinks = sinks;
+  shape.sigmoid = sigmoid;
   if (text.size() >= 6 && text.compare(text.size() - 6, 6, "causal") == 0) {
     shape.causal = true;
     text.resize(text.size() - 6);
@@ -315,6 +328,7 @@ struct BenchProblem {
                                    {1, 1, s.q_len, s.k_len, 128, 128});
       options.block_mask = &block_mask;
     }
+    if (s.sigmoid) options.normalization = Normalization::sigmoid;
     if (s.sinks) {
       sinks.assign(static_cast<std::size_t>(s.q_heads), 0.5f);
       options.sinks = TensorView::contiguous(sinks.data(), DType::float32, {s.q_heads});
@@ -417,9 +431,9 @@ void measure_baseline(ShapeResult& result, int threads, int repetitions) {
   const Shape& s = result.shape;
   BenchProblem problem(s, result.dtype, threads);
   // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run; it knows no
-  // block masks.
+  // block masks, sinks or sigmoid.
   if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes ||
-      s.documents > 0 || s.sliding_window > 0) {
+      s.documents > 0 || s.sliding_window > 0 || s.sinks || s.sigmoid) {
     return;
   }
   openblas_set_num_threads(threads);

@@ -19,7 +19,8 @@ struct Shape {
   // A block mask (blocks of 128 × 128) built from a mask_mod: documents of this many positions
   // (a query sees its own document), or a causal sliding window (q − window <= kv <= q).
   std::int64_t documents = 0, sliding_window = 0;
-  bool sinks = false;  // learned attention sinks, one per query head
+  bool sinks = false;    // learned attention sinks, one per query head
+  bool sigmoid = false;  // sigmoid attention (normalization sigmoid)
   // The share of the Nq × Nk pairs the masks leave visible (1 without masks).
   double visible_share() const;
   // Whether query i sees key j under the shape's masks.
@@ -34,7 +35,8 @@ std::vector<Shape> default_shapes();
 // of 512, M2 = S2 with a sliding window of 256) or spec:
 // B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], e.g.
 // "B1H8N4096D64causal", "B1H8N4096D64docs512" or "B1H32Nq1Nk8192D128"; either followed by
-// "sinks" (e.g. "S2sinks") adds attention sinks. Throws qkv::Error naming the spec.
+// "sinks" (e.g. "S2sinks") adds attention sinks, by "sigmoid" makes it sigmoid attention. Throws
+// qkv::Error naming the spec.
 Shape parse_shape(const std::string& spec);
 
 // FLOPs of docs/contract.md §8: 4·Nq·Nk·D per head, counting only the visible pairs under masks.

@@ -28,6 +28,12 @@ enum class CausalAlign {
   top_left,      // key j visible to query i iff j <= i             (PyTorch is_causal)
 };
 
+// How a row's scores become its weights (docs/contract.md §4).
+enum class Normalization {
+  softmax,  // P = softmax of the row's visible scores (the default)
+  sigmoid,  // P = sigmoid(s + sigmoid_bias), each pair on its own (Ramapuram et al., ICLR 2025)
+};
+
 // "dot", "scaled_dot", "bilinear", "additive", "cosine" (and back; throws qkv::Error on an unknown
 // name).
 const char* score_name(Score score);
@@ -36,6 +42,9 @@ Score parse_score(std::string_view name);
 std::vector<std::string_view> score_names();
 const char* causal_align_name(CausalAlign align);
 CausalAlign parse_causal_align(std::string_view name);
+// "softmax", "sigmoid" (and back; qkv::Error on an unknown name).
+const char* normalization_name(Normalization normalization);
+Normalization parse_normalization(std::string_view name);
 
 // Everything besides Q, K and V. Optional float tensors are float32, float64 or bfloat16.
 struct AttentionOptions {
@@ -64,6 +73,13 @@ struct AttentionOptions {
   // A score_mod (FlexAttention's): s ← fn(s, b, h, q_idx, kv_idx) after the options above, in
   // the forward and the backward (qkv/score_mod.hpp). Not owned: it must outlive the call.
   const ScoreMod* score_mod = nullptr;
+
+  // Softmax (the default) or sigmoid attention: P_ij = sigmoid(s_ij + sigmoid_bias) over the
+  // visible keys, no normalization over the row; sigmoid_bias unset means −log(Nk) (of the whole
+  // problem: key_total), the paper's choice. LSE then holds log Σ_j P_ij, the log of the row's
+  // total weight (−inf for a row that sees no key).
+  Normalization normalization = Normalization::softmax;
+  std::optional<double> sigmoid_bias;
 
   // Attention sinks (gpt-oss): one learned logit per query head, [Hq], that joins every row's
   // softmax as one more column with no value, P = softmax([s_i1 … s_iN, sink_h]) with that column
@@ -141,7 +157,8 @@ struct AttentionOutputs {
 // Dk == Dq for dot and scaled_dot. Results (docs/contract.md §4):
 //   P[i, j] = exp(s_ij - LSE_i) over visible keys, 0 elsewhere;  O_i = Σ_j P[i, j] V_j;
 //   LSE_i = log Σ_visible exp(s_ij) (+ exp(sink_h) with sinks). A row with no visible key gets
-//   O = 0, P = 0, LSE = -inf (sink_h with sinks).
+//   O = 0, P = 0, LSE = -inf (sink_h with sinks). With normalization sigmoid:
+//   P[i, j] = sigmoid(s_ij + b), O_i = Σ_j P[i, j] V_j, LSE_i = log Σ_j P[i, j].
 // Never builds the Nq×Nk matrix unless `weights` is requested. Results are bitwise the same for
 // any thread count. Throws qkv::Error on bad input before writing anything.
 // Memory: O(N·D) working space (a packed copy of K and V), which each calling thread keeps

@@ -4,6 +4,7 @@
 #include <optional>
 #include <span>
 
+#include "qkv/attention.hpp"
 #include "qkv/tensor.hpp"
 
 namespace qkv {
@@ -15,8 +16,11 @@ namespace qkv {
 // Parts that saw no key (LSE_p = -inf) contribute nothing; rows no part saw get O = 0, LSE = -inf.
 // All tensors float32, float64 or bfloat16, any strides; `out` may be one of the parts' storage.
 // Throws qkv::Error naming the argument when counts, shapes or dtypes disagree.
+// With normalization sigmoid (no normalizer: each part's O is already a plain sum), O = Σ_p O_p
+// and LSE as above (the log of the rows' total weight).
 void merge_attention(std::span<const TensorView> outs, std::span<const TensorView> lses,
                      const MutableTensorView& out,
-                     const std::optional<MutableTensorView>& lse = std::nullopt);
+                     const std::optional<MutableTensorView>& lse = std::nullopt,
+                     Normalization normalization = Normalization::softmax);
 
 }  // namespace qkv

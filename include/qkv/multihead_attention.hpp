@@ -63,6 +63,9 @@ struct MultiHeadAttentionOptions {
   // A learned attention sink per head ("sinks" [H], starting at 0: "softmax plus one"), as in
   // gpt-oss (AttentionOptions::sinks).
   bool sinks = false;
+  // Softmax or sigmoid attention (AttentionOptions::normalization, sigmoid_bias).
+  Normalization normalization = Normalization::softmax;
+  std::optional<double> sigmoid_bias = std::nullopt;
 };
 
 // One call's masks and switches (PyTorch's forward arguments).

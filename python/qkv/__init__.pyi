@@ -20,7 +20,8 @@ def attention(
     va: Optional[Array] = ..., temperature: Optional[Array] = ..., softcap: float = ...,
     alibi_slopes: Optional[Array] = ...,
     bias: Optional[Array] = ..., sinks: Optional[Array] = ..., causal: bool = ...,
-    causal_align: str = ..., prefix_length: int = ..., window: Window = ..., key_lengths: Optional[Array] = ..., mask: Optional[Array] = ...,
+    causal_align: str = ..., prefix_length: int = ..., normalization: str = ...,
+    sigmoid_bias: Optional[float] = ..., window: Window = ..., key_lengths: Optional[Array] = ..., mask: Optional[Array] = ...,
     return_lse: bool = ..., return_weights: bool = ..., dropout_p: float = ...,
     dropout_seed: Optional[int] = ..., threads: Optional[int] = ...,
 ) -> Union[Array, Tuple[Array, Array], Tuple[Array, Array, Array]]: ...

@@ -204,7 +204,8 @@ def _seed(dropout_p, seed):
 
 def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               temperature=None, softcap=0.0, alibi_slopes=None, bias=None, sinks=None, causal=False,
-              causal_align="bottom-right", prefix_length=0, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
+              causal_align="bottom-right", prefix_length=0, normalization="softmax",
+              sigmoid_bias=None, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
               return_weights=False, dropout_p=0.0, dropout_seed=None, threads=None):
     """Attention in qkv's layout: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
 
@@ -213,7 +214,10 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     "cosine" (temperature [Hq] or [1] times q·k/(|q||k|); none: 1).
     softcap c > 0: s <- c·tanh(s/c). alibi_slopes [Hq] or [B, Hq]. bias: float, broadcastable to
     [B, Hq, Nq, Nk]. sinks [Hq]: one learned logit per query head that joins each row's softmax
-    as a column with no value (gpt-oss; a sink of 0 is "softmax plus one"). causal with causal_align "bottom-right" (FlashAttention) or "top-left"
+    as a column with no value (gpt-oss; a sink of 0 is "softmax plus one").
+    normalization "softmax" (default) or "sigmoid": P = sigmoid(s + sigmoid_bias) over the visible
+    keys, no normalization over the row (Ramapuram et al., 2025), sigmoid_bias None = -log(Nk);
+    LSE is then log Σ_j P_ij, the log of the row's total weight. causal with causal_align "bottom-right" (FlashAttention) or "top-left"
     (PyTorch); prefix_length P (with causal): the first P keys are visible to every query
     (prefix LM). window (left, right), -1 unbounded. key_lengths [B] ints. mask: bool,
     broadcastable to [B, Hq, Nq, Nk], True = may attend. dropout_p on the weights, with
@@ -224,7 +228,9 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     key gets O = 0, weights 0 and LSE = -inf (its sink with sinks), never NaN. Differentiable for
     torch tensors in q, k, v, w, wq, wk, va, temperature, sinks and bias.
     """
-    options = dict(score=score, scale=scale, softcap=float(softcap), alibi_slopes=_numpy_view(
+    options = dict(score=score, scale=scale, softcap=float(softcap), normalization=normalization,
+        sigmoid_bias=None if sigmoid_bias is None else float(sigmoid_bias),
+        alibi_slopes=_numpy_view(
         alibi_slopes, "alibi_slopes"), causal=bool(causal), causal_align=causal_align,
         prefix_length=int(prefix_length),
         window_left=int(window[0]), window_right=int(window[1]),

@@ -7,7 +7,8 @@ the parameters its C++ unit declares (qkv::score_layer): score="bilinear" (a per
 [H, E/H, E/H] `score_weight`, starting at the identity), score="additive" (per-head `score_wq`,
 `score_wk` [H, A, E/H] and `score_v` [H, A]), score="cosine" (a per-head `score_temperature` [H],
 starting at 10), score="dot" (none). sinks=True adds a learned attention sink per head (`sinks`
-[H], starting at 0, gpt-oss's). A query that may attend to no key gets zero attention (the
+[H], starting at 0, gpt-oss's); normalization="sigmoid" (with sigmoid_bias, default -log S)
+computes sigmoid attention. A query that may attend to no key gets zero attention (the
 output is out_proj.bias) where PyTorch gives NaN.
 """
 import warnings
@@ -23,16 +24,20 @@ __all__ = ["MultiheadAttention"]
 
 
 class MultiheadAttention(_nn.Module):
-    """See torch.nn.MultiheadAttention; score, additive_dim and sinks are qkv's additions."""
+    """See torch.nn.MultiheadAttention; score, additive_dim, sinks, normalization and
+    sigmoid_bias are qkv's additions."""
 
     __constants__ = ["batch_first"]
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
-                 dtype=None, score="scaled_dot", additive_dim=None, sinks=False):
+                 dtype=None, score="scaled_dot", additive_dim=None, sinks=False,
+                 normalization="softmax", sigmoid_bias=None):
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise Error(f"embed_dim: expected a positive multiple of num_heads ({num_heads}), "
                         f"got {embed_dim}")
+        if normalization not in ("softmax", "sigmoid"):
+            raise Error(f"normalization: expected softmax or sigmoid, got '{normalization}'")
         if score not in score_names():
             raise Error(f"score: expected one of {', '.join(score_names())}, got '{score}'")
         factory = {"device": device, "dtype": dtype}
@@ -46,6 +51,8 @@ class MultiheadAttention(_nn.Module):
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
         self.score = score
+        self.normalization = normalization
+        self.sigmoid_bias = sigmoid_bias
         if self._qkv_same_embed_dim:
             self.in_proj_weight = _nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
             self.register_parameter("q_proj_weight", None)
@@ -152,7 +159,8 @@ class MultiheadAttention(_nn.Module):
             v = torch.cat([v, v.new_zeros((n, 1, h, d))], 1)
             extra += 1
 
-        options = {"score": self.score, "causal": bool(is_causal), "causal_align": "top-left"}
+        options = {"score": self.score, "causal": bool(is_causal), "causal_align": "top-left",
+                   "normalization": self.normalization, "sigmoid_bias": self.sigmoid_bias}
         if self._score_scale is not None:
             options["scale"] = self._score_scale
         parameters = {option: getattr(self, name) for name, option, _, _, _ in self._score_parameters}

@@ -12,6 +12,8 @@ class MultiheadAttention(torch.nn.Module):
     batch_first: bool
     head_dim: int
     score: str
+    normalization: str
+    sigmoid_bias: Optional[float]
     in_proj_weight: Optional[torch.nn.Parameter]
     q_proj_weight: Optional[torch.nn.Parameter]
     k_proj_weight: Optional[torch.nn.Parameter]
@@ -25,7 +27,8 @@ class MultiheadAttention(torch.nn.Module):
                  add_bias_kv: bool = ..., add_zero_attn: bool = ..., kdim: Optional[int] = ...,
                  vdim: Optional[int] = ..., batch_first: bool = ..., device: object = ...,
                  dtype: Optional[torch.dtype] = ..., score: str = ...,
-                 additive_dim: Optional[int] = ..., sinks: bool = ...) -> None: ...
+                 additive_dim: Optional[int] = ..., sinks: bool = ...,
+                 normalization: str = ..., sigmoid_bias: Optional[float] = ...) -> None: ...
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_padding_mask: Optional[torch.Tensor] = ..., need_weights: bool = ...,
                 attn_mask: Optional[torch.Tensor] = ..., average_attn_weights: bool = ...,

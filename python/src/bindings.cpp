@@ -119,6 +119,10 @@ CallOptions options_of(const py::dict& o) {
   options.temperature = optional_input(o, "temperature");
   options.alibi_slopes = optional_input(o, "alibi_slopes");
   options.sinks = optional_input(o, "sinks");
+  options.normalization =
+      qkv::parse_normalization(get<std::string>(o, "normalization", "softmax"));
+  if (o.contains("sigmoid_bias") && !o["sigmoid_bias"].is_none())
+    options.sigmoid_bias = o["sigmoid_bias"].cast<double>();
   options.bias = optional_input(o, "bias");
   options.causal = get<bool>(o, "causal", false);
   options.causal_align =

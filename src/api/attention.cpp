@@ -23,6 +23,16 @@ CausalAlign parse_causal_align(std::string_view name) {
   throw Error(fmt::format("causal_align: expected bottom-right or top-left, got '{}'", name));
 }
 
+const char* normalization_name(Normalization normalization) {
+  return normalization == Normalization::sigmoid ? "sigmoid" : "softmax";
+}
+
+Normalization parse_normalization(std::string_view name) {
+  if (name == "softmax") return Normalization::softmax;
+  if (name == "sigmoid") return Normalization::sigmoid;
+  throw Error(fmt::format("normalization: expected softmax or sigmoid, got '{}'", name));
+}
+
 void attention_forward(const TensorView& q, const TensorView& k, const TensorView& v,
                        const AttentionOptions& options, const AttentionOutputs& outputs) {
   api::run_forward(detail::make_problem(q, k, v, options, outputs));

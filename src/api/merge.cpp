@@ -32,7 +32,8 @@ void require_float_view(const TensorView& view, const std::string& name, int ran
 }  // namespace
 
 void merge_attention(std::span<const TensorView> outs, std::span<const TensorView> lses,
-                     const MutableTensorView& out, const std::optional<MutableTensorView>& lse) {
+                     const MutableTensorView& out, const std::optional<MutableTensorView>& lse,
+                     Normalization normalization) {
   if (outs.empty() || outs.size() != lses.size()) {
     throw Error(fmt::format("outs, lses: expected the same number (>= 1) of parts, got {} and {}",
                             outs.size(), lses.size()));
@@ -87,6 +88,13 @@ void merge_attention(std::span<const TensorView> outs, std::span<const TensorVie
               return part_outs[static_cast<std::size_t>(p)].load(b, i, h, d);
             },
             [&](std::int64_t d, double value) { row[static_cast<std::size_t>(d)] = value; });
+        if (normalization == Normalization::sigmoid) {  // unnormalized parts: their sum
+          for (std::int64_t d = 0; d < dim; ++d) {
+            double sum = 0.0;
+            for (const detail::StridedInput& part : part_outs) sum += part.load(b, i, h, d);
+            row[static_cast<std::size_t>(d)] = sum;
+          }
+        }
         for (std::int64_t d = 0; d < dim; ++d)
           merged_out.store(row[static_cast<std::size_t>(d)], b, i, h, d);
         if (lse) merged_lse.store(merged, b, h, i);

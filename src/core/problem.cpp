@@ -5,6 +5,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -422,6 +423,36 @@ void check_positions(const AttentionOptions& options, AttentionProblem& p) {
   }
 }
 
+// Softmax or sigmoid (§4): the sigmoid's bias, −log(Nk) of the whole problem when unset. Sinks
+// are a column of a softmax, and mean nothing to a sigmoid.
+void check_normalization(const AttentionOptions& options, AttentionProblem& p) {
+  if (options.normalization != Normalization::softmax &&
+      options.normalization != Normalization::sigmoid) {
+    throw Error(fmt::format("normalization: expected softmax or sigmoid, got the value {}",
+                            static_cast<int>(options.normalization)));
+  }
+  p.sigmoid = options.normalization == Normalization::sigmoid;
+  if (!p.sigmoid) {
+    if (options.sigmoid_bias) {
+      throw Error(fmt::format("sigmoid_bias: expected none with normalization 'softmax', got {}",
+                              *options.sigmoid_bias));
+    }
+    return;
+  }
+  if (options.sinks) {
+    throw Error(fmt::format(
+        "sinks: expected none with normalization 'sigmoid' (a sink is a softmax column), got {}",
+        dims(*options.sinks)));
+  }
+  const double bias = options.sigmoid_bias
+                          ? *options.sigmoid_bias
+                          : -std::log(static_cast<double>(std::max<std::int64_t>(p.key_total, 1)));
+  if (!std::isfinite(bias)) {
+    throw Error(fmt::format("sigmoid_bias: expected a finite number, got {}", bias));
+  }
+  p.sigmoid_bias = bias;
+}
+
 }  // namespace
 
 AttentionProblem make_problem(const TensorView& q, const TensorView& k, const TensorView& v,
@@ -430,6 +461,7 @@ AttentionProblem make_problem(const TensorView& q, const TensorView& k, const Te
   check_operands(q, k, v, p);
   check_score_options(options, p);
   check_positions(options, p);
+  check_normalization(options, p);
   if (options.threads < 0) {
     throw Error(fmt::format("threads: expected >= 0 (0 = default), got {}", options.threads));
   }

@@ -64,6 +64,9 @@ struct AttentionProblem {
   ScoreForm form = ScoreForm::dot;  // of the score's unit
   double scale = 1.0;               // resolved: the caller's or the score's default
   double softcap = 0.0;             // 0 = off
+  // Sigmoid attention: P = sigmoid(s + sigmoid_bias), no normalizer (AttentionOptions).
+  bool sigmoid = false;
+  double sigmoid_bias = 0.0;
   double dropout = 0.0;             // probability of zeroing a weight; 0 = off
   std::uint64_t dropout_seed = 0;
   // The global coordinates dropout hashes: local (h, i, j) is (h + head_offset, i + query_offset,

@@ -208,7 +208,8 @@ class MergedRows {
     if (keep_weights_) copy_into(part_lse.view(), weight_blocks_.back().lse.mutable_view());
     const TensorView outs[] = {out_[a].view(), part_out.view()};
     const TensorView lses[] = {lse_[a].view(), part_lse.view()};
-    merge_attention(outs, lses, out_[a].mutable_view(), lse_[a].mutable_view());
+    normalization_ = block.normalization;
+    merge_attention(outs, lses, out_[a].mutable_view(), lse_[a].mutable_view(), normalization_);
   }
 
   // Each piece's rows into out, lse and the weights (blocks the mask hid stay 0).
@@ -224,10 +225,12 @@ class MergedRows {
     const Tensor zeros(merged_, shape_of(weights->as_const()));
     copy_into(zeros.view(), *weights);
     for (WeightBlock& block : weight_blocks_) {
-      if (merged_ == DType::float64)
-        rescale_weights<double>(block, lse_[block.q_piece]);
-      else
-        rescale_weights<float>(block, lse_[block.q_piece]);
+      if (normalization_ == Normalization::softmax) {  // a sigmoid's weights are final already
+        if (merged_ == DType::float64)
+          rescale_weights<double>(block, lse_[block.q_piece]);
+        else
+          rescale_weights<float>(block, lse_[block.q_piece]);
+      }
       const std::int64_t begin = q_starts[block.q_piece];
       copy_into(block.weights.view(),
                 weights->narrow(2, begin, begin + block.lse.shape()[2])
@@ -238,6 +241,7 @@ class MergedRows {
  private:
   DType merged_;
   bool keep_weights_;
+  Normalization normalization_ = Normalization::softmax;
   std::vector<Tensor> out_, lse_;
   std::vector<WeightBlock> weight_blocks_;
 };

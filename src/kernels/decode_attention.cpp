@@ -323,7 +323,7 @@ HWY_EXPORT(DecodeForward);
 
 bool decode_attention_supports(const AttentionProblem& p) {
   return (p.dtype == DType::float32 || p.dtype == DType::bfloat16) &&
-         p.form == detail::ScoreForm::dot && !p.weights.present && p.dropout == 0 &&
+         p.form == detail::ScoreForm::dot && !p.weights.present && p.dropout == 0 && !p.sigmoid &&
          p.q_len * p.group_size <= kDecodeRows;
 }
 

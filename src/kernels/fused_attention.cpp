@@ -41,6 +41,7 @@
 #include <hwy/cache_control.h>
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
+#include "kernels/sigmoid-inl.h"
 // clang-format on
 
 #include <algorithm>
@@ -219,7 +220,13 @@ class FusedKernel {
         bool any_visible = false;
         for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, kh, i0, r0 + r, start, count, s);
         if (!any_visible) continue;
-        for (int r = 0; r < block; ++r) SoftmaxRow(r0 + r, span, s);
+        for (int r = 0; r < block; ++r) {
+          if (p_.sigmoid) {
+            SigmoidRow(r0 + r, span, s);
+          } else {
+            SoftmaxRow(r0 + r, span, s);
+          }
+        }
         if (dropout_.active()) {
           for (int r = 0; r < block; ++r) DropoutRow(b, kh, i0, r0 + r, start, span, s);
         }
@@ -240,6 +247,10 @@ class FusedKernel {
       // at |LSE|·2⁻²⁴, which for logits of ±1e4 is far more than the weights' own error.
       double lse = empty ? -std::numeric_limits<double>::infinity()
                          : static_cast<double>(s.row_max[r]) + std::log(double{row_sum});
+      if (p_.sigmoid) {  // no normalizer: O is the sum itself; LSE, the log of its total weight
+        inverse = 1.0f;
+        lse = row_sum > 0.0f ? std::log(double{row_sum}) : -std::numeric_limits<double>::infinity();
+      }
       if (p_.sinks.present) {  // one more column, with no value (core/sinks.hpp)
         const detail::SinkJoin joined = detail::join_sink(lse, p_.sinks.load(h));
         lse = joined.lse;
@@ -542,6 +553,24 @@ class FusedKernel {
     s.correction[r] = correction;
   }
 
+  // 2c, sigmoid attention: P = 1 / (1 + e^−(s + b)) over the keys of `span`, each on its own
+  // (kernels/sigmoid-inl.h): nothing is carried from tile to tile but the row's sum of P (its LSE
+  // at the end).
+  void SigmoidRow(std::int64_t r, KeySpan span, Scratch& s) const {
+    const FloatTag d;
+    float* scores = s.scores + r * key_tile_;
+    const auto negative_bias = hn::Set(d, static_cast<float>(-p_.sigmoid_bias));
+    float* lane_sums = s.row_sum + r * lanes_;
+    auto sum = hn::Load(d, lane_sums);
+    for (std::int64_t t = span.begin; t < span.end; t += lanes_) {
+      const auto p = SigmoidWeights(d, hn::Load(d, scores + t), negative_bias);
+      hn::Store(p, d, scores + t);
+      sum = hn::Add(sum, p);
+    }
+    hn::Store(sum, d, lane_sums);
+    s.correction[r] = 1.0f;
+  }
+
   // 2c'. Training only: the weights of one row times the dropout mask, after the row's softmax
   // sum has taken them whole.
   void DropoutRow(std::int64_t b, std::int64_t kh, std::int64_t i0, std::int64_t r,
@@ -664,10 +693,14 @@ class FusedKernel {
           if (!MaskRow(b, kh, i0, row, start, count, s)) continue;
           if (s.row_max[row] == -std::numeric_limits<float>::infinity()) continue;
           float* scores = s.scores + row * key_tile_;
-          const auto lse_high = hn::Set(d, s.row_max[row]), lse_low = hn::Set(d, s.lse_low[row]);
-          for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
-            const auto shifted = hn::Sub(hn::Sub(hn::Load(d, scores + t), lse_high), lse_low);
-            hn::Store(hn::Exp(d, shifted), d, scores + t);
+          if (p_.sigmoid) {  // the same P as the pass that averaged V
+            SigmoidRow(row, {0, key_tile_}, s);
+          } else {
+            const auto lse_high = hn::Set(d, s.row_max[row]), lse_low = hn::Set(d, s.lse_low[row]);
+            for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
+              const auto shifted = hn::Sub(hn::Sub(hn::Load(d, scores + t), lse_high), lse_low);
+              hn::Store(hn::Exp(d, shifted), d, scores + t);
+            }
           }
           if (dropout_.active()) DropoutRow(b, kh, i0, row, start, {0, count}, s);
           const std::int64_t h = HeadOf(kh, row), i = i0 + row % positions_;

@@ -32,6 +32,7 @@
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
+#include "kernels/sigmoid-inl.h"
 // clang-format on
 
 #include <algorithm>
@@ -474,6 +475,12 @@ class BackwardKernel {
       std::fill(scores, scores + kBlock, 0.0f);
       return;
     }
+    if (p_.sigmoid) {  // P = 1 / (1 + e^−(s + b)), the forward's (kernels/sigmoid-inl.h)
+      const Vec negative_bias = hn::Set(d, static_cast<float>(-p_.sigmoid_bias));
+      for (std::int64_t t = 0; t < kBlock; t += lanes_)
+        hn::StoreU(SigmoidWeights(d, hn::LoadU(d, scores + t), negative_bias), d, scores + t);
+      return;
+    }
     // (s − LSE_high) is exact wherever P matters (Sterbenz); LSE_low then adds what float32
     // rounded off LSE, so large logits (±100, soft caps of 50) lose nothing to the LSE.
     const std::int64_t row = (b * p_.q_heads + h) * p_.q_len + i;
@@ -511,7 +518,8 @@ class BackwardKernel {
   }
 
   // 4. Row r: dS = P (M·dP − Δ) from dP, and P∘M in place of P; the bias gradient takes dS
-  // before the cap's derivative 1 − tanh², which the product then sees.
+  // before the cap's derivative 1 − tanh², which the product then sees. Sigmoid attention:
+  // dS = P (1 − P)(M·dP − Δ), σ' = σ(1 − σ), with Δ = −dLSE·e^−LSE (RowStatistics).
   void ScoreGradients(std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t r,
                       std::int64_t j0, std::int64_t keys, Scratch& s) const {
     const FloatTag d;
@@ -527,14 +535,16 @@ class BackwardKernel {
       for (std::int64_t t = 0; t < kBlock; ++t) {
         const bool keep = t < keys && dropout_.keeps(b, h, i, j0 + t);
         const float p = weights[t];
-        d_scores[t] = p * ((keep ? keep_scale * d_scores[t] : 0.0f) - delta);
+        const float slope = p_.sigmoid ? p * (1.0f - p) : p;
+        d_scores[t] = slope * ((keep ? keep_scale * d_scores[t] : 0.0f) - delta);
         weights[t] = keep ? p * keep_scale : 0.0f;
       }
     } else {
       const Vec delta_v = hn::Set(d, delta);
       for (std::int64_t t = 0; t < kBlock; t += lanes_) {
         const Vec p = hn::LoadU(d, weights + t);
-        hn::StoreU(hn::Mul(p, hn::Sub(hn::LoadU(d, d_scores + t), delta_v)), d, d_scores + t);
+        const Vec slope = p_.sigmoid ? hn::NegMulAdd(p, p, p) : p;  // p − p² or p
+        hn::StoreU(hn::Mul(slope, hn::Sub(hn::LoadU(d, d_scores + t), delta_v)), d, d_scores + t);
       }
     }
     if (p_.score_mod != nullptr) {  // dS of the score_mod's result → dS of its input
@@ -855,8 +865,10 @@ void BackwardDoor::RowStatistics() {
   // of Python's general path). Those calls re-derive Δ as well, with the register-tiled S.
   const bool decode_shaped = decode_attention_supports(p);
   const bool score_sums = !gradients.dscore_mod.empty() || gradients.dbias.has_value();
-  const bool rederive = (decode_shaped || score_sums) && p.key_offset == 0 && p.key_total == Nk &&
-                        B * Hq * Nq > 0 && Nk > 0;
+  // Sigmoid attention has no Δ (its weights are not normalized): delta holds −dLSE·e^−LSE, the
+  // gradient through LSE = log Σ P, and nothing is re-derived.
+  const bool rederive = (decode_shaped || score_sums) && !p.sigmoid && p.key_offset == 0 &&
+                        p.key_total == Nk && B * Hq * Nq > 0 && Nk > 0;
   // LSE and Δ − dLSE per row (dO as packed above); when re-derived, Δ is added below.
   float* lse_high = buffer(kLseHigh, B * Hq * Nq);
   float* lse_low = buffer(kLseLow, B * Hq * Nq);
@@ -867,6 +879,13 @@ void BackwardDoor::RowStatistics() {
     for (std::int64_t i = 0; i < Nq; ++i) {
       const std::int64_t row = (b * Hq + h) * Nq + i;
       double sum = 0.0;
+      if (p.sigmoid) {
+        const double lse = inputs.lse.load(b, h, i);
+        const double d_lse = inputs.dlse.present ? inputs.dlse.load(b, h, i) : 0.0;
+        delta[row] = std::isfinite(lse) ? static_cast<float>(-d_lse * std::exp(-lse)) : 0.0f;
+        lse_high[row] = lse_low[row] = 0.0f;
+        continue;
+      }
       if (!rederive) {
         read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
         for (std::int64_t d = 0; d < p.v_dim; ++d)

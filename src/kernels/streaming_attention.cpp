@@ -127,8 +127,8 @@ class StreamingKernel {
       double* scores = scratch.scores.data();
       const double block_max = score_block(b, h, i, start, count, scores);
       if (block_max == kMinusInfinity) continue;  // nothing visible in this block
-      // Step 2: online softmax.
-      if (block_max > running_max) {
+      // Step 2: online softmax (sigmoid attention: each weight on its own).
+      if (!p_.sigmoid && block_max > running_max) {
         const double correction =
             std::exp(running_max - block_max);  // 0 on the first visible block
         running_sum *= correction;
@@ -136,7 +136,7 @@ class StreamingKernel {
         running_max = block_max;
       }
       for (std::int64_t t = 0; t < count; ++t) {
-        double weight = std::exp(scores[t] - running_max);
+        double weight = p_.sigmoid ? Sigmoid(scores[t]) : std::exp(scores[t] - running_max);
         if (weight == 0) continue;
         running_sum += weight;
         if (dropout_.active()) {  // the sum is the softmax's; only the average sees the mask
@@ -151,6 +151,10 @@ class StreamingKernel {
     const bool empty = running_max == kMinusInfinity;
     double inverse_sum = empty ? 0.0 : 1.0 / running_sum;
     double lse = empty ? kMinusInfinity : running_max + std::log(running_sum);
+    if (p_.sigmoid) {  // no normalizer: O is the sum itself; LSE, the log of its total weight
+      inverse_sum = 1.0;
+      lse = running_sum > 0 ? std::log(running_sum) : kMinusInfinity;
+    }
     if (p_.sinks.present) {  // one more column, with no value (core/sinks.hpp)
       const detail::SinkJoin joined = detail::join_sink(lse, p_.sinks.load(h));
       lse = joined.lse;
@@ -176,11 +180,17 @@ class StreamingKernel {
       double* scores = scratch.scores.data();
       score_block(b, h, i, start, count, scores);
       for (std::int64_t t = 0; t < count; ++t) {
-        double weight = std::exp(scores[t] - lse);
+        double weight = p_.sigmoid ? Sigmoid(scores[t]) : std::exp(scores[t] - lse);
         if (dropout_.active()) weight *= dropout_.factor(b, h, i, start + t);
         p_.weights.store(weight, b, h, i, start + t);
       }
     }
+  }
+
+  // Sigmoid attention's weight of a score: 1 / (1 + e^−(s + b)); 0 for a hidden key.
+  double Sigmoid(double score) const {
+    if (score == -std::numeric_limits<double>::infinity()) return 0.0;
+    return 1.0 / (1.0 + std::exp(-(score + p_.sigmoid_bias)));
   }
 
   const AttentionProblem& p_;

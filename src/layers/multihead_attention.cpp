@@ -350,6 +350,8 @@ MultiHeadAttentionResult MultiHeadAttention::forward(const TensorView& query, co
   AttentionOptions& options = s->options;
   options.score = o.score;
   options.scale = score_layer(o.score, H, head, o.additive_dim).scale;
+  options.normalization = o.normalization;
+  options.sigmoid_bias = o.sigmoid_bias;
   for (const ScoreLayerParameter& parameter : attention_parameters(o))
     options.*bound_option(parameter).option = parameters_.at(parameter.name).view();
   if (call.is_causal) {

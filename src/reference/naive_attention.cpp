@@ -172,6 +172,27 @@ class LiteralForward {
       if (visible_[static_cast<std::size_t>(j)] && s > row_max) row_max = s;
     }
 
+    if (p_.sigmoid) {  // each weight on its own: P = 1 / (1 + e^−(s + b)); LSE = log Σ P
+      Real total = 0;
+      std::fill(output_.begin(), output_.end(), Real{0});
+      for (std::int64_t j = 0; j < p_.k_len; ++j) {
+        Real weight = 0;
+        if (visible_[static_cast<std::size_t>(j)]) {
+          const Real shifted =
+              scores_[static_cast<std::size_t>(j)] + static_cast<Real>(p_.sigmoid_bias);
+          weight = stage<kBfloat16Stages>(Real{1} / (Real{1} + std::exp(-shifted)));
+        }
+        total += weight;
+        if (dropout_.active() && weight != 0)
+          weight *= static_cast<Real>(dropout_.factor(b, h, i, j));
+        if (p_.weights.present) p_.weights.store(static_cast<double>(weight), b, h, i, j);
+        for (std::int64_t d = 0; d < p_.v_dim && weight != 0; ++d)
+          output_[static_cast<std::size_t>(d)] += weight * load<Real>(p_.v, b, j, p_.kv_head(h), d);
+      }
+      Write(b, h, i, total > 0 ? std::log(total) : kMinusInfinity);
+      return;
+    }
+
     // A sink is one more column of the softmax, after the keys, with a logit and no value.
     const Real sink = p_.sinks.present ? load<Real>(p_.sinks, h) : kMinusInfinity;
     row_max = std::max(row_max, sink);
@@ -202,6 +223,11 @@ class LiteralForward {
       for (std::int64_t d = 0; d < p_.v_dim; ++d)
         output_[static_cast<std::size_t>(d)] += weight * load<Real>(p_.v, b, j, p_.kv_head(h), d);
     }
+    Write(b, h, i, lse);
+  }
+
+  // The row's O (from output_) and LSE.
+  void Write(std::int64_t b, std::int64_t h, std::int64_t i, Real lse) {
     for (std::int64_t d = 0; d < p_.v_dim; ++d) {
       p_.out.store(
           static_cast<double>(stage<kBfloat16Stages>(output_[static_cast<std::size_t>(d)])), b, i,

@@ -214,6 +214,16 @@ class LiteralBackward {
       visible_[J] = seen ? 1 : 0;
       if (seen && s > row_max) row_max = s;
     }
+    if (p_.sigmoid) {  // P = 1 / (1 + e^−(s + b)) each on its own, LSE = log Σ P
+      double total = 0.0;
+      for (std::int64_t j = 0; j < p_.k_len; ++j) {
+        const auto J = static_cast<std::size_t>(j);
+        weights_[J] = visible_[J] ? 1.0 / (1.0 + std::exp(-(scores_[J] + p_.sigmoid_bias))) : 0.0;
+        total += weights_[J];
+      }
+      if (saved_) return saved_lse_.data<double>()[(b * p_.q_heads + h) * p_.q_len + i];
+      return total > 0 ? std::log(total) : -std::numeric_limits<double>::infinity();
+    }
     // A sink: one more column of the softmax, with a logit and no value.
     const double sink = Sink(h);
     row_max = std::max(row_max, sink);
@@ -267,7 +277,11 @@ class LiteralBackward {
       const auto J = static_cast<std::size_t>(j);
       if (weights_[J] == 0.0) continue;
       // P_ij = exp(s_ij − LSE_i), LSE_i = log Σ exp(s_ij)  →  dS_ij = P_ij (dP_ij − Δ_i + dLSE_i).
-      double d_score = weights_[J] * (d_weights_[J] - delta + d_lse);
+      // Sigmoid: P_ij = σ(s_ij + b), LSE_i = log Σ P_ij  →  dS_ij = σ'·(dP_ij + dLSE_i e^−LSE_i),
+      // σ' = P_ij (1 − P_ij).
+      double d_score =
+          p_.sigmoid ? weights_[J] * (1.0 - weights_[J]) * (d_weights_[J] + d_lse * std::exp(-lse))
+                     : weights_[J] * (d_weights_[J] - delta + d_lse);
       // s = score_mod(u)  →  du = dS ∂score_mod/∂u (dual numbers), and its parameters'.
       if (p_.score_mod != nullptr) {
         p_.score_mod->backward(p_.score_mod_row(b, h, i, j, 1), &unmodified_[J], &d_score,

@@ -8,7 +8,8 @@ import numpy as np
 
 def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               temperature=None, softcap=0.0, alibi=None, bias=None, causal=False, causal_align="bottom-right",
-              window=(-1, -1), key_lengths=None, mask=None, prefix_length=0, sinks=None):
+              window=(-1, -1), key_lengths=None, mask=None, prefix_length=0, sinks=None,
+              normalization="softmax", sigmoid_bias=None):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, nq, hq, dq = q.shape
     _, nk, hk, _ = k.shape
@@ -68,6 +69,12 @@ def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None,
     if key_lengths is not None:
         visible &= j[None, None] < np.asarray(key_lengths)[:, None, None, None]
 
+    if normalization == "sigmoid":  # each weight on its own; LSE = log of the row's total weight
+        b = -np.log(nk) if sigmoid_bias is None else sigmoid_bias
+        p = np.where(visible, 1.0 / (1.0 + np.exp(-(s + b))), 0.0)
+        with np.errstate(divide="ignore"):
+            lse = np.log(p.sum(-1))
+        return (p @ V).transpose(0, 2, 1, 3), lse, p
     masked = np.where(visible, s, -np.inf)
     if sinks is not None:  # one more column, after the keys: the sink's logit, with no value
         column = np.broadcast_to(np.asarray(sinks, dtype=np.float64)[None, :, None, None],

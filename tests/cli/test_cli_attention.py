@@ -50,6 +50,10 @@ CASES = [
          score="cosine", window=(3, 1)),
     dict(name="rank4_sinks_empty_rows", rank=4, b=2, nq=9, nk=4, hq=2, hk=1, dq=3, dv=3,
          causal=True, key_lengths=True, sinks=True),
+    dict(name="rank3_sigmoid_empty_rows", rank=3, b=1, nq=9, nk=13, hq=2, hk=1, dq=4, dv=5,
+         mask=True, normalization="sigmoid"),
+    dict(name="rank4_sigmoid_bias_float64", rank=4, b=2, nq=6, nk=8, hq=2, hk=2, dq=3, dv=3,
+         causal=True, normalization="sigmoid", sigmoid_bias=0.7, dtype=np.float64),
 ]
 
 
@@ -95,6 +99,12 @@ def test_matches_numpy_contract(case, tmp_path):
     if case.get("alibi"):
         kwargs["alibi"] = (2.0 ** -np.arange(1, hq + 1)).astype(np.float32)
         args += ["--alibi", save(tmp_path, "alibi.npy", kwargs["alibi"])]
+    if "normalization" in case:
+        kwargs["normalization"] = case["normalization"]
+        args += ["--normalization", case["normalization"]]
+    if "sigmoid_bias" in case:
+        kwargs["sigmoid_bias"] = case["sigmoid_bias"]
+        args += ["--sigmoid-bias", case["sigmoid_bias"]]
     if case.get("sinks"):
         kwargs["sinks"] = rng.standard_normal(hq).astype(np.float32)
         args += ["--sinks", save(tmp_path, "sinks.npy", kwargs["sinks"])]

@@ -36,6 +36,8 @@ CASES = [
     dict(name="cosine_temperature_float64", score="cosine", causal=True, dtype=np.float64),
     dict(name="sinks_causal_float32", score="scaled_dot", causal=True, dtype=np.float32,
          sinks=True),
+    dict(name="sigmoid_bilinear_float64", score="bilinear", causal=True, dtype=np.float64,
+         normalization="sigmoid"),
 ]
 
 
@@ -72,12 +74,17 @@ def test_gradients_match_finite_differences(case, tmp_path):
         args += [f"--{name}", tmp_path / f"{name}.npy", f"--d{name}", tmp_path / f"d{name}.npy"]
     if case.get("causal"):
         args.append("--causal")
+    extra = {}
+    if "normalization" in case:
+        args += ["--normalization", case["normalization"]]
+        extra["normalization"] = case["normalization"]
     args += ["--dq", tmp_path / "dq.npy", "--dk", tmp_path / "dk.npy", "--dv", tmp_path / "dv.npy"]
     result = run(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
     def loss():
-        out, _, _ = attention(q, k, v, score=case["score"], causal=case.get("causal", False), **params)
+        out, _, _ = attention(q, k, v, score=case["score"], causal=case.get("causal", False),
+                              **params, **extra)
         return float(np.sum(out * dout))
 
     tolerance = 1e-8 if dtype == np.float64 else 1e-5

@@ -29,6 +29,7 @@ struct Case {
   bool bias = false, mask = false, weights = false;  // bias and mask sharded by query rows
   double dropout = 0.0;
   bool sinks = false;  // joined once per row, by the block holding key 0, whatever the mask
+  bool sigmoid = false;  // normalization sigmoid: the blocks' O summed
 };
 
 Case with(Case c, const std::string& name, bool bias, bool mask, bool weights, double dropout) {
@@ -113,6 +114,7 @@ bool run(const Case& c, int ranks, int rank) {
     for (std::int64_t h = 0; h < c.hq; ++h) slopes.data<float>()[h] = std::pow(2.0f, -1.0f - h);
     options.alibi_slopes = slopes.view();
   }
+  if (c.sigmoid) options.normalization = Normalization::sigmoid;
   if (c.sinks) {
     sinks = Tensor(DType::float32, {c.hq});
     for (std::int64_t h = 0; h < c.hq; ++h) sinks.data<float>()[h] = -1.0f + 0.8f * h;
@@ -259,6 +261,9 @@ int main(int argc, char** argv) {
   Case sinks_zigzag = sinks_window;
   sinks_zigzag.layout = Layout::zigzag;
   cases.push_back(with(sinks_zigzag, "ring zigzag sinks mask", false, true, false, 0.0));
+  Case sigmoid_ring{"", Strategy::ring, Layout::zigzag, 26, 4, 2, true};
+  sigmoid_ring.sigmoid = true;
+  cases.push_back(with(sigmoid_ring, "ring zigzag sigmoid bias weights", true, false, true, 0.0));
   Case sinks_heads{"heads sinks GQA", Strategy::heads, Layout::zigzag, 21, 8, 4, true};
   sinks_heads.sinks = true;
   cases.push_back(with(sinks_heads, "heads sinks GQA", false, false, false, 0.0));

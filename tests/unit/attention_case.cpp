@@ -22,6 +22,7 @@ std::string AttentionCase::name() const {
   if (alibi) text += "_alibi";
   if (bias) text += "_bias";
   if (sinks) text += "_sinks";
+  if (sigmoid) text += "_sigmoid";
   if (causal) text += causal_align == CausalAlign::bottom_right ? "_causalBR" : "_causalTL";
   if (prefix_length > 0) text += fmt::format("_prefix{}", prefix_length);
   if (block_mask == BlockMaskRule::documents) text += fmt::format("_documents{}", mask_block);
@@ -195,6 +196,7 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
     }
     o.alibi_slopes = in.alibi_slopes.view();
   }
+  if (c.sigmoid) o.normalization = Normalization::sigmoid;
   if (c.sinks) {
     in.sinks = Tensor(DType::float32, {c.q_heads});
     for (std::int64_t h = 0; h < c.q_heads; ++h)

@@ -35,6 +35,7 @@ struct AttentionCase {
   bool alibi = false;
   bool bias = false;  // a [B, 1, Nq, Nk] float bias
   bool sinks = false;  // attention sinks [Hq], from −1.5 up in steps of 1.1 (large and small)
+  bool sigmoid = false;  // normalization sigmoid (its default bias −log Nk)
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;
   std::int64_t prefix_length = 0;  // prefix LM, with causal

@@ -115,7 +115,8 @@ std::vector<BackwardCase> backward_zoo() {
     c.k_len = 300;
     c.q_heads = 4;
     c.kv_heads = 2;
-    c.sinks = true;
+    c.sinks = nq == 1;
+    c.sigmoid = nq == 3;
     c.key_lengths = true;
     add_all_scores(c);
   }
@@ -140,7 +141,7 @@ std::vector<BackwardCase> backward_zoo() {
     add_all_scores(c);
   }
   // Every mask and option.
-  for (int variant = 0; variant < 15; ++variant) {
+  for (int variant = 0; variant < 17; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = 70;
@@ -189,6 +190,17 @@ std::vector<BackwardCase> backward_zoo() {
       c.sinks = true;
       c.bias = true;
       c.input_scale = 3.0;
+    }
+    if (variant == 15) {  // sigmoid attention, with a row that sees no key
+      c.sigmoid = true;
+      c.mask = true;
+      c.causal = true;
+    }
+    if (variant == 16) {  // sigmoid attention with a bias, a soft cap and a block mask
+      c.sigmoid = true;
+      c.bias = true;
+      c.softcap = 3.0;
+      c.block_mask = BlockMaskRule::documents;
     }
     add_all_scores(c);
   }

@@ -164,8 +164,8 @@ std::vector<AttentionCase> shape_zoo() {
     add_all_scores(c);
   }
   // 5. Score transforms: explicit scale, soft cap, ALiBi, float bias, alone and together; sinks
-  // (with a row that sees no key, and with large logits).
-  for (int variant = 0; variant < 7; ++variant) {
+  // (with a row that sees no key, and with large logits); sigmoid attention likewise.
+  for (int variant = 0; variant < 9; ++variant) {
     AttentionCase c;
     c.q_len = 29;
     c.k_len = 41;
@@ -186,6 +186,17 @@ std::vector<AttentionCase> shape_zoo() {
       c.sinks = true;
       c.input_scale = 8.0;
     }
+    if (variant == 7) {
+      c.sigmoid = true;
+      c.mask = true;
+      c.causal = true;
+    }
+    if (variant == 8) {
+      c.sigmoid = true;
+      c.alibi = true;
+      c.bias = true;
+      c.input_scale = 3.0;
+    }
     c.seed = ++seed;
     add_all_scores(c);
   }
@@ -205,7 +216,7 @@ std::vector<AttentionCase> shape_zoo() {
   }
   // 7. Decoding: a few query rows per key head against more keys than one split-KV chunk, with
   // every option and mask.
-  for (int variant = 0; variant < 6; ++variant) {
+  for (int variant = 0; variant < 7; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = variant == 3 ? 2 : 1;
@@ -228,6 +239,12 @@ std::vector<AttentionCase> shape_zoo() {
     if (variant == 5) {  // the sink joins once, not once per split
       c.sinks = true;
       c.key_lengths = true;
+    }
+    if (variant == 6) {  // sigmoid: no split-KV merge, the fused kernel takes it
+      c.sigmoid = true;
+      c.key_lengths = true;
+      c.block_mask = BlockMaskRule::strided;
+      c.mask_block = 128;
     }
     c.seed = ++seed;
     add_all_scores(c);

@@ -88,7 +88,7 @@ std::vector<AttentionCase> backward_cases() {
        {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive, Score::cosine}) {
     for (bool per_head : {false, true}) {
       if (per_head && (score == Score::dot || score == Score::scaled_dot)) continue;
-      for (int variant = 0; variant < 8; ++variant) {
+      for (int variant = 0; variant < 9; ++variant) {
         AttentionCase c;
         c.batch = 2;
         c.q_len = 3;
@@ -124,6 +124,12 @@ std::vector<AttentionCase> backward_cases() {
           c.key_lengths = true;
           c.mask = true;
           c.causal = true;
+        }
+        if (variant == 8) {  // sigmoid attention (dLSE through LSE = log Σ P), empty rows
+          c.sigmoid = true;
+          c.key_lengths = true;
+          c.mask = true;
+          c.bias = true;
         }
         c.seed = ++seed;
         cases.push_back(c);

@@ -105,14 +105,26 @@ TEST(MultiHeadAttention, IsCausalEqualsTriangularAttnMask) {
   EXPECT_EQ(a.weights.data<float>()[1], 0.0f);  // query 0 does not see key 1
 }
 
-// The loss L = Σ dout·output; the gradient of every score parameter, and of the sinks, against
-// central finite differences in float32 (step 1e-2: the truncation error is O(h²)·L''' and the
-// rounding error O(ε·|L|/h), both near 1e-4 relative here).
+// The loss L = Σ dout·output; the gradient of every score parameter, of the sinks, and (for
+// sigmoid attention) of the input projection, against central finite differences in float32
+// (step 1e-2: the truncation error is O(h²)·L''' and the rounding error O(ε·|L|/h), both near
+// 1e-4 relative here).
 TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
-  for (auto [score, sinks] : {std::pair{Score::bilinear, false}, std::pair{Score::additive, false},
-                              std::pair{Score::cosine, true}, std::pair{Score::scaled_dot, true}}) {
+  struct Config {
+    Score score;
+    bool sinks, sigmoid;
+  };
+  for (const Config config :
+       {Config{Score::bilinear, false, false}, Config{Score::additive, false, false},
+        Config{Score::cosine, true, false}, Config{Score::scaled_dot, true, false},
+        Config{Score::bilinear, false, true}}) {
+    const Score score = config.score;
     MultiHeadAttentionOptions options = small_options(score);
-    options.sinks = sinks;
+    options.sinks = config.sinks;
+    if (config.sigmoid) {  // sigmoid attention: the projections' gradients too
+      options.normalization = Normalization::sigmoid;
+      options.sigmoid_bias = -0.5;
+    }
     MultiHeadAttention layer(options, 11);
     const Tensor query = random_float32({4, 2, 8}, 5), key = random_float32({6, 2, 8}, 6);
     const Tensor dout = random_float32({4, 2, 8}, 7);
@@ -130,7 +142,9 @@ TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
     layer.zero_grad();
     layer.backward(dout.view());
     for (const auto& [name, gradient] : layer.gradients()) {
-      if (name.rfind("score_", 0) != 0 && name != "sinks") continue;
+      if (name.rfind("score_", 0) != 0 && name != "sinks" &&
+          !(config.sigmoid && name == "in_proj_weight"))
+        continue;
       NamedTensors state = layer.parameters();
       float* values = state.at(name).data<float>();
       for (std::int64_t n = 0; n < gradient.numel(); n += 3) {

@@ -34,6 +34,8 @@ struct AttentionFlags {
   std::optional<double> scale;
   std::string w, wq, wk, va, temperature, alibi, sinks, bias, key_lengths, mask;
   double softcap = 0.0;
+  std::string normalization = "softmax";
+  std::optional<double> sigmoid_bias;
   bool causal = false;
   std::string causal_align = "bottom-right";
   std::int64_t prefix_length = 0;
@@ -127,6 +129,8 @@ LoadedOptions load_options(const AttentionFlags& flags) {
   attach(loaded.mask, options.mask, "--mask");
   options.causal = flags.causal;
   options.causal_align = parse_causal_align(flags.causal_align);
+  options.normalization = parse_normalization(flags.normalization);
+  options.sigmoid_bias = flags.sigmoid_bias;
   options.prefix_length = flags.prefix_length;
   if (!flags.window.empty()) {
     std::tie(options.window_left, options.window_right) = parse_window(flags.window);
@@ -359,6 +363,9 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--temperature", flags->temperature, "cosine τ [Hq] or [1] (default 1)");
   command->add_option("--softcap", flags->softcap, "soft cap c: s <- c tanh(s / c); 0 = off");
   command->add_option("--alibi", flags->alibi, "ALiBi slopes [Hq] or [B, Hq]");
+  command->add_option("--normalization", flags->normalization,
+                      "softmax (default) | sigmoid: P = sigmoid(s + b), no normalization");
+  command->add_option("--sigmoid-bias", flags->sigmoid_bias, "b of sigmoid attention (-log Nk)");
   command->add_option("--sinks", flags->sinks,
                       "attention sinks [Hq]: a learned logit per head joining each softmax");
   command->add_option("--bias", flags->bias, "float bias broadcastable to [B, Hq, Nq, Nk]");

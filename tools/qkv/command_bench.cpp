@@ -113,7 +113,7 @@ void run_bench(const BenchFlags& flags) {
     fmt::print(
         "\nbaseline: GEMM → softmax → GEMM in float32 with OpenBLAS (the N×N matrix in "
         "memory); for additive shapes (A…), every score with std::tanh into that matrix; none for "
-        "block masks (M…), whose FLOPs count the visible pairs only\n");
+        "block masks (M…), whose FLOPs count the visible pairs only, nor for sinks or sigmoid\n");
     return;
   }
   std::string rows;
@@ -149,7 +149,7 @@ void add_bench_command(CLI::App& app) {
   command->add_option("--shapes", flags->shapes,
                       "comma-separated S1…S5, A1, M1, M2 or "
                       "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], "
-                      "each optionally followed by sinks");
+                      "each optionally followed by sinks or sigmoid");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
   command->add_option("--dtype", flags->dtype, "f32 | bf16 (inputs and output)")
       ->default_str("f32");
