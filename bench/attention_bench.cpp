@@ -182,11 +182,12 @@ Shape parse_shape(const std::string& spec) {
     if (text == name) text = definition;
   }
   const auto bad = [&spec] {
-    return Error(
-        fmt::format("--shapes: expected S1 … S5, A1, M1, M2 or "
-                    "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], each "
-                    "optionally followed by sinks and sigmoid, got '{}'",
-                    spec));
+    return Error(fmt::format(
+        "--shapes: expected S1 … S5, A1, M1, M2 or "
+        "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][window<w>[sinktokens<n>]]"
+        "[causal], each "
+        "optionally followed by sinks and sigmoid, got '{}'",
+        spec));
   };
   Shape shape;
   shape.name = spec;
@@ -227,6 +228,9 @@ Shape parse_shape(const std::string& spec) {
   shape.additive_dim = std::max<std::int64_t>(0, take("A"));
   shape.documents = std::max<std::int64_t>(0, take("docs"));
   shape.sliding_window = std::max<std::int64_t>(0, take("slide"));
+  shape.window = take("window");
+  shape.sink_tokens = std::max<std::int64_t>(0, take("sinktokens"));
+  if (shape.sink_tokens > 0 && shape.window < 0) throw bad();
   if (shape.kv_heads < 0) shape.kv_heads = shape.q_heads;
   if (!fields.empty() || shape.batch < 1 || shape.q_heads < 1 || shape.q_len < 1 ||
       shape.k_len < 1 || shape.head_dim < 1) {
@@ -242,11 +246,13 @@ bool Shape::visible(std::int64_t i, std::int64_t j) const {
   if (causal && j > i + k_len - q_len) return false;
   if (documents > 0 && i / documents != j / documents) return false;
   if (sliding_window > 0 && (j > i || i - j > sliding_window)) return false;
+  const std::int64_t diagonal = i + k_len - q_len;
+  if (window >= 0 && j < diagonal - window && j >= sink_tokens) return false;
   return true;
 }
 
 double Shape::visible_share() const {
-  if (!causal && documents == 0 && sliding_window == 0) return 1.0;
+  if (!causal && documents == 0 && sliding_window == 0 && window < 0) return 1.0;
   double pairs = 0;
   for (std::int64_t i = 0; i < q_len; ++i)
     for (std::int64_t j = 0; j < k_len; ++j) pairs += visible(i, j) ? 1.0 : 0.0;
@@ -319,6 +325,8 @@ struct BenchProblem {
       v16 = as_bfloat16(v);
     }
     options.causal = s.causal;
+    options.window_left = s.window;
+    options.sink_tokens = s.sink_tokens;
     options.threads = threads;
     if (s.documents > 0 || s.sliding_window > 0) {
       const Shape shape = s;
@@ -430,10 +438,9 @@ ShapeResult measure_qkv_backward(const Shape& s, DType dtype, int threads, int r
 void measure_baseline(ShapeResult& result, int threads, int repetitions) {
   const Shape& s = result.shape;
   BenchProblem problem(s, result.dtype, threads);
-  // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run; it knows no
-  // block masks, sinks or sigmoid.
+  // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run.
   if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes ||
-      s.documents > 0 || s.sliding_window > 0 || s.sinks || s.sigmoid) {
+      !s.baseline_applies()) {
     return;
   }
   openblas_set_num_threads(threads);

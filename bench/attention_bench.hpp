@@ -19,8 +19,16 @@ struct Shape {
   // A block mask (blocks of 128 × 128) built from a mask_mod: documents of this many positions
   // (a query sees its own document), or a causal sliding window (q − window <= kv <= q).
   std::int64_t documents = 0, sliding_window = 0;
+  // Position masks (options, not a block mask): a window of this many keys to the left (−1:
+  // none), and StreamingLLM's sink tokens kept past it.
+  std::int64_t window = -1, sink_tokens = 0;
   bool sinks = false;    // learned attention sinks, one per query head
   bool sigmoid = false;  // sigmoid attention (normalization sigmoid)
+  // Whether the GEMM → softmax → GEMM baseline computes this shape (it knows no masks but causal,
+  // no sinks, no sigmoid).
+  bool baseline_applies() const {
+    return documents == 0 && sliding_window == 0 && window < 0 && !sinks && !sigmoid;
+  }
   // The share of the Nq × Nk pairs the masks leave visible (1 without masks).
   double visible_share() const;
   // Whether query i sees key j under the shape's masks.
@@ -33,7 +41,8 @@ std::vector<Shape> default_shapes();
 
 // A shape by name (S1 … S5; A1 = B1H8N1024D64A64, the additive score; M1 = S2 with 8 documents
 // of 512, M2 = S2 with a sliding window of 256) or spec:
-// B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], e.g.
+// B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][window<w>[sinktokens<n>]][causal],
+// e.g.
 // "B1H8N4096D64causal", "B1H8N4096D64docs512" or "B1H32Nq1Nk8192D128"; either followed by
 // "sinks" (e.g. "S2sinks") adds attention sinks, by "sigmoid" makes it sigmoid attention. Throws
 // qkv::Error naming the spec.

@@ -98,6 +98,9 @@ struct AttentionOptions {
   // Visible iff i + Nk - Nq - left <= j <= i + Nk - Nq + right; -1 leaves a side unbounded.
   std::int64_t window_left = -1;
   std::int64_t window_right = -1;
+  // Sink tokens (StreamingLLM, with window_left >= 0): the first sink_tokens keys stay visible to
+  // every query past the window's left edge (still subject to the other masks). 0 = none.
+  std::int64_t sink_tokens = 0;
   // [B], int32 or int64: keys j >= key_lengths[b] are padding. 0 <= key_lengths[b] <= Nk.
   std::optional<TensorView> key_lengths;
   // Boolean, broadcastable to [B, Hq, Nq, Nk]: true = may attend (PyTorch SDPA meaning).

@@ -204,8 +204,8 @@ def _seed(dropout_p, seed):
 
 def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               temperature=None, softcap=0.0, alibi_slopes=None, bias=None, sinks=None, causal=False,
-              causal_align="bottom-right", prefix_length=0, normalization="softmax",
-              sigmoid_bias=None, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
+              causal_align="bottom-right", prefix_length=0, sink_tokens=0,
+              normalization="softmax", sigmoid_bias=None, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
               return_weights=False, dropout_p=0.0, dropout_seed=None, threads=None):
     """Attention in qkv's layout: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
 
@@ -219,7 +219,8 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     keys, no normalization over the row (Ramapuram et al., 2025), sigmoid_bias None = -log(Nk);
     LSE is then log Σ_j P_ij, the log of the row's total weight. causal with causal_align "bottom-right" (FlashAttention) or "top-left"
     (PyTorch); prefix_length P (with causal): the first P keys are visible to every query
-    (prefix LM). window (left, right), -1 unbounded. key_lengths [B] ints. mask: bool,
+    (prefix LM). window (left, right), -1 unbounded; sink_tokens n (with a left window edge): the
+    first n keys stay visible past it (StreamingLLM). key_lengths [B] ints. mask: bool,
     broadcastable to [B, Hq, Nq, Nk], True = may attend. dropout_p on the weights, with
     dropout_seed (drawn when None). threads: None = all cores.
 
@@ -232,7 +233,7 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
         sigmoid_bias=None if sigmoid_bias is None else float(sigmoid_bias),
         alibi_slopes=_numpy_view(
         alibi_slopes, "alibi_slopes"), causal=bool(causal), causal_align=causal_align,
-        prefix_length=int(prefix_length),
+        prefix_length=int(prefix_length), sink_tokens=int(sink_tokens),
         window_left=int(window[0]), window_right=int(window[1]),
         key_lengths=_numpy_view(key_lengths, "key_lengths"), mask=_numpy_view(mask, "mask"),
         dropout=float(dropout_p), dropout_seed=_seed(dropout_p, dropout_seed),

@@ -119,8 +119,7 @@ CallOptions options_of(const py::dict& o) {
   options.temperature = optional_input(o, "temperature");
   options.alibi_slopes = optional_input(o, "alibi_slopes");
   options.sinks = optional_input(o, "sinks");
-  options.normalization =
-      qkv::parse_normalization(get<std::string>(o, "normalization", "softmax"));
+  options.normalization = qkv::parse_normalization(get<std::string>(o, "normalization", "softmax"));
   if (o.contains("sigmoid_bias") && !o["sigmoid_bias"].is_none())
     options.sigmoid_bias = o["sigmoid_bias"].cast<double>();
   options.bias = optional_input(o, "bias");
@@ -132,6 +131,7 @@ CallOptions options_of(const py::dict& o) {
     options.block_mask = o["block_mask"].cast<const qkv::BlockMask*>();
   options.window_left = get<std::int64_t>(o, "window_left", -1);
   options.window_right = get<std::int64_t>(o, "window_right", -1);
+  options.sink_tokens = get<std::int64_t>(o, "sink_tokens", 0);
   options.key_lengths = optional_input(o, "key_lengths");
   options.mask = optional_input(o, "mask");
   options.dropout = get<double>(o, "dropout", 0.0);

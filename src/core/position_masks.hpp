@@ -1,5 +1,6 @@
 // The position masks (docs/contract.md §3): rules on a query position i and a key position j that
-// leave each query row one interval of keys, whose ends never decrease from one row to the next.
+// leave each query row one interval of keys, whose ends never decrease from one row to the next
+// (with sink tokens, two: the tokens and the window, and the gap between them hidden).
 // Each mask is one unit here — its rule, its name — and everything that needs to know which keys
 // a row sees (the kernels, the backward, the ring's skipping of whole blocks) asks PositionMasks.
 // The float64 reference keeps its own literal formula of each (reference/naive_attention.cpp).
@@ -43,6 +44,26 @@ struct WindowMask {
   }
 };
 
+// sink tokens (StreamingLLM): keys j < sink_end stay visible past a window's left edge, so a row
+// sees two intervals, the sink tokens and its window, with a gap between them; the tokens still
+// obey the causal mask, the window's right edge and the key lengths.
+struct SinkTokens {
+  static constexpr const char* kName = "sink_tokens";
+  std::int64_t sink_end = 0;  // local: sink_tokens − key_offset (≤ 0: none)
+  // The tokens row i may see, within the keys `allowed` by every mask but the window's left edge.
+  KeyInterval keys(KeyInterval allowed) const { return allowed.intersect({0, sink_end}); }
+};
+
+// The part of `keys` outside `gap`, as one interval: `keys` itself when the gap is not at one of
+// its ends (a caller that must not see the gap then asks hides_gap element by element).
+inline KeyInterval without_gap(KeyInterval keys, KeyInterval gap) {
+  if (gap.empty() || keys.empty()) return keys;
+  if (keys.first >= gap.first && keys.last <= gap.last) return {};  // all in the gap
+  if (keys.first >= gap.first && keys.first < gap.last) keys.first = gap.last;
+  if (keys.last > gap.first && keys.last <= gap.last) keys.last = gap.first;
+  return keys;
+}
+
 // Every position mask of a problem (the key lengths, the third, are per batch: key_end).
 struct PositionMasks {
   bool causal = false;
@@ -50,24 +71,28 @@ struct PositionMasks {
   // Prefix LM: local keys j < prefix_end are in the prefix (prefix_length − key_offset; ≤ 0: none).
   std::int64_t prefix_end = 0;
   std::int64_t window_left = -1, window_right = -1;
+  // Sink tokens (with a window): local keys j < sink_end (sink_tokens − key_offset; ≤ 0: none).
+  std::int64_t sink_end = 0;
   // Where this call sits in the whole problem, as the key aligned with local query 0:
   // bottom-right (FlashAttention) and top-left (PyTorch) alignment.
   std::int64_t bottom_right_diagonal = 0, top_left_diagonal = 0;
 
-  // The keys query row i sees, of the keys [0, key_end) that are not padding.
+  // The keys query row i sees, of the keys [0, key_end) that are not padding: one interval, from
+  // its first visible key to its last; with sink tokens, the keys between the tokens and the
+  // window (gap(i)) are inside it but hidden.
   KeyInterval row(std::int64_t i, std::int64_t key_end) const {
-    KeyInterval keys{0, key_end};
-    if (causal) {
-      const CausalMask mask{
-          causal_align == CausalAlign::bottom_right ? bottom_right_diagonal : top_left_diagonal,
-          prefix_end};
-      keys = keys.intersect(mask.keys(i));
-    }
-    if (window_left >= 0 || window_right >= 0) {
-      keys = keys.intersect(
-          WindowMask{bottom_right_diagonal, window_left, window_right}.keys(i, key_end));
-    }
-    return keys;
+    const KeyInterval window = WindowKeys(i, key_end), tokens = TokenKeys(i, key_end);
+    if (tokens.empty()) return window;
+    if (window.empty()) return tokens;
+    return {std::min(window.first, tokens.first), std::max(window.last, tokens.last)};
+  }
+
+  // The keys of row(i) it does not see: between the sink tokens and the window (else empty).
+  KeyInterval gap(std::int64_t i, std::int64_t key_end) const {
+    if (sink_end <= 0 || window_left < 0) return {};
+    const KeyInterval window = WindowKeys(i, key_end), tokens = TokenKeys(i, key_end);
+    if (tokens.empty() || window.empty() || tokens.last >= window.first) return {};
+    return {tokens.last, window.first};
   }
 
   // Rows [i0, i1) against keys [j0, j1): empty when no row sees any of the keys, full when every
@@ -77,10 +102,38 @@ struct PositionMasks {
     bool any = false, all = true;
     for (std::int64_t i = i0; i < i1; ++i) {
       const KeyInterval seen = row(i, key_end).intersect({j0, j1});
-      any = any || !seen.empty();
-      all = all && seen.first == j0 && seen.last == j1;
+      const KeyInterval hidden = gap(i, key_end).intersect({j0, j1});
+      any = any || !without_gap(seen, hidden).empty();
+      all = all && seen.first == j0 && seen.last == j1 && hidden.empty();
     }
     return !any ? BlockKind::empty : (all ? BlockKind::full : BlockKind::partial);
+  }
+
+ private:
+  // Every mask but the window's left edge.
+  KeyInterval Allowed(std::int64_t i, std::int64_t key_end) const {
+    KeyInterval keys{0, key_end};
+    if (causal) {
+      const CausalMask mask{
+          causal_align == CausalAlign::bottom_right ? bottom_right_diagonal : top_left_diagonal,
+          prefix_end};
+      keys = keys.intersect(mask.keys(i));
+    }
+    if (window_right >= 0)
+      keys = keys.intersect(WindowMask{bottom_right_diagonal, -1, window_right}.keys(i, key_end));
+    return keys;
+  }
+  // The window's interval of row i (every mask applied).
+  KeyInterval WindowKeys(std::int64_t i, std::int64_t key_end) const {
+    KeyInterval keys = Allowed(i, key_end);
+    if (window_left >= 0)
+      keys = keys.intersect(WindowMask{bottom_right_diagonal, window_left, -1}.keys(i, key_end));
+    return keys;
+  }
+  // The sink tokens row i sees (only with a left window edge: otherwise the window has them).
+  KeyInterval TokenKeys(std::int64_t i, std::int64_t key_end) const {
+    if (sink_end <= 0 || window_left < 0) return {};
+    return SinkTokens{sink_end}.keys(Allowed(i, key_end));
   }
 };
 

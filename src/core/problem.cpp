@@ -407,6 +407,13 @@ void check_positions(const AttentionOptions& options, AttentionProblem& p) {
   }
   p.positions.window_left = options.window_left;
   p.positions.window_right = options.window_right;
+  if (options.sink_tokens != 0 && (options.window_left < 0 || options.sink_tokens < 0)) {
+    throw Error(fmt::format(
+        "sink_tokens: expected 0, or a count >= 0 with a window's left edge (window_left >= 0), "
+        "got {}{}",
+        options.sink_tokens, options.window_left < 0 ? " without one" : ""));
+  }
+  p.positions.sink_end = options.sink_tokens - options.key_offset;
   if (options.block_mask != nullptr) {
     const BlockMaskShape& shape = options.block_mask->shape();
     const bool batch_fits = shape.batch == 1 || shape.batch == p.batch;

@@ -67,7 +67,7 @@ struct AttentionProblem {
   // Sigmoid attention: P = sigmoid(s + sigmoid_bias), no normalizer (AttentionOptions).
   bool sigmoid = false;
   double sigmoid_bias = 0.0;
-  double dropout = 0.0;             // probability of zeroing a weight; 0 = off
+  double dropout = 0.0;  // probability of zeroing a weight; 0 = off
   std::uint64_t dropout_seed = 0;
   // The global coordinates dropout hashes: local (h, i, j) is (h + head_offset, i + query_offset,
   // j + key_offset) of a [B, head_total, query_total, key_total] problem.

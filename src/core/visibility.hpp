@@ -94,7 +94,9 @@ inline KeyInterval visible_keys(const AttentionProblem& p, std::int64_t b, std::
 inline KeyInterval visible_keys_within(const AttentionProblem& p, std::int64_t b, std::int64_t h,
                                        std::int64_t i, KeyInterval keys, std::int64_t j0,
                                        std::int64_t j1) {
-  const KeyInterval within = narrow_to_block_mask(p, b, h, i, keys.intersect({j0, j1}));
+  const KeyInterval gap = p.positions.gap(i, p.key_length(b));  // between sink tokens and window
+  const KeyInterval within =
+      narrow_to_block_mask(p, b, h, i, without_gap(keys.intersect({j0, j1}), gap));
   return within.empty() ? KeyInterval{} : within;
 }
 
@@ -114,11 +116,14 @@ inline bool block_mask_hides(const AttentionProblem& p, std::int64_t b, std::int
 }
 
 // Sets the scores of keys j0 … j0 + count − 1 of row i (head h, batch b) that an element test
-// hides to -inf: the boolean mask, and the block mask's empty and partial blocks.
+// hides to -inf: the gap between sink tokens and a window, the boolean mask, and the block mask's
+// empty and partial blocks.
 template <class T>
 void hide_masked_keys(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
                       std::int64_t j0, std::int64_t count, T* scores) {
   constexpr T kHidden = -std::numeric_limits<T>::infinity();
+  const KeyInterval gap = p.positions.gap(i, p.key_length(b)).intersect({j0, j0 + count});
+  for (std::int64_t j = gap.first; j < gap.last; ++j) scores[j - j0] = kHidden;
   if (p.mask.present) {  // bool, one byte per element (make_problem checked the dtype)
     const auto* allowed = p.mask.pointer<std::uint8_t>(b, h, i, j0);
     const std::int64_t stride = p.mask.strides[3];

@@ -96,6 +96,7 @@ inline bool hidden(const AttentionOptions& o, std::int64_t q_total, std::int64_t
   masks.causal = o.causal;
   masks.causal_align = o.causal_align;
   masks.prefix_end = o.prefix_length;  // global positions
+  masks.sink_end = o.sink_tokens;
   masks.window_left = o.window_left;
   masks.window_right = o.window_right;
   masks.bottom_right_diagonal = k_total - q_total;

@@ -213,9 +213,18 @@ class DecodeKernel {
       s.row_sum[r] = 0.0f;
     }
     std::fill(s.accumulator.begin(), s.accumulator.end(), 0.0f);
+    // Only the keys some row sees are read: a window's or a block mask's hidden keys, and the gap
+    // between sink tokens and a window, cost nothing (a chunk no row sees is left empty).
+    std::int64_t seen_first = chunk_last, seen_last = chunk_first;
+    for (std::int64_t r = 0; r < item_rows_; ++r) {
+      if (s.first[r] >= s.last[r]) continue;
+      seen_first = std::min(seen_first, s.first[r]);
+      seen_last = std::max(seen_last, s.last[r]);
+    }
 
     // 2. Blocks of `lanes_` keys.
-    for (std::int64_t start = chunk_first; start < chunk_last; start += lanes_) {
+    const std::int64_t first_block = chunk_first + (seen_first - chunk_first) / lanes_ * lanes_;
+    for (std::int64_t start = first_block; start < seen_last; start += lanes_) {
       const std::int64_t count = std::min(lanes_, chunk_last - start);
       // 2a. Scores: key rows in memory order (key, head), each against its head's query rows.
       for (std::int64_t t = 0; t < count; ++t) {

@@ -275,8 +275,9 @@ class FusedKernel {
 
   // The keys [begin, end) of a tile, relative to its start, that any row of a block can see,
   // widened to whole vectors (sub_tile_ keys; 64 for the bf16 tiles): only these are scored,
-  // exponentiated and summed. On the diagonal of a causal mask, the edges of a window, or beside a
-  // block mask's empty blocks, this skips the parts of the tile that no row of the block sees.
+  // exponentiated and summed. On the diagonal of a causal mask, the edges of a window, beside a
+  // block mask's empty blocks or in the gap after sink tokens, this skips the parts of the tile
+  // that no row of the block sees.
   struct KeySpan {
     std::int64_t begin = 0, end = 0;
   };
@@ -285,7 +286,8 @@ class FusedKernel {
     std::int64_t first = count, last = 0;
     for (int r = 0; r < block; ++r) {
       detail::KeyInterval keys{s.first[r0 + r], s.last[r0 + r]};
-      if (p_.block_mask != nullptr && !keys.empty()) {  // past the tile's empty blocks
+      // Past the tile's empty blocks, and the gap between sink tokens and a window.
+      if ((p_.block_mask != nullptr || p_.positions.sink_end > 0) && !keys.empty()) {
         keys = detail::visible_keys_within(p_, b, HeadOf(kh, r0 + r), i0 + (r0 + r) % positions_,
                                            keys, start, start + count);
       }

@@ -41,7 +41,8 @@ bool key_visible(const AttentionProblem& p, std::int64_t b, std::int64_t h, std:
     const bool in_prefix = j < m.prefix_end;
     if (j > last && !in_prefix) return false;
   }
-  if (m.window_left >= 0 && j < diagonal_j - m.window_left) return false;
+  const bool sink_token = j < m.sink_end;  // kept past the window's left edge
+  if (m.window_left >= 0 && j < diagonal_j - m.window_left && !sink_token) return false;
   if (m.window_right >= 0 && j > diagonal_j + m.window_right) return false;
   if (j >= p.key_length(b)) return false;
   return true;

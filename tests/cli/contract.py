@@ -8,7 +8,7 @@ import numpy as np
 
 def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               temperature=None, softcap=0.0, alibi=None, bias=None, causal=False, causal_align="bottom-right",
-              window=(-1, -1), key_lengths=None, mask=None, prefix_length=0, sinks=None,
+              window=(-1, -1), key_lengths=None, mask=None, prefix_length=0, sink_tokens=0, sinks=None,
               normalization="softmax", sigmoid_bias=None):
     q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
     batch, nq, hq, dq = q.shape
@@ -62,8 +62,8 @@ def attention(q, k, v, score="scaled_dot", scale=None, w=None, wq=None, wk=None,
     if causal:
         visible &= (j <= (diagonal if causal_align == "bottom-right" else i)) | (j < prefix_length)
     left, right = window
-    if left >= 0:
-        visible &= j >= diagonal - left
+    if left >= 0:  # sink tokens (StreamingLLM) stay visible past the left edge
+        visible &= (j >= diagonal - left) | (j < sink_tokens)
     if right >= 0:
         visible &= j <= diagonal + right
     if key_lengths is not None:

@@ -50,6 +50,8 @@ CASES = [
          score="cosine", window=(3, 1)),
     dict(name="rank4_sinks_empty_rows", rank=4, b=2, nq=9, nk=4, hq=2, hk=1, dq=3, dv=3,
          causal=True, key_lengths=True, sinks=True),
+    dict(name="rank3_sink_tokens_window", rank=3, b=1, nq=16, nk=16, hq=2, hk=1, dq=4, dv=4,
+         causal=True, window=(3, 0), sink_tokens=2),
     dict(name="rank3_sigmoid_empty_rows", rank=3, b=1, nq=9, nk=13, hq=2, hk=1, dq=4, dv=5,
          mask=True, normalization="sigmoid"),
     dict(name="rank4_sigmoid_bias_float64", rank=4, b=2, nq=6, nk=8, hq=2, hk=2, dq=3, dv=3,
@@ -124,6 +126,9 @@ def test_matches_numpy_contract(case, tmp_path):
     if "window" in case:
         kwargs["window"] = case["window"]
         args += ["--window", "{},{}".format(*case["window"])]
+    if "sink_tokens" in case:
+        kwargs["sink_tokens"] = case["sink_tokens"]
+        args += ["--sink-tokens", case["sink_tokens"]]
     if "prefix_length" in case:
         kwargs["prefix_length"] = case["prefix_length"]
         args += ["--prefix-length", str(case["prefix_length"])]

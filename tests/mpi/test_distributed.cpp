@@ -28,8 +28,9 @@ struct Case {
   bool alibi = false, window = false, key_lengths = false;
   bool bias = false, mask = false, weights = false;  // bias and mask sharded by query rows
   double dropout = 0.0;
-  bool sinks = false;  // joined once per row, by the block holding key 0, whatever the mask
+  bool sinks = false;    // joined once per row, by the block holding key 0, whatever the mask
   bool sigmoid = false;  // normalization sigmoid: the blocks' O summed
+  std::int64_t sink_tokens = 0;  // with the window
 };
 
 Case with(Case c, const std::string& name, bool bias, bool mask, bool weights, double dropout) {
@@ -120,6 +121,7 @@ bool run(const Case& c, int ranks, int rank) {
     for (std::int64_t h = 0; h < c.hq; ++h) sinks.data<float>()[h] = -1.0f + 0.8f * h;
     options.sinks = sinks.view();
   }
+  options.sink_tokens = c.sink_tokens;
   if (c.window) {
     options.window_left = 5;
     options.window_right = 2;
@@ -261,6 +263,10 @@ int main(int argc, char** argv) {
   Case sinks_zigzag = sinks_window;
   sinks_zigzag.layout = Layout::zigzag;
   cases.push_back(with(sinks_zigzag, "ring zigzag sinks mask", false, true, false, 0.0));
+  Case streaming{"", Strategy::ring, Layout::contiguous, 29, 4, 2, true};
+  streaming.window = true;  // the shards between the sink tokens and a row's window skipped
+  streaming.sink_tokens = 2;
+  cases.push_back(with(streaming, "ring sink tokens window weights", false, false, true, 0.0));
   Case sigmoid_ring{"", Strategy::ring, Layout::zigzag, 26, 4, 2, true};
   sigmoid_ring.sigmoid = true;
   cases.push_back(with(sigmoid_ring, "ring zigzag sigmoid bias weights", true, false, true, 0.0));

@@ -36,6 +36,10 @@ CASES = [
          mask=True, key_lengths=True, causal=True),
     dict(name="sinks_additive_window", b=1, nq=9, nk=9, hq=2, hk=1, d=4, dk=5, dv=3,
          score="additive", sinks=True, window=(2, 1)),
+    dict(name="sink_tokens_window_causal", b=2, nq=12, nk=12, hq=2, hk=2, d=8, dv=8, causal=True,
+         window=(3, 0), sink_tokens=2),
+    dict(name="sigmoid_gqa_mask", b=2, nq=7, nk=10, hq=4, hk=2, d=8, dv=6, mask=True,
+         normalization="sigmoid"),
 ]
 
 
@@ -69,7 +73,8 @@ def inputs(case, dtype=np.float32):
         kw["sinks"] = np.linspace(-2.0, 4.0, hq).astype(dtype)
     if case.get("key_lengths"):
         kw["key_lengths"] = np.array([nk, 0, nk // 2][:b], dtype=np.int64)
-    for option in ("causal", "causal_align", "window", "prefix_length"):
+    for option in ("causal", "causal_align", "window", "prefix_length", "sink_tokens",
+                   "normalization"):
         if option in case:
             kw[option] = case[option]
     return q, k, v, kw

@@ -34,6 +34,7 @@ std::string AttentionCase::name() const {
                         window_left < 0 ? std::string("inf") : std::to_string(window_left),
                         window_right < 0 ? std::string("inf") : std::to_string(window_right));
   }
+  if (sink_tokens > 0) text += fmt::format("_sinktokens{}", sink_tokens);
   if (key_lengths) text += "_keylengths";
   if (mask) text += "_mask";
   if (head_major) text += "_BHND";
@@ -120,6 +121,7 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
   o.causal_align = c.causal_align;
   o.prefix_length = c.prefix_length;
   o.window_left = c.window_left;
+  o.sink_tokens = c.sink_tokens;
   o.window_right = c.window_right;
   if (c.block_mask != BlockMaskRule::none) {
     const BlockMaskRule rule = c.block_mask;

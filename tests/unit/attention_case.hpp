@@ -40,6 +40,7 @@ struct AttentionCase {
   CausalAlign causal_align = CausalAlign::bottom_right;
   std::int64_t prefix_length = 0;  // prefix LM, with causal
   std::int64_t window_left = -1, window_right = -1;
+  std::int64_t sink_tokens = 0;  // StreamingLLM's, with window_left
   BlockMaskRule block_mask = BlockMaskRule::none;
   std::int64_t mask_block = 16;  // the block mask's q_block and kv_block
   ScoreModRule score_mod = ScoreModRule::none;

@@ -141,7 +141,7 @@ std::vector<BackwardCase> backward_zoo() {
     add_all_scores(c);
   }
   // Every mask and option.
-  for (int variant = 0; variant < 17; ++variant) {
+  for (int variant = 0; variant < 18; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = 70;
@@ -195,6 +195,11 @@ std::vector<BackwardCase> backward_zoo() {
       c.sigmoid = true;
       c.mask = true;
       c.causal = true;
+    }
+    if (variant == 17) {  // sink tokens and a window: 64-key blocks in the gap skipped
+      c.causal = true;
+      c.window_left = 12;
+      c.sink_tokens = 4;
     }
     if (variant == 16) {  // sigmoid attention with a bias, a soft cap and a block mask
       c.sigmoid = true;

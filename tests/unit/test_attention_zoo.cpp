@@ -147,6 +147,15 @@ std::vector<AttentionCase> shape_zoo() {
     long_documents.mask_block = 16;
     long_documents.causal = true;
     masks.push_back(long_documents);
+    AttentionCase streaming = c;  // sink tokens and a window: two intervals, a gap between
+    streaming.causal = true;
+    streaming.window_left = 9;
+    streaming.sink_tokens = 3;
+    masks.push_back(streaming);
+    streaming.q_len = streaming.k_len = 300;  // gap tiles of the kernels' skipped
+    streaming.window_left = 40;
+    streaming.sink_tokens = 5;
+    masks.push_back(streaming);
     AttentionCase relative = c;  // score_mods, with and without other options
     relative.score_mod = ScoreModRule::relative_bias;
     masks.push_back(relative);
@@ -216,7 +225,7 @@ std::vector<AttentionCase> shape_zoo() {
   }
   // 7. Decoding: a few query rows per key head against more keys than one split-KV chunk, with
   // every option and mask.
-  for (int variant = 0; variant < 7; ++variant) {
+  for (int variant = 0; variant < 8; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = variant == 3 ? 2 : 1;
@@ -239,6 +248,11 @@ std::vector<AttentionCase> shape_zoo() {
     if (variant == 5) {  // the sink joins once, not once per split
       c.sinks = true;
       c.key_lengths = true;
+    }
+    if (variant == 7) {  // sink tokens and a window: the chunks between are skipped
+      c.window_left = 600;
+      c.sink_tokens = 5;
+      c.causal = true;
     }
     if (variant == 6) {  // sigmoid: no split-KV merge, the fused kernel takes it
       c.sigmoid = true;

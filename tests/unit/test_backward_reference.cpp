@@ -88,7 +88,7 @@ std::vector<AttentionCase> backward_cases() {
        {Score::dot, Score::scaled_dot, Score::bilinear, Score::additive, Score::cosine}) {
     for (bool per_head : {false, true}) {
       if (per_head && (score == Score::dot || score == Score::scaled_dot)) continue;
-      for (int variant = 0; variant < 9; ++variant) {
+      for (int variant = 0; variant < 10; ++variant) {
         AttentionCase c;
         c.batch = 2;
         c.q_len = 3;
@@ -124,6 +124,11 @@ std::vector<AttentionCase> backward_cases() {
           c.key_lengths = true;
           c.mask = true;
           c.causal = true;
+        }
+        if (variant == 9) {  // a sink token and a window of 1, a gap between them
+          c.causal = true;
+          c.window_left = 1;
+          c.sink_tokens = 1;
         }
         if (variant == 8) {  // sigmoid attention (dLSE through LSE = log Σ P), empty rows
           c.sigmoid = true;

@@ -40,6 +40,7 @@ struct AttentionFlags {
   std::string causal_align = "bottom-right";
   std::int64_t prefix_length = 0;
   std::string window;
+  std::int64_t sink_tokens = 0;
   double dropout = 0.0;
   std::uint64_t dropout_seed = 0;
   int threads = 0;
@@ -135,6 +136,7 @@ LoadedOptions load_options(const AttentionFlags& flags) {
   if (!flags.window.empty()) {
     std::tie(options.window_left, options.window_right) = parse_window(flags.window);
   }
+  options.sink_tokens = flags.sink_tokens;
   options.dropout = flags.dropout;
   options.dropout_seed = flags.dropout_seed;
   options.threads = flags.threads;
@@ -375,6 +377,8 @@ void add_attention_command(CLI::App& app) {
   command->add_option("--prefix-length", flags->prefix_length,
                       "prefix LM (with --causal): the first N keys are visible to every query");
   command->add_option("--window", flags->window, "local window L,R (-1 = unbounded)");
+  command->add_option("--sink-tokens", flags->sink_tokens,
+                      "StreamingLLM: the first N keys stay visible past the window's left edge");
   command->add_option("--key-lengths", flags->key_lengths, "valid keys per batch [B], int");
   command->add_option("--mask", flags->mask, "boolean mask, true = may attend");
   command->add_option("--dropout", flags->dropout, "dropout probability on the weights")

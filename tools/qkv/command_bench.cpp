@@ -100,9 +100,8 @@ void run_bench(const BenchFlags& flags) {
                                        : fmt::format("{:.1f} GFLOP/s", r.gflops);
     const std::string ratio =
         shape.additive_dim > 0 ? std::string("—") : fmt::format("{:.2f}", r.ratio_to_sgemm);
-    const bool block_masked = shape.documents > 0 || shape.sliding_window > 0;
     const std::string baseline =
-        backward || block_masked ? fmt::format("{:>12} {:>8}", "—", "")
+        backward || !shape.baseline_applies() ? fmt::format("{:>12} {:>8}", "—", "")
         : r.naive_ms > 0 ? fmt::format("{:>12.2f} {:>7.1f}×", r.naive_ms, r.speedup_over_naive)
                          : fmt::format("{:>12} {:>8}", "(N×N > 2 GiB)", "");
     const std::string floor = backward ? std::string("—") : fmt::format("{:.2f}", r.floor_ms);
@@ -113,7 +112,7 @@ void run_bench(const BenchFlags& flags) {
     fmt::print(
         "\nbaseline: GEMM → softmax → GEMM in float32 with OpenBLAS (the N×N matrix in "
         "memory); for additive shapes (A…), every score with std::tanh into that matrix; none for "
-        "block masks (M…), whose FLOPs count the visible pairs only, nor for sinks or sigmoid\n");
+        "masks but causal (whose FLOPs count the visible pairs only), sinks or sigmoid\n");
     return;
   }
   std::string rows;
@@ -148,7 +147,8 @@ void add_bench_command(CLI::App& app) {
   command->add_flag("--json", flags->json, "print JSON instead of a table");
   command->add_option("--shapes", flags->shapes,
                       "comma-separated S1…S5, A1, M1, M2 or "
-                      "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][causal], "
+                      "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>]"
+                      "[window<w>[sinktokens<n>]][causal], "
                       "each optionally followed by sinks or sigmoid");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
   command->add_option("--dtype", flags->dtype, "f32 | bf16 (inputs and output)")
