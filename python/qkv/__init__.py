@@ -11,7 +11,8 @@ tensors that require grad, the functions are differentiable (qkv's fused backwar
 - ``flex_attention``, ``create_block_mask``, ``and_masks``, ``or_masks``, ``noop_mask``:
   PyTorch's FlexAttention (block masks from a mask_mod, a score_mod) with a backward;
   ``qkv.score_mods``: the score_mods it runs natively (ALiBi, soft cap, relative bias, scales).
-- ``qkv.nn.MultiheadAttention``: ``torch.nn.MultiheadAttention`` computing with qkv.
+- ``qkv.nn.MultiheadAttention``: ``torch.nn.MultiheadAttention`` computing with qkv;
+  ``qkv.nn.DifferentialAttention``: the Differential Transformer's attention on qkv's.
 
 Errors are ``qkv.Error`` (bad shapes, dtypes or values, the message naming the argument, the
 expected and the given), which is both a ``ValueError`` and a ``RuntimeError`` (what PyTorch

@@ -1,4 +1,5 @@
-"""qkv.nn.MultiheadAttention: torch.nn.MultiheadAttention with qkv computing the attention.
+"""qkv.nn.MultiheadAttention: torch.nn.MultiheadAttention with qkv computing the attention; and
+qkv.nn.DifferentialAttention, the Differential Transformer's attention on qkv's.
 
 The constructor, the parameters (and so the state_dict), forward's arguments and its results are
 PyTorch's: swapping the import is the whole migration. The projections stay torch's F.linear; the
@@ -11,16 +12,17 @@ starting at 10), score="dot" (none). sinks=True adds a learned attention sink pe
 computes sigmoid attention. A query that may attend to no key gets zero attention (the
 output is out_proj.bias) where PyTorch gives NaN.
 """
+import math
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn as _nn
 
-from ._functions import _Config, _run, _seed
+from ._functions import _Config, _run, _seed, attention
 from ._qkv import Error, score_layer, score_names
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "DifferentialAttention"]
 
 
 class MultiheadAttention(_nn.Module):
@@ -281,3 +283,78 @@ class MultiheadAttention(_nn.Module):
         if allowed is not None:
             allowed = allowed.contiguous()
         return allowed, added
+
+
+class DifferentialAttention(_nn.Module):
+    """Differential attention (Ye et al., ICLR 2025, "Differential Transformer"), self-attention
+    on x [N, L, E] (batch first).
+
+    Each of the num_heads heads has two query/key pairs of head_dim = E / num_heads / 2 features
+    and one value of 2·head_dim; its output is
+
+        (softmax(Q1 K1ᵀ·s) − λ·softmax(Q2 K2ᵀ·s)) V,   s = 1/sqrt(head_dim),
+
+    computed as two qkv attention calls on strided views of the projections (neither map is
+    formed), then normalized per head (RMS over its 2·head_dim features, a learned weight
+    `subln_weight`, eps 1e-5) and scaled by 1 − λ_init, heads concatenated and projected out.
+    λ = exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init, one per layer, with λ_init =
+    0.8 − 0.6·exp(−0.3·depth) for the layer's depth (its index from 0). num_kv_heads < num_heads
+    shares each key/value head among num_heads / num_kv_heads heads (GQA). Causal by default;
+    forward(x, is_causal=False) attends both ways. Differentiable (qkv's fused backward twice).
+    """
+
+    def __init__(self, embed_dim, num_heads, depth, num_kv_heads=None, bias=False, device=None,
+                 dtype=None):
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads <= 0 or embed_dim % (2 * num_heads) != 0:
+            raise Error(f"embed_dim: expected a positive multiple of 2·num_heads "
+                        f"({2 * num_heads}), got {embed_dim}")
+        if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+            raise Error(f"num_kv_heads: expected a divisor of num_heads ({num_heads}), got "
+                        f"{num_kv_heads}")
+        if depth < 0:
+            raise Error(f"depth: expected the layer's index >= 0, got {depth}")
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim = embed_dim // num_heads // 2
+        kv_width = embed_dim // (num_heads // num_kv_heads)
+        self.q_proj = _nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = _nn.Linear(embed_dim, kv_width, bias=bias, **factory)
+        self.v_proj = _nn.Linear(embed_dim, kv_width, bias=bias, **factory)
+        self.out_proj = _nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.lambda_init = 0.8 - 0.6 * math.exp(-0.3 * depth)
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+            setattr(self, name, _nn.Parameter(torch.empty(self.head_dim, **factory)))
+        self.subln_weight = _nn.Parameter(torch.empty(2 * self.head_dim, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for name in ("lambda_q1", "lambda_k1", "lambda_q2", "lambda_k2"):
+            _nn.init.normal_(getattr(self, name), mean=0.0, std=0.1)
+        _nn.init.ones_(self.subln_weight)
+        for projection in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            projection.reset_parameters()
+
+    def lambda_full(self):
+        """λ of this layer: exp(λ_q1·λ_k1) − exp(λ_q2·λ_k2) + λ_init."""
+        return (torch.exp(torch.dot(self.lambda_q1, self.lambda_k1))
+                - torch.exp(torch.dot(self.lambda_q2, self.lambda_k2)) + self.lambda_init)
+
+    def forward(self, x, is_causal=True):
+        """x [N, L, E] → [N, L, E]."""
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise Error(f"x: expected [N, L, E] with E = {self.embed_dim}, got shape "
+                        f"{list(x.shape)}")
+        n, length, _ = x.shape
+        d, h, hk = self.head_dim, self.num_heads, self.num_kv_heads
+        q = self.q_proj(x).view(n, length, 2 * h, d)
+        k = self.k_proj(x).view(n, length, 2 * hk, d)
+        v = self.v_proj(x).view(n, length, hk, 2 * d)
+        # The two maps of each head: queries and keys 2h and 2h + 1, read through strides.
+        first = attention(q[:, :, 0::2], k[:, :, 0::2], v, causal=bool(is_causal))
+        second = attention(q[:, :, 1::2], k[:, :, 1::2], v, causal=bool(is_causal))
+        heads = first - self.lambda_full() * second
+        normalized = heads * torch.rsqrt(heads.pow(2).mean(-1, keepdim=True) + 1e-5)
+        heads = normalized * self.subln_weight * (1.0 - self.lambda_init)
+        return self.out_proj(heads.reshape(n, length, self.embed_dim))

@@ -33,3 +33,26 @@ class MultiheadAttention(torch.nn.Module):
                 key_padding_mask: Optional[torch.Tensor] = ..., need_weights: bool = ...,
                 attn_mask: Optional[torch.Tensor] = ..., average_attn_weights: bool = ...,
                 is_causal: bool = ...) -> Tuple[torch.Tensor, Optional[torch.Tensor]]: ...
+
+
+class DifferentialAttention(torch.nn.Module):
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    lambda_init: float
+    q_proj: torch.nn.Linear
+    k_proj: torch.nn.Linear
+    v_proj: torch.nn.Linear
+    out_proj: torch.nn.Linear
+    lambda_q1: torch.nn.Parameter
+    lambda_k1: torch.nn.Parameter
+    lambda_q2: torch.nn.Parameter
+    lambda_k2: torch.nn.Parameter
+    subln_weight: torch.nn.Parameter
+    def __init__(self, embed_dim: int, num_heads: int, depth: int,
+                 num_kv_heads: Optional[int] = ..., bias: bool = ..., device: object = ...,
+                 dtype: Optional[torch.dtype] = ...) -> None: ...
+    def reset_parameters(self) -> None: ...
+    def lambda_full(self) -> torch.Tensor: ...
+    def forward(self, x: torch.Tensor, is_causal: bool = ...) -> torch.Tensor: ...
