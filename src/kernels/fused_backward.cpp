@@ -658,6 +658,9 @@ float* buffer(Role role, std::int64_t count) {
 }
 
 // buffer(role, count), zeroed by `threads` threads.
+// Positions per work item of the door's passes over [B, N, H, D] tensors.
+constexpr std::int64_t kRowsPerPass = 64;
+
 float* zeroed(Role role, std::int64_t count, int threads) {
   float* data = buffer(role, count);
   parallel_for(threads, (count + 4095) / 4096, [&](std::int64_t block) {
@@ -703,19 +706,25 @@ void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64
                std::int64_t heads, std::int64_t in_dim, std::int64_t stride, double factor,
                const RowTransformer* transform, SourceHead source_head, int threads) {
   const std::int64_t out_dim = transform != nullptr ? transform->out_dim() : in_dim;
-  parallel_for(threads, batch * heads, [&](std::int64_t index) {
-    const std::int64_t b = index / heads, h = index % heads;
+  // Positions in storage order, every head of one position together: x[b, n] is one run of
+  // memory, where head by head each row would be a new read a whole [H, D] row away.
+  const std::int64_t position_blocks = (length + kRowsPerPass - 1) / kRowsPerPass;
+  parallel_for(threads, batch * position_blocks, [&](std::int64_t index) {
+    const std::int64_t b = index / position_blocks, n0 = index % position_blocks * kRowsPerPass;
     std::vector<double> row(static_cast<std::size_t>(in_dim)),
         transformed(static_cast<std::size_t>(out_dim));
-    for (std::int64_t n = 0; n < length; ++n) {
-      float* target = out + ((b * heads + h) * length + n) * stride;
-      read_row(x, b, n, source_head(h), in_dim, row.data());
-      const double* values = row.data();
-      if (transform != nullptr) {
-        transform->apply(h, row.data(), transformed.data());
-        values = transformed.data();
+    for (std::int64_t n = n0; n < std::min(length, n0 + kRowsPerPass); ++n) {
+      for (std::int64_t h = 0; h < heads; ++h) {
+        float* target = out + ((b * heads + h) * length + n) * stride;
+        read_row(x, b, n, source_head(h), in_dim, row.data());
+        const double* values = row.data();
+        if (transform != nullptr) {
+          transform->apply(h, row.data(), transformed.data());
+          values = transformed.data();
+        }
+        for (std::int64_t r = 0; r < out_dim; ++r)
+          target[r] = static_cast<float>(factor * values[r]);
       }
-      for (std::int64_t r = 0; r < out_dim; ++r) target[r] = static_cast<float>(factor * values[r]);
     }
   });
 }
@@ -873,10 +882,14 @@ void BackwardDoor::RowStatistics() {
   float* lse_high = buffer(kLseHigh, B * Hq * Nq);
   float* lse_low = buffer(kLseLow, B * Hq * Nq);
   float* delta = buffer(kDelta, B * Hq * Nq);
-  parallel_for(threads, B * Hq, [&](std::int64_t index) {
-    const std::int64_t b = index / Hq, h = index % Hq;
+  // Rows in storage order (every head of a position together: O[b, i] is one run of memory).
+  const std::int64_t position_blocks = (Nq + kRowsPerPass - 1) / kRowsPerPass;
+  parallel_for(threads, B * position_blocks, [&](std::int64_t index) {
+    const std::int64_t b = index / position_blocks, i0 = index % position_blocks * kRowsPerPass;
     std::vector<double> out_row(static_cast<std::size_t>(p.v_dim));
-    for (std::int64_t i = 0; i < Nq; ++i) {
+    for (std::int64_t position = 0; position < (std::min(Nq, i0 + kRowsPerPass) - i0) * Hq;
+         ++position) {
+      const std::int64_t i = i0 + position / Hq, h = position % Hq;
       const std::int64_t row = (b * Hq + h) * Nq + i;
       double sum = 0.0;
       if (p.sigmoid) {
@@ -981,8 +994,11 @@ void BackwardDoor::InputGradients() {
         gradients.dq ? std::optional(detail::output_of(*gradients.dq)) : std::nullopt;
     parallel_for(threads, B * Nq, [&](std::int64_t index) {
       const std::int64_t b = index / Nq, i = index % Nq;
-      std::vector<double> compared(static_cast<std::size_t>(dim)),
-          input(static_cast<std::size_t>(p.q_dim)), row(static_cast<std::size_t>(p.q_dim));
+      // Per thread, not per row (an allocation a row cost more than the row's own work).
+      thread_local std::vector<double> compared, input, row;
+      compared.resize(static_cast<std::size_t>(dim));
+      input.resize(static_cast<std::size_t>(p.q_dim));
+      row.resize(static_cast<std::size_t>(p.q_dim));
       for (std::int64_t h = 0; h < Hq; ++h) {
         const float* source = dq_sum.data() + ((b * Hq + h) * Nq + i) * dim;
         std::copy(source, source + dim, compared.begin());
@@ -1003,9 +1019,11 @@ void BackwardDoor::InputGradients() {
     const std::int64_t heads_per_key = o.key_heads / Hk;  // transformed key heads per k head
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
-      std::vector<double> compared(static_cast<std::size_t>(dim)),
-          input(static_cast<std::size_t>(p.k_dim)), row(static_cast<std::size_t>(p.k_dim)),
-          total(static_cast<std::size_t>(p.k_dim));
+      thread_local std::vector<double> compared, input, row, total;  // per thread, as for dQ
+      compared.resize(static_cast<std::size_t>(dim));
+      input.resize(static_cast<std::size_t>(p.k_dim));
+      row.resize(static_cast<std::size_t>(p.k_dim));
+      total.resize(static_cast<std::size_t>(p.k_dim));
       for (std::int64_t hk = 0; hk < Hk; ++hk) {
         std::fill(total.begin(), total.end(), 0.0);
         if (!key_transform.identity()) read_row(p.k, b, j, hk, p.k_dim, input.data());
@@ -1028,7 +1046,8 @@ void BackwardDoor::InputGradients() {
     const detail::StridedOutput out = detail::output_of(*gradients.dv);
     parallel_for(threads, B * Nk, [&](std::int64_t index) {
       const std::int64_t b = index / Nk, j = index % Nk;
-      std::vector<double> row(static_cast<std::size_t>(p.v_dim));
+      thread_local std::vector<double> row;  // per thread, as for dQ
+      row.resize(static_cast<std::size_t>(p.v_dim));
       for (std::int64_t hv = 0; hv < Hk; ++hv) {
         const float* values = dv + ((b * Hk + hv) * Nk + j) * vs;
         for (std::int64_t d = 0; d < p.v_dim; ++d) row[static_cast<std::size_t>(d)] = values[d];
