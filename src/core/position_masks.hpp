@@ -54,8 +54,8 @@ struct SinkTokens {
   KeyInterval keys(KeyInterval allowed) const { return allowed.intersect({0, sink_end}); }
 };
 
-// The part of `keys` outside `gap`, as one interval: `keys` itself when the gap is not at one of
-// its ends (a caller that must not see the gap then asks hides_gap element by element).
+// The part of `keys` outside `gap`, as one interval: `keys` itself when the gap lies strictly
+// inside it (the element tests, visibility.hpp's hide_masked_keys, then hide the gap's keys).
 inline KeyInterval without_gap(KeyInterval keys, KeyInterval gap) {
   if (gap.empty() || keys.empty()) return keys;
   if (keys.first >= gap.first && keys.last <= gap.last) return {};  // all in the gap

@@ -5,8 +5,9 @@
 
 namespace qkv::kernels {
 
-// True when decode_attention should compute this problem: float32 dot, scaled_dot or bilinear,
-// at most kDecodeRows query rows per key/value head (Nq · Hq/Hk), and no weights requested.
+// True when decode_attention should compute this problem: float32 or bfloat16, a dot-form score,
+// at most kDecodeRows query rows per key/value head (Nq · Hq/Hk), softmax (not sigmoid), no
+// dropout and no weights requested.
 bool decode_attention_supports(const AttentionProblem& problem);
 
 // Computes problem.out and problem.lse. Requires decode_attention_supports().

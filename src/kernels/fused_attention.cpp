@@ -220,12 +220,10 @@ class FusedKernel {
         bool any_visible = false;
         for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, kh, i0, r0 + r, start, count, s);
         if (!any_visible) continue;
-        for (int r = 0; r < block; ++r) {
-          if (p_.sigmoid) {
-            SigmoidRow(r0 + r, span, s);
-          } else {
-            SoftmaxRow(r0 + r, span, s);
-          }
+        if (p_.sigmoid) {
+          for (int r = 0; r < block; ++r) SigmoidRow(r0 + r, span, s);
+        } else {
+          for (int r = 0; r < block; ++r) SoftmaxRow(r0 + r, span, s);
         }
         if (dropout_.active()) {
           for (int r = 0; r < block; ++r) DropoutRow(b, kh, i0, r0 + r, start, span, s);
