@@ -41,7 +41,7 @@
 #include <hwy/cache_control.h>
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
-#include "kernels/sigmoid-inl.h"
+#include "kernels/score_math-inl.h"
 // clang-format on
 
 #include <algorithm>
@@ -513,9 +513,17 @@ class FusedKernel {
       std::fill(scores, scores + key_tile_, kMinusInfinity);
       return false;
     }
+    if (p_.softcap > 0) {  // vectorized (kernels/score_math-inl.h), the backward's own
+      const FloatTag d;
+      const auto cap = hn::Set(d, static_cast<float>(p_.softcap));
+      const auto inverse_cap = hn::Set(d, static_cast<float>(1.0 / p_.softcap));
+      for (std::int64_t t = from / lanes_ * lanes_; t < to; t += lanes_)
+        hn::Store(hn::Mul(cap, SoftCapTanh(d, hn::Load(d, scores + t), inverse_cap)), d,
+                  scores + t);
+    }
     std::fill(scores, scores + from, kMinusInfinity);
     std::fill(scores + to, scores + key_tile_, kMinusInfinity);
-    apply_score_options(p_, b, HeadOf(kh, r), i0 + r % positions_, start + from, to - from,
+    apply_score_options(after_cap_, b, HeadOf(kh, r), i0 + r % positions_, start + from, to - from,
                         scores + from);
     return true;
   }
@@ -554,8 +562,8 @@ class FusedKernel {
   }
 
   // 2c, sigmoid attention: P = 1 / (1 + e^−(s + b)) over the keys of `span`, each on its own
-  // (kernels/sigmoid-inl.h): nothing is carried from tile to tile but the row's sum of P (its LSE
-  // at the end).
+  // (kernels/score_math-inl.h): nothing is carried from tile to tile but the row's sum of P (its
+  // LSE at the end).
   void SigmoidRow(std::int64_t r, KeySpan span, Scratch& s) const {
     const FloatTag d;
     float* scores = s.scores + r * key_tile_;
@@ -712,6 +720,12 @@ class FusedKernel {
 
   const FusedOperands& o_;
   const AttentionProblem& p_;
+  // The problem without its soft cap, which MaskRow applies itself on whole vectors.
+  const AttentionProblem after_cap_ = [this] {
+    AttentionProblem copy = p_;
+    copy.softcap = 0.0;
+    return copy;
+  }();
   const detail::DropoutMask dropout_{p_};
   const std::int64_t lanes_;             // floats per vector on this target
   const std::int64_t key_tile_;          // keys per tile: kTileVectors vectors

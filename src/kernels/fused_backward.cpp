@@ -32,7 +32,7 @@
 #include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
-#include "kernels/sigmoid-inl.h"
+#include "kernels/score_math-inl.h"
 // clang-format on
 
 #include <algorithm>
@@ -475,7 +475,7 @@ class BackwardKernel {
       std::fill(scores, scores + kBlock, 0.0f);
       return;
     }
-    if (p_.sigmoid) {  // P = 1 / (1 + e^−(s + b)), the forward's (kernels/sigmoid-inl.h)
+    if (p_.sigmoid) {  // P = 1 / (1 + e^−(s + b)), the forward's (kernels/score_math-inl.h)
       const Vec negative_bias = hn::Set(d, static_cast<float>(-p_.sigmoid_bias));
       for (std::int64_t t = 0; t < kBlock; t += lanes_)
         hn::StoreU(SigmoidWeights(d, hn::LoadU(d, scores + t), negative_bias), d, scores + t);
@@ -498,12 +498,15 @@ class BackwardKernel {
     float* scores = s.scores + r * kBlock;
     const std::int64_t from = s.first[r], to = s.last[r];
     if (from >= to) return false;
-    if (o_.softcap) {
-      const auto cap = static_cast<float>(p_.softcap);
+    if (o_.softcap) {  // the forward's (kernels/score_math-inl.h), on whole vectors of the row
+      const FloatTag d;
+      const Vec cap = hn::Set(d, static_cast<float>(p_.softcap));
+      const Vec inverse_cap = hn::Set(d, static_cast<float>(1.0 / p_.softcap));
       float* capped = s.capped + r * kBlock;
-      for (std::int64_t t = from; t < to; ++t) {
-        capped[t] = std::tanh(scores[t] / cap);
-        scores[t] = cap * capped[t];
+      for (std::int64_t t = from / lanes_ * lanes_; t < to; t += lanes_) {
+        const Vec tanh = SoftCapTanh(d, hn::LoadU(d, scores + t), inverse_cap);
+        hn::StoreU(tanh, d, capped + t);
+        hn::StoreU(hn::Mul(cap, tanh), d, scores + t);
       }
     }
     modify_scores(after_cap_, b, h, i, j0 + from, to - from, scores + from);
