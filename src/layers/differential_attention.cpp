@@ -105,9 +105,12 @@ Tensor DifferentialAttention::forward(const TensorView& x) {
   if (x.rank != 3 || x.shape[2] != e) {
     throw Error(fmt::format("x: expected [N, L, E] with E = {}, got {}", e, x.shape_string()));
   }
-  for (const auto& [name, tensor] : parameters_) {
-    if (tensor.shape() != gradients_.at(name).shape()) {
-      throw Error(fmt::format("{}: expected its shape to stay, got another", name));
+  for (const auto& [name, tensor] : parameters_) {  // values may change in place, shapes not
+    const Tensor& original = gradients_.at(name);
+    if (tensor.shape() != original.shape() || tensor.dtype() != DType::float32) {
+      throw Error(fmt::format("{}: expected float32 {}, got {} {}", name,
+                              original.view().shape_string(), dtype_name(tensor.dtype()),
+                              tensor.view().shape_string()));
     }
   }
   auto s = std::make_shared<Saved>();

@@ -89,6 +89,14 @@ TEST(DifferentialAttention, LambdaAndArguments) {
         layer.backward(Tensor(DType::float32, {1, 2, 16}).view());
       },
       ::testing::ThrowsMessage<Error>(::testing::HasSubstr("expected a forward call")));
+  DifferentialAttention reshaped(options);
+  reshaped.parameters().at("q_proj.weight") = Tensor(DType::float32, {2, 2});
+  EXPECT_THAT(
+      [&] {
+        reshaped.forward(Tensor(DType::float32, {1, 2, 16}).view());
+      },
+      ::testing::ThrowsMessage<Error>(
+          ::testing::HasSubstr("q_proj.weight: expected float32 [16, 16], got float32 [2, 2]")));
   EXPECT_THAT(
       [&] {
         layer.forward(Tensor(DType::float32, {1, 2, 8}).view());
