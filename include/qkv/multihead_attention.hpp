@@ -135,6 +135,10 @@ class MultiHeadAttention {
   MultiHeadAttentionOptions options_;
   NamedTensors parameters_, gradients_;
   std::shared_ptr<Saved> saved_;
+  // What the attention call learns besides the projections (the score's parameters from its unit,
+  // the sinks) and the scale it passes: fixed by the options, found once.
+  std::vector<ScoreLayerParameter> attention_parameters_;
+  std::optional<double> score_scale_;
 };
 
 }  // namespace qkv

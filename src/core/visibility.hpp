@@ -94,9 +94,10 @@ inline KeyInterval visible_keys(const AttentionProblem& p, std::int64_t b, std::
 inline KeyInterval visible_keys_within(const AttentionProblem& p, std::int64_t b, std::int64_t h,
                                        std::int64_t i, KeyInterval keys, std::int64_t j0,
                                        std::int64_t j1) {
-  const KeyInterval gap = p.positions.gap(i, p.key_length(b));  // between sink tokens and window
-  const KeyInterval within =
-      narrow_to_block_mask(p, b, h, i, without_gap(keys.intersect({j0, j1}), gap));
+  KeyInterval within = keys.intersect({j0, j1});
+  if (p.positions.sink_end > 0)  // the gap between sink tokens and a window
+    within = without_gap(within, p.positions.gap(i, p.key_length(b)));
+  within = narrow_to_block_mask(p, b, h, i, within);
   return within.empty() ? KeyInterval{} : within;
 }
 
@@ -122,8 +123,10 @@ template <class T>
 void hide_masked_keys(const AttentionProblem& p, std::int64_t b, std::int64_t h, std::int64_t i,
                       std::int64_t j0, std::int64_t count, T* scores) {
   constexpr T kHidden = -std::numeric_limits<T>::infinity();
-  const KeyInterval gap = p.positions.gap(i, p.key_length(b)).intersect({j0, j0 + count});
-  for (std::int64_t j = gap.first; j < gap.last; ++j) scores[j - j0] = kHidden;
+  if (p.positions.sink_end > 0) {  // nothing to compute on the hot path without sink tokens
+    const KeyInterval gap = p.positions.gap(i, p.key_length(b)).intersect({j0, j0 + count});
+    for (std::int64_t j = gap.first; j < gap.last; ++j) scores[j - j0] = kHidden;
+  }
   if (p.mask.present) {  // bool, one byte per element (make_problem checked the dtype)
     const auto* allowed = p.mask.pointer<std::uint8_t>(b, h, i, j0);
     const std::int64_t stride = p.mask.strides[3];

@@ -240,14 +240,16 @@ class FusedKernel {
       const bool empty = s.row_max[r] == -std::numeric_limits<float>::infinity();
       const float row_sum =
           hn::GetLane(hn::SumOfLanes(FloatTag(), hn::Load(FloatTag(), s.row_sum + r * lanes_)));
-      float inverse = empty ? 0.0f : 1.0f / row_sum;
-      // LSE in double: m is one of the scores, exact; log l is small. A float32 LSE would round
-      // at |LSE|·2⁻²⁴, which for logits of ±1e4 is far more than the weights' own error.
-      double lse = empty ? -std::numeric_limits<double>::infinity()
-                         : static_cast<double>(s.row_max[r]) + std::log(double{row_sum});
+      float inverse = 0.0f;
+      double lse = -std::numeric_limits<double>::infinity();
       if (p_.sigmoid) {  // no normalizer: O is the sum itself; LSE, the log of its total weight
         inverse = 1.0f;
-        lse = row_sum > 0.0f ? std::log(double{row_sum}) : -std::numeric_limits<double>::infinity();
+        if (row_sum > 0.0f) lse = std::log(double{row_sum});
+      } else if (!empty) {
+        // LSE in double: m is one of the scores, exact; log l is small. A float32 LSE would round
+        // at |LSE|·2⁻²⁴, which for logits of ±1e4 is far more than the weights' own error.
+        inverse = 1.0f / row_sum;
+        lse = static_cast<double>(s.row_max[r]) + std::log(double{row_sum});
       }
       if (p_.sinks.present) {  // one more column, with no value (core/sinks.hpp)
         const detail::SinkJoin joined = detail::join_sink(lse, p_.sinks.load(h));

@@ -162,7 +162,9 @@ MultiHeadAttention::MultiHeadAttention(const MultiHeadAttentionOptions& options,
     parameters_["bias_k"] = filled({1, 1, E}, rng, deviation, true);
     parameters_["bias_v"] = filled({1, 1, E}, rng, deviation, true);
   }
-  for (const ScoreLayerParameter& parameter : attention_parameters(o))
+  attention_parameters_ = attention_parameters(o);
+  score_scale_ = score_layer(o.score, H, head, o.additive_dim).scale;
+  for (const ScoreLayerParameter& parameter : attention_parameters_)
     parameters_[parameter.name] = started(parameter, rng);
   zero_grad();
 }
@@ -349,10 +351,10 @@ MultiHeadAttentionResult MultiHeadAttention::forward(const TensorView& query, co
   // 3. Masks in qkv's terms.
   AttentionOptions& options = s->options;
   options.score = o.score;
-  options.scale = score_layer(o.score, H, head, o.additive_dim).scale;
+  options.scale = score_scale_;
   options.normalization = o.normalization;
   options.sigmoid_bias = o.sigmoid_bias;
-  for (const ScoreLayerParameter& parameter : attention_parameters(o))
+  for (const ScoreLayerParameter& parameter : attention_parameters_)
     options.*bound_option(parameter).option = parameters_.at(parameter.name).view();
   if (call.is_causal) {
     options.causal = true;
@@ -496,7 +498,7 @@ MultiHeadAttentionInputGradients MultiHeadAttention::backward(const TensorView& 
   grads.dk = dk_full.mutable_view();
   grads.dv = dv_full.mutable_view();
   NamedTensors score_grads;
-  for (const ScoreLayerParameter& parameter : attention_parameters(o)) {
+  for (const ScoreLayerParameter& parameter : attention_parameters_) {
     score_grads[parameter.name] = like(parameters_.at(parameter.name));
     grads.*bound_option(parameter).gradient = score_grads[parameter.name].mutable_view();
   }

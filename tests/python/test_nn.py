@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
+from layer_literal import expect_layer_equals_literal
 
 torch.set_num_threads(2)
 TOLERANCE = 1e-5
@@ -112,24 +113,15 @@ def test_cosine_layer_equals_literal_pytorch():
     assert torch.equal(layer.score_temperature.detach(), torch.full((3,), 10.0))
     with torch.no_grad():
         layer.score_temperature.copy_(torch.tensor([0.5, 4.0, 12.0]))
-    x = torch.randn(2, 5, 12)
-    out, _ = layer(x, x, x, need_weights=False, is_causal=True,
-                   attn_mask=torch.ones(5, 5, dtype=torch.bool).triu(1))
-    out.square().sum().backward()
+    causal = torch.ones(5, 5, dtype=torch.bool).triu(1)
 
-    params = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
-    xd = x.double()
-    q, k, v = F.linear(xd, params["in_proj_weight"], params["in_proj_bias"]).chunk(3, -1)
-    heads = [t.reshape(2, 5, 3, 4).transpose(1, 2) for t in (q, k, v)]
-    qn, kn = F.normalize(heads[0], dim=-1), F.normalize(heads[1], dim=-1)
-    scores = params["score_temperature"].view(1, 3, 1, 1) * qn @ kn.transpose(-1, -2)
-    scores = scores.masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
-    attended = (scores.softmax(-1) @ heads[2]).transpose(1, 2).reshape(2, 5, 12)
-    expected = F.linear(attended, params["out_proj.weight"], params["out_proj.bias"])
-    expected.square().sum().backward()
-    assert relative(out.double(), expected) <= TOLERANCE
-    for name, p in layer.named_parameters():
-        assert relative(p.grad.double(), params[name].grad) <= TOLERANCE, name
+    def attend(q, k, v, params):
+        scores = params["score_temperature"].view(1, 3, 1, 1) * (
+            F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2))
+        return scores.masked_fill(causal, float("-inf")).softmax(-1) @ v
+
+    expect_layer_equals_literal(layer, torch.randn(2, 5, 12), attend, is_causal=True,
+                                attn_mask=causal)
 
 
 def test_sinks_layer_equals_literal_pytorch():
@@ -141,22 +133,13 @@ def test_sinks_layer_equals_literal_pytorch():
     assert qkv.nn.MultiheadAttention(8, 2).sinks is None
     with torch.no_grad():
         layer.sinks.copy_(torch.tensor([1.5, -0.5]))
-    x = torch.randn(3, 6, 8)
-    out, _ = layer(x, x, x, need_weights=False)
-    out.square().sum().backward()
 
-    params = {name: p.detach().double().requires_grad_() for name, p in layer.named_parameters()}
-    q, k, v = F.linear(x.double(), params["in_proj_weight"], params["in_proj_bias"]).chunk(3, -1)
-    q, k, v = (t.reshape(3, 6, 2, 4).transpose(1, 2) for t in (q, k, v))
-    scores = q @ k.transpose(-1, -2) / 2.0
-    column = params["sinks"].view(1, 2, 1, 1).expand(3, 2, 6, 1)
-    weights = torch.cat([scores, column], -1).softmax(-1)[..., :-1]
-    attended = (weights @ v).transpose(1, 2).reshape(3, 6, 8)
-    expected = F.linear(attended, params["out_proj.weight"], params["out_proj.bias"])
-    expected.square().sum().backward()
-    assert relative(out.double(), expected) <= TOLERANCE
-    for name, p in layer.named_parameters():
-        assert relative(p.grad.double(), params[name].grad) <= TOLERANCE, name
+    def attend(q, k, v, params):
+        scores = q @ k.transpose(-1, -2) / 2.0
+        column = params["sinks"].view(1, 2, 1, 1).expand(3, 2, 6, 1)
+        return torch.cat([scores, column], -1).softmax(-1)[..., :-1] @ v
+
+    expect_layer_equals_literal(layer, torch.randn(3, 6, 8), attend)
 
 
 def test_layer_scores_are_the_units():

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qkv
+from layer_literal import expect_layer_equals_literal
 
 torch.set_num_threads(2)
 
@@ -94,20 +94,8 @@ def test_sigmoid_layer_equals_literal():
     torch.manual_seed(3)
     layer = qkv.nn.MultiheadAttention(8, 2, batch_first=True, normalization="sigmoid",
                                       sigmoid_bias=-1.0)
-    x = torch.randn(2, 6, 8)
-    out, _ = layer(x, x, x, need_weights=False)
-    out.square().sum().backward()
-    params = {n: p.detach().double().requires_grad_() for n, p in layer.named_parameters()}
-    q, kk, vv = F.linear(x.double(), params["in_proj_weight"], params["in_proj_bias"]).chunk(3, -1)
-    q, kk, vv = (t.reshape(2, 6, 2, 4).transpose(1, 2) for t in (q, kk, vv))
-    attended, _ = literal(q, kk, vv, 0.5, -1.0)
-    expected = F.linear(attended.transpose(1, 2).reshape(2, 6, 8), params["out_proj.weight"],
-                        params["out_proj.bias"])
-    expected.square().sum().backward()
-    assert (out.double() - expected).abs().max() <= 1e-5 * (1 + expected.abs().max())
-    for name, p in layer.named_parameters():
-        exact = params[name].grad
-        assert (p.grad.double() - exact).abs().max() <= 1e-5 * (1 + exact.abs().max()), name
+    expect_layer_equals_literal(layer, torch.randn(2, 6, 8),
+                                lambda q, k, v, params: literal(q, k, v, 0.5, -1.0)[0])
 
 
 def test_sigmoid_errors():
