@@ -94,6 +94,17 @@ void SoftmaxExp(const float* in, float* out, std::int64_t count) {
   }
 }
 
+void SigmoidAttentionWeights(const float* scores, float bias, float* out, std::int64_t count) {
+  const FloatTag d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  const auto negative_bias = hn::Set(d, -bias);
+  std::int64_t i = 0;
+  for (; i + lanes <= count; i += lanes)
+    hn::StoreU(SigmoidWeights(d, hn::LoadU(d, scores + i), negative_bias), d, out + i);
+  for (; i < count; ++i)
+    out[i] = hn::GetLane(SigmoidWeights(d, hn::Set(d, scores[i]), negative_bias));
+}
+
 class FusedKernel {
  public:
   explicit FusedKernel(const FusedOperands& operands)
@@ -764,6 +775,7 @@ namespace qkv::kernels {
 HWY_EXPORT(FusedForward);
 HWY_EXPORT(TargetRunsBf16Tiles);
 HWY_EXPORT(SoftmaxExp);
+HWY_EXPORT(SigmoidAttentionWeights);
 
 bool fused_attention_supports(const AttentionProblem& problem) {
   return problem.dtype == DType::float32 || problem.dtype == DType::bfloat16;
@@ -816,6 +828,11 @@ void fused_attention(const AttentionProblem& p) {
 void softmax_exp(const float* in, float* out, std::int64_t count) {
   apply_simd_environment();
   HWY_DYNAMIC_DISPATCH(SoftmaxExp)(in, out, count);
+}
+
+void sigmoid_weights(const float* scores, float bias, float* out, std::int64_t count) {
+  apply_simd_environment();
+  HWY_DYNAMIC_DISPATCH(SigmoidAttentionWeights)(scores, bias, out, count);
 }
 
 }  // namespace qkv::kernels

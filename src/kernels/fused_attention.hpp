@@ -49,4 +49,10 @@ FusedOperands prepare_fused_operands(const AttentionProblem& problem, Bfloat16Op
 // exactly 0 for in < -104, including -inf.
 void softmax_exp(const float* in, float* out, std::int64_t count);
 
+// Sigmoid attention's weights as the fused kernels compute them (kernels/score_math-inl.h), on
+// the SIMD target in use, for the test that sweeps their range: out[i] = 1 / (1 + e^(−bias −
+// scores[i])). Max error 2 ULP; exactly 0 where −bias − scores[i] ≥ 88.4 (scores[i] = −inf
+// included); NaN for a NaN score.
+void sigmoid_weights(const float* scores, float bias, float* out, std::int64_t count);
+
 }  // namespace qkv::kernels

@@ -1,5 +1,5 @@
-// The SIMD layer: target selection, and the softmax exp's stated error bound swept over its
-// whole range on every target.
+// The SIMD layer: target selection, and the stated error bounds of the softmax exp and of
+// sigmoid attention's weights, swept over their whole range on every target.
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -74,6 +74,46 @@ TEST(Simd, SoftmaxExpErrorBoundOverItsRange) {
     }
     for (std::size_t n = subnormal_end; n < inputs.size(); ++n) {
       ASSERT_EQ(outputs[n], 0.0f) << target << " x=" << inputs[n];
+    }
+  }
+  force_simd_target("");
+}
+
+// sigmoid_weights: P = 1 / (1 + e^x), x = −bias − score, within 2 ULP of the double-precision
+// value wherever that is a normal float (x < 87.3), from x = −120 (P = 1) up; exactly 0 from
+// x = 88.4 on and for a hidden key (score = −inf); NaN for a NaN score. The bias is swept too,
+// since the kernels subtract it before the exponential.
+TEST(Simd, SigmoidWeightsErrorBoundOverTheirRange) {
+  std::vector<float> exponents;
+  for (float x = -120.0f; x <= 87.3f;
+       x = std::nextafter(x + 3e-4f * std::max(1.0f, std::abs(x)), 100.0f)) {
+    exponents.push_back(x);
+  }
+  for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1.0f, -1.0f, 16.6f, -16.6f}) exponents.push_back(x);
+  const std::size_t normal_count = exponents.size();
+  for (float x : {88.4f, 88.7f, 89.0f, 100.0f, 1e30f, std::numeric_limits<float>::infinity()})
+    exponents.push_back(x);
+  for (const float bias : {0.0f, -8.317766f, 3.5f}) {
+    std::vector<float> scores(exponents.size()), weights(exponents.size());
+    for (std::size_t n = 0; n < exponents.size(); ++n) scores[n] = -bias - exponents[n];
+    scores.push_back(std::numeric_limits<float>::quiet_NaN());
+    weights.push_back(0.0f);
+    const auto count = static_cast<std::int64_t>(scores.size());
+    for (const std::string& target : simd_targets()) {
+      force_simd_target(target);
+      kernels::sigmoid_weights(scores.data(), bias, weights.data(), count);
+      std::int64_t worst = 0;
+      for (std::size_t n = 0; n < normal_count; ++n) {
+        // The exponent the kernel sees is −bias − score in float, which may differ from the
+        // swept x by a rounding; the exact value is taken at that exponent.
+        const double x = static_cast<double>(-bias - scores[n]);
+        const auto exact = static_cast<float>(1.0 / (1.0 + std::exp(x)));
+        worst = std::max(worst, ulp_distance(weights[n], exact));
+      }
+      EXPECT_LE(worst, 2) << target << " bias " << bias;
+      for (std::size_t n = normal_count; n < exponents.size(); ++n)
+        ASSERT_EQ(weights[n], 0.0f) << target << " x=" << exponents[n] << " bias " << bias;
+      EXPECT_TRUE(std::isnan(weights.back())) << target << " bias " << bias;
     }
   }
   force_simd_target("");
