@@ -40,6 +40,12 @@ const char* score_name(Score score);
 Score parse_score(std::string_view name);
 // Every score's name, in the order of Score (for help texts and listings).
 std::vector<std::string_view> score_names();
+// The score's formula as help texts print it ("q·k / √Dq", "qᵀ W k", …; qkv::Error for a value
+// outside the enum).
+const char* score_formula(Score score);
+// What the score multiplies by when AttentionOptions::scale is unset, for queries of q_dim
+// features: 1/√q_dim for scaled_dot, 1 for the others.
+double default_score_scale(Score score, std::int64_t q_dim);
 const char* causal_align_name(CausalAlign align);
 CausalAlign parse_causal_align(std::string_view name);
 // "softmax", "sigmoid" (and back; qkv::Error on an unknown name).

@@ -108,6 +108,11 @@ class MultiHeadAttention {
   const NamedTensors& parameters() const { return parameters_; }
   // The same, for an optimizer to update in place (values only: shapes must stay).
   NamedTensors& parameters() { return parameters_; }
+  // The AttentionOptions each forward call starts from: the score, the scale the layer passes,
+  // the score's parameters and the sinks as views of parameters() (valid while the layer lives
+  // and load_state_dict has not replaced them), the normalization. A call adds its masks and
+  // dropout. For evaluating the layer's attention another way (attention_reference).
+  AttentionOptions attention_options() const;
   // Replaces every parameter from a state_dict (float32, float64 or bfloat16, converted to
   // float32). Throws qkv::Error naming a missing, unexpected or misshapen tensor.
   void load_state_dict(const NamedTensors& state);

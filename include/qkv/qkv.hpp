@@ -4,6 +4,7 @@
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
+#include "qkv/explain.hpp"
 #include "qkv/linear.hpp"
 #include "qkv/merge.hpp"
 #include "qkv/multihead_attention.hpp"

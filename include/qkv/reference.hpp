@@ -12,4 +12,12 @@ namespace qkv {
 void attention_reference(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionOptions& options, const AttentionOutputs& outputs);
 
+// The same, also writing the scores it normalizes: scores [B, Hq, Nq, Nk] (float32, float64 or
+// bfloat16) gets s_ij after every step of docs/contract.md §2 (the score, its scale, the soft cap,
+// ALiBi, the bias, the score_mod), and −inf where a mask of §3 hides key j from query i. For
+// readers who want to see the matrix a fused kernel never forms (qkv explain).
+void attention_reference(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionOptions& options, const AttentionOutputs& outputs,
+                         const MutableTensorView& scores);
+
 }  // namespace qkv

@@ -11,6 +11,8 @@ tensors that require grad, the functions are differentiable (qkv's fused backwar
 - ``flex_attention``, ``create_block_mask``, ``and_masks``, ``or_masks``, ``noop_mask``:
   PyTorch's FlexAttention (block masks from a mask_mod, a score_mod) with a backward;
   ``qkv.score_mods``: the score_mods it runs natively (ALiBi, soft cap, relative bias, scales).
+- ``explain``: the four steps of attention on a sentence (projections, scores, weights,
+  output) as arrays, the numbers ``qkv explain`` prints.
 - ``qkv.nn.MultiheadAttention``: ``torch.nn.MultiheadAttention`` computing with qkv;
   ``qkv.nn.DifferentialAttention``: the Differential Transformer's attention on qkv's.
 
@@ -21,13 +23,14 @@ raises for the same mistakes), or ``TypeError`` (a dtype qkv does not read).
 from ._functions import (attention, flash_attn_func, flash_attn_varlen_func,
                          scaled_dot_product_attention, simd_target)
 from . import score_mods
+from ._explain import Explanation, explain
 from ._flex import (BlockMask, and_masks, create_block_mask, flex_attention, noop_mask,
                     or_masks)
 from ._qkv import Error
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
            "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
-           "noop_mask", "score_mods", "simd_target", "Error", "nn"]
+           "noop_mask", "score_mods", "explain", "Explanation", "simd_target", "Error", "nn"]
 
 
 def __getattr__(name):

@@ -77,3 +77,26 @@ def flex_attention(
 def and_masks(*mask_mods: MaskMod) -> MaskMod: ...
 def or_masks(*mask_mods: MaskMod) -> MaskMod: ...
 def noop_mask(b: Any, h: Any, q_idx: Any, kv_idx: Any) -> Any: ...
+
+class Explanation(Tuple[Any, ...]):
+    words: List[str]
+    x: np.ndarray
+    in_proj_weight: np.ndarray
+    q: np.ndarray
+    k: np.ndarray
+    v: np.ndarray
+    scores: np.ndarray
+    masked_scores: np.ndarray
+    weights: np.ndarray
+    output: np.ndarray
+    score: str
+    scale: float
+    causal: bool
+    score_parameters: dict
+    fast_path_difference: float
+    fast_path_target: str
+
+def explain(
+    sentence: str = ..., score: str = ..., dim: int = ..., heads: int = ..., causal: bool = ...,
+    seed: int = ...,
+) -> Explanation: ...

@@ -15,6 +15,7 @@
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
+#include "qkv/explain.hpp"
 #include "qkv/multihead_attention.hpp"
 #include "qkv/simd.hpp"
 #include "score_pieces.hpp"
@@ -142,6 +143,40 @@ CallOptions options_of(const py::dict& o) {
   return call;
 }
 
+// A copy of a float32 or float64 tensor as a NumPy array of the same dtype and shape.
+py::array numpy_copy(const qkv::Tensor& tensor) {
+  const std::vector<py::ssize_t> shape(tensor.shape().begin(), tensor.shape().end());
+  py::array array = tensor.dtype() == qkv::DType::float64 ? py::array(py::array_t<double>(shape))
+                                                          : py::array(py::array_t<float>(shape));
+  if (tensor.nbytes() > 0) std::memcpy(array.mutable_data(), tensor.raw(), tensor.nbytes());
+  return array;
+}
+
+// qkv::explain_attention with a fresh layer, its steps as a dict of NumPy arrays and numbers.
+py::dict explain(const std::vector<std::string>& words, const std::string& score, std::int64_t dim,
+                 std::int64_t heads, bool causal, std::uint64_t seed) {
+  const qkv::ExplainedAttention s =
+      qkv::explain_attention(words, qkv::parse_score(score), dim, heads, causal, seed);
+  py::dict steps;
+  steps["words"] = s.words;
+  steps["score"] = std::string(qkv::score_name(s.score));
+  steps["scale"] = s.scale;
+  steps["causal"] = s.causal;
+  for (const auto& [name, tensor] :
+       {std::pair{"x", &s.x}, std::pair{"in_proj_weight", &s.in_proj_weight}, std::pair{"q", &s.q},
+        std::pair{"k", &s.k}, std::pair{"v", &s.v}, std::pair{"scores", &s.scores},
+        std::pair{"masked_scores", &s.masked_scores}, std::pair{"weights", &s.weights},
+        std::pair{"output", &s.output}})
+    steps[name] = numpy_copy(*tensor);
+  py::dict parameters;
+  for (const auto& [name, tensor] : s.score_parameters)
+    parameters[name.c_str()] = numpy_copy(tensor);
+  steps["score_parameters"] = parameters;
+  steps["fast_path_difference"] = s.fast_path_difference;
+  steps["fast_path_target"] = s.fast_path_target;
+  return steps;
+}
+
 void forward(const py::array& q, const py::array& k, const py::array& v, const py::dict& options,
              py::array out, std::optional<py::array> lse, std::optional<py::array> weights) {
   const CallOptions call = options_of(options);
@@ -267,6 +302,10 @@ PYBIND11_MODULE(_qkv, m) {
       py::arg("score"), py::arg("heads"), py::arg("head_dim"), py::arg("additive_dim") = 0,
       "qkv::score_layer: ([(name, option, shape, start, value)], scale or None), the parameters "
       "an attention layer learns for a score (start: identity, xavier, uniform or constant).");
+  m.def("explain", &explain, py::arg("words"), py::arg("score"), py::arg("dim"), py::arg("heads"),
+        py::arg("causal"), py::arg("seed"),
+        "qkv::explain_attention with a fresh layer: its steps as a dict (arrays in float64 but "
+        "in_proj_weight and the score's parameters, float32).");
   m.def(
       "simd_target", [] { return std::string(qkv::simd_target()); },
       "The SIMD target the kernels run on.");

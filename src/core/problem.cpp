@@ -186,8 +186,11 @@ StridedInput broadcast_operand(const TensorView& view, const char* name, const S
   return input;
 }
 
+}  // namespace
+
 StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
-                                const Shape& expected, int rank, const char* layout) {
+                                const std::array<std::int64_t, 4>& expected, int rank,
+                                const char* layout) {
   const TensorView as_input = view.as_const();
   require_view(as_input, name);
   bool ok = view.rank == rank;
@@ -208,8 +211,6 @@ StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
   for (int d = 0; d < rank; ++d) output.strides[d] = view.strides[d];
   return output;
 }
-
-}  // namespace
 
 namespace {
 

@@ -143,6 +143,13 @@ StridedInput per_head_parameter(const TensorView& view, const char* name,
                                 const std::array<std::int64_t, 4>& tail, int shared_rank,
                                 std::int64_t q_heads, const std::string& expect);
 
+// An output view of `rank` dims whose shape is `expected` (its first `rank` entries) and whose
+// dtype is float32, float64 or bfloat16; qkv::Error naming `name`, the `layout` ("[B, Hq, Nq]")
+// and what was given otherwise.
+StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
+                                const std::array<std::int64_t, 4>& expected, int rank,
+                                const char* layout);
+
 // Checks every argument against the contract and resolves defaults. Throws qkv::Error naming the
 // argument, the expectation and what was given.
 AttentionProblem make_problem(const TensorView& q, const TensorView& k, const TensorView& v,

@@ -68,6 +68,16 @@ const char* score_name(Score score) {
   return index < detail::score_units().size() ? detail::score_units()[index]->name : "unknown";
 }
 
+const char* score_formula(Score score) {
+  return detail::score_unit(score).formula;
+}
+
+double default_score_scale(Score score, std::int64_t q_dim) {
+  detail::AttentionProblem problem;
+  problem.q_dim = q_dim;
+  return detail::score_unit(score).default_scale(problem);
+}
+
 std::vector<std::string_view> score_names() {
   std::vector<std::string_view> names;
   for (const detail::ScoreUnit* unit : detail::score_units()) names.emplace_back(unit->name);

@@ -290,6 +290,17 @@ std::int64_t row_index(bool batch_first, std::int64_t n, std::int64_t s, std::in
 
 }  // namespace
 
+AttentionOptions MultiHeadAttention::attention_options() const {
+  AttentionOptions options;
+  options.score = options_.score;
+  options.scale = score_scale_;
+  options.normalization = options_.normalization;
+  options.sigmoid_bias = options_.sigmoid_bias;
+  for (const ScoreLayerParameter& parameter : attention_parameters_)
+    options.*bound_option(parameter).option = parameters_.at(parameter.name).view();
+  return options;
+}
+
 MultiHeadAttentionResult MultiHeadAttention::forward(const TensorView& query, const TensorView& key,
                                                      const TensorView& value,
                                                      const MultiHeadAttentionCall& call) {
@@ -349,13 +360,8 @@ MultiHeadAttentionResult MultiHeadAttention::forward(const TensorView& query, co
   }
 
   // 3. Masks in qkv's terms.
+  s->options = attention_options();
   AttentionOptions& options = s->options;
-  options.score = o.score;
-  options.scale = score_scale_;
-  options.normalization = o.normalization;
-  options.sigmoid_bias = o.sigmoid_bias;
-  for (const ScoreLayerParameter& parameter : attention_parameters_)
-    options.*bound_option(parameter).option = parameters_.at(parameter.name).view();
   if (call.is_causal) {
     options.causal = true;
     options.causal_align = CausalAlign::top_left;

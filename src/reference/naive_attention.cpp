@@ -66,8 +66,11 @@ Real stage(Real value) {
 template <class Real, bool kBfloat16Stages>
 class LiteralForward {
  public:
-  explicit LiteralForward(const AttentionProblem& p)
+  // scores: where to write each row's scores as the softmax sees them (−inf where hidden), when
+  // present.
+  explicit LiteralForward(const AttentionProblem& p, StridedOutput scores = {})
       : p_(p),
+        scores_out_(scores),
         dropout_(p),
         query_(static_cast<std::size_t>(p.q_dim)),
         scores_(static_cast<std::size_t>(p.k_len)),
@@ -171,6 +174,11 @@ class LiteralForward {
       scores_[static_cast<std::size_t>(j)] = stage<kBfloat16Stages>(s);
       visible_[static_cast<std::size_t>(j)] = key_visible(p_, b, h, i, j) ? 1 : 0;
       if (visible_[static_cast<std::size_t>(j)] && s > row_max) row_max = s;
+      if (scores_out_.present)
+        scores_out_.store(visible_[static_cast<std::size_t>(j)]
+                              ? static_cast<double>(s)
+                              : -std::numeric_limits<double>::infinity(),
+                          b, h, i, j);
     }
 
     if (p_.sigmoid) {  // each weight on its own: P = 1 / (1 + e^−(s + b)); LSE = log Σ P
@@ -238,6 +246,7 @@ class LiteralForward {
   }
 
   const AttentionProblem& p_;
+  const StridedOutput scores_out_;
   const DropoutMask dropout_;
   std::vector<Real> query_;
   std::vector<Real> query_projected_;  // bilinear: Wᵀq [Dk]; additive: Wq q [A]
@@ -268,6 +277,15 @@ namespace qkv {
 void attention_reference(const TensorView& q, const TensorView& k, const TensorView& v,
                          const AttentionOptions& options, const AttentionOutputs& outputs) {
   detail::naive_attention<double>(detail::make_problem(q, k, v, options, outputs));
+}
+
+void attention_reference(const TensorView& q, const TensorView& k, const TensorView& v,
+                         const AttentionOptions& options, const AttentionOutputs& outputs,
+                         const MutableTensorView& scores) {
+  const detail::AttentionProblem p = detail::make_problem(q, k, v, options, outputs);
+  const detail::StridedOutput scores_out = detail::checked_output_of(
+      scores, "scores", {p.batch, p.q_heads, p.q_len, p.k_len}, 4, "[B, Hq, Nq, Nk]");
+  detail::LiteralForward<double, false>(p, scores_out).run();
 }
 
 }  // namespace qkv

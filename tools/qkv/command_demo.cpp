@@ -125,22 +125,12 @@ double accuracy(TranslationModel& model, const ToyLanguage& language,
 // The words of `sentence`, or a qkv::Error naming the first unknown one.
 std::vector<std::int32_t> encode_or_explain(const ToyLanguage& language,
                                             const std::vector<std::string>& words) {
-  std::string unknown;
-  const auto ids = language.encode_source(words, &unknown);
-  if (!ids) {
-    std::string known;
-    for (std::size_t w = 3; w < language.source_words().size(); ++w)
-      known += (known.empty() ? "" : " ") + language.source_words()[w];
-    throw Error(
-        fmt::format("--translate: expected words of the demo's language, got '{}' "
-                    "(it knows: {})",
-                    unknown, known));
-  }
+  std::vector<std::int32_t> ids = language.encode_source_or_explain(words, "--translate");
   if (words.empty() || static_cast<std::int64_t>(words.size()) > ModelConfig{}.max_len - 1) {
     throw Error(fmt::format("--translate: expected 1 to {} words, got {}",
                             ModelConfig{}.max_len - 1, words.size()));
   }
-  return *ids;
+  return ids;
 }
 
 // Prints a translation with its alignment, and writes the alignment as PNG and SVG (staged).

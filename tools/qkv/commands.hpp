@@ -18,6 +18,9 @@ void add_demo_command(CLI::App& app);
 // qkv plot WEIGHTS.npy -o FILE.png|FILE.svg: a heatmap of attention weights.
 void add_plot_command(CLI::App& app);
 
+// qkv explain: the four steps of attention computed on a sentence and shown with their labels.
+void add_explain_command(CLI::App& app);
+
 // qkv mha: a MultiheadAttention layer from a .safetensors state_dict, forward and backward.
 void add_mha_command(CLI::App& app);
 

@@ -166,32 +166,6 @@ void paint(Painter& painter, const std::vector<HeatmapPanel>& panels, const std:
 
 // ---- SVG ----------------------------------------------------------------------------------------
 
-std::string xml_escaped(const std::string& s) {
-  std::string out;
-  for (const char c : s) {
-    switch (c) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '"':
-        out += "&quot;";
-        break;
-      case '\'':
-        out += "&apos;";
-        break;
-      default:
-        out += c;
-    }
-  }
-  return out;
-}
-
 std::string css(Rgb c) {
   return fmt::format("#{:02x}{:02x}{:02x}", std::lround(c.r * 255), std::lround(c.g * 255),
                      std::lround(c.b * 255));
@@ -259,6 +233,32 @@ cairo_status_t append_bytes(void* closure, const unsigned char* data, unsigned i
 }
 
 }  // namespace
+
+std::string xml_escaped(const std::string& s) {
+  std::string out;
+  for (const char c : s) {
+    switch (c) {
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '"':
+        out += "&quot;";
+        break;
+      case '\'':
+        out += "&apos;";
+        break;
+      default:
+        out += c;
+    }
+  }
+  return out;
+}
 
 std::string heatmap_svg(const std::vector<HeatmapPanel>& panels, const std::string& caption) {
   const Layout l = layout_of(panels, caption);

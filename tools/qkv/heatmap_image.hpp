@@ -40,6 +40,9 @@ std::vector<HeatmapPanel> weight_panels(const TensorView& weights, const std::st
                                         std::optional<std::int64_t> head, const char* rows_flag,
                                         const char* cols_flag);
 
+// `s` with & < > " ' written as XML (and HTML) character references.
+std::string xml_escaped(const std::string& s);
+
 // Stages `path` (.png or .svg, by its extension) in `files`, written when they are committed
 // (all or nothing). Throws qkv::Error naming `flag` for any other extension.
 void add_heatmap(StagedFiles& files, const std::string& path, const char* flag,

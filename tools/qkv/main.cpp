@@ -36,6 +36,7 @@ int main(int argc, char** argv) {
   qkv::cli::add_attention_command(app);
   qkv::cli::add_bench_command(app);
   qkv::cli::add_demo_command(app);
+  qkv::cli::add_explain_command(app);
   qkv::cli::add_mha_command(app);
   qkv::cli::add_plot_command(app);
   try {

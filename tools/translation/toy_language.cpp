@@ -1,10 +1,14 @@
 #include "toy_language.hpp"
 
+#include <fmt/format.h>
+
 #include <algorithm>
 #include <map>
 #include <set>
 #include <sstream>
 #include <utility>
+
+#include "qkv/error.hpp"
 
 namespace qkv::translation {
 
@@ -165,6 +169,17 @@ std::optional<std::vector<std::int32_t>> ToyLanguage::encode_source(
     ids.push_back(static_cast<std::int32_t>(at - source_words_.begin()));
   }
   return ids;
+}
+
+std::vector<std::int32_t> ToyLanguage::encode_source_or_explain(
+    const std::vector<std::string>& words, const std::string& flag) const {
+  std::string unknown;
+  if (auto ids = encode_source(words, &unknown)) return *ids;
+  std::string known;
+  for (std::size_t w = 3; w < source_words_.size(); ++w)
+    known += (known.empty() ? "" : " ") + source_words_[w];
+  throw Error(fmt::format("{}: expected words of the demo's language, got '{}' (it knows: {})",
+                          flag, unknown, known));
 }
 
 std::vector<std::int32_t> ToyLanguage::encode_target(const std::vector<std::string>& words) const {

@@ -39,6 +39,9 @@ class ToyLanguage {
   // Token ids of source words; std::nullopt and the first unknown word in `unknown` if any.
   std::optional<std::vector<std::int32_t>> encode_source(const std::vector<std::string>& words,
                                                          std::string* unknown) const;
+  // The same, or a qkv::Error naming `flag` and the first unknown word, listing the known ones.
+  std::vector<std::int32_t> encode_source_or_explain(const std::vector<std::string>& words,
+                                                     const std::string& flag) const;
   std::vector<std::int32_t> encode_target(const std::vector<std::string>& words) const;
   // Words of target ids, up to the first kEnd.
   std::vector<std::string> decode_target(const std::vector<std::int32_t>& ids) const;
