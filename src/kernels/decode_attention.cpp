@@ -29,6 +29,8 @@
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
 #include <hwy/cache_control.h>
+
+#include "kernels/score_math-inl.h"
 // clang-format on
 
 #include <algorithm>
@@ -260,7 +262,7 @@ class DecodeKernel {
           for (std::int64_t e = 0; e < p_.v_dim; ++e) accumulator[e] *= correction;
           s.row_max[r] = new_max;
         }
-        const auto weights = hn::Exp(d, hn::Sub(hn::Load(d, scores), hn::Set(d, new_max)));
+        const auto weights = KernelExp(d, hn::Sub(hn::Load(d, scores), hn::Set(d, new_max)));
         hn::Store(weights, d, scores);
         s.row_sum[r] += hn::GetLane(hn::SumOfLanes(d, weights));
       }

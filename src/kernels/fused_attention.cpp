@@ -87,10 +87,10 @@ void SoftmaxExp(const float* in, float* out, std::int64_t count) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   std::int64_t i = 0;
-  for (; i + lanes <= count; i += lanes) hn::StoreU(hn::Exp(d, hn::LoadU(d, in + i)), d, out + i);
+  for (; i + lanes <= count; i += lanes) hn::StoreU(KernelExp(d, hn::LoadU(d, in + i)), d, out + i);
   for (; i < count; ++i) {
     const auto one = hn::Set(d, in[i]);
-    out[i] = hn::GetLane(hn::Exp(d, one));
+    out[i] = hn::GetLane(KernelExp(d, one));
   }
 }
 
@@ -565,7 +565,7 @@ class FusedKernel {
     float* lane_sums = s.row_sum + r * lanes_;
     auto sum = hn::Mul(hn::Load(d, lane_sums), hn::Set(d, correction));
     for (std::int64_t t = span.begin; t < span.end; t += lanes_) {
-      const auto p = hn::Exp(d, hn::Sub(hn::Load(d, scores + t), shift));
+      const auto p = KernelExp(d, hn::Sub(hn::Load(d, scores + t), shift));
       hn::Store(p, d, scores + t);
       sum = hn::Add(sum, p);
     }
@@ -720,7 +720,7 @@ class FusedKernel {
             const auto lse_high = hn::Set(d, s.row_max[row]), lse_low = hn::Set(d, s.lse_low[row]);
             for (std::int64_t t = 0; t < key_tile_; t += lanes_) {
               const auto shifted = hn::Sub(hn::Sub(hn::Load(d, scores + t), lse_high), lse_low);
-              hn::Store(hn::Exp(d, shifted), d, scores + t);
+              hn::Store(KernelExp(d, shifted), d, scores + t);
             }
           }
           if (dropout_.active()) DropoutRow(b, kh, i0, row, start, {0, count}, s);

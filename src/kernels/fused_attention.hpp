@@ -44,9 +44,10 @@ enum class Bfloat16Operands { widen, products, keys_and_values };
 // Packs q, k, v to unit stride where needed and applies the bilinear / additive projections.
 FusedOperands prepare_fused_operands(const AttentionProblem& problem, Bfloat16Operands bf16);
 
-// The softmax's exp as the fused kernels compute it, on the SIMD target in use (for the test
-// that sweeps its range): out[i] = e^in[i]. Max error 1 ULP for in ∈ [-87, 88] (normal results);
-// exactly 0 for in < -104, including -inf.
+// The softmax's exp as the kernels compute it (KernelExp, kernels/score_math-inl.h), on the SIMD
+// target in use (for the test that sweeps its range): out[i] = e^in[i]. Max error 1 ULP where
+// e^x is a normal float below 2^127.5 (in ∈ [-87.33, 88.37]); exactly 0 for in < -87.68
+// (-inf included), +inf from 88.4; NaN for NaN.
 void softmax_exp(const float* in, float* out, std::int64_t count);
 
 // Sigmoid attention's weights as the fused kernels compute them (kernels/score_math-inl.h), on

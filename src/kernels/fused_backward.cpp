@@ -455,7 +455,7 @@ class BackwardKernel {
     if (new_max == -std::numeric_limits<float>::infinity()) return;
     Vec sum = hn::Zero(d), dot = hn::Zero(d);
     for (std::int64_t t = 0; t < kBlock; t += lanes_) {
-      const Vec weight = hn::Exp(d, hn::Sub(hn::LoadU(d, scores + t), hn::Set(d, new_max)));
+      const Vec weight = KernelExp(d, hn::Sub(hn::LoadU(d, scores + t), hn::Set(d, new_max)));
       sum = hn::Add(sum, weight);
       dot = hn::MulAdd(weight, hn::LoadU(d, d_weights + t), dot);
     }
@@ -487,7 +487,7 @@ class BackwardKernel {
     const Vec lse_high = hn::Set(d, o_.lse_high[row]), lse_low = hn::Set(d, o_.lse_low[row]);
     for (std::int64_t t = 0; t < kBlock; t += lanes_) {
       const Vec shifted = hn::Sub(hn::Sub(hn::LoadU(d, scores + t), lse_high), lse_low);
-      hn::StoreU(hn::Exp(d, shifted), d, scores + t);
+      hn::StoreU(KernelExp(d, shifted), d, scores + t);
     }
   }
 

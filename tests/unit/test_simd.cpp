@@ -41,22 +41,29 @@ std::int64_t ulp_distance(float a, float b) {
   return std::abs(static_cast<std::int64_t>(ia) - static_cast<std::int64_t>(ib));
 }
 
-// softmax_exp: max 1 ULP for normal results (x in [-87, 88]); for x in [-104, -87] the result is
-// subnormal and within 1 ULP of the smallest normal; below -104 and at -inf it is exactly 0.
+// softmax_exp (the kernels' exp): within 1 ULP of e^x wherever that is a normal float below
+// 2^127.5 (x in [-87.33, 88.37]); within one subnormal ULP on the way down to -87.68; exactly 0
+// below (e^x under the smallest normal float, -inf included); +inf from 88.4 (e^x within a
+// factor 2 of overflowing, or past it); NaN for NaN.
 TEST(Simd, SoftmaxExpErrorBoundOverItsRange) {
   std::vector<float> inputs;
-  for (float x = -87.0f; x <= 88.0f;
+  for (float x = -87.33f; x <= 88.37f;
        x = std::nextafter(x + 3e-4f * std::max(1.0f, std::abs(x)), 100.0f)) {
     inputs.push_back(x);
   }
-  for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1.0f, -1.0f, 88.5f, 88.7f}) inputs.push_back(x);
+  for (float x : {0.0f, -0.0f, 1e-30f, -1e-30f, 1.0f, -1.0f, 0.34657f, -0.34657f})
+    inputs.push_back(x);
   const std::size_t normal_count = inputs.size();
-  for (float x = -104.0f; x < -87.0f; x += 1e-3f) inputs.push_back(x);
+  for (float x = -87.67f; x < -87.33f; x += 1e-3f) inputs.push_back(x);
   const std::size_t subnormal_end = inputs.size();
-  for (float x : {-104.5f, -200.0f, -1e30f, -std::numeric_limits<float>::max(),
+  for (float x : {-87.7f, -88.0f, -104.5f, -200.0f, -1e30f, -std::numeric_limits<float>::max(),
                   -std::numeric_limits<float>::infinity()}) {
     inputs.push_back(x);
   }
+  const std::size_t zero_end = inputs.size();
+  for (float x : {88.4f, 88.7f, 89.0f, 1e30f, std::numeric_limits<float>::infinity()})
+    inputs.push_back(x);
+  inputs.push_back(std::numeric_limits<float>::quiet_NaN());
   std::vector<float> outputs(inputs.size());
   for (const std::string& target : simd_targets()) {
     force_simd_target(target);
@@ -67,14 +74,16 @@ TEST(Simd, SoftmaxExpErrorBoundOverItsRange) {
       worst = std::max(worst, ulp_distance(outputs[n], exact));
     }
     EXPECT_LE(worst, 1) << target;
-    const float smallest_normal_ulp = std::numeric_limits<float>::min() * 0x1p-23f;
+    const float smallest_subnormal = std::numeric_limits<float>::denorm_min();
     for (std::size_t n = normal_count; n < subnormal_end; ++n) {
       const double exact = std::exp(static_cast<double>(inputs[n]));
-      ASSERT_LE(std::abs(outputs[n] - exact), smallest_normal_ulp) << target << " x=" << inputs[n];
+      ASSERT_LE(std::abs(outputs[n] - exact), smallest_subnormal) << target << " x=" << inputs[n];
     }
-    for (std::size_t n = subnormal_end; n < inputs.size(); ++n) {
+    for (std::size_t n = subnormal_end; n < zero_end; ++n)
       ASSERT_EQ(outputs[n], 0.0f) << target << " x=" << inputs[n];
-    }
+    for (std::size_t n = zero_end; n + 1 < inputs.size(); ++n)
+      ASSERT_EQ(outputs[n], std::numeric_limits<float>::infinity()) << target << " x=" << inputs[n];
+    EXPECT_TRUE(std::isnan(outputs.back())) << target;
   }
   force_simd_target("");
 }
