@@ -172,7 +172,37 @@ if torch is not None:
                           _numpy_view(out, "out"), _numpy_view(lse, "lse"), views)
             score_gradients = [g if g is None else g.to(p.dtype)
                                for g, p in zip(score_gradients, score_parameters)]
-            return (None, *(gradients.get(name) for name in _GRADIENT_NAMES), *score_gradients)
+            results = [*(gradients.get(name) for name in _GRADIENT_NAMES), *score_gradients]
+            if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
+                inputs = (dout, dlse, q, k, v, *named, *score_parameters)
+                results = _without_second_derivative(results, inputs)
+            return (None, *results)
+
+    class _NoSecondDerivative(torch.autograd.Function):
+        """Passes the first derivatives on, tied to everything they depend on, and refuses to be
+        differentiated: qkv computes no second derivative, and one computed as if these gradients
+        were constants would be silently wrong (a gradient penalty would miss its terms)."""
+
+        @staticmethod
+        def forward(ctx, count, *tensors):
+            return tuple(t.clone() for t in tensors[:count])
+
+        @staticmethod
+        def backward(ctx, *_):
+            raise Error("attention: expected first derivatives only, got a second derivative "
+                        "(a backward through qkv's gradients: create_graph=True, a gradient "
+                        "penalty, gradgradcheck); qkv does not compute one, and treating its "
+                        "gradients as constants would give a wrong result")
+
+    def _without_second_derivative(gradients, inputs):
+        """The gradients, each routed through _NoSecondDerivative when any input they depend on
+        requires grad, so that differentiating them raises instead of being silently wrong."""
+        anchors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+        present = [g for g in gradients if g is not None]
+        if not anchors or not present:
+            return gradients
+        routed = iter(_NoSecondDerivative.apply(len(present), *present, *anchors))
+        return [None if g is None else next(routed) for g in gradients]
 
 
 def _run(config, q, k, v, parameters, score_parameters=()):
