@@ -77,7 +77,7 @@ struct MultiHeadAttentionCall {
   std::optional<TensorView> attn_mask;
   bool need_weights = true;          // return the attention weights
   bool average_attn_weights = true;  // [N, L, S'] averaged over heads, else [N, H, L, S']
-  bool is_causal = false;            // also hide key j > i (top-left, PyTorch's is_causal)
+  bool is_causal = false;            // hide key j > i (top-left); not with attn_mask (qkv::Error)
   bool training = false;             // apply dropout (with dropout_seed)
   std::uint64_t dropout_seed = 0;
 };

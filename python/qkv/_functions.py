@@ -308,6 +308,12 @@ def _is_bool(x):
     return x.dtype == torch.bool if _is_torch(x) else np.asarray(x).dtype == bool
 
 
+# One rule for the functions and the layers (PyTorch's scaled_dot_product_attention's).
+_ATTN_MASK_WITH_IS_CAUSAL = ("attn_mask, is_causal: expected at most one of them (is_causal=True "
+                             "is the causal mask itself: pass it alone, or attn_mask alone), "
+                             "got both")
+
+
 def _check_sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa):
     """PyTorch's argument checks of scaled_dot_product_attention, one qkv.Error (a ValueError and
     a RuntimeError, as PyTorch raises) naming the argument, the expected and the given."""
@@ -338,8 +344,7 @@ def _check_sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, en
     if attn_mask is None:
         return
     if is_causal:
-        raise Error("attn_mask, is_causal: expected at most one of them (an explicit attn_mask "
-                    "should not be set when is_causal=True), got both")
+        raise Error(_ATTN_MASK_WITH_IS_CAUSAL)
     if not (_is_bool(attn_mask) or _is_floating(attn_mask)):
         raise Error(f"attn_mask: expected dtype bool or a floating dtype, got "
                     f"{_dtype_name(attn_mask)}")

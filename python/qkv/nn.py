@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn as _nn
 
-from ._functions import _Config, _run, _seed, attention
+from ._functions import _ATTN_MASK_WITH_IS_CAUSAL, _Config, _run, _seed, attention
 from ._qkv import Error, score_layer, score_names
 
 __all__ = ["MultiheadAttention", "DifferentialAttention"]
@@ -129,9 +129,12 @@ class MultiheadAttention(_nn.Module):
                 average_attn_weights=True, is_causal=False):
         """query [L, N, E] (or [N, L, E] with batch_first, or [L, E] unbatched), key [S, N, kdim],
         value [S, N, vdim]; key_padding_mask [N, S] (True = padding) ; attn_mask [L, S] or
-        [N·H, L, S], bool (True = not allowed) or float (added); is_causal hides key j > i.
+        [N·H, L, S], bool (True = not allowed) or float (added); is_causal hides key j > i (not
+        with attn_mask: one or the other, as in qkv.scaled_dot_product_attention).
         Returns (output like query, weights [N, L, S'] averaged or [N, H, L, S'], or None)."""
         attn_mask = self._check_arguments(query, key, value, key_padding_mask, attn_mask)
+        if is_causal and attn_mask is not None:
+            raise Error(_ATTN_MASK_WITH_IS_CAUSAL)
         batched = query.dim() == 3
         if not batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

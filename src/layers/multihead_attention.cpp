@@ -363,6 +363,11 @@ MultiHeadAttentionResult MultiHeadAttention::forward(const TensorView& query, co
   s->options = attention_options();
   AttentionOptions& options = s->options;
   if (call.is_causal) {
+    if (call.attn_mask) {  // one rule with the functions (PyTorch's scaled_dot_product_attention)
+      throw Error(
+          "attn_mask, is_causal: expected at most one of them (is_causal is the causal mask "
+          "itself: pass it alone, or attn_mask alone), got both");
+    }
     options.causal = true;
     options.causal_align = CausalAlign::top_left;
   }

@@ -120,8 +120,25 @@ def test_cosine_layer_equals_literal_pytorch():
             F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-1, -2))
         return scores.masked_fill(causal, float("-inf")).softmax(-1) @ v
 
-    expect_layer_equals_literal(layer, torch.randn(2, 5, 12), attend, is_causal=True,
-                                attn_mask=causal)
+    expect_layer_equals_literal(layer, torch.randn(2, 5, 12), attend, is_causal=True)
+
+
+@pytest.mark.parametrize("mask_kind", ["causal", "other", "float"])
+def test_attn_mask_with_is_causal_is_one_rule(mask_kind):
+    """attn_mask together with is_causal=True is refused by the layer as by
+    qkv.scaled_dot_product_attention (PyTorch's rule there), whatever the mask."""
+    layer = qkv.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(1, 4, 8)
+    mask = {"causal": torch.ones(4, 4, dtype=torch.bool).triu(1),
+            "other": torch.zeros(4, 4, dtype=torch.bool),
+            "float": torch.zeros(4, 4)}[mask_kind]
+    message = "attn_mask, is_causal: expected at most one of them"
+    with pytest.raises(qkv.Error, match=message):
+        layer(x, x, x, attn_mask=mask, is_causal=True)
+    q = x.view(1, 4, 2, 4).transpose(1, 2)
+    sdpa_mask = mask if mask_kind != "causal" else ~mask
+    with pytest.raises(qkv.Error, match=message):
+        qkv.scaled_dot_product_attention(q, q, q, attn_mask=sdpa_mask, is_causal=True)
 
 
 def test_sinks_layer_equals_literal_pytorch():

@@ -103,6 +103,11 @@ TEST(MultiHeadAttention, IsCausalEqualsTriangularAttnMask) {
     EXPECT_EQ(std::memcmp(left->raw(), right->raw(), left->nbytes()), 0);
   }
   EXPECT_EQ(a.weights.data<float>()[1], 0.0f);  // query 0 does not see key 1
+  // Both at once: refused, whatever the mask (the functions' rule, PyTorch's SDPA's).
+  masked.is_causal = true;
+  EXPECT_THAT([&] { layer.forward(x.view(), x.view(), x.view(), masked); },
+              ::testing::ThrowsMessage<Error>(
+                  ::testing::HasSubstr("attn_mask, is_causal: expected at most one of them")));
 }
 
 // The loss L = Σ dout·output; the gradient of every score parameter, of the sinks, and (for
