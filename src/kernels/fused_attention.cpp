@@ -45,6 +45,7 @@
 // clang-format on
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -82,6 +83,11 @@ constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_D
 constexpr int TVectors = 8;
 
 using FloatTag = hn::ScalableTag<float>;
+
+// A bfloat16 value as the float32 it is the upper half of (inline, so that loops vectorize).
+HWY_INLINE float WidenBfloat16(std::uint16_t bits) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
+}
 
 void SoftmaxExp(const float* in, float* out, std::int64_t count) {
   const FloatTag d;
@@ -198,6 +204,9 @@ class FusedKernel {
         for (std::int64_t e = 0; e < pair_dim_; ++e) {
           s.q_pairs[r * pair_dim_ + e] = bf16_pair(q[2 * e], 2 * e + 1 < dim ? q[2 * e + 1] : 0);
         }
+      } else if (o_.bf16_queries) {  // bfloat16 widened here, a row at a time
+        const std::uint16_t* q = o_.q16.row(b, i0 + t, HeadOf(kh, r));
+        for (std::int64_t d = 0; d < dim; ++d) row[d] = scale * WidenBfloat16(q[d]);
       } else {
         const float* q = o_.q.row(b, i0 + t, HeadOf(kh, r));
         const std::int64_t ahead = r + kRowsAhead;
@@ -338,9 +347,16 @@ class FusedKernel {
         float* keys = KeyTile(b, kh, tile);
         for (std::int64_t t = 0; t < key_tile_; ++t) {
           const std::int64_t j = tile * key_tile_ + t;
-          const float* key = j < p_.k_len ? o_.k.row(b, j, kh) : nullptr;
-          if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.k.row(b, j + kRowsAhead, kh), dim);
-          for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key ? key[d] : 0.0f;
+          if (j >= p_.k_len) {
+            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = 0.0f;
+          } else if (o_.bf16_keys_and_values) {  // bfloat16 widened as it is packed
+            const std::uint16_t* key = o_.k16.row(b, j, kh);
+            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = WidenBfloat16(key[d]);
+          } else {
+            const float* key = o_.k.row(b, j, kh);
+            if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.k.row(b, j + kRowsAhead, kh), dim);
+            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key[d];
+          }
         }
         return;
       }
@@ -351,7 +367,10 @@ class FusedKernel {
         const std::int64_t j = tile * key_tile_ + t;
         float* value_row = values + t * v_stride_;
         std::int64_t d = 0;
-        if (j < p_.k_len) {
+        if (j < p_.k_len && o_.bf16_keys_and_values) {
+          const std::uint16_t* value = o_.v16.row(b, j, hv);
+          for (; d < p_.v_dim; ++d) value_row[d] = WidenBfloat16(value[d]);
+        } else if (j < p_.k_len) {
           const float* value = o_.v.row(b, j, hv);
           if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.v.row(b, j + kRowsAhead, hv), p_.v_dim);
           for (; d < p_.v_dim; ++d) value_row[d] = value[d];
@@ -798,16 +817,22 @@ FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands
     return operands;
   }
   // The score unit's compared vectors in float32; K and V stay bfloat16 for a kernel that
-  // converts them on the fly, when the keys are compared as they are.
-  const bool keep_keys =
-      bf16 == Bfloat16Operands::keys_and_values && bf16_inputs && keys_as_they_are(score);
+  // converts them on the fly, when the keys are compared as they are (and Q too, for the fused
+  // kernel, when the queries are).
+  const bool keep_keys = bf16 != Bfloat16Operands::widen && bf16_inputs && keys_as_they_are(score);
+  const bool keep_queries =
+      keep_keys && bf16 == Bfloat16Operands::products && score.query.identity();
   ComparedVectors<float> vectors =
-      compared_vectors<float>(p, score, worker_threads(p), false, keep_keys);
+      compared_vectors<float>(p, score, worker_threads(p), keep_queries, keep_keys);
   operands.q = std::move(vectors.q);
   operands.score_dim = vectors.dim;
   operands.key_heads = vectors.key_heads;
   operands.additive = vectors.additive;
   operands.additive_v = std::move(vectors.additive_v);
+  if (keep_queries) {
+    operands.bf16_queries = true;
+    adopt_or_pack(operands.q16, p.q, p.batch, p.q_len, p.q_heads, p.q_dim);
+  }
   if (keep_keys) {
     operands.bf16_keys_and_values = true;
     adopt_or_pack(operands.k16, p.k, p.batch, p.k_len, p.kv_heads, p.k_dim);

@@ -32,13 +32,16 @@ struct FusedOperands {
   // v stay bfloat16 (q16, k16, v16, unit stride along D) and both products run on vdpbf16ps.
   // Otherwise bfloat16 inputs are widened to float32 into q, k, v.
   bool bf16_products = false;
-  bool bf16_keys_and_values = false;  // k16 and v16 hold K and V; q is float32
+  bool bf16_keys_and_values = false;  // k16 and v16 hold K and V; q is float32 …
+  bool bf16_queries = false;          // … or q16 holds Q too (converted as it is read)
   RowMajorOperand<std::uint16_t> q16, k16, v16;
 };
 
 // What happens to bfloat16 inputs: widened to float32 (q, k, v); kept for the bf16 products
-// where the CPU and score allow (q16, k16, v16, bf16_products); or K and V kept (k16, v16) with
-// q widened, for kernels that read K and V once and convert on the fly.
+// where the CPU and score allow (q16, k16, v16, bf16_products), else kept as far as the score
+// compares them as they are and converted by the fused kernel as it packs its tiles (k16, v16,
+// and q16 with bf16_queries: no float32 copy of the inputs); or K and V kept (k16, v16) with q
+// widened, for kernels that read K and V once and convert on the fly.
 enum class Bfloat16Operands { widen, products, keys_and_values };
 
 // Packs q, k, v to unit stride where needed and applies the bilinear / additive projections.
