@@ -243,10 +243,15 @@ void run_explain(const ExplainFlags& flags) {
     files.add(flags.html, [&](std::ostream& out) { out << explain_page(steps, source, query); });
   }
   std::string score_parameters;
-  for (const auto& [name, value] : steps.score_parameters) {
-    score_parameters +=
-        fmt::format("{} {} [{}]", score_parameters.empty() ? "\nthe score's parameters:" : ",",
-                    name, fmt::join(value.shape(), ", "));
+  for (const ScoreLayerParameter& parameter :
+       score_layer(steps.score, steps.heads, steps.head_dim).parameters) {
+    // A fresh layer's identity W scores as scaled_dot does until it learns: say so.
+    const bool identity =
+        flags.model.empty() && parameter.start == ScoreLayerParameter::Start::identity;
+    score_parameters += fmt::format(
+        "{} {} [{}]{}", score_parameters.empty() ? "\nthe score's parameters:" : ",",
+        parameter.name, fmt::join(steps.score_parameters.at(parameter.name).shape(), ", "),
+        identity ? " (a fresh layer's starts at the identity)" : "");
   }
   print_walkthrough(steps, source, score_parameters, query);
   if (!flags.html.empty()) {
