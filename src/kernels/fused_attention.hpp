@@ -30,7 +30,9 @@ struct FusedOperands {
   std::vector<float> additive_v;  // [Hq, A]: scale · v
   // bfloat16 inputs on a CPU with the AVX-512 BF16 dot product (dot and scaled_dot scores): q, k,
   // v stay bfloat16 (q16, k16, v16, unit stride along D) and both products run on vdpbf16ps.
-  // Otherwise bfloat16 inputs are widened to float32 into q, k, v.
+  // Otherwise the inputs a score compares as they are stay bfloat16 too and are widened a tile
+  // (K, V) or an item's rows (Q) at a time (bf16_keys_and_values, bf16_queries); the rest (a
+  // projected q' or k') is computed into float32 q, k.
   bool bf16_products = false;
   bool bf16_keys_and_values = false;  // k16 and v16 hold K and V; q is float32 …
   bool bf16_queries = false;          // … or q16 holds Q too (converted as it is read)
