@@ -135,13 +135,20 @@ ExplainedAttention explain_attention(const std::vector<std::string>& words, cons
   r.output = Tensor(DType::float64, {n, r.heads, r.head_dim});
   AttentionOutputs outputs;
   outputs.out = MutableTensorView::contiguous(r.output.raw(), DType::float64, rows_shape);
-  AttentionOptions unmasked = options;
-  unmasked.causal = false;
-  attention_reference(as_rows(r.q), as_rows(r.k), as_rows(r.v), unmasked, outputs,
-                      as_pairs(r.scores));
   outputs.weights = as_pairs(r.weights);
   attention_reference(as_rows(r.q), as_rows(r.k), as_rows(r.v), options, outputs,
                       as_pairs(r.masked_scores));
+  if (causal) {  // the scores the mask hid: one more evaluation, without it
+    AttentionOptions unmasked = options;
+    unmasked.causal = false;
+    AttentionOutputs scratch;
+    Tensor unmasked_output(DType::float64, {n, r.heads, r.head_dim});
+    scratch.out = MutableTensorView::contiguous(unmasked_output.raw(), DType::float64, rows_shape);
+    attention_reference(as_rows(r.q), as_rows(r.k), as_rows(r.v), unmasked, scratch,
+                        as_pairs(r.scores));
+  } else {
+    r.scores = r.masked_scores;
+  }
 
   // The fast path on the same inputs, rounded to float32.
   const Tensor q32 = rounded_to_float32(r.q), k32 = rounded_to_float32(r.k),

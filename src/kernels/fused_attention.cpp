@@ -89,26 +89,25 @@ HWY_INLINE float WidenBfloat16(std::uint16_t bits) {
   return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
 }
 
-void SoftmaxExp(const float* in, float* out, std::int64_t count) {
+// out[i] = f(in[i]) for a vector function f, whole vectors then one lane at a time (the test
+// hooks below, which sweep the kernels' elementwise functions).
+template <class VectorFunction>
+void Elementwise(const float* in, float* out, std::int64_t count, VectorFunction f) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   std::int64_t i = 0;
-  for (; i + lanes <= count; i += lanes) hn::StoreU(KernelExp(d, hn::LoadU(d, in + i)), d, out + i);
-  for (; i < count; ++i) {
-    const auto one = hn::Set(d, in[i]);
-    out[i] = hn::GetLane(KernelExp(d, one));
-  }
+  for (; i + lanes <= count; i += lanes) hn::StoreU(f(hn::LoadU(d, in + i)), d, out + i);
+  for (; i < count; ++i) out[i] = hn::GetLane(f(hn::Set(d, in[i])));
+}
+
+void SoftmaxExp(const float* in, float* out, std::int64_t count) {
+  Elementwise(in, out, count, [](auto x) { return KernelExp(FloatTag(), x); });
 }
 
 void SigmoidAttentionWeights(const float* scores, float bias, float* out, std::int64_t count) {
-  const FloatTag d;
-  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  const auto negative_bias = hn::Set(d, -bias);
-  std::int64_t i = 0;
-  for (; i + lanes <= count; i += lanes)
-    hn::StoreU(SigmoidWeights(d, hn::LoadU(d, scores + i), negative_bias), d, out + i);
-  for (; i < count; ++i)
-    out[i] = hn::GetLane(SigmoidWeights(d, hn::Set(d, scores[i]), negative_bias));
+  const auto negative_bias = hn::Set(FloatTag(), -bias);
+  Elementwise(scores, out, count,
+              [&](auto score) { return SigmoidWeights(FloatTag(), score, negative_bias); });
 }
 
 class FusedKernel {

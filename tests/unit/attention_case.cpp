@@ -306,4 +306,21 @@ double max_abs(const Tensor& a) {
   return largest;
 }
 
+double dot_float32(const Tensor& a, const Tensor& b) {
+  double sum = 0.0;
+  for (std::int64_t n = 0; n < a.numel(); ++n)
+    sum += double{a.data<float>()[n]} * b.data<float>()[n];
+  return sum;
+}
+
+double central_difference(float& value, float step, const std::function<double()>& loss) {
+  const float saved = value;
+  value = saved + step;
+  const double up = loss();
+  value = saved - step;
+  const double down = loss();
+  value = saved;
+  return (up - down) / (2.0 * static_cast<double>(step));
+}
+
 }  // namespace qkv::testing

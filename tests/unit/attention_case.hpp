@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <ostream>
@@ -33,8 +34,8 @@ struct AttentionCase {
   std::optional<double> scale;
   double softcap = 0.0;
   bool alibi = false;
-  bool bias = false;  // a [B, 1, Nq, Nk] float bias
-  bool sinks = false;  // attention sinks [Hq], from −1.5 up in steps of 1.1 (large and small)
+  bool bias = false;     // a [B, 1, Nq, Nk] float bias
+  bool sinks = false;    // attention sinks [Hq], from −1.5 up in steps of 1.1 (large and small)
   bool sigmoid = false;  // normalization sigmoid (its default bias −log Nk)
   bool causal = false;
   CausalAlign causal_align = CausalAlign::bottom_right;
@@ -98,5 +99,12 @@ double max_abs_difference(const Tensor& a, const Tensor& b);
 double max_abs(const Tensor& a);
 // Element i widened to double.
 double element(const Tensor& t, std::int64_t i);
+
+// Σ a·b over two float32 tensors of one size, in double: with b = dout, the loss whose gradient
+// with respect to a is dout (the layers' finite-difference tests).
+double dot_float32(const Tensor& a, const Tensor& b);
+// (loss() at value + step − loss() at value − step) / 2·step, the value restored afterwards:
+// a central difference in one float the loss reads.
+double central_difference(float& value, float step, const std::function<double()>& loss);
 
 }  // namespace qkv::testing

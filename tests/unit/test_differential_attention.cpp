@@ -27,26 +27,14 @@ TEST(DifferentialAttention, GradientsMatchFiniteDifferences) {
     DifferentialAttention layer(options, 5);
     Tensor x = random_float32({2, 5, 8}, 6);
     const Tensor dout = random_float32({2, 5, 8}, 7);
-    const auto loss = [&] {
-      const Tensor out = layer.forward(x.view());
-      double sum = 0.0;
-      for (std::int64_t n = 0; n < out.numel(); ++n)
-        sum += double{out.data<float>()[n]} * dout.data<float>()[n];
-      return sum;
-    };
+    const auto loss = [&] { return dot_float32(layer.forward(x.view()), dout); };
     loss();
     layer.zero_grad();
     const Tensor dx = layer.backward(dout.view());
     const auto check = [&](float* values, const float* analytic, std::int64_t count,
                            const std::string& what) {
       for (std::int64_t n = 0; n < count; n += 3) {
-        const float saved = values[n];
-        values[n] = saved + 1e-2f;
-        const double up = loss();
-        values[n] = saved - 1e-2f;
-        const double down = loss();
-        values[n] = saved;
-        const double numeric = (up - down) / 2e-2;
+        const double numeric = central_difference(values[n], 1e-2f, loss);
         EXPECT_NEAR(analytic[n], numeric, 3e-3 * (1 + std::abs(numeric)))
             << what << "[" << n << "]";
       }

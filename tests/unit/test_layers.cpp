@@ -19,6 +19,8 @@
 namespace qkv {
 namespace {
 
+using testing::central_difference;
+using testing::dot_float32;
 using testing::random_float32;
 
 double max_difference(const Tensor& a, const std::vector<double>& b) {
@@ -137,11 +139,7 @@ TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
     call.need_weights = false;
     call.is_causal = score == Score::additive;
     const auto loss = [&] {
-      const Tensor out = layer.forward(query.view(), key.view(), key.view(), call).output;
-      double sum = 0.0;
-      for (std::int64_t n = 0; n < out.numel(); ++n)
-        sum += double{out.data<float>()[n]} * dout.data<float>()[n];
-      return sum;
+      return dot_float32(layer.forward(query.view(), key.view(), key.view(), call).output, dout);
     };
     loss();
     layer.zero_grad();
@@ -150,19 +148,9 @@ TEST(MultiHeadAttention, ScoreParameterGradientsMatchFiniteDifferences) {
       if (name.rfind("score_", 0) != 0 && name != "sinks" &&
           !(config.sigmoid && name == "in_proj_weight"))
         continue;
-      NamedTensors state = layer.parameters();
-      float* values = state.at(name).data<float>();
+      float* values = layer.parameters().at(name).data<float>();  // the layer's, in place
       for (std::int64_t n = 0; n < gradient.numel(); n += 3) {
-        const float saved = values[n];
-        values[n] = saved + 1e-2f;
-        layer.load_state_dict(state);
-        const double up = loss();
-        values[n] = saved - 1e-2f;
-        layer.load_state_dict(state);
-        const double down = loss();
-        values[n] = saved;
-        layer.load_state_dict(state);
-        const double numeric = (up - down) / 2e-2;
+        const double numeric = central_difference(values[n], 1e-2f, loss);
         EXPECT_NEAR(gradient.data<float>()[n], numeric, 2e-3 * (1 + std::abs(numeric)))
             << name << "[" << n << "] of " << score_name(score);
       }
