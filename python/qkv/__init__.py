@@ -3,8 +3,9 @@
 Arrays in, arrays of the same kind out: NumPy arrays give NumPy arrays, torch tensors give torch
 tensors. Contiguous float32 and bfloat16 inputs are read where they lie (no copy), results are
 written straight into the returned arrays, and the GIL is released while qkv computes. With torch
-tensors that require grad, the functions are differentiable (qkv's fused backward), to first
-order: a second derivative through them (a gradient penalty) raises qkv.Error.
+tensors that require grad, the functions are differentiable (qkv's fused backward), twice (a
+gradient penalty). Torch tensors go through the operator torch.ops.qkv.attention, which
+torch.jit.trace records, torch.fx keeps as one node, and meta tensors run through.
 
 - ``attention``: the whole contract (scores, masks, options) in qkv's ``[B, N, H, D]`` layout.
 - ``scaled_dot_product_attention``: PyTorch's signature and ``[..., H, N, D]`` layout.

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from . import _qkv, score_mods
-from ._functions import _Config, _is_torch, _numpy_view, _run, _swap
+from ._functions import _Config, _is_torch, _run, _swap, one_fx_node
 from ._qkv import Error
 
 try:
@@ -90,6 +90,12 @@ class BlockMask:
         self._native = _qkv.BlockMask(shape[0], shape[1], shape[2], shape[3], block_size[0],
                                       block_size[1], np.ascontiguousarray(kinds),
                                       np.ascontiguousarray(partial))
+        if torch is not None:  # what torch.ops.qkv.attention reads, and its C++ mask made once
+            from . import _operators
+            self._kinds_tensor = torch.from_numpy(np.ascontiguousarray(kinds))
+            self._partial_tensor = torch.from_numpy(np.ascontiguousarray(partial))
+            _operators.register_block_mask(self._kinds_tensor, self._partial_tensor,
+                                           [list(shape), list(block_size)], self._native)
         self.kv_num_blocks, self.kv_indices = self._indices(_PARTIAL)
         self.full_kv_num_blocks, self.full_kv_indices = self._indices(_FULL)
 
@@ -110,6 +116,18 @@ class BlockMask:
     def to_dense(self):
         """The pairs themselves: bool [B, H, Q_LEN, KV_LEN] (mask_mod evaluated once more)."""
         return _evaluate(self.mask_mod, *self.shape, 0, self.shape[2], torch is not None)
+
+    def __fx_create_arg__(self, tracer):
+        """In a torch.fx graph: this mask as a constant of the traced module (get_attr), as fx
+        keeps a constant tensor."""
+        index = 0
+        while hasattr(tracer.root, f"_block_mask_constant{index}"):
+            if getattr(tracer.root, f"_block_mask_constant{index}") is self:
+                break
+            index += 1
+        name = f"_block_mask_constant{index}"
+        setattr(tracer.root, name, self)
+        return tracer.create_node("get_attr", name, (), {})
 
     def __repr__(self):
         return (f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%, "
@@ -226,6 +244,7 @@ def _modified_scores(query, key, score_mod, scale):
     return np.broadcast_to(np.asarray(modified, dtype=query.dtype), scores.shape)
 
 
+@one_fx_node
 def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=None,
                    enable_gqa=False, return_lse=False, kernel_options=None, sinks=None):
     """torch.nn.attention.flex_attention.flex_attention on the CPU, with a backward.
@@ -244,7 +263,7 @@ def flex_attention(query, key, value, score_mod=None, block_mask=None, scale=Non
     _check_flex_arguments(query, key, value, block_mask, enable_gqa)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     options = dict(score="dot", scale=scale,
-                   block_mask=None if block_mask is None else block_mask._native)
+                   block_mask=block_mask)
     parameters, pieces, score_parameters = {}, None, []
     if sinks is not None:
         parameters["sinks"] = sinks

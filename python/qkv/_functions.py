@@ -1,6 +1,7 @@
 """The public functions: each puts its layout into qkv's [B, N, H, D] views (transposes are views,
 never copies) and hands them to one runner, which calls the C++ core directly for NumPy arrays
 and through a torch.autograd.Function for torch tensors."""
+import functools
 import math
 
 import numpy as np
@@ -16,6 +17,31 @@ except ImportError:  # NumPy alone works; torch tensors need torch
 # Differentiable tensors besides q, k, v, and the names of all their gradients.
 _PARAMETERS = ("w", "wq", "wk", "va", "temperature", "sinks", "bias")
 _GRADIENT_NAMES = ("dq", "dk", "dv") + tuple("d" + name for name in _PARAMETERS)
+
+
+def _proxy_among(values):
+    """A torch.fx.Proxy among values (and one level into lists, tuples and dicts), or None."""
+    if torch is None:
+        return None
+    for value in values:
+        inner = value.values() if isinstance(value, dict) else (
+            value if isinstance(value, (list, tuple)) else (value,))
+        for item in inner:
+            if isinstance(item, torch.fx.Proxy):
+                return item
+    return None
+
+
+def one_fx_node(function):
+    """Makes `function` one node of a torch.fx graph: called on fx proxies (symbolic tracing), it
+    records a call of itself instead of running, as torch.fx.wrap does for a module's own calls."""
+    @functools.wraps(function)
+    def traced(*args, **kwargs):
+        proxy = _proxy_among((*args, kwargs))
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", traced, args, kwargs)
+        return function(*args, **kwargs)
+    return traced
 
 
 def simd_target():
@@ -69,8 +95,14 @@ def _result_dtypes(v):
     return dtype, wide
 
 
+# Options that are tensors (not differentiated), and the one that is a block mask: torch calls hand
+# them to the operator as tensors, so that a trace records them as inputs or constants.
+_TENSOR_OPTIONS = ("alibi_slopes", "key_lengths", "mask")
+
+
 class _Config:
-    """What a call fixes besides its tensors: the keyword options of the C++ core, which results to
+    """What a call fixes besides its tensors: the keyword options of the C++ core (the tensors among
+    them as given: NumPy arrays or torch tensors; block_mask a qkv.BlockMask), which results to
     return, the physical layout of O ("bnhd", or "bhnd" for PyTorch's layout), and the pieces of a
     built-in score_mod (kind, parameter index, constant), whose parameters come as tensors."""
 
@@ -84,6 +116,11 @@ class _Config:
     def options_with(self, parameters, score_parameters):
         """The core's options with the tensors of this call as NumPy views."""
         options = dict(self.options)
+        for name in _TENSOR_OPTIONS:
+            options[name] = _numpy_view(options.get(name), name)
+        block_mask = options.get("block_mask")
+        if block_mask is not None and not isinstance(block_mask, _qkv.BlockMask):
+            options["block_mask"] = block_mask._native
         for name, value in parameters.items():
             options[name] = _numpy_view(value, name)
         if self.score_pieces is not None:
@@ -127,97 +164,17 @@ def _forward(config, q, k, v, parameters, saved_lse=False, score_parameters=()):
     return out, lse, weights
 
 
-if torch is not None:
-
-    class _AttentionFunction(torch.autograd.Function):
-        """qkv's forward, and qkv's fused backward for every input that requires grad."""
-
-        @staticmethod
-        def forward(ctx, config, q, k, v, *tensors):
-            # The tensors: one per _PARAMETERS name (None when absent), then a score_mod's.
-            named, score_parameters = tensors[:len(_PARAMETERS)], tensors[len(_PARAMETERS):]
-            parameters = {n: t for n, t in zip(_PARAMETERS, named) if t is not None}
-            out, lse, weights = _forward(config, q, k, v, parameters, True, score_parameters)
-            ctx.config = config
-            ctx.save_for_backward(q, k, v, *named, out, lse, *score_parameters)
-            if weights is not None:
-                ctx.mark_non_differentiable(weights)
-            # The caller's LSE in the public dtype (float32 unless the inputs are float64).
-            returned_lse = lse if v.dtype == torch.float64 else lse.to(torch.float32)
-            return out, returned_lse, weights
-
-        @staticmethod
-        def backward(ctx, dout, dlse, _dweights):
-            q, k, v, *rest = ctx.saved_tensors
-            named = rest[:len(_PARAMETERS)]
-            out, lse, *score_parameters = rest[len(_PARAMETERS):]
-            primals = (q, k, v, *named)
-            needed = ctx.needs_input_grad[1:]
-            gradients = {}
-            for name, primal, wanted in zip(_GRADIENT_NAMES, primals, needed):
-                if wanted:
-                    gradients[name] = _empty(tuple(primal.shape), primal.dtype, True)
-            # A score_mod parameter's gradient in float32 or float64 (bfloat16 through float32).
-            score_gradients = [
-                _empty(tuple(p.shape), torch.float64 if p.dtype == torch.float64 else
-                       torch.float32, True) if wanted else None
-                for p, wanted in zip(score_parameters, needed[len(primals):])]
-            parameters = {n: t for n, t in zip(_PARAMETERS, named) if t is not None}
-            options = ctx.config.options_with(parameters, score_parameters)
-            views = {n: _numpy_view(g, n) for n, g in gradients.items()}
-            if score_parameters:
-                views["dscore_mod"] = [_numpy_view(g, "dscore_mod") for g in score_gradients]
-            _qkv.backward(_numpy_view(q, "q"), _numpy_view(k, "k"), _numpy_view(v, "v"), options,
-                          _numpy_view(dout, "dout"), _numpy_view(dlse, "dlse"),
-                          _numpy_view(out, "out"), _numpy_view(lse, "lse"), views)
-            score_gradients = [g if g is None else g.to(p.dtype)
-                               for g, p in zip(score_gradients, score_parameters)]
-            results = [*(gradients.get(name) for name in _GRADIENT_NAMES), *score_gradients]
-            if torch.is_grad_enabled():  # create_graph=True: a second derivative may follow
-                inputs = (dout, dlse, q, k, v, *named, *score_parameters)
-                results = _without_second_derivative(results, inputs)
-            return (None, *results)
-
-    class _NoSecondDerivative(torch.autograd.Function):
-        """Passes the first derivatives on, tied to everything they depend on, and refuses to be
-        differentiated: qkv computes no second derivative, and one computed as if these gradients
-        were constants would be silently wrong (a gradient penalty would miss its terms)."""
-
-        @staticmethod
-        def forward(ctx, count, *tensors):
-            return tuple(t.clone() for t in tensors[:count])
-
-        @staticmethod
-        def backward(ctx, *_):
-            raise Error("attention: expected first derivatives only, got a second derivative "
-                        "(a backward through qkv's gradients: create_graph=True, a gradient "
-                        "penalty, gradgradcheck); qkv does not compute one, and treating its "
-                        "gradients as constants would give a wrong result")
-
-    def _without_second_derivative(gradients, inputs):
-        """The gradients, each routed through _NoSecondDerivative when any input they depend on
-        requires grad, so that differentiating them raises instead of being silently wrong."""
-        anchors = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
-        present = [g for g in gradients if g is not None]
-        if not anchors or not present:
-            return gradients
-        routed = iter(_NoSecondDerivative.apply(len(present), *present, *anchors))
-        return [None if g is None else next(routed) for g in gradients]
-
-
 def _run(config, q, k, v, parameters, score_parameters=()):
-    """(O, LSE, P) of [B, N, H, D] views; differentiable when torch tensors require grad (the
-    score_mod's parameters too)."""
+    """(O, LSE, P) of [B, N, H, D] views; torch tensors go through the operator qkv::attention
+    (_operators.py: differentiable, traceable, meta-aware), NumPy arrays straight to the core."""
     _check_rank4(q, k, v)
     tensors = [q, k, v, *parameters.values(), *score_parameters]
     kinds = {_is_torch(t) for t in tensors if t is not None}
     if len(kinds) > 1:
         raise TypeError("q, k, v and the parameters: expected all NumPy arrays or all torch "
                         "tensors, got a mix")
-    if _is_torch(q) and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in tensors):
-        args = [parameters.get(name) for name in _PARAMETERS]
-        return _AttentionFunction.apply(config, q, k, v, *args, *score_parameters)
+    if _is_torch(q):
+        return _operators.attention(config, q, k, v, parameters, score_parameters)
     return _forward(config, q, k, v, parameters, score_parameters=score_parameters)
 
 
@@ -232,6 +189,7 @@ def _seed(dropout_p, seed):
     return int(np.random.randint(0, 2**62))
 
 
+@one_fx_node
 def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               temperature=None, softcap=0.0, alibi_slopes=None, bias=None, sinks=None, causal=False,
               causal_align="bottom-right", prefix_length=0, sink_tokens=0,
@@ -261,11 +219,10 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     """
     options = dict(score=score, scale=scale, softcap=float(softcap), normalization=normalization,
         sigmoid_bias=None if sigmoid_bias is None else float(sigmoid_bias),
-        alibi_slopes=_numpy_view(
-        alibi_slopes, "alibi_slopes"), causal=bool(causal), causal_align=causal_align,
+        alibi_slopes=alibi_slopes, causal=bool(causal), causal_align=causal_align,
         prefix_length=int(prefix_length), sink_tokens=int(sink_tokens),
         window_left=int(window[0]), window_right=int(window[1]),
-        key_lengths=_numpy_view(key_lengths, "key_lengths"), mask=_numpy_view(mask, "mask"),
+        key_lengths=key_lengths, mask=mask,
         dropout=float(dropout_p), dropout_seed=_seed(dropout_p, dropout_seed),
         threads=0 if threads is None else int(threads))
     parameters = {n: t for n, t in (("w", w), ("wq", wq), ("wk", wk), ("va", va),
@@ -290,7 +247,7 @@ def _as_rank4(x, name):
         raise Error(f"{name}: expected [..., N, D] (rank >= 2), got shape {shape}")
     lead = shape[:-3] if len(shape) >= 3 else ()
     heads = shape[-3] if len(shape) >= 3 else 1
-    batch = int(np.prod(lead)) if lead else 1
+    batch = math.prod(int(n) for n in lead)
     return x.reshape((batch, heads) + shape[-2:])
 
 
@@ -357,6 +314,7 @@ def _check_sdpa_arguments(query, key, value, attn_mask, dropout_p, is_causal, en
                     f"got {list(mask_shape)}")
 
 
+@one_fx_node
 def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                  is_causal=False, scale=None, enable_gqa=False):
     """torch.nn.functional.scaled_dot_product_attention, computed by qkv.
@@ -384,7 +342,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
                     np.broadcast_to(np.reshape(mask, full), widened))
             mask = mask.reshape((-1,) + full[-3:])
         if _is_bool(mask):
-            options["mask"] = _numpy_view(mask, "attn_mask")
+            options["mask"] = mask
         else:
             parameters["bias"] = mask
     config = _Config(options, False, False, out_layout="bhnd")
@@ -399,10 +357,11 @@ def _flash_options(q, dropout_p, softmax_scale, causal, window_size, softcap, al
     return dict(score="dot", scale=float(scale), softcap=float(softcap), causal=bool(causal),
                 causal_align="bottom-right", window_left=int(window_size[0]),
                 window_right=int(window_size[1]),
-                alibi_slopes=_numpy_view(alibi_slopes, "alibi_slopes"), dropout=float(dropout_p),
+                alibi_slopes=alibi_slopes, dropout=float(dropout_p),
                 dropout_seed=seed)
 
 
+@one_fx_node
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=True,
                     return_attn_probs=False, sinks=None):
@@ -427,6 +386,7 @@ def _sinks_parameter(sinks):
     return {} if sinks is None else {"sinks": sinks}
 
 
+@one_fx_node
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=True,
@@ -473,3 +433,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if not return_attn_probs:
         return out
     return out, cat(lses, 1), probs
+
+
+if torch is not None:  # the operators need the helpers above
+    from . import _operators

@@ -19,10 +19,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn as _nn
 
-from ._functions import _ATTN_MASK_WITH_IS_CAUSAL, _Config, _run, _seed, attention
+from ._functions import _ATTN_MASK_WITH_IS_CAUSAL, _Config, _proxy_among, _run, _seed, attention
 from ._qkv import Error, score_layer, score_names
 
 __all__ = ["MultiheadAttention", "DifferentialAttention"]
+
+
+def _fx_module_call(module, args, kwargs):
+    """Under torch.fx symbolic tracing (proxies among the arguments), the layer as one call_module
+    node, as fx treats torch.nn's own layers; else None. The layer itself cannot be the root of
+    a trace: its forward checks shapes and options in Python, which fx cannot record."""
+    proxy = _proxy_among((*args, kwargs))
+    if proxy is None:
+        return None
+    tracer = proxy.tracer
+    if module is getattr(tracer, "root", None):
+        raise Error(f"torch.fx.symbolic_trace: expected a model that contains the "
+                    f"{type(module).__name__} (it becomes one call_module node there), got the "
+                    f"layer itself as the root")
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, kwargs)
 
 
 class MultiheadAttention(_nn.Module):
@@ -132,6 +147,11 @@ class MultiheadAttention(_nn.Module):
         [N·H, L, S], bool (True = not allowed) or float (added); is_causal hides key j > i (not
         with attn_mask: one or the other, as in qkv.scaled_dot_product_attention).
         Returns (output like query, weights [N, L, S'] averaged or [N, H, L, S'], or None)."""
+        traced = _fx_module_call(self, (query, key, value), dict(
+            key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights, is_causal=is_causal))
+        if traced is not None:
+            return traced
         attn_mask = self._check_arguments(query, key, value, key_padding_mask, attn_mask)
         if is_causal and attn_mask is not None:
             raise Error(_ATTN_MASK_WITH_IS_CAUSAL)
@@ -171,7 +191,7 @@ class MultiheadAttention(_nn.Module):
         parameters = {option: getattr(self, name) for name, option, _, _, _ in self._score_parameters}
         allowed, added = self._masks(attn_mask, key_padding_mask, n, length, keys, extra)
         if allowed is not None:
-            options["mask"] = allowed.numpy()  # a view: `allowed` outlives the call
+            options["mask"] = allowed
         if added is not None:
             parameters["bias"] = added
         dropout = self.dropout if self.training else 0.0
@@ -346,6 +366,9 @@ class DifferentialAttention(_nn.Module):
 
     def forward(self, x, is_causal=True):
         """x [N, L, E] → [N, L, E]."""
+        traced = _fx_module_call(self, (x,), {"is_causal": is_causal})
+        if traced is not None:
+            return traced
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise Error(f"x: expected [N, L, E] with E = {self.embed_dim}, got shape "
                         f"{list(x.shape)}")

@@ -77,6 +77,12 @@ class ScoreMod:
             parameters.append(tensor)
         return pieces, parameters
 
+    def __fx_create_arg__(self, tracer):
+        """In a torch.fx graph: a node that builds this composition from its pieces (whose
+        tensors may be the graph's own values, such as a module's parameters)."""
+        return tracer.create_node("call_function", ScoreMod, (tracer.create_arg(self._pieces),),
+                                  {})
+
     def __repr__(self):
         names = ", ".join(kind for kind, _, _ in self._pieces)
         return f"qkv.score_mods.ScoreMod({names})"

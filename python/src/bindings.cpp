@@ -17,6 +17,7 @@
 #include "qkv/error.hpp"
 #include "qkv/explain.hpp"
 #include "qkv/multihead_attention.hpp"
+#include "qkv/reference.hpp"
 #include "qkv/simd.hpp"
 #include "score_pieces.hpp"
 
@@ -226,6 +227,32 @@ void backward(const py::array& q, const py::array& k, const py::array& v, const 
   qkv::attention_backward(qv, kv, vv, attention_options, dout_view, dlse_view, grads, saved);
 }
 
+// The float64 reference's scores and weights of a call: (scores, weights), both float64
+// [B, Hq, Nq, Nk]; scores after every step of contract §2 with −inf where a mask hides the key,
+// weights after dropout (0 where dropped). For the Python layer's second derivative, which needs
+// to know which pairs a call's masks and dropout let through.
+py::tuple reference_scores(const py::array& q, const py::array& k, const py::array& v,
+                           const py::dict& options) {
+  const CallOptions call = options_of(options);
+  if (q.ndim() != 4 || k.ndim() != 4 || v.ndim() != 4)
+    throw qkv::Error("q, k, v: expected [B, N, H, D] (rank 4)");
+  const py::ssize_t batch = q.shape(0), q_len = q.shape(1), q_heads = q.shape(2);
+  const py::ssize_t k_len = k.shape(1), v_dim = v.shape(3);
+  py::array_t<double> scores({batch, q_heads, q_len, k_len});
+  py::array_t<double> weights({batch, q_heads, q_len, k_len});
+  py::array_t<double> out({batch, q_len, q_heads, v_dim});
+  qkv::AttentionOutputs outputs;
+  outputs.out = output(out, "out");
+  outputs.weights = output(weights, "weights");
+  const qkv::MutableTensorView scores_view = output(scores, "scores");
+  const qkv::TensorView qv = input(q, "q"), kv = input(k, "k"), vv = input(v, "v");
+  {
+    py::gil_scoped_release release;
+    qkv::attention_reference(qv, kv, vv, call.options, outputs, scores_view);
+  }
+  return py::make_tuple(scores, weights);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_qkv, m) {
@@ -276,6 +303,10 @@ PYBIND11_MODULE(_qkv, m) {
         py::arg("dout"), py::arg("dlse"), py::arg("out"), py::arg("lse"), py::arg("gradients"),
         "attention_backward into the arrays of `gradients` (keys dq, dk, dv, dw, dwq, dwk, dva, "
         "dbias, dtemperature, dsinks).");
+  m.def("reference_scores", &reference_scores, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("options"),
+        "attention_reference's (scores, weights), float64 [B, Hq, Nq, Nk]: the scores after "
+        "contract §2 with -inf where a mask hides the key, the weights after dropout.");
   m.def(
       "score_names",
       [] {
