@@ -109,6 +109,10 @@ struct AttentionOptions {
   std::int64_t sink_tokens = 0;
   // [B], int32 or int64: keys j >= key_lengths[b] are padding. 0 <= key_lengths[b] <= Nk.
   std::optional<TensorView> key_lengths;
+  // [B], int32 or int64: keys j < key_starts[b] are padding too (left padding: a batch of
+  // sequences aligned at their ends, as a KV cache's ragged sequences are). 0 <= key_starts[b] <=
+  // Nk; a start at or past the row's other bounds leaves it no key.
+  std::optional<TensorView> key_starts;
   // Boolean, broadcastable to [B, Hq, Nq, Nk]: true = may attend (PyTorch SDPA meaning).
   std::optional<TensorView> mask;
   // A block mask (FlexAttention's): pair (b, h, i, j) visible only where it says so. Its shape is

@@ -5,6 +5,7 @@
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 #include "qkv/explain.hpp"
+#include "qkv/kv_cache.hpp"
 #include "qkv/linear.hpp"
 #include "qkv/merge.hpp"
 #include "qkv/multihead_attention.hpp"

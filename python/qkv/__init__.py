@@ -10,6 +10,8 @@ torch.jit.trace records, torch.fx keeps as one node, and meta tensors run throug
 - ``attention``: the whole contract (scores, masks, options) in qkv's ``[B, N, H, D]`` layout.
 - ``scaled_dot_product_attention``: PyTorch's signature and ``[..., H, N, D]`` layout.
 - ``flash_attn_func``, ``flash_attn_varlen_func``: FlashAttention's signatures and layout.
+- ``flash_attn_with_kvcache``: a generation step against a KV cache (contiguous or paged),
+  appended in place, rotary embeddings fused (FlashAttention's signature).
 - ``flex_attention``, ``create_block_mask``, ``and_masks``, ``or_masks``, ``noop_mask``:
   PyTorch's FlexAttention (block masks from a mask_mod, a score_mod) with a backward;
   ``qkv.score_mods``: the score_mods it runs natively (ALiBi, soft cap, relative bias, scales).
@@ -26,11 +28,13 @@ from ._functions import (attention, flash_attn_func, flash_attn_varlen_func,
                          scaled_dot_product_attention, simd_target)
 from . import score_mods
 from ._explain import Explanation, explain
+from ._kv_cache import flash_attn_with_kvcache
 from ._flex import (BlockMask, and_masks, create_block_mask, flex_attention, noop_mask,
                     or_masks)
 from ._qkv import Error
 
 __all__ = ["attention", "scaled_dot_product_attention", "flash_attn_func", "flash_attn_varlen_func",
+           "flash_attn_with_kvcache",
            "flex_attention", "create_block_mask", "BlockMask", "and_masks", "or_masks",
            "noop_mask", "score_mods", "explain", "Explanation", "simd_target", "Error", "nn"]
 

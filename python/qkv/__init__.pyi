@@ -22,7 +22,8 @@ def attention(
     bias: Optional[Array] = ..., sinks: Optional[Array] = ..., causal: bool = ...,
     causal_align: str = ..., prefix_length: int = ..., sink_tokens: int = ...,
     normalization: str = ...,
-    sigmoid_bias: Optional[float] = ..., window: Window = ..., key_lengths: Optional[Array] = ..., mask: Optional[Array] = ...,
+    sigmoid_bias: Optional[float] = ..., window: Window = ..., key_lengths: Optional[Array] = ..., key_starts: Optional[Array] = ...,
+    mask: Optional[Array] = ...,
     return_lse: bool = ..., return_weights: bool = ..., dropout_p: float = ...,
     dropout_seed: Optional[int] = ..., threads: Optional[int] = ...,
 ) -> Union[Array, Tuple[Array, Array], Tuple[Array, Array, Array]]: ...
@@ -47,6 +48,16 @@ def flash_attn_varlen_func(
     alibi_slopes: Optional[Array] = ..., deterministic: bool = ...,
     return_attn_probs: bool = ..., sinks: Optional[Array] = ...,
 ) -> Union[Array, Tuple[Array, Array, List[Optional[Array]]]]: ...
+
+def flash_attn_with_kvcache(
+    q: Array, k_cache: Array, v_cache: Array, k: Optional[Array] = ..., v: Optional[Array] = ...,
+    rotary_cos: Optional[Array] = ..., rotary_sin: Optional[Array] = ...,
+    cache_seqlens: Union[int, Array, None] = ..., cache_batch_idx: Optional[Array] = ...,
+    cache_leftpad: Optional[Array] = ..., block_table: Optional[Array] = ...,
+    softmax_scale: Optional[float] = ..., causal: bool = ..., window_size: Window = ...,
+    softcap: float = ..., rotary_interleaved: bool = ..., alibi_slopes: Optional[Array] = ...,
+    num_splits: int = ..., return_softmax_lse: bool = ..., sinks: Optional[Array] = ...,
+) -> Union[Array, Tuple[Array, Array]]: ...
 
 MaskMod = Any  # (b, h, q_idx, kv_idx) -> bool tensor, vectorized over index tensors
 ScoreMod = Any  # (score, b, h, q_idx, kv_idx) -> score tensor, vectorized

@@ -97,7 +97,7 @@ def _result_dtypes(v):
 
 # Options that are tensors (not differentiated), and the one that is a block mask: torch calls hand
 # them to the operator as tensors, so that a trace records them as inputs or constants.
-_TENSOR_OPTIONS = ("alibi_slopes", "key_lengths", "mask")
+_TENSOR_OPTIONS = ("alibi_slopes", "key_lengths", "key_starts", "mask")
 
 
 class _Config:
@@ -193,7 +193,7 @@ def _seed(dropout_p, seed):
 def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               temperature=None, softcap=0.0, alibi_slopes=None, bias=None, sinks=None, causal=False,
               causal_align="bottom-right", prefix_length=0, sink_tokens=0,
-              normalization="softmax", sigmoid_bias=None, window=(-1, -1), key_lengths=None, mask=None, return_lse=False,
+              normalization="softmax", sigmoid_bias=None, window=(-1, -1), key_lengths=None, key_starts=None, mask=None, return_lse=False,
               return_weights=False, dropout_p=0.0, dropout_seed=None, threads=None):
     """Attention in qkv's layout: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
 
@@ -208,7 +208,8 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     LSE is then log Σ_j P_ij, the log of the row's total weight. causal with causal_align "bottom-right" (FlashAttention) or "top-left"
     (PyTorch); prefix_length P (with causal): the first P keys are visible to every query
     (prefix LM). window (left, right), -1 unbounded; sink_tokens n (with a left window edge): the
-    first n keys stay visible past it (StreamingLLM). key_lengths [B] ints. mask: bool,
+    first n keys stay visible past it (StreamingLLM). key_lengths [B] ints: keys j >= length are
+    padding; key_starts [B] ints: keys j < start are padding too (left padding). mask: bool,
     broadcastable to [B, Hq, Nq, Nk], True = may attend. dropout_p on the weights, with
     dropout_seed (drawn when None). threads: None = all cores.
 
@@ -222,7 +223,7 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
         alibi_slopes=alibi_slopes, causal=bool(causal), causal_align=causal_align,
         prefix_length=int(prefix_length), sink_tokens=int(sink_tokens),
         window_left=int(window[0]), window_right=int(window[1]),
-        key_lengths=key_lengths, mask=mask,
+        key_lengths=key_lengths, key_starts=key_starts, mask=mask,
         dropout=float(dropout_p), dropout_seed=_seed(dropout_p, dropout_seed),
         threads=0 if threads is None else int(threads))
     parameters = {n: t for n, t in (("w", w), ("wq", wq), ("wk", wk), ("va", va),

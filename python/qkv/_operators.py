@@ -35,7 +35,7 @@ from ._qkv import Error
 
 _SCHEMA = ("attention(Tensor q, Tensor k, Tensor v, Tensor? w, Tensor? wq, Tensor? wk, Tensor? va, "
            "Tensor? temperature, Tensor? sinks, Tensor? bias, Tensor? alibi_slopes, "
-           "Tensor? key_lengths, Tensor? mask, Tensor? block_kinds, Tensor? block_partial, "
+           "Tensor? key_lengths, Tensor? key_starts, Tensor? mask, Tensor? block_kinds, Tensor? block_partial, "
            "Tensor[] score_parameters, str config) -> (Tensor, Tensor, Tensor)")
 # Positions in the operator's arguments after q, k, v: the differentiable tensors, then the rest.
 _OTHER_TENSORS = _TENSOR_OPTIONS + ("block_kinds", "block_partial")

@@ -16,6 +16,7 @@
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 #include "qkv/explain.hpp"
+#include "qkv/kv_cache.hpp"
 #include "qkv/multihead_attention.hpp"
 #include "qkv/reference.hpp"
 #include "qkv/simd.hpp"
@@ -135,6 +136,7 @@ CallOptions options_of(const py::dict& o) {
   options.window_right = get<std::int64_t>(o, "window_right", -1);
   options.sink_tokens = get<std::int64_t>(o, "sink_tokens", 0);
   options.key_lengths = optional_input(o, "key_lengths");
+  options.key_starts = optional_input(o, "key_starts");
   options.mask = optional_input(o, "mask");
   options.dropout = get<double>(o, "dropout", 0.0);
   options.dropout_seed = get<std::uint64_t>(o, "dropout_seed", 0);
@@ -253,6 +255,36 @@ py::tuple reference_scores(const py::array& q, const py::array& k, const py::arr
   return py::make_tuple(scores, weights);
 }
 
+// qkv::attention_with_kv_cache: the caches (written in place), the new keys and values, the
+// attention options, the cache's indices and rotary tables (`cache`: seqlens, batch_index,
+// leftpad, block_table, rotary_cos, rotary_sin, rotary_interleaved), into out and lse.
+void attention_with_kv_cache(const py::array& q, py::array k_cache, py::array v_cache,
+                             std::optional<py::array> k, std::optional<py::array> v,
+                             const py::dict& options, const py::dict& cache, py::array out,
+                             std::optional<py::array> lse) {
+  const CallOptions call = options_of(options);
+  qkv::KVCache kv_cache;
+  kv_cache.k = output(k_cache, "k_cache");
+  kv_cache.v = output(v_cache, "v_cache");
+  kv_cache.seqlens = optional_input(cache, "seqlens");
+  kv_cache.batch_index = optional_input(cache, "batch_index");
+  kv_cache.leftpad = optional_input(cache, "leftpad");
+  kv_cache.block_table = optional_input(cache, "block_table");
+  qkv::RotaryEmbedding rotary;
+  rotary.cos = optional_input(cache, "rotary_cos");
+  rotary.sin = optional_input(cache, "rotary_sin");
+  rotary.interleaved = get<bool>(cache, "rotary_interleaved", true);
+  std::optional<qkv::TensorView> k_new, v_new;
+  if (k) k_new = input(*k, "k");
+  if (v) v_new = input(*v, "v");
+  qkv::AttentionOutputs outputs;
+  outputs.out = output(out, "out");
+  if (lse) outputs.lse = output(*lse, "lse");
+  const qkv::TensorView qv = input(q, "q");
+  py::gil_scoped_release release;
+  qkv::attention_with_kv_cache(qv, kv_cache, k_new, v_new, rotary, call.options, outputs);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_qkv, m) {
@@ -303,6 +335,10 @@ PYBIND11_MODULE(_qkv, m) {
         py::arg("dout"), py::arg("dlse"), py::arg("out"), py::arg("lse"), py::arg("gradients"),
         "attention_backward into the arrays of `gradients` (keys dq, dk, dv, dw, dwq, dwk, dva, "
         "dbias, dtemperature, dsinks).");
+  m.def("attention_with_kv_cache", &attention_with_kv_cache, py::arg("q"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("k"), py::arg("v"), py::arg("options"), py::arg("cache"),
+        py::arg("out"), py::arg("lse") = py::none(),
+        "qkv::attention_with_kv_cache: appends k, v to the caches in place, then attends.");
   m.def("reference_scores", &reference_scores, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("options"),
         "attention_reference's (scores, weights), float64 [B, Hq, Nq, Nk]: the scores after "

@@ -214,6 +214,30 @@ StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
 
 namespace {
 
+// A [B] vector of key positions in [0, Nk] (key_lengths, key_starts), int32 or int64.
+StridedInput per_batch_positions(const std::optional<TensorView>& given, const char* name,
+                                 std::int64_t batch, std::int64_t k_total) {
+  if (!given) return {};
+  const TensorView& positions = *given;
+  require_view(positions, name);
+  if (positions.dtype != DType::int32 && positions.dtype != DType::int64) {
+    throw Error(fmt::format("{}: expected dtype int32 or int64, got {}", name,
+                            dtype_name(positions.dtype)));
+  }
+  if (positions.rank != 1 || positions.shape[0] != batch) {
+    throw Error(fmt::format("{}: expected [B] = [{}], got {}", name, batch, dims(positions)));
+  }
+  StridedInput input = input_of(positions);
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const double position = input.load(b);
+    if (position < 0 || position > static_cast<double>(k_total)) {
+      throw Error(fmt::format("{}: expected values in [0, Nk = {}], got {} at [{}]", name, k_total,
+                              position, b));
+    }
+  }
+  return input;
+}
+
 // q, k, v: rank 4, one float dtype, sizes that agree (docs/contract.md §1).
 void check_operands(const TensorView& q, const TensorView& k, const TensorView& v,
                     AttentionProblem& p) {
@@ -374,25 +398,8 @@ void check_positions(const AttentionOptions& options, AttentionProblem& p) {
   p.positions.top_left_diagonal = options.query_offset - options.key_offset;
   p.positions.bottom_right_diagonal = k_total - q_total + p.positions.top_left_diagonal;
   p.key_offset = options.key_offset;
-  if (options.key_lengths) {
-    const TensorView& lengths = *options.key_lengths;
-    require_view(lengths, "key_lengths");
-    if (lengths.dtype != DType::int32 && lengths.dtype != DType::int64) {
-      throw Error(fmt::format("key_lengths: expected dtype int32 or int64, got {}",
-                              dtype_name(lengths.dtype)));
-    }
-    if (lengths.rank != 1 || lengths.shape[0] != p.batch) {
-      throw Error(fmt::format("key_lengths: expected [B] = [{}], got {}", p.batch, dims(lengths)));
-    }
-    p.key_lengths = input_of(lengths);
-    for (std::int64_t b = 0; b < p.batch; ++b) {
-      const double length = p.key_lengths.load(b);
-      if (length < 0 || length > static_cast<double>(k_total)) {
-        throw Error(fmt::format("key_lengths: expected values in [0, Nk = {}], got {} at [{}]",
-                                k_total, length, b));
-      }
-    }
-  }
+  p.key_lengths = per_batch_positions(options.key_lengths, "key_lengths", p.batch, k_total);
+  p.key_starts = per_batch_positions(options.key_starts, "key_starts", p.batch, k_total);
   p.positions.causal = options.causal;
   p.positions.causal_align = options.causal_align;
   if (options.prefix_length != 0 && (!options.causal || options.prefix_length < 0)) {

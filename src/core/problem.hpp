@@ -9,6 +9,7 @@
 #include <string>
 
 #include "core/position_masks.hpp"
+#include "core/row_map.hpp"
 #include "qkv/attention.hpp"
 
 namespace qkv::detail {
@@ -19,9 +20,14 @@ struct StridedInput {
   DType dtype = DType::float32;
   std::array<std::int64_t, 4> strides{};
   bool present = false;
+  const RowMap* rows = nullptr;  // K and V of a KV cache: rows (i0, i1) gathered (core/row_map.hpp)
 
   std::int64_t offset(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
                       std::int64_t i3 = 0) const {
+    if (rows != nullptr) {
+      const auto [r0, r1] = rows->locate(i0, i1);
+      return r0 * strides[0] + r1 * strides[1] + i2 * strides[2] + i3 * strides[3];
+    }
     return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
   }
   // The element widened to double (bool → 0/1, integers exactly when |x| < 2^53).
@@ -91,6 +97,7 @@ struct AttentionProblem {
   const ScoreMod* score_mod = nullptr;         // after the bias: global (b, h, q_idx, kv_idx)
   StridedInput mask;                           // (b, h, i, j), broadcast, bool
   StridedInput key_lengths;                    // (b), int32 or int64, each in [0, Nk]
+  StridedInput key_starts;                     // (b), int32 or int64, each in [0, Nk]
 
   // Causal (with its prefix), window: in local coordinates, with the diagonals that place this
   // call in a larger problem (AttentionOptions::query_offset …).
@@ -108,6 +115,13 @@ struct AttentionProblem {
   std::int64_t key_length(std::int64_t b) const {
     if (!key_lengths.present) return k_len;
     const auto global = static_cast<std::int64_t>(key_lengths.load(b));
+    return global - key_offset < 0 ? 0
+                                   : (global - key_offset > k_len ? k_len : global - key_offset);
+  }
+  // Keys of batch b before this (local) index are padding (left padding).
+  std::int64_t key_start(std::int64_t b) const {
+    if (!key_starts.present) return 0;
+    const auto global = static_cast<std::int64_t>(key_starts.load(b));
     return global - key_offset < 0 ? 0
                                    : (global - key_offset > k_len ? k_len : global - key_offset);
   }

@@ -79,7 +79,7 @@ inline KeyInterval narrow_to_block_mask(const AttentionProblem& p, std::int64_t 
 // interval, narrowed to the first and last key the block mask lets through.
 inline KeyInterval visible_keys(const AttentionProblem& p, std::int64_t b, std::int64_t h,
                                 std::int64_t i) {
-  KeyInterval keys = p.positions.row(i, p.key_length(b));
+  KeyInterval keys = p.positions.row(i, p.key_length(b)).intersect({p.key_start(b), p.k_len});
   if (p.block_mask != nullptr) {
     const std::int64_t qb = (i + p.query_offset) / p.block_mask->shape().q_block;
     const std::int64_t mask_head = h + p.head_offset;

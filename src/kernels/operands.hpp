@@ -113,14 +113,19 @@ void apply_score_options(const AttentionProblem& p, std::int64_t b, std::int64_t
 }
 
 // A [B, N, H, D] operand with unit stride along D, in the compute type T: the caller's storage
-// when it already is, else a dense copy.
+// when it already is (a KV cache's rows found through its RowMap), else a dense copy.
 template <class T>
 struct RowMajorOperand {
   const T* data = nullptr;
   std::int64_t stride_b = 0, stride_n = 0, stride_h = 0;
+  const detail::RowMap* rows = nullptr;
   std::vector<T> storage;
 
   const T* row(std::int64_t b, std::int64_t n, std::int64_t h) const {
+    if (rows != nullptr) {
+      const auto [r0, r1] = rows->locate(b, n);
+      return data + r0 * stride_b + r1 * stride_n + h * stride_h;
+    }
     return data + b * stride_b + n * stride_n + h * stride_h;
   }
 };
@@ -142,10 +147,11 @@ void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::
                                  : std::is_same_v<T, double> ? DType::float64
                                                              : DType::bfloat16;
   if (input.strides[3] == 1 && input.dtype == kStorageType) {
-    operand.data = input.pointer<T>(0);
+    operand.data = reinterpret_cast<const T*>(input.data);  // rows, if any, found by row()
     operand.stride_b = input.strides[0];
     operand.stride_n = input.strides[1];
     operand.stride_h = input.strides[2];
+    operand.rows = input.rows;
     return;
   }
   operand.storage.resize(static_cast<std::size_t>(batch * length * heads * dim));

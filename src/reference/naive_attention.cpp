@@ -44,7 +44,7 @@ bool key_visible(const AttentionProblem& p, std::int64_t b, std::int64_t h, std:
   const bool sink_token = j < m.sink_end;  // kept past the window's left edge
   if (m.window_left >= 0 && j < diagonal_j - m.window_left && !sink_token) return false;
   if (m.window_right >= 0 && j > diagonal_j + m.window_right) return false;
-  if (j >= p.key_length(b)) return false;
+  if (j >= p.key_length(b) || j < p.key_start(b)) return false;
   return true;
 }
 

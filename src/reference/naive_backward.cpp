@@ -126,7 +126,7 @@ class LiteralBackward {
     AttentionOptions dense = options;
     for (std::optional<TensorView>* slot :
          {&dense.w, &dense.wq, &dense.wk, &dense.va, &dense.temperature, &dense.alibi_slopes,
-          &dense.bias, &dense.key_lengths, &dense.mask, &dense.sinks}) {
+          &dense.bias, &dense.key_lengths, &dense.key_starts, &dense.mask, &dense.sinks}) {
       if (*slot) {
         keep_.push_back(detail::dense_copy(**slot));
         *slot = keep_.back().view();

@@ -36,6 +36,7 @@ std::string AttentionCase::name() const {
   }
   if (sink_tokens > 0) text += fmt::format("_sinktokens{}", sink_tokens);
   if (key_lengths) text += "_keylengths";
+  if (key_starts) text += "_keystarts";
   if (mask) text += "_mask";
   if (head_major) text += "_BHND";
   if (spaced_last_dim) text += "_spaced";
@@ -227,6 +228,16 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
     }
     in.key_lengths.data<std::int64_t>()[0] = c.batch > 1 ? 0 : c.k_len / 2;
     o.key_lengths = in.key_lengths.view();
+  }
+  if (c.key_starts) {
+    in.key_starts = Tensor(DType::int32, {c.batch});
+    for (std::int64_t b = 0; b < c.batch; ++b) {
+      in.key_starts.data<std::int32_t>()[b] =
+          static_cast<std::int32_t>(b * c.k_len / (2 * c.batch));
+    }
+    if (c.batch > 2)
+      in.key_starts.data<std::int32_t>()[c.batch - 1] = static_cast<std::int32_t>(c.k_len);
+    o.key_starts = in.key_starts.view();
   }
   return in;
 }

@@ -46,6 +46,8 @@ struct AttentionCase {
   std::int64_t mask_block = 16;  // the block mask's q_block and kv_block
   ScoreModRule score_mod = ScoreModRule::none;
   bool key_lengths = false;      // batch b keeps (b + 1)·Nk / (B + 1) keys, one batch keeps none
+  bool key_starts = false;       // batch b starts at b·Nk / (2B) (left padding); the last of 3+
+                                 // batches starts past every key
   bool mask = false;             // a random [1, Hq, Nq, Nk] boolean mask with one all-false row
   bool head_major = false;       // q, k, v stored as PyTorch's [B, H, N, D], read through strides
   bool spaced_last_dim = false;  // q, k, v with stride 2 along D (forces a packed copy)
@@ -62,7 +64,7 @@ void PrintTo(const AttentionCase& c, std::ostream* os);
 // Owns the tensors of a case and the views and options that point into them.
 struct AttentionInputs {
   Tensor q_storage, k_storage, v_storage;
-  Tensor w, wq, wk, va, temperature, alibi_slopes, bias, sinks, mask, key_lengths;
+  Tensor w, wq, wk, va, temperature, alibi_slopes, bias, sinks, mask, key_lengths, key_starts;
   std::shared_ptr<BlockMask> block_mask;  // on the heap: options point at it across moves
   Tensor score_values;                    // the score_mod's parameter
   std::shared_ptr<ScoreParameter> score_parameter;

@@ -138,6 +138,7 @@ std::vector<BackwardCase> backward_zoo() {
     c.q_len = 20;
     c.k_len = 90;
     c.key_lengths = true;
+    c.key_starts = hk == 2;
     add_all_scores(c);
   }
   // Every mask and option.

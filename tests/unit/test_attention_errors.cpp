@@ -172,6 +172,12 @@ TEST(AttentionErrors, MasksAndBias) {
                {"key_lengths: expected dtype int32 or int64, got float32"});
   expect_error([&](Valid& p) { p.options.key_lengths = lengths_short.view(); },
                {"key_lengths: expected [B] = [2], got [1]"});
+  expect_error([&](Valid& p) { p.options.key_starts = lengths.view(); },
+               {"key_starts: expected values in [0, Nk = 5], got 6 at [1]"});
+  expect_error([&](Valid& p) { p.options.key_starts = lengths_float.view(); },
+               {"key_starts: expected dtype int32 or int64, got float32"});
+  expect_error([&](Valid& p) { p.options.key_starts = lengths_short.view(); },
+               {"key_starts: expected [B] = [2], got [1]"});
   expect_error([](Valid& p) { p.options.window_left = -2; },
                {"window: expected (left, right)", "got (-2, -1)"});
   expect_error([](Valid& p) { p.options.prefix_length = 2; },

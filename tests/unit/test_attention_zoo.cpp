@@ -263,6 +263,24 @@ std::vector<AttentionCase> shape_zoo() {
     c.seed = ++seed;
     add_all_scores(c);
   }
+  // 8. Left padding (key_starts): ragged sequences aligned at their ends, as a KV cache gives
+  // them, with the causal diagonal and ALiBi at the end; in a masks-sized problem and a decoding
+  // one. (Last, so that the seeds of the cases above stay as they were.)
+  for (int variant = 0; variant < 3; ++variant) {
+    AttentionCase c;
+    c.batch = variant == 1 ? 3 : 2;
+    c.q_len = variant == 2 ? 1 : 37;
+    c.k_len = variant == 2 ? 2500 : 70;
+    c.q_heads = 4;
+    c.kv_heads = 2;
+    c.key_starts = true;
+    c.causal = true;
+    c.alibi = variant != 2;
+    c.key_lengths = variant == 1;
+    c.window_left = variant == 1 ? 12 : -1;
+    c.seed = ++seed;
+    add_all_scores(c);
+  }
   return zoo;
 }
 

@@ -1,0 +1,406 @@
+// attention_with_kv_cache against the same steps done by hand: the expected cache is the old one
+// with the new keys (rotated here, in double, as the contract says) and values written at each
+// sequence's slots, checked byte for byte (nothing outside the written slots changes); the output
+// against the float64 reference of each sequence alone — its own keys, its queries rotated at
+// their positions — within twice the naive float32 error of that sequence (the zoo's rule).
+// Contiguous and paged caches (page sizes 1, 3, 16; pages shuffled), ragged lengths including 0
+// and a page boundary, left padding, batch_index, GQA, rotary both styles, windows, ALiBi, sinks,
+// soft caps, float32 and bfloat16; and every refusal.
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
+
+#include "attention_case.hpp"
+#include "core/problem.hpp"
+#include "qkv/error.hpp"
+#include "qkv/kv_cache.hpp"
+#include "qkv/reference.hpp"
+#include "reference/naive_attention.hpp"
+
+namespace qkv::testing {
+namespace {
+
+struct CacheCase {
+  std::vector<std::int64_t> seqlens;  // tokens already in each sequence
+  std::vector<std::int64_t> leftpad;  // empty: none
+  std::int64_t new_len = 1, q_len = 1, capacity = 48, page_size = 0;  // page_size 0: contiguous
+  std::int64_t q_heads = 4, kv_heads = 2, dim = 16;
+  std::int64_t rotary_half = 0;  // rotary_dim / 2; 0: none
+  bool interleaved = true, causal = true, batch_index = false, alibi = false, sinks = false;
+  std::int64_t window_left = -1;
+  double softcap = 0.0;
+  DType dtype = DType::float32;
+};
+
+double value_of(const Tensor& t, std::int64_t n) {
+  return t.dtype() == DType::bfloat16 ? from_bfloat16(t.data<std::uint16_t>()[n])
+                                      : static_cast<double>(t.data<float>()[n]);
+}
+void set_value(Tensor& t, std::int64_t n, double value) {
+  if (t.dtype() == DType::bfloat16)
+    t.data<std::uint16_t>()[n] = to_bfloat16(static_cast<float>(value));
+  else
+    t.data<float>()[n] = static_cast<float>(value);
+}
+Tensor random_tensor(DType dtype, std::vector<std::int64_t> shape, std::uint64_t seed) {
+  const Tensor f = random_float32(shape, seed);
+  Tensor t(dtype, std::move(shape));
+  for (std::int64_t n = 0; n < t.numel(); ++n) set_value(t, n, f.data<float>()[n]);
+  return t;
+}
+
+void rotate(const Tensor& cos, const Tensor& sin, std::int64_t half, bool interleaved,
+            std::int64_t position, double* row) {
+  for (std::int64_t t = 0; t < half; ++t) {
+    const std::int64_t a = interleaved ? 2 * t : t, b = interleaved ? 2 * t + 1 : t + half;
+    const double c = cos.data<float>()[position * half + t],
+                 s = sin.data<float>()[position * half + t];
+    const double x = row[a], y = row[b];
+    row[a] = x * c - y * s;
+    row[b] = x * s + y * c;
+  }
+}
+
+struct Layout {
+  std::int64_t batch, storage_rows,
+      rows_per_storage;             // cache tensors [storage_rows, rows_per, H, D]
+  std::vector<std::int64_t> table;  // paged: [B, pages_per_sequence]
+  std::vector<std::int64_t> batch_index;
+  std::int64_t pages_per_sequence = 0;
+  // (storage row, row within it) of slot s of sequence b.
+  std::pair<std::int64_t, std::int64_t> locate(const CacheCase& c, std::int64_t b,
+                                               std::int64_t s) const {
+    if (c.page_size > 0) return {table[b * pages_per_sequence + s / c.page_size], s % c.page_size};
+    return {batch_index.empty() ? b : batch_index[b], s};
+  }
+};
+
+Layout layout_of(const CacheCase& c) {
+  Layout l;
+  l.batch = static_cast<std::int64_t>(c.seqlens.size());
+  if (c.page_size > 0) {
+    l.pages_per_sequence = (c.capacity + c.page_size - 1) / c.page_size;
+    l.storage_rows = l.batch * l.pages_per_sequence + 3;  // spare pages nobody owns
+    l.rows_per_storage = c.page_size;
+    std::vector<std::int64_t> pages(static_cast<std::size_t>(l.storage_rows));
+    std::iota(pages.begin(), pages.end(), 0);
+    std::shuffle(pages.begin(), pages.end(), std::mt19937_64(7));
+    l.table.assign(pages.begin(), pages.begin() + l.batch * l.pages_per_sequence);
+  } else {
+    l.storage_rows = c.batch_index ? l.batch + 2 : l.batch;
+    l.rows_per_storage = c.capacity;
+    if (c.batch_index) {
+      for (std::int64_t b = 0; b < l.batch; ++b)
+        l.batch_index.push_back((b * 3 + 1) % l.storage_rows);
+    }
+  }
+  return l;
+}
+
+Tensor int64_tensor(const std::vector<std::int64_t>& values, std::vector<std::int64_t> shape) {
+  Tensor t(DType::int64, std::move(shape));
+  std::copy(values.begin(), values.end(), t.data<std::int64_t>());
+  return t;
+}
+
+void expect_cache_call_matches_steps(const CacheCase& c) {
+  const Layout l = layout_of(c);
+  const std::int64_t batch = l.batch, hk = c.kv_heads, hq = c.q_heads, d = c.dim;
+  Tensor k_cache = random_tensor(c.dtype, {l.storage_rows, l.rows_per_storage, hk, d}, 11);
+  Tensor v_cache = random_tensor(c.dtype, {l.storage_rows, l.rows_per_storage, hk, d}, 12);
+  const Tensor q = random_tensor(c.dtype, {batch, c.q_len, hq, d}, 13);
+  const Tensor k_new = random_tensor(c.dtype, {batch, c.new_len, hk, d}, 14);
+  const Tensor v_new = random_tensor(c.dtype, {batch, c.new_len, hk, d}, 15);
+  const std::int64_t positions = c.capacity + 2;
+  Tensor cos(DType::float32, {positions, std::max<std::int64_t>(c.rotary_half, 1)});
+  Tensor sin(DType::float32, {positions, std::max<std::int64_t>(c.rotary_half, 1)});
+  for (std::int64_t p = 0; p < positions; ++p)
+    for (std::int64_t t = 0; t < c.rotary_half; ++t) {
+      const double angle =
+          static_cast<double>(p) *
+          std::pow(100.0, -static_cast<double>(t) / static_cast<double>(c.rotary_half));
+      cos.data<float>()[p * c.rotary_half + t] = static_cast<float>(std::cos(angle));
+      sin.data<float>()[p * c.rotary_half + t] = static_cast<float>(std::sin(angle));
+    }
+
+  // The expected cache: the new rows written (keys rotated) at slots seqlens[b] + t.
+  Tensor expected_k = k_cache, expected_v = v_cache;
+  std::vector<double> row(static_cast<std::size_t>(d));
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t t = 0; t < c.new_len; ++t) {
+      const std::int64_t slot = c.seqlens[b] + t;
+      const auto [r0, r1] = l.locate(c, b, slot);
+      for (std::int64_t h = 0; h < hk; ++h) {
+        const std::int64_t from = ((b * c.new_len + t) * hk + h) * d;
+        const std::int64_t to = ((r0 * l.rows_per_storage + r1) * hk + h) * d;
+        for (std::int64_t e = 0; e < d; ++e) row[e] = value_of(k_new, from + e);
+        if (c.rotary_half > 0) rotate(cos, sin, c.rotary_half, c.interleaved, slot, row.data());
+        for (std::int64_t e = 0; e < d; ++e) {
+          set_value(expected_k, to + e, row[e]);
+          set_value(expected_v, to + e, value_of(v_new, from + e));
+        }
+      }
+    }
+
+  // The call.
+  const Tensor seqlens = int64_tensor(c.seqlens, {batch});
+  const Tensor leftpad = int64_tensor(c.leftpad, {batch});
+  const Tensor table = int64_tensor(l.table, {batch, l.pages_per_sequence});
+  const Tensor batch_index = int64_tensor(l.batch_index, {batch});
+  KVCache cache{k_cache.mutable_view(), v_cache.mutable_view(), {}, seqlens.view(), {}, {}};
+  if (c.page_size > 0) cache.block_table = table.view();
+  if (c.batch_index) cache.batch_index = batch_index.view();
+  if (!c.leftpad.empty()) cache.leftpad = leftpad.view();
+  RotaryEmbedding rotary;
+  if (c.rotary_half > 0) {
+    rotary.cos = cos.view();
+    rotary.sin = sin.view();
+    rotary.interleaved = c.interleaved;
+  }
+  Tensor slopes(DType::float32, {hq}), sinks(DType::float32, {hq});
+  for (std::int64_t h = 0; h < hq; ++h) {
+    slopes.data<float>()[h] = 0.05f * static_cast<float>(h + 1);
+    sinks.data<float>()[h] = -1.0f + static_cast<float>(h);
+  }
+  AttentionOptions options;
+  options.causal = c.causal;
+  options.window_left = c.window_left;
+  options.softcap = c.softcap;
+  if (c.alibi) options.alibi_slopes = slopes.view();
+  if (c.sinks) options.sinks = sinks.view();
+  Tensor out(DType::float64, {batch, c.q_len, hq, d});
+  Tensor lse(DType::float64, {batch, hq, c.q_len});
+  attention_with_kv_cache(q.view(), cache, k_new.view(), v_new.view(), rotary, options,
+                          {out.mutable_view(), lse.mutable_view(), {}});
+  ASSERT_EQ(std::memcmp(k_cache.raw(), expected_k.raw(), k_cache.nbytes()), 0) << "k_cache";
+  ASSERT_EQ(std::memcmp(v_cache.raw(), expected_v.raw(), v_cache.nbytes()), 0) << "v_cache";
+
+  // Each sequence alone: its keys [leftpad, seqlens + new) of the expected cache, its queries
+  // rotated at seqlens + i (causal or a window) or seqlens.
+  const bool advance = c.causal || c.window_left >= 0;
+  for (std::int64_t b = 0; b < batch; ++b) {
+    const std::int64_t first = c.leftpad.empty() ? 0 : c.leftpad[b];
+    const std::int64_t length = c.seqlens[b] + c.new_len - first;
+    Tensor qb(DType::float32, {1, c.q_len, hq, d});
+    Tensor kb(DType::float32, {1, length, hk, d}), vb(DType::float32, {1, length, hk, d});
+    for (std::int64_t i = 0; i < c.q_len; ++i)
+      for (std::int64_t h = 0; h < hq; ++h) {
+        for (std::int64_t e = 0; e < d; ++e)
+          row[e] = value_of(q, ((b * c.q_len + i) * hq + h) * d + e);
+        if (c.rotary_half > 0)
+          rotate(cos, sin, c.rotary_half, c.interleaved, c.seqlens[b] + (advance ? i : 0),
+                 row.data());
+        for (std::int64_t e = 0; e < d; ++e) {
+          // The kernels read bfloat16 queries rounded: so does the reference.
+          const double v = c.dtype == DType::bfloat16
+                               ? from_bfloat16(to_bfloat16(static_cast<float>(row[e])))
+                               : row[e];
+          qb.data<float>()[(i * hq + h) * d + e] = static_cast<float>(v);
+        }
+      }
+    for (std::int64_t j = 0; j < length; ++j) {
+      const auto [r0, r1] = l.locate(c, b, first + j);
+      for (std::int64_t h = 0; h < hk; ++h)
+        for (std::int64_t e = 0; e < d; ++e) {
+          const std::int64_t at = ((r0 * l.rows_per_storage + r1) * hk + h) * d + e;
+          kb.data<float>()[(j * hk + h) * d + e] = static_cast<float>(value_of(expected_k, at));
+          vb.data<float>()[(j * hk + h) * d + e] = static_cast<float>(value_of(expected_v, at));
+        }
+    }
+    Tensor reference(DType::float64, {1, c.q_len, hq, d}),
+        naive(DType::float64, {1, c.q_len, hq, d});
+    Tensor reference_lse(DType::float64, {1, hq, c.q_len});
+    AttentionOptions alone = options;
+    attention_reference(qb.view(), kb.view(), vb.view(), alone,
+                        {reference.mutable_view(), reference_lse.mutable_view(), {}});
+    detail::naive_attention<float>(detail::make_problem(qb.view(), kb.view(), vb.view(), alone,
+                                                        {naive.mutable_view(), {}, {}}));
+    double error = 0, floor = 0, magnitude = 0, lse_error = 0;
+    for (std::int64_t n = 0; n < reference.numel(); ++n) {
+      const double want = reference.data<double>()[n];
+      error = std::max(error, std::abs(out.data<double>()[b * reference.numel() + n] - want));
+      floor = std::max(floor, std::abs(naive.data<double>()[n] - want));
+      magnitude = std::max(magnitude, std::abs(want));
+    }
+    for (std::int64_t n = 0; n < reference_lse.numel(); ++n) {
+      const double want = reference_lse.data<double>()[n],
+                   got = lse.data<double>()[b * reference_lse.numel() + n];
+      if (std::isinf(want)) {
+        EXPECT_EQ(got, want) << "sequence " << b;
+      } else {
+        lse_error = std::max(lse_error, std::abs(got - want) / (1 + std::abs(want)));
+      }
+    }
+    const double slack = c.dtype == DType::bfloat16 ? 4e-3 : 1e-6;  // bfloat16 P·V products
+    EXPECT_LE(error, 2.0 * floor + slack * (1 + magnitude))
+        << "sequence " << b << " (floor " << floor << ")";
+    EXPECT_LE(lse_error, c.dtype == DType::bfloat16 ? 1e-3 : 1e-5) << "sequence " << b;
+  }
+}
+
+TEST(KVCache, ContiguousRaggedDecodeWithRotary) {
+  CacheCase c;
+  c.seqlens = {0, 17, 47, 30};  // an empty sequence, and one that ends at the capacity
+  c.rotary_half = 4;
+  expect_cache_call_matches_steps(c);
+  c.interleaved = false;
+  c.rotary_half = 8;  // the whole head dim
+  expect_cache_call_matches_steps(c);
+}
+
+TEST(KVCache, SeveralNewTokensCausalWithinThem) {
+  CacheCase c;
+  c.seqlens = {5, 0, 20};
+  c.new_len = c.q_len = 4;
+  c.rotary_half = 6;
+  c.interleaved = false;
+  expect_cache_call_matches_steps(c);
+  c.causal = false;  // every query at position seqlens
+  expect_cache_call_matches_steps(c);
+  c.window_left = 3;  // a window: positions advance again
+  expect_cache_call_matches_steps(c);
+}
+
+TEST(KVCache, BatchIndexAndLeftPadding) {
+  CacheCase c;
+  c.seqlens = {12, 30, 9};
+  c.leftpad = {4, 0, 9};  // the last sequence holds only its new token
+  c.batch_index = true;
+  c.new_len = c.q_len = 2;
+  c.alibi = true;
+  c.rotary_half = 2;
+  expect_cache_call_matches_steps(c);
+}
+
+TEST(KVCache, PagedAnyPageSize) {
+  for (const std::int64_t page : {1, 3, 16}) {
+    CacheCase c;
+    c.page_size = page;
+    c.capacity = 48;
+    c.seqlens = {0, 16, 31, 45};  // 16: a page boundary for pages of 16
+    c.new_len = c.q_len = 3;
+    c.rotary_half = 8;
+    c.sinks = page == 3;
+    c.softcap = page == 16 ? 5.0 : 0.0;
+    expect_cache_call_matches_steps(c);
+  }
+}
+
+TEST(KVCache, PagedPrefillWithWindowAndMultiQuery) {
+  CacheCase c;
+  c.page_size = 16;
+  c.capacity = 160;
+  c.seqlens = {40, 0};
+  c.new_len = c.q_len = 40;  // past the decode kernel: the fused kernel reads the pages
+  c.kv_heads = 1;
+  c.window_left = 24;
+  c.leftpad = {8, 0};
+  expect_cache_call_matches_steps(c);
+}
+
+TEST(KVCache, Bfloat16Cache) {
+  CacheCase c;
+  c.dtype = DType::bfloat16;
+  c.page_size = 5;
+  c.seqlens = {7, 22};
+  c.new_len = c.q_len = 2;
+  c.rotary_half = 4;
+  expect_cache_call_matches_steps(c);
+}
+
+// ---- Refusals ---------------------------------------------------------------------------------
+
+struct Small {
+  Tensor q = random_float32({2, 1, 2, 4}, 1);
+  Tensor k_cache = random_float32({2, 6, 2, 4}, 2), v_cache = random_float32({2, 6, 2, 4}, 3);
+  Tensor pages_k = random_float32({5, 2, 2, 4}, 4), pages_v = random_float32({5, 2, 2, 4}, 5);
+  Tensor k_new = random_float32({2, 1, 2, 4}, 6), v_new = random_float32({2, 1, 2, 4}, 7);
+  Tensor seqlens = int64_tensor({2, 5}, {2});
+  Tensor table = int64_tensor({0, 1, 2, 3, 4, 0}, {2, 3});
+  Tensor out = Tensor(DType::float32, {2, 1, 2, 4});
+  KVCache cache{k_cache.mutable_view(), v_cache.mutable_view(), {}, seqlens.view(), {}, {}};
+  AttentionOptions options;
+  RotaryEmbedding rotary;
+  void run() {
+    attention_with_kv_cache(q.view(), cache, k_new.view(), v_new.view(), rotary, options,
+                            {out.mutable_view(), {}, {}});
+  }
+};
+
+void expect_refused(const std::function<void(Small&)>& change, const std::string& message) {
+  Small s;
+  change(s);
+  const Tensor k_before = s.k_cache, pages_before = s.pages_k;
+  try {
+    s.run();
+    ADD_FAILURE() << "no error; expected: " << message;
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find(message), std::string::npos) << error.what();
+  }
+  EXPECT_EQ(std::memcmp(s.k_cache.raw(), k_before.raw(), k_before.nbytes()), 0) << "cache touched";
+  EXPECT_EQ(std::memcmp(s.pages_k.raw(), pages_before.raw(), pages_before.nbytes()), 0);
+}
+
+TEST(KVCache, RefusesWhatWouldCorruptOrMisread) {
+  Small ok;
+  ok.run();  // the baseline call works
+  expect_refused([](Small& s) { s.seqlens.data<std::int64_t>()[1] = 6; },
+                 "k: expected the new keys to fit the cache: sequence 1 holds 6 of 6 slots, 1 more "
+                 "do not fit");
+  expect_refused([](Small& s) { s.seqlens.data<std::int64_t>()[0] = 7; },
+                 "seqlens: expected lengths in [0, 6], got 7 at [0]");
+  const auto paged = [](Small& s) {
+    s.cache.k = s.pages_k.mutable_view();
+    s.cache.v = s.pages_v.mutable_view();
+    s.cache.block_table = s.table.view();
+  };
+  expect_refused(
+      [&](Small& s) {
+        paged(s);
+        s.table.data<std::int64_t>()[4] = 5;
+      },
+      "block_table: expected page numbers in [0, 4], got 5 at [4]");
+  expect_refused(
+      [&](Small& s) {
+        paged(s);
+        s.table.data<std::int64_t>()[2] = -1;
+      },
+      "block_table: expected page numbers in [0, 4], got -1 at [2]");
+  expect_refused(
+      [&](Small& s) {
+        paged(s);
+        s.cache.batch_index = s.seqlens.view();
+      },
+      "batch_index: expected none with a paged cache");
+  expect_refused([](Small& s) { s.options.key_lengths = s.seqlens.view(); },
+                 "key_lengths: expected none with a KV cache");
+  expect_refused([](Small& s) { s.options.dropout = 0.1; },
+                 "dropout: expected none with a KV cache");
+  expect_refused(
+      [](Small& s) {
+        s.options.causal = true;
+        s.options.causal_align = CausalAlign::top_left;
+      },
+      "causal_align: expected none with a KV cache");
+  static Tensor cos = random_float32({5, 2}, 8), sin = random_float32({5, 2}, 9);
+  expect_refused(
+      [](Small& s) {
+        s.rotary.cos = cos.view();
+        s.rotary.sin = sin.view();
+      },
+      "rotary_cos: expected a row for every position, got 5 rows where a new key reaches position "
+      "5");
+  expect_refused([](Small& s) { s.rotary.cos = cos.view(); },
+                 "rotary: expected cos and sin together");
+  static Tensor bf16_cache(DType::bfloat16, {2, 6, 2, 4});
+  expect_refused([](Small& s) { s.cache.k = bf16_cache.mutable_view(); },
+                 "k_cache: expected q's dtype float32, got bfloat16");
+}
+
+}  // namespace
+}  // namespace qkv::testing
