@@ -46,7 +46,8 @@ def flash_attn_varlen_func(
     max_seqlen_k: int, dropout_p: float = ..., softmax_scale: Optional[float] = ...,
     causal: bool = ..., window_size: Window = ..., softcap: float = ...,
     alibi_slopes: Optional[Array] = ..., deterministic: bool = ...,
-    return_attn_probs: bool = ..., sinks: Optional[Array] = ...,
+    return_attn_probs: bool = ..., sinks: Optional[Array] = ..., block_table: Optional[Array] = ...,
+    seqused_k: Optional[Array] = ...,
 ) -> Union[Array, Tuple[Array, Array, List[Optional[Array]]]]: ...
 
 def flash_attn_with_kvcache(

@@ -391,15 +391,20 @@ def _sinks_parameter(sinks):
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            softcap=0.0, alibi_slopes=None, deterministic=True,
-                           return_attn_probs=False, sinks=None):
+                           return_attn_probs=False, sinks=None, block_table=None, seqused_k=None):
     """flash_attn.flash_attn_varlen_func on the CPU: sequences packed along the first dimension,
     q [total_q, Hq, D], k and v [total_k, Hk, D], sequence i at cu_seqlens[i] : cu_seqlens[i + 1].
-    sinks [Hq]: as in flash_attn_func, the same for every sequence.
+    sinks [Hq]: as in flash_attn_func, the same for every sequence. seqused_k [B]: sequence i
+    uses only its first seqused_k[i] keys. block_table [B, max_blocks]: k and v are a paged KV
+    cache [num_blocks, page_size, Hk, D] (ragged prefill against it, as in
+    flash_attn_with_kvcache; forward only, without dropout or probabilities), sequence i's keys
+    in the pages of row i, cu_seqlens_k giving their counts.
 
     Returns out [total_q, Hq, D], or (out, softmax_lse [Hq, total_q], a list of each sequence's
     probabilities [Hq, Nq_i, Nk_i]) with return_attn_probs.
     """
     del deterministic
+    paged = block_table is not None
     starts_q = [int(x) for x in _numpy_view(cu_seqlens_q, "cu_seqlens_q")]
     starts_k = [int(x) for x in _numpy_view(cu_seqlens_k, "cu_seqlens_k")]
     if len(starts_q) != len(starts_k) or len(starts_q) < 1:
@@ -408,20 +413,41 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     for name, starts, total, longest in (("cu_seqlens_q", starts_q, q.shape[0], max_seqlen_q),
                                           ("cu_seqlens_k", starts_k, k.shape[0], max_seqlen_k)):
         lengths = np.diff(starts)
-        if starts[0] != 0 or starts[-1] != total or (lengths < 0).any():
+        ends_at_total = starts[-1] == total or (paged and name == "cu_seqlens_k")
+        if starts[0] != 0 or not ends_at_total or (lengths < 0).any():
             raise Error(f"{name}: expected offsets rising from 0 to {total}, got {starts}")
         if len(lengths) and lengths.max() > longest:
             raise Error(f"{name}: expected sequences of at most {longest} (the max_seqlen), "
                         f"got {lengths.max()}")
+    counts = list(np.diff(starts_k))
+    if seqused_k is not None:
+        used = [int(x) for x in _numpy_view(seqused_k, "seqused_k")]
+        if len(used) != len(counts) or any(not 0 <= u <= c for u, c in zip(used, counts)):
+            raise Error(f"seqused_k: expected [B] = [{len(counts)}] counts each within its "
+                        f"sequence's keys {counts}, got {used}")
+        counts = used
+    if paged and (dropout_p or return_attn_probs):
+        raise Error("block_table: expected neither dropout nor the probabilities with a paged "
+                    "cache (forward only), got " + ("dropout_p > 0" if dropout_p else
+                                                    "return_attn_probs=True"))
     seed = _seed(dropout_p, None)
     outs, lses, probs = [], [], []
     for i in range(len(starts_q) - 1):
         qi = q[starts_q[i]:starts_q[i + 1]][None]
-        ki = k[starts_k[i]:starts_k[i + 1]][None]
-        vi = v[starts_k[i]:starts_k[i + 1]][None]
         slopes = alibi_slopes
         if slopes is not None and len(slopes.shape) == 2:
             slopes = slopes[i]
+        if paged:
+            from ._kv_cache import flash_attn_with_kvcache
+            out, lse = flash_attn_with_kvcache(
+                qi, k, v, cache_seqlens=int(counts[i]), block_table=block_table[i:i + 1],
+                softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+                softcap=softcap, alibi_slopes=slopes, return_softmax_lse=True, sinks=sinks)
+            outs.append(out[0])
+            lses.append(lse[0])
+            continue
+        ki = k[starts_k[i]:starts_k[i] + counts[i]][None]
+        vi = v[starts_k[i]:starts_k[i] + counts[i]][None]
         options = _flash_options(q, dropout_p, softmax_scale, causal, window_size, softcap,
                                  slopes, seed + i if dropout_p else 0)
         config = _Config(options, True, return_attn_probs)

@@ -111,8 +111,13 @@ def test_the_same_seed_gives_the_same_run(tmp_path):
         assert result.returncode == 0, result.stderr
 
     def without_speed(text):
-        return re.sub(r"[0-9.]+k tokens/s|in [0-9.]+ s|run[01]", "", text)
+        return re.sub(r"[0-9.]+k tokens/s|in [0-9.]+ s|run[01]|[0-9]+ words/s|\([0-9.]+×\)",
+                      "", text)
 
     assert without_speed(outputs[0].stdout) == without_speed(outputs[1].stdout)
+    # The held-out sentences decoded with KV caches translate as the recomputing decoder does.
+    decoded = re.search(r"greedy decoding of those (\d+) sentences \((\d+) words\): .* "
+                        r"(\d+) of (\d+) translations identical", outputs[0].stdout)
+    assert decoded and decoded[3] == decoded[4] == decoded[1], outputs[0].stdout
     other = run("demo", "--steps", "20", "--seed", "4", "--output-dir", "run2", cwd=tmp_path)
     assert without_speed(other.stdout) != without_speed(outputs[0].stdout)

@@ -181,3 +181,35 @@ def test_key_starts_hide_left_padding_with_the_diagonal_at_the_end():
         alone = qkv.attention(q[b:b + 1], k[b:b + 1, int(starts[b]):], v[b:b + 1, int(starts[b]):],
                               causal=True)
         torch.testing.assert_close(out[b:b + 1], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("page_size", [1, 7, 16])
+def test_varlen_prefill_against_a_paged_cache(page_size):
+    """flash_attn_varlen_func(block_table=..., seqused_k=...): each sequence's queries against the
+    keys in its pages, the same as flash_attn_func on those keys gathered."""
+    g = torch.Generator().manual_seed(page_size)
+    hq, hk, d, capacity = 4, 2, 8, 40
+    q_lengths, used = [3, 5, 1], [20, 33, 0]  # keys: 20, 40 and 9 in cu_seqlens_k
+    per_sequence = -(-capacity // page_size)
+    pages = 3 * per_sequence + 1
+    k_cache, v_cache = (torch.randn(pages, page_size, hk, d, generator=g) for _ in range(2))
+    table = torch.randperm(pages, generator=g)[:3 * per_sequence].reshape(3, -1).int()
+    q = torch.randn(sum(q_lengths), hq, d, generator=g)
+    cu_q = torch.tensor([0, 3, 8, 9], dtype=torch.int32)
+    cu_k = torch.tensor([0, 20, 60, 69], dtype=torch.int32)
+    out = qkv.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 5, 40, causal=True,
+                                     block_table=table,
+                                     seqused_k=torch.tensor(used, dtype=torch.int32))
+    for i in range(3):
+        keys = k_cache[table[i].long()].reshape(-1, hk, d)[:used[i]]
+        values = v_cache[table[i].long()].reshape(-1, hk, d)[:used[i]]
+        want = qkv.flash_attn_func(q[cu_q[i]:cu_q[i + 1]][None], keys[None], values[None],
+                                   causal=True)[0]
+        torch.testing.assert_close(out[cu_q[i]:cu_q[i + 1]], want, rtol=0, atol=2e-6)
+    assert torch.equal(out[8:], torch.zeros_like(out[8:]))  # a sequence with no key used
+    with pytest.raises(qkv.Error, match="block_table: expected neither dropout nor"):
+        qkv.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 5, 40, block_table=table,
+                                   return_attn_probs=True)
+    with pytest.raises(qkv.Error, match="seqused_k: expected"):
+        qkv.flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 5, 40, block_table=table,
+                                   seqused_k=torch.tensor([21, 0, 0]))

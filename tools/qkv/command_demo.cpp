@@ -122,6 +122,38 @@ double accuracy(TranslationModel& model, const ToyLanguage& language,
   return static_cast<double>(right) / static_cast<double>(test.size());
 }
 
+// Greedy decoding of the held-out sentences twice: recomputing the decoder over every word so far
+// at each step, and with KV caches (one new word per step). Prints both rates and whether the
+// translations agree word for word.
+void compare_decoders(TranslationModel& model, const std::vector<Example>& test) {
+  std::vector<std::vector<std::int32_t>> sources;
+  for (const Example& e : test) sources.push_back(e.source);
+  const auto time = [&](auto decode) {
+    const auto start = std::chrono::steady_clock::now();
+    std::vector<Translation> out = decode(sources);
+    return std::pair{
+        std::move(out),
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count()};
+  };
+  const auto [recomputed, recompute_seconds] =
+      time([&](const auto& s) { return model.translate(s); });
+  const auto [cached, cached_seconds] =
+      time([&](const auto& s) { return model.translate_cached(s); });
+  std::size_t words = 0, same = 0;
+  for (std::size_t n = 0; n < sources.size(); ++n) {
+    words += cached[n].ids.size();
+    same += cached[n].ids == recomputed[n].ids ? 1 : 0;
+  }
+  const auto rate = [&](double seconds) {
+    return static_cast<double>(words) / std::max(seconds, 1e-9);
+  };
+  fmt::print(
+      "greedy decoding of those {} sentences ({} words): {:.0f} words/s recomputing, "
+      "{:.0f} words/s with KV caches ({:.1f}×); {} of {} translations identical\n",
+      sources.size(), words, rate(recompute_seconds), rate(cached_seconds),
+      recompute_seconds / std::max(cached_seconds, 1e-9), same, sources.size());
+}
+
 // The words of `sentence`, or a qkv::Error naming the first unknown one.
 std::vector<std::int32_t> encode_or_explain(const ToyLanguage& language,
                                             const std::vector<std::string>& words) {
@@ -229,6 +261,7 @@ void run_demo(const DemoFlags& flags) {
   const double correct = accuracy(*model, language, test);
   fmt::print("\nheld-out exact-sentence accuracy: {:.1f}% of {} sentences never seen in training\n",
              100 * correct, kTestSentences);
+  compare_decoders(*model, test);
   fmt::print("\nsome held-out sentences:\n");
   std::vector<std::vector<std::int32_t>> sources;
   for (std::size_t n = 0; n < 5; ++n) sources.push_back(test[n].source);

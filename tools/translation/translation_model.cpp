@@ -115,6 +115,22 @@ Batch make_batch(const std::vector<const Example*>& examples) {
   return b;
 }
 
+namespace {
+
+// The sources to translate as a batch (each target just </s>: the decoder reads only <s>).
+Batch source_batch(const std::vector<std::vector<std::int32_t>>& sources) {
+  std::vector<Example> examples(sources.size());
+  std::vector<const Example*> pointers;
+  for (std::size_t n = 0; n < sources.size(); ++n) {
+    examples[n].source = sources[n];
+    examples[n].target = {kEnd};
+    pointers.push_back(&examples[n]);
+  }
+  return make_batch(pointers);
+}
+
+}  // namespace
+
 struct TranslationModel::Activations {
   Batch batch;
   Tensor source_in, encoder_mid, encoder_hidden, encoder_ffn, encoder_out;
@@ -164,7 +180,7 @@ Tensor TranslationModel::embed(const Tensor& table, const Tensor& positions,
   return x;
 }
 
-void TranslationModel::run(const Batch& batch, Activations& a, bool need_weights) {
+void TranslationModel::encode(const Batch& batch, Activations& a) {
   const std::int64_t n = batch.size;
   a.source_in = embed(source_embedding_, source_position_, batch.source, n, batch.source_len);
   MultiHeadAttentionCall encoder_call;
@@ -175,7 +191,11 @@ void TranslationModel::run(const Batch& batch, Activations& a, bool need_weights
   a.encoder_hidden = encoder_ffn_in_->forward(a.encoder_mid.view());
   a.encoder_ffn = gelu(a.encoder_hidden);
   a.encoder_out = sum(a.encoder_mid, encoder_ffn_out_->forward(a.encoder_ffn.view()));
+}
 
+void TranslationModel::run(const Batch& batch, Activations& a, bool need_weights) {
+  const std::int64_t n = batch.size;
+  encode(batch, a);
   a.target_in =
       embed(target_embedding_, target_position_, batch.decoder_input, n, batch.target_len);
   MultiHeadAttentionCall decoder_call;
@@ -346,14 +366,7 @@ std::vector<Translation> TranslationModel::translate(
     const std::vector<std::vector<std::int32_t>>& sources) {
   std::vector<Translation> out(sources.size());
   if (sources.empty()) return out;
-  std::vector<Example> examples(sources.size());
-  std::vector<const Example*> pointers;
-  for (std::size_t n = 0; n < sources.size(); ++n) {
-    examples[n].source = sources[n];
-    examples[n].target = {kEnd};
-    pointers.push_back(&examples[n]);
-  }
-  Batch batch = make_batch(pointers);
+  Batch batch = source_batch(sources);
   const auto count = static_cast<std::int64_t>(sources.size());
   std::vector<bool> done(sources.size(), false);
   Activations a;
@@ -389,6 +402,125 @@ std::vector<Translation> TranslationModel::translate(
     for (std::int64_t r = 0; r < static_cast<std::int64_t>(tr.ids.size()) && r < rows; ++r)
       for (std::int64_t s = 0; s < words; ++s)
         tr.alignment.push_back(a.cross_weights.data<float>()[(n * rows + r) * cols + s]);
+  }
+  return out;
+}
+
+namespace {
+
+// One of the projections of an attention layer as a Linear: block 0, 1, 2 of in_proj (queries,
+// keys, values) or out_proj (block 3).
+Linear projection(const MultiHeadAttention& layer, int block) {
+  const NamedTensors& p = layer.parameters();
+  const bool out = block == 3;
+  const Tensor& weight = p.at(out ? "out_proj.weight" : "in_proj_weight");
+  const std::int64_t e = weight.shape()[1];
+  Linear linear(e, e, true, 0);
+  const std::int64_t first = out ? 0 : block * e;
+  std::copy_n(weight.data<float>() + first * e, e * e, linear.weight.data<float>());
+  if (auto bias = p.find(out ? "out_proj.bias" : "in_proj_bias"); bias != p.end()) {
+    std::copy_n(bias->second.data<float>() + first, e, linear.bias.data<float>());
+  } else {
+    std::fill_n(linear.bias.data<float>(), e, 0.0f);
+  }
+  return linear;
+}
+
+// x [N, E] seen as [N, 1, heads, E / heads].
+TensorView one_position(const Tensor& x, std::int64_t heads) {
+  const std::int64_t n = x.shape()[0], e = x.shape()[1];
+  return TensorView::contiguous(x.raw(), DType::float32, {n, 1, heads, e / heads});
+}
+
+}  // namespace
+
+std::vector<Translation> TranslationModel::translate_cached(
+    const std::vector<std::vector<std::int32_t>>& sources) {
+  std::vector<Translation> out(sources.size());
+  if (sources.empty()) return out;
+  const Batch batch = source_batch(sources);
+  const std::int64_t count = batch.size, e = config_.embed_dim, heads = config_.self_heads;
+  const std::int64_t head_dim = e / heads, source_len = batch.source_len;
+  Activations a;
+  encode(batch, a);
+  // The cross-attention's keys and values, once: [N, S, 1, E].
+  const Linear cross_q = projection(*cross_attention_, 0),
+               cross_out = projection(*cross_attention_, 3);
+  const Tensor cross_k = projection(*cross_attention_, 1).forward(a.encoder_out.view());
+  const Tensor cross_v = projection(*cross_attention_, 2).forward(a.encoder_out.view());
+  const auto source_view = [&](const Tensor& t) {
+    return TensorView::contiguous(t.raw(), DType::float32, {count, source_len, 1, e});
+  };
+  std::vector<std::int64_t> source_lengths;
+  for (const auto& source : sources)
+    source_lengths.push_back(static_cast<std::int64_t>(source.size()));
+  AttentionOptions cross_options = cross_attention_->attention_options();
+  cross_options.key_lengths = TensorView::contiguous(source_lengths.data(), DType::int64, {count});
+  // The decoder self-attention's KV cache [N, max_len, H, d], filled one word per step.
+  const Linear self_q = projection(*decoder_attention_, 0),
+               self_k = projection(*decoder_attention_, 1),
+               self_v = projection(*decoder_attention_, 2),
+               self_out = projection(*decoder_attention_, 3);
+  Tensor k_cache(DType::float32, {count, config_.max_len, heads, head_dim});
+  Tensor v_cache(DType::float32, {count, config_.max_len, heads, head_dim});
+  std::vector<std::int64_t> lengths(static_cast<std::size_t>(count), 0);
+  AttentionOptions self_options = decoder_attention_->attention_options();
+  self_options.causal = true;
+
+  std::vector<std::int32_t> words(static_cast<std::size_t>(count), kBegin);
+  std::vector<bool> done(sources.size(), false);
+  for (std::int64_t t = 0; t < config_.max_len; ++t) {
+    Tensor y(DType::float32, {count, e});  // the newest word, at position t
+    for (std::int64_t n = 0; n < count; ++n)
+      for (std::int64_t d = 0; d < e; ++d)
+        y.data<float>()[n * e + d] =
+            target_embedding_.data<float>()[words[static_cast<std::size_t>(n)] * e + d] +
+            target_position_.data<float>()[t * e + d];
+    const Tensor q = self_q.forward(y.view()), k = self_k.forward(y.view()),
+                 v = self_v.forward(y.view());
+    Tensor attended(DType::float32, {count, e});
+    const KVCache cache{
+        k_cache.mutable_view(), v_cache.mutable_view(),
+        std::nullopt,           TensorView::contiguous(lengths.data(), DType::int64, {count}),
+        std::nullopt,           std::nullopt};
+    attention_with_kv_cache(
+        one_position(q, heads), cache, one_position(k, heads), one_position(v, heads), {},
+        self_options,
+        {MutableTensorView::contiguous(attended.raw(), DType::float32, {count, 1, heads, head_dim}),
+         {},
+         {}});
+    for (auto& length : lengths) ++length;
+    const Tensor mid = sum(y, self_out.forward(attended.view()));
+    const Tensor cq = cross_q.forward(mid.view());
+    Tensor cross_attended(DType::float32, {count, e});
+    Tensor cross_weights(DType::float32, {count, 1, 1, source_len});
+    attention_forward(
+        one_position(cq, 1), source_view(cross_k), source_view(cross_v), cross_options,
+        {MutableTensorView::contiguous(cross_attended.raw(), DType::float32, {count, 1, 1, e}),
+         {},
+         cross_weights.mutable_view().with_rank(4)});
+    const Tensor cross = sum(mid, cross_out.forward(cross_attended.view()));
+    const Tensor ffn =
+        sum(cross, decoder_ffn_out_->forward(gelu(decoder_ffn_in_->forward(cross.view())).view()));
+    const Tensor logits = output_->forward(ffn.view());
+    bool all_done = true;
+    for (std::int64_t n = 0; n < count; ++n) {
+      if (done[static_cast<std::size_t>(n)]) continue;
+      const float* row = logits.data<float>() + n * target_vocab_;
+      const auto best =
+          static_cast<std::int32_t>(std::max_element(row + kEnd, row + target_vocab_) - row);
+      Translation& tr = out[static_cast<std::size_t>(n)];
+      tr.ids.push_back(best);
+      const auto words_in = static_cast<std::int64_t>(sources[static_cast<std::size_t>(n)].size());
+      for (std::int64_t s = 0; s < words_in; ++s)
+        tr.alignment.push_back(cross_weights.data<float>()[n * source_len + s]);
+      words[static_cast<std::size_t>(n)] = best;
+      done[static_cast<std::size_t>(n)] = best == kEnd;
+      all_done = all_done && best == kEnd;
+    }
+    for (std::int64_t n = 0; n < count; ++n)
+      if (done[static_cast<std::size_t>(n)]) words[static_cast<std::size_t>(n)] = kEnd;
+    if (all_done) break;
   }
   return out;
 }

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "qkv/attention.hpp"
+#include "qkv/kv_cache.hpp"
 #include "qkv/linear.hpp"
 #include "qkv/multihead_attention.hpp"
 #include "qkv/safetensors.hpp"
@@ -75,8 +76,14 @@ class TranslationModel {
   static TranslationModel from_state(const NamedTensors& state, std::int64_t source_vocab,
                                      std::int64_t target_vocab);
 
-  // Greedy decoding of each source (ids, no padding), up to max_len target tokens.
+  // Greedy decoding of each source (ids, no padding), up to max_len target tokens: every step
+  // runs the decoder over all the words so far.
   std::vector<Translation> translate(const std::vector<std::vector<std::int32_t>>& sources);
+  // The same translations decoded with caches: the encoder's keys and values for the
+  // cross-attention projected once, and the decoder's self-attention appending one word's key and
+  // value per step to a KV cache (attention_with_kv_cache); each step runs the decoder on the new
+  // word alone.
+  std::vector<Translation> translate_cached(const std::vector<std::vector<std::int32_t>>& sources);
 
  private:
   struct Activations;
@@ -94,6 +101,8 @@ class TranslationModel {
                std::int64_t n, std::int64_t len) const;
   // The encoder's output [N, S, E] and the decoder's logits [N, T, V] (cross weights on request).
   void run(const Batch& batch, Activations& a, bool need_weights);
+  // The encoder alone: a.source_in … a.encoder_out.
+  void encode(const Batch& batch, Activations& a);
 };
 
 // Adam (Kingma and Ba 2015) with the global gradient norm clipped to `clip`.
