@@ -310,6 +310,13 @@ std::vector<std::uint16_t> as_bfloat16(const std::vector<float>& values) {
 
 namespace {
 
+// The same values as float16 (rounded).
+std::vector<std::uint16_t> as_float16(const std::vector<float>& values) {
+  std::vector<std::uint16_t> rounded(values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) rounded[i] = to_float16(values[i]);
+  return rounded;
+}
+
 // One shape's inputs (seeded, so both phases see the same numbers) and the views over them.
 struct BenchProblem {
   BenchProblem(const Shape& s, DType dtype, int threads) {
@@ -318,11 +325,15 @@ struct BenchProblem {
     k = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 4);
     v = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 5);
     out.resize(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
-    const bool bf16 = dtype == DType::bfloat16;
-    if (bf16) {
+    const bool bf16 = dtype == DType::bfloat16 || dtype == DType::float16;  // 16-bit storage
+    if (dtype == DType::bfloat16) {
       q16 = as_bfloat16(q);
       k16 = as_bfloat16(k);
       v16 = as_bfloat16(v);
+    } else if (dtype == DType::float16) {
+      q16 = as_float16(q);
+      k16 = as_float16(k);
+      v16 = as_float16(v);
     }
     options.causal = s.causal;
     options.window_left = s.window;

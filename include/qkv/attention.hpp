@@ -52,7 +52,7 @@ CausalAlign parse_causal_align(std::string_view name);
 const char* normalization_name(Normalization normalization);
 Normalization parse_normalization(std::string_view name);
 
-// Everything besides Q, K and V. Optional float tensors are float32, float64 or bfloat16.
+// Everything besides Q, K and V. Optional float tensors are float32, float64, bfloat16 or float16.
 struct AttentionOptions {
   Score score = Score::scaled_dot;
 
@@ -148,7 +148,7 @@ struct AttentionOptions {
 
 // Where results go. `out` is required; the others are computed only when given.
 struct AttentionOutputs {
-  // O [B, Nq, Hq, Dv], float32, float64 or bfloat16.
+  // O [B, Nq, Hq, Dv], float32, float64, bfloat16 or float16.
   MutableTensorView out;
   // LSE [B, Hq, Nq], float32 or float64 (or bfloat16): natural log of each row's softmax
   // denominator, computed in double. Keep it in float64 for attention_backward when logits are

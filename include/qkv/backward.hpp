@@ -9,7 +9,7 @@
 namespace qkv {
 
 // Where gradients go; each is computed only when given, and each has the shape of what it is the
-// gradient of (float32, float64 or bfloat16 storage). With GQA, dk and dv sum over the query
+// gradient of (float32, float64, bfloat16 or float16 storage). With GQA, dk and dv sum over the query
 // heads of a group; a parameter shared by all heads (W, Wq, Wk, va without a leading Hq) gets the
 // sum over heads; dbias has the bias's own shape and sums over its broadcast dimensions.
 struct AttentionGradients {
@@ -29,7 +29,7 @@ struct AttentionGradients {
 };
 
 // What a forward call returned, kept for its backward: O [B, Nq, Hq, Dv] and LSE [B, Hq, Nq]
-// (float32, float64 or bfloat16), from attention_forward on the same inputs and options.
+// (float32, float64, bfloat16 or float16), from attention_forward on the same inputs and options.
 struct SavedForward {
   TensorView out;
   TensorView lse;

@@ -113,7 +113,7 @@ class MultiHeadAttention {
   // and load_state_dict has not replaced them), the normalization. A call adds its masks and
   // dropout. For evaluating the layer's attention another way (attention_reference).
   AttentionOptions attention_options() const;
-  // Replaces every parameter from a state_dict (float32, float64 or bfloat16, converted to
+  // Replaces every parameter from a state_dict (float32, float64, bfloat16 or float16, converted to
   // float32). Throws qkv::Error naming a missing, unexpected or misshapen tensor.
   void load_state_dict(const NamedTensors& state);
   // load_state_dict(load_safetensors(path)) / save_safetensors(path, parameters()).

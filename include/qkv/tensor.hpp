@@ -12,13 +12,18 @@
 namespace qkv {
 
 // Element types qkv reads and writes. `boolean` is one byte per element (0 = false), as numpy.
-// `bfloat16` is the upper half of a float32 (8 exponent bits, 7 mantissa bits), stored as
-// std::uint16_t: a storage type, computed with in float32.
-enum class DType : std::uint8_t { float32, float64, boolean, int32, int64, bfloat16 };
+// `bfloat16` is the upper half of a float32 (8 exponent bits, 7 mantissa bits) and `float16` is
+// IEEE 754 binary16 (5 exponent bits, 10 mantissa bits; PyTorch's `half`), each stored as
+// std::uint16_t: storage types, computed with in float32.
+enum class DType : std::uint8_t { float32, float64, boolean, int32, int64, bfloat16, float16 };
 
 // bfloat16 ↔ float32. to_bfloat16 rounds to nearest, ties to even; NaN stays NaN.
 std::uint16_t to_bfloat16(float value);
 float from_bfloat16(std::uint16_t bits);
+// float16 ↔ float32. to_float16 rounds to nearest, ties to even (subnormals too; magnitudes from
+// 65520 up become infinity); NaN stays NaN. from_float16 is exact.
+std::uint16_t to_float16(float value);
+float from_float16(std::uint16_t bits);
 
 // "float32", "float64", "bool", "int32", "int64".
 const char* dtype_name(DType dtype);

@@ -1,7 +1,7 @@
 """qkv: attention on the CPU, from NumPy and PyTorch.
 
 Arrays in, arrays of the same kind out: NumPy arrays give NumPy arrays, torch tensors give torch
-tensors. Contiguous float32 and bfloat16 inputs are read where they lie (no copy), results are
+tensors. Contiguous float32, bfloat16 and float16 inputs are read where they lie (no copy), results are
 written straight into the returned arrays, and the GIL is released while qkv computes. With torch
 tensors that require grad, the functions are differentiable (qkv's fused backward), twice (a
 gradient penalty). Torch tensors go through the operator torch.ops.qkv.attention, which

@@ -80,7 +80,8 @@ def _empty(shape, dtype, like_torch):
         return np.empty(shape, dtype=dtype)
     if dtype == torch.bfloat16:
         return torch.from_numpy(np.empty(shape, dtype=np.int16)).view(torch.bfloat16)
-    numpy_dtype = {torch.float32: np.float32, torch.float64: np.float64}[dtype]
+    numpy_dtype = {torch.float32: np.float32, torch.float64: np.float64,
+                   torch.float16: np.float16}[dtype]
     return torch.from_numpy(np.empty(shape, dtype=numpy_dtype))
 
 

@@ -26,19 +26,22 @@ namespace py = pybind11;
 
 namespace {
 
-// The qkv dtype of a NumPy array (uint16 is bfloat16); TypeError for anything else.
+// The qkv dtype of a NumPy array (uint16 is bfloat16, float16 is float16); TypeError for anything
+// else.
 qkv::DType dtype_of(const py::array& array, const std::string& name) {
   const py::dtype dtype = array.dtype();
   const char kind = dtype.kind();
   const auto size = dtype.itemsize();
   if (kind == 'f' && size == 4) return qkv::DType::float32;
   if (kind == 'f' && size == 8) return qkv::DType::float64;
+  if (kind == 'f' && size == 2) return qkv::DType::float16;
   if (kind == 'b' && size == 1) return qkv::DType::boolean;
   if (kind == 'i' && size == 4) return qkv::DType::int32;
   if (kind == 'i' && size == 8) return qkv::DType::int64;
   if (kind == 'u' && size == 2) return qkv::DType::bfloat16;
-  throw py::type_error(name + ": expected float32, float64, bfloat16, bool, int32 or int64, got " +
-                       py::repr(dtype).cast<std::string>());
+  throw py::type_error(
+      name + ": expected float32, float64, bfloat16, float16, bool, int32 or int64, got " +
+      py::repr(dtype).cast<std::string>());
 }
 
 template <class View>

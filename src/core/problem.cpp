@@ -32,6 +32,8 @@ double StridedInput::load(std::int64_t i0, std::int64_t i1, std::int64_t i2,
       return static_cast<double>(reinterpret_cast<const std::int64_t*>(data)[at]);
     case DType::bfloat16:
       return from_bfloat16(reinterpret_cast<const std::uint16_t*>(data)[at]);
+    case DType::float16:
+      return from_float16(reinterpret_cast<const std::uint16_t*>(data)[at]);
   }
   return 0.0;
 }
@@ -43,6 +45,8 @@ void StridedOutput::store(double value, std::int64_t i0, std::int64_t i1, std::i
     reinterpret_cast<float*>(data)[at] = static_cast<float>(value);
   } else if (dtype == DType::bfloat16) {
     reinterpret_cast<std::uint16_t*>(data)[at] = to_bfloat16(static_cast<float>(value));
+  } else if (dtype == DType::float16) {
+    reinterpret_cast<std::uint16_t*>(data)[at] = to_float16(static_cast<float>(value));
   } else {
     reinterpret_cast<double*>(data)[at] = value;
   }
@@ -68,9 +72,9 @@ StridedOutput output_of(const MutableTensorView& view) {
 
 void require_float_data(const TensorView& view, const std::string& name) {
   if (view.dtype != DType::float32 && view.dtype != DType::float64 &&
-      view.dtype != DType::bfloat16) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(view.dtype)));
+      view.dtype != DType::bfloat16 && view.dtype != DType::float16) {
+    throw Error(fmt::format("{}: expected dtype float32, float64, bfloat16 or float16, got {}",
+                            name, dtype_name(view.dtype)));
   }
   if (view.data == nullptr && view.numel() != 0) {
     throw Error(fmt::format("{}: expected data, got a null pointer", name));
@@ -85,9 +89,10 @@ std::string dims(const TensorView& view) {
   return view.shape_string();
 }
 
-// Floating-point data of any width qkv reads: float32, float64, bfloat16.
+// Floating-point data of any width qkv reads: float32, float64, bfloat16, float16.
 bool is_float(DType dtype) {
-  return dtype == DType::float32 || dtype == DType::float64 || dtype == DType::bfloat16;
+  return dtype == DType::float32 || dtype == DType::float64 || dtype == DType::bfloat16 ||
+         dtype == DType::float16;
 }
 
 // Rejects views whose addressed span overflows int64 (a lying stride or size).
@@ -123,8 +128,8 @@ void require_view(const TensorView& view, const char* name) {
 
 void require_float(const TensorView& view, const char* name) {
   if (!is_float(view.dtype)) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(view.dtype)));
+    throw Error(fmt::format("{}: expected dtype float32, float64, bfloat16 or float16, got {}",
+                            name, dtype_name(view.dtype)));
   }
 }
 
@@ -201,8 +206,8 @@ StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
                             dims(as_input)));
   }
   if (!is_float(view.dtype)) {
-    throw Error(fmt::format("{}: expected dtype float32, float64 or bfloat16, got {}", name,
-                            dtype_name(view.dtype)));
+    throw Error(fmt::format("{}: expected dtype float32, float64, bfloat16 or float16, got {}",
+                            name, dtype_name(view.dtype)));
   }
   StridedOutput output;
   output.data = static_cast<std::byte*>(view.data);

@@ -50,7 +50,7 @@ struct StridedOutput {
                       std::int64_t i3 = 0) const {
     return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
   }
-  // Rounds `value` to the output dtype (float32, float64 or bfloat16) and stores it.
+  // Rounds `value` to the output dtype (float32, float64, bfloat16 or float16) and stores it.
   void store(double value, std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
              std::int64_t i3 = 0) const;
 };
@@ -141,7 +141,7 @@ struct AttentionProblem {
 StridedInput input_of(const TensorView& view);
 StridedOutput output_of(const MutableTensorView& view);
 
-// Throws qkv::Error naming `name` unless the view holds float32, float64 or bfloat16 data (not a
+// Throws qkv::Error naming `name` unless the view holds float32, float64, bfloat16 or float16 data (not a
 // null pointer when it has elements).
 void require_float_data(const TensorView& view, const std::string& name);
 
@@ -158,7 +158,7 @@ StridedInput per_head_parameter(const TensorView& view, const char* name,
                                 std::int64_t q_heads, const std::string& expect);
 
 // An output view of `rank` dims whose shape is `expected` (its first `rank` entries) and whose
-// dtype is float32, float64 or bfloat16; qkv::Error naming `name`, the `layout` ("[B, Hq, Nq]")
+// dtype is float32, float64, bfloat16 or float16; qkv::Error naming `name`, the `layout` ("[B, Hq, Nq]")
 // and what was given otherwise.
 StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
                                 const std::array<std::int64_t, 4>& expected, int rank,

@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <bit>
+#include <cmath>
 #include <cstring>
 #include <limits>
 
@@ -23,6 +25,8 @@ const char* dtype_name(DType dtype) {
       return "int64";
     case DType::bfloat16:
       return "bfloat16";
+    case DType::float16:
+      return "float16";
   }
   return "unknown";
 }
@@ -40,6 +44,7 @@ std::size_t dtype_size(DType dtype) {
     case DType::int64:
       return 8;
     case DType::bfloat16:
+    case DType::float16:
       return 2;
   }
   return 0;
@@ -58,6 +63,32 @@ float from_bfloat16(std::uint16_t bits) {
   float value;
   std::memcpy(&value, &widened, 4);
   return value;
+}
+
+std::uint16_t to_float16(float value) {
+  const auto bits = std::bit_cast<std::uint32_t>(value);
+  const auto sign = static_cast<std::uint16_t>((bits >> 16) & 0x8000u);
+  const std::uint32_t magnitude = bits & 0x7fffffffu;
+  if (magnitude > 0x7f800000u) return sign | 0x7e00u;   // NaN, quiet
+  if (magnitude >= 0x477ff000u) return sign | 0x7c00u;  // from 65520 (a tie, to even): inf
+  if (magnitude < 0x38800000u) {                        // below 2^-14: a subnormal or zero
+    const float units = std::bit_cast<float>(magnitude) * 0x1p24f;    // in units of 2^-24, exact
+    return sign | static_cast<std::uint16_t>(std::nearbyint(units));  // ties to even
+  }
+  // A normal: drop 13 mantissa bits, to nearest, ties to even; the exponent rebiased 127 → 15.
+  const std::uint32_t rounded = magnitude + 0xfffu + ((magnitude >> 13) & 1u);
+  return sign | static_cast<std::uint16_t>((rounded >> 13) - (112u << 10));
+}
+
+float from_float16(std::uint16_t bits) {
+  const std::uint32_t sign = (bits & 0x8000u) << 16, exponent = (bits >> 10) & 0x1fu,
+                      mantissa = bits & 0x3ffu;
+  if (exponent == 0x1f) return std::bit_cast<float>(sign | 0x7f800000u | (mantissa << 13));
+  if (exponent == 0) {  // zero or a subnormal: mantissa · 2^-24
+    const float magnitude = static_cast<float>(mantissa) * 0x1p-24f;
+    return sign != 0 ? -magnitude : magnitude;
+  }
+  return std::bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
 std::int64_t checked_numel(std::span<const std::int64_t> shape, std::size_t element_size,

@@ -34,6 +34,7 @@
 // clang-format on
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <span>
@@ -76,6 +77,13 @@ HWY_INLINE float Widened(float x) {
 HWY_INLINE float Widened(std::uint16_t x) {
   return from_bfloat16(x);
 }
+// float16 (IEEE binary16) storage: F16C's conversion on x86.
+HWY_INLINE hn::Vec<FloatTag> LoadWidened(FloatTag d, const hwy::float16_t* p) {
+  return hn::PromoteTo(d, hn::LoadU(hn::Rebind<hwy::float16_t, FloatTag>(), p));
+}
+HWY_INLINE float Widened(hwy::float16_t x) {
+  return from_float16(std::bit_cast<std::uint16_t>(x));
+}
 
 // Σ_d a[d]·b[d] with two vector accumulators and a scalar tail.
 template <class Stored>
@@ -117,7 +125,7 @@ HWY_INLINE void PrefetchAhead(const Stored* row, std::int64_t length) {
   for (std::int64_t byte = 0; byte < bytes; byte += 64) hwy::Prefetch(ahead + byte);
 }
 
-// Stored: the element type of K and V (float, or std::uint16_t for bfloat16).
+// Stored: the element type of K and V (float, std::uint16_t for bfloat16, hwy::float16_t).
 template <class Stored>
 class DecodeKernel {
  public:
@@ -296,14 +304,14 @@ class DecodeKernel {
     if constexpr (std::is_same_v<Stored, float>) {
       return o_.k.row(b, j, hk);
     } else {
-      return o_.k16.row(b, j, hk);
+      return reinterpret_cast<const Stored*>(o_.k16.row(b, j, hk));
     }
   }
   const Stored* ValueRow(std::int64_t b, std::int64_t j, std::int64_t hk) const {
     if constexpr (std::is_same_v<Stored, float>) {
       return o_.v.row(b, j, hk);
     } else {
-      return o_.v16.row(b, j, hk);
+      return reinterpret_cast<const Stored*>(o_.v16.row(b, j, hk));
     }
   }
 
@@ -316,7 +324,9 @@ class DecodeKernel {
 };
 
 void DecodeForward(const FusedOperands& operands) {
-  if (operands.bf16_keys_and_values) {
+  if (operands.bf16_keys_and_values && operands.half == DType::float16) {
+    DecodeKernel<hwy::float16_t>(operands).Run();
+  } else if (operands.bf16_keys_and_values) {
     DecodeKernel<std::uint16_t>(operands).Run();
   } else {
     DecodeKernel<float>(operands).Run();
@@ -333,7 +343,7 @@ namespace qkv::kernels {
 HWY_EXPORT(DecodeForward);
 
 bool decode_attention_supports(const AttentionProblem& p) {
-  return (p.dtype == DType::float32 || p.dtype == DType::bfloat16) &&
+  return (p.dtype == DType::float32 || p.dtype == DType::bfloat16 || p.dtype == DType::float16) &&
          p.form == detail::ScoreForm::dot && !p.weights.present && p.dropout == 0 && !p.sigmoid &&
          p.q_len * p.group_size <= kDecodeRows;
 }

@@ -89,6 +89,28 @@ HWY_INLINE float WidenBfloat16(std::uint16_t bits) {
   return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
 }
 
+// out[0 … n) = the bfloat16 or float16 values in[0 … n) as float32: whole vectors, then one at a
+// time (float16 through the F16C conversion on x86, the targets' own elsewhere).
+HWY_INLINE void WidenRow(const std::uint16_t* in, float* out, std::int64_t n, DType half) {
+  const FloatTag d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  std::int64_t i = 0;
+  if (half == DType::float16) {
+    const hn::Rebind<hwy::float16_t, FloatTag> d16;
+    const auto* halves = reinterpret_cast<const hwy::float16_t*>(in);
+    for (; i + lanes <= n; i += lanes)
+      hn::StoreU(hn::PromoteTo(d, hn::LoadU(d16, halves + i)), d, out + i);
+    for (; i < n; ++i) out[i] = from_float16(in[i]);
+    return;
+  }
+  const hn::RebindToUnsigned<FloatTag> du32;
+  const hn::Rebind<std::uint16_t, FloatTag> du16;
+  for (; i + lanes <= n; i += lanes)
+    hn::StoreU(hn::BitCast(d, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, in + i)))), d,
+               out + i);
+  for (; i < n; ++i) out[i] = WidenBfloat16(in[i]);
+}
+
 // out[i] = f(in[i]) for a vector function f, whole vectors then one lane at a time (the test
 // hooks below, which sweep the kernels' elementwise functions).
 template <class VectorFunction>
@@ -203,9 +225,9 @@ class FusedKernel {
         for (std::int64_t e = 0; e < pair_dim_; ++e) {
           s.q_pairs[r * pair_dim_ + e] = bf16_pair(q[2 * e], 2 * e + 1 < dim ? q[2 * e + 1] : 0);
         }
-      } else if (o_.bf16_queries) {  // bfloat16 widened here, a row at a time
-        const std::uint16_t* q = o_.q16.row(b, i0 + t, HeadOf(kh, r));
-        for (std::int64_t d = 0; d < dim; ++d) row[d] = scale * WidenBfloat16(q[d]);
+      } else if (o_.bf16_queries) {  // bfloat16 or float16 widened here, a row at a time
+        WidenRow(o_.q16.row(b, i0 + t, HeadOf(kh, r)), row, dim, o_.half);
+        for (std::int64_t d = 0; d < dim; ++d) row[d] *= scale;
       } else {
         const float* q = o_.q.row(b, i0 + t, HeadOf(kh, r));
         const std::int64_t ahead = r + kRowsAhead;
@@ -344,13 +366,15 @@ class FusedKernel {
         const std::int64_t set = index / tiles_, tile = index % tiles_;
         const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
         float* keys = KeyTile(b, kh, tile);
+        thread_local std::vector<float> widened;  // one key row widened, before the transpose
+        if (o_.bf16_keys_and_values) widened.resize(static_cast<std::size_t>(dim));
         for (std::int64_t t = 0; t < key_tile_; ++t) {
           const std::int64_t j = tile * key_tile_ + t;
           if (j >= p_.k_len) {
             for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = 0.0f;
-          } else if (o_.bf16_keys_and_values) {  // bfloat16 widened as it is packed
-            const std::uint16_t* key = o_.k16.row(b, j, kh);
-            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = WidenBfloat16(key[d]);
+          } else if (o_.bf16_keys_and_values) {  // bfloat16 or float16 widened as it is packed
+            WidenRow(o_.k16.row(b, j, kh), widened.data(), dim, o_.half);
+            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
           } else {
             const float* key = o_.k.row(b, j, kh);
             if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.k.row(b, j + kRowsAhead, kh), dim);
@@ -367,8 +391,8 @@ class FusedKernel {
         float* value_row = values + t * v_stride_;
         std::int64_t d = 0;
         if (j < p_.k_len && o_.bf16_keys_and_values) {
-          const std::uint16_t* value = o_.v16.row(b, j, hv);
-          for (; d < p_.v_dim; ++d) value_row[d] = WidenBfloat16(value[d]);
+          WidenRow(o_.v16.row(b, j, hv), value_row, p_.v_dim, o_.half);
+          d = p_.v_dim;
         } else if (j < p_.k_len) {
           const float* value = o_.v.row(b, j, hv);
           if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.v.row(b, j + kRowsAhead, hv), p_.v_dim);
@@ -796,16 +820,19 @@ HWY_EXPORT(SoftmaxExp);
 HWY_EXPORT(SigmoidAttentionWeights);
 
 bool fused_attention_supports(const AttentionProblem& problem) {
-  return problem.dtype == DType::float32 || problem.dtype == DType::bfloat16;
+  return problem.dtype == DType::float32 || problem.dtype == DType::bfloat16 ||
+         problem.dtype == DType::float16;
 }
 
 FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands bf16) {
   FusedOperands operands;
   operands.problem = &p;
   apply_simd_environment();
-  const bool bf16_inputs = p.dtype == DType::bfloat16;
+  // 16-bit inputs (bfloat16 or float16) are kept where the score compares them as they are.
+  const bool bf16_inputs = p.dtype == DType::bfloat16 || p.dtype == DType::float16;
+  operands.half = p.dtype == DType::float16 ? DType::float16 : DType::bfloat16;
   const detail::ScoreOperands score = detail::score_unit(p.score).operands(p);
-  if (bf16 == Bfloat16Operands::products && bf16_inputs && score.query.identity() &&
+  if (bf16 == Bfloat16Operands::products && p.dtype == DType::bfloat16 && score.query.identity() &&
       keys_as_they_are(score) && HWY_DYNAMIC_DISPATCH(TargetRunsBf16Tiles)()) {
     operands.bf16_products = true;
     operands.score_dim = p.k_dim;

@@ -33,9 +33,12 @@ struct FusedOperands {
   // Otherwise the inputs a score compares as they are stay bfloat16 too and are widened a tile
   // (K, V) or an item's rows (Q) at a time (bf16_keys_and_values, bf16_queries); the rest (a
   // projected q' or k') is computed into float32 q, k.
+  // float16 inputs take the same path as bfloat16 without the products: kept, and widened as
+  // they are packed (F16C where present); `half` says which of the two q16, k16, v16 hold.
   bool bf16_products = false;
   bool bf16_keys_and_values = false;  // k16 and v16 hold K and V; q is float32 …
   bool bf16_queries = false;          // … or q16 holds Q too (converted as it is read)
+  DType half = DType::bfloat16;       // bfloat16 or float16
   RowMajorOperand<std::uint16_t> q16, k16, v16;
 };
 

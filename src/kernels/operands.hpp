@@ -130,23 +130,28 @@ struct RowMajorOperand {
   }
 };
 
-// A value in the element type T of a packed operand (std::uint16_t holds bfloat16).
+// A value in the element type T of a packed operand (std::uint16_t holds bfloat16, or float16
+// when the input was float16).
 template <class T>
-T StoredAs(double value) {
+T StoredAs(double value, [[maybe_unused]] DType input_dtype) {
   if constexpr (std::is_same_v<T, std::uint16_t>) {
-    return to_bfloat16(static_cast<float>(value));
+    return input_dtype == DType::float16 ? to_float16(static_cast<float>(value))
+                                         : to_bfloat16(static_cast<float>(value));
   } else {
     return static_cast<T>(value);
   }
 }
 
+// T = std::uint16_t keeps bfloat16 or float16 as it comes (the operand's caller knows which).
 template <class T>
 void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::int64_t batch,
                    std::int64_t length, std::int64_t heads, std::int64_t dim) {
+  constexpr bool kHalf = std::is_same_v<T, std::uint16_t>;
   constexpr DType kStorageType = std::is_same_v<T, float>    ? DType::float32
                                  : std::is_same_v<T, double> ? DType::float64
                                                              : DType::bfloat16;
-  if (input.strides[3] == 1 && input.dtype == kStorageType) {
+  const bool stored_alike = input.dtype == kStorageType || (kHalf && input.dtype == DType::float16);
+  if (input.strides[3] == 1 && stored_alike) {
     operand.data = reinterpret_cast<const T*>(input.data);  // rows, if any, found by row()
     operand.stride_b = input.strides[0];
     operand.stride_n = input.strides[1];
@@ -164,7 +169,7 @@ void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::
         for (std::int64_t d = 0; d < dim; ++d)
           operand.storage[static_cast<std::size_t>(b * operand.stride_b + n * operand.stride_n +
                                                    h * operand.stride_h + d)] =
-              StoredAs<T>(input.load(b, n, h, d));
+              StoredAs<T>(input.load(b, n, h, d), input.dtype);
   operand.data = operand.storage.data();
 }
 

@@ -277,7 +277,7 @@ def test_bench_json_reports_every_figure(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["--shapes", "B1H8"], "--shapes: expected S1 … S5, A1, M1, M2 or"),
     (["--shapes", "B1H3Hk2N8D8"], "--shapes: expected Hk dividing H"),
-    (["--dtype", "f16"], "--dtype: expected f32 or bf16, got 'f16'"),
+    (["--dtype", "fp8"], "--dtype: expected f32, bf16 or f16, got 'fp8'"),
     (["--repetitions", "0"], "--repetitions: expected >= 1"),
 ])
 def test_bench_bad_input(args, message, tmp_path):

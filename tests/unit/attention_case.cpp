@@ -79,6 +79,8 @@ void fill_normal(Tensor& t, std::mt19937_64& rng, double stddev) {
       t.data<float>()[i] = static_cast<float>(normal(rng));
     } else if (t.dtype() == DType::bfloat16) {
       t.data<std::uint16_t>()[i] = to_bfloat16(static_cast<float>(normal(rng)));
+    } else if (t.dtype() == DType::float16) {
+      t.data<std::uint16_t>()[i] = to_float16(static_cast<float>(normal(rng)));
     } else {
       t.data<double>()[i] = normal(rng);
     }
@@ -293,6 +295,8 @@ double element(const Tensor& t, std::int64_t i) {
       return static_cast<double>(t.data<std::int64_t>()[i]);
     case DType::bfloat16:
       return from_bfloat16(t.data<std::uint16_t>()[i]);
+    case DType::float16:
+      return from_float16(t.data<std::uint16_t>()[i]);
   }
   return 0.0;
 }

@@ -260,6 +260,11 @@ TEST_P(AttentionBackward, Bfloat16MatchesReference) {
   compare_with_reference(GetParam(), DType::bfloat16, 1e-2);
 }
 
+// float16 storage, computed in float32: the float32 bound.
+TEST_P(AttentionBackward, Float16MatchesReference) {
+  compare_with_reference(GetParam(), DType::float16, 2e-5);
+}
+
 INSTANTIATE_TEST_SUITE_P(Zoo, AttentionBackward, ::testing::ValuesIn(backward_zoo()),
                          [](const ::testing::TestParamInfo<BackwardCase>& param) {
                            return std::to_string(param.index) + "_" + param.param.attention.name();

@@ -88,10 +88,10 @@ TEST(AttentionErrors, Dtypes) {
                {"k, v: expected the dtype of q (float64)", "float32"});
   Tensor qi(DType::int32, {2, 3, 4, 8});
   expect_error([&](Valid& p) { p.qv = qi.view(); },
-               {"q: expected dtype float32, float64 or bfloat16, got int32"});
+               {"q: expected dtype float32, float64, bfloat16 or float16, got int32"});
   Tensor out_int(DType::int64, {2, 3, 4, 6});
   expect_error([&](Valid& p) { p.outputs.out = out_int.mutable_view(); },
-               {"out: expected dtype float32, float64 or bfloat16, got int64"});
+               {"out: expected dtype float32, float64, bfloat16 or float16, got int64"});
 }
 
 TEST(AttentionErrors, OutputShapes) {
@@ -139,7 +139,7 @@ TEST(AttentionErrors, ScoreParameters) {
                {"wq: expected none for score 'scaled_dot'"});
   Tensor w_int(DType::int32, {8, 8});
   expect_error([&](Valid& p) { p.options.score = Score::bilinear, p.options.w = w_int.view(); },
-               {"w: expected dtype float32, float64 or bfloat16, got int32"});
+               {"w: expected dtype float32, float64, bfloat16 or float16, got int32"});
 }
 
 TEST(AttentionErrors, ScaleAndSoftcap) {

@@ -344,6 +344,27 @@ TEST_P(ShapeZoo, BFloat16MatchesReferenceOnRoundedInputs) {
   force_simd_target("");
 }
 
+// float16 storage (IEEE binary16, PyTorch's half), widened to float32 as it is read: computed in
+// float32 throughout, so against the reference on the same rounded inputs it must do as float32
+// does — within twice the naive float32 evaluation's error on those inputs, and the contract's
+// 1e-5 bound.
+TEST_P(ShapeZoo, Float16MatchesReferenceOnRoundedInputs) {
+  const AttentionCase& c = GetParam();
+  const AttentionInputs inputs = make_inputs(c, DType::float16);
+  const AttentionResults reference =
+      evaluate(c, inputs, Evaluator::reference, DType::float64, false);
+  const AttentionResults naive =
+      evaluate(c, inputs, Evaluator::naive_float32, DType::float64, false);
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    const std::string name = c.name() + " float16 on " + target;
+    const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, false);
+    expect_close(fast.out, naive.out, reference.out, "out", name);
+    expect_close(fast.lse, naive.lse, reference.lse, "lse", name);
+  }
+  force_simd_target("");
+}
+
 TEST_P(ShapeZoo, Float64MatchesReference) {
   const AttentionCase& c = GetParam();
   const AttentionInputs inputs = make_inputs(c, DType::float64);

@@ -124,7 +124,7 @@ TEST(Merge, BadArguments) {
   const TensorView int_outs[] = {o_int.view()};
   EXPECT_THAT(
       message([&] { merge_attention(int_outs, std::span(lses, 1), o.mutable_view()); }),
-      ::testing::HasSubstr("outs[0]: expected dtype float32, float64 or bfloat16, got int32"));
+      ::testing::HasSubstr("outs[0]: expected dtype float32, float64, bfloat16 or float16, got int32"));
 }
 
 }  // namespace

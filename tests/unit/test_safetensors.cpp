@@ -98,9 +98,9 @@ TEST(Safetensors, RejectsMalformedFiles) {
   expect_error(file_bytes("[1, 2]", ""), "expected a JSON object, got array");
   expect_error(file_bytes(R"({"w":{"dtype":"F32","shape":[[[[1]]]],"data_offsets":[0,4]}})", ""),
                "nested deeper than 3");
-  expect_error(
-      file_bytes(R"({"w":{"dtype":"F16","shape":[2],"data_offsets":[0,4]}})", std::string(4, '\0')),
-      "tensor 'w': expected dtype F32, F64, BF16, I32, I64 or BOOL, got 'F16'");
+  expect_error(file_bytes(R"({"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})",
+                          std::string(2, '\0')),
+               "tensor 'w': expected dtype F32, F64, BF16, F16, I32, I64 or BOOL, got 'F8_E4M3'");
   expect_error(file_bytes(R"({"w":{"dtype":"F32","shape":[2]}})", eight),
                "expected exactly \"dtype\", \"shape\" and \"data_offsets\"");
   expect_error(file_bytes(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", eight),

@@ -55,10 +55,12 @@ void run_bench(const BenchFlags& flags) {
     for (std::string spec; std::getline(list, spec, ',');)
       shapes.push_back(bench::parse_shape(spec));
   }
-  if (flags.dtype != "f32" && flags.dtype != "bf16") {
-    throw Error(fmt::format("--dtype: expected f32 or bf16, got '{}'", flags.dtype));
+  if (flags.dtype != "f32" && flags.dtype != "bf16" && flags.dtype != "f16") {
+    throw Error(fmt::format("--dtype: expected f32, bf16 or f16, got '{}'", flags.dtype));
   }
-  const DType dtype = flags.dtype == "bf16" ? DType::bfloat16 : DType::float32;
+  const DType dtype = flags.dtype == "bf16"  ? DType::bfloat16
+                      : flags.dtype == "f16" ? DType::float16
+                                             : DType::float32;
   if (flags.pass != "forward" && flags.pass != "backward") {
     throw Error(fmt::format("--pass: expected forward or backward, got '{}'", flags.pass));
   }
@@ -151,7 +153,7 @@ void add_bench_command(CLI::App& app) {
                       "[window<w>[sinktokens<n>]][causal], "
                       "each optionally followed by sinks or sigmoid");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
-  command->add_option("--dtype", flags->dtype, "f32 | bf16 (inputs and output)")
+  command->add_option("--dtype", flags->dtype, "f32 | bf16 | f16 (inputs and output)")
       ->default_str("f32");
   command
       ->add_option("--pass", flags->pass,
