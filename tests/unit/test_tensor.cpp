@@ -1,4 +1,4 @@
-// Tensors: views, dense copies, and the bfloat16 conversions.
+// Tensors: views, dense copies, and the bfloat16 and float16 conversions.
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
@@ -29,6 +29,42 @@ TEST(Tensor, BFloat16RoundsToNearestEven) {
             std::numeric_limits<float>::infinity());
   // The largest finite float rounds up to infinity, as IEEE rounding does.
   EXPECT_TRUE(std::isinf(from_bfloat16(to_bfloat16(std::numeric_limits<float>::max()))));
+}
+
+// float16 against its definition: every one of the 65 536 bit patterns widens to the value
+// (−1)^s·2^(e−15)·(1 + m/1024) (subnormals m·2^-24) and narrows back to itself (NaN stays NaN);
+// a float halfway between two neighbours goes to the even one, and just off halfway to the
+// nearer; the largest finite float16 and the edge of infinity.
+TEST(Tensor, Float16IsExactAndRoundsToNearestEven) {
+  for (std::uint32_t bits = 0; bits < 0x10000; ++bits) {
+    const auto h = static_cast<std::uint16_t>(bits);
+    const std::uint32_t e = (bits >> 10) & 0x1f, m = bits & 0x3ff;
+    const float value = from_float16(h);
+    if (e == 0x1f) {
+      EXPECT_TRUE(m != 0 ? std::isnan(value) : std::isinf(value)) << bits;
+      if (m != 0) continue;
+    } else {
+      const double magnitude = e == 0 ? std::ldexp(m, -24) : std::ldexp(1024 + m, int(e) - 25);
+      EXPECT_EQ(value, (bits & 0x8000) != 0 ? -magnitude : magnitude) << bits;
+    }
+    ASSERT_EQ(to_float16(value), h) << bits;
+    if (e < 0x1e || (e == 0x1e && m < 0x3ff)) {  // the midpoint to the next value up
+      const float next = from_float16(static_cast<std::uint16_t>(h + 1));
+      const float halfway = value + (next - value) / 2;  // exact in float32
+      const auto even = (h & 1) == 0 ? h : static_cast<std::uint16_t>(h + 1);
+      EXPECT_EQ(to_float16(halfway), even) << bits;
+      EXPECT_EQ(to_float16(std::nextafter(halfway, value)), h) << bits;
+      EXPECT_EQ(to_float16(std::nextafter(halfway, next)), static_cast<std::uint16_t>(h + 1))
+          << bits;
+    }
+  }
+  EXPECT_EQ(from_float16(0x7bff), 65504.0f);
+  EXPECT_EQ(to_float16(65519.996f), 0x7bff);  // below halfway to 65536: the largest finite
+  EXPECT_EQ(to_float16(65520.0f), 0x7c00);    // halfway, ties to even: infinity
+  EXPECT_EQ(to_float16(-1e30f), 0xfc00);
+  EXPECT_TRUE(std::isnan(from_float16(to_float16(std::numeric_limits<float>::quiet_NaN()))));
+  EXPECT_EQ(to_float16(0x1p-25f), 0);    // half the smallest subnormal: to even, zero
+  EXPECT_EQ(to_float16(0x1.8p-25f), 1);  // above it: the smallest subnormal
 }
 
 TEST(Tensor, ViewsChangeRankAndCopyDensely) {
