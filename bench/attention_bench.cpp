@@ -8,6 +8,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
 #include <chrono>
 #include <cmath>
@@ -15,6 +16,7 @@
 #include <fstream>
 #include <limits>
 #include <map>
+#include <numeric>
 #include <random>
 #include <string>
 #include <string_view>
@@ -22,6 +24,7 @@
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
+#include "qkv/kv_cache.hpp"
 
 namespace qkv::bench {
 
@@ -161,15 +164,22 @@ std::vector<Shape> default_shapes() {
 
 Shape parse_shape(const std::string& spec) {
   static const std::pair<const char*, const char*> kNamed[] = {
-      {"S1", "B1H8N1024D64"},        {"S2", "B1H8N4096D64"},        {"S3", "B1H8N4096D128"},
-      {"S4", "B1H32Nq1Nk8192D128"},  {"A1", "B1H8N1024D64A64"},     {"S5", "B1H8N4096D64causal"},
-      {"M1", "B1H8N4096D64docs512"}, {"M2", "B1H8N4096D64slide256"}};
+      {"S1", "B1H8N1024D64"},
+      {"S2", "B1H8N4096D64"},
+      {"S3", "B1H8N4096D128"},
+      {"S4", "B1H32Nq1Nk8192D128"},
+      {"A1", "B1H8N1024D64A64"},
+      {"S5", "B1H8N4096D64causal"},
+      {"M1", "B1H8N4096D64docs512"},
+      {"M2", "B1H8N4096D64slide256"},
+      {"K1", "B16H32Hk8Nq1Nk8192D128page16ragged"}};
   std::string text = spec;
-  // Suffixes, in any order: sinks, sigmoid.
-  bool sinks = false, sigmoid = false;
+  // Suffixes, in any order: sinks, sigmoid, ragged.
+  bool sinks = false, sigmoid = false, ragged = false;
   for (bool found = true; found;) {
     found = false;
-    for (auto [suffix, flag] : {std::pair{"sinks", &sinks}, std::pair{"sigmoid", &sigmoid}}) {
+    for (auto [suffix, flag] : {std::pair{"sinks", &sinks}, std::pair{"sigmoid", &sigmoid},
+                                std::pair{"ragged", &ragged}}) {
       const std::string_view end(suffix);
       if (text.size() > end.size() &&
           text.compare(text.size() - end.size(), end.size(), end) == 0) {
@@ -181,11 +191,15 @@ Shape parse_shape(const std::string& spec) {
   for (const auto& [name, definition] : kNamed) {
     if (text == name) text = definition;
   }
+  if (text.size() > 6 && text.compare(text.size() - 6, 6, "ragged") == 0) {  // from a name
+    text.resize(text.size() - 6);
+    ragged = true;
+  }
   const auto bad = [&spec] {
     return Error(fmt::format(
-        "--shapes: expected S1 … S5, A1, M1, M2 or "
+        "--shapes: expected S1 … S5, A1, M1, M2, K1 or "
         "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][window<w>[sinktokens<n>]]"
-        "[causal], each "
+        "[page<p>[ragged]][causal], each "
         "optionally followed by sinks and sigmoid, got '{}'",
         spec));
   };
@@ -230,7 +244,10 @@ Shape parse_shape(const std::string& spec) {
   shape.sliding_window = std::max<std::int64_t>(0, take("slide"));
   shape.window = take("window");
   shape.sink_tokens = std::max<std::int64_t>(0, take("sinktokens"));
+  shape.page_size = std::max<std::int64_t>(0, take("page"));
+  shape.ragged = ragged;
   if (shape.sink_tokens > 0 && shape.window < 0) throw bad();
+  if (ragged && shape.page_size == 0) throw bad();
   if (shape.kv_heads < 0) shape.kv_heads = shape.q_heads;
   if (!fields.empty() || shape.batch < 1 || shape.q_heads < 1 || shape.q_len < 1 ||
       shape.k_len < 1 || shape.head_dim < 1) {
@@ -259,7 +276,22 @@ double Shape::visible_share() const {
   return pairs / (static_cast<double>(q_len) * static_cast<double>(k_len));
 }
 
+std::int64_t Shape::sequence_length(std::int64_t b) const {
+  if (!ragged || batch == 1) return k_len;
+  return k_len / 16 + (k_len - k_len / 16) * b / (batch - 1);
+}
+
+std::int64_t Shape::total_keys() const {
+  std::int64_t total = 0;
+  for (std::int64_t b = 0; b < batch; ++b) total += sequence_length(b);
+  return total;
+}
+
 double attention_flops(const Shape& s) {
+  if (s.kv_cache()) {  // every query row of a sequence against that sequence's keys
+    return 4.0 * static_cast<double>(s.q_len * s.total_keys()) *
+           static_cast<double>(s.head_dim * s.q_heads);
+  }
   const double pairs =
       static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * s.visible_share();
   return 4.0 * pairs * static_cast<double>(s.head_dim) * static_cast<double>(s.batch * s.q_heads);
@@ -281,7 +313,7 @@ double measure_read_bandwidth(int threads) {
 }
 
 double key_value_bytes(const Shape& s, DType dtype) {
-  return 2.0 * static_cast<double>(s.batch * s.k_len * s.kv_heads * s.head_dim) *
+  return 2.0 * static_cast<double>(s.total_keys() * s.kv_heads * s.head_dim) *
          static_cast<double>(dtype_size(dtype));
 }
 
@@ -321,9 +353,29 @@ std::vector<std::uint16_t> as_float16(const std::vector<float>& values) {
 struct BenchProblem {
   BenchProblem(const Shape& s, DType dtype, int threads) {
     const std::int64_t d = s.head_dim, a = s.additive_dim;
+    // A KV cache: every sequence's keys in its own pages, the pool's pages handed out in a
+    // shuffled order (a block table, not an offset), seqlens the sequences' lengths.
+    std::int64_t rows = s.batch * s.k_len;
+    if (s.kv_cache()) {
+      const std::int64_t per_sequence = (s.k_len + s.page_size - 1) / s.page_size;
+      std::int64_t pages = 0;
+      for (std::int64_t b = 0; b < s.batch; ++b)
+        pages += (s.sequence_length(b) + s.page_size - 1) / s.page_size;
+      std::vector<std::int64_t> order(static_cast<std::size_t>(pages));
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), std::mt19937_64(10));
+      block_table.assign(static_cast<std::size_t>(s.batch * per_sequence), 0);
+      std::size_t next = 0;
+      for (std::int64_t b = 0; b < s.batch; ++b) {
+        seqlens.push_back(s.sequence_length(b));
+        for (std::int64_t p = 0; p * s.page_size < s.sequence_length(b); ++p)
+          block_table[static_cast<std::size_t>(b * per_sequence + p)] = order[next++];
+      }
+      rows = pages * s.page_size;
+    }
     q = random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 3);
-    k = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 4);
-    v = random_floats(static_cast<std::size_t>(s.batch * s.k_len * s.kv_heads * d), 5);
+    k = random_floats(static_cast<std::size_t>(rows * s.kv_heads * d), 4);
+    v = random_floats(static_cast<std::size_t>(rows * s.kv_heads * d), 5);
     out.resize(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
     const bool bf16 = dtype == DType::bfloat16 || dtype == DType::float16;  // 16-bit storage
     if (dtype == DType::bfloat16) {
@@ -363,16 +415,29 @@ struct BenchProblem {
     }
     q_view = TensorView::contiguous(bf16 ? static_cast<const void*>(q16.data()) : q.data(), dtype,
                                     {s.batch, s.q_len, s.q_heads, d});
+    const std::array<std::int64_t, 4> kv_shape =
+        s.kv_cache() ? std::array<std::int64_t, 4>{rows / s.page_size, s.page_size, s.kv_heads, d}
+                     : std::array<std::int64_t, 4>{s.batch, s.k_len, s.kv_heads, d};
     k_view = TensorView::contiguous(bf16 ? static_cast<const void*>(k16.data()) : k.data(), dtype,
-                                    {s.batch, s.k_len, s.kv_heads, d});
+                                    kv_shape);
     v_view = TensorView::contiguous(bf16 ? static_cast<const void*>(v16.data()) : v.data(), dtype,
-                                    {s.batch, s.k_len, s.kv_heads, d});
+                                    kv_shape);
+    if (s.kv_cache()) {  // the cache reads the same storage (the call writes nothing to it)
+      const std::int64_t per_sequence = (s.k_len + s.page_size - 1) / s.page_size;
+      cache.k = MutableTensorView::contiguous(const_cast<void*>(k_view.data), dtype, kv_shape);
+      cache.v = MutableTensorView::contiguous(const_cast<void*>(v_view.data), dtype, kv_shape);
+      cache.block_table =
+          TensorView::contiguous(block_table.data(), DType::int64, {s.batch, per_sequence});
+      cache.seqlens = TensorView::contiguous(seqlens.data(), DType::int64, {s.batch});
+    }
     // O in the inputs' dtype (bfloat16 uses the first half of `out`).
     outputs.out =
         MutableTensorView::contiguous(out.data(), dtype, {s.batch, s.q_len, s.q_heads, d});
   }
   std::vector<float> q, k, v, out, wq, wk, va, sinks;
   std::vector<std::uint16_t> q16, k16, v16;
+  std::vector<std::int64_t> block_table, seqlens;
+  KVCache cache;
   BlockMask block_mask;
   AttentionOptions options;
   TensorView q_view, k_view, v_view;
@@ -393,8 +458,13 @@ ShapeResult measure_qkv(const Shape& s, DType dtype, int threads, double bandwid
   reset_peak_memory();
   BenchProblem problem(s, dtype, threads);
   result.median_ms = median_ms(repetitions, [&] {
-    attention_forward(problem.q_view, problem.k_view, problem.v_view, problem.options,
-                      problem.outputs);
+    if (s.kv_cache()) {
+      attention_with_kv_cache(problem.q_view, problem.cache, std::nullopt, std::nullopt, {},
+                              problem.options, problem.outputs);
+    } else {
+      attention_forward(problem.q_view, problem.k_view, problem.v_view, problem.options,
+                        problem.outputs);
+    }
   });
   result.peak_mib = peak_memory_mib();
   result.gflops = attention_flops(s) / (result.median_ms * 1e6);
@@ -408,6 +478,12 @@ ShapeResult measure_qkv(const Shape& s, DType dtype, int threads, double bandwid
 }
 
 ShapeResult measure_qkv_backward(const Shape& s, DType dtype, int threads, int repetitions) {
+  if (s.kv_cache()) {
+    throw Error(
+        fmt::format("--pass backward: expected shapes without a KV cache (decoding has no "
+                    "backward), got '{}'",
+                    s.name));
+  }
   ShapeResult result;
   result.shape = s;
   result.dtype = dtype;

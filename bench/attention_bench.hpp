@@ -24,10 +24,19 @@ struct Shape {
   std::int64_t window = -1, sink_tokens = 0;
   bool sinks = false;    // learned attention sinks, one per query head
   bool sigmoid = false;  // sigmoid attention (normalization sigmoid)
+  // A KV cache read by attention_with_kv_cache (forward only): K and V in pages of this many
+  // positions (0: not a cache shape); ragged: sequence b holds Nk/16 + (Nk − Nk/16)·b/(B − 1)
+  // keys (from Nk/16 to Nk), else Nk each.
+  std::int64_t page_size = 0;
+  bool ragged = false;
+  bool kv_cache() const { return page_size > 0; }
+  // Keys of sequence b (Nk unless ragged), and of all sequences.
+  std::int64_t sequence_length(std::int64_t b) const;
+  std::int64_t total_keys() const;
   // Whether the GEMM → softmax → GEMM baseline computes this shape (it knows no masks but causal,
   // no sinks, no sigmoid).
   bool baseline_applies() const {
-    return documents == 0 && sliding_window == 0 && window < 0 && !sinks && !sigmoid;
+    return documents == 0 && sliding_window == 0 && window < 0 && !sinks && !sigmoid && !kv_cache();
   }
   // The share of the Nq × Nk pairs the masks leave visible (1 without masks).
   double visible_share() const;
@@ -44,8 +53,10 @@ std::vector<Shape> default_shapes();
 // B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][window<w>[sinktokens<n>]][causal],
 // e.g.
 // "B1H8N4096D64causal", "B1H8N4096D64docs512" or "B1H32Nq1Nk8192D128"; either followed by
-// "sinks" (e.g. "S2sinks") adds attention sinks, by "sigmoid" makes it sigmoid attention. Throws
-// qkv::Error naming the spec.
+// "sinks" (e.g. "S2sinks") adds attention sinks, by "sigmoid" makes it sigmoid attention. A
+// "page<p>" field makes it a paged KV cache (read through attention_with_kv_cache), "ragged" after
+// it spreads the sequences' lengths; K1 = B16H32Hk8Nq1Nk8192D128page16ragged (a ragged, paged
+// decoding batch: lengths from 512 to 8192, pages of 16). Throws qkv::Error naming the spec.
 Shape parse_shape(const std::string& spec);
 
 // FLOPs of docs/contract.md §8: 4·Nq·Nk·D per head, counting only the visible pairs under masks.

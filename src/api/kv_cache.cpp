@@ -12,6 +12,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <vector>
 
@@ -110,6 +111,8 @@ CacheLayout check_cache(const TensorView& q, const KVCache& cache) {
     c.slots.page_table = c.block_table.data();
     c.slots.pages_per_sequence = c.pages_per_sequence;
     c.slots.page_size = c.page_size;
+    if (std::has_single_bit(static_cast<std::uint64_t>(c.page_size)))
+      c.slots.page_shift = std::countr_zero(static_cast<std::uint64_t>(c.page_size));
   } else {
     c.capacity = k.shape[1];
     if (cache.batch_index) {

@@ -24,6 +24,7 @@ struct RowMap {
   const std::int64_t* page_table = nullptr;   // [B, pages_per_sequence]; null: contiguous
   std::int64_t pages_per_sequence = 0;
   std::int64_t page_size = 1;
+  int page_shift = -1;  // log2(page_size) when it is a power of two (a shift, not a division)
 
   // (first index, second index) of the storage row holding logical row (b, n): (batch row, slot)
   // of a contiguous cache, (page, row in the page) of a paged one.
@@ -32,6 +33,9 @@ struct RowMap {
     if (first_slot != nullptr)
       slot = std::clamp(slot, first_slot[b], std::max(first_slot[b], end_slot[b] - 1));
     if (page_table != nullptr) {
+      if (page_shift >= 0) {
+        return {page_table[b * pages_per_sequence + (slot >> page_shift)], slot & (page_size - 1)};
+      }
       return {page_table[b * pages_per_sequence + slot / page_size], slot % page_size};
     }
     return {batch_index == nullptr ? b : batch_index[b], slot};

@@ -238,8 +238,9 @@ class DecodeKernel {
       const std::int64_t count = std::min(lanes_, chunk_last - start);
       // 2a. Scores: key rows in memory order (key, head), each against its head's query rows.
       for (std::int64_t t = 0; t < count; ++t) {
+        const Stored* key_heads = KeyRow(b, start + t, 0);  // heads lie a stride apart
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-          const Stored* key = KeyRow(b, start + t, hk);
+          const Stored* key = key_heads + hk * KeyHeadStride();
           PrefetchAhead(key, dim);
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
             s.scores[r * lanes_ + t] = Dot(s.queries.data() + r * dim, key, dim);
@@ -276,8 +277,9 @@ class DecodeKernel {
       }
       // 2d. Value rows in memory order, each into its head's accumulators.
       for (std::int64_t t = 0; t < count; ++t) {
+        const Stored* value_heads = ValueRow(b, start + t, 0);
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-          const Stored* value = ValueRow(b, start + t, hk);
+          const Stored* value = value_heads + hk * ValueHeadStride();
           PrefetchAhead(value, p_.v_dim);
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
             const float weight = s.scores[r * lanes_ + t];
@@ -306,6 +308,12 @@ class DecodeKernel {
     } else {
       return reinterpret_cast<const Stored*>(o_.k16.row(b, j, hk));
     }
+  }
+  std::int64_t KeyHeadStride() const {
+    return std::is_same_v<Stored, float> ? o_.k.stride_h : o_.k16.stride_h;
+  }
+  std::int64_t ValueHeadStride() const {
+    return std::is_same_v<Stored, float> ? o_.v.stride_h : o_.v16.stride_h;
   }
   const Stored* ValueRow(std::int64_t b, std::int64_t j, std::int64_t hk) const {
     if constexpr (std::is_same_v<Stored, float>) {

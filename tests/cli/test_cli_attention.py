@@ -256,6 +256,21 @@ def test_help_exits_0(tmp_path):
     assert "--key-lengths" in result.stdout
 
 
+def test_bench_reads_a_ragged_paged_kv_cache(tmp_path):
+    """A KV-cache shape: sequences of 4 … 64 keys (ragged) in pages of 4, its floor the bytes of
+    the keys and values the sequences hold (not B·Nk's)."""
+    import json
+    result = run("bench", "--shapes", "B3H4Hk2Nq1Nk64D16page4ragged", "--repetitions", "1",
+                 "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    shape = report["shapes"][0]
+    assert shape["median_ms"] > 0 and shape["floor_ms"] > 0
+    keys = 4 + (4 + 30) + 64  # Nk/16 + (Nk - Nk/16)·b/(B - 1) for b = 0, 1, 2
+    floor_bytes = 2 * keys * 2 * 16 * 4
+    assert abs(shape["floor_ms"] * report["read_bandwidth_gbs"] * 1e6 - floor_bytes) < 1e-3 * floor_bytes
+
+
 def test_bench_json_reports_every_figure(tmp_path):
     """The bench's JSON carries what its closing notes quote (timing itself is not tested)."""
     import json
@@ -275,7 +290,10 @@ def test_bench_json_reports_every_figure(tmp_path):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--shapes", "B1H8"], "--shapes: expected S1 … S5, A1, M1, M2 or"),
+    (["--shapes", "B1H8"], "--shapes: expected S1 … S5, A1, M1, M2, K1 or"),
+    (["--shapes", "B1H8N64D8ragged"], "--shapes: expected S1 … S5, A1, M1, M2, K1 or"),
+    (["--shapes", "B2H2Nq1Nk64D8page4", "--pass", "backward"],
+     "--pass backward: expected shapes without a KV cache"),
     (["--shapes", "B1H3Hk2N8D8"], "--shapes: expected Hk dividing H"),
     (["--dtype", "fp8"], "--dtype: expected f32, bf16 or f16, got 'fp8'"),
     (["--repetitions", "0"], "--repetitions: expected >= 1"),

@@ -148,10 +148,11 @@ void add_bench_command(CLI::App& app) {
       "bench", "Attention throughput beside OpenBLAS sgemm, measured in the same run");
   command->add_flag("--json", flags->json, "print JSON instead of a table");
   command->add_option("--shapes", flags->shapes,
-                      "comma-separated S1…S5, A1, M1, M2 or "
+                      "comma-separated S1…S5, A1, M1, M2, K1 or "
                       "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>]"
-                      "[window<w>[sinktokens<n>]][causal], "
-                      "each optionally followed by sinks or sigmoid");
+                      "[window<w>[sinktokens<n>]][page<p>[ragged]][causal], "
+                      "each optionally followed by sinks or sigmoid (page: a paged KV cache, "
+                      "ragged: lengths from Nk/16 to Nk; K1 = B16H32Hk8Nq1Nk8192D128page16ragged)");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
   command->add_option("--dtype", flags->dtype, "f32 | bf16 | f16 (inputs and output)")
       ->default_str("f32");
