@@ -9,9 +9,9 @@
 namespace qkv {
 
 // Where gradients go; each is computed only when given, and each has the shape of what it is the
-// gradient of (float32, float64, bfloat16 or float16 storage). With GQA, dk and dv sum over the query
-// heads of a group; a parameter shared by all heads (W, Wq, Wk, va without a leading Hq) gets the
-// sum over heads; dbias has the bias's own shape and sums over its broadcast dimensions.
+// gradient of (float32, float64, bfloat16 or float16 storage). With GQA, dk and dv sum over the
+// query heads of a group; a parameter shared by all heads (W, Wq, Wk, va without a leading Hq) gets
+// the sum over heads; dbias has the bias's own shape and sums over its broadcast dimensions.
 struct AttentionGradients {
   std::optional<MutableTensorView> dq;            // [B, Nq, Hq, Dq]
   std::optional<MutableTensorView> dk;            // [B, Nk, Hk, Dk]

@@ -14,10 +14,10 @@ namespace qkv {
 // the union of the key sets, exactly as if it had been computed at once:
 //   LSE = log Σ_p e^(LSE_p),   O = Σ_p e^(LSE_p − LSE) · O_p   (in float64, rounded once).
 // Parts that saw no key (LSE_p = -inf) contribute nothing; rows no part saw get O = 0, LSE = -inf.
-// All tensors float32, float64, bfloat16 or float16, any strides; `out` may be one of the parts' storage.
-// Throws qkv::Error naming the argument when counts, shapes or dtypes disagree.
-// With normalization sigmoid (no normalizer: each part's O is already a plain sum), O = Σ_p O_p
-// and LSE as above (the log of the rows' total weight).
+// All tensors float32, float64, bfloat16 or float16, any strides; `out` may be one of the parts'
+// storage. Throws qkv::Error naming the argument when counts, shapes or dtypes disagree. With
+// normalization sigmoid (no normalizer: each part's O is already a plain sum), O = Σ_p O_p and LSE
+// as above (the log of the rows' total weight).
 void merge_attention(std::span<const TensorView> outs, std::span<const TensorView> lses,
                      const MutableTensorView& out,
                      const std::optional<MutableTensorView>& lse = std::nullopt,

@@ -316,7 +316,7 @@ void attention_with_kv_cache(const TensorView& q, const KVCache& cache,
 
   // 3. The sequences right-aligned on one key axis (top of file), read through a RowMap.
   std::vector<std::int64_t> starts(static_cast<std::size_t>(batch)), shifts(starts.size()),
-      ends(starts.size());
+      firsts(starts.size()), ends(starts.size());
   std::int64_t k_len = 0;
   for (std::size_t b = 0; b < starts.size(); ++b)
     k_len = std::max(k_len, c.seqlens[b] + new_len - c.leftpad[b]);
@@ -324,10 +324,13 @@ void attention_with_kv_cache(const TensorView& q, const KVCache& cache,
     ends[b] = c.seqlens[b] + new_len;
     starts[b] = k_len - (ends[b] - c.leftpad[b]);
     shifts[b] = c.leftpad[b] - starts[b];  // slot of logical key n: n + shift
+    // Hidden rows come from the sequence's own slots; an empty sequence's from a slot inside the
+    // cache (its leftpad may equal the capacity).
+    firsts[b] = std::min(c.leftpad[b], c.capacity - 1);
   }
   RowMap rows = c.slots;
   rows.slot_shift = shifts.data();
-  rows.first_slot = c.leftpad.data();
+  rows.first_slot = firsts.data();
   rows.end_slot = ends.data();
   // Logical views: the right shape over the cache's storage; the RowMap places each row.
   const auto logical = [&](const MutableTensorView& storage, std::int64_t dim) {

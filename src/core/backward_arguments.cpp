@@ -60,9 +60,8 @@ std::int64_t offset_of(const TensorView& view, std::int64_t n) {
 }
 
 Tensor dense_copy(const TensorView& view) {
-  const bool is_float =
-      view.dtype == DType::float32 || view.dtype == DType::float64 ||
-      view.dtype == DType::bfloat16 || view.dtype == DType::float16;
+  const bool is_float = view.dtype == DType::float32 || view.dtype == DType::float64 ||
+                        view.dtype == DType::bfloat16 || view.dtype == DType::float16;
   if (!is_float) return to_tensor(view);
   Tensor copy(DType::float64,
               std::vector<std::int64_t>(view.shape.begin(), view.shape.begin() + view.rank));

@@ -141,8 +141,8 @@ struct AttentionProblem {
 StridedInput input_of(const TensorView& view);
 StridedOutput output_of(const MutableTensorView& view);
 
-// Throws qkv::Error naming `name` unless the view holds float32, float64, bfloat16 or float16 data (not a
-// null pointer when it has elements).
+// Throws qkv::Error naming `name` unless the view holds float32, float64, bfloat16 or float16 data
+// (not a null pointer when it has elements).
 void require_float_data(const TensorView& view, const std::string& name);
 
 // The checks every door and score unit shares, each a qkv::Error naming `name`: a rank of at most
@@ -158,8 +158,8 @@ StridedInput per_head_parameter(const TensorView& view, const char* name,
                                 std::int64_t q_heads, const std::string& expect);
 
 // An output view of `rank` dims whose shape is `expected` (its first `rank` entries) and whose
-// dtype is float32, float64, bfloat16 or float16; qkv::Error naming `name`, the `layout` ("[B, Hq, Nq]")
-// and what was given otherwise.
+// dtype is float32, float64, bfloat16 or float16; qkv::Error naming `name`, the `layout` ("[B, Hq,
+// Nq]") and what was given otherwise.
 StridedOutput checked_output_of(const MutableTensorView& view, const char* name,
                                 const std::array<std::int64_t, 4>& expected, int rank,
                                 const char* layout);

@@ -303,6 +303,31 @@ TEST(KVCache, PagedPrefillWithWindowAndMultiQuery) {
   expect_cache_call_matches_steps(c);
 }
 
+// A sequence with no key at all — full to capacity and left-padded to its end, no new keys — beside
+// longer ones, in a prefill the fused kernel takes (it packs every tile): no read outside the
+// cache (the sanitizer build checks), O = 0 and LSE = −inf for its rows.
+TEST(KVCache, AnEmptySequenceAtFullCapacity) {
+  for (const std::int64_t page : {0, 16}) {
+    const std::int64_t capacity = 32, batch = 2, q_len = 20, heads = 2, d = 8;
+    Tensor k_cache = random_float32({page > 0 ? 4 : batch, page > 0 ? 16 : capacity, heads, d}, 1);
+    Tensor v_cache = random_float32({page > 0 ? 4 : batch, page > 0 ? 16 : capacity, heads, d}, 2);
+    const Tensor q = random_float32({batch, q_len, heads, d}, 3);
+    const Tensor seqlens = int64_tensor({capacity, 25}, {batch});
+    const Tensor leftpad = int64_tensor({capacity, 0}, {batch});
+    const Tensor table = int64_tensor({3, 1, 0, 2}, {batch, 2});
+    KVCache cache{k_cache.mutable_view(), v_cache.mutable_view(), {}, seqlens.view(), {},
+                  leftpad.view()};
+    if (page > 0) cache.block_table = table.view();
+    Tensor out(DType::float32, {batch, q_len, heads, d}),
+        lse(DType::float32, {batch, heads, q_len});
+    attention_with_kv_cache(q.view(), cache, std::nullopt, std::nullopt, {}, AttentionOptions{},
+                            {out.mutable_view(), lse.mutable_view(), {}});
+    for (std::int64_t n = 0; n < q_len * heads * d; ++n) EXPECT_EQ(out.data<float>()[n], 0.0f);
+    for (std::int64_t n = 0; n < heads * q_len; ++n) EXPECT_TRUE(std::isinf(lse.data<float>()[n]));
+    EXPECT_TRUE(std::isfinite(out.data<float>()[q_len * heads * d]));
+  }
+}
+
 TEST(KVCache, Bfloat16Cache) {
   CacheCase c;
   c.dtype = DType::bfloat16;

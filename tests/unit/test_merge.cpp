@@ -122,9 +122,9 @@ TEST(Merge, BadArguments) {
   EXPECT_THAT(message([&] { merge_attention(outs, lses, o.mutable_view()); }),
               ::testing::HasSubstr("lses[1]: expected [1, 3, 2] (from out), got [1, 2, 3]"));
   const TensorView int_outs[] = {o_int.view()};
-  EXPECT_THAT(
-      message([&] { merge_attention(int_outs, std::span(lses, 1), o.mutable_view()); }),
-      ::testing::HasSubstr("outs[0]: expected dtype float32, float64, bfloat16 or float16, got int32"));
+  EXPECT_THAT(message([&] { merge_attention(int_outs, std::span(lses, 1), o.mutable_view()); }),
+              ::testing::HasSubstr(
+                  "outs[0]: expected dtype float32, float64, bfloat16 or float16, got int32"));
 }
 
 }  // namespace
