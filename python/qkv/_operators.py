@@ -55,7 +55,14 @@ def _config_string(config):
     pieces = None if config.score_pieces is None else [list(p) for p in config.score_pieces]
     return json.dumps({"options": options, "want_weights": bool(config.want_weights),
                        "out_layout": config.out_layout, "score_pieces": pieces,
-                       "block_mask": block}, sort_keys=True)
+                       "block_mask": block}, sort_keys=True, default=_plain_number)
+
+
+def _plain_number(value):
+    """A NumPy or torch scalar (a scale given as np.float32, say) as the Python number it holds."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise Error(f"config: expected numbers, strings and lists, got {type(value).__name__}")
 
 
 class _ParsedConfig(collections.namedtuple(
@@ -446,7 +453,7 @@ def _second_derivative(config, wanted, upstream, dout, dlse, q, k, v, tensors, s
             if first is not None and u is not None:
                 pairs.append((first, u.to(torch.float64)))
         inputs = [dout_leaf, dlse_leaf, *leaves]
-        asked = [t for t, n in zip(inputs, needs_for(needs, len(named), len(score_parameters)))
+        asked = [t for t, n in zip(inputs, _needs_for(needs, len(named), len(score_parameters)))
                  if n and t is not None]
         if pairs and asked:
             seconds = torch.autograd.grad([f for f, _ in pairs], asked, [u for _, u in pairs],
@@ -457,7 +464,7 @@ def _second_derivative(config, wanted, upstream, dout, dlse, q, k, v, tensors, s
     originals = [dout, dlse, *primals]
     results = []
     for t, original, n in zip(inputs, originals,
-                              needs_for(needs, len(named), len(score_parameters))):
+                              _needs_for(needs, len(named), len(score_parameters))):
         if n and t is not None:
             g = next(found)
             results.append(None if g is None else g.to(original.dtype))
@@ -466,7 +473,7 @@ def _second_derivative(config, wanted, upstream, dout, dlse, q, k, v, tensors, s
     return results
 
 
-def needs_for(needs, named_count, score_count):
+def _needs_for(needs, named_count, score_count):
     """needs_input_grad of _AttentionBackward (after config and wanted) for (dO, dLSE, q, k, v,
     the named parameters, the score parameters), skipping the masks and out, lse."""
     dout_dlse_qkv = needs[:5]

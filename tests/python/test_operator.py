@@ -4,6 +4,8 @@ loads and runs), torch.fx sees one node per function call and one call_module pe
 meta tensors give shapes and dtypes without computing."""
 import io
 
+import numpy as np
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -166,3 +168,9 @@ def test_fx_keeps_a_score_mod_built_from_parameters_in_the_graph():
     with torch.no_grad():
         graph_module.slopes.mul_(2)  # the graph reads the parameter, not a copy of it
     assert torch.equal(graph_module(q, k, v), model(q, k, v))
+
+
+def test_numpy_scalars_as_options():
+    q = bhnd(12)
+    want = qkv.scaled_dot_product_attention(q, q, q, scale=0.25)
+    assert torch.equal(qkv.scaled_dot_product_attention(q, q, q, scale=np.float32(0.25)), want)
