@@ -22,8 +22,8 @@ def attention(
     bias: Optional[Array] = ..., sinks: Optional[Array] = ..., causal: bool = ...,
     causal_align: str = ..., prefix_length: int = ..., sink_tokens: int = ...,
     normalization: str = ...,
-    sigmoid_bias: Optional[float] = ..., window: Window = ..., key_lengths: Optional[Array] = ..., key_starts: Optional[Array] = ...,
-    mask: Optional[Array] = ...,
+    sigmoid_bias: Optional[float] = ..., window: Window = ..., key_lengths: Optional[Array] = ...,
+    key_starts: Optional[Array] = ..., mask: Optional[Array] = ...,
     return_lse: bool = ..., return_weights: bool = ..., dropout_p: float = ...,
     dropout_seed: Optional[int] = ..., threads: Optional[int] = ...,
 ) -> Union[Array, Tuple[Array, Array], Tuple[Array, Array, Array]]: ...

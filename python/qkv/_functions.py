@@ -194,7 +194,8 @@ def _seed(dropout_p, seed):
 def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=None, va=None,
               temperature=None, softcap=0.0, alibi_slopes=None, bias=None, sinks=None, causal=False,
               causal_align="bottom-right", prefix_length=0, sink_tokens=0,
-              normalization="softmax", sigmoid_bias=None, window=(-1, -1), key_lengths=None, key_starts=None, mask=None, return_lse=False,
+              normalization="softmax", sigmoid_bias=None, window=(-1, -1), key_lengths=None,
+              key_starts=None, mask=None, return_lse=False,
               return_weights=False, dropout_p=0.0, dropout_seed=None, threads=None):
     """Attention in qkv's layout: q [B, Nq, Hq, Dq], k [B, Nk, Hk, Dk], v [B, Nk, Hk, Dv].
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 
 from . import _qkv
-from ._functions import _empty, _is_torch, _numpy_view, _result_dtypes
+from ._functions import _empty, _is_torch, _numpy_view, _result_dtypes, one_fx_node
 from ._qkv import Error
 
 try:
@@ -24,6 +24,7 @@ def _per_sequence(value, batch, name):
     raise Error(f"{name}: expected an int or [B] ints, got {type(value).__name__}")
 
 
+@one_fx_node
 def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
                             block_table=None, softmax_scale=None, causal=False,
