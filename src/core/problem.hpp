@@ -24,11 +24,9 @@ struct StridedInput {
 
   std::int64_t offset(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
                       std::int64_t i3 = 0) const {
-    if (rows != nullptr) {
-      const auto [r0, r1] = rows->locate(i0, i1);
-      return r0 * strides[0] + r1 * strides[1] + i2 * strides[2] + i3 * strides[3];
-    }
-    return i0 * strides[0] + i1 * strides[1] + i2 * strides[2] + i3 * strides[3];
+    const std::int64_t leading = rows != nullptr ? rows->offset(i0, i1, strides[0], strides[1])
+                                                 : i0 * strides[0] + i1 * strides[1];
+    return leading + i2 * strides[2] + i3 * strides[3];
   }
   // The element widened to double (bool → 0/1, integers exactly when |x| < 2^53).
   double load(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0, std::int64_t i3 = 0) const;

@@ -40,6 +40,12 @@ struct RowMap {
     }
     return {batch_index == nullptr ? b : batch_index[b], slot};
   }
+  // The offset of that row in storage whose first two dimensions have these strides.
+  std::int64_t offset(std::int64_t b, std::int64_t n, std::int64_t stride0,
+                      std::int64_t stride1) const {
+    const auto [r0, r1] = locate(b, n);
+    return r0 * stride0 + r1 * stride1;
+  }
 };
 
 }  // namespace qkv::detail

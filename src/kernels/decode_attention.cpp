@@ -31,10 +31,10 @@
 #include <hwy/cache_control.h>
 
 #include "kernels/score_math-inl.h"
+#include "kernels/widen-inl.h"
 // clang-format on
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <limits>
 #include <span>
@@ -60,30 +60,6 @@ namespace HWY_NAMESPACE {
 
 namespace hn = hwy::HWY_NAMESPACE;
 using FloatTag = hn::ScalableTag<float>;
-
-// One vector of float32 from float32 or bfloat16 storage (bfloat16 is the upper half of a float32:
-// widening is a 16-bit shift).
-HWY_INLINE hn::Vec<FloatTag> LoadWidened(FloatTag d, const float* p) {
-  return hn::LoadU(d, p);
-}
-HWY_INLINE hn::Vec<FloatTag> LoadWidened(FloatTag d, const std::uint16_t* p) {
-  const hn::RebindToUnsigned<FloatTag> du32;
-  const hn::Rebind<std::uint16_t, FloatTag> du16;
-  return hn::BitCast(d, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, p))));
-}
-HWY_INLINE float Widened(float x) {
-  return x;
-}
-HWY_INLINE float Widened(std::uint16_t x) {
-  return from_bfloat16(x);
-}
-// float16 (IEEE binary16) storage: F16C's conversion on x86.
-HWY_INLINE hn::Vec<FloatTag> LoadWidened(FloatTag d, const hwy::float16_t* p) {
-  return hn::PromoteTo(d, hn::LoadU(hn::Rebind<hwy::float16_t, FloatTag>(), p));
-}
-HWY_INLINE float Widened(hwy::float16_t x) {
-  return from_float16(std::bit_cast<std::uint16_t>(x));
-}
 
 // Σ_d a[d]·b[d] with two vector accumulators and a scalar tail.
 template <class Stored>

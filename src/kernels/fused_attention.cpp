@@ -42,10 +42,10 @@
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
 #include "kernels/score_math-inl.h"
+#include "kernels/widen-inl.h"
 // clang-format on
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -84,31 +84,13 @@ constexpr int TVectors = 8;
 
 using FloatTag = hn::ScalableTag<float>;
 
-// A bfloat16 value as the float32 it is the upper half of (inline, so that loops vectorize).
-HWY_INLINE float WidenBfloat16(std::uint16_t bits) {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
-}
-
-// out[0 … n) = the bfloat16 or float16 values in[0 … n) as float32: whole vectors, then one at a
-// time (float16 through the F16C conversion on x86, the targets' own elsewhere).
+// out[0 … n) = the bfloat16 or float16 values in[0 … n) as float32 (kernels/widen-inl.h).
 HWY_INLINE void WidenRow(const std::uint16_t* in, float* out, std::int64_t n, DType half) {
-  const FloatTag d;
-  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  std::int64_t i = 0;
   if (half == DType::float16) {
-    const hn::Rebind<hwy::float16_t, FloatTag> d16;
-    const auto* halves = reinterpret_cast<const hwy::float16_t*>(in);
-    for (; i + lanes <= n; i += lanes)
-      hn::StoreU(hn::PromoteTo(d, hn::LoadU(d16, halves + i)), d, out + i);
-    for (; i < n; ++i) out[i] = from_float16(in[i]);
-    return;
+    WidenRow(reinterpret_cast<const hwy::float16_t*>(in), out, n);
+  } else {
+    WidenRow(in, out, n);
   }
-  const hn::RebindToUnsigned<FloatTag> du32;
-  const hn::Rebind<std::uint16_t, FloatTag> du16;
-  for (; i + lanes <= n; i += lanes)
-    hn::StoreU(hn::BitCast(d, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, in + i)))), d,
-               out + i);
-  for (; i < n; ++i) out[i] = WidenBfloat16(in[i]);
 }
 
 // out[i] = f(in[i]) for a vector function f, whole vectors then one lane at a time (the test

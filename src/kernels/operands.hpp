@@ -122,11 +122,9 @@ struct RowMajorOperand {
   std::vector<T> storage;
 
   const T* row(std::int64_t b, std::int64_t n, std::int64_t h) const {
-    if (rows != nullptr) {
-      const auto [r0, r1] = rows->locate(b, n);
-      return data + r0 * stride_b + r1 * stride_n + h * stride_h;
-    }
-    return data + b * stride_b + n * stride_n + h * stride_h;
+    const std::int64_t leading =
+        rows != nullptr ? rows->offset(b, n, stride_b, stride_n) : b * stride_b + n * stride_n;
+    return data + leading + h * stride_h;
   }
 };
 

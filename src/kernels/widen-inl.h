@@ -1,0 +1,70 @@
+// Storage types widened to float32, per SIMD target: the kernels keep bfloat16 and float16 inputs
+// as they come and widen a vector (or a row) at a time as they read them. Included after
+// hwy/highway.h by the fused and split-KV kernels.
+//   float:           as it is;
+//   std::uint16_t:   bfloat16, the upper half of a float32: a 16-bit shift;
+//   hwy::float16_t:  IEEE binary16: Highway's PromoteTo (F16C's vcvtph2ps on x86).
+
+// Per-target include guard (Highway's convention for headers included once per target).
+#if defined(QKV_KERNELS_WIDEN_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef QKV_KERNELS_WIDEN_INL_H_
+#undef QKV_KERNELS_WIDEN_INL_H_
+#else
+#define QKV_KERNELS_WIDEN_INL_H_
+#endif
+
+#include <hwy/highway.h>
+
+#include <bit>
+#include <cstdint>
+
+#include "qkv/tensor.hpp"
+
+HWY_BEFORE_NAMESPACE();
+namespace qkv::kernels {
+namespace HWY_NAMESPACE {
+
+namespace hn = hwy::HWY_NAMESPACE;
+
+// One vector of float32 from p.
+template <class D>
+HWY_INLINE hn::Vec<D> LoadWidened(D d, const float* p) {
+  return hn::LoadU(d, p);
+}
+template <class D>
+HWY_INLINE hn::Vec<D> LoadWidened(D d, const std::uint16_t* p) {
+  const hn::RebindToUnsigned<D> du32;
+  const hn::Rebind<std::uint16_t, D> du16;
+  return hn::BitCast(d, hn::ShiftLeft<16>(hn::PromoteTo(du32, hn::LoadU(du16, p))));
+}
+template <class D>
+HWY_INLINE hn::Vec<D> LoadWidened(D d, const hwy::float16_t* p) {
+  return hn::PromoteTo(d, hn::LoadU(hn::Rebind<hwy::float16_t, D>(), p));
+}
+
+// One element as float32.
+HWY_INLINE float Widened(float x) {
+  return x;
+}
+HWY_INLINE float Widened(std::uint16_t x) {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(x) << 16);
+}
+HWY_INLINE float Widened(hwy::float16_t x) {
+  return from_float16(std::bit_cast<std::uint16_t>(x));
+}
+
+// out[0 … n) = in[0 … n) as float32: whole vectors, then one element at a time.
+template <class Stored>
+HWY_INLINE void WidenRow(const Stored* in, float* out, std::int64_t n) {
+  const hn::ScalableTag<float> d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  std::int64_t i = 0;
+  for (; i + lanes <= n; i += lanes) hn::StoreU(LoadWidened(d, in + i), d, out + i);
+  for (; i < n; ++i) out[i] = Widened(in[i]);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace qkv::kernels
+HWY_AFTER_NAMESPACE();
+
+#endif  // QKV_KERNELS_WIDEN_INL_H_
