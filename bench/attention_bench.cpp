@@ -313,8 +313,11 @@ double measure_read_bandwidth(int threads) {
 }
 
 double key_value_bytes(const Shape& s, DType dtype) {
-  return 2.0 * static_cast<double>(s.total_keys() * s.kv_heads * s.head_dim) *
-         static_cast<double>(dtype_size(dtype));
+  const double rows = static_cast<double>(s.total_keys() * s.kv_heads);
+  // An int8 cache also reads a float32 scale per row.
+  const double scale_bytes = dtype == DType::int8 ? 4.0 : 0.0;
+  return 2.0 * rows *
+         (static_cast<double>(s.head_dim) * static_cast<double>(dtype_size(dtype)) + scale_bytes);
 }
 
 GemmResult measure_sgemm(int threads) {
@@ -349,7 +352,27 @@ std::vector<std::uint16_t> as_float16(const std::vector<float>& values) {
   return rounded;
 }
 
+// Rows of `dim` values quantized as an int8 KV cache holds them (contract §9): each row's scale
+// max |x| / 127, the values round(x / scale).
+void quantize_rows(const std::vector<float>& values, std::int64_t dim,
+                   std::vector<std::int8_t>& quantized, std::vector<float>& scales) {
+  quantized.resize(values.size());
+  scales.resize(values.size() / static_cast<std::size_t>(dim));
+  for (std::size_t row = 0; row < scales.size(); ++row) {
+    const float* x = values.data() + row * static_cast<std::size_t>(dim);
+    float largest = 0;
+    for (std::int64_t d = 0; d < dim; ++d) largest = std::max(largest, std::abs(x[d]));
+    scales[row] = largest / 127;
+    for (std::int64_t d = 0; d < dim; ++d) {
+      quantized[row * static_cast<std::size_t>(dim) + static_cast<std::size_t>(d)] =
+          static_cast<std::int8_t>(largest > 0 ? std::nearbyint(x[d] / scales[row]) : 0.0f);
+    }
+  }
+}
+
 // One shape's inputs (seeded, so both phases see the same numbers) and the views over them.
+// dtype int8: an int8 KV cache (the whole of K and V in one contiguous cache unless the shape
+// pages it) with float32 queries and output.
 struct BenchProblem {
   BenchProblem(const Shape& s, DType dtype, int threads) {
     const std::int64_t d = s.head_dim, a = s.additive_dim;
@@ -378,7 +401,12 @@ struct BenchProblem {
     v = random_floats(static_cast<std::size_t>(rows * s.kv_heads * d), 5);
     out.resize(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
     const bool bf16 = dtype == DType::bfloat16 || dtype == DType::float16;  // 16-bit storage
-    if (dtype == DType::bfloat16) {
+    const bool int8 = dtype == DType::int8;
+    const DType query_dtype = int8 ? DType::float32 : dtype;
+    if (int8) {
+      quantize_rows(k, d, k8, k_scales);
+      quantize_rows(v, d, v8, v_scales);
+    } else if (dtype == DType::bfloat16) {
       q16 = as_bfloat16(q);
       k16 = as_bfloat16(k);
       v16 = as_bfloat16(v);
@@ -413,29 +441,42 @@ struct BenchProblem {
       options.wk = TensorView::contiguous(wk.data(), DType::float32, {a, d});
       options.va = TensorView::contiguous(va.data(), DType::float32, {a});
     }
-    q_view = TensorView::contiguous(bf16 ? static_cast<const void*>(q16.data()) : q.data(), dtype,
-                                    {s.batch, s.q_len, s.q_heads, d});
+    q_view = TensorView::contiguous(bf16 ? static_cast<const void*>(q16.data()) : q.data(),
+                                    query_dtype, {s.batch, s.q_len, s.q_heads, d});
     const std::array<std::int64_t, 4> kv_shape =
         s.kv_cache() ? std::array<std::int64_t, 4>{rows / s.page_size, s.page_size, s.kv_heads, d}
                      : std::array<std::int64_t, 4>{s.batch, s.k_len, s.kv_heads, d};
-    k_view = TensorView::contiguous(bf16 ? static_cast<const void*>(k16.data()) : k.data(), dtype,
-                                    kv_shape);
-    v_view = TensorView::contiguous(bf16 ? static_cast<const void*>(v16.data()) : v.data(), dtype,
-                                    kv_shape);
-    if (s.kv_cache()) {  // the cache reads the same storage (the call writes nothing to it)
-      const std::int64_t per_sequence = (s.k_len + s.page_size - 1) / s.page_size;
+    const auto storage = [&](const std::vector<float>& f32, const std::vector<std::uint16_t>& b16,
+                             const std::vector<std::int8_t>& i8) -> const void* {
+      return int8   ? static_cast<const void*>(i8.data())
+             : bf16 ? static_cast<const void*>(b16.data())
+                    : static_cast<const void*>(f32.data());
+    };
+    k_view = TensorView::contiguous(storage(k, k16, k8), dtype, kv_shape);
+    v_view = TensorView::contiguous(storage(v, v16, v8), dtype, kv_shape);
+    if (s.kv_cache() || int8) {  // the cache reads the same storage (the call writes nothing to it)
       cache.k = MutableTensorView::contiguous(const_cast<void*>(k_view.data), dtype, kv_shape);
       cache.v = MutableTensorView::contiguous(const_cast<void*>(v_view.data), dtype, kv_shape);
-      cache.block_table =
-          TensorView::contiguous(block_table.data(), DType::int64, {s.batch, per_sequence});
-      cache.seqlens = TensorView::contiguous(seqlens.data(), DType::int64, {s.batch});
+      if (s.kv_cache()) {
+        const std::int64_t per_sequence = (s.k_len + s.page_size - 1) / s.page_size;
+        cache.block_table =
+            TensorView::contiguous(block_table.data(), DType::int64, {s.batch, per_sequence});
+        cache.seqlens = TensorView::contiguous(seqlens.data(), DType::int64, {s.batch});
+      }
+      if (int8) {
+        cache.k_scale = MutableTensorView::contiguous(k_scales.data(), DType::float32,
+                                                      {kv_shape[0], kv_shape[1], s.kv_heads});
+        cache.v_scale = MutableTensorView::contiguous(v_scales.data(), DType::float32,
+                                                      {kv_shape[0], kv_shape[1], s.kv_heads});
+      }
     }
-    // O in the inputs' dtype (bfloat16 uses the first half of `out`).
+    // O in the queries' dtype (bfloat16 uses the first half of `out`).
     outputs.out =
-        MutableTensorView::contiguous(out.data(), dtype, {s.batch, s.q_len, s.q_heads, d});
+        MutableTensorView::contiguous(out.data(), query_dtype, {s.batch, s.q_len, s.q_heads, d});
   }
-  std::vector<float> q, k, v, out, wq, wk, va, sinks;
+  std::vector<float> q, k, v, out, wq, wk, va, sinks, k_scales, v_scales;
   std::vector<std::uint16_t> q16, k16, v16;
+  std::vector<std::int8_t> k8, v8;
   std::vector<std::int64_t> block_table, seqlens;
   KVCache cache;
   BlockMask block_mask;
@@ -458,7 +499,7 @@ ShapeResult measure_qkv(const Shape& s, DType dtype, int threads, double bandwid
   reset_peak_memory();
   BenchProblem problem(s, dtype, threads);
   result.median_ms = median_ms(repetitions, [&] {
-    if (s.kv_cache()) {
+    if (s.kv_cache() || dtype == DType::int8) {
       attention_with_kv_cache(problem.q_view, problem.cache, std::nullopt, std::nullopt, {},
                               problem.options, problem.outputs);
     } else {
@@ -524,6 +565,7 @@ ShapeResult measure_qkv_backward(const Shape& s, DType dtype, int threads, int r
 
 void measure_baseline(ShapeResult& result, int threads, int repetitions) {
   const Shape& s = result.shape;
+  if (result.dtype == DType::int8) return;  // the baseline knows no int8 cache
   BenchProblem problem(s, result.dtype, threads);
   // The baseline materializes Nq×Nk floats; past kNaiveLimitBytes it is not run.
   if (static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * 4.0 > kNaiveLimitBytes ||

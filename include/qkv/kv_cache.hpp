@@ -16,13 +16,21 @@ namespace qkv {
 //               block_table [B, max_pages]: slot s of batch element b is row s % page_size of page
 //               block_table[b, s / page_size]; any page_size >= 1. Capacity = max_pages·page_size.
 // Sequence b occupies slots [leftpad[b], seqlens[b]) (leftpad absent: 0; seqlens absent: the
-// whole capacity). The cache holds float32, bfloat16 or float64, Q's dtype.
+// whole capacity). The cache holds Q's dtype (float32, float64, bfloat16 or float16), or int8.
+//
+// An int8 cache (k and v int8, unit stride along D, Q float32, bfloat16 or float16) is quantized
+// symmetrically with one float32 scale per row and head, for keys and values alike: element d of
+// key row (slot, h) stands for k[…, h, d] · k_scale[…, h] (v likewise), the scales laid out like
+// the rows, [Bc, capacity, Hk] or [num_pages, page_size, Hk]. A row is quantized as it is
+// appended: scale = max_d |x_d| / 127 (rounded to float32), k = round(x / scale) (ties to even),
+// so |x − k·scale| ≤ scale / 2 for every element. docs/contract.md §9 says why per token.
 struct KVCache {
   MutableTensorView k, v;
   std::optional<TensorView> block_table;  // [B, max_pages], int32 or int64: paged
   std::optional<TensorView> seqlens;      // [B], int32 or int64, each in [leftpad[b], capacity]
   std::optional<TensorView> batch_index;  // [B], int32 or int64, each in [0, Bc): contiguous only
   std::optional<TensorView> leftpad;      // [B], int32 or int64: each sequence's first slot
+  std::optional<MutableTensorView> k_scale{}, v_scale{};  // int8 caches only: [·, ·, Hk], float32
 };
 
 // The rotary position embedding (RoPE) of Q and of the new keys: the first rotary_dim dimensions

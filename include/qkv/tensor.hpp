@@ -15,7 +15,16 @@ namespace qkv {
 // `bfloat16` is the upper half of a float32 (8 exponent bits, 7 mantissa bits) and `float16` is
 // IEEE 754 binary16 (5 exponent bits, 10 mantissa bits; PyTorch's `half`), each stored as
 // std::uint16_t: storage types, computed with in float32.
-enum class DType : std::uint8_t { float32, float64, boolean, int32, int64, bfloat16, float16 };
+enum class DType : std::uint8_t {
+  float32,
+  float64,
+  boolean,
+  int32,
+  int64,
+  bfloat16,
+  float16,
+  int8,  // the quantized KV caches (qkv/kv_cache.hpp), with their scales
+};
 
 // bfloat16 ↔ float32. to_bfloat16 rounds to nearest, ties to even; NaN stays NaN.
 std::uint16_t to_bfloat16(float value);

@@ -29,7 +29,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                             cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None,
                             block_table=None, softmax_scale=None, causal=False,
                             window_size=(-1, -1), softcap=0.0, rotary_interleaved=True,
-                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, sinks=None):
+                            alibi_slopes=None, num_splits=0, return_softmax_lse=False, sinks=None,
+                            k_cache_scale=None, v_cache_scale=None):
     """flash_attn.flash_attn_with_kvcache on the CPU.
 
     q [B, Nq, Hq, D]. k_cache, v_cache [B_cache, capacity, Hk, D] (cache_batch_idx [B] picks the
@@ -43,7 +44,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     aligned with its last key (causal, window_size, ALiBi as in flash_attn_func); softmax_scale
     default 1/sqrt(D); softcap; alibi_slopes [Hq] or [B, Hq]; qkv adds sinks [Hq]. num_splits is
     accepted and ignored (qkv splits long caches itself). NumPy arrays or torch tensors (float32,
-    bfloat16, float64; the caches in q's dtype); not differentiable.
+    bfloat16, float16, float64; the caches in q's dtype); not differentiable.
+
+    qkv adds int8 caches: k_cache, v_cache int8 (q float32, bfloat16 or float16) with float32
+    k_cache_scale, v_cache_scale [B_cache, capacity, Hk] (paged: [num_blocks, page_size, Hk]), one
+    scale per row and head: a cached element stands for its int8 value times its row's scale. New
+    rows are quantized as they are written (scale = max|x| / 127, round to nearest even), the
+    scales written in place beside them; the kernels read the int8 cache as it lies.
 
     Returns out [B, Nq, Hq, D] in q's dtype, and with return_softmax_lse also LSE [B, Hq, Nq]
     (float32; float64 for float64 inputs).
@@ -65,7 +72,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                  block_table=_numpy_view(block_table, "block_table"),
                  rotary_cos=_numpy_view(rotary_cos, "rotary_cos"),
                  rotary_sin=_numpy_view(rotary_sin, "rotary_sin"),
-                 rotary_interleaved=bool(rotary_interleaved))
+                 rotary_interleaved=bool(rotary_interleaved),
+                 k_scale=_numpy_view(k_cache_scale, "k_cache_scale"),
+                 v_scale=_numpy_view(v_cache_scale, "v_cache_scale"))
     like_torch = _is_torch(q)
     out_dtype, wide = _result_dtypes(q)
     out = _empty((batch, q_len, q_heads, int(v_cache.shape[3])), out_dtype, like_torch)

@@ -36,11 +36,12 @@ qkv::DType dtype_of(const py::array& array, const std::string& name) {
   if (kind == 'f' && size == 8) return qkv::DType::float64;
   if (kind == 'f' && size == 2) return qkv::DType::float16;
   if (kind == 'b' && size == 1) return qkv::DType::boolean;
+  if (kind == 'i' && size == 1) return qkv::DType::int8;
   if (kind == 'i' && size == 4) return qkv::DType::int32;
   if (kind == 'i' && size == 8) return qkv::DType::int64;
   if (kind == 'u' && size == 2) return qkv::DType::bfloat16;
   throw py::type_error(
-      name + ": expected float32, float64, bfloat16, float16, bool, int32 or int64, got " +
+      name + ": expected float32, float64, bfloat16, float16, bool, int8, int32 or int64, got " +
       py::repr(dtype).cast<std::string>());
 }
 
@@ -260,7 +261,8 @@ py::tuple reference_scores(const py::array& q, const py::array& k, const py::arr
 
 // qkv::attention_with_kv_cache: the caches (written in place), the new keys and values, the
 // attention options, the cache's indices and rotary tables (`cache`: seqlens, batch_index,
-// leftpad, block_table, rotary_cos, rotary_sin, rotary_interleaved), into out and lse.
+// leftpad, block_table, rotary_cos, rotary_sin, rotary_interleaved; an int8 cache's k_scale and
+// v_scale, written in place too), into out and lse.
 void attention_with_kv_cache(const py::array& q, py::array k_cache, py::array v_cache,
                              std::optional<py::array> k, std::optional<py::array> v,
                              const py::dict& options, const py::dict& cache, py::array out,
@@ -273,6 +275,12 @@ void attention_with_kv_cache(const py::array& q, py::array k_cache, py::array v_
   kv_cache.batch_index = optional_input(cache, "batch_index");
   kv_cache.leftpad = optional_input(cache, "leftpad");
   kv_cache.block_table = optional_input(cache, "block_table");
+  for (const auto& [key, scales] :
+       {std::pair{"k_scale", &kv_cache.k_scale}, std::pair{"v_scale", &kv_cache.v_scale}}) {
+    if (!cache.contains(key) || cache[key].is_none()) continue;
+    auto array = cache[key].cast<py::array>();
+    *scales = output(array, key);
+  }
   qkv::RotaryEmbedding rotary;
   rotary.cos = optional_input(cache, "rotary_cos");
   rotary.sin = optional_input(cache, "rotary_sin");

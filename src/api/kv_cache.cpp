@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "api/forward.hpp"
@@ -65,6 +66,7 @@ void require_in_range(const std::vector<std::int64_t>& values, const char* name,
 // The cache's shape, what each batch element reads, and where its slots lie.
 struct CacheLayout {
   bool paged = false;
+  bool int8 = false;  // quantized, with k_scale and v_scale
   std::int64_t batch = 0, capacity = 0, kv_heads = 0, k_dim = 0, v_dim = 0;
   std::int64_t page_size = 1, pages_per_sequence = 0;
   std::vector<std::int64_t> block_table, batch_index, seqlens, leftpad;
@@ -82,18 +84,53 @@ CacheLayout check_cache(const TensorView& q, const KVCache& cache) {
           fmt::format("{}: expected rank 4 ([Bc, capacity, Hk, D] or [pages, page_size, "
                       "Hk, D]), got {}",
                       name, view.shape_string()));
-    if (view.dtype != q.dtype)
-      throw Error(fmt::format("{}: expected q's dtype {}, got {}", name, dtype_name(q.dtype),
-                              dtype_name(view.dtype)));
   }
   const auto& k = cache.k;
   const auto& v = cache.v;
+  c.int8 = k.dtype == DType::int8;
+  if (c.int8) {
+    if (v.dtype != DType::int8)
+      throw Error(fmt::format("v_cache: expected int8 like k_cache, got {}", dtype_name(v.dtype)));
+    if (q.dtype == DType::float64)
+      throw Error("q: expected float32, bfloat16 or float16 with an int8 cache, got float64");
+    for (const auto& [view, name] : {std::pair{k, "k_cache"}, std::pair{v, "v_cache"}}) {
+      if (view.strides[3] != 1)
+        throw Error(fmt::format("{}: expected an int8 cache with unit stride along D, got {}", name,
+                                view.strides[3]));
+    }
+  } else {
+    for (const auto& [view, name] : {std::pair{k, "k_cache"}, std::pair{v, "v_cache"}}) {
+      if (view.dtype != q.dtype)
+        throw Error(fmt::format("{}: expected q's dtype {} (or int8), got {}", name,
+                                dtype_name(q.dtype), dtype_name(view.dtype)));
+    }
+  }
   if (k.shape[0] != v.shape[0] || k.shape[1] != v.shape[1] || k.shape[2] != v.shape[2])
     throw Error(fmt::format("v_cache: expected the first three dimensions of k_cache {}, got {}",
                             k.as_const().shape_string(), v.as_const().shape_string()));
   c.kv_heads = k.shape[2];
   c.k_dim = k.shape[3];
   c.v_dim = v.shape[3];
+  for (const auto& [scales, name] :
+       {std::pair{cache.k_scale, "k_scale"}, std::pair{cache.v_scale, "v_scale"}}) {
+    if (!c.int8) {
+      if (scales)
+        throw Error(fmt::format("{}: expected none with a {} cache (scales are for int8), got one",
+                                name, dtype_name(k.dtype)));
+      continue;
+    }
+    if (!scales)
+      throw Error(fmt::format("{}: expected the float32 scales of the int8 cache, got none", name));
+    detail::require_view(scales->as_const(), name);
+    if (scales->dtype != DType::float32)
+      throw Error(
+          fmt::format("{}: expected dtype float32, got {}", name, dtype_name(scales->dtype)));
+    if (scales->rank != 3 || scales->shape[0] != k.shape[0] || scales->shape[1] != k.shape[1] ||
+        scales->shape[2] != c.kv_heads)
+      throw Error(fmt::format("{}: expected one scale per row and head, [{}, {}, {}], got {}", name,
+                              k.shape[0], k.shape[1], c.kv_heads,
+                              scales->as_const().shape_string()));
+  }
   c.paged = cache.block_table.has_value();
   if (c.paged) {
     if (cache.batch_index)
@@ -217,6 +254,113 @@ void require_position(const RotaryTable& table, std::int64_t position, const cha
                     table.positions, what, position));
 }
 
+// The float32 scale of a row quantized to int8 (qkv/kv_cache.hpp): max |x| / 127, 0 for a row of
+// zeros; NaN when the row holds a NaN or an infinity (the caller refuses it).
+float int8_scale(const std::vector<double>& row, std::int64_t n) {
+  double largest = 0;
+  for (std::int64_t d = 0; d < n; ++d) {
+    const double x = row[static_cast<std::size_t>(d)];
+    if (!std::isfinite(x)) return std::numeric_limits<float>::quiet_NaN();
+    largest = std::max(largest, std::abs(x));
+  }
+  return static_cast<float>(largest / 127);
+}
+
+// out[d] = round(row[d] / scale), ties to even, within ±127 (scale rounded to float32 may make
+// the largest quotient 127 + a few ULP); zeros when scale is 0.
+void quantize_row(const std::vector<double>& row, std::int64_t n, float scale, std::int8_t* out) {
+  for (std::int64_t d = 0; d < n; ++d) {
+    const double quotient = scale > 0 ? row[static_cast<std::size_t>(d)] / scale : 0.0;
+    out[d] = static_cast<std::int8_t>(std::clamp(std::nearbyint(quotient), -127.0, 127.0));
+  }
+}
+
+// The new keys (rotated at their slots) and values, written into the cache at each sequence's
+// seqlens: converted to the cache's dtype, or quantized into an int8 cache with the scales
+// computed beforehand (so that a row that cannot be quantized is refused before any write).
+class Appender {
+ public:
+  Appender(const CacheLayout& c, const KVCache& cache, const TensorView& k_new,
+           const TensorView& v_new, const RotaryTable& table)
+      : c_(c),
+        cache_(cache),
+        keys_(detail::input_of(k_new)),
+        values_(detail::input_of(v_new)),
+        table_(table),
+        new_len_(k_new.shape[1]),
+        row_(static_cast<std::size_t>(std::max(c.k_dim, c.v_dim))) {}
+
+  // Every row's scale, for an int8 cache; qkv::Error naming k or v for a row holding a NaN or an
+  // infinity (an int8 cache cannot hold them).
+  void compute_scales() {
+    if (!c_.int8) return;
+    for (std::int64_t b = 0; b < c_.batch; ++b)
+      for (std::int64_t t = 0; t < new_len_; ++t)
+        for (std::int64_t h = 0; h < c_.kv_heads; ++h) {
+          for (const bool keys : {true, false}) {
+            Load(keys, b, t, h);
+            const float scale = int8_scale(row_, keys ? c_.k_dim : c_.v_dim);
+            if (!std::isfinite(scale))
+              throw Error(fmt::format(
+                  "{}: expected finite values to quantize into the int8 cache, got a NaN or an "
+                  "infinity in row [{}, {}, {}]{}",
+                  keys ? "k" : "v", b, t, h,
+                  keys && table_.present() ? " (after the rotary embedding)" : ""));
+            (keys ? key_scales_ : value_scales_).push_back(scale);
+          }
+        }
+  }
+
+  void write() {
+    const detail::StridedOutput k_out = detail::output_of(cache_.k),
+                                v_out = detail::output_of(cache_.v);
+    std::size_t row_index = 0;
+    for (std::int64_t b = 0; b < c_.batch; ++b)
+      for (std::int64_t t = 0; t < new_len_; ++t) {
+        const std::int64_t slot = c_.seqlens[static_cast<std::size_t>(b)] + t;
+        const auto [r0, r1] = c_.slots.locate(b, slot);
+        for (std::int64_t h = 0; h < c_.kv_heads; ++h, ++row_index) {
+          for (const bool keys : {true, false}) {
+            Load(keys, b, t, h);
+            const std::int64_t dim = keys ? c_.k_dim : c_.v_dim;
+            if (c_.int8) {
+              const MutableTensorView& storage = keys ? cache_.k : cache_.v;
+              const MutableTensorView& scales = keys ? *cache_.k_scale : *cache_.v_scale;
+              const float scale = (keys ? key_scales_ : value_scales_)[row_index];
+              quantize_row(row_, dim, scale,
+                           static_cast<std::int8_t*>(storage.data) + r0 * storage.strides[0] +
+                               r1 * storage.strides[1] + h * storage.strides[2]);
+              static_cast<float*>(scales.data)[r0 * scales.strides[0] + r1 * scales.strides[1] +
+                                               h * scales.strides[2]] = scale;
+            } else {
+              const detail::StridedOutput& out = keys ? k_out : v_out;
+              for (std::int64_t d = 0; d < dim; ++d)
+                out.store(row_[static_cast<std::size_t>(d)], r0, r1, h, d);
+            }
+          }
+        }
+      }
+  }
+
+ private:
+  // row_ = new key row (b, t, h) rotated at its slot, or new value row (b, t, h), in double.
+  void Load(bool keys, std::int64_t b, std::int64_t t, std::int64_t h) {
+    const detail::StridedInput& in = keys ? keys_ : values_;
+    const std::int64_t dim = keys ? c_.k_dim : c_.v_dim;
+    for (std::int64_t d = 0; d < dim; ++d) row_[static_cast<std::size_t>(d)] = in.load(b, t, h, d);
+    if (keys && table_.present())
+      rotate(table_, c_.seqlens[static_cast<std::size_t>(b)] + t, row_.data());
+  }
+
+  const CacheLayout& c_;
+  const KVCache& cache_;
+  detail::StridedInput keys_, values_;
+  const RotaryTable& table_;
+  std::int64_t new_len_;
+  std::vector<double> row_;
+  std::vector<float> key_scales_, value_scales_;  // [B, Nnew, Hk]
+};
+
 }  // namespace
 
 void attention_with_kv_cache(const TensorView& q, const KVCache& cache,
@@ -270,27 +414,12 @@ void attention_with_kv_cache(const TensorView& q, const KVCache& cache,
     }
   }
 
-  // Everything is checked: 1. append (the new keys rotated) in place.
+  // Everything is checked (an int8 cache's new rows too, by computing their scales): 1. append
+  // (the new keys rotated) in place.
   if (k_new) {
-    const detail::StridedInput keys = detail::input_of(*k_new), values = detail::input_of(*v_new);
-    const detail::StridedOutput k_out = detail::output_of(cache.k),
-                                v_out = detail::output_of(cache.v);
-    std::vector<double> row(static_cast<std::size_t>(std::max(c.k_dim, c.v_dim)));
-    for (std::int64_t b = 0; b < batch; ++b) {
-      for (std::int64_t t = 0; t < new_len; ++t) {
-        const std::int64_t slot = c.seqlens[static_cast<std::size_t>(b)] + t;
-        const auto [r0, r1] = c.slots.locate(b, slot);
-        for (std::int64_t h = 0; h < c.kv_heads; ++h) {
-          for (std::int64_t d = 0; d < c.k_dim; ++d)
-            row[static_cast<std::size_t>(d)] = keys.load(b, t, h, d);
-          if (table.present()) rotate(table, slot, row.data());
-          for (std::int64_t d = 0; d < c.k_dim; ++d)
-            k_out.store(row[static_cast<std::size_t>(d)], r0, r1, h, d);
-          for (std::int64_t d = 0; d < c.v_dim; ++d)
-            v_out.store(values.load(b, t, h, d), r0, r1, h, d);
-        }
-      }
-    }
+    Appender appender(c, cache, *k_new, *v_new, table);
+    appender.compute_scales();
+    appender.write();
   }
 
   // 2. Q, rotated at its positions (a copy in Q's dtype), or Q as it is.
@@ -333,9 +462,12 @@ void attention_with_kv_cache(const TensorView& q, const KVCache& cache,
   rows.first_slot = firsts.data();
   rows.end_slot = ends.data();
   // Logical views: the right shape over the cache's storage; the RowMap places each row.
+  // An int8 cache is described to make_problem in Q's dtype (it checks shapes and strides, and
+  // reads no element), then marked as the int8 rows and scales it is.
   const auto logical = [&](const MutableTensorView& storage, std::int64_t dim) {
     TensorView view = storage.as_const();
     view.shape = {batch, k_len, c.kv_heads, dim};
+    view.dtype = q.dtype;
     return view;
   };
   AttentionOptions attention = options;
@@ -344,6 +476,14 @@ void attention_with_kv_cache(const TensorView& q, const KVCache& cache,
       queries, logical(cache.k, c.k_dim), logical(cache.v, c.v_dim), attention, outputs);
   problem.k.rows = &rows;
   problem.v.rows = &rows;
+  if (c.int8) {
+    for (const auto& [operand, scales] :
+         {std::pair{&problem.k, &*cache.k_scale}, std::pair{&problem.v, &*cache.v_scale}}) {
+      operand->dtype = DType::int8;
+      operand->scales = static_cast<const float*>(scales->data);
+      operand->scale_strides = {scales->strides[0], scales->strides[1], scales->strides[2]};
+    }
+  }
   api::run_forward(problem);
 }
 

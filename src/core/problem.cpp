@@ -34,6 +34,10 @@ double StridedInput::load(std::int64_t i0, std::int64_t i1, std::int64_t i2,
       return from_bfloat16(reinterpret_cast<const std::uint16_t*>(data)[at]);
     case DType::float16:
       return from_float16(reinterpret_cast<const std::uint16_t*>(data)[at]);
+    case DType::int8: {
+      const double quantized = static_cast<const std::int8_t*>(static_cast<const void*>(data))[at];
+      return scales == nullptr ? quantized : quantized * double{scale(i0, i1, i2)};
+    }
   }
   return 0.0;
 }

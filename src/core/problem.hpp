@@ -21,6 +21,10 @@ struct StridedInput {
   std::array<std::int64_t, 4> strides{};
   bool present = false;
   const RowMap* rows = nullptr;  // K and V of a KV cache: rows (i0, i1) gathered (core/row_map.hpp)
+  // An int8 KV cache's float32 scales: element (i0, i1, i2, i3) stands for the int8 value times
+  // scale(i0, i1, i2), one scale per row and head (qkv/kv_cache.hpp), found through `rows` too.
+  const float* scales = nullptr;
+  std::array<std::int64_t, 3> scale_strides{};
 
   std::int64_t offset(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,
                       std::int64_t i3 = 0) const {
@@ -28,7 +32,14 @@ struct StridedInput {
                                                  : i0 * strides[0] + i1 * strides[1];
     return leading + i2 * strides[2] + i3 * strides[3];
   }
-  // The element widened to double (bool → 0/1, integers exactly when |x| < 2^53).
+  float scale(std::int64_t i0, std::int64_t i1, std::int64_t i2) const {
+    const std::int64_t leading = rows != nullptr
+                                     ? rows->offset(i0, i1, scale_strides[0], scale_strides[1])
+                                     : i0 * scale_strides[0] + i1 * scale_strides[1];
+    return scales[leading + i2 * scale_strides[2]];
+  }
+  // The element widened to double (bool → 0/1, integers exactly when |x| < 2^53; int8 with
+  // scales: times its scale).
   double load(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0, std::int64_t i3 = 0) const;
   template <class T>
   const T* pointer(std::int64_t i0, std::int64_t i1 = 0, std::int64_t i2 = 0,

@@ -27,6 +27,8 @@ const char* dtype_name(DType dtype) {
       return "bfloat16";
     case DType::float16:
       return "float16";
+    case DType::int8:
+      return "int8";
   }
   return "unknown";
 }
@@ -38,6 +40,7 @@ std::size_t dtype_size(DType dtype) {
     case DType::float64:
       return 8;
     case DType::boolean:
+    case DType::int8:
       return 1;
     case DType::int32:
       return 4;

@@ -147,9 +147,10 @@ DType dtype_from_descr(const std::string& descr, const std::string& what) {
   if (descr == "<i4") return DType::int32;
   if (descr == "<i8") return DType::int64;
   if (descr == "<f2") return DType::float16;
+  if (descr == "|i1") return DType::int8;
   throw Error(fmt::format(
-      "{}: expected dtype '<f4', '<f8', '<f2', '|b1', '<i4' or '<i8' (little-endian float32, "
-      "float64, float16, bool, int32, int64), got '{}'",
+      "{}: expected dtype '<f4', '<f8', '<f2', '|b1', '|i1', '<i4' or '<i8' (little-endian "
+      "float32, float64, float16, bool, int8, int32, int64), got '{}'",
       what, io::escaped(descr)));
 }
 
@@ -167,6 +168,8 @@ const char* descr_of(DType dtype) {
       return "<i8";
     case DType::float16:
       return "<f2";
+    case DType::int8:
+      return "|i1";
     case DType::bfloat16:
       break;  // numpy has no bfloat16: write_npy refuses it
   }
@@ -310,7 +313,8 @@ Tensor load_npy_rows(const std::string& path, int dim,
 void write_npy(std::ostream& out, const TensorView& array) {
   if (array.dtype == DType::bfloat16) {
     throw Error(
-        "array: expected a dtype numpy has (float32, float64, float16, bool, int32, int64), got "
+        "array: expected a dtype numpy has (float32, float64, float16, bool, int8, int32, int64), "
+        "got "
         "bfloat16; convert it to float32 first");
   }
   std::string dict =

@@ -31,16 +31,16 @@ struct DtypeName {
 };
 constexpr DtypeName kDtypes[] = {{"F32", DType::float32},   {"F64", DType::float64},
                                  {"BF16", DType::bfloat16}, {"F16", DType::float16},
-                                 {"I32", DType::int32},     {"I64", DType::int64},
-                                 {"BOOL", DType::boolean}};
+                                 {"I8", DType::int8},       {"I32", DType::int32},
+                                 {"I64", DType::int64},     {"BOOL", DType::boolean}};
 
 DType dtype_of(const std::string& name, const std::string& what, const std::string& tensor) {
   for (const DtypeName& known : kDtypes) {
     if (name == known.name) return known.dtype;
   }
-  throw Error(
-      fmt::format("{}: tensor '{}': expected dtype F32, F64, BF16, F16, I32, I64 or BOOL, got '{}'",
-                  what, io::escaped(tensor), io::escaped(name)));
+  throw Error(fmt::format(
+      "{}: tensor '{}': expected dtype F32, F64, BF16, F16, I8, I32, I64 or BOOL, got '{}'", what,
+      io::escaped(tensor), io::escaped(name)));
 }
 
 const char* name_of(DType dtype) {

@@ -44,6 +44,7 @@
 #include "core/merge.hpp"
 #include "kernels/decode_attention.hpp"
 #include "kernels/fused_attention.hpp"
+#include "kernels/score_operands.hpp"
 #include "kernels/simd_dispatch.hpp"
 
 #ifndef QKV_DECODE_CONSTANTS
@@ -101,7 +102,9 @@ HWY_INLINE void PrefetchAhead(const Stored* row, std::int64_t length) {
   for (std::int64_t byte = 0; byte < bytes; byte += 64) hwy::Prefetch(ahead + byte);
 }
 
-// Stored: the element type of K and V (float, std::uint16_t for bfloat16, hwy::float16_t).
+// Stored: the element type of K and V (float, std::uint16_t for bfloat16, hwy::float16_t, or
+// std::int8_t for an int8 KV cache: a key's products and a value's weight are multiplied by the
+// row's scale, so the cache is read as it lies).
 template <class Stored>
 class DecodeKernel {
  public:
@@ -218,8 +221,9 @@ class DecodeKernel {
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
           const Stored* key = key_heads + hk * KeyHeadStride();
           PrefetchAhead(key, dim);
+          const float key_scale = KeyScale(b, start + t, hk);
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
-            s.scores[r * lanes_ + t] = Dot(s.queries.data() + r * dim, key, dim);
+            s.scores[r * lanes_ + t] = key_scale * Dot(s.queries.data() + r * dim, key, dim);
           }
         }
       }
@@ -257,10 +261,11 @@ class DecodeKernel {
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
           const Stored* value = value_heads + hk * ValueHeadStride();
           PrefetchAhead(value, p_.v_dim);
+          const float value_scale = ValueScale(b, start + t, hk);
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
             const float weight = s.scores[r * lanes_ + t];
             if (weight != 0.0f)
-              AddScaled(weight, value, s.accumulator.data() + r * p_.v_dim, p_.v_dim);
+              AddScaled(weight * value_scale, value, s.accumulator.data() + r * p_.v_dim, p_.v_dim);
           }
         }
       }
@@ -278,26 +283,43 @@ class DecodeKernel {
     }
   }
 
-  const Stored* KeyRow(std::int64_t b, std::int64_t j, std::int64_t hk) const {
+  // The operands of this Stored type: float32 (k, v), int8 (k8, v8, with scales) or 16-bit.
+  const auto& Keys() const {
     if constexpr (std::is_same_v<Stored, float>) {
-      return o_.k.row(b, j, hk);
+      return o_.k;
+    } else if constexpr (kInt8) {
+      return o_.k8;
     } else {
-      return reinterpret_cast<const Stored*>(o_.k16.row(b, j, hk));
+      return o_.k16;
     }
   }
-  std::int64_t KeyHeadStride() const {
-    return std::is_same_v<Stored, float> ? o_.k.stride_h : o_.k16.stride_h;
+  const auto& Values() const {
+    if constexpr (std::is_same_v<Stored, float>) {
+      return o_.v;
+    } else if constexpr (kInt8) {
+      return o_.v8;
+    } else {
+      return o_.v16;
+    }
   }
-  std::int64_t ValueHeadStride() const {
-    return std::is_same_v<Stored, float> ? o_.v.stride_h : o_.v16.stride_h;
+  const Stored* KeyRow(std::int64_t b, std::int64_t j, std::int64_t hk) const {
+    return reinterpret_cast<const Stored*>(Keys().row(b, j, hk));
   }
   const Stored* ValueRow(std::int64_t b, std::int64_t j, std::int64_t hk) const {
-    if constexpr (std::is_same_v<Stored, float>) {
-      return o_.v.row(b, j, hk);
-    } else {
-      return reinterpret_cast<const Stored*>(o_.v16.row(b, j, hk));
-    }
+    return reinterpret_cast<const Stored*>(Values().row(b, j, hk));
   }
+  std::int64_t KeyHeadStride() const { return Keys().stride_h; }
+  std::int64_t ValueHeadStride() const { return Values().stride_h; }
+  // The factor a row's products are multiplied by: its scale in an int8 cache, else 1.
+  float KeyScale(std::int64_t b, std::int64_t j, std::int64_t hk) const {
+    if constexpr (kInt8) return *o_.k_scale.row(b, j, hk);
+    return 1.0f;
+  }
+  float ValueScale(std::int64_t b, std::int64_t j, std::int64_t hk) const {
+    if constexpr (kInt8) return *o_.v_scale.row(b, j, hk);
+    return 1.0f;
+  }
+  static constexpr bool kInt8 = std::is_same_v<Stored, std::int8_t>;
 
   const FusedOperands& o_;
   const AttentionProblem& p_;
@@ -308,7 +330,9 @@ class DecodeKernel {
 };
 
 void DecodeForward(const FusedOperands& operands) {
-  if (operands.bf16_keys_and_values && operands.half == DType::float16) {
+  if (operands.int8_keys) {
+    DecodeKernel<std::int8_t>(operands).Run();
+  } else if (operands.bf16_keys_and_values && operands.half == DType::float16) {
     DecodeKernel<hwy::float16_t>(operands).Run();
   } else if (operands.bf16_keys_and_values) {
     DecodeKernel<std::uint16_t>(operands).Run();
@@ -329,7 +353,9 @@ HWY_EXPORT(DecodeForward);
 bool decode_attention_supports(const AttentionProblem& p) {
   return (p.dtype == DType::float32 || p.dtype == DType::bfloat16 || p.dtype == DType::float16) &&
          p.form == detail::ScoreForm::dot && !p.weights.present && p.dropout == 0 && !p.sigmoid &&
-         p.q_len * p.group_size <= kDecodeRows;
+         p.q_len * p.group_size <= kDecodeRows &&
+         // an int8 cache's keys are read as they lie only when the score compares them so
+         (p.k.dtype != DType::int8 || keys_as_they_are(detail::score_unit(p.score).operands(p)));
 }
 
 void decode_attention(const AttentionProblem& p) {

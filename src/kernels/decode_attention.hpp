@@ -5,7 +5,8 @@
 
 namespace qkv::kernels {
 
-// True when decode_attention should compute this problem: float32 or bfloat16, a dot-form score,
+// True when decode_attention should compute this problem: float32, bfloat16 or float16 (K and V
+// also int8: a quantized KV cache whose keys the score compares as they are), a dot-form score,
 // at most kDecodeRows query rows per key/value head (Nq · Hq/Hk), softmax (not sigmoid), no
 // dropout and no weights requested.
 bool decode_attention_supports(const AttentionProblem& problem);

@@ -349,13 +349,16 @@ class FusedKernel {
         const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
         float* keys = KeyTile(b, kh, tile);
         thread_local std::vector<float> widened;  // one key row widened, before the transpose
-        if (o_.bf16_keys_and_values) widened.resize(static_cast<std::size_t>(dim));
+        if (o_.bf16_keys_and_values || o_.int8_keys) widened.resize(static_cast<std::size_t>(dim));
         for (std::int64_t t = 0; t < key_tile_; ++t) {
           const std::int64_t j = tile * key_tile_ + t;
           if (j >= p_.k_len) {
             for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = 0.0f;
           } else if (o_.bf16_keys_and_values) {  // bfloat16 or float16 widened as it is packed
             WidenRow(o_.k16.row(b, j, kh), widened.data(), dim, o_.half);
+            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
+          } else if (o_.int8_keys) {  // int8 times its scale
+            DequantizeRow(o_.k8.row(b, j, kh), *o_.k_scale.row(b, j, kh), widened.data(), dim);
             for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
           } else {
             const float* key = o_.k.row(b, j, kh);
@@ -374,6 +377,9 @@ class FusedKernel {
         std::int64_t d = 0;
         if (j < p_.k_len && o_.bf16_keys_and_values) {
           WidenRow(o_.v16.row(b, j, hv), value_row, p_.v_dim, o_.half);
+          d = p_.v_dim;
+        } else if (j < p_.k_len && o_.int8_values) {
+          DequantizeRow(o_.v8.row(b, j, hv), *o_.v_scale.row(b, j, hv), value_row, p_.v_dim);
           d = p_.v_dim;
         } else if (j < p_.k_len) {
           const float* value = o_.v.row(b, j, hv);
@@ -814,6 +820,25 @@ FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands
   const bool bf16_inputs = p.dtype == DType::bfloat16 || p.dtype == DType::float16;
   operands.half = p.dtype == DType::float16 ? DType::float16 : DType::bfloat16;
   const detail::ScoreOperands score = detail::score_unit(p.score).operands(p);
+  if (p.v.dtype == DType::int8) {
+    // An int8 KV cache: Q in float32 (converted once; it is small), K and V kept.
+    operands.int8_values = true;
+    operands.int8_keys = keys_as_they_are(score);
+    ComparedVectors<float> vectors =
+        compared_vectors<float>(p, score, worker_threads(p), false, operands.int8_keys);
+    operands.q = std::move(vectors.q);
+    operands.score_dim = vectors.dim;
+    operands.key_heads = vectors.key_heads;
+    operands.additive = vectors.additive;
+    operands.additive_v = std::move(vectors.additive_v);
+    if (operands.int8_keys) {
+      adopt_int8(operands.k8, operands.k_scale, p.k);
+    } else {
+      operands.k = std::move(vectors.k);
+    }
+    adopt_int8(operands.v8, operands.v_scale, p.v);
+    return operands;
+  }
   if (bf16 == Bfloat16Operands::products && p.dtype == DType::bfloat16 && score.query.identity() &&
       keys_as_they_are(score) && HWY_DYNAMIC_DISPATCH(TargetRunsBf16Tiles)()) {
     operands.bf16_products = true;

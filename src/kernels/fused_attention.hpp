@@ -40,6 +40,12 @@ struct FusedOperands {
   bool bf16_queries = false;          // … or q16 holds Q too (converted as it is read)
   DType half = DType::bfloat16;       // bfloat16 or float16
   RowMajorOperand<std::uint16_t> q16, k16, v16;
+  // An int8 KV cache (qkv/kv_cache.hpp): V stays int8 (v8), and K too (k8) when the score
+  // compares the keys as they are; each row is widened and multiplied by its scale as it is read.
+  // row(b, n, h) of k_scale, v_scale points at the float32 scale of that row of k8, v8.
+  bool int8_keys = false, int8_values = false;
+  RowMajorOperand<std::int8_t> k8, v8;
+  RowMajorOperand<float> k_scale, v_scale;
 };
 
 // What happens to bfloat16 inputs: widened to float32 (q, k, v); kept for the bf16 products

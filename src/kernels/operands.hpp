@@ -140,6 +140,22 @@ T StoredAs(double value, [[maybe_unused]] DType input_dtype) {
   }
 }
 
+// An int8 KV cache's operand as it lies (the door checked unit stride along D), with its scales:
+// a RowMajorOperand<float> whose row(b, n, h) points at the scale of row (b, n, h).
+inline void adopt_int8(RowMajorOperand<std::int8_t>& operand, RowMajorOperand<float>& scales,
+                       const StridedInput& input) {
+  operand.data = reinterpret_cast<const std::int8_t*>(input.data);
+  operand.stride_b = input.strides[0];
+  operand.stride_n = input.strides[1];
+  operand.stride_h = input.strides[2];
+  operand.rows = input.rows;
+  scales.data = input.scales;
+  scales.stride_b = input.scale_strides[0];
+  scales.stride_n = input.scale_strides[1];
+  scales.stride_h = input.scale_strides[2];
+  scales.rows = input.rows;
+}
+
 // T = std::uint16_t keeps bfloat16 or float16 as it comes (the operand's caller knows which).
 template <class T>
 void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::int64_t batch,

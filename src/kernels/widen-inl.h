@@ -3,7 +3,8 @@
 // hwy/highway.h by the fused and split-KV kernels.
 //   float:           as it is;
 //   std::uint16_t:   bfloat16, the upper half of a float32: a 16-bit shift;
-//   hwy::float16_t:  IEEE binary16: Highway's PromoteTo (F16C's vcvtph2ps on x86).
+//   hwy::float16_t:  IEEE binary16: Highway's PromoteTo (F16C's vcvtph2ps on x86);
+//   std::int8_t:     an int8 KV cache's integers (their scale is applied by the caller).
 
 // Per-target include guard (Highway's convention for headers included once per target).
 #if defined(QKV_KERNELS_WIDEN_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -42,6 +43,12 @@ HWY_INLINE hn::Vec<D> LoadWidened(D d, const hwy::float16_t* p) {
   return hn::PromoteTo(d, hn::LoadU(hn::Rebind<hwy::float16_t, D>(), p));
 }
 
+template <class D>
+HWY_INLINE hn::Vec<D> LoadWidened(D d, const std::int8_t* p) {
+  const hn::RebindToSigned<D> di32;
+  return hn::ConvertTo(d, hn::PromoteTo(di32, hn::LoadU(hn::Rebind<std::int8_t, D>(), p)));
+}
+
 // One element as float32.
 HWY_INLINE float Widened(float x) {
   return x;
@@ -52,6 +59,9 @@ HWY_INLINE float Widened(std::uint16_t x) {
 HWY_INLINE float Widened(hwy::float16_t x) {
   return from_float16(std::bit_cast<std::uint16_t>(x));
 }
+HWY_INLINE float Widened(std::int8_t x) {
+  return static_cast<float>(x);
+}
 
 // out[0 … n) = in[0 … n) as float32: whole vectors, then one element at a time.
 template <class Stored>
@@ -61,6 +71,17 @@ HWY_INLINE void WidenRow(const Stored* in, float* out, std::int64_t n) {
   std::int64_t i = 0;
   for (; i + lanes <= n; i += lanes) hn::StoreU(LoadWidened(d, in + i), d, out + i);
   for (; i < n; ++i) out[i] = Widened(in[i]);
+}
+
+// out[0 … n) = in[0 … n) · scale: a row of an int8 KV cache as the float32 values it stands for.
+HWY_INLINE void DequantizeRow(const std::int8_t* in, float scale, float* out, std::int64_t n) {
+  const hn::ScalableTag<float> d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  const auto factor = hn::Set(d, scale);
+  std::int64_t i = 0;
+  for (; i + lanes <= n; i += lanes)
+    hn::StoreU(hn::Mul(LoadWidened(d, in + i), factor), d, out + i);
+  for (; i < n; ++i) out[i] = Widened(in[i]) * scale;
 }
 
 }  // namespace HWY_NAMESPACE

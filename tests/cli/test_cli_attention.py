@@ -256,18 +256,21 @@ def test_help_exits_0(tmp_path):
     assert "--key-lengths" in result.stdout
 
 
-def test_bench_reads_a_ragged_paged_kv_cache(tmp_path):
+@pytest.mark.parametrize("dtype,row_bytes", [("f32", 16 * 4), ("i8", 16 + 4)])
+def test_bench_reads_a_ragged_paged_kv_cache(dtype, row_bytes, tmp_path):
     """A KV-cache shape: sequences of 4 … 64 keys (ragged) in pages of 4, its floor the bytes of
-    the keys and values the sequences hold (not B·Nk's)."""
+    the keys and values the sequences hold (not B·Nk's); an int8 cache's rows are D bytes and a
+    float32 scale."""
     import json
     result = run("bench", "--shapes", "B3H4Hk2Nq1Nk64D16page4ragged", "--repetitions", "1",
-                 "--json", cwd=tmp_path)
+                 "--dtype", dtype, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
+    assert report["dtype"] == {"f32": "float32", "i8": "int8"}[dtype]
     shape = report["shapes"][0]
     assert shape["median_ms"] > 0 and shape["floor_ms"] > 0
     keys = 4 + (4 + 30) + 64  # Nk/16 + (Nk - Nk/16)·b/(B - 1) for b = 0, 1, 2
-    floor_bytes = 2 * keys * 2 * 16 * 4
+    floor_bytes = 2 * keys * 2 * row_bytes
     # The JSON prints the bandwidth to 0.01 GB/s and the floor to 6 digits.
     bandwidth = report["read_bandwidth_gbs"]
     tolerance = (0.005 / bandwidth + 1e-5) * floor_bytes
@@ -298,7 +301,9 @@ def test_bench_json_reports_every_figure(tmp_path):
     (["--shapes", "B2H2Nq1Nk64D8page4", "--pass", "backward"],
      "--pass backward: expected shapes without a KV cache"),
     (["--shapes", "B1H3Hk2N8D8"], "--shapes: expected Hk dividing H"),
-    (["--dtype", "fp8"], "--dtype: expected f32, bf16 or f16, got 'fp8'"),
+    (["--dtype", "fp8"], "--dtype: expected f32, bf16, f16 or i8, got 'fp8'"),
+    (["--dtype", "i8", "--pass", "backward"], "--dtype: expected f32, bf16 or f16 with --pass "
+                                              "backward, got i8"),
     (["--repetitions", "0"], "--repetitions: expected >= 1"),
 ])
 def test_bench_bad_input(args, message, tmp_path):

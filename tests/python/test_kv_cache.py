@@ -150,6 +150,76 @@ def test_bfloat16_caches_append_rounded():
     torch.testing.assert_close(out.float(), want, rtol=0, atol=2e-2)
 
 
+def quantized(rows):
+    """rows [..., D] as the contract quantizes them into an int8 cache: the scale max|x| / 127
+    rounded to float32, round(x / scale) ties to even."""
+    scale = (rows.double().abs().amax(dim=-1) / 127).float()
+    values = torch.where(scale[..., None] > 0, rows.double() / scale.double()[..., None],
+                         torch.zeros_like(rows.double()))
+    return torch.round(values).clamp(-127, 127).to(torch.int8), scale
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("q_dtype", [torch.float32, torch.float16])
+def test_int8_caches_quantize_in_place_and_attend_to_what_they_hold(paged, q_dtype):
+    g = torch.Generator().manual_seed(6 + paged)
+    batch, hq, hk, d, capacity, new, page = 2, 4, 1, 16, 32, 3, 8
+    seqlens = torch.tensor([5, 16], dtype=torch.int32)  # 16 + 3: past a page boundary
+    q = torch.randn(batch, new, hq, d, generator=g).to(q_dtype)
+    k_new, v_new = (torch.randn(batch, new, hk, d, generator=g).to(q_dtype) for _ in range(2))
+    rows = (batch * capacity // page + 1, page) if paged else (batch, capacity)
+    k_cache, v_cache = (torch.randint(-127, 128, rows + (hk, d), generator=g, dtype=torch.int8)
+                        for _ in range(2))
+    k_scale, v_scale = (torch.rand(rows + (hk,), generator=g) / 127 for _ in range(2))
+    table = (torch.randperm(rows[0], generator=g)[:batch * capacity // page]
+             .reshape(batch, -1).to(torch.int32) if paged else None)
+    cos, sin = rotary_tables(capacity, 4)
+    before = [t.clone() for t in (k_cache, v_cache, k_scale, v_scale)]
+    out, lse = qkv.flash_attn_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
+        block_table=table, causal=True, return_softmax_lse=True, k_cache_scale=k_scale,
+        v_cache_scale=v_scale)
+    assert out.dtype == q_dtype
+
+    def slot_rows(cache):  # [B, capacity, ...] in slot order
+        if not paged:
+            return cache
+        return torch.stack([cache[table[b].long()].flatten(0, 1) for b in range(batch)])
+    # The appended rows, quantized as the contract says; every other byte as it was.
+    expected = [slot_rows(t).clone() for t in before]
+    for b in range(batch):
+        slots = torch.arange(int(seqlens[b]), int(seqlens[b]) + new)
+        keys = rotate(k_new[b].double(), cos, sin, slots[:, None].expand(new, hk), True)
+        for (values, scales), rows_in in zip(((expected[0], expected[2]),
+                                              (expected[1], expected[3])),
+                                             (keys, v_new[b].double())):
+            values[b][slots], scales[b][slots] = quantized(rows_in)
+            assert (rows_in - values[b][slots].double() * scales[b][slots].double()[..., None]
+                    ).abs().le(scales[b][slots].double()[..., None] / 2 * (1 + 1e-6)).all()
+    for got, want in zip((k_cache, v_cache, k_scale, v_scale), expected):
+        assert torch.equal(slot_rows(got), want)
+    if paged:  # pages nobody owns
+        unused = sorted(set(range(rows[0])) - set(table.flatten().tolist()))
+        for got, was in zip((k_cache, v_cache, k_scale, v_scale), before):
+            assert torch.equal(got[unused], was[unused])
+
+    # The attention over the dequantized cache, within the float32 rule (q rounded as given).
+    queries = rotate(q.double(), cos, sin,
+                     (seqlens.long()[:, None, None] + torch.arange(new)[None, :, None])
+                     .expand(batch, new, hq), True)
+    if q_dtype == torch.float16:  # the kernels read rotated float16 queries rounded
+        queries = queries.half().double()
+    dequantized = [(slot_rows(c).float() * slot_rows(s)[..., None]).double()
+                   for c, s in ((k_cache, k_scale), (v_cache, v_scale))]
+    ends = [int(n) + new for n in seqlens]
+    want_out, want_lse = each_sequence_alone(queries, *dequantized, ends, [0] * batch,
+                                             scale=1 / math.sqrt(d), causal=True)
+    # float16: O is rounded to 11 significant bits, half a unit in the last place of the largest.
+    atol = 2e-5 + (want_out.abs().max().item() * 2**-11 if q_dtype == torch.float16 else 0)
+    torch.testing.assert_close(out.double(), want_out, rtol=0, atol=atol)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=0, atol=2e-5)
+
+
 def test_refusals_leave_the_cache_untouched():
     q = torch.randn(2, 1, 2, 8)
     k_cache, v_cache = torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 8)

@@ -297,6 +297,8 @@ double element(const Tensor& t, std::int64_t i) {
       return from_bfloat16(t.data<std::uint16_t>()[i]);
     case DType::float16:
       return from_float16(t.data<std::uint16_t>()[i]);
+    case DType::int8:
+      return t.data<std::int8_t>()[i];
   }
   return 0.0;
 }

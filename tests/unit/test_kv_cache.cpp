@@ -35,24 +35,46 @@ struct CacheCase {
   bool interleaved = true, causal = true, batch_index = false, alibi = false, sinks = false;
   std::int64_t window_left = -1;
   double softcap = 0.0;
-  DType dtype = DType::float32;
+  DType dtype = DType::float32;  // of q, the new keys and values, and the cache …
+  bool int8_cache = false;       // … unless it is int8, with its scales
 };
 
 double value_of(const Tensor& t, std::int64_t n) {
+  if (t.dtype() == DType::int8) return t.data<std::int8_t>()[n];
   return t.dtype() == DType::bfloat16 ? from_bfloat16(t.data<std::uint16_t>()[n])
                                       : static_cast<double>(t.data<float>()[n]);
 }
 void set_value(Tensor& t, std::int64_t n, double value) {
-  if (t.dtype() == DType::bfloat16)
+  if (t.dtype() == DType::int8)
+    t.data<std::int8_t>()[n] = static_cast<std::int8_t>(std::clamp(value, -127.0, 127.0));
+  else if (t.dtype() == DType::bfloat16)
     t.data<std::uint16_t>()[n] = to_bfloat16(static_cast<float>(value));
   else
     t.data<float>()[n] = static_cast<float>(value);
 }
+// Values of random_float32 (int8: times 127, within ±127).
 Tensor random_tensor(DType dtype, std::vector<std::int64_t> shape, std::uint64_t seed) {
   const Tensor f = random_float32(shape, seed);
   Tensor t(dtype, std::move(shape));
-  for (std::int64_t n = 0; n < t.numel(); ++n) set_value(t, n, f.data<float>()[n]);
+  const double factor = dtype == DType::int8 ? 127 : 1;
+  for (std::int64_t n = 0; n < t.numel(); ++n) set_value(t, n, factor * f.data<float>()[n]);
   return t;
+}
+
+// An int8 cache's row quantized as the contract says: scale = max |x| / 127 rounded to float32,
+// round(x / scale) ties to even. Also checks the contract's bound |x − k·scale| ≤ scale / 2.
+float quantize(const std::vector<double>& row, Tensor& cache, std::int64_t at) {
+  double largest = 0;
+  for (const double x : row) largest = std::max(largest, std::abs(x));
+  const auto scale = static_cast<float>(largest / 127);
+  for (std::size_t e = 0; e < row.size(); ++e) {
+    const double quantized = scale > 0 ? std::nearbyint(row[e] / scale) : 0.0;
+    set_value(cache, at + static_cast<std::int64_t>(e), quantized);
+    EXPECT_LE(std::abs(row[e] - value_of(cache, at + static_cast<std::int64_t>(e)) * scale),
+              0.5 * scale * (1 + 1e-6))
+        << "element " << e;
+  }
+  return scale;
 }
 
 void rotate(const Tensor& cos, const Tensor& sin, std::int64_t half, bool interleaved,
@@ -112,8 +134,20 @@ Tensor int64_tensor(const std::vector<std::int64_t>& values, std::vector<std::in
 void expect_cache_call_matches_steps(const CacheCase& c) {
   const Layout l = layout_of(c);
   const std::int64_t batch = l.batch, hk = c.kv_heads, hq = c.q_heads, d = c.dim;
-  Tensor k_cache = random_tensor(c.dtype, {l.storage_rows, l.rows_per_storage, hk, d}, 11);
-  Tensor v_cache = random_tensor(c.dtype, {l.storage_rows, l.rows_per_storage, hk, d}, 12);
+  const DType cache_dtype = c.int8_cache ? DType::int8 : c.dtype;
+  Tensor k_cache = random_tensor(cache_dtype, {l.storage_rows, l.rows_per_storage, hk, d}, 11);
+  Tensor v_cache = random_tensor(cache_dtype, {l.storage_rows, l.rows_per_storage, hk, d}, 12);
+  // An int8 cache's scales, one per row and head; rows already there stand for values of about
+  // ±0.5 like the float caches'.
+  Tensor k_scale(DType::float32, {l.storage_rows, l.rows_per_storage, hk});
+  Tensor v_scale = k_scale;
+  if (c.int8_cache) {
+    const Tensor noise = random_float32({2, k_scale.numel()}, 16);
+    for (std::int64_t n = 0; n < k_scale.numel(); ++n) {
+      k_scale.data<float>()[n] = (0.6f + noise.data<float>()[n]) / 127;
+      v_scale.data<float>()[n] = (0.6f + noise.data<float>()[k_scale.numel() + n]) / 127;
+    }
+  }
   const Tensor q = random_tensor(c.dtype, {batch, c.q_len, hq, d}, 13);
   const Tensor k_new = random_tensor(c.dtype, {batch, c.new_len, hk, d}, 14);
   const Tensor v_new = random_tensor(c.dtype, {batch, c.new_len, hk, d}, 15);
@@ -129,9 +163,11 @@ void expect_cache_call_matches_steps(const CacheCase& c) {
       sin.data<float>()[p * c.rotary_half + t] = static_cast<float>(std::sin(angle));
     }
 
-  // The expected cache: the new rows written (keys rotated) at slots seqlens[b] + t.
+  // The expected cache: the new rows written (keys rotated) at slots seqlens[b] + t, quantized
+  // into an int8 cache.
   Tensor expected_k = k_cache, expected_v = v_cache;
-  std::vector<double> row(static_cast<std::size_t>(d));
+  Tensor expected_k_scale = k_scale, expected_v_scale = v_scale;
+  std::vector<double> row(static_cast<std::size_t>(d)), value_row(row.size());
   for (std::int64_t b = 0; b < batch; ++b)
     for (std::int64_t t = 0; t < c.new_len; ++t) {
       const std::int64_t slot = c.seqlens[b] + t;
@@ -141,9 +177,15 @@ void expect_cache_call_matches_steps(const CacheCase& c) {
         const std::int64_t to = ((r0 * l.rows_per_storage + r1) * hk + h) * d;
         for (std::int64_t e = 0; e < d; ++e) row[e] = value_of(k_new, from + e);
         if (c.rotary_half > 0) rotate(cos, sin, c.rotary_half, c.interleaved, slot, row.data());
+        for (std::int64_t e = 0; e < d; ++e) value_row[e] = value_of(v_new, from + e);
+        if (c.int8_cache) {
+          expected_k_scale.data<float>()[to / d] = quantize(row, expected_k, to);
+          expected_v_scale.data<float>()[to / d] = quantize(value_row, expected_v, to);
+          continue;
+        }
         for (std::int64_t e = 0; e < d; ++e) {
           set_value(expected_k, to + e, row[e]);
-          set_value(expected_v, to + e, value_of(v_new, from + e));
+          set_value(expected_v, to + e, value_row[e]);
         }
       }
     }
@@ -157,6 +199,10 @@ void expect_cache_call_matches_steps(const CacheCase& c) {
   if (c.page_size > 0) cache.block_table = table.view();
   if (c.batch_index) cache.batch_index = batch_index.view();
   if (!c.leftpad.empty()) cache.leftpad = leftpad.view();
+  if (c.int8_cache) {
+    cache.k_scale = k_scale.mutable_view();
+    cache.v_scale = v_scale.mutable_view();
+  }
   RotaryEmbedding rotary;
   if (c.rotary_half > 0) {
     rotary.cos = cos.view();
@@ -180,9 +226,17 @@ void expect_cache_call_matches_steps(const CacheCase& c) {
                           {out.mutable_view(), lse.mutable_view(), {}});
   ASSERT_EQ(std::memcmp(k_cache.raw(), expected_k.raw(), k_cache.nbytes()), 0) << "k_cache";
   ASSERT_EQ(std::memcmp(v_cache.raw(), expected_v.raw(), v_cache.nbytes()), 0) << "v_cache";
+  ASSERT_EQ(std::memcmp(k_scale.raw(), expected_k_scale.raw(), k_scale.nbytes()), 0) << "k_scale";
+  ASSERT_EQ(std::memcmp(v_scale.raw(), expected_v_scale.raw(), v_scale.nbytes()), 0) << "v_scale";
 
-  // Each sequence alone: its keys [leftpad, seqlens + new) of the expected cache, its queries
-  // rotated at seqlens + i (causal or a window) or seqlens.
+  // Each sequence alone: its keys [leftpad, seqlens + new) of the expected cache (dequantized:
+  // int8 · scale in float32, as the kernels compute it), its queries rotated at seqlens + i
+  // (causal or a window) or seqlens.
+  const auto cached = [&](const Tensor& cache_tensor, const Tensor& scales, std::int64_t at) {
+    const double value = value_of(cache_tensor, at);
+    return c.int8_cache ? static_cast<float>(value) * scales.data<float>()[at / d]
+                        : static_cast<float>(value);
+  };
   const bool advance = c.causal || c.window_left >= 0;
   for (std::int64_t b = 0; b < batch; ++b) {
     const std::int64_t first = c.leftpad.empty() ? 0 : c.leftpad[b];
@@ -209,8 +263,8 @@ void expect_cache_call_matches_steps(const CacheCase& c) {
       for (std::int64_t h = 0; h < hk; ++h)
         for (std::int64_t e = 0; e < d; ++e) {
           const std::int64_t at = ((r0 * l.rows_per_storage + r1) * hk + h) * d + e;
-          kb.data<float>()[(j * hk + h) * d + e] = static_cast<float>(value_of(expected_k, at));
-          vb.data<float>()[(j * hk + h) * d + e] = static_cast<float>(value_of(expected_v, at));
+          kb.data<float>()[(j * hk + h) * d + e] = cached(expected_k, expected_k_scale, at);
+          vb.data<float>()[(j * hk + h) * d + e] = cached(expected_v, expected_v_scale, at);
         }
     }
     Tensor reference(DType::float64, {1, c.q_len, hq, d}),
@@ -344,6 +398,43 @@ TEST(KVCache, Bfloat16Cache) {
   expect_cache_call_matches_steps(c);
 }
 
+// int8 caches: the appended rows quantized byte for byte as the contract says, the output against
+// the reference on the dequantized cache within the float32 rule — decode (the split-KV kernel)
+// and prefill (the fused kernel), contiguous and paged, GQA and MQA, with rotary, sinks, soft caps
+// and windows, float32 and bfloat16 queries.
+TEST(KVCache, Int8CacheDecode) {
+  CacheCase c;
+  c.int8_cache = true;
+  c.seqlens = {0, 17, 47, 30};
+  c.rotary_half = 4;
+  c.sinks = true;
+  expect_cache_call_matches_steps(c);
+  c.page_size = 16;
+  c.seqlens = {0, 16, 31, 45};
+  c.softcap = 5.0;
+  c.sinks = false;
+  c.kv_heads = 1;
+  expect_cache_call_matches_steps(c);
+}
+
+TEST(KVCache, Int8CachePrefillAndBfloat16Queries) {
+  CacheCase c;
+  c.int8_cache = true;
+  c.page_size = 3;
+  c.capacity = 96;
+  c.seqlens = {40, 0};
+  c.leftpad = {8, 0};
+  c.new_len = c.q_len = 40;  // the fused kernel
+  c.window_left = 24;
+  c.rotary_half = 8;
+  c.interleaved = false;
+  expect_cache_call_matches_steps(c);
+  c.dtype = DType::bfloat16;
+  c.new_len = c.q_len = 2;  // the split-KV kernel
+  c.alibi = true;
+  expect_cache_call_matches_steps(c);
+}
+
 // ---- Refusals ---------------------------------------------------------------------------------
 
 struct Small {
@@ -430,7 +521,66 @@ TEST(KVCache, RefusesWhatWouldCorruptOrMisread) {
                  "rotary: expected cos and sin together");
   static Tensor bf16_cache(DType::bfloat16, {2, 6, 2, 4});
   expect_refused([](Small& s) { s.cache.k = bf16_cache.mutable_view(); },
-                 "k_cache: expected q's dtype float32, got bfloat16");
+                 "k_cache: expected q's dtype float32 (or int8), got bfloat16");
+  // int8 caches.
+  static Tensor int8_k(DType::int8, {2, 6, 2, 4}), int8_v(DType::int8, {2, 6, 2, 4});
+  static Tensor scales_k(DType::float32, {2, 6, 2}), scales_v(DType::float32, {2, 6, 2});
+  const auto int8 = [](Small& s) {
+    s.cache.k = int8_k.mutable_view();
+    s.cache.v = int8_v.mutable_view();
+    s.cache.k_scale = scales_k.mutable_view();
+    s.cache.v_scale = scales_v.mutable_view();
+  };
+  {
+    Small s;
+    int8(s);
+    s.run();  // the int8 baseline works
+  }
+  expect_refused(
+      [&](Small& s) {
+        int8(s);
+        s.cache.v_scale.reset();
+      },
+      "v_scale: expected the float32 scales of the int8 cache, got none");
+  expect_refused([&](Small& s) { s.cache.k_scale = scales_k.mutable_view(); },
+                 "k_scale: expected none with a float32 cache (scales are for int8), got one");
+  expect_refused(
+      [&](Small& s) {
+        int8(s);
+        s.cache.v = s.v_cache.mutable_view();
+      },
+      "v_cache: expected int8 like k_cache, got float32");
+  static Tensor wrong_scales(DType::float32, {2, 6, 1});
+  expect_refused(
+      [&](Small& s) {
+        int8(s);
+        s.cache.k_scale = wrong_scales.mutable_view();
+      },
+      "k_scale: expected one scale per row and head, [2, 6, 2], got [2, 6, 1]");
+  static Tensor q64(DType::float64, {2, 1, 2, 4});
+  expect_refused(
+      [&](Small& s) {
+        int8(s);
+        s.q = q64;
+      },
+      "q: expected float32, bfloat16 or float16 with an int8 cache, got float64");
+  expect_refused(
+      [&](Small& s) {
+        int8(s);
+        s.cache.k.strides = {48, 8, 1, 2};
+        s.cache.k.shape = {2, 6, 2, 4};
+      },
+      "k_cache: expected an int8 cache with unit stride along D, got 2");
+  // A NaN in a new value: refused before anything is written (the int8 cache is checked here).
+  const Tensor int8_before = int8_k;
+  expect_refused(
+      [&](Small& s) {
+        int8(s);
+        s.v_new.data<float>()[5] = std::nanf("");
+      },
+      "v: expected finite values to quantize into the int8 cache, got a NaN or an infinity in "
+      "row [0, 0, 1]");
+  EXPECT_EQ(std::memcmp(int8_k.raw(), int8_before.raw(), int8_k.nbytes()), 0);
 }
 
 }  // namespace

@@ -48,7 +48,8 @@ class NpyFiles : public ::testing::Test {
 };
 
 TEST_F(NpyFiles, RoundTripsEveryDtypeAndRank) {
-  for (DType dtype : {DType::float32, DType::float64, DType::boolean, DType::int32, DType::int64}) {
+  for (DType dtype : {DType::float32, DType::float64, DType::float16, DType::boolean, DType::int8,
+                      DType::int32, DType::int64}) {
     for (const std::vector<std::int64_t>& shape :
          {std::vector<std::int64_t>{}, {5}, {3, 4}, {2, 3, 4}, {2, 1, 3, 2}, {0, 3}}) {
       Tensor original(dtype, shape);

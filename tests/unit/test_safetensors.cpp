@@ -45,6 +45,8 @@ TEST(Safetensors, RoundTripsEveryDtypeThroughAFile) {
         std::tuple{"out_proj.weight", DType::bfloat16, std::vector<std::int64_t>{2, 2}},
         std::tuple{"steps", DType::int64, std::vector<std::int64_t>{}},
         std::tuple{"lengths", DType::int32, std::vector<std::int64_t>{3}},
+        std::tuple{"k_cache", DType::int8, std::vector<std::int64_t>{2, 3}},
+        std::tuple{"half", DType::float16, std::vector<std::int64_t>{3}},
         std::tuple{"mask", DType::boolean, std::vector<std::int64_t>{2, 1, 2}},
         std::tuple{"empty", DType::float32, std::vector<std::int64_t>{0, 4}}}) {
     Tensor t(dtype, shape);
@@ -98,9 +100,10 @@ TEST(Safetensors, RejectsMalformedFiles) {
   expect_error(file_bytes("[1, 2]", ""), "expected a JSON object, got array");
   expect_error(file_bytes(R"({"w":{"dtype":"F32","shape":[[[[1]]]],"data_offsets":[0,4]}})", ""),
                "nested deeper than 3");
-  expect_error(file_bytes(R"({"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})",
-                          std::string(2, '\0')),
-               "tensor 'w': expected dtype F32, F64, BF16, F16, I32, I64 or BOOL, got 'F8_E4M3'");
+  expect_error(
+      file_bytes(R"({"w":{"dtype":"F8_E4M3","shape":[2],"data_offsets":[0,2]}})",
+                 std::string(2, '\0')),
+      "tensor 'w': expected dtype F32, F64, BF16, F16, I8, I32, I64 or BOOL, got 'F8_E4M3'");
   expect_error(file_bytes(R"({"w":{"dtype":"F32","shape":[2]}})", eight),
                "expected exactly \"dtype\", \"shape\" and \"data_offsets\"");
   expect_error(file_bytes(R"({"w":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", eight),

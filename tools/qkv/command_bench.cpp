@@ -55,16 +55,20 @@ void run_bench(const BenchFlags& flags) {
     for (std::string spec; std::getline(list, spec, ',');)
       shapes.push_back(bench::parse_shape(spec));
   }
-  if (flags.dtype != "f32" && flags.dtype != "bf16" && flags.dtype != "f16") {
-    throw Error(fmt::format("--dtype: expected f32, bf16 or f16, got '{}'", flags.dtype));
+  if (flags.dtype != "f32" && flags.dtype != "bf16" && flags.dtype != "f16" &&
+      flags.dtype != "i8") {
+    throw Error(fmt::format("--dtype: expected f32, bf16, f16 or i8, got '{}'", flags.dtype));
   }
   const DType dtype = flags.dtype == "bf16"  ? DType::bfloat16
                       : flags.dtype == "f16" ? DType::float16
+                      : flags.dtype == "i8"  ? DType::int8
                                              : DType::float32;
   if (flags.pass != "forward" && flags.pass != "backward") {
     throw Error(fmt::format("--pass: expected forward or backward, got '{}'", flags.pass));
   }
   const bool backward = flags.pass == "backward";
+  if (backward && dtype == DType::int8)
+    throw Error("--dtype: expected f32, bf16 or f16 with --pass backward, got i8 (a KV cache)");
   const int threads = flags.threads > 0 ? flags.threads : omp_get_max_threads();
   // qkv first, then the baselines, then sgemm: OpenBLAS's threads never run beside qkv's.
   // The backward has no memory floor to report.
@@ -81,16 +85,18 @@ void run_bench(const BenchFlags& flags) {
   const bench::GemmResult gemm = bench::measure_sgemm(threads);
   for (bench::ShapeResult& result : results) result.ratio_to_sgemm = result.gflops / gemm.gflops;
   if (!flags.json) {
-    fmt::print("qkv bench ({} pass): {} threads, SIMD target {}, {} inputs and output{}\n",
-               flags.pass, threads, simd_target(), dtype_name(dtype),
+    fmt::print("qkv bench ({} pass): {} threads, SIMD target {}, {}{}\n", flags.pass, threads,
+               simd_target(),
+               dtype == DType::int8 ? std::string("an int8 KV cache (float32 queries and output)")
+                                    : fmt::format("{} inputs and output", dtype_name(dtype)),
                backward ? "; dQ, dK, dV from the saved O and LSE, FLOPs = 2.5 × forward" : "");
     fmt::print("OpenBLAS sgemm 2048³: {:.1f} GFLOP/s (kernel {}{})\n", gemm.gflops, gemm.kernel,
                gemm.coretype.empty() ? ""
                                      : fmt::format(", forced by OPENBLAS_CORETYPE={}; unset it "
                                                    "to measure the best kernel",
                                                    gemm.coretype));
-    fmt::print("memory read bandwidth: {:.1f} GB/s (floor = bytes of K and V at this rate)\n\n",
-               bandwidth);
+    fmt::print("memory read bandwidth: {:.1f} GB/s (floor = bytes of K and V{} at this rate)\n\n",
+               bandwidth, dtype == DType::int8 ? " and their scales" : "");
     fmt::print("{:<20} {:>9} {:>14} {:>7} {:>9} {:>8} {:>12} {:>8}\n", "shape", "ms", "throughput",
                "÷sgemm", "floor ms", "peak MiB", "baseline ms", "speed-up");
   }
@@ -103,7 +109,8 @@ void run_bench(const BenchFlags& flags) {
     const std::string ratio =
         shape.additive_dim > 0 ? std::string("—") : fmt::format("{:.2f}", r.ratio_to_sgemm);
     const std::string baseline =
-        backward || !shape.baseline_applies() ? fmt::format("{:>12} {:>8}", "—", "")
+        backward || !shape.baseline_applies() || dtype == DType::int8
+            ? fmt::format("{:>12} {:>8}", "—", "")
         : r.naive_ms > 0 ? fmt::format("{:>12.2f} {:>7.1f}×", r.naive_ms, r.speedup_over_naive)
                          : fmt::format("{:>12} {:>8}", "(N×N > 2 GiB)", "");
     const std::string floor = backward ? std::string("—") : fmt::format("{:.2f}", r.floor_ms);
@@ -154,7 +161,10 @@ void add_bench_command(CLI::App& app) {
                       "each optionally followed by sinks or sigmoid (page: a paged KV cache, "
                       "ragged: lengths from Nk/16 to Nk; K1 = B16H32Hk8Nq1Nk8192D128page16ragged)");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
-  command->add_option("--dtype", flags->dtype, "f32 | bf16 | f16 (inputs and output)")
+  command
+      ->add_option("--dtype", flags->dtype,
+                   "f32 | bf16 | f16 (inputs and output) | i8 (an int8 KV cache holding K and "
+                   "V, float32 queries and output; forward only)")
       ->default_str("f32");
   command
       ->add_option("--pass", flags->pass,

@@ -479,10 +479,10 @@ std::vector<Translation> TranslationModel::translate_cached(
     const Tensor q = self_q.forward(y.view()), k = self_k.forward(y.view()),
                  v = self_v.forward(y.view());
     Tensor attended(DType::float32, {count, e});
-    const KVCache cache{
-        k_cache.mutable_view(), v_cache.mutable_view(),
-        std::nullopt,           TensorView::contiguous(lengths.data(), DType::int64, {count}),
-        std::nullopt,           std::nullopt};
+    KVCache cache;
+    cache.k = k_cache.mutable_view();
+    cache.v = v_cache.mutable_view();
+    cache.seqlens = TensorView::contiguous(lengths.data(), DType::int64, {count});
     attention_with_kv_cache(
         one_position(q, heads), cache, one_position(k, heads), one_position(v, heads), {},
         self_options,
