@@ -98,20 +98,22 @@ void softmax_rows(const Shape& s, std::vector<float>& scores) {
 template <class FillScores>
 void naive_per_head(const Shape& s, const float* q, const float* k, const float* v, float* out,
                     std::vector<float>& scores, FillScores fill_scores) {
-  const std::int64_t d = s.head_dim, group = s.q_heads / s.kv_heads;
+  const std::int64_t d = s.head_dim, dv = s.value_dim, group = s.q_heads / s.kv_heads;
   const auto nq = static_cast<int>(s.q_len), nk = static_cast<int>(s.k_len);
   const auto q_stride = static_cast<int>(s.q_heads * d),
-             k_stride = static_cast<int>(s.kv_heads * d);
+             k_stride = static_cast<int>(s.kv_heads * d),
+             v_stride = static_cast<int>(s.kv_heads * dv),
+             out_stride = static_cast<int>(s.q_heads * dv);
   for (std::int64_t b = 0; b < s.batch; ++b) {
     for (std::int64_t h = 0; h < s.q_heads; ++h) {
       const std::int64_t hk = h / group;
       const float* kh = k + (b * s.k_len * s.kv_heads + hk) * d;
-      const float* vh = v + (b * s.k_len * s.kv_heads + hk) * d;
+      const float* vh = v + (b * s.k_len * s.kv_heads + hk) * dv;
       fill_scores(q + (b * s.q_len * s.q_heads + h) * d, q_stride, kh, k_stride);
       softmax_rows(s, scores);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, static_cast<int>(d), nk, 1.0f,
-                  scores.data(), nk, vh, k_stride, 0.0f, out + (b * s.q_len * s.q_heads + h) * d,
-                  q_stride);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, static_cast<int>(dv), nk, 1.0f,
+                  scores.data(), nk, vh, v_stride, 0.0f, out + (b * s.q_len * s.q_heads + h) * dv,
+                  out_stride);
     }
   }
 }
@@ -172,7 +174,14 @@ Shape parse_shape(const std::string& spec) {
       {"S5", "B1H8N4096D64causal"},
       {"M1", "B1H8N4096D64docs512"},
       {"M2", "B1H8N4096D64slide256"},
-      {"K1", "B16H32Hk8Nq1Nk8192D128page16ragged"}};
+      {"K1", "B16H32Hk8Nq1Nk8192D128page16ragged"},
+      // Head dims of recent models: Gemma's 256 (prefill, decode); DeepSeek's MLA, as attention
+      // (queries and keys 192, values 128) and absorbed (one key/value head of 576, values 512).
+      {"G1", "B1H8N4096D256"},
+      {"G2", "B1H16Nq1Nk8192D256"},
+      {"L1", "B1H16N4096D192Dv128"},
+      {"L2", "B1H16Hk1N2048D576Dv512causal"},
+      {"L3", "B1H16Hk1Nq1Nk8192D576Dv512"}};
   std::string text = spec;
   // Suffixes, in any order: sinks, sigmoid, ragged.
   bool sinks = false, sigmoid = false, ragged = false;
@@ -197,8 +206,9 @@ Shape parse_shape(const std::string& spec) {
   }
   const auto bad = [&spec] {
     return Error(fmt::format(
-        "--shapes: expected S1 … S5, A1, M1, M2, K1 or "
-        "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>][window<w>[sinktokens<n>]]"
+        "--shapes: expected S1 … S5, A1, M1, M2, K1, G1, G2, L1 … L3 or "
+        "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[Dv<dv>][A<a>][docs<n>|slide<w>][window<w>"
+        "[sinktokens<n>]]"
         "[page<p>[ragged]][causal], each "
         "optionally followed by sinks and sigmoid, got '{}'",
         spec));
@@ -239,6 +249,8 @@ Shape parse_shape(const std::string& spec) {
   shape.q_len = n >= 0 ? n : take("Nq");
   shape.k_len = n >= 0 ? n : take("Nk");
   shape.head_dim = take("D");
+  const std::int64_t value_dim = take("Dv");
+  shape.value_dim = value_dim >= 0 ? value_dim : shape.head_dim;
   shape.additive_dim = std::max<std::int64_t>(0, take("A"));
   shape.documents = std::max<std::int64_t>(0, take("docs"));
   shape.sliding_window = std::max<std::int64_t>(0, take("slide"));
@@ -250,7 +262,8 @@ Shape parse_shape(const std::string& spec) {
   if (ragged && shape.page_size == 0) throw bad();
   if (shape.kv_heads < 0) shape.kv_heads = shape.q_heads;
   if (!fields.empty() || shape.batch < 1 || shape.q_heads < 1 || shape.q_len < 1 ||
-      shape.k_len < 1 || shape.head_dim < 1) {
+      shape.k_len < 1 || shape.head_dim < 1 || shape.value_dim < 1 ||
+      (shape.additive_dim > 0 && shape.value_dim != shape.head_dim)) {
     throw bad();
   }
   if (shape.kv_heads == 0 || shape.q_heads % shape.kv_heads != 0) {
@@ -289,12 +302,13 @@ std::int64_t Shape::total_keys() const {
 
 double attention_flops(const Shape& s) {
   if (s.kv_cache()) {  // every query row of a sequence against that sequence's keys
-    return 4.0 * static_cast<double>(s.q_len * s.total_keys()) *
-           static_cast<double>(s.head_dim * s.q_heads);
+    return 2.0 * static_cast<double>(s.q_len * s.total_keys()) *
+           static_cast<double>((s.head_dim + s.value_dim) * s.q_heads);
   }
   const double pairs =
       static_cast<double>(s.q_len) * static_cast<double>(s.k_len) * s.visible_share();
-  return 4.0 * pairs * static_cast<double>(s.head_dim) * static_cast<double>(s.batch * s.q_heads);
+  return 2.0 * pairs * static_cast<double>(s.head_dim + s.value_dim) *
+         static_cast<double>(s.batch * s.q_heads);
 }
 
 double measure_read_bandwidth(int threads) {
@@ -316,8 +330,9 @@ double key_value_bytes(const Shape& s, DType dtype) {
   const double rows = static_cast<double>(s.total_keys() * s.kv_heads);
   // An int8 cache also reads a float32 scale per row.
   const double scale_bytes = dtype == DType::int8 ? 4.0 : 0.0;
-  return 2.0 * rows *
-         (static_cast<double>(s.head_dim) * static_cast<double>(dtype_size(dtype)) + scale_bytes);
+  return rows *
+         (static_cast<double>(s.head_dim + s.value_dim) * static_cast<double>(dtype_size(dtype)) +
+          2.0 * scale_bytes);
 }
 
 GemmResult measure_sgemm(int threads) {
@@ -375,7 +390,7 @@ void quantize_rows(const std::vector<float>& values, std::int64_t dim,
 // pages it) with float32 queries and output.
 struct BenchProblem {
   BenchProblem(const Shape& s, DType dtype, int threads) {
-    const std::int64_t d = s.head_dim, a = s.additive_dim;
+    const std::int64_t d = s.head_dim, dv = s.value_dim, a = s.additive_dim;
     // A KV cache: every sequence's keys in its own pages, the pool's pages handed out in a
     // shuffled order (a block table, not an offset), seqlens the sequences' lengths.
     std::int64_t rows = s.batch * s.k_len;
@@ -398,14 +413,14 @@ struct BenchProblem {
     }
     q = random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 3);
     k = random_floats(static_cast<std::size_t>(rows * s.kv_heads * d), 4);
-    v = random_floats(static_cast<std::size_t>(rows * s.kv_heads * d), 5);
-    out.resize(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d));
+    v = random_floats(static_cast<std::size_t>(rows * s.kv_heads * dv), 5);
+    out.resize(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * dv));
     const bool bf16 = dtype == DType::bfloat16 || dtype == DType::float16;  // 16-bit storage
     const bool int8 = dtype == DType::int8;
     const DType query_dtype = int8 ? DType::float32 : dtype;
     if (int8) {
       quantize_rows(k, d, k8, k_scales);
-      quantize_rows(v, d, v8, v_scales);
+      quantize_rows(v, dv, v8, v_scales);
     } else if (dtype == DType::bfloat16) {
       q16 = as_bfloat16(q);
       k16 = as_bfloat16(k);
@@ -453,10 +468,12 @@ struct BenchProblem {
                     : static_cast<const void*>(f32.data());
     };
     k_view = TensorView::contiguous(storage(k, k16, k8), dtype, kv_shape);
-    v_view = TensorView::contiguous(storage(v, v16, v8), dtype, kv_shape);
+    std::array<std::int64_t, 4> v_shape = kv_shape;
+    v_shape[3] = dv;
+    v_view = TensorView::contiguous(storage(v, v16, v8), dtype, v_shape);
     if (s.kv_cache() || int8) {  // the cache reads the same storage (the call writes nothing to it)
       cache.k = MutableTensorView::contiguous(const_cast<void*>(k_view.data), dtype, kv_shape);
-      cache.v = MutableTensorView::contiguous(const_cast<void*>(v_view.data), dtype, kv_shape);
+      cache.v = MutableTensorView::contiguous(const_cast<void*>(v_view.data), dtype, v_shape);
       if (s.kv_cache()) {
         const std::int64_t per_sequence = (s.k_len + s.page_size - 1) / s.page_size;
         cache.block_table =
@@ -472,7 +489,7 @@ struct BenchProblem {
     }
     // O in the queries' dtype (bfloat16 uses the first half of `out`).
     outputs.out =
-        MutableTensorView::contiguous(out.data(), query_dtype, {s.batch, s.q_len, s.q_heads, d});
+        MutableTensorView::contiguous(out.data(), query_dtype, {s.batch, s.q_len, s.q_heads, dv});
   }
   std::vector<float> q, k, v, out, wq, wk, va, sinks, k_scales, v_scales;
   std::vector<std::uint16_t> q16, k16, v16;
@@ -530,25 +547,25 @@ ShapeResult measure_qkv_backward(const Shape& s, DType dtype, int threads, int r
   result.dtype = dtype;
   reset_peak_memory();
   BenchProblem problem(s, dtype, threads);
-  const std::int64_t d = s.head_dim;
+  const std::int64_t d = s.head_dim, dv = s.value_dim;
   // The forward's O and LSE (float32), kept as training keeps them; dO random.
-  Tensor out(DType::float32, {s.batch, s.q_len, s.q_heads, d});
+  Tensor out(DType::float32, {s.batch, s.q_len, s.q_heads, dv});
   Tensor lse(DType::float32, {s.batch, s.q_heads, s.q_len});
   attention_forward(problem.q_view, problem.k_view, problem.v_view, problem.options,
                     {out.mutable_view(), lse.mutable_view(), {}});
   const std::vector<float> dout =
-      random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * d), 9);
+      random_floats(static_cast<std::size_t>(s.batch * s.q_len * s.q_heads * dv), 9);
   Tensor dq(dtype, {s.batch, s.q_len, s.q_heads, d}), dk(dtype, {s.batch, s.k_len, s.kv_heads, d}),
-      dv(dtype, {s.batch, s.k_len, s.kv_heads, d});
+      dvalues(dtype, {s.batch, s.k_len, s.kv_heads, dv});
   AttentionGradients gradients;
   gradients.dq = dq.mutable_view();
   gradients.dk = dk.mutable_view();
-  gradients.dv = dv.mutable_view();
+  gradients.dv = dvalues.mutable_view();
   std::vector<float> dsinks(static_cast<std::size_t>(s.q_heads));
   if (s.sinks)
     gradients.dsinks = MutableTensorView::contiguous(dsinks.data(), DType::float32, {s.q_heads});
   const TensorView dout_view =
-      TensorView::contiguous(dout.data(), DType::float32, {s.batch, s.q_len, s.q_heads, d});
+      TensorView::contiguous(dout.data(), DType::float32, {s.batch, s.q_len, s.q_heads, dv});
   result.median_ms = median_ms(repetitions, [&] {
     attention_backward(problem.q_view, problem.k_view, problem.v_view, problem.options, dout_view,
                        std::nullopt, gradients, SavedForward{out.view(), lse.view()});

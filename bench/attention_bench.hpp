@@ -14,6 +14,7 @@ namespace qkv::bench {
 struct Shape {
   std::string name;
   std::int64_t batch = 1, q_heads = 8, kv_heads = 8, q_len = 1024, k_len = 1024, head_dim = 64;
+  std::int64_t value_dim = 64;  // Dv: head_dim unless the spec gives Dv<dv> (DeepSeek's MLA)
   std::int64_t additive_dim = 0;
   bool causal = false;
   // A block mask (blocks of 128 × 128) built from a mask_mod: documents of this many positions

@@ -8,15 +8,20 @@
 // The keys are cut into chunks of kChunkKeys; one work item is (batch, chunk) for every key/value
 // head at once, so it reads K[b, chunk, :, :] and V[b, chunk, :, :] front to back — in the
 // [B, N, H, D] layout the rows of one head are H·D floats apart, a stride that would defeat the
-// hardware prefetcher if heads were walked one by one. The chunks also keep every core busy when
+// hardware prefetcher if heads were walked one by one (and, at a multiple of 4 KiB, would put a
+// block's rows in the same L1 sets). The chunks also keep every core busy when
 // there is a single head. The chunk size depends on the problem only, never on the thread count,
 // so results are bitwise the same for any number of threads. For one item, with R = Nq · group
 // rows per key head and Hk·R rows in all:
-//   1. the query rows, times the scale, go to scratch; each row's visible range is found;
+//   1. the query rows, times the scale, go to scratch; each row's visible range is found, and
+//      where each key row of the chunk lies (a KV cache's pages: a RowMap lookup per key, for
+//      every head), so that rows a few KiB ahead can be prefetched wherever their page is;
 //   2. keys are walked in blocks of one vector's width: each key row (j, hk) is loaded once and
-//      dotted with the R query rows of hk (SIMD along D, then one horizontal sum); the block's
-//      scores get the masks and options and each row's online softmax (running max m, sum l) is
-//      updated; each value row is then loaded once and added to the R accumulators of its head;
+//      dotted with the R query rows of hk, four rows at a time (SIMD along D, then one horizontal
+//      sum per row); the block's scores get the masks and options and each row's online softmax
+//      (running max m, sum l) is updated; each value row is then loaded once for every four of
+//      the R accumulators of its head. With one key/value head the block's value rows are
+//      adjacent, and four rows' accumulators stay in registers while the whole block passes;
 //   3. the chunk's partial result O_c = acc / l, LSE_c = m + log l is stored.
 // A final pass merges the chunks of each row by their LSE (detail::merge_row).
 
@@ -62,44 +67,108 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using FloatTag = hn::ScalableTag<float>;
 
-// Σ_d a[d]·b[d] with two vector accumulators and a scalar tail.
-template <class Stored>
-HWY_INLINE float Dot(const float* a, const Stored* b, std::int64_t n) {
+// out[g · out_stride] = factor · Σ_d queries[g · n + d] · key[d] for the G query rows of one
+// key: the key is loaded (and widened) once for all G rows.
+template <int G, class Stored>
+HWY_INLINE void DotRows(const float* HWY_RESTRICT queries, const Stored* HWY_RESTRICT key,
+                        std::int64_t n, float factor, float* HWY_RESTRICT out,
+                        std::int64_t out_stride) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  auto sum0 = hn::Zero(d), sum1 = hn::Zero(d);
+  // Two sums per row, over alternate vectors: half the dependent chain of multiply-adds.
+  hn::Vec<FloatTag> sum[G], other[G];
+  for (int g = 0; g < G; ++g) sum[g] = other[g] = hn::Zero(d);
   std::int64_t e = 0;
   for (; e + 2 * lanes <= n; e += 2 * lanes) {
-    sum0 = hn::MulAdd(hn::LoadU(d, a + e), LoadWidened(d, b + e), sum0);
-    sum1 = hn::MulAdd(hn::LoadU(d, a + e + lanes), LoadWidened(d, b + e + lanes), sum1);
+    const auto k = LoadWidened(d, key + e), next = LoadWidened(d, key + e + lanes);
+    for (int g = 0; g < G; ++g) {
+      sum[g] = hn::MulAdd(hn::LoadU(d, queries + g * n + e), k, sum[g]);
+      other[g] = hn::MulAdd(hn::LoadU(d, queries + g * n + e + lanes), next, other[g]);
+    }
   }
-  for (; e + lanes <= n; e += lanes)
-    sum0 = hn::MulAdd(hn::LoadU(d, a + e), LoadWidened(d, b + e), sum0);
-  float sum = hn::GetLane(hn::SumOfLanes(d, hn::Add(sum0, sum1)));
-  for (; e < n; ++e) sum += a[e] * Widened(b[e]);
-  return sum;
+  for (; e + lanes <= n; e += lanes) {
+    const auto k = LoadWidened(d, key + e);
+    for (int g = 0; g < G; ++g) sum[g] = hn::MulAdd(hn::LoadU(d, queries + g * n + e), k, sum[g]);
+  }
+  for (int g = 0; g < G; ++g) {
+    float total = hn::GetLane(hn::SumOfLanes(d, hn::Add(sum[g], other[g])));
+    for (std::int64_t tail = e; tail < n; ++tail)
+      total += queries[g * n + tail] * Widened(key[tail]);
+    out[g * out_stride] = factor * total;
+  }
 }
 
-// y[d] += w·x[d].
-template <class Stored>
-HWY_INLINE void AddScaled(float weight, const Stored* x, float* y, std::int64_t n) {
+// accumulators[g · n + d] += weights[g] · value[d] for G rows: the value row is loaded (and
+// widened) once for all G rows.
+template <int G, class Stored>
+HWY_INLINE void AddScaledRows(const float* HWY_RESTRICT weights, const Stored* HWY_RESTRICT value,
+                              std::int64_t n, float* HWY_RESTRICT accumulators) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  const auto w = hn::Set(d, weight);
+  hn::Vec<FloatTag> w[G];
+  for (int g = 0; g < G; ++g) w[g] = hn::Set(d, weights[g]);
   std::int64_t e = 0;
-  for (; e + lanes <= n; e += lanes)
-    hn::StoreU(hn::MulAdd(w, LoadWidened(d, x + e), hn::LoadU(d, y + e)), d, y + e);
-  for (; e < n; ++e) y[e] += weight * Widened(x[e]);
+  for (; e + lanes <= n; e += lanes) {
+    const auto v = LoadWidened(d, value + e);
+    for (int g = 0; g < G; ++g) {
+      float* y = accumulators + g * n + e;
+      hn::StoreU(hn::MulAdd(w[g], v, hn::LoadU(d, y)), d, y);
+    }
+  }
+  for (; e < n; ++e)
+    for (int g = 0; g < G; ++g) accumulators[g * n + e] += weights[g] * Widened(value[e]);
+}
+
+// accumulators[g · n + d] += Σ_t weights[g · weight_stride + t] · values[t][d] for G rows over
+// `count` value rows: each vector-wide stretch of every row's accumulator stays in a register
+// while the rows pass, and each value vector is loaded (and widened) once for all G rows.
+template <int G, class Stored>
+HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT weights, std::int64_t weight_stride,
+                               const Stored* const* HWY_RESTRICT values, std::int64_t count,
+                               std::int64_t n, float* HWY_RESTRICT accumulators) {
+  const FloatTag d;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
+  std::int64_t e = 0;
+  for (; e + lanes <= n; e += lanes) {
+    hn::Vec<FloatTag> sum[G];
+    for (int g = 0; g < G; ++g) sum[g] = hn::LoadU(d, accumulators + g * n + e);
+    for (std::int64_t t = 0; t < count; ++t) {
+      const auto v = LoadWidened(d, values[t] + e);
+      for (int g = 0; g < G; ++g)
+        sum[g] = hn::MulAdd(hn::Set(d, weights[g * weight_stride + t]), v, sum[g]);
+    }
+    for (int g = 0; g < G; ++g) hn::StoreU(sum[g], d, accumulators + g * n + e);
+  }
+  for (; e < n; ++e)
+    for (int g = 0; g < G; ++g)
+      for (std::int64_t t = 0; t < count; ++t)
+        accumulators[g * n + e] += weights[g * weight_stride + t] * Widened(values[t][e]);
 }
 
 // K and V are read front to back, a few rows at a time with work in between; the hardware
-// prefetcher alone keeps too few lines in flight, so ask for the lines kPrefetchBytes ahead.
-constexpr std::int64_t kPrefetchBytes = 4096;
+// prefetcher alone keeps too few lines in flight (and cannot know where a KV cache's next page
+// is), so the kernel asks for the lines of the rows it will read about kPrefetchBytes later.
+constexpr std::int64_t kPrefetchBytes = 8192;
 template <class Stored>
-HWY_INLINE void PrefetchAhead(const Stored* row, std::int64_t length) {
-  const char* ahead = reinterpret_cast<const char*>(row) + kPrefetchBytes;
+HWY_INLINE void PrefetchRow(const Stored* row, std::int64_t length) {
+  const char* first = reinterpret_cast<const char*>(row);
   const auto bytes = length * static_cast<std::int64_t>(sizeof(Stored));
-  for (std::int64_t byte = 0; byte < bytes; byte += 64) hwy::Prefetch(ahead + byte);
+  for (std::int64_t byte = 0; byte < bytes; byte += 64) hwy::Prefetch(first + byte);
+}
+
+// f(std::integral_constant<int, G>{}) for G = min(rows, 4): the row groups of DotRows and
+// AddScaledRows.
+template <class F>
+HWY_INLINE void ForGroup(std::int64_t rows, const F& f) {
+  if (rows >= 4) {
+    f(std::integral_constant<int, 4>{});
+  } else if (rows == 3) {
+    f(std::integral_constant<int, 3>{});
+  } else if (rows == 2) {
+    f(std::integral_constant<int, 2>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
 }
 
 // Stored: the element type of K and V (float, std::uint16_t for bfloat16, hwy::float16_t, or
@@ -164,6 +233,15 @@ class DecodeKernel {
   }
   std::int64_t PositionOf(std::int64_t r) const { return r % p_.q_len; }
 
+  // Where key j lies, for head 0 (head hk is hk head strides further), and its scales in an int8
+  // cache.
+  struct BlockRow {
+    const Stored* key = nullptr;
+    const Stored* value = nullptr;
+    const float* key_scale = nullptr;
+    const float* value_scale = nullptr;
+  };
+
   struct Scratch {
     explicit Scratch(const DecodeKernel& k)
         : queries(static_cast<std::size_t>(k.item_rows_ * k.o_.score_dim)),
@@ -173,13 +251,33 @@ class DecodeKernel {
           row_max(static_cast<std::size_t>(k.item_rows_)),
           row_sum(static_cast<std::size_t>(k.item_rows_)),
           first(static_cast<std::size_t>(k.item_rows_)),
-          last(static_cast<std::size_t>(k.item_rows_)) {}
+          last(static_cast<std::size_t>(k.item_rows_)),
+          weights(static_cast<std::size_t>(4 * k.lanes_)),
+          values(static_cast<std::size_t>(k.lanes_)) {}
     std::vector<float> queries;                 // [rows, D], times the scale
     hwy::AlignedFreeUniquePtr<float[]> scores;  // [rows, lanes]: one block
     std::vector<float> accumulator;             // [rows, Dv]
     std::vector<float> row_max, row_sum;
     std::vector<std::int64_t> first, last;  // visible key ranges
+    std::vector<BlockRow> rows;             // the keys of the chunk's blocks
+    std::vector<float> weights;         // [4, lanes]: a row group's weights of the keys used …
+    std::vector<const Stored*> values;  // … and their value rows
   };
+
+  // rows[j − first] = where key j of sequence b lies, for j in [first, last).
+  void LocateRows(std::int64_t b, std::int64_t first, std::int64_t last,
+                  std::vector<BlockRow>& rows) const {
+    rows.resize(static_cast<std::size_t>(std::max<std::int64_t>(0, last - first)));
+    for (std::int64_t j = first; j < last; ++j) {
+      BlockRow& row = rows[static_cast<std::size_t>(j - first)];
+      row.key = KeyRow(b, j, 0);
+      row.value = ValueRow(b, j, 0);
+      if constexpr (kInt8) {
+        row.key_scale = o_.k_scale.row(b, j, 0);
+        row.value_scale = o_.v_scale.row(b, j, 0);
+      }
+    }
+  }
 
   void ComputeChunk(std::int64_t b, std::int64_t chunk, float* out, double* lse, Scratch& s) const {
     constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
@@ -211,19 +309,33 @@ class DecodeKernel {
       seen_last = std::max(seen_last, s.last[r]);
     }
 
-    // 2. Blocks of `lanes_` keys.
+    // 2. Blocks of `lanes_` keys. Where each row of the chunk lies is found once for all heads
+    // (a RowMap lookup each), so that the rows prefetch_keys_ ahead can be asked for.
     const std::int64_t first_block = chunk_first + (seen_first - chunk_first) / lanes_ * lanes_;
+    // The blocks end at seen_last rounded up to a whole block (within the chunk).
+    const std::int64_t blocks_end = std::min(
+        chunk_last, first_block + (seen_last - first_block + lanes_ - 1) / lanes_ * lanes_);
+    LocateRows(b, first_block, blocks_end, s.rows);
+    const auto row_of = [&](std::int64_t j) -> const BlockRow& {
+      return s.rows[static_cast<std::size_t>(j - first_block)];
+    };
     for (std::int64_t start = first_block; start < seen_last; start += lanes_) {
       const std::int64_t count = std::min(lanes_, chunk_last - start);
-      // 2a. Scores: key rows in memory order (key, head), each against its head's query rows.
+      // 2a. Scores: key rows in memory order (key, head), each against its head's query rows, in
+      // groups of up to four rows per read of the key.
       for (std::int64_t t = 0; t < count; ++t) {
-        const Stored* key_heads = KeyRow(b, start + t, 0);  // heads lie a stride apart
+        const BlockRow& row = row_of(start + t);
+        const bool prefetch = start + t + prefetch_keys_ < blocks_end;
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-          const Stored* key = key_heads + hk * KeyHeadStride();
-          PrefetchAhead(key, dim);
-          const float key_scale = KeyScale(b, start + t, hk);
-          for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
-            s.scores[r * lanes_ + t] = key_scale * Dot(s.queries.data() + r * dim, key, dim);
+          if (prefetch)
+            PrefetchRow(row_of(start + t + prefetch_keys_).key + hk * KeyHeadStride(), dim);
+          const Stored* key = row.key + hk * KeyHeadStride();
+          const float key_scale = KeyScale(row, hk);
+          for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
+            ForGroup((hk + 1) * rows_ - r, [&](auto group) {
+              DotRows<decltype(group)::value>(s.queries.data() + r * dim, key, dim, key_scale,
+                                              s.scores.get() + r * lanes_ + t, lanes_);
+            });
           }
         }
       }
@@ -255,17 +367,61 @@ class DecodeKernel {
         hn::Store(weights, d, scores);
         s.row_sum[r] += hn::GetLane(hn::SumOfLanes(d, weights));
       }
-      // 2d. Value rows in memory order, each into its head's accumulators.
+      // 2d. Value rows into their head's accumulators, in groups of up to four rows per read of
+      // the value (a key no row of the group weighs is not read: a hidden key's values may be
+      // anything). With one key/value head (MQA, DeepSeek's MLA) the block's value rows follow
+      // one another, and each group's accumulators stay in registers while the block passes.
+      if (p_.kv_heads == 1) {
+        for (std::int64_t t = 0; t < count; ++t) {
+          if (start + t + prefetch_keys_ < blocks_end)
+            PrefetchRow(row_of(start + t + prefetch_keys_).value, p_.v_dim);
+        }
+        for (std::int64_t r = 0; r < rows_; r += 4) {
+          const std::int64_t group_rows = std::min<std::int64_t>(4, rows_ - r);
+          std::int64_t used = 0;
+          for (std::int64_t t = 0; t < count; ++t) {
+            bool weighed = false;
+            for (std::int64_t i = 0; i < group_rows; ++i)
+              weighed |= s.scores[(r + i) * lanes_ + t] != 0.0f;
+            if (!weighed) continue;
+            const BlockRow& row = row_of(start + t);
+            const float value_scale = ValueScale(row, 0);
+            for (std::int64_t i = 0; i < group_rows; ++i)
+              s.weights[static_cast<std::size_t>(i * lanes_ + used)] =
+                  s.scores[(r + i) * lanes_ + t] * value_scale;
+            s.values[static_cast<std::size_t>(used++)] = row.value;
+          }
+          if (used == 0) continue;
+          ForGroup(group_rows, [&](auto group) {
+            AccumulateRows<decltype(group)::value>(s.weights.data(), lanes_, s.values.data(), used,
+                                                   p_.v_dim, s.accumulator.data() + r * p_.v_dim);
+          });
+        }
+        continue;
+      }
       for (std::int64_t t = 0; t < count; ++t) {
-        const Stored* value_heads = ValueRow(b, start + t, 0);
+        const BlockRow& row = row_of(start + t);
+        const bool prefetch = start + t + prefetch_keys_ < blocks_end;
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-          const Stored* value = value_heads + hk * ValueHeadStride();
-          PrefetchAhead(value, p_.v_dim);
-          const float value_scale = ValueScale(b, start + t, hk);
-          for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; ++r) {
-            const float weight = s.scores[r * lanes_ + t];
-            if (weight != 0.0f)
-              AddScaled(weight * value_scale, value, s.accumulator.data() + r * p_.v_dim, p_.v_dim);
+          if (prefetch) {
+            PrefetchRow(row_of(start + t + prefetch_keys_).value + hk * ValueHeadStride(),
+                        p_.v_dim);
+          }
+          const Stored* value = row.value + hk * ValueHeadStride();
+          const float value_scale = ValueScale(row, hk);
+          for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
+            const std::int64_t group_rows = std::min<std::int64_t>(4, (hk + 1) * rows_ - r);
+            float weights[4] = {};
+            bool weighed = false;
+            for (std::int64_t i = 0; i < group_rows; ++i) {
+              weights[i] = s.scores[(r + i) * lanes_ + t] * value_scale;
+              weighed |= weights[i] != 0.0f;
+            }
+            if (!weighed) continue;
+            ForGroup(group_rows, [&](auto group) {
+              AddScaledRows<decltype(group)::value>(weights, value, p_.v_dim,
+                                                    s.accumulator.data() + r * p_.v_dim);
+            });
           }
         }
       }
@@ -311,12 +467,12 @@ class DecodeKernel {
   std::int64_t KeyHeadStride() const { return Keys().stride_h; }
   std::int64_t ValueHeadStride() const { return Values().stride_h; }
   // The factor a row's products are multiplied by: its scale in an int8 cache, else 1.
-  float KeyScale(std::int64_t b, std::int64_t j, std::int64_t hk) const {
-    if constexpr (kInt8) return *o_.k_scale.row(b, j, hk);
+  float KeyScale(const BlockRow& row, std::int64_t hk) const {
+    if constexpr (kInt8) return row.key_scale[hk * o_.k_scale.stride_h];
     return 1.0f;
   }
-  float ValueScale(std::int64_t b, std::int64_t j, std::int64_t hk) const {
-    if constexpr (kInt8) return *o_.v_scale.row(b, j, hk);
+  float ValueScale(const BlockRow& row, std::int64_t hk) const {
+    if constexpr (kInt8) return row.value_scale[hk * o_.v_scale.stride_h];
     return 1.0f;
   }
   static constexpr bool kInt8 = std::is_same_v<Stored, std::int8_t>;
@@ -327,6 +483,11 @@ class DecodeKernel {
   const std::int64_t rows_;       // query rows per key/value head: Nq · group
   const std::int64_t item_rows_;  // query rows of an item: all key heads, Hk · Nq · group
   const std::int64_t chunks_;     // key chunks per batch
+  // Keys ahead whose rows are prefetched: about kPrefetchBytes of K (or V) ahead.
+  const std::int64_t prefetch_keys_ = std::max<std::int64_t>(
+      1, kPrefetchBytes /
+             std::max<std::int64_t>(
+                 1, p_.kv_heads* o_.score_dim* static_cast<std::int64_t>(sizeof(Stored))));
 };
 
 void DecodeForward(const FusedOperands& operands) {

@@ -295,9 +295,33 @@ def test_bench_json_reports_every_figure(tmp_path):
     assert shapes[0]["ratio_to_sgemm"] > 0 and shapes[2]["tanh_per_second"] > 0
 
 
+def test_bench_takes_values_of_another_width(tmp_path):
+    """Dv<dv>: DeepSeek's MLA shapes (queries and keys of D, values of Dv), forward and backward;
+    the FLOPs count D for Q·Kᵀ and Dv for P·V, the decode floor K's and V's own widths."""
+    import json
+    for pass_ in ("forward", "backward"):
+        result = run("bench", "--shapes", "B1H4Hk1N64D24Dv16causal,B1H4Hk1Nq1Nk96D24Dv16",
+                     "--pass", pass_, "--repetitions", "1", "--json", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        shapes = json.loads(result.stdout)["shapes"]
+        assert [(s["head_dim"], s["value_dim"]) for s in shapes] == [(24, 16), (24, 16)]
+        assert all(s["median_ms"] > 0 for s in shapes)
+    report = json.loads(run("bench", "--shapes", "B1H4Hk1Nq1Nk96D24Dv16", "--repetitions", "1",
+                            "--json", cwd=tmp_path).stdout)
+    shape = report["shapes"][0]
+    flops = 2 * 96 * (24 + 16) * 4
+    # GFLOP/s printed to 0.01, the time to 6 digits.
+    assert abs(shape["gflops"] * shape["median_ms"] * 1e6 - flops) <= (
+        0.005 * shape["median_ms"] * 1e6 + 1e-5 * flops)
+    floor_bytes = 96 * (24 + 16) * 4
+    bandwidth = report["read_bandwidth_gbs"]
+    assert abs(shape["floor_ms"] * bandwidth * 1e6 - floor_bytes) <= (
+        0.005 / bandwidth + 1e-5) * floor_bytes
+
+
 @pytest.mark.parametrize("args,message", [
-    (["--shapes", "B1H8"], "--shapes: expected S1 … S5, A1, M1, M2, K1 or"),
-    (["--shapes", "B1H8N64D8ragged"], "--shapes: expected S1 … S5, A1, M1, M2, K1 or"),
+    (["--shapes", "B1H8"], "--shapes: expected S1 … S5, A1, M1, M2, K1, G1, G2, L1 … L3 or"),
+    (["--shapes", "B1H8N64D8ragged"], "--shapes: expected S1 … S5, A1, M1, M2, K1, G1, G2, L1 … L3 or"),
     (["--shapes", "B2H2Nq1Nk64D8page4", "--pass", "backward"],
      "--pass backward: expected shapes without a KV cache"),
     (["--shapes", "B1H3Hk2N8D8"], "--shapes: expected Hk dividing H"),

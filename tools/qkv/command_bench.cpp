@@ -129,12 +129,13 @@ void run_bench(const BenchFlags& flags) {
     const bench::Shape& s = r.shape;
     rows += fmt::format(
         "{}\n    {{\"shape\": \"{}\", \"batch\": {}, \"q_heads\": {}, \"kv_heads\": {}, "
-        "\"q_len\": {}, \"k_len\": {}, \"head_dim\": {}, \"additive_dim\": {}, \"causal\": {}, "
+        "\"q_len\": {}, \"k_len\": {}, \"head_dim\": {}, \"value_dim\": {}, "
+        "\"additive_dim\": {}, \"causal\": {}, "
         "\"median_ms\": {:.6g}, \"gflops\": {:.2f}, \"ratio_to_sgemm\": {:.4f}, "
         "\"tanh_per_second\": {:.4g}, \"floor_ms\": {:.6g}, \"peak_mib\": {:.1f}, "
         "\"baseline_ms\": {:.6g}, \"speedup_over_baseline\": {:.3f}}}",
         rows.empty() ? "" : ",", s.name, s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len,
-        s.head_dim, s.additive_dim, s.causal ? "true" : "false", r.median_ms, r.gflops,
+        s.head_dim, s.value_dim, s.additive_dim, s.causal ? "true" : "false", r.median_ms, r.gflops,
         r.ratio_to_sgemm, r.tanh_per_second, r.floor_ms, r.peak_mib, r.naive_ms,
         r.speedup_over_naive);
   }
@@ -155,11 +156,12 @@ void add_bench_command(CLI::App& app) {
       "bench", "Attention throughput beside OpenBLAS sgemm, measured in the same run");
   command->add_flag("--json", flags->json, "print JSON instead of a table");
   command->add_option("--shapes", flags->shapes,
-                      "comma-separated S1…S5, A1, M1, M2, K1 or "
-                      "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[A<a>][docs<n>|slide<w>]"
+                      "comma-separated S1…S5, A1, M1, M2, K1, G1, G2, L1…L3 or "
+                      "B<b>H<h>[Hk<hk>](N<n>|Nq<nq>Nk<nk>)D<d>[Dv<dv>][A<a>][docs<n>|slide<w>]"
                       "[window<w>[sinktokens<n>]][page<p>[ragged]][causal], "
                       "each optionally followed by sinks or sigmoid (page: a paged KV cache, "
-                      "ragged: lengths from Nk/16 to Nk; K1 = B16H32Hk8Nq1Nk8192D128page16ragged)");
+                      "ragged: lengths from Nk/16 to Nk; K1 = B16H32Hk8Nq1Nk8192D128page16ragged; "
+                      "G1, G2: D = 256; L1: D = 192, Dv = 128; L2, L3: Hk = 1, D = 576, Dv = 512)");
   command->add_option("--threads", flags->threads, "threads (0 = all cores)");
   command
       ->add_option("--dtype", flags->dtype,

@@ -44,6 +44,8 @@ void run_distributed_bench(const std::string& spec, int repetitions, double link
   const distributed::Layout layout =
       shape.causal ? distributed::Layout::zigzag : distributed::Layout::contiguous;
   const std::int64_t n = shape.q_len, rows = distributed::shard_length(n, ranks, rank, layout);
+  if (shape.value_dim != shape.head_dim)
+    throw Error(fmt::format("--shapes: expected Dv = D with --distributed, got '{}'", spec));
   const std::int64_t b = shape.batch, h = shape.q_heads, hk = shape.kv_heads, d = shape.head_dim;
   const Tensor q = random_tensor({b, rows, h, d}, 1 + static_cast<std::uint64_t>(rank));
   const Tensor k = random_tensor({b, rows, hk, d}, 100 + static_cast<std::uint64_t>(rank));
