@@ -3,6 +3,8 @@
 
 #include "kernels/bf16_microkernels.hpp"
 
+#if defined(__x86_64__) || defined(__i386__)
+
 #include <immintrin.h>
 
 namespace qkv::kernels {
@@ -144,3 +146,33 @@ void bf16_accumulate_tile(int rows, int vectors, const std::uint32_t* p_pairs,
 }
 
 }  // namespace qkv::kernels
+
+#else  // no AVX-512 on this architecture
+
+#include <cstdlib>
+
+namespace qkv::kernels {
+
+// The check says no, so the fused kernel never calls the tiles; they exist for the linker, and
+// reaching one would be a bug.
+bool cpu_has_avx512_bf16() {
+  return false;
+}
+
+void bf16_score_tile(int, const std::uint32_t*, std::int64_t, const std::uint32_t*, std::int64_t,
+                     std::int64_t, float, float*, std::int64_t) {
+  std::abort();
+}
+
+void bf16_pair_rows(int, const float*, std::int64_t, std::int64_t, std::uint32_t*, std::int64_t) {
+  std::abort();
+}
+
+void bf16_accumulate_tile(int, int, const std::uint32_t*, std::int64_t, const std::uint32_t*,
+                          std::int64_t, std::int64_t, const float*, float*, std::int64_t) {
+  std::abort();
+}
+
+}  // namespace qkv::kernels
+
+#endif

@@ -36,6 +36,12 @@ namespace kernels {
 
 HWY_EXPORT(ThisTargetName);
 
+// The name of the target that runs (dispatched from this namespace: with a single target compiled
+// in, the dispatch is a direct call to N_<target>::ThisTargetName).
+const char* running_target_name() {
+  return HWY_DYNAMIC_DISPATCH(ThisTargetName)();
+}
+
 void apply_simd_environment() {
   static std::once_flag once;
   std::call_once(once, [] {
@@ -72,7 +78,7 @@ std::vector<std::string> simd_targets() {
 
 std::string simd_target() {
   kernels::apply_simd_environment();
-  return HWY_DYNAMIC_DISPATCH(kernels::ThisTargetName)();
+  return kernels::running_target_name();
 }
 
 void force_simd_target(std::string_view name) {
