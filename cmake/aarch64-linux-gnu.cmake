@@ -2,7 +2,7 @@
 # tests to run under qemu-user (the aarch64 preset). Needs `dpkg --add-architecture arm64` and
 # g++-aarch64-linux-gnu qemu-user libhwy-dev:arm64 libopenblas-dev:arm64 libfmt-dev:arm64
 # libgtest-dev:arm64 libgmock-dev:arm64. Not yet in CI: the library and tests build, but the test
-# binary does not get past its start under qemu (docs: the closing note of issue 16's session).
+# binary does not yet get past its start under qemu (issue 16).
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
