@@ -351,6 +351,28 @@ GemmResult measure_sgemm(int threads) {
   return result;
 }
 
+std::string cpu_name() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::map<std::string, std::string> fields;  // the first processor's
+  std::string line;
+  while (std::getline(cpuinfo, line)) {
+    if (line.empty() && !fields.empty()) break;
+    const std::size_t colon = line.find(':');
+    if (colon == std::string::npos) continue;
+    const auto trim = [](std::string text) {
+      const std::size_t first = text.find_first_not_of(" \t");
+      const std::size_t last = text.find_last_not_of(" \t");
+      return first == std::string::npos ? std::string() : text.substr(first, last - first + 1);
+    };
+    fields.emplace(trim(line.substr(0, colon)), trim(line.substr(colon + 1)));
+  }
+  if (!fields["model name"].empty()) return fields["model name"];
+  if (!fields["CPU implementer"].empty() && !fields["CPU part"].empty())
+    return fmt::format("ARM implementer {}, part {}", fields["CPU implementer"],
+                       fields["CPU part"]);
+  return "unknown";
+}
+
 // The same values in `dtype` (float32 or bfloat16, rounded).
 std::vector<std::uint16_t> as_bfloat16(const std::vector<float>& values) {
   std::vector<std::uint16_t> rounded(values.size());

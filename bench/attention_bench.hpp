@@ -72,6 +72,10 @@ struct GemmResult {
   std::string coretype;  // OPENBLAS_CORETYPE if set (it forces that kernel family)
 };
 
+// The processor as the system names it: /proc/cpuinfo's "model name" (x86), or the implementer
+// and part numbers an ARM core reports; "unknown" where neither is readable.
+std::string cpu_name();
+
 // OpenBLAS sgemm of 2048³ (median of several runs).
 GemmResult measure_sgemm(int threads);
 

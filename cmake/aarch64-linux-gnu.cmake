@@ -1,8 +1,6 @@
 # Cross-compiling for 64-bit ARM with Debian's cross compiler and arm64 packages (multiarch), the
-# tests to run under qemu-user (the aarch64 preset). Needs `dpkg --add-architecture arm64` and
-# g++-aarch64-linux-gnu qemu-user libhwy-dev:arm64 libopenblas-dev:arm64 libfmt-dev:arm64
-# libgtest-dev:arm64 libgmock-dev:arm64. Not yet in CI: the library and tests build, but the test
-# binary does not yet get past its start under qemu (issue 16).
+# tests to run under qemu-user (the aarch64 preset; `make test-aarch64`, whose install step adds
+# the arm64 architecture and `scripts/install-deps.sh aarch64`'s packages).
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
@@ -15,8 +13,15 @@ set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY BOTH)
 set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE BOTH)
 set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE BOTH)
 set(ENV{PKG_CONFIG_LIBDIR} /usr/lib/aarch64-linux-gnu/pkgconfig:/usr/share/pkgconfig)
-# NEON only: the kernels' register tiles are arrays of vectors, which SVE's sizeless vector types
-# cannot form (HWY_SVE, HWY_SVE2, HWY_SVE_256, HWY_SVE2_128 are bits 24 to 27).
-set(CMAKE_CXX_FLAGS_INIT "-DHWY_DISABLED_TARGETS=0x0F000000")
-# qemu's "max" CPU runs every target compiled in.
-set(CMAKE_CROSSCOMPILING_EMULATOR qemu-aarch64;-L;/usr/aarch64-linux-gnu;-cpu;max)
+# Highway compiles NEON and the SVE targets (SVE, SVE2, SVE_256, SVE2_128); each test run checks
+# every one the emulated CPU supports.
+#
+# The emulator: qemu's "max" CPU has NEON, SVE and SVE2. The dynamic loader is the cross
+# toolchain's (/usr/aarch64-linux-gnu/lib, found through -L); its libc must be the one beside it,
+# not the arm64 package's libc.so.6 of another Debian revision that qemu would otherwise find
+# under /lib/aarch64-linux-gnu (the two disagree on the loader's private interface and the first
+# thread a program starts hangs), hence LD_LIBRARY_PATH. The arm64 packages' other libraries
+# (OpenBLAS, Highway, fmt, GoogleTest) are found in /lib/aarch64-linux-gnu.
+set(QKV_AARCH64_QEMU qemu-aarch64 -L /usr/aarch64-linux-gnu -E
+                     LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib)
+set(CMAKE_CROSSCOMPILING_EMULATOR ${QKV_AARCH64_QEMU} -cpu max)

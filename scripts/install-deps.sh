@@ -20,6 +20,28 @@ packages=(
   libcairo2-dev fonts-dejavu-core     # PNG heatmaps with readable labels (qkv plot, qkv demo)
 )
 
+# `install-deps.sh aarch64`: also the cross compiler, qemu-user and the arm64 libraries the aarch64
+# preset builds and tests with (.ci/run: `make test-aarch64`).
+cross=0
+if [ "${1:-}" = aarch64 ]; then
+  cross=1
+  packages+=(
+    g++-aarch64-linux-gnu qemu-user     # cross compiler; runs the aarch64 tests on this machine
+    libhwy-dev:arm64 libopenblas-dev:arm64 libfmt-dev:arm64 libgtest-dev:arm64 libgmock-dev:arm64
+  )
+fi
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+updated=0
+if [ $cross -eq 1 ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then
+  echo "qkv: adding the arm64 architecture to dpkg (multiarch)"
+  $sudo dpkg --add-architecture arm64
+  $sudo apt-get update -qq >/dev/null
+  updated=1
+fi
+
 missing=()
 for package in "${packages[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed'; then
@@ -29,8 +51,5 @@ done
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 echo "qkv: installing ${missing[*]}"
-sudo=""
-[ "$(id -u)" -eq 0 ] || sudo="sudo"
-export DEBIAN_FRONTEND=noninteractive
-$sudo apt-get update -qq >/dev/null
+[ $updated -eq 1 ] || $sudo apt-get update -qq >/dev/null
 $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

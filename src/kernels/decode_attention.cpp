@@ -36,6 +36,7 @@
 #include <hwy/cache_control.h>
 
 #include "kernels/score_math-inl.h"
+#include "kernels/vector_array-inl.h"
 #include "kernels/widen-inl.h"
 // clang-format on
 
@@ -76,22 +77,26 @@ HWY_INLINE void DotRows(const float* HWY_RESTRICT queries, const Stored* HWY_RES
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   // Two sums per row, over alternate vectors: half the dependent chain of multiply-adds.
-  hn::Vec<FloatTag> sum[G], other[G];
-  for (int g = 0; g < G; ++g) sum[g] = other[g] = hn::Zero(d);
+  VectorArray<FloatTag, G> sum, other;
+  for (int g = 0; g < G; ++g) {
+    sum.Set(g, hn::Zero(d));
+    other.Set(g, hn::Zero(d));
+  }
   std::int64_t e = 0;
   for (; e + 2 * lanes <= n; e += 2 * lanes) {
     const auto k = LoadWidened(d, key + e), next = LoadWidened(d, key + e + lanes);
     for (int g = 0; g < G; ++g) {
-      sum[g] = hn::MulAdd(hn::LoadU(d, queries + g * n + e), k, sum[g]);
-      other[g] = hn::MulAdd(hn::LoadU(d, queries + g * n + e + lanes), next, other[g]);
+      sum.Set(g, hn::MulAdd(hn::LoadU(d, queries + g * n + e), k, sum.Get(g)));
+      other.Set(g, hn::MulAdd(hn::LoadU(d, queries + g * n + e + lanes), next, other.Get(g)));
     }
   }
   for (; e + lanes <= n; e += lanes) {
     const auto k = LoadWidened(d, key + e);
-    for (int g = 0; g < G; ++g) sum[g] = hn::MulAdd(hn::LoadU(d, queries + g * n + e), k, sum[g]);
+    for (int g = 0; g < G; ++g)
+      sum.Set(g, hn::MulAdd(hn::LoadU(d, queries + g * n + e), k, sum.Get(g)));
   }
   for (int g = 0; g < G; ++g) {
-    float total = hn::GetLane(hn::SumOfLanes(d, hn::Add(sum[g], other[g])));
+    float total = hn::GetLane(hn::SumOfLanes(d, hn::Add(sum.Get(g), other.Get(g))));
     for (std::int64_t tail = e; tail < n; ++tail)
       total += queries[g * n + tail] * Widened(key[tail]);
     out[g * out_stride] = factor * total;
@@ -105,14 +110,14 @@ HWY_INLINE void AddScaledRows(const float* HWY_RESTRICT weights, const Stored* H
                               std::int64_t n, float* HWY_RESTRICT accumulators) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  hn::Vec<FloatTag> w[G];
-  for (int g = 0; g < G; ++g) w[g] = hn::Set(d, weights[g]);
+  VectorArray<FloatTag, G> w;
+  for (int g = 0; g < G; ++g) w.Set(g, hn::Set(d, weights[g]));
   std::int64_t e = 0;
   for (; e + lanes <= n; e += lanes) {
     const auto v = LoadWidened(d, value + e);
     for (int g = 0; g < G; ++g) {
       float* y = accumulators + g * n + e;
-      hn::StoreU(hn::MulAdd(w[g], v, hn::LoadU(d, y)), d, y);
+      hn::StoreU(hn::MulAdd(w.Get(g), v, hn::LoadU(d, y)), d, y);
     }
   }
   for (; e < n; ++e)
@@ -130,14 +135,14 @@ HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT weights, std::int64_t w
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   std::int64_t e = 0;
   for (; e + lanes <= n; e += lanes) {
-    hn::Vec<FloatTag> sum[G];
-    for (int g = 0; g < G; ++g) sum[g] = hn::LoadU(d, accumulators + g * n + e);
+    VectorArray<FloatTag, G> sum;
+    for (int g = 0; g < G; ++g) sum.Set(g, hn::LoadU(d, accumulators + g * n + e));
     for (std::int64_t t = 0; t < count; ++t) {
       const auto v = LoadWidened(d, values[t] + e);
       for (int g = 0; g < G; ++g)
-        sum[g] = hn::MulAdd(hn::Set(d, weights[g * weight_stride + t]), v, sum[g]);
+        sum.Set(g, hn::MulAdd(hn::Set(d, weights[g * weight_stride + t]), v, sum.Get(g)));
     }
-    for (int g = 0; g < G; ++g) hn::StoreU(sum[g], d, accumulators + g * n + e);
+    for (int g = 0; g < G; ++g) hn::StoreU(sum.Get(g), d, accumulators + g * n + e);
   }
   for (; e < n; ++e)
     for (int g = 0; g < G; ++g)

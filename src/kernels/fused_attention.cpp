@@ -42,6 +42,7 @@
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
 #include "kernels/score_math-inl.h"
+#include "kernels/vector_array-inl.h"
 #include "kernels/widen-inl.h"
 // clang-format on
 
@@ -498,12 +499,12 @@ class FusedKernel {
                  std::int64_t c0) const {
     const FloatTag d;
     using V = hn::Vec<FloatTag>;
-    V acc[kRows][kVectors];
-    const float* v_of_row[kRows];  // additive: the v of each row's head
+    VectorArray<FloatTag, kRows * kVectors> acc;  // S[r, c] at r·kVectors + c
+    const float* v_of_row[kRows];                 // additive: the v of each row's head
     for (int r = 0; r < kRows; ++r) {
       if constexpr (kAdditive)
         v_of_row[r] = o_.additive_v.data() + HeadOf(kh, r0 + r) * o_.score_dim;
-      for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::Zero(d);
+      for (int c = 0; c < kVectors; ++c) acc.Set(r * kVectors + c, hn::Zero(d));
     }
     const std::int64_t dim = o_.score_dim;
     const float* q = s.q_tile + r0 * dim;
@@ -514,22 +515,25 @@ class FusedKernel {
     do {
       const std::int64_t e1 = std::min(dim, e0 + depth_block);
       if (e0 > 0) {
-        for (int r = 0; r < kRows; ++r)
-          for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::Zero(d);
+        for (int i = 0; i < kRows * kVectors; ++i) acc.Set(i, hn::Zero(d));
       }
       for (std::int64_t e = e0; e < e1; ++e) {
         const float* k_row = k + e * key_tile_ + c0 * lanes_;
-        V keys[kVectors];
-        for (int c = 0; c < kVectors; ++c) keys[c] = hn::Load(d, k_row + c * lanes_);
+        VectorArray<FloatTag, kVectors> keys;
+        for (int c = 0; c < kVectors; ++c) keys.Set(c, hn::Load(d, k_row + c * lanes_));
         for (int r = 0; r < kRows; ++r) {
           const V query = hn::Set(d, q[r * dim + e]);
           if constexpr (kAdditive) {
             const V weight = hn::Set(d, v_of_row[r][e]);
             for (int c = 0; c < kVectors; ++c) {
-              acc[r][c] = hn::MulAdd(weight, hn::Tanh(d, hn::Add(query, keys[c])), acc[r][c]);
+              const int i = r * kVectors + c;
+              acc.Set(i, hn::MulAdd(weight, hn::Tanh(d, hn::Add(query, keys.Get(c))), acc.Get(i)));
             }
           } else {
-            for (int c = 0; c < kVectors; ++c) acc[r][c] = hn::MulAdd(query, keys[c], acc[r][c]);
+            for (int c = 0; c < kVectors; ++c) {
+              const int i = r * kVectors + c;
+              acc.Set(i, hn::MulAdd(query, keys.Get(c), acc.Get(i)));
+            }
           }
         }
       }
@@ -537,7 +541,8 @@ class FusedKernel {
         float* out = s.scores + (r0 + r) * key_tile_ + c0 * lanes_;
         for (int c = 0; c < kVectors; ++c) {
           float* lane_out = out + c * lanes_;
-          hn::Store(e0 > 0 ? hn::Add(hn::Load(d, lane_out), acc[r][c]) : acc[r][c], d, lane_out);
+          const V sum = acc.Get(r * kVectors + c);
+          hn::Store(e0 > 0 ? hn::Add(hn::Load(d, lane_out), sum) : sum, d, lane_out);
         }
       }
       e0 = e1;
@@ -688,28 +693,30 @@ class FusedKernel {
                       KeySpan span) const {
     const FloatTag d;
     using V = hn::Vec<FloatTag>;
-    V acc[kRows][kVectors];
+    VectorArray<FloatTag, kRows * kVectors> acc;  // row r's vector c at r·kVectors + c
     for (int r = 0; r < kRows; ++r) {
       const V correction = hn::Set(d, s.correction[r0 + r]);
       const float* row = s.accumulator + (r0 + r) * v_stride_ + c0 * lanes_;
       for (int c = 0; c < kVectors; ++c)
-        acc[r][c] = hn::Mul(correction, hn::Load(d, row + c * lanes_));
+        acc.Set(r * kVectors + c, hn::Mul(correction, hn::Load(d, row + c * lanes_)));
     }
     const float* p = s.scores + r0 * key_tile_;
     const float* v = values + c0 * lanes_;
     for (std::int64_t t = span.begin; t < span.end; ++t) {
-      V value_vectors[kVectors];
+      VectorArray<FloatTag, kVectors> value_vectors;
       for (int c = 0; c < kVectors; ++c)
-        value_vectors[c] = hn::Load(d, v + t * v_stride_ + c * lanes_);
+        value_vectors.Set(c, hn::Load(d, v + t * v_stride_ + c * lanes_));
       for (int r = 0; r < kRows; ++r) {
         const V weight = hn::Set(d, p[r * key_tile_ + t]);
-        for (int c = 0; c < kVectors; ++c)
-          acc[r][c] = hn::MulAdd(weight, value_vectors[c], acc[r][c]);
+        for (int c = 0; c < kVectors; ++c) {
+          const int i = r * kVectors + c;
+          acc.Set(i, hn::MulAdd(weight, value_vectors.Get(c), acc.Get(i)));
+        }
       }
     }
     for (int r = 0; r < kRows; ++r) {
       float* row = s.accumulator + (r0 + r) * v_stride_ + c0 * lanes_;
-      for (int c = 0; c < kVectors; ++c) hn::Store(acc[r][c], d, row + c * lanes_);
+      for (int c = 0; c < kVectors; ++c) hn::Store(acc.Get(r * kVectors + c), d, row + c * lanes_);
     }
   }
 

@@ -33,6 +33,7 @@
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/aligned_allocator.h>
 #include "kernels/score_math-inl.h"
+#include "kernels/vector_array-inl.h"
 // clang-format on
 
 #include <algorithm>
@@ -86,25 +87,30 @@ void GemmTile(Broadcast a, std::int64_t m0, const float* b, std::int64_t ldb, fl
   std::int64_t k0 = 0;
   do {
     const std::int64_t k1 = std::min(depth, k0 + depth_block);
-    Vec acc[kRows][kVectors];
+    VectorArray<FloatTag, kRows * kVectors> acc;  // C[r, v] at r·kVectors + v
     for (int r = 0; r < kRows; ++r) {
       for (int v = 0; v < kVectors; ++v) {
-        acc[r][v] = continue_c ? hn::LoadU(d, c + (m0 + r) * ldc + v * lanes) : hn::Zero(d);
+        acc.Set(r * kVectors + v,
+                continue_c ? hn::LoadU(d, c + (m0 + r) * ldc + v * lanes) : hn::Zero(d));
       }
     }
     for (std::int64_t k = k0; k < k1; ++k) {
-      Vec columns[kVectors];
-      for (int v = 0; v < kVectors; ++v) columns[v] = hn::LoadU(d, b + k * ldb + v * lanes);
+      VectorArray<FloatTag, kVectors> columns;
+      for (int v = 0; v < kVectors; ++v) columns.Set(v, hn::LoadU(d, b + k * ldb + v * lanes));
       for (int r = 0; r < kRows; ++r) {
         const Vec element = hn::Set(d, a_row[r * a.row_step + k * a.column_step]);
-        for (int v = 0; v < kVectors; ++v) acc[r][v] = hn::MulAdd(element, columns[v], acc[r][v]);
+        for (int v = 0; v < kVectors; ++v) {
+          const int i = r * kVectors + v;
+          acc.Set(i, hn::MulAdd(element, columns.Get(v), acc.Get(i)));
+        }
       }
     }
     const bool onto_c = !continue_c && (accumulate || k0 > 0);
     for (int r = 0; r < kRows; ++r) {
       for (int v = 0; v < kVectors; ++v) {
         float* out = c + (m0 + r) * ldc + v * lanes;
-        hn::StoreU(onto_c ? hn::Add(hn::LoadU(d, out), acc[r][v]) : acc[r][v], d, out);
+        const Vec sum = acc.Get(r * kVectors + v);
+        hn::StoreU(onto_c ? hn::Add(hn::LoadU(d, out), sum) : sum, d, out);
       }
     }
     k0 = k1;

@@ -286,6 +286,10 @@ def test_bench_json_reports_every_figure(tmp_path):
     report = json.loads(result.stdout)
     assert report["sgemm"]["gflops"] > 0 and report["sgemm"]["kernel"]
     assert report["read_bandwidth_gbs"] > 0
+    # The CPU as /proc/cpuinfo names it.
+    models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+              if line.startswith("model name")]
+    assert report["cpu"] == (models[0] if models else report["cpu"]) and report["cpu"]
     shapes = report["shapes"]
     assert [s["shape"] for s in shapes] == ["B1H2Hk1N96D16", "B1H2Nq1Nk300D16causal", "B1H1N40D8A4"]
     assert shapes[0]["kv_heads"] == 1 and shapes[1]["causal"] and shapes[2]["additive_dim"] == 4

@@ -3,11 +3,14 @@
 #include <fmt/format.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <random>
 
 #include "core/problem.hpp"
+#include "qkv/error.hpp"
 #include "qkv/reference.hpp"
+#include "qkv/simd.hpp"
 #include "reference/naive_attention.hpp"
 
 namespace qkv::testing {
@@ -338,6 +341,21 @@ double central_difference(float& value, float step, const std::function<double()
   const double down = loss();
   value = saved;
   return (up - down) / (2.0 * static_cast<double>(step));
+}
+
+std::vector<std::string> simd_targets_under_test() {
+  std::vector<std::string> targets = simd_targets();
+  const char* wanted = std::getenv("QKV_TEST_SIMD_TARGETS");
+  if (wanted == nullptr) return targets;
+  const std::string list = std::string(",") + wanted + ",";
+  std::erase_if(targets, [&](const std::string& target) {
+    return list.find("," + target + ",") == std::string::npos;
+  });
+  if (targets.empty()) {
+    throw Error(fmt::format("QKV_TEST_SIMD_TARGETS: expected some of {}, got '{}'",
+                            fmt::join(simd_targets(), ", "), wanted));
+  }
+  return targets;
 }
 
 }  // namespace qkv::testing

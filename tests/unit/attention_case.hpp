@@ -109,4 +109,9 @@ double dot_float32(const Tensor& a, const Tensor& b);
 // a central difference in one float the loss reads.
 double central_difference(float& value, float step, const std::function<double()>& loss);
 
+// The SIMD targets the shape zoo checks: every one compiled in and supported by this CPU, or only
+// those of them named in the environment variable QKV_TEST_SIMD_TARGETS (comma-separated), as the
+// aarch64 runs at other SVE vector lengths ask for the one target that length brings.
+std::vector<std::string> simd_targets_under_test();
+
 }  // namespace qkv::testing

@@ -307,7 +307,7 @@ TEST_P(ShapeZoo, Float32MatchesReference) {
       evaluate(c, inputs, Evaluator::reference, DType::float64, true);
   const AttentionResults naive =
       evaluate(c, inputs, Evaluator::naive_float32, DType::float64, true);
-  for (const std::string& target : simd_targets()) {
+  for (const std::string& target : simd_targets_under_test()) {
     force_simd_target(target);
     const std::string name = c.name() + " on " + target;
     const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, true);
@@ -330,7 +330,7 @@ TEST_P(ShapeZoo, BFloat16MatchesReferenceOnRoundedInputs) {
       evaluate(c, inputs, Evaluator::reference, DType::float64, false);
   const AttentionResults naive =
       evaluate(c, inputs, Evaluator::naive_bfloat16, DType::float64, false);
-  for (const std::string& target : simd_targets()) {
+  for (const std::string& target : simd_targets_under_test()) {
     force_simd_target(target);
     const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, false);
     const double magnitude = 1.0 + max_abs(reference.out);
@@ -355,7 +355,7 @@ TEST_P(ShapeZoo, Float16MatchesReferenceOnRoundedInputs) {
       evaluate(c, inputs, Evaluator::reference, DType::float64, false);
   const AttentionResults naive =
       evaluate(c, inputs, Evaluator::naive_float32, DType::float64, false);
-  for (const std::string& target : simd_targets()) {
+  for (const std::string& target : simd_targets_under_test()) {
     force_simd_target(target);
     const std::string name = c.name() + " float16 on " + target;
     const AttentionResults fast = evaluate(c, inputs, Evaluator::fast, DType::float32, false);

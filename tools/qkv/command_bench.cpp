@@ -22,6 +22,22 @@ namespace qkv::cli {
 
 namespace {
 
+// `text` as the inside of a JSON string: quotes, backslashes and control characters escaped.
+std::string json_escaped(const std::string& text) {
+  std::string escaped;
+  for (const char c : text) {
+    if (c == '"' || c == '\\') {
+      escaped += '\\';
+      escaped += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      escaped += fmt::format("\\u{:04x}", static_cast<int>(c));
+    } else {
+      escaped += c;
+    }
+  }
+  return escaped;
+}
+
 struct BenchFlags {
   bool json = false;
   std::string shapes;
@@ -85,8 +101,8 @@ void run_bench(const BenchFlags& flags) {
   const bench::GemmResult gemm = bench::measure_sgemm(threads);
   for (bench::ShapeResult& result : results) result.ratio_to_sgemm = result.gflops / gemm.gflops;
   if (!flags.json) {
-    fmt::print("qkv bench ({} pass): {} threads, SIMD target {}, {}{}\n", flags.pass, threads,
-               simd_target(),
+    fmt::print("qkv bench ({} pass) on {}: {} threads, SIMD target {}, {}{}\n", flags.pass,
+               bench::cpu_name(), threads, simd_target(),
                dtype == DType::int8 ? std::string("an int8 KV cache (float32 queries and output)")
                                     : fmt::format("{} inputs and output", dtype_name(dtype)),
                backward ? "; dQ, dK, dV from the saved O and LSE, FLOPs = 2.5 × forward" : "");
@@ -140,12 +156,13 @@ void run_bench(const BenchFlags& flags) {
         r.speedup_over_naive);
   }
   fmt::print(
-      "{{\n  \"pass\": \"{}\", \"threads\": {}, \"simd_target\": \"{}\", \"dtype\": \"{}\",\n"
+      "{{\n  \"pass\": \"{}\", \"cpu\": \"{}\", \"threads\": {}, \"simd_target\": \"{}\", "
+      "\"dtype\": \"{}\",\n"
       "  \"sgemm\": {{\"size\": 2048, \"gflops\": {:.2f}, \"kernel\": \"{}\", "
       "\"openblas_coretype\": \"{}\"}},\n  \"read_bandwidth_gbs\": {:.2f},\n  \"shapes\": [{}\n  "
       "]\n}}\n",
-      flags.pass, threads, simd_target(), dtype_name(dtype), gemm.gflops, gemm.kernel,
-      gemm.coretype, bandwidth, rows);
+      flags.pass, json_escaped(bench::cpu_name()), threads, simd_target(), dtype_name(dtype),
+      gemm.gflops, gemm.kernel, gemm.coretype, bandwidth, rows);
 }
 
 }  // namespace
