@@ -166,10 +166,15 @@ class MultiheadAttention(_nn.Module):
             q_in, k_in, v_in = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
         n, length, _ = q_in.shape
         keys = k_in.shape[1]
-        (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
-        q = F.linear(q_in, w_q, b_q)
-        k = F.linear(k_in, w_k, b_k)
-        v = F.linear(v_in, w_v, b_v)
+        if self._qkv_same_embed_dim and query is key and key is value:
+            # Self-attention: one product with the stacked weights, as PyTorch's layer does (q, k
+            # and v are then strided views of it, which qkv reads where they lie).
+            q, k, v = F.linear(q_in, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        else:
+            (w_q, b_q), (w_k, b_k), (w_v, b_v) = self._projections()
+            q = F.linear(q_in, w_q, b_q)
+            k = F.linear(k_in, w_k, b_k)
+            v = F.linear(v_in, w_v, b_v)
         extra = 0  # key columns appended after the S given ones
         if self.bias_k is not None:
             k = torch.cat([k, self.bias_k.expand(n, 1, self.embed_dim)], 1)

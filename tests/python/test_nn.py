@@ -188,3 +188,29 @@ def test_fully_masked_query_gives_bias_not_nan():
     assert torch.equal(out_q[:, 1], ours.out_proj.bias.expand(4, 8))
     assert (w_q[1] == 0).all()
     assert relative(out_q[:, 0], out_t[:, 0]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_projects_once_with_torchs_values_and_gradients(batch_first):
+    """layer(x, x, x) projects with the stacked in_proj_weight in one product (q, k and v strided
+    views of it): outputs and every gradient as PyTorch's layer gives them, and as the three
+    separate projections give them when key and value are other tensors of the same values."""
+    torch.manual_seed(5)
+    theirs = torch.nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    ours = qkv.nn.MultiheadAttention(16, 4, batch_first=batch_first)
+    with torch.no_grad():
+        theirs.in_proj_bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    mask = torch.ones(7, 7, dtype=torch.bool).triu(1) if batch_first else None
+    results = []
+    for layer, key, value in ((theirs, x, x), (ours, x, x), (ours, x.clone(), x.clone())):
+        layer.zero_grad()
+        x.grad = None
+        out, _ = layer(x, key, value, attn_mask=mask, need_weights=False)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad.clone(), layer.in_proj_weight.grad.clone(),
+                        layer.in_proj_bias.grad.clone(), layer.out_proj.weight.grad.clone()])
+    for theirs_value, self_value, separate_value in zip(*results):
+        assert relative(self_value, theirs_value) <= TOLERANCE
+        assert relative(self_value, separate_value) <= TOLERANCE
