@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import qkv
 import qkv.nn
 
 WIDTH, HEADS, BLOCKS, CONTEXT, BATCH = 256, 4, 4, 256, 16

@@ -277,6 +277,18 @@ def test_bench_reads_a_ragged_paged_kv_cache(dtype, row_bytes, tmp_path):
     assert abs(shape["floor_ms"] * bandwidth * 1e6 - floor_bytes) <= tolerance
 
 
+def test_bench_json_quotes_what_comes_from_outside(tmp_path):
+    """OPENBLAS_CORETYPE (and the CPU's name) are the environment's text: escaped, the JSON still
+    parses and carries them as they were."""
+    import json
+    coretype = 'Haswell"\\\t'
+    result = subprocess.run([QKV, "bench", "--shapes", "B1H1N40D8", "--repetitions", "1",
+                             "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OPENBLAS_CORETYPE": coretype})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["sgemm"]["openblas_coretype"] == coretype
+
+
 def test_bench_json_reports_every_figure(tmp_path):
     """The bench's JSON carries what its closing notes quote (timing itself is not tested)."""
     import json
@@ -286,10 +298,12 @@ def test_bench_json_reports_every_figure(tmp_path):
     report = json.loads(result.stdout)
     assert report["sgemm"]["gflops"] > 0 and report["sgemm"]["kernel"]
     assert report["read_bandwidth_gbs"] > 0
-    # The CPU as /proc/cpuinfo names it.
+    # The CPU as /proc/cpuinfo names it (x86's "model name"; ARM cores report numbers instead).
     models = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
               if line.startswith("model name")]
-    assert report["cpu"] == (models[0] if models else report["cpu"]) and report["cpu"]
+    assert report["cpu"]
+    if models:
+        assert report["cpu"] == models[0]
     shapes = report["shapes"]
     assert [s["shape"] for s in shapes] == ["B1H2Hk1N96D16", "B1H2Nq1Nk300D16causal", "B1H1N40D8A4"]
     assert shapes[0]["kv_heads"] == 1 and shapes[1]["causal"] and shapes[2]["additive_dim"] == 4

@@ -22,7 +22,8 @@ namespace qkv::cli {
 
 namespace {
 
-// `text` as the inside of a JSON string: quotes, backslashes and control characters escaped.
+// `text` as the inside of a JSON string: quotes, backslashes and control characters escaped (the
+// CPU's name and OPENBLAS_CORETYPE come from outside the program).
 std::string json_escaped(const std::string& text) {
   std::string escaped;
   for (const char c : text) {
@@ -162,7 +163,7 @@ void run_bench(const BenchFlags& flags) {
       "\"openblas_coretype\": \"{}\"}},\n  \"read_bandwidth_gbs\": {:.2f},\n  \"shapes\": [{}\n  "
       "]\n}}\n",
       flags.pass, json_escaped(bench::cpu_name()), threads, simd_target(), dtype_name(dtype),
-      gemm.gflops, gemm.kernel, gemm.coretype, bandwidth, rows);
+      gemm.gflops, json_escaped(gemm.kernel), json_escaped(gemm.coretype), bandwidth, rows);
 }
 
 }  // namespace
