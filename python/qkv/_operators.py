@@ -190,9 +190,33 @@ _library.impl("attention", _attention_meta, "Meta")
 _library.impl("attention", _attention_autograd, "Autograd")
 
 
+def _plain_cpu_call(tensors):
+    """Whether a call on these tensors may go to the core without the operator: no gradient will
+    be asked of it, torch.jit.trace is not recording, and each is a plain CPU tensor (not a meta,
+    fake or other subclass' tensor, whose kernels the dispatcher picks)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    if torch._C._get_tracing_state() is not None:
+        return False
+    return all(type(t) in _PLAIN_TENSOR_TYPES and t.device.type == "cpu" for t in tensors)
+
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
 def attention(config, q, k, v, parameters, score_parameters):
     """(O, LSE, P or None) of torch [B, N, H, D] views through torch.ops.qkv.attention; LSE in
-    float32 (float64 for float64 inputs) when config.want_lse, else None."""
+    float32 (float64 for float64 inputs) when config.want_lse, else None.
+
+    A call that nothing differentiates or records (inference, generation) goes straight to the
+    core: the same kernels and results without the dispatcher's two hops and the JSON round trip
+    of the call's options, which cost as much as the attention of a short sequence."""
+    tensors = [t for t in (q, k, v, *parameters.values(), *score_parameters,
+                           *(config.options.get(name) for name in _TENSOR_OPTIONS))
+               if isinstance(t, torch.Tensor)]
+    if _plain_cpu_call(tensors):
+        out, lse, weights = _forward(config, q, k, v, parameters, False, score_parameters)
+        return out, (lse if config.want_lse else None), weights
     others = [None if config.options.get(name) is None else
               torch.as_tensor(config.options[name]) for name in _TENSOR_OPTIONS]
     block_mask = config.options.get("block_mask")

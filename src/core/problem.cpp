@@ -374,6 +374,7 @@ void check_score_options(const AttentionOptions& options, AttentionProblem& p) {
           fmt::format("mask: expected dtype bool, got {}", dtype_name(options.mask->dtype)));
     }
     p.mask = broadcast_operand(*options.mask, "mask", score_shape);
+    p.mask_runs = MaskRuns::read(p.mask.pointer<std::uint8_t>(0), p.mask.strides, score_shape);
   }
 }
 

@@ -8,6 +8,7 @@
 #include <memory>
 #include <string>
 
+#include "core/mask_runs.hpp"
 #include "core/position_masks.hpp"
 #include "core/row_map.hpp"
 #include "qkv/attention.hpp"
@@ -105,8 +106,10 @@ struct AttentionProblem {
   std::shared_ptr<const Tensor> bias_storage;  // its converted copy, when it was converted
   const ScoreMod* score_mod = nullptr;         // after the bias: global (b, h, q_idx, kv_idx)
   StridedInput mask;                           // (b, h, i, j), broadcast, bool
-  StridedInput key_lengths;                    // (b), int32 or int64, each in [0, Nk]
-  StridedInput key_starts;                     // (b), int32 or int64, each in [0, Nk]
+  // The mask's rows as intervals, when every row is one run (core/mask_runs.hpp); else null.
+  std::shared_ptr<const MaskRuns> mask_runs;
+  StridedInput key_lengths;  // (b), int32 or int64, each in [0, Nk]
+  StridedInput key_starts;   // (b), int32 or int64, each in [0, Nk]
 
   // Causal (with its prefix), window: in local coordinates, with the diagonals that place this
   // call in a larger problem (AttentionOptions::query_offset …).

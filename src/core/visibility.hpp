@@ -1,8 +1,8 @@
 // Which keys a query row sees (docs/contract.md §3), as every kernel asks it: first the interval
-// that the position masks and the block mask's non-empty blocks leave (nothing outside it is ever
-// scored), then the element tests inside it — the boolean mask and the block mask's partial
-// blocks — which turn hidden scores into -inf. Empty blocks inside the interval cost one lookup,
-// full ones no test at all.
+// that the position masks, a boolean mask made of runs (core/mask_runs.hpp) and the block mask's
+// non-empty blocks leave (nothing outside it is ever scored), then the element tests inside it —
+// any other boolean mask and the block mask's partial blocks — which turn hidden scores into -inf.
+// Empty blocks inside the interval cost one lookup, full ones no test at all.
 #pragma once
 
 #include <algorithm>
@@ -76,10 +76,12 @@ inline KeyInterval narrow_to_block_mask(const AttentionProblem& p, std::int64_t 
 }
 
 // The keys row i of head h in batch b may see, before the element tests: the position masks'
-// interval, narrowed to the first and last key the block mask lets through.
+// interval, within the boolean mask's run when it is made of runs, narrowed to the first and last
+// key the block mask lets through.
 inline KeyInterval visible_keys(const AttentionProblem& p, std::int64_t b, std::int64_t h,
                                 std::int64_t i) {
   KeyInterval keys = p.positions.row(i, p.key_length(b)).intersect({p.key_start(b), p.k_len});
+  if (p.mask_runs != nullptr) keys = keys.intersect(p.mask_runs->row(b, h, i));
   if (p.block_mask != nullptr) {
     const std::int64_t qb = (i + p.query_offset) / p.block_mask->shape().q_block;
     const std::int64_t mask_head = h + p.head_offset;
@@ -127,7 +129,8 @@ void hide_masked_keys(const AttentionProblem& p, std::int64_t b, std::int64_t h,
     const KeyInterval gap = p.positions.gap(i, p.key_length(b)).intersect({j0, j0 + count});
     for (std::int64_t j = gap.first; j < gap.last; ++j) scores[j - j0] = kHidden;
   }
-  if (p.mask.present) {  // bool, one byte per element (make_problem checked the dtype)
+  // bool, one byte per element (make_problem checked the dtype); a mask of runs needs no test
+  if (p.mask.present && p.mask_runs == nullptr) {
     const auto* allowed = p.mask.pointer<std::uint8_t>(b, h, i, j0);
     const std::int64_t stride = p.mask.strides[3];
     for (std::int64_t t = 0; t < count; ++t) {

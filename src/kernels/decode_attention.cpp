@@ -199,7 +199,7 @@ class DecodeKernel {
     thread_local std::vector<double> partial_lse_buffer;
     partial_lse_buffer.resize(static_cast<std::size_t>(items * item_rows_));
     double* partial_lse = partial_lse_buffer.data();
-    const int threads = worker_threads(p_);
+    const int threads = worker_threads(p_, kParallelDecodeWork);
     parallel_for_each(
         threads, items, [this] { return Scratch(*this); },
         [&](Scratch& scratch, std::int64_t item) {

@@ -351,20 +351,24 @@ class FusedKernel {
         float* keys = KeyTile(b, kh, tile);
         thread_local std::vector<float> widened;  // one key row widened, before the transpose
         if (o_.bf16_keys_and_values || o_.int8_keys) widened.resize(static_cast<std::size_t>(dim));
-        for (std::int64_t t = 0; t < key_tile_; ++t) {
+        // Keys past Nk: zero, a contiguous run at the end of each of the tile's D rows.
+        const std::int64_t keys_in_tile =
+            std::clamp<std::int64_t>(p_.k_len - tile * key_tile_, 0, key_tile_);
+        for (std::int64_t d = 0; d < dim; ++d) {
+          std::fill(keys + d * key_tile_ + keys_in_tile, keys + (d + 1) * key_tile_, 0.0f);
+        }
+        if (!o_.bf16_keys_and_values && !o_.int8_keys) {
+          PackFloatKeys(b, kh, tile * key_tile_, keys_in_tile, keys);
+          return;
+        }
+        for (std::int64_t t = 0; t < keys_in_tile; ++t) {
           const std::int64_t j = tile * key_tile_ + t;
-          if (j >= p_.k_len) {
-            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = 0.0f;
-          } else if (o_.bf16_keys_and_values) {  // bfloat16 or float16 widened as it is packed
+          if (o_.bf16_keys_and_values) {  // bfloat16 or float16 widened as it is packed
             WidenRow(o_.k16.row(b, j, kh), widened.data(), dim, o_.half);
             for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
           } else if (o_.int8_keys) {  // int8 times its scale
             DequantizeRow(o_.k8.row(b, j, kh), *o_.k_scale.row(b, j, kh), widened.data(), dim);
             for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
-          } else {
-            const float* key = o_.k.row(b, j, kh);
-            if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.k.row(b, j + kRowsAhead, kh), dim);
-            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = key[d];
           }
         }
         return;
@@ -390,6 +394,35 @@ class FusedKernel {
         std::fill(value_row + d, value_row + v_stride_, 0.0f);
       }
     });
+  }
+
+  // Kᵀ of float32 keys first … first + count − 1 into a key tile: eight keys at a time, so that
+  // each of the tile's D rows is written eight floats at once (a key at a time writes one float
+  // to each of D rows, a store per element that cost more than the scores of a short sequence).
+  void PackFloatKeys(std::int64_t b, std::int64_t kh, std::int64_t first, std::int64_t count,
+                     float* keys) const {
+    constexpr std::int64_t kGroup = 8;
+    const std::int64_t dim = o_.score_dim;
+    const float* rows[kGroup];
+    for (std::int64_t t0 = 0; t0 < count; t0 += kGroup) {
+      const std::int64_t group = std::min(kGroup, count - t0);
+      for (std::int64_t t = 0; t < group; ++t) {
+        const std::int64_t j = first + t0 + t;
+        rows[t] = o_.k.row(b, j, kh);
+        if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.k.row(b, j + kRowsAhead, kh), dim);
+      }
+      if (group == kGroup) {
+        for (std::int64_t d = 0; d < dim; ++d) {
+          float* out = keys + d * key_tile_ + t0;
+          for (std::int64_t t = 0; t < kGroup; ++t) out[t] = rows[t][d];
+        }
+      } else {
+        for (std::int64_t d = 0; d < dim; ++d) {
+          float* out = keys + d * key_tile_ + t0;
+          for (std::int64_t t = 0; t < group; ++t) out[t] = rows[t][d];
+        }
+      }
+    }
   }
 
   // The bf16 mode's tiles, same order as above, in 32-bit words of two bfloat16 values:

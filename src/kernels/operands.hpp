@@ -49,25 +49,43 @@ class ReusedBuffer {
 // cost 1% of S1 and 2.5% of S3 (one thread); blocks of 16 were barely more precise and cost 3–7%.
 inline constexpr std::int64_t kScoreDepthBlock = 32;
 
-// Below this many multiply-adds (about 50 µs on one core) a call runs on the calling thread
-// alone: waking a second thread and waiting for it would cost more than it saves, and on a busy
-// machine it would make the call wait for a core. (The decode-sized, training-sized calls of
-// `qkv demo` are all below it; S1 is 200× above.)
-inline constexpr double kParallelWork = 2.5e6;
+// Below this many multiply-adds (the two products of the pairs the position masks leave) a call
+// runs on the calling thread alone: waking a second thread and sharing the work out would cost
+// more than it saves, and on a busy machine it would make the call wait for a core. Measured with
+// `qkv bench --threads 1|2` (Zen 4, float32, D = 64): at 1.6e6 (B1H4N80 causal) one thread takes
+// 89 µs and two 105 µs; at 4.2e6 (B1H4N128 causal) both 155 µs; at 9.4e6 (B1H4N192 causal) two
+// take 184 µs against one's 325. Beside PyTorch's threads (a Python model's projections before
+// and after each call) waking a second thread costs about 100 µs more, so the threshold sits at
+// the upper end of the even range.
+inline constexpr double kParallelWork = 5e6;
+// The split-KV decode reads a new key and value for about every multiply-add: bound by memory,
+// it gains from a second core's loads well below kParallelWork.
+inline constexpr double kParallelDecodeWork = 2.5e6;
 
-// Threads a kernel uses for this problem: the caller's choice (AttentionOptions::threads), else
-// one for a small problem and OpenMP's count (OMP_NUM_THREADS, or every core) otherwise.
-inline int worker_threads(const AttentionProblem& p) {
-  if (p.threads > 0) return p.threads;
-  // The two products per visible pair, over-counted when a mask hides keys; the additive score
-  // pays a tanh (about 8 multiply-adds) per element of A.
+// Multiply-adds of a call: the pairs the position masks leave (padding and the other masks
+// counted as visible) times the multiply-adds of a pair, the two products (the additive score
+// pays a tanh, about 8 multiply-adds, per element of A).
+inline double call_work(const AttentionProblem& p) {
   const double per_pair =
       static_cast<double>(p.v_dim) + (p.form == detail::ScoreForm::additive
                                           ? 8.0 * static_cast<double>(p.additive_dim)
                                           : static_cast<double>(p.k_dim));
-  const double work = static_cast<double>(p.batch * p.q_heads) * static_cast<double>(p.q_len) *
-                      static_cast<double>(p.k_len) * per_pair;
-  return work < kParallelWork ? 1 : omp_get_max_threads();
+  const double heads = static_cast<double>(p.batch * p.q_heads) * per_pair;
+  const double all_pairs = static_cast<double>(p.q_len) * static_cast<double>(p.k_len);
+  if (heads * all_pairs > 100.0 * kParallelWork) return heads * all_pairs;  // no need to count
+  double pairs = 0;
+  for (std::int64_t i = 0; i < p.q_len; ++i) {
+    const detail::KeyInterval keys = p.positions.row(i, p.k_len);
+    pairs += static_cast<double>(std::max<std::int64_t>(0, keys.last - keys.first));
+  }
+  return heads * pairs;
+}
+
+// Threads a kernel uses for this problem: the caller's choice (AttentionOptions::threads), else
+// one below `threshold` multiply-adds and OpenMP's count (OMP_NUM_THREADS, or every core) above.
+inline int worker_threads(const AttentionProblem& p, double threshold = kParallelWork) {
+  if (p.threads > 0) return p.threads;
+  return call_work(p) < threshold ? 1 : omp_get_max_threads();
 }
 
 // docs/contract.md §2 after the scaled product, in its order, on the scores of keys first_key …

@@ -40,6 +40,36 @@ def test_trace_records_the_operator_instead_of_a_constant():
     assert torch.equal(traced(*fresh), function(*fresh))
 
 
+def operators_called(function):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = function()
+    return result, {event.key for event in profile.key_averages()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_goes_straight_to_the_core_with_the_operators_results(dtype):
+    # What nothing differentiates or records skips the dispatcher (a short sequence's attention
+    # costs about as much as the two hops); what autograd needs goes through the operator.
+    q, k, v = (bhnd(seed).to(dtype) for seed in range(3))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril()
+    bias = torch.randn(5, 5)
+
+    def call():
+        out, lse = qkv.attention(*(x.transpose(1, 2) for x in (q, k, v)), bias=bias, causal=True,
+                                 return_lse=True)
+        return qkv.scaled_dot_product_attention(q, k, v, attn_mask=mask), out, lse
+
+    with torch.no_grad():
+        direct, names = operators_called(call)
+    assert "qkv::attention" not in names
+    q.requires_grad_(True)
+    through_operator, names = operators_called(call)
+    assert "qkv::attention" in names
+    for a, b in zip(direct, through_operator):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b.detach())
+
+
 def test_a_traced_layer_saves_loads_and_differentiates():
     torch.manual_seed(0)
     layer = qkv.nn.MultiheadAttention(8, 2, batch_first=True)

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -40,7 +41,7 @@ std::string AttentionCase::name() const {
   if (sink_tokens > 0) text += fmt::format("_sinktokens{}", sink_tokens);
   if (key_lengths) text += "_keylengths";
   if (key_starts) text += "_keystarts";
-  if (mask) text += "_mask";
+  if (mask) text += mask_runs ? "_maskruns" : "_mask";
   if (head_major) text += "_BHND";
   if (spaced_last_dim) text += "_spaced";
   return text;
@@ -221,6 +222,16 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
     std::bernoulli_distribution keep(0.7);
     auto* bits = in.mask.data<bool>();
     for (std::int64_t i = 0; i < in.mask.numel(); ++i) bits[i] = keep(rng);
+    if (c.mask_runs) {  // row r: keys [first, last), one run (a row of one key, a full row)
+      std::uniform_int_distribution<std::int64_t> key(0, c.k_len);
+      for (std::int64_t r = 0; r < c.q_heads * c.q_len; ++r) {
+        std::int64_t first = key(rng), last = key(rng);
+        if (first > last) std::swap(first, last);
+        if (r % 7 == 3) last = std::min(first + 1, c.k_len);
+        if (r == 1) first = 0, last = c.k_len;
+        for (std::int64_t j = 0; j < c.k_len; ++j) bits[r * c.k_len + j] = first <= j && j < last;
+      }
+    }
     if (c.q_len > 1) {  // one row of head 0 sees nothing
       for (std::int64_t j = 0; j < c.k_len; ++j) bits[(c.q_len / 2) * c.k_len + j] = false;
     }

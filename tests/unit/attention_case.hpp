@@ -49,6 +49,8 @@ struct AttentionCase {
   bool key_starts = false;       // batch b starts at b·Nk / (2B) (left padding); the last of 3+
                                  // batches starts past every key
   bool mask = false;             // a random [1, Hq, Nq, Nk] boolean mask with one all-false row
+  bool mask_runs = false;        // with mask: each of its rows one random run of keys instead
+                                 // (read as intervals, core/mask_runs.hpp); one row full
   bool head_major = false;       // q, k, v stored as PyTorch's [B, H, N, D], read through strides
   bool spaced_last_dim = false;  // q, k, v with stride 2 along D (forces a packed copy)
   double input_scale = 1.0;      // standard deviation of q and k entries

@@ -142,7 +142,7 @@ std::vector<BackwardCase> backward_zoo() {
     add_all_scores(c);
   }
   // Every mask and option.
-  for (int variant = 0; variant < 18; ++variant) {
+  for (int variant = 0; variant < 19; ++variant) {
     AttentionCase c;
     c.batch = 2;
     c.q_len = 70;
@@ -207,6 +207,10 @@ std::vector<BackwardCase> backward_zoo() {
       c.bias = true;
       c.softcap = 3.0;
       c.block_mask = BlockMaskRule::documents;
+    }
+    if (variant == 18) {  // a boolean mask of runs (read as intervals) under a causal mask
+      c.mask = c.mask_runs = true;
+      c.causal = true;
     }
     add_all_scores(c);
   }

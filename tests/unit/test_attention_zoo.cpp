@@ -114,6 +114,16 @@ std::vector<AttentionCase> shape_zoo() {
     masks.push_back(all);
     all.q_len = 90;  // Nq > Nk: bottom-right causal leaves the first rows empty
     masks.push_back(all);
+    // Boolean masks whose rows are runs, read as intervals: alone, with the position masks, and
+    // over several of the kernels' key tiles.
+    AttentionCase runs = c;
+    runs.mask = runs.mask_runs = true;
+    masks.push_back(runs);
+    all.mask_runs = true;
+    masks.push_back(all);
+    runs.q_len = runs.k_len = 300;
+    runs.causal = true;
+    masks.push_back(runs);
     AttentionCase prefix = c;  // prefix LM, both alignments, with a window
     prefix.causal = true;
     prefix.prefix_length = 23;
