@@ -298,6 +298,8 @@ class MultiheadAttention(_nn.Module):
                 shaped = attn_mask.reshape(n, self.num_heads, length, keys)
             if attn_mask.dtype == torch.bool:
                 allowed = widen(~shaped, True)
+            elif _only_zero_and_minus_inf(shaped):  # a boolean mask written in floats
+                allowed = widen(shaped == 0, True)
             else:
                 added = widen(shaped, 0.0)
         if key_padding_mask is not None:
@@ -311,6 +313,15 @@ class MultiheadAttention(_nn.Module):
         if allowed is not None:
             allowed = allowed.contiguous()
         return allowed, added
+
+
+def _only_zero_and_minus_inf(mask):
+    """Whether a float attn_mask that nothing differentiates holds only 0 and -inf, as
+    nn.Transformer.generate_square_subsequent_mask's does: then it is a boolean mask (0: may
+    attend), which qkv reads as runs of keys and skips (a bias would be added to every pair)."""
+    if torch.is_grad_enabled() and mask.requires_grad:
+        return False
+    return bool(torch.logical_or(mask == 0, torch.isneginf(mask)).all())
 
 
 class DifferentialAttention(_nn.Module):

@@ -22,6 +22,7 @@ CASES = [
     dict(name="key_padding", key_padding=True),
     dict(name="bool_mask", bool_mask=True, s=8),
     dict(name="float_mask_3d", float_mask=True, s=8, batch_first=True),
+    dict(name="float_causal_mask", float_causal=True, key_padding=True),
     dict(name="bias_kv_zero_attn", add_bias_kv=True, add_zero_attn=True, key_padding=True),
     dict(name="per_head_weights", average=False, bool_mask=True),
     dict(name="no_bias", bias=False, s=6),
@@ -63,6 +64,8 @@ def test_matches_torch(case):
         kw["attn_mask"] = mask
     if case.get("float_mask"):
         kw["attn_mask"] = torch.randn(n * h, l, s)
+    if case.get("float_causal"):  # 0 on and below the diagonal, -inf above
+        kw["attn_mask"] = torch.nn.Transformer.generate_square_subsequent_mask(l)
     results = []
     for module in (theirs, ours):
         inputs = [x.clone().requires_grad_() for x in (query, key, value)]
@@ -188,6 +191,37 @@ def test_fully_masked_query_gives_bias_not_nan():
     assert torch.equal(out_q[:, 1], ours.out_proj.bias.expand(4, 8))
     assert (w_q[1] == 0).all()
     assert relative(out_q[:, 0], out_t[:, 0]) <= TOLERANCE
+
+
+def test_a_float_mask_of_zeros_and_minus_inf_is_read_as_a_boolean_mask(monkeypatch):
+    # nn.Transformer's causal mask, a row with no key, and a window: the kernels get a boolean
+    # mask (read as runs of keys) and no bias, with the bias path's results; a float mask with
+    # other values, or one that requires grad, stays a bias.
+    torch.manual_seed(4)
+    layer = qkv.nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(3, 6, 8)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6)
+    causal[2] = float("-inf")
+    causal[5, :2] = float("-inf")
+    seen = []
+    run = qkv.nn._run
+
+    def spy(config, q, k, v, parameters):
+        seen.append((config.options.get("mask"), parameters.get("bias")))
+        return run(config, q, k, v, parameters)
+
+    monkeypatch.setattr(qkv.nn, "_run", spy)
+    out_float, w_float = layer(x, x, x, attn_mask=causal)
+    mask, bias = seen[-1]
+    assert bias is None and mask.dtype == torch.bool
+    assert torch.equal(mask.reshape(6, 6), causal == 0)
+    out_bool, w_bool = layer(x, x, x, attn_mask=causal != 0)
+    assert torch.equal(out_float, out_bool) and torch.equal(w_float, w_bool)
+    assert torch.equal(out_float[:, 2], layer.out_proj.bias.expand(3, 8))
+    for other in (causal.clamp(min=-1e9), causal.clone().requires_grad_()):
+        layer(x, x, x, attn_mask=other)
+        mask, bias = seen[-1]
+        assert mask is None and bias is not None
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
