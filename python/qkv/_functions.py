@@ -268,6 +268,15 @@ def _is_bool(x):
     return x.dtype == torch.bool if _is_torch(x) else np.asarray(x).dtype == bool
 
 
+def _only_zero_and_minus_inf(mask):
+    """Whether a float attn_mask that nothing differentiates holds only 0 and -inf, as
+    torch.nn.Transformer.generate_square_subsequent_mask's does: then it is a boolean mask (0: may
+    attend), which qkv reads as runs of keys and skips (a bias would be added to every pair)."""
+    if torch.is_grad_enabled() and mask.requires_grad:
+        return False
+    return bool(torch.logical_or(mask == 0, torch.isneginf(mask)).all())
+
+
 # One rule for the functions and the layers (PyTorch's scaled_dot_product_attention's).
 _ATTN_MASK_WITH_IS_CAUSAL = ("attn_mask, is_causal: expected at most one of them (is_causal=True "
                              "is the causal mask itself: pass it alone, or attn_mask alone), "
@@ -323,7 +332,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """torch.nn.functional.scaled_dot_product_attention, computed by qkv.
 
     query [..., Hq, L, E], key [..., Hk, S, E], value [..., Hk, S, Ev] (rank 2 and 3 too).
-    attn_mask: bool (True = take part in attention) or float (added), broadcastable to
+    attn_mask: bool (True = take part in attention) or float (added; one of only 0 and -inf
+    that nothing differentiates is taken as the boolean mask it is), broadcastable to
     [..., Hq, L, S]; is_causal: top-left causal mask (an error together with attn_mask).
     scale defaults to 1/sqrt(E). enable_gqa lets Hq be a multiple of Hk. Returns
     [..., Hq, L, Ev]. Unlike PyTorch, a query that may attend to no key gets 0, not NaN.
@@ -346,6 +356,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             mask = mask.reshape((-1,) + full[-3:])
         if _is_bool(mask):
             options["mask"] = mask
+        elif _is_torch(mask) and _only_zero_and_minus_inf(mask):  # boolean, in floats
+            options["mask"] = mask == 0
         else:
             parameters["bias"] = mask
     config = _Config(options, False, False, out_layout="bhnd")

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn as _nn
 
-from ._functions import _ATTN_MASK_WITH_IS_CAUSAL, _Config, _proxy_among, _run, _seed, attention
+from ._functions import (_ATTN_MASK_WITH_IS_CAUSAL, _Config, _only_zero_and_minus_inf, _proxy_among,
+                         _run, _seed, attention)
 from ._qkv import Error, score_layer, score_names
 
 __all__ = ["MultiheadAttention", "DifferentialAttention"]
@@ -144,8 +145,9 @@ class MultiheadAttention(_nn.Module):
                 average_attn_weights=True, is_causal=False):
         """query [L, N, E] (or [N, L, E] with batch_first, or [L, E] unbatched), key [S, N, kdim],
         value [S, N, vdim]; key_padding_mask [N, S] (True = padding) ; attn_mask [L, S] or
-        [N·H, L, S], bool (True = not allowed) or float (added); is_causal hides key j > i (not
-        with attn_mask: one or the other, as in qkv.scaled_dot_product_attention).
+        [N·H, L, S], bool (True = not allowed) or float (added; one of only 0 and -inf is the
+        boolean mask it spells); is_causal hides key j > i (not with attn_mask: one or the other,
+        as in qkv.scaled_dot_product_attention).
         Returns (output like query, weights [N, L, S'] averaged or [N, H, L, S'], or None)."""
         traced = _fx_module_call(self, (query, key, value), dict(
             key_padding_mask=key_padding_mask, need_weights=need_weights, attn_mask=attn_mask,
@@ -313,15 +315,6 @@ class MultiheadAttention(_nn.Module):
         if allowed is not None:
             allowed = allowed.contiguous()
         return allowed, added
-
-
-def _only_zero_and_minus_inf(mask):
-    """Whether a float attn_mask that nothing differentiates holds only 0 and -inf, as
-    nn.Transformer.generate_square_subsequent_mask's does: then it is a boolean mask (0: may
-    attend), which qkv reads as runs of keys and skips (a bias would be added to every pair)."""
-    if torch.is_grad_enabled() and mask.requires_grad:
-        return False
-    return bool(torch.logical_or(mask == 0, torch.isneginf(mask)).all())
 
 
 class DifferentialAttention(_nn.Module):

@@ -152,7 +152,8 @@ def private_sdpa(q, k, v, attn_mask=None, is_causal=False):
     return out
 
 
-@pytest.mark.parametrize("variant", ["plain", "causal", "bool_mask", "float_mask", "rank3"])
+@pytest.mark.parametrize("variant", ["plain", "causal", "bool_mask", "float_mask",
+                                     "zero_minus_inf_mask", "rank3"])
 def test_sdpa_matches_pytorch(variant):
     torch.manual_seed(0)
     shape_q, shape_k = (2, 4, 11, 8), (2, 4, 13, 8)
@@ -169,6 +170,10 @@ def test_sdpa_matches_pytorch(variant):
         kw["attn_mask"][:, 0] = True
     if variant == "float_mask":
         kw["attn_mask"] = torch.randn(2, 1, 11, 13)
+    if variant == "zero_minus_inf_mask":  # a band of keys per row, in floats: read as boolean
+        rows, keys = torch.arange(11).unsqueeze(1), torch.arange(13)
+        band = (keys >= rows - 3) & (keys <= rows + 2)
+        kw["attn_mask"] = torch.zeros(11, 13).masked_fill(~band, float("-inf"))
     want = private_sdpa(q, k, v, **kw)
     got = qkv.scaled_dot_product_attention(q, k, v, **kw)
     assert got.shape == want.shape
@@ -178,6 +183,19 @@ def test_sdpa_matches_pytorch(variant):
     grads_got = torch.autograd.grad(got, (q, k, v), dout)
     for a, b in zip(grads_got, grads_want):
         assert (a - b).abs().max() <= 1e-5 * (1 + b.abs().max())
+
+
+def test_sdpa_reads_a_float_mask_of_zeros_and_minus_inf_as_boolean(masks_passed):
+    seen = masks_passed
+    q = torch.randn(1, 2, 6, 4)
+    causal = torch.nn.Transformer.generate_square_subsequent_mask(6)
+    got = qkv.scaled_dot_product_attention(q, q, q, attn_mask=causal)
+    mask, bias = seen[-1]
+    assert bias is None and torch.equal(mask, causal == 0)
+    assert torch.equal(got, qkv.scaled_dot_product_attention(q, q, q, attn_mask=causal == 0))
+    qkv.scaled_dot_product_attention(q, q, q, attn_mask=causal.clamp(min=-1e9))
+    mask, bias = seen[-1]
+    assert mask is None and bias is not None
 
 
 def test_sdpa_gqa_scale_and_empty_rows():

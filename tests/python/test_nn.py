@@ -193,7 +193,7 @@ def test_fully_masked_query_gives_bias_not_nan():
     assert relative(out_q[:, 0], out_t[:, 0]) <= TOLERANCE
 
 
-def test_a_float_mask_of_zeros_and_minus_inf_is_read_as_a_boolean_mask(monkeypatch):
+def test_a_float_mask_of_zeros_and_minus_inf_is_read_as_a_boolean_mask(masks_passed):
     # nn.Transformer's causal mask, a row with no key, and a window: the kernels get a boolean
     # mask (read as runs of keys) and no bias, with the bias path's results; a float mask with
     # other values, or one that requires grad, stays a bias.
@@ -203,14 +203,7 @@ def test_a_float_mask_of_zeros_and_minus_inf_is_read_as_a_boolean_mask(monkeypat
     causal = torch.nn.Transformer.generate_square_subsequent_mask(6)
     causal[2] = float("-inf")
     causal[5, :2] = float("-inf")
-    seen = []
-    run = qkv.nn._run
-
-    def spy(config, q, k, v, parameters):
-        seen.append((config.options.get("mask"), parameters.get("bias")))
-        return run(config, q, k, v, parameters)
-
-    monkeypatch.setattr(qkv.nn, "_run", spy)
+    seen = masks_passed
     out_float, w_float = layer(x, x, x, attn_mask=causal)
     mask, bias = seen[-1]
     assert bias is None and mask.dtype == torch.bool
