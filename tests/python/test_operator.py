@@ -159,6 +159,9 @@ def test_meta_tensors_give_shapes_and_dtypes():
     v = torch.empty(2, 1, 7, 6, device="meta")
     out = qkv.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     assert out.device.type == "meta" and out.shape == (2, 3, 5, 6)
+    float_mask = torch.empty(5, 7, device="meta")  # no values to read as a boolean mask
+    out = qkv.scaled_dot_product_attention(q, k, v, attn_mask=float_mask, enable_gqa=True)
+    assert out.device.type == "meta" and out.shape == (2, 3, 5, 6)
     out, lse, probabilities = qkv.flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
         return_attn_probs=True)
