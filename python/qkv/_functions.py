@@ -268,15 +268,17 @@ def _is_bool(x):
     return x.dtype == torch.bool if _is_torch(x) else np.asarray(x).dtype == bool
 
 
-def _only_zero_and_minus_inf(mask):
-    """Whether a float attn_mask that nothing differentiates holds only 0 and -inf, as
-    torch.nn.Transformer.generate_square_subsequent_mask's does: then it is a boolean mask (0: may
-    attend), which qkv reads as runs of keys and skips (a bias would be added to every pair)."""
+def _boolean_of_float_mask(mask):
+    """A float attn_mask that nothing differentiates and that holds only 0 and -inf, as
+    torch.nn.Transformer.generate_square_subsequent_mask's does, as the boolean mask it spells
+    (True where 0: may attend), which qkv reads as runs of keys and skips where a bias would be
+    added to every pair; None for any other mask (and for meta or fake tensors: no values)."""
     if torch.is_grad_enabled() and mask.requires_grad:
-        return False
-    if type(mask) is not torch.Tensor or mask.device.type != "cpu":  # meta, fake: no values
-        return False
-    return bool(torch.logical_or(mask == 0, torch.isneginf(mask)).all())
+        return None
+    if type(mask) is not torch.Tensor or mask.device.type != "cpu":
+        return None
+    allowed = mask == 0
+    return allowed if bool(torch.logical_or(allowed, torch.isneginf(mask)).all()) else None
 
 
 # One rule for the functions and the layers (PyTorch's scaled_dot_product_attention's).
@@ -356,10 +358,11 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             mask = (mask.reshape(full).expand(widened) if _is_torch(mask) else
                     np.broadcast_to(np.reshape(mask, full), widened))
             mask = mask.reshape((-1,) + full[-3:])
+        allowed = None if _is_bool(mask) or not _is_torch(mask) else _boolean_of_float_mask(mask)
         if _is_bool(mask):
             options["mask"] = mask
-        elif _is_torch(mask) and _only_zero_and_minus_inf(mask):  # boolean, in floats
-            options["mask"] = mask == 0
+        elif allowed is not None:  # a boolean mask in floats
+            options["mask"] = allowed
         else:
             parameters["bias"] = mask
     config = _Config(options, False, False, out_layout="bhnd")

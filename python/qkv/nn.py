@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn as _nn
 
-from ._functions import (_ATTN_MASK_WITH_IS_CAUSAL, _Config, _only_zero_and_minus_inf, _proxy_among,
+from ._functions import (_ATTN_MASK_WITH_IS_CAUSAL, _Config, _boolean_of_float_mask, _proxy_among,
                          _run, _seed, attention)
 from ._qkv import Error, score_layer, score_names
 
@@ -298,10 +298,11 @@ class MultiheadAttention(_nn.Module):
                 shaped = attn_mask.reshape(1, 1, length, keys)
             else:
                 shaped = attn_mask.reshape(n, self.num_heads, length, keys)
+            spelled = None if attn_mask.dtype == torch.bool else _boolean_of_float_mask(shaped)
             if attn_mask.dtype == torch.bool:
                 allowed = widen(~shaped, True)
-            elif _only_zero_and_minus_inf(shaped):  # a boolean mask written in floats
-                allowed = widen(shaped == 0, True)
+            elif spelled is not None:  # a boolean mask written in floats
+                allowed = widen(spelled, True)
             else:
                 added = widen(shaped, 0.0)
         if key_padding_mask is not None:
