@@ -103,19 +103,33 @@ inline KeyInterval visible_keys_within(const AttentionProblem& p, std::int64_t b
   return within.empty() ? KeyInterval{} : within;
 }
 
-// Whether the block mask hides every pair of rows [i0, i1) and keys [j0, j1) of (b, h): a test
-// of the blocks alone, before any row is looked at (false without a block mask).
-inline bool block_mask_hides(const AttentionProblem& p, std::int64_t b, std::int64_t h,
-                             std::int64_t i0, std::int64_t i1, std::int64_t j0, std::int64_t j1) {
-  if (p.block_mask == nullptr || i0 >= i1 || j0 >= j1) return false;
+// What the block mask does to the pairs of rows [i0, i1) and keys [j0, j1) of (b, h), from its
+// blocks alone, before any row is looked at: hides them all (none), shows them all (all: every
+// block met is full), or neither (some; also without a block mask, or for an empty range).
+enum class BlockCover { none, some, all };
+inline BlockCover block_mask_cover(const AttentionProblem& p, std::int64_t b, std::int64_t h,
+                                   std::int64_t i0, std::int64_t i1, std::int64_t j0,
+                                   std::int64_t j1) {
+  if (p.block_mask == nullptr || i0 >= i1 || j0 >= j1) return BlockCover::some;
   const BlockMask& mask = *p.block_mask;
   h += p.head_offset;
   const std::int64_t q_block = mask.shape().q_block, kv_block = mask.shape().kv_block;
   const std::int64_t g0 = j0 + p.key_offset, g1 = j1 + p.key_offset;
+  bool none = true, all = true;
   for (std::int64_t qb = (i0 + p.query_offset) / q_block; qb * q_block < i1 + p.query_offset; ++qb)
-    for (std::int64_t kb = g0 / kv_block; kb * kv_block < g1; ++kb)
-      if (mask.kind(b, h, qb, kb) != BlockKind::empty) return false;
-  return true;
+    for (std::int64_t kb = g0 / kv_block; kb * kv_block < g1; ++kb) {
+      const BlockKind kind = mask.kind(b, h, qb, kb);
+      none = none && kind == BlockKind::empty;
+      all = all && kind == BlockKind::full;
+    }
+  return none ? BlockCover::none : all ? BlockCover::all : BlockCover::some;
+}
+
+// Whether the block mask hides every pair of rows [i0, i1) and keys [j0, j1) of (b, h) (false
+// without a block mask).
+inline bool block_mask_hides(const AttentionProblem& p, std::int64_t b, std::int64_t h,
+                             std::int64_t i0, std::int64_t i1, std::int64_t j0, std::int64_t j1) {
+  return block_mask_cover(p, b, h, i0, i1, j0, j1) == BlockCover::none;
 }
 
 // Sets the scores of keys j0 … j0 + count − 1 of row i (head h, batch b) that an element test

@@ -236,13 +236,17 @@ class FusedKernel {
       const std::int64_t count = std::min(key_tile_, p_.k_len - start);
       const float* keys = KeyTile(b, kh, tile);
       const float* values = ValueTile(b, ValueHead(kh), tile);
+      const TileBlocks blocks = ClassifyTile(b, kh, i0, positions, start, count);
+      if (blocks == TileBlocks::empty) continue;
+      const bool full = blocks == TileBlocks::full;
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
-        const KeySpan span = VisibleSpan(s, b, kh, i0, r0, block, start, count);
+        const KeySpan span = VisibleSpan(s, b, kh, i0, r0, block, start, count, full);
         if (span.begin >= span.end) continue;
         ScoreBlock(s, keys, kh, r0, block, span);
         bool any_visible = false;
-        for (int r = 0; r < block; ++r) any_visible |= MaskRow(b, kh, i0, r0 + r, start, count, s);
+        for (int r = 0; r < block; ++r)
+          any_visible |= MaskRow(b, kh, i0, r0 + r, start, count, s, full);
         if (!any_visible) continue;
         if (p_.sigmoid) {
           for (int r = 0; r < block; ++r) SigmoidRow(r0 + r, span, s);
@@ -297,6 +301,23 @@ class FusedKernel {
     if (p_.weights.present) WriteWeights(b, kh, i0, positions, s);
   }
 
+  // What the block mask makes of keys [start, start + count) for the item's rows (positions
+  // i0 … i0 + positions − 1 of each of its heads): empty when it hides them all, full when it
+  // shows them all (its blocks there all full), partial otherwise or without a block mask.
+  enum class TileBlocks { empty, partial, full };
+  TileBlocks ClassifyTile(std::int64_t b, std::int64_t kh, std::int64_t i0, std::int64_t positions,
+                          std::int64_t start, std::int64_t count) const {
+    if (p_.block_mask == nullptr) return TileBlocks::partial;
+    bool empty = true, full = true;
+    for (std::int64_t h = HeadOf(kh, 0); h < HeadOf(kh, rows_ - 1) + 1; ++h) {
+      const detail::BlockCover cover =
+          detail::block_mask_cover(p_, b, h, i0, i0 + positions, start, start + count);
+      empty = empty && cover == detail::BlockCover::none;
+      full = full && cover == detail::BlockCover::all;
+    }
+    return empty ? TileBlocks::empty : full ? TileBlocks::full : TileBlocks::partial;
+  }
+
   // The keys [begin, end) of a tile, relative to its start, that any row of a block can see,
   // widened to whole vectors (sub_tile_ keys; 64 for the bf16 tiles): only these are scored,
   // exponentiated and summed. On the diagonal of a causal mask, the edges of a window, beside a
@@ -305,13 +326,17 @@ class FusedKernel {
   struct KeySpan {
     std::int64_t begin = 0, end = 0;
   };
+  // `blocks_full`: the block mask shows the whole tile to every row of the item (ClassifyTile),
+  // so that it narrows nothing.
   KeySpan VisibleSpan(const Scratch& s, std::int64_t b, std::int64_t kh, std::int64_t i0,
-                      std::int64_t r0, int block, std::int64_t start, std::int64_t count) const {
+                      std::int64_t r0, int block, std::int64_t start, std::int64_t count,
+                      bool blocks_full = false) const {
     std::int64_t first = count, last = 0;
+    const bool narrow = (p_.block_mask != nullptr && !blocks_full) || p_.positions.sink_end > 0;
     for (int r = 0; r < block; ++r) {
       detail::KeyInterval keys{s.first[r0 + r], s.last[r0 + r]};
       // Past the tile's empty blocks, and the gap between sink tokens and a window.
-      if ((p_.block_mask != nullptr || p_.positions.sink_end > 0) && !keys.empty()) {
+      if (narrow && !keys.empty()) {
         keys = detail::visible_keys_within(p_, b, HeadOf(kh, r0 + r), i0 + (r0 + r) % positions_,
                                            keys, start, start + count);
       }
@@ -396,31 +421,47 @@ class FusedKernel {
     });
   }
 
-  // Kᵀ of float32 keys first … first + count − 1 into a key tile: eight keys at a time, so that
-  // each of the tile's D rows is written eight floats at once (a key at a time writes one float
-  // to each of D rows, a store per element that cost more than the scores of a short sequence).
+  // Kᵀ of float32 keys first … first + count − 1 into a key tile, in 4 × 4 blocks (4 keys × 4
+  // elements of D) transposed in 128-bit registers: each of the tile's D rows is written four
+  // floats at once. A key at a time writes one float to each of D rows, a store per element that
+  // cost more than the scores of a short sequence. The last keys and elements of D that do not
+  // fill a block go one at a time.
   void PackFloatKeys(std::int64_t b, std::int64_t kh, std::int64_t first, std::int64_t count,
                      float* keys) const {
-    constexpr std::int64_t kGroup = 8;
     const std::int64_t dim = o_.score_dim;
-    const float* rows[kGroup];
-    for (std::int64_t t0 = 0; t0 < count; t0 += kGroup) {
-      const std::int64_t group = std::min(kGroup, count - t0);
+    const float* rows[4];
+    for (std::int64_t t0 = 0; t0 < count; t0 += 4) {
+      const std::int64_t group = std::min<std::int64_t>(4, count - t0);
       for (std::int64_t t = 0; t < group; ++t) {
         const std::int64_t j = first + t0 + t;
         rows[t] = o_.k.row(b, j, kh);
         if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.k.row(b, j + kRowsAhead, kh), dim);
       }
-      if (group == kGroup) {
-        for (std::int64_t d = 0; d < dim; ++d) {
-          float* out = keys + d * key_tile_ + t0;
-          for (std::int64_t t = 0; t < kGroup; ++t) out[t] = rows[t][d];
+      std::int64_t d0 = 0;
+#if HWY_TARGET != HWY_SCALAR  // (which has no 4-lane vectors)
+      const hn::FixedTag<float, 4> d4;
+      if (group == 4) {
+        for (; d0 + 4 <= dim; d0 += 4) {
+          // Rows a, b, c, e of 4 elements each: interleave pairs of rows, then join the halves.
+          const auto ab_low = hn::InterleaveLower(d4, hn::LoadU(d4, rows[0] + d0),
+                                                  hn::LoadU(d4, rows[1] + d0));  // a0 b0 a1 b1
+          const auto ab_high = hn::InterleaveUpper(d4, hn::LoadU(d4, rows[0] + d0),
+                                                   hn::LoadU(d4, rows[1] + d0));  // a2 b2 a3 b3
+          const auto ce_low =
+              hn::InterleaveLower(d4, hn::LoadU(d4, rows[2] + d0), hn::LoadU(d4, rows[3] + d0));
+          const auto ce_high =
+              hn::InterleaveUpper(d4, hn::LoadU(d4, rows[2] + d0), hn::LoadU(d4, rows[3] + d0));
+          float* out = keys + d0 * key_tile_ + t0;
+          hn::StoreU(hn::ConcatLowerLower(d4, ce_low, ab_low), d4, out);
+          hn::StoreU(hn::ConcatUpperUpper(d4, ce_low, ab_low), d4, out + key_tile_);
+          hn::StoreU(hn::ConcatLowerLower(d4, ce_high, ab_high), d4, out + 2 * key_tile_);
+          hn::StoreU(hn::ConcatUpperUpper(d4, ce_high, ab_high), d4, out + 3 * key_tile_);
         }
-      } else {
-        for (std::int64_t d = 0; d < dim; ++d) {
-          float* out = keys + d * key_tile_ + t0;
-          for (std::int64_t t = 0; t < group; ++t) out[t] = rows[t][d];
-        }
+      }
+#endif
+      for (; d0 < dim; ++d0) {
+        float* out = keys + d0 * key_tile_ + t0;
+        for (std::int64_t t = 0; t < group; ++t) out[t] = rows[t][d0];
       }
     }
   }
@@ -512,12 +553,24 @@ class FusedKernel {
         ScoreTile<kRows, false, kTileVectors>(s, k, kh, r0, c0);
       }
     }
-    for (; c0 < end; ++c0) {
-      if (o_.additive) {
-        ScoreTile<kRows, true, 1>(s, k, kh, r0, c0);
-      } else {
+    if (o_.additive) {
+      for (; c0 < end; ++c0) ScoreTile<kRows, true, 1>(s, k, kh, r0, c0);
+      return;
+    }
+    // The dot score's last vectors in one narrower tile: a span cut by a window or a block mask
+    // ends anywhere, and one vector at a time pays kRows broadcasts for kRows products.
+    switch (end - c0) {
+      case 3:
+        if constexpr (kTileVectors > 3) ScoreTile<kRows, false, 3>(s, k, kh, r0, c0);
+        break;
+      case 2:
+        if constexpr (kTileVectors > 2) ScoreTile<kRows, false, 2>(s, k, kh, r0, c0);
+        break;
+      case 1:
         ScoreTile<kRows, false, 1>(s, k, kh, r0, c0);
-      }
+        break;
+      default:
+        break;
     }
   }
 
@@ -584,8 +637,9 @@ class FusedKernel {
 
   // 2b. Everything after the product, for one row of one tile; returns whether any key of the
   // tile stays visible to the row.
+  // `blocks_full` as for VisibleSpan: the block mask's element tests are skipped.
   bool MaskRow(std::int64_t b, std::int64_t kh, std::int64_t i0, std::int64_t r, std::int64_t start,
-               std::int64_t count, Scratch& s) const {
+               std::int64_t count, Scratch& s, bool blocks_full = false) const {
     constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
     float* scores = s.scores + r * key_tile_;
     const std::int64_t from = std::max<std::int64_t>(0, s.first[r] - start);
@@ -604,8 +658,8 @@ class FusedKernel {
     }
     std::fill(scores, scores + from, kMinusInfinity);
     std::fill(scores + to, scores + key_tile_, kMinusInfinity);
-    apply_score_options(after_cap_, b, HeadOf(kh, r), i0 + r % positions_, start + from, to - from,
-                        scores + from);
+    apply_score_options(blocks_full ? without_block_mask_ : after_cap_, b, HeadOf(kh, r),
+                        i0 + r % positions_, start + from, to - from, scores + from);
     return true;
   }
 
@@ -807,6 +861,12 @@ class FusedKernel {
   const AttentionProblem after_cap_ = [this] {
     AttentionProblem copy = p_;
     copy.softcap = 0.0;
+    return copy;
+  }();
+  // The same without its block mask, for tiles the block mask shows whole.
+  const AttentionProblem without_block_mask_ = [this] {
+    AttentionProblem copy = after_cap_;
+    copy.block_mask = nullptr;
     return copy;
   }();
   const detail::DropoutMask dropout_{p_};
