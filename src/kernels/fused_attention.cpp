@@ -358,7 +358,6 @@ class FusedKernel {
   //   value tile n: [T, Dv'], row t = V[n·T + t, :] padded with zeros
   // Keys past Nk in the last tile are zero; the masks give them -inf scores.
   void PackKeysAndValues() {
-    const std::int64_t dim = o_.score_dim;
     const std::int64_t key_sets = p_.batch * o_.key_heads, value_sets = p_.batch * p_.kv_heads;
     thread_local ReusedBuffer keys_buffer, values_buffer;  // the calling thread's
     packed_keys_ = keys_buffer.Get(key_sets * tiles_ * key_tile_words_);
@@ -367,43 +366,87 @@ class FusedKernel {
       PackPairs(key_sets, value_sets);
       return;
     }
-    // One index per packed tile: the key tiles, then the value tiles.
-    const std::int64_t key_tiles = key_sets * tiles_;
-    parallel_for(worker_threads(p_), key_tiles + value_sets * tiles_, [&](std::int64_t index) {
-      if (index < key_tiles) {
-        const std::int64_t set = index / tiles_, tile = index % tiles_;
-        const std::int64_t b = set / o_.key_heads, kh = set % o_.key_heads;
-        float* keys = KeyTile(b, kh, tile);
-        thread_local std::vector<float> widened;  // one key row widened, before the transpose
-        if (o_.bf16_keys_and_values || o_.int8_keys) widened.resize(static_cast<std::size_t>(dim));
-        // Keys past Nk: zero, a contiguous run at the end of each of the tile's D rows.
-        const std::int64_t keys_in_tile =
-            std::clamp<std::int64_t>(p_.k_len - tile * key_tile_, 0, key_tile_);
-        for (std::int64_t d = 0; d < dim; ++d) {
-          std::fill(keys + d * key_tile_ + keys_in_tile, keys + (d + 1) * key_tile_, 0.0f);
-        }
-        if (!o_.bf16_keys_and_values && !o_.int8_keys) {
-          PackFloatKeys(b, kh, tile * key_tile_, keys_in_tile, keys);
-          return;
-        }
-        for (std::int64_t t = 0; t < keys_in_tile; ++t) {
-          const std::int64_t j = tile * key_tile_ + t;
-          if (o_.bf16_keys_and_values) {  // bfloat16 or float16 widened as it is packed
-            WidenRow(o_.k16.row(b, j, kh), widened.data(), dim, o_.half);
-            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
-          } else if (o_.int8_keys) {  // int8 times its scale
-            DequantizeRow(o_.k8.row(b, j, kh), *o_.k_scale.row(b, j, kh), widened.data(), dim);
-            for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
-          }
-        }
-        return;
+    // One index per tile position of a batch and a run of heads, for the keys, then for the
+    // values. A key's rows of neighbouring heads lie side by side, so the copies read whole
+    // [H, D] rows from one end to the other, a stream the hardware prefetches; one head at a time
+    // reads 4·D bytes a whole row apart, each read waiting for memory.
+    const int threads = worker_threads(p_);
+    const HeadRuns key_runs = SplitHeads(o_.key_heads, threads);
+    const HeadRuns value_runs = SplitHeads(p_.kv_heads, threads);
+    const std::int64_t key_tasks = p_.batch * tiles_ * key_runs.count;
+    parallel_for(threads, key_tasks + p_.batch * tiles_ * value_runs.count,
+                 [&](std::int64_t index) {
+                   const bool keys = index < key_tasks;
+                   const HeadRuns& runs = keys ? key_runs : value_runs;
+                   const std::int64_t heads = keys ? o_.key_heads : p_.kv_heads;
+                   if (!keys) index -= key_tasks;
+                   const std::int64_t run = index % runs.count, tile = index / runs.count % tiles_;
+                   const std::int64_t b = index / runs.count / tiles_;
+                   const std::int64_t first = run * runs.heads;
+                   const std::int64_t end = std::min(heads, first + runs.heads);
+                   if (keys) {
+                     PackKeyTiles(b, first, end, tile);
+                   } else {
+                     PackValueTiles(b, first, end, tile);
+                   }
+                 });
+  }
+
+  // Heads split into `count` runs of `heads` (the last one shorter): as few runs as give the
+  // threads about 8 copies each.
+  struct HeadRuns {
+    std::int64_t count, heads;
+  };
+  HeadRuns SplitHeads(std::int64_t heads, int threads) const {
+    const std::int64_t positions = std::max<std::int64_t>(1, p_.batch * tiles_);  // 0 keys: none
+    const std::int64_t count =
+        std::clamp<std::int64_t>((8 * threads + positions - 1) / positions, 1, heads);
+    const std::int64_t per_run = (heads + count - 1) / count;
+    return {(heads + per_run - 1) / per_run, per_run};
+  }
+
+  // Key tile `tile` of (b, kh) for key heads first_head … end_head − 1: Kᵀ as [D, T], zero
+  // past Nk.
+  void PackKeyTiles(std::int64_t b, std::int64_t first_head, std::int64_t end_head,
+                    std::int64_t tile) const {
+    const std::int64_t dim = o_.score_dim;
+    // Keys past Nk: zero, a contiguous run at the end of each of the tile's D rows.
+    const std::int64_t keys_in_tile =
+        std::clamp<std::int64_t>(p_.k_len - tile * key_tile_, 0, key_tile_);
+    for (std::int64_t kh = first_head; kh < end_head; ++kh) {
+      float* keys = KeyTile(b, kh, tile);
+      for (std::int64_t d = 0; d < dim; ++d) {
+        std::fill(keys + d * key_tile_ + keys_in_tile, keys + (d + 1) * key_tile_, 0.0f);
       }
-      const std::int64_t set = (index - key_tiles) / tiles_, tile = (index - key_tiles) % tiles_;
-      const std::int64_t b = set / p_.kv_heads, hv = set % p_.kv_heads;
-      float* values = ValueTile(b, hv, tile);
-      for (std::int64_t t = 0; t < key_tile_; ++t) {
-        const std::int64_t j = tile * key_tile_ + t;
-        float* value_row = values + t * v_stride_;
+    }
+    if (!o_.bf16_keys_and_values && !o_.int8_keys) {
+      PackFloatKeys(b, first_head, end_head, tile, keys_in_tile);
+      return;
+    }
+    thread_local std::vector<float> widened;  // one key row widened, before the transpose
+    widened.resize(static_cast<std::size_t>(dim));
+    for (std::int64_t t = 0; t < keys_in_tile; ++t) {
+      const std::int64_t j = tile * key_tile_ + t;
+      for (std::int64_t kh = first_head; kh < end_head; ++kh) {
+        if (o_.bf16_keys_and_values) {  // bfloat16 or float16 widened as it is packed
+          WidenRow(o_.k16.row(b, j, kh), widened.data(), dim, o_.half);
+        } else {  // int8 times its scale
+          DequantizeRow(o_.k8.row(b, j, kh), *o_.k_scale.row(b, j, kh), widened.data(), dim);
+        }
+        float* keys = KeyTile(b, kh, tile);
+        for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
+      }
+    }
+  }
+
+  // Value tile `tile` of (b, hv) for value heads first_head … end_head − 1, key by key and, for
+  // each key, head by head: rows of Dv' with zeros past Dv and past Nk.
+  void PackValueTiles(std::int64_t b, std::int64_t first_head, std::int64_t end_head,
+                      std::int64_t tile) const {
+    for (std::int64_t t = 0; t < key_tile_; ++t) {
+      const std::int64_t j = tile * key_tile_ + t;
+      for (std::int64_t hv = first_head; hv < end_head; ++hv) {
+        float* value_row = ValueTile(b, hv, tile) + t * v_stride_;
         std::int64_t d = 0;
         if (j < p_.k_len && o_.bf16_keys_and_values) {
           WidenRow(o_.v16.row(b, j, hv), value_row, p_.v_dim, o_.half);
@@ -413,55 +456,55 @@ class FusedKernel {
           d = p_.v_dim;
         } else if (j < p_.k_len) {
           const float* value = o_.v.row(b, j, hv);
-          if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.v.row(b, j + kRowsAhead, hv), p_.v_dim);
           for (; d < p_.v_dim; ++d) value_row[d] = value[d];
         }
         std::fill(value_row + d, value_row + v_stride_, 0.0f);
       }
-    });
+    }
   }
 
-  // Kᵀ of float32 keys first … first + count − 1 into a key tile, in 4 × 4 blocks (4 keys × 4
-  // elements of D) transposed in 128-bit registers: each of the tile's D rows is written four
-  // floats at once. A key at a time writes one float to each of D rows, a store per element that
-  // cost more than the scores of a short sequence. The last keys and elements of D that do not
-  // fill a block go one at a time.
-  void PackFloatKeys(std::int64_t b, std::int64_t kh, std::int64_t first, std::int64_t count,
-                     float* keys) const {
+  // Kᵀ of the float32 keys of tile `tile` (its first `count` keys) for key heads first_head …
+  // end_head − 1, four keys at a time and, for those four, head by head: each 4 × 4 block (4 keys
+  // × 4 elements of D) is transposed in 128-bit registers, so that each of the tile's D rows is
+  // written four floats at once. A key at a time writes one float to each of D rows, a store per
+  // element that cost more than the scores of a short sequence. The last keys and elements of D
+  // that do not fill a block go one at a time.
+  void PackFloatKeys(std::int64_t b, std::int64_t first_head, std::int64_t end_head,
+                     std::int64_t tile, std::int64_t count) const {
     const std::int64_t dim = o_.score_dim;
     const float* rows[4];
     for (std::int64_t t0 = 0; t0 < count; t0 += 4) {
       const std::int64_t group = std::min<std::int64_t>(4, count - t0);
-      for (std::int64_t t = 0; t < group; ++t) {
-        const std::int64_t j = first + t0 + t;
-        rows[t] = o_.k.row(b, j, kh);
-        if (j + kRowsAhead < p_.k_len) PrefetchRow(o_.k.row(b, j + kRowsAhead, kh), dim);
-      }
-      std::int64_t d0 = 0;
+      for (std::int64_t kh = first_head; kh < end_head; ++kh) {
+        for (std::int64_t t = 0; t < group; ++t)
+          rows[t] = o_.k.row(b, tile * key_tile_ + t0 + t, kh);
+        float* keys = KeyTile(b, kh, tile);
+        std::int64_t d0 = 0;
 #if HWY_TARGET != HWY_SCALAR  // (which has no 4-lane vectors)
-      const hn::FixedTag<float, 4> d4;
-      if (group == 4) {
-        for (; d0 + 4 <= dim; d0 += 4) {
-          // Rows a, b, c, e of 4 elements each: interleave pairs of rows, then join the halves.
-          const auto ab_low = hn::InterleaveLower(d4, hn::LoadU(d4, rows[0] + d0),
-                                                  hn::LoadU(d4, rows[1] + d0));  // a0 b0 a1 b1
-          const auto ab_high = hn::InterleaveUpper(d4, hn::LoadU(d4, rows[0] + d0),
-                                                   hn::LoadU(d4, rows[1] + d0));  // a2 b2 a3 b3
-          const auto ce_low =
-              hn::InterleaveLower(d4, hn::LoadU(d4, rows[2] + d0), hn::LoadU(d4, rows[3] + d0));
-          const auto ce_high =
-              hn::InterleaveUpper(d4, hn::LoadU(d4, rows[2] + d0), hn::LoadU(d4, rows[3] + d0));
-          float* out = keys + d0 * key_tile_ + t0;
-          hn::StoreU(hn::ConcatLowerLower(d4, ce_low, ab_low), d4, out);
-          hn::StoreU(hn::ConcatUpperUpper(d4, ce_low, ab_low), d4, out + key_tile_);
-          hn::StoreU(hn::ConcatLowerLower(d4, ce_high, ab_high), d4, out + 2 * key_tile_);
-          hn::StoreU(hn::ConcatUpperUpper(d4, ce_high, ab_high), d4, out + 3 * key_tile_);
+        const hn::FixedTag<float, 4> d4;
+        if (group == 4) {
+          for (; d0 + 4 <= dim; d0 += 4) {
+            // Rows a, b, c, e of 4 elements each: interleave pairs of rows, then join the halves.
+            const auto ab_low = hn::InterleaveLower(d4, hn::LoadU(d4, rows[0] + d0),
+                                                    hn::LoadU(d4, rows[1] + d0));  // a0 b0 a1 b1
+            const auto ab_high = hn::InterleaveUpper(d4, hn::LoadU(d4, rows[0] + d0),
+                                                     hn::LoadU(d4, rows[1] + d0));  // a2 b2 a3 b3
+            const auto ce_low =
+                hn::InterleaveLower(d4, hn::LoadU(d4, rows[2] + d0), hn::LoadU(d4, rows[3] + d0));
+            const auto ce_high =
+                hn::InterleaveUpper(d4, hn::LoadU(d4, rows[2] + d0), hn::LoadU(d4, rows[3] + d0));
+            float* out = keys + d0 * key_tile_ + t0;
+            hn::StoreU(hn::ConcatLowerLower(d4, ce_low, ab_low), d4, out);
+            hn::StoreU(hn::ConcatUpperUpper(d4, ce_low, ab_low), d4, out + key_tile_);
+            hn::StoreU(hn::ConcatLowerLower(d4, ce_high, ab_high), d4, out + 2 * key_tile_);
+            hn::StoreU(hn::ConcatUpperUpper(d4, ce_high, ab_high), d4, out + 3 * key_tile_);
+          }
         }
-      }
 #endif
-      for (; d0 < dim; ++d0) {
-        float* out = keys + d0 * key_tile_ + t0;
-        for (std::int64_t t = 0; t < group; ++t) out[t] = rows[t][d0];
+        for (; d0 < dim; ++d0) {
+          float* out = keys + d0 * key_tile_ + t0;
+          for (std::int64_t t = 0; t < group; ++t) out[t] = rows[t][d0];
+        }
       }
     }
   }
