@@ -13,22 +13,24 @@
 //   1. Pack the item's Q rows (times the score scale) into q_tile [R, D], and find the union of
 //      the rows' visible key ranges (position masks, and the block mask's first and last visible
 //      key: core/visibility.hpp); keys outside it are never touched.
-//   2. For each key tile in that range, for each block of 4 rows whose ranges meet the tile
+//   2. For each key tile in that range, for each block of R rows (kBlockRows: 4 on AVX-512, 5 with
+//      16 registers) whose ranges meet the tile
 //      (and only the vectors of it that some row of the block can see):
-//        a. S = Q·Kᵀ: register tiles of 4 rows × kTileVectors (4 vectors: 16 accumulators, 4 loads
-//           of k_tile and 1 broadcast of q live per step, 21 of 32 zmm registers on AVX-512);
+//        a. S = Q·Kᵀ: register tiles of R rows × kTileVectors (AVX-512: 4 × 4 vectors, 16
+//           accumulators, 4 loads of k_tile and 1 broadcast of q live per step, 21 of 32 zmm
+//           registers; AVX2: 5 × 2, 13 of 16 ymm);
 //        b. -inf outside each row's range, then, in a scalar pass over the range, only the options
 //           given: soft cap, ALiBi, bias, score_mod, and the masks' element tests (boolean mask,
 //           the block mask's empty and partial blocks);
 //        c. online softmax per row: m' = max(m, max S), α = e^(m − m'), P = e^(S − m') in place,
 //           l = α·l + Σ P;
-//        d. O_acc = α·O_acc + P·V: a 4 × (4 vectors) register tile per step over the keys, V rows
-//           loaded once per 4 rows.
+//        d. O_acc = α·O_acc + P·V: an R × kTileVectors register tile per step over the keys, V
+//           rows loaded once per R rows.
 //   3. O = O_acc / l, LSE = m + log l (in double); rows that saw no key get O = 0 and LSE = -inf.
 //      When the weights are requested, a second walk recomputes S and writes P = e^(S − LSE),
 //      LSE subtracted as two floats (its high and low parts).
 //
-// Cost per tile and 4-row block: 2·4·T·(D + Dv) flops on data that stays in L1/L2 (a key
+// Cost per tile and R-row block: 2·R·T·(D + Dv) flops on data that stays in L1/L2 (a key
 // tile and a value tile are 32 KiB each at D = Dv = 64 on AVX-512, T = 128). The exp work
 // is T per row per tile, small beside the 2·T·(D + Dv) flops of the two products.
 
@@ -50,6 +52,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/dropout.hpp"
@@ -67,7 +70,6 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 constexpr std::int64_t kItemRows = 64;  // query rows per work item (all heads of a group)
-constexpr int kBlockRows = 4;           // rows of one register tile
 // Q, K and V rows lie a whole [H, D] row apart ([B, N, H, D]); read one head at a time, each row
 // is a new page every few rows, and the hardware prefetcher lets each read wait for memory. The
 // copies into the kernel's own layout ask for the row kRowsAhead ahead instead.
@@ -79,6 +81,35 @@ HWY_INLINE void PrefetchRow(const float* row, std::int64_t length) {
 // Vectors across one register tile: 4 rows × 4 vectors = 16 accumulators + 4 loads + 1 broadcast
 // = 21 registers fits AVX-512's 32; targets with 16 registers use 4 × 2 (8 + 2 + 1 = 11).
 constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 4 : 2;
+// Rows of one register tile: 4 with 4 vectors (AVX-512: 16 accumulators); 5 with 2 vectors
+// elsewhere, so that 10 accumulators + 2 loads + 1 broadcast = 13 of 16 registers carry 10
+// independent chains of multiply-adds, more of their latency covered at two a cycle than 4 × 2's
+// 8 (AVX2, forced on Zen 4: S1 and S2 6-10% faster; 6 rows made GCC spill an accumulator, and
+// 5 or 6 rows on AVX-512 were slower).
+constexpr int kBlockRows = kTileVectors == 4 ? 4 : 5;
+
+// body(std::integral_constant<int, n>{}) for n = rows, 1 … kBlockRows: a block's row count as a
+// compile-time constant, for the register tiles.
+template <class Body>
+HWY_INLINE void WithBlockRows(int rows, Body&& body) {
+  switch (rows) {
+    case 5:
+      if constexpr (kBlockRows >= 5) body(std::integral_constant<int, 5>{});
+      break;
+    case 4:
+      body(std::integral_constant<int, 4>{});
+      break;
+    case 3:
+      body(std::integral_constant<int, 3>{});
+      break;
+    case 2:
+      body(std::integral_constant<int, 2>{});
+      break;
+    default:
+      body(std::integral_constant<int, 1>{});
+      break;
+  }
+}
 // Keys per tile, in vectors: the softmax bookkeeping of a row (max, rescale) is paid once per
 // tile, so longer tiles spend a larger share of the time in the two products.
 constexpr int TVectors = 8;
@@ -559,20 +590,12 @@ class FusedKernel {
   // 2a. scores[r0 + r, :] = q_tile[r0 + r, :] · k_tile for r < block.
   void ScoreBlock(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0, int block,
                   KeySpan span) const {
-    switch (block) {
-      case 4:
-        ScoreRows<4>(s, k, kh, r0, span);
-        break;
-      case 3:
-        ScoreRows<3>(s, k, kh, r0, span);
-        break;
-      case 2:
-        ScoreRows<2>(s, k, kh, r0, span);
-        break;
-      default:
-        ScoreRows<1>(s, k, kh, r0, span);
-        break;
+    if (o_.additive && block > 4) {  // the tanh's temporaries need the registers: 4 rows at most
+      ScoreRows<4>(s, k, kh, r0, span);
+      ScoreBlock(s, k, kh, r0 + 4, block - 4, span);
+      return;
     }
+    WithBlockRows(block, [&](auto rows) { ScoreRows<decltype(rows)::value>(s, k, kh, r0, span); });
   }
 
   // Scores of the keys in `span` (the rest of the row is left to MaskRow, which sets it to -inf).
@@ -789,20 +812,8 @@ class FusedKernel {
       }
       return;
     }
-    switch (block) {
-      case 4:
-        AccumulateRows<4>(s, values, r0, span);
-        break;
-      case 3:
-        AccumulateRows<3>(s, values, r0, span);
-        break;
-      case 2:
-        AccumulateRows<2>(s, values, r0, span);
-        break;
-      default:
-        AccumulateRows<1>(s, values, r0, span);
-        break;
-    }
+    WithBlockRows(block,
+                  [&](auto rows) { AccumulateRows<decltype(rows)::value>(s, values, r0, span); });
   }
 
   template <int kRows>

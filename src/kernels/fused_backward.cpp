@@ -61,9 +61,10 @@ using FloatTag = hn::ScalableTag<float>;
 using Vec = hn::Vec<FloatTag>;
 
 // Register tile of the micro-kernel: 4 rows × 4 vectors on AVX-512 (16 accumulators, 4 loads and
-// 1 broadcast live: 21 of 32 registers); 4 × 2 where there are 16 registers.
-constexpr int kTileRows = 4;
+// 1 broadcast live: 21 of 32 registers); 5 × 2 where there are 16 registers (10 accumulators,
+// 13 registers: more independent multiply-adds in flight than 4 × 2, as in the forward).
 constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 4 : 2;
+constexpr int kTileRows = kTileVectors == 4 ? 4 : 5;
 constexpr std::int64_t kBlock = kBackwardKeys;
 
 // One operand of a product read element by element: A(m, k) = data[m·row_step + k·column_step].
@@ -122,6 +123,10 @@ void GemmRows(Broadcast a, std::int64_t m0, std::int64_t rows, const float* b, s
               float* c, std::int64_t ldc, std::int64_t depth, bool accumulate,
               std::int64_t depth_block) {
   switch (rows) {
+    case 5:
+      if constexpr (kTileRows >= 5)
+        GemmTile<5, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
+      break;
     case 4:
       GemmTile<4, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
       break;
