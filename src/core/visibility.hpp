@@ -121,6 +121,7 @@ inline BlockCover block_mask_cover(const AttentionProblem& p, std::int64_t b, st
       const BlockKind kind = mask.kind(b, h, qb, kb);
       none = none && kind == BlockKind::empty;
       all = all && kind == BlockKind::full;
+      if (!none && !all) return BlockCover::some;
     }
   return none ? BlockCover::none : all ? BlockCover::all : BlockCover::some;
 }

@@ -6,9 +6,10 @@
 // The workers (kernels/workers.hpp) take items one at a time (longest first); each thread keeps
 // its scratch between calls.
 //
-// Once per call, for all items, K and V are packed into tiles of T = kKeyTileVectors vectors of
-// keys (128 on AVX-512): Kᵀ as [D, T] (keys along the vector lanes), V as [T, Dv'] (Dv' = Dv
-// rounded up to whole vectors), zero-padded; in bfloat16 mode as pairs for the BF16 dot product.
+// Once per call, for all items, K and V are packed into tiles of T = TVectors vectors of keys
+// (128 keys on AVX-512 and AVX2): Kᵀ as [D, T] (keys along the vector lanes), V as [T, Dv']
+// (Dv' = Dv rounded up to whole vectors), zero-padded; in bfloat16 mode as pairs for the BF16
+// dot product.
 // Then, for one item:
 //   1. Pack the item's Q rows (times the score scale) into q_tile [R, D], and find the union of
 //      the rows' visible key ranges (position masks, and the block mask's first and last visible
@@ -31,7 +32,7 @@
 //      LSE subtracted as two floats (its high and low parts).
 //
 // Cost per tile and R-row block: 2·R·T·(D + Dv) flops on data that stays in L1/L2 (a key
-// tile and a value tile are 32 KiB each at D = Dv = 64 on AVX-512, T = 128). The exp work
+// tile and a value tile are 32 KiB each at D = Dv = 64, T = 128). The exp work
 // is T per row per tile, small beside the 2·T·(D + Dv) flops of the two products.
 
 #undef HWY_TARGET_INCLUDE
@@ -72,14 +73,15 @@ namespace hn = hwy::HWY_NAMESPACE;
 constexpr std::int64_t kItemRows = 64;  // query rows per work item (all heads of a group)
 // Q, K and V rows lie a whole [H, D] row apart ([B, N, H, D]); read one head at a time, each row
 // is a new page every few rows, and the hardware prefetcher lets each read wait for memory. The
-// copies into the kernel's own layout ask for the row kRowsAhead ahead instead.
+// copy of an item's Q rows asks for the row kRowsAhead ahead instead (K and V are copied across
+// heads, front to back: PackKeysAndValues).
 constexpr std::int64_t kRowsAhead = 4;
 HWY_INLINE void PrefetchRow(const float* row, std::int64_t length) {
   const char* bytes = reinterpret_cast<const char*>(row);
   for (std::int64_t byte = 0; byte < length * 4; byte += 64) hwy::Prefetch(bytes + byte);
 }
 // Vectors across one register tile: 4 rows × 4 vectors = 16 accumulators + 4 loads + 1 broadcast
-// = 21 registers fits AVX-512's 32; targets with 16 registers use 4 × 2 (8 + 2 + 1 = 11).
+// = 21 registers fits AVX-512's 32; other targets use 2 vectors (kBlockRows below).
 constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 4 : 2;
 // Rows of one register tile: 4 with 4 vectors (AVX-512: 16 accumulators); 5 with 2 vectors
 // elsewhere, so that 10 accumulators + 2 loads + 1 broadcast = 13 of 16 registers carry 10
@@ -111,8 +113,9 @@ HWY_INLINE void WithBlockRows(int rows, Body&& body) {
   }
 }
 // Keys per tile, in vectors: the softmax bookkeeping of a row (max, rescale) is paid once per
-// tile, so longer tiles spend a larger share of the time in the two products.
-constexpr int TVectors = 8;
+// tile, so longer tiles spend a larger share of the time in the two products. 128 keys on AVX-512
+// (8 vectors) and on AVX2 (16: forced on Zen 4, S3 and S5 6-8% faster than 64 keys, S2 2-5%).
+constexpr int TVectors = kTileVectors == 4 ? 8 : 16;
 
 using FloatTag = hn::ScalableTag<float>;
 
