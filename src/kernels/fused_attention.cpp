@@ -87,7 +87,8 @@ constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_D
 // elsewhere, so that 10 accumulators + 2 loads + 1 broadcast = 13 of 16 registers carry 10
 // independent chains of multiply-adds, more of their latency covered at two a cycle than 4 × 2's
 // 8 (AVX2, forced on Zen 4: S1 and S2 6-10% faster; 6 rows made GCC spill an accumulator, and
-// 5 or 6 rows on AVX-512 were slower).
+// 5 or 6 rows on AVX-512 were slower). The bf16 tiles, which take at most 4 rows, run only on
+// AVX-512 targets (TargetRunsBf16Tiles).
 constexpr int kBlockRows = kTileVectors == 4 ? 4 : 5;
 
 // body(std::integral_constant<int, n>{}) for n = rows, 1 … kBlockRows: a block's row count as a
