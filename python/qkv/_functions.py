@@ -268,17 +268,18 @@ def _is_bool(x):
     return x.dtype == torch.bool if _is_torch(x) else np.asarray(x).dtype == bool
 
 
-def _boolean_of_float_mask(mask):
-    """A float attn_mask that nothing differentiates and that holds only 0 and -inf, as
-    torch.nn.Transformer.generate_square_subsequent_mask's does, as the boolean mask it spells
-    (True where 0: may attend), which qkv reads as runs of keys and skips where a bias would be
-    added to every pair; None for any other mask (and for meta or fake tensors: no values)."""
-    if torch.is_grad_enabled() and mask.requires_grad:
-        return None
+def _float_mask_as_read(mask):
+    """A float attn_mask as qkv reads it: one that nothing differentiates and that holds only 0
+    and -inf, as torch.nn.Transformer.generate_square_subsequent_mask's does, is the boolean mask
+    it spells (True where 0: may attend), which qkv reads as runs of keys and skips where a bias
+    would be added to every pair; any other mask (numpy, meta or fake tensors: no values) is
+    returned as it is, a bias."""
+    if not _is_torch(mask) or (torch.is_grad_enabled() and mask.requires_grad):
+        return mask
     if type(mask) is not torch.Tensor or mask.device.type != "cpu":
-        return None
+        return mask
     allowed = mask == 0
-    return allowed if bool(torch.logical_or(allowed, torch.isneginf(mask)).all()) else None
+    return allowed if bool(torch.logical_or(allowed, torch.isneginf(mask)).all()) else mask
 
 
 # One rule for the functions and the layers (PyTorch's scaled_dot_product_attention's).
@@ -358,11 +359,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
             mask = (mask.reshape(full).expand(widened) if _is_torch(mask) else
                     np.broadcast_to(np.reshape(mask, full), widened))
             mask = mask.reshape((-1,) + full[-3:])
-        allowed = None if _is_bool(mask) or not _is_torch(mask) else _boolean_of_float_mask(mask)
+        if not _is_bool(mask):
+            mask = _float_mask_as_read(mask)
         if _is_bool(mask):
             options["mask"] = mask
-        elif allowed is not None:  # a boolean mask in floats
-            options["mask"] = allowed
         else:
             parameters["bias"] = mask
     config = _Config(options, False, False, out_layout="bhnd")

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn as _nn
 
-from ._functions import (_ATTN_MASK_WITH_IS_CAUSAL, _Config, _boolean_of_float_mask, _proxy_among,
+from ._functions import (_ATTN_MASK_WITH_IS_CAUSAL, _Config, _float_mask_as_read, _proxy_among,
                          _run, _seed, attention)
 from ._qkv import Error, score_layer, score_names
 
@@ -298,13 +298,14 @@ class MultiheadAttention(_nn.Module):
                 shaped = attn_mask.reshape(1, 1, length, keys)
             else:
                 shaped = attn_mask.reshape(n, self.num_heads, length, keys)
-            spelled = None if attn_mask.dtype == torch.bool else _boolean_of_float_mask(shaped)
             if attn_mask.dtype == torch.bool:
                 allowed = widen(~shaped, True)
-            elif spelled is not None:  # a boolean mask written in floats
-                allowed = widen(spelled, True)
             else:
-                added = widen(shaped, 0.0)
+                read = _float_mask_as_read(shaped)  # a boolean mask if it spells one
+                if read.dtype == torch.bool:
+                    allowed = widen(read, True)
+                else:
+                    added = widen(read, 0.0)
         if key_padding_mask is not None:
             shaped = key_padding_mask.reshape(n, 1, 1, keys)
             if key_padding_mask.dtype == torch.bool:

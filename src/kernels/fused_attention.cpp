@@ -53,7 +53,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 #include "core/dropout.hpp"
@@ -91,28 +90,6 @@ constexpr int kTileVectors = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_D
 // AVX-512 targets (TargetRunsBf16Tiles).
 constexpr int kBlockRows = kTileVectors == 4 ? 4 : 5;
 
-// body(std::integral_constant<int, n>{}) for n = rows, 1 … kBlockRows: a block's row count as a
-// compile-time constant, for the register tiles.
-template <class Body>
-HWY_INLINE void WithBlockRows(int rows, Body&& body) {
-  switch (rows) {
-    case 5:
-      if constexpr (kBlockRows >= 5) body(std::integral_constant<int, 5>{});
-      break;
-    case 4:
-      body(std::integral_constant<int, 4>{});
-      break;
-    case 3:
-      body(std::integral_constant<int, 3>{});
-      break;
-    case 2:
-      body(std::integral_constant<int, 2>{});
-      break;
-    default:
-      body(std::integral_constant<int, 1>{});
-      break;
-  }
-}
 // Keys per tile, in vectors: the softmax bookkeeping of a row (max, rescale) is paid once per
 // tile, so longer tiles spend a larger share of the time in the two products. 128 keys on AVX-512
 // (8 vectors) and on AVX2 (16: forced on Zen 4, S3 and S5 6-8% faster than 64 keys, S2 2-5%).
@@ -594,12 +571,8 @@ class FusedKernel {
   // 2a. scores[r0 + r, :] = q_tile[r0 + r, :] · k_tile for r < block.
   void ScoreBlock(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0, int block,
                   KeySpan span) const {
-    if (o_.additive && block > 4) {  // the tanh's temporaries need the registers: 4 rows at most
-      ScoreRows<4>(s, k, kh, r0, span);
-      ScoreBlock(s, k, kh, r0 + 4, block - 4, span);
-      return;
-    }
-    WithBlockRows(block, [&](auto rows) { ScoreRows<decltype(rows)::value>(s, k, kh, r0, span); });
+    WithRows<kBlockRows>(block,
+                         [&](auto rows) { ScoreRows<decltype(rows)::value>(s, k, kh, r0, span); });
   }
 
   // Scores of the keys in `span` (the rest of the row is left to MaskRow, which sets it to -inf).
@@ -623,24 +596,12 @@ class FusedKernel {
         ScoreTile<kRows, false, kTileVectors>(s, k, kh, r0, c0);
       }
     }
-    if (o_.additive) {
-      for (; c0 < end; ++c0) ScoreTile<kRows, true, 1>(s, k, kh, r0, c0);
-      return;
-    }
-    // The dot score's last vectors in one narrower tile: a span cut by a window or a block mask
-    // ends anywhere, and one vector at a time pays kRows broadcasts for kRows products.
-    switch (end - c0) {
-      case 3:
-        if constexpr (kTileVectors > 3) ScoreTile<kRows, false, 3>(s, k, kh, r0, c0);
-        break;
-      case 2:
-        if constexpr (kTileVectors > 2) ScoreTile<kRows, false, 2>(s, k, kh, r0, c0);
-        break;
-      case 1:
+    for (; c0 < end; ++c0) {
+      if (o_.additive) {
+        ScoreTile<kRows, true, 1>(s, k, kh, r0, c0);
+      } else {
         ScoreTile<kRows, false, 1>(s, k, kh, r0, c0);
-        break;
-      default:
-        break;
+      }
     }
   }
 
@@ -816,8 +777,8 @@ class FusedKernel {
       }
       return;
     }
-    WithBlockRows(block,
-                  [&](auto rows) { AccumulateRows<decltype(rows)::value>(s, values, r0, span); });
+    WithRows<kBlockRows>(
+        block, [&](auto rows) { AccumulateRows<decltype(rows)::value>(s, values, r0, span); });
   }
 
   template <int kRows>

@@ -122,24 +122,10 @@ template <int kVectors>
 void GemmRows(Broadcast a, std::int64_t m0, std::int64_t rows, const float* b, std::int64_t ldb,
               float* c, std::int64_t ldc, std::int64_t depth, bool accumulate,
               std::int64_t depth_block) {
-  switch (rows) {
-    case 5:
-      if constexpr (kTileRows >= 5)
-        GemmTile<5, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
-      break;
-    case 4:
-      GemmTile<4, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
-      break;
-    case 3:
-      GemmTile<3, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
-      break;
-    case 2:
-      GemmTile<2, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
-      break;
-    default:
-      GemmTile<1, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate, depth_block);
-      break;
-  }
+  WithRows<kTileRows>(static_cast<int>(rows), [&](auto tile_rows) {
+    GemmTile<decltype(tile_rows)::value, kVectors>(a, m0, b, ldb, c, ldc, depth, accumulate,
+                                                   depth_block);
+  });
 }
 
 // How a product sums over its depth (see GemmTile).

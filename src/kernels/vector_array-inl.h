@@ -19,6 +19,7 @@
 #include <hwy/highway.h>
 
 #include <cstddef>
+#include <type_traits>
 
 HWY_BEFORE_NAMESPACE();
 namespace qkv::kernels {
@@ -56,6 +57,19 @@ class VectorArray {
   V vectors_[N];
 #endif
 };
+
+// body(std::integral_constant<int, n>{}) for n = rows clamped to 1 … kMaxRows: a register tile's
+// row count as a compile-time constant.
+template <int kMaxRows, class Body>
+HWY_INLINE void WithRows(int rows, Body&& body) {
+  if constexpr (kMaxRows > 1) {
+    if (rows < kMaxRows) {
+      WithRows<kMaxRows - 1>(rows, body);
+      return;
+    }
+  }
+  body(std::integral_constant<int, kMaxRows>{});
+}
 
 }  // namespace HWY_NAMESPACE
 }  // namespace qkv::kernels
