@@ -51,6 +51,36 @@ void parallel_for_each(int threads, std::int64_t count, MakeState make_state, Bo
   }
 }
 
+// As parallel_for_each, and each thread claims the index it will take next before it works on
+// the current one and calls prepare(state, next) first, so that prepare can ask for next's data
+// (prefetches) while the current index computes. A thread holds an index back only while more
+// than two per thread remain, so that no thread finds the queue empty while another holds work.
+template <class MakeState, class Prepare, class Body>
+void parallel_for_each_ahead(int threads, std::int64_t count, MakeState make_state, Prepare prepare,
+                             Body body) {
+  if (count <= 0) return;
+  const int workers = static_cast<int>(std::min<std::int64_t>(std::max(threads, 1), count));
+  std::atomic<std::int64_t> next{0};
+  const auto take_all = [&](int) {
+    auto state = make_state();
+    std::int64_t index = next.fetch_add(1);
+    while (index < count) {
+      std::int64_t following = count;
+      if (count - next.load(std::memory_order_relaxed) > 2 * std::int64_t{workers}) {
+        following = next.fetch_add(1);
+        if (following < count) prepare(state, following);
+      }
+      body(state, index);
+      index = following < count ? following : next.fetch_add(1);
+    }
+  };
+  if (workers == 1) {
+    take_all(0);
+  } else {
+    run_on_workers(workers, take_all);
+  }
+}
+
 // body(i) for every i in [0, count): a loop of many small, equal iterations. The indices go out
 // in about 16 runs per thread (not one at a time: a shared counter bumped per index by two
 // cores costs more than the index's own work).
