@@ -18,10 +18,10 @@
 //      every head), so that rows a few KiB ahead can be prefetched wherever their page is;
 //   2. keys are walked in blocks of one vector's width: each key row (j, hk) is loaded once and
 //      dotted with the R query rows of hk, four rows at a time (SIMD along D, then one horizontal
-//      sum per row); the block's scores get the masks and options and each row's online softmax
-//      (running max m, sum l) is updated; each value row is then loaded once for every four of
-//      the R accumulators of its head. With one key/value head the block's value rows are
-//      adjacent, and four rows' accumulators stay in registers while the whole block passes;
+//      sum per row), key by key across the heads (memory order); the block's scores get the masks
+//      and options and each row's online softmax (running max m, sum l) is updated; then, head
+//      by head, the block's value rows pass once for every four of the head's R accumulators,
+//      whose stretches stay in registers meanwhile (no load and store of an accumulator per key);
 //   3. the chunk's partial result O_c = acc / l, LSE_c = m + log l is stored.
 // A final pass merges the chunks of each row by their LSE (detail::merge_row).
 
@@ -102,47 +102,38 @@ HWY_INLINE void DotRows(const float* HWY_RESTRICT queries, const Stored* HWY_RES
   }
 }
 
-// accumulators[g · n + d] += weights[g] · value[d] for G rows: the value row is loaded (and
-// widened) once for all G rows.
-template <int G, class Stored>
-HWY_INLINE void AddScaledRows(const float* HWY_RESTRICT weights, const Stored* HWY_RESTRICT value,
-                              std::int64_t n, float* HWY_RESTRICT accumulators) {
-  const FloatTag d;
-  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  VectorArray<FloatTag, G> w;
-  for (int g = 0; g < G; ++g) w.Set(g, hn::Set(d, weights[g]));
-  std::int64_t e = 0;
-  for (; e + lanes <= n; e += lanes) {
-    const auto v = LoadWidened(d, value + e);
-    for (int g = 0; g < G; ++g) {
-      float* y = accumulators + g * n + e;
-      hn::StoreU(hn::MulAdd(w.Get(g), v, hn::LoadU(d, y)), d, y);
-    }
-  }
-  for (; e < n; ++e)
-    for (int g = 0; g < G; ++g) accumulators[g * n + e] += weights[g] * Widened(value[e]);
-}
-
 // accumulators[g · n + d] += Σ_t weights[g · weight_stride + t] · values[t][d] for G rows over
-// `count` value rows: each vector-wide stretch of every row's accumulator stays in a register
-// while the rows pass, and each value vector is loaded (and widened) once for all G rows.
+// `count` value rows: S vector-wide stretches of every row's accumulator stay in registers while
+// the rows pass (G·S independent chains of multiply-adds: S = 4 for one row, 2 for two), and
+// each value vector is loaded (and widened) once for all G rows.
 template <int G, class Stored>
 HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT weights, std::int64_t weight_stride,
                                const Stored* const* HWY_RESTRICT values, std::int64_t count,
                                std::int64_t n, float* HWY_RESTRICT accumulators) {
+  constexpr int S = G <= 2 ? 4 : 2;
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  std::int64_t e = 0;
-  for (; e + lanes <= n; e += lanes) {
-    VectorArray<FloatTag, G> sum;
-    for (int g = 0; g < G; ++g) sum.Set(g, hn::LoadU(d, accumulators + g * n + e));
+  const auto stretches = [&]<int kStretches>(std::int64_t e) {
+    VectorArray<FloatTag, G * kStretches> sum;
+    for (int g = 0; g < G; ++g)
+      for (int x = 0; x < kStretches; ++x)
+        sum.Set(g * kStretches + x, hn::LoadU(d, accumulators + g * n + e + x * lanes));
     for (std::int64_t t = 0; t < count; ++t) {
-      const auto v = LoadWidened(d, values[t] + e);
-      for (int g = 0; g < G; ++g)
-        sum.Set(g, hn::MulAdd(hn::Set(d, weights[g * weight_stride + t]), v, sum.Get(g)));
+      for (int x = 0; x < kStretches; ++x) {
+        const auto v = LoadWidened(d, values[t] + e + x * lanes);
+        for (int g = 0; g < G; ++g) {
+          sum.Set(g * kStretches + x, hn::MulAdd(hn::Set(d, weights[g * weight_stride + t]), v,
+                                                 sum.Get(g * kStretches + x)));
+        }
+      }
     }
-    for (int g = 0; g < G; ++g) hn::StoreU(sum.Get(g), d, accumulators + g * n + e);
-  }
+    for (int g = 0; g < G; ++g)
+      for (int x = 0; x < kStretches; ++x)
+        hn::StoreU(sum.Get(g * kStretches + x), d, accumulators + g * n + e + x * lanes);
+  };
+  std::int64_t e = 0;
+  for (; e + S * lanes <= n; e += S * lanes) stretches.template operator()<S>(e);
+  for (; e + lanes <= n; e += lanes) stretches.template operator()<1>(e);
   for (; e < n; ++e)
     for (int g = 0; g < G; ++g)
       for (std::int64_t t = 0; t < count; ++t)
@@ -151,7 +142,8 @@ HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT weights, std::int64_t w
 
 // K and V are read front to back, a few rows at a time with work in between; the hardware
 // prefetcher alone keeps too few lines in flight (and cannot know where a KV cache's next page
-// is), so the kernel asks for the lines of the rows it will read about kPrefetchBytes later.
+// is), so the kernel asks for the lines of the key rows it will read about kPrefetchBytes later,
+// and for the next block's value rows of each head as it starts that head's values.
 // It asks for them into L2 (locality 2: prefetcht1 on x86, PLDL2KEEP on ARM), not L1: a prefetch
 // into L1 holds one of the core's few L1 miss buffers until its line arrives, so the prefetches
 // themselves stalled the loop at a score of lines in flight; into L2 the core keeps several
@@ -166,7 +158,7 @@ HWY_INLINE void PrefetchRow(const Stored* row, std::int64_t length) {
 }
 
 // f(std::integral_constant<int, G>{}) for G = min(rows, 4): the row groups of DotRows and
-// AddScaledRows.
+// AccumulateRows.
 template <class F>
 HWY_INLINE void ForGroup(std::int64_t rows, const F& f) {
   if (rows >= 4) {
@@ -376,17 +368,16 @@ class DecodeKernel {
         hn::Store(weights, d, scores);
         s.row_sum[r] += hn::GetLane(hn::SumOfLanes(d, weights));
       }
-      // 2d. Value rows into their head's accumulators, in groups of up to four rows per read of
-      // the value (a key no row of the group weighs is not read: a hidden key's values may be
-      // anything). With one key/value head (MQA, DeepSeek's MLA) the block's value rows follow
-      // one another, and each group's accumulators stay in registers while the block passes.
-      if (p_.kv_heads == 1) {
-        for (std::int64_t t = 0; t < count; ++t) {
-          if (start + t + prefetch_keys_ < blocks_end)
-            PrefetchRow(row_of(start + t + prefetch_keys_).value, p_.v_dim);
-        }
-        for (std::int64_t r = 0; r < rows_; r += 4) {
-          const std::int64_t group_rows = std::min<std::int64_t>(4, rows_ - r);
+      // 2d. Value rows into their head's accumulators, head by head, in groups of up to four
+      // rows: each group's accumulators stay in registers while the block's value rows pass,
+      // each value row read once per group. A key no row of the group weighs is not read (a
+      // hidden key's values may be anything). The next block's value rows of the head are asked
+      // for on the way.
+      for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
+        for (std::int64_t t = 0; t < lanes_ && start + lanes_ + t < blocks_end; ++t)
+          PrefetchRow(row_of(start + lanes_ + t).value + hk * ValueHeadStride(), p_.v_dim);
+        for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
+          const std::int64_t group_rows = std::min<std::int64_t>(4, (hk + 1) * rows_ - r);
           std::int64_t used = 0;
           for (std::int64_t t = 0; t < count; ++t) {
             bool weighed = false;
@@ -394,44 +385,17 @@ class DecodeKernel {
               weighed |= s.scores[(r + i) * lanes_ + t] != 0.0f;
             if (!weighed) continue;
             const BlockRow& row = row_of(start + t);
-            const float value_scale = ValueScale(row, 0);
+            const float value_scale = ValueScale(row, hk);
             for (std::int64_t i = 0; i < group_rows; ++i)
               s.weights[static_cast<std::size_t>(i * lanes_ + used)] =
                   s.scores[(r + i) * lanes_ + t] * value_scale;
-            s.values[static_cast<std::size_t>(used++)] = row.value;
+            s.values[static_cast<std::size_t>(used++)] = row.value + hk * ValueHeadStride();
           }
           if (used == 0) continue;
           ForGroup(group_rows, [&](auto group) {
             AccumulateRows<decltype(group)::value>(s.weights.data(), lanes_, s.values.data(), used,
                                                    p_.v_dim, s.accumulator.data() + r * p_.v_dim);
           });
-        }
-        continue;
-      }
-      for (std::int64_t t = 0; t < count; ++t) {
-        const BlockRow& row = row_of(start + t);
-        const bool prefetch = start + t + prefetch_keys_ < blocks_end;
-        for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-          if (prefetch) {
-            PrefetchRow(row_of(start + t + prefetch_keys_).value + hk * ValueHeadStride(),
-                        p_.v_dim);
-          }
-          const Stored* value = row.value + hk * ValueHeadStride();
-          const float value_scale = ValueScale(row, hk);
-          for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
-            const std::int64_t group_rows = std::min<std::int64_t>(4, (hk + 1) * rows_ - r);
-            float weights[4] = {};
-            bool weighed = false;
-            for (std::int64_t i = 0; i < group_rows; ++i) {
-              weights[i] = s.scores[(r + i) * lanes_ + t] * value_scale;
-              weighed |= weights[i] != 0.0f;
-            }
-            if (!weighed) continue;
-            ForGroup(group_rows, [&](auto group) {
-              AddScaledRows<decltype(group)::value>(weights, value, p_.v_dim,
-                                                    s.accumulator.data() + r * p_.v_dim);
-            });
-          }
         }
       }
     }

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <pthread.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -27,6 +28,39 @@ TEST(Workers, EveryIndexExactlyOnce) {
       parallel_for(threads, count, [&](std::int64_t i) { seen[static_cast<std::size_t>(i)]++; });
       for (std::int64_t i = 0; i < count; ++i)
         EXPECT_EQ(seen[static_cast<std::size_t>(i)].load(), 1) << threads << " " << count;
+    }
+  }
+}
+
+// The look-ahead variant: every index's body runs exactly once; an index that was prepared was
+// prepared once, by the thread that then runs it, before it runs; and the last indices (one per
+// thread) are never held back, so small counts still reach every thread.
+TEST(Workers, LookAheadPreparesOnTheThreadThatRuns) {
+  for (const int threads : {1, 2, 3, 8}) {
+    for (const std::int64_t count : {0, 1, 2, 5, 17, 1000}) {
+      std::vector<std::atomic<int>> ran(static_cast<std::size_t>(count)),
+          prepared(static_cast<std::size_t>(count));
+      std::atomic<int> misplaced{0};
+      parallel_for_each_ahead(
+          threads, count, [] { return std::vector<std::int64_t>(); },
+          [&](std::vector<std::int64_t>& mine, std::int64_t i) {
+            prepared[static_cast<std::size_t>(i)]++;
+            mine.push_back(i);
+          },
+          [&](std::vector<std::int64_t>& mine, std::int64_t i) {
+            if (prepared[static_cast<std::size_t>(i)].load() > 0 &&
+                std::find(mine.begin(), mine.end(), i) == mine.end())
+              misplaced++;
+            ran[static_cast<std::size_t>(i)]++;
+          });
+      for (std::int64_t i = 0; i < count; ++i) {
+        EXPECT_EQ(ran[static_cast<std::size_t>(i)].load(), 1) << threads << " " << count;
+        EXPECT_LE(prepared[static_cast<std::size_t>(i)].load(), 1) << threads << " " << count;
+      }
+      EXPECT_EQ(misplaced.load(), 0) << threads << " " << count;
+      const std::int64_t workers = std::min<std::int64_t>(threads, count);
+      for (std::int64_t i = count - workers; i < count; ++i)
+        EXPECT_EQ(prepared[static_cast<std::size_t>(i)].load(), 0) << threads << " " << count;
     }
   }
 }
