@@ -3,8 +3,9 @@
 // Work items. One item is (batch b, key/value head hk, block of query positions). Its rows are
 // the query rows of every query head that reads hk (the GQA group) at those positions, head by
 // head, about kItemRows rows in all: the K/V tiles loaded for the item serve the whole group.
-// The workers (kernels/workers.hpp) take items one at a time (longest first); each thread keeps
-// its scratch between calls.
+// The workers (kernels/workers.hpp) take items one at a time (longest first), each thread
+// claiming its next item while it computes the current one, to prefetch that item's Q and O rows
+// (PrefetchItem); each thread keeps its scratch between calls.
 //
 // Once per call, for all items, K and V are packed into tiles of T = TVectors vectors of keys
 // (128 keys on AVX-512 and AVX2): Kᵀ as [D, T] (keys along the vector lanes), V as [T, Dv']
