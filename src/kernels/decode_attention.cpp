@@ -104,8 +104,9 @@ HWY_INLINE void DotRows(const float* HWY_RESTRICT queries, const Stored* HWY_RES
 
 // accumulators[g · n + d] += Σ_t weights[g · weight_stride + t] · values[t][d] for G rows over
 // `count` value rows: S vector-wide stretches of every row's accumulator stay in registers while
-// the rows pass (G·S independent chains of multiply-adds: S = 4 for one row, 2 for two), and
-// each value vector is loaded (and widened) once for all G rows.
+// the rows pass (G·S independent chains of multiply-adds, at most 8 accumulators and 4 value
+// vectors for 16 registers: S = 4 for one or two rows, 2 for three or four), and each value
+// vector is loaded (and widened) once for all G rows.
 template <int G, class Stored>
 HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT weights, std::int64_t weight_stride,
                                const Stored* const* HWY_RESTRICT values, std::int64_t count,
