@@ -31,24 +31,32 @@ inline constexpr int kSpinMicroseconds = 200;
 // helper ends the process, so tasks do their checking before work is shared out.
 void run_on_workers(int workers, const std::function<void(int worker)>& task);
 
+// Runs take(next, workers) on `workers` = min(threads, count) threads (on the calling thread
+// alone when that is one), every one taking indices of [0, count) from the shared counter `next`:
+// the skeleton of the two loops below.
+template <class Take>
+void share_indices(int threads, std::int64_t count, Take take) {
+  if (count <= 0) return;
+  const int workers = static_cast<int>(std::min<std::int64_t>(std::max(threads, 1), count));
+  std::atomic<std::int64_t> next{0};
+  const auto task = [&](int) { take(next, workers); };
+  if (workers == 1) {
+    task(0);
+  } else {
+    run_on_workers(workers, task);
+  }
+}
+
 // Calls body(state, i) for every i in [0, count), on up to `threads` threads, handing the indices
 // out one at a time (the longest items first is the caller's order to choose). Each thread that
 // takes part makes its own state with make_state() first (its scratch buffers). With one thread,
 // or one index, no worker is woken.
 template <class MakeState, class Body>
 void parallel_for_each(int threads, std::int64_t count, MakeState make_state, Body body) {
-  if (count <= 0) return;
-  const int workers = static_cast<int>(std::min<std::int64_t>(std::max(threads, 1), count));
-  std::atomic<std::int64_t> next{0};
-  const auto take_all = [&](int) {
+  share_indices(threads, count, [&](std::atomic<std::int64_t>& next, int) {
     auto state = make_state();
     for (std::int64_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) body(state, i);
-  };
-  if (workers == 1) {
-    take_all(0);
-  } else {
-    run_on_workers(workers, take_all);
-  }
+  });
 }
 
 // As parallel_for_each, and each thread claims the index it will take next before it works on
@@ -58,10 +66,7 @@ void parallel_for_each(int threads, std::int64_t count, MakeState make_state, Bo
 template <class MakeState, class Prepare, class Body>
 void parallel_for_each_ahead(int threads, std::int64_t count, MakeState make_state, Prepare prepare,
                              Body body) {
-  if (count <= 0) return;
-  const int workers = static_cast<int>(std::min<std::int64_t>(std::max(threads, 1), count));
-  std::atomic<std::int64_t> next{0};
-  const auto take_all = [&](int) {
+  share_indices(threads, count, [&](std::atomic<std::int64_t>& next, int workers) {
     auto state = make_state();
     std::int64_t index = next.fetch_add(1);
     while (index < count) {
@@ -73,12 +78,7 @@ void parallel_for_each_ahead(int threads, std::int64_t count, MakeState make_sta
       body(state, index);
       index = following < count ? following : next.fetch_add(1);
     }
-  };
-  if (workers == 1) {
-    take_all(0);
-  } else {
-    run_on_workers(workers, take_all);
-  }
+  });
 }
 
 // body(i) for every i in [0, count): a loop of many small, equal iterations. The indices go out
