@@ -16,12 +16,13 @@
 //   1. the query rows, times the scale, go to scratch; each row's visible range is found, and
 //      where each key row of the chunk lies (a KV cache's pages: a RowMap lookup per key, for
 //      every head), so that rows a few KiB ahead can be prefetched wherever their page is;
-//   2. keys are walked in blocks of one vector's width: each key row (j, hk) is loaded once and
-//      dotted with the R query rows of hk, four rows at a time (SIMD along D, then one horizontal
-//      sum per row), key by key across the heads (memory order); the block's scores get the masks
-//      and options and each row's online softmax (running max m, sum l) is updated; then, head
-//      by head, the block's value rows pass once for every four of the head's R accumulators,
-//      whose stretches stay in registers meanwhile (no load and store of an accumulator per key);
+//   2. keys are walked in blocks of one vector's width, four keys at a time across the heads:
+//      for each head hk the four key rows are dotted with hk's R query rows, up to four rows at a
+//      time (a register tile of rows × keys, SIMD along D, then one tree of horizontal sums for
+//      the whole tile); the block's scores get the masks and options and each row's online
+//      softmax (running max m, sum l) is updated; then, head by head, the block's value rows
+//      pass once for every four of the head's R accumulators, whose stretches stay in registers
+//      meanwhile (no load and store of an accumulator per key);
 //   3. the chunk's partial result O_c = acc / l, LSE_c = m + log l is stored.
 // A final pass merges the chunks of each row by their LSE (detail::merge_row).
 
@@ -40,6 +41,7 @@
 // clang-format on
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <span>
@@ -67,51 +69,112 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using FloatTag = hn::ScalableTag<float>;
 
-// out[g · out_stride] = factor · Σ_d queries[g · n + d] · key[d] for the G query rows of one
-// key: the key is loaded (and widened) once for all G rows.
-template <int G, class Stored>
-HWY_INLINE void DotRows(const float* HWY_RESTRICT queries, const Stored* HWY_RESTRICT key,
-                        std::int64_t n, float factor, float* HWY_RESTRICT out,
+// Vector registers of the target: AVX-512 has 32, AVX2 and SSE4 16 (NEON and SVE have 32 but
+// take the 16-register sizes: their speed cannot be measured here).
+constexpr int kVectorRegisters = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 32 : 16;
+
+#if HWY_TARGET != HWY_SCALAR  // (whose vectors have one lane: nothing to shuffle)
+// The tail of SumsOfLanes: each of the M vectors of v holds the partial sums of `inputs` input
+// vectors, lanes / inputs adjacent lanes each, in input order. Adding the even lanes of a pair of
+// vectors to their odd lanes (ConcatEven + ConcatOdd) halves every input's lanes and the number
+// of vectors; once one vector is left, it is added to itself that way until each input has one
+// lane. sums[i] = the sum of input i.
+template <int M, class D>
+HWY_INLINE void FinishSums(D d, const VectorArray<D, M>& v, std::size_t inputs,
+                           float* HWY_RESTRICT sums) {
+  const std::size_t lanes = hn::Lanes(d);
+  if (inputs == lanes) {  // one lane per input: done (more inputs than lanes: M vectors of them)
+    for (int i = 0; i < M; ++i) hn::StoreU(v.Get(i), d, sums + static_cast<std::size_t>(i) * lanes);
+    return;
+  }
+  if constexpr (M > 1) {
+    VectorArray<D, M / 2> halved;
+    for (int i = 0; i < M / 2; ++i) {
+      const auto low = v.Get(2 * i), high = v.Get(2 * i + 1);
+      halved.Set(i, hn::Add(hn::ConcatEven(d, high, low), hn::ConcatOdd(d, high, low)));
+    }
+    FinishSums<M / 2>(d, halved, 2 * inputs, sums);
+  } else {
+    auto x = v.Get(0);
+    for (std::size_t width = lanes / inputs; width > 1; width /= 2)
+      x = hn::Add(hn::ConcatEven(d, x, x), hn::ConcatOdd(d, x, x));
+    HWY_ALIGN float all[hn::MaxLanes(D())];
+    hn::Store(x, d, all);
+    for (std::size_t i = 0; i < inputs; ++i) sums[i] = all[i];
+  }
+}
+#endif
+
+// sums[i] = the sum of the lanes of v[i], for N (a power of two) vectors at once: a tree of
+// pairwise additions across the vectors, N·(1 − 1/lanes) additions and twice as many two-vector
+// shuffles instead of N separate horizontal sums (each a chain of log2(lanes) shuffles and
+// additions, which was a third of the decode's key pass).
+template <int N, class D>
+HWY_INLINE void SumsOfLanes(D d, const VectorArray<D, N>& v, float* HWY_RESTRICT sums) {
+#if HWY_TARGET == HWY_SCALAR
+  (void)d;
+  for (int i = 0; i < N; ++i) sums[i] = hn::GetLane(v.Get(i));
+#else
+  FinishSums<N>(d, v, 1, sums);
+#endif
+}
+
+// Keys per tile of the key pass for G query rows: G·K accumulators, K key vectors and a query
+// vector must fit the registers (AVX-512, 4 rows: 16 + 4 + 1 of 32; AVX2, 4 rows: 8 + 2 + 1 of 16).
+template <int G>
+constexpr int kTileKeys = G * 4 <= kVectorRegisters / 2 ? 4 : 2;
+
+// out[g · out_stride + k] = factors[k] · Σ_d queries[g · n + d] · keys[k][d] for the G query
+// rows and K keys of one key/value head: each query vector is loaded once for K keys and each key
+// vector (widened) once for G rows, G·K independent chains of multiply-adds, and the G·K sums
+// are reduced together (SumsOfLanes).
+template <int G, int K, class Stored>
+HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* HWY_RESTRICT keys,
+                        std::int64_t n, const float* HWY_RESTRICT factors, float* HWY_RESTRICT out,
                         std::int64_t out_stride) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  // Two sums per row, over alternate vectors: half the dependent chain of multiply-adds.
-  VectorArray<FloatTag, G> sum, other;
-  for (int g = 0; g < G; ++g) {
-    sum.Set(g, hn::Zero(d));
-    other.Set(g, hn::Zero(d));
-  }
+  VectorArray<FloatTag, G * K> sum;
+  for (int i = 0; i < G * K; ++i) sum.Set(i, hn::Zero(d));
   std::int64_t e = 0;
-  for (; e + 2 * lanes <= n; e += 2 * lanes) {
-    const auto k = LoadWidened(d, key + e), next = LoadWidened(d, key + e + lanes);
+  for (; e + lanes <= n; e += lanes) {
+    VectorArray<FloatTag, K> key;
+    for (int k = 0; k < K; ++k) key.Set(k, LoadWidened(d, keys[k] + e));
     for (int g = 0; g < G; ++g) {
-      sum.Set(g, hn::MulAdd(hn::LoadU(d, queries + g * n + e), k, sum.Get(g)));
-      other.Set(g, hn::MulAdd(hn::LoadU(d, queries + g * n + e + lanes), next, other.Get(g)));
+      const auto q = hn::LoadU(d, queries + g * n + e);
+      for (int k = 0; k < K; ++k) sum.Set(g * K + k, hn::MulAdd(q, key.Get(k), sum.Get(g * K + k)));
     }
   }
-  for (; e + lanes <= n; e += lanes) {
-    const auto k = LoadWidened(d, key + e);
-    for (int g = 0; g < G; ++g)
-      sum.Set(g, hn::MulAdd(hn::LoadU(d, queries + g * n + e), k, sum.Get(g)));
+  constexpr int kPadded = static_cast<int>(std::bit_ceil(static_cast<unsigned>(G * K)));
+  float sums[kPadded];
+  if constexpr (kPadded == G * K) {
+    SumsOfLanes<G * K>(d, sum, sums);
+  } else {  // three rows: SumsOfLanes takes a power of two (the padding's sums are zero)
+    VectorArray<FloatTag, kPadded> padded;
+    for (int i = 0; i < kPadded; ++i) padded.Set(i, i < G * K ? sum.Get(i) : hn::Zero(d));
+    SumsOfLanes<kPadded>(d, padded, sums);
   }
   for (int g = 0; g < G; ++g) {
-    float total = hn::GetLane(hn::SumOfLanes(d, hn::Add(sum.Get(g), other.Get(g))));
-    for (std::int64_t tail = e; tail < n; ++tail)
-      total += queries[g * n + tail] * Widened(key[tail]);
-    out[g * out_stride] = factor * total;
+    for (int k = 0; k < K; ++k) {
+      float total = sums[g * K + k];
+      for (std::int64_t tail = e; tail < n; ++tail)
+        total += queries[g * n + tail] * Widened(keys[k][tail]);
+      out[g * out_stride + k] = factors[k] * total;
+    }
   }
 }
 
 // accumulators[g · n + d] += Σ_t weights[g · weight_stride + t] · values[t][d] for G rows over
 // `count` value rows: S vector-wide stretches of every row's accumulator stay in registers while
-// the rows pass (G·S independent chains of multiply-adds, at most 8 accumulators and 4 value
-// vectors for 16 registers: S = 4 for one or two rows, 2 for three or four), and each value
-// vector is loaded (and widened) once for all G rows.
+// the rows pass (G·S independent chains of multiply-adds; accumulators in at most half the
+// registers, with the value vectors and the G weights beside them: with 16 registers S = 4 for
+// one or two rows and 2 for three or four, with 32 twice that), and each value vector is loaded
+// (and widened) once for all G rows.
 template <int G, class Stored>
 HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT weights, std::int64_t weight_stride,
                                const Stored* const* HWY_RESTRICT values, std::int64_t count,
                                std::int64_t n, float* HWY_RESTRICT accumulators) {
-  constexpr int S = G <= 2 ? 4 : 2;
+  constexpr int S = kVectorRegisters / (G <= 2 ? 4 : 8);
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   const auto stretches = [&]<int kStretches>(std::int64_t e) {
@@ -158,7 +221,7 @@ HWY_INLINE void PrefetchRow(const Stored* row, std::int64_t length) {
     __builtin_prefetch(first + byte, /*write=*/0, /*locality=*/2);
 }
 
-// f(std::integral_constant<int, G>{}) for G = min(rows, 4): the row groups of DotRows and
+// f(std::integral_constant<int, G>{}) for G = min(rows, 4): the row groups of DotTile and
 // AccumulateRows.
 template <class F>
 HWY_INLINE void ForGroup(std::int64_t rows, const F& f) {
@@ -323,23 +386,37 @@ class DecodeKernel {
     };
     for (std::int64_t start = first_block; start < seen_last; start += lanes_) {
       const std::int64_t count = std::min(lanes_, chunk_last - start);
-      // 2a. Scores: key rows in memory order (key, head), each against its head's query rows, in
-      // groups of up to four rows per read of the key.
-      for (std::int64_t t = 0; t < count; ++t) {
-        const BlockRow& row = row_of(start + t);
-        const bool prefetch = start + t + prefetch_keys_ < blocks_end;
+      // 2a. Scores: four keys at a time (one at a time at a block's ragged end), head by head,
+      // each head's query rows in groups of up to four against the keys (DotTile).
+      for (std::int64_t t = 0; t < count;) {
+        const std::int64_t keys = count - t >= 4 ? 4 : 1;
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-          if (prefetch)
-            PrefetchRow(row_of(start + t + prefetch_keys_).key + hk * KeyHeadStride(), dim);
-          const Stored* key = row.key + hk * KeyHeadStride();
-          const float key_scale = KeyScale(row, hk);
+          const Stored* key_rows[4];
+          float key_scales[4];
+          for (std::int64_t k = 0; k < keys; ++k) {
+            const BlockRow& row = row_of(start + t + k);
+            key_rows[k] = row.key + hk * KeyHeadStride();
+            key_scales[k] = KeyScale(row, hk);
+            if (start + t + k + prefetch_keys_ < blocks_end)
+              PrefetchRow(row_of(start + t + k + prefetch_keys_).key + hk * KeyHeadStride(), dim);
+          }
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
             ForGroup((hk + 1) * rows_ - r, [&](auto group) {
-              DotRows<decltype(group)::value>(s.queries.data() + r * dim, key, dim, key_scale,
-                                              s.scores.get() + r * lanes_ + t, lanes_);
+              constexpr int G = decltype(group)::value;
+              const float* queries = s.queries.data() + r * dim;
+              float* scores = s.scores.get() + r * lanes_ + t;
+              if (keys == 1) {
+                DotTile<G, 1>(queries, key_rows, dim, key_scales, scores, lanes_);
+              } else if constexpr (kTileKeys<G> == 4) {
+                DotTile<G, 4>(queries, key_rows, dim, key_scales, scores, lanes_);
+              } else {
+                DotTile<G, 2>(queries, key_rows, dim, key_scales, scores, lanes_);
+                DotTile<G, 2>(queries, key_rows + 2, dim, key_scales + 2, scores + 2, lanes_);
+              }
             });
           }
         }
+        t += keys;
       }
       // 2b. Masks and options; 2c. online softmax, P in place of S.
       for (std::int64_t r = 0; r < item_rows_; ++r) {
