@@ -7,6 +7,10 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <array>
+#include <bit>
+
 namespace qkv::kernels {
 
 bool cpu_has_avx512_bf16() {
@@ -91,6 +95,150 @@ void accumulate_rows(int vectors, const std::uint32_t* p_pairs, std::int64_t p_s
   }
 }
 
+// The lanes of 16 sums (SumsOfLanes in the decode kernel, here on 16-lane vectors): each of the M
+// vectors of v holds `inputs` inputs' partial sums, 16 / inputs adjacent lanes each, in input
+// order; adding the even lanes of a pair of vectors to their odd lanes halves both.
+// sums[i] = the sum of input i.
+template <int M>
+void finish_sums(const __m512* v, int inputs, float* sums) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  if constexpr (M > 1) {
+    __m512 halved[M / 2];
+    for (int i = 0; i < M / 2; ++i) {
+      halved[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], even, v[2 * i + 1]),
+                                _mm512_permutex2var_ps(v[2 * i], odd, v[2 * i + 1]));
+    }
+    finish_sums<M / 2>(halved, 2 * inputs, sums);
+  } else {
+    __m512 x = v[0];
+    for (int width = 16 / inputs; width > 1; width /= 2)
+      x = _mm512_add_ps(_mm512_permutex2var_ps(x, even, x), _mm512_permutex2var_ps(x, odd, x));
+    // A whole store (a masked store's data cannot be forwarded to the loads that follow).
+    alignas(64) float all[16];
+    _mm512_store_ps(all, x);
+    for (int i = 0; i < inputs; ++i) sums[i] = all[i];
+  }
+}
+
+// The 32 bfloat16 elements of `row` from e on, those at or past n zero.
+inline __m512i load_bf16(const std::uint16_t* row, std::int64_t e, std::int64_t n) {
+  if (n - e >= 32) return _mm512_loadu_si512(row + e);
+  const auto mask = static_cast<__mmask32>((std::uint64_t{1} << (n - e)) - 1);
+  return _mm512_maskz_loadu_epi16(mask, row + e);
+}
+
+template <int kRows, int kKeys>
+void decode_scores(const std::uint16_t* queries, std::int64_t query_stride,
+                   const std::uint16_t* const* keys, std::int64_t n, float scale, float* scores,
+                   std::int64_t score_stride) {
+  // One sum per (row, key), padded with zero sums to a power of two for finish_sums.
+  constexpr int kSums = static_cast<int>(std::bit_ceil(static_cast<unsigned>(kRows * kKeys)));
+  __m512 acc[kSums];
+  for (int i = 0; i < kSums; ++i) acc[i] = _mm512_setzero_ps();
+  for (std::int64_t e = 0; e < n; e += 32) {
+    __m512bh key[kKeys];
+    for (int k = 0; k < kKeys; ++k) key[k] = (__m512bh)load_bf16(keys[k], e, n);
+    for (int g = 0; g < kRows; ++g) {
+      const auto query = (__m512bh)load_bf16(queries + g * query_stride, e, n);
+      for (int k = 0; k < kKeys; ++k)
+        acc[g * kKeys + k] = _mm512_dpbf16_ps(acc[g * kKeys + k], query, key[k]);
+    }
+  }
+  float sums[kSums];
+  finish_sums<kSums>(acc, 1, sums);
+  for (int g = 0; g < kRows; ++g)
+    for (int k = 0; k < kKeys; ++k) scores[g * score_stride + k] = scale * sums[g * kKeys + k];
+}
+
+template <int kRows>
+void decode_scores_rows(const std::uint16_t* queries, std::int64_t query_stride,
+                        const std::uint16_t* const* keys, int key_count, std::int64_t n,
+                        float scale, float* scores, std::int64_t score_stride) {
+  switch (key_count) {
+    case 4:
+      return decode_scores<kRows, 4>(queries, query_stride, keys, n, scale, scores, score_stride);
+    case 3:
+      return decode_scores<kRows, 3>(queries, query_stride, keys, n, scale, scores, score_stride);
+    case 2:
+      return decode_scores<kRows, 2>(queries, query_stride, keys, n, scale, scores, score_stride);
+    default:
+      return decode_scores<kRows, 1>(queries, query_stride, keys, n, scale, scores, score_stride);
+  }
+}
+
+// kBlocks blocks of 32 elements of every row's accumulator stay in registers (2 vectors each)
+// while the value rows pass two at a time: their elements interleaved into pairs (row t, row
+// t + 1), multiplied by the rows' weight pair (t, t + 1).
+template <int kRows, int kBlocks>
+void decode_accumulate_blocks(const std::uint32_t* weight_pairs, const std::uint16_t* const* values,
+                              int count, std::int64_t d, std::int64_t n, float* acc,
+                              std::int64_t acc_stride) {
+  // Word l of a pair vector: (a[l], b[l]) for the low half of a and b, (a[16 + l], b[16 + l]) for
+  // the high half (index bit 5 picks b).
+  alignas(64) static constexpr auto kIndices = [] {
+    std::array<std::uint16_t, 64> indices{};  // low's 32, then high's
+    for (int l = 0; l < 16; ++l) {
+      indices[2 * l] = static_cast<std::uint16_t>(l);
+      indices[2 * l + 1] = static_cast<std::uint16_t>(32 + l);
+      indices[32 + 2 * l] = static_cast<std::uint16_t>(16 + l);
+      indices[32 + 2 * l + 1] = static_cast<std::uint16_t>(48 + l);
+    }
+    return indices;
+  }();
+  const __m512i low = _mm512_load_si512(kIndices.data());
+  const __m512i high = _mm512_load_si512(kIndices.data() + 32);
+  __mmask16 masks[2 * kBlocks];
+  for (int c = 0; c < 2 * kBlocks; ++c) {
+    const std::int64_t left = std::max<std::int64_t>(0, std::min<std::int64_t>(16, n - d - 16 * c));
+    masks[c] = static_cast<__mmask16>((1u << left) - 1);
+  }
+  __m512 sum[kRows][2 * kBlocks];
+  for (int g = 0; g < kRows; ++g)
+    for (int c = 0; c < 2 * kBlocks; ++c)
+      sum[g][c] = _mm512_maskz_loadu_ps(masks[c], acc + g * acc_stride + d + 16 * c);
+  for (int t = 0; t < count; t += 2) {
+    for (int b = 0; b < kBlocks; ++b) {
+      const std::int64_t e = d + 32 * b;
+      const __m512i first = load_bf16(values[t], e, n);
+      const __m512i second =
+          t + 1 < count ? load_bf16(values[t + 1], e, n) : _mm512_setzero_si512();
+      const auto pairs_low = (__m512bh)_mm512_permutex2var_epi16(first, low, second);
+      const auto pairs_high = (__m512bh)_mm512_permutex2var_epi16(first, high, second);
+      for (int g = 0; g < kRows; ++g) {
+        const auto weight =
+            (__m512bh)_mm512_set1_epi32(static_cast<int>(weight_pairs[g * 8 + t / 2]));
+        sum[g][2 * b] = _mm512_dpbf16_ps(sum[g][2 * b], weight, pairs_low);
+        sum[g][2 * b + 1] = _mm512_dpbf16_ps(sum[g][2 * b + 1], weight, pairs_high);
+      }
+    }
+  }
+  for (int g = 0; g < kRows; ++g)
+    for (int c = 0; c < 2 * kBlocks; ++c)
+      _mm512_mask_storeu_ps(acc + g * acc_stride + d + 16 * c, masks[c], sum[g][c]);
+}
+
+template <int kRows>
+void decode_accumulate(const float* weights, std::int64_t weight_stride,
+                       const std::uint16_t* const* values, int count, std::int64_t n, float* acc,
+                       std::int64_t acc_stride) {
+  // The weights as bfloat16 pairs (t, t + 1), 8 pairs per row; a missing 16th weight is zero.
+  alignas(64) std::uint32_t weight_pairs[kRows * 8];
+  const auto used = static_cast<__mmask16>((1u << count) - 1);
+  for (int g = 0; g < kRows; ++g) {
+    const __m256bh rounded =
+        _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(used, weights + g * weight_stride));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(weight_pairs + g * 8), (__m256i)rounded);
+  }
+  // Accumulators in at most 16 registers: 4 blocks of 32 elements for one or two rows, 2 for
+  // three or four.
+  constexpr int kBlocks = kRows <= 2 ? 4 : 2;
+  std::int64_t d = 0;
+  for (; d + 32 * kBlocks <= n; d += 32 * kBlocks)
+    decode_accumulate_blocks<kRows, kBlocks>(weight_pairs, values, count, d, n, acc, acc_stride);
+  for (; d < n; d += 32)
+    decode_accumulate_blocks<kRows, 1>(weight_pairs, values, count, d, n, acc, acc_stride);
+}
 }  // namespace
 
 void bf16_score_tile(int rows, const std::uint32_t* q_pairs, std::int64_t q_stride,
@@ -145,6 +293,40 @@ void bf16_accumulate_tile(int rows, int vectors, const std::uint32_t* p_pairs,
   }
 }
 
+void bf16_decode_scores(int rows, const std::uint16_t* queries, std::int64_t query_stride,
+                        const std::uint16_t* const* keys, int key_count, std::int64_t n,
+                        float scale, float* scores, std::int64_t score_stride) {
+  switch (rows) {
+    case 4:
+      return decode_scores_rows<4>(queries, query_stride, keys, key_count, n, scale, scores,
+                                   score_stride);
+    case 3:
+      return decode_scores_rows<3>(queries, query_stride, keys, key_count, n, scale, scores,
+                                   score_stride);
+    case 2:
+      return decode_scores_rows<2>(queries, query_stride, keys, key_count, n, scale, scores,
+                                   score_stride);
+    default:
+      return decode_scores_rows<1>(queries, query_stride, keys, key_count, n, scale, scores,
+                                   score_stride);
+  }
+}
+
+void bf16_decode_accumulate(int rows, const float* weights, std::int64_t weight_stride,
+                            const std::uint16_t* const* values, int count, std::int64_t n,
+                            float* acc, std::int64_t acc_stride) {
+  switch (rows) {
+    case 4:
+      return decode_accumulate<4>(weights, weight_stride, values, count, n, acc, acc_stride);
+    case 3:
+      return decode_accumulate<3>(weights, weight_stride, values, count, n, acc, acc_stride);
+    case 2:
+      return decode_accumulate<2>(weights, weight_stride, values, count, n, acc, acc_stride);
+    default:
+      return decode_accumulate<1>(weights, weight_stride, values, count, n, acc, acc_stride);
+  }
+}
+
 }  // namespace qkv::kernels
 
 #else  // no AVX-512 on this architecture
@@ -170,6 +352,16 @@ void bf16_pair_rows(int, const float*, std::int64_t, std::int64_t, std::uint32_t
 
 void bf16_accumulate_tile(int, int, const std::uint32_t*, std::int64_t, const std::uint32_t*,
                           std::int64_t, std::int64_t, const float*, float*, std::int64_t) {
+  std::abort();
+}
+
+void bf16_decode_scores(int, const std::uint16_t*, std::int64_t, const std::uint16_t* const*, int,
+                        std::int64_t, float, float*, std::int64_t) {
+  std::abort();
+}
+
+void bf16_decode_accumulate(int, const float*, std::int64_t, const std::uint16_t* const*, int,
+                            std::int64_t, float*, std::int64_t) {
   std::abort();
 }
 

@@ -42,4 +42,20 @@ void bf16_accumulate_tile(int rows, int vectors, const std::uint32_t* p_pairs,
                           std::int64_t value_stride, std::int64_t pair_count,
                           const float* correction, float* acc, std::int64_t acc_stride);
 
+// The split-KV decode's two products (kernels/decode_attention.cpp), which read K and V in place:
+//
+// scores[g · score_stride + k] = scale · Σ_e queries[g · query_stride + e] · keys[k][e] for
+// g < rows (1 … 4), k < key_count (1 … 4), e < n: bfloat16 query and key rows, unit stride. Each
+// product of two bfloat16 values is exact in float32; the sums are float32.
+void bf16_decode_scores(int rows, const std::uint16_t* queries, std::int64_t query_stride,
+                        const std::uint16_t* const* keys, int key_count, std::int64_t n,
+                        float scale, float* scores, std::int64_t score_stride);
+
+// acc[g · acc_stride + d] += Σ_t bf16(weights[g · weight_stride + t]) · values[t][d] for
+// g < rows (1 … 4), t < count (at most 16), d < n: the weights rounded to bfloat16 (to nearest
+// even, as the fused kernel rounds P for its products), bfloat16 value rows of unit stride.
+void bf16_decode_accumulate(int rows, const float* weights, std::int64_t weight_stride,
+                            const std::uint16_t* const* values, int count, std::int64_t n,
+                            float* acc, std::int64_t acc_stride);
+
 }  // namespace qkv::kernels

@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "core/merge.hpp"
+#include "kernels/bf16_microkernels.hpp"
 #include "kernels/decode_attention.hpp"
 #include "kernels/fused_attention.hpp"
 #include "kernels/score_operands.hpp"
@@ -309,7 +310,8 @@ class DecodeKernel {
 
   struct Scratch {
     explicit Scratch(const DecodeKernel& k)
-        : queries(static_cast<std::size_t>(k.item_rows_ * k.o_.score_dim)),
+        : queries(static_cast<std::size_t>(k.products_ ? 0 : k.item_rows_ * k.o_.score_dim)),
+          queries16(static_cast<std::size_t>(k.products_ ? k.item_rows_ * k.o_.score_dim : 0)),
           scores(hwy::AllocateAligned<float>(
               static_cast<std::size_t>(std::max<std::int64_t>(1, k.item_rows_ * k.lanes_)))),
           accumulator(static_cast<std::size_t>(k.item_rows_ * k.p_.v_dim)),
@@ -318,8 +320,10 @@ class DecodeKernel {
           first(static_cast<std::size_t>(k.item_rows_)),
           last(static_cast<std::size_t>(k.item_rows_)),
           weights(static_cast<std::size_t>(4 * k.lanes_)),
-          values(static_cast<std::size_t>(k.lanes_)) {}
-    std::vector<float> queries;                 // [rows, D], times the scale
+          values(static_cast<std::size_t>(k.lanes_)),
+          head_values(static_cast<std::size_t>(k.lanes_)) {}
+    std::vector<float> queries;                 // [rows, D], times the scale …
+    std::vector<std::uint16_t> queries16;       // … or bfloat16 as they came, for the products
     hwy::AlignedFreeUniquePtr<float[]> scores;  // [rows, lanes]: one block
     std::vector<float> accumulator;             // [rows, Dv]
     std::vector<float> row_max, row_sum;
@@ -327,6 +331,7 @@ class DecodeKernel {
     std::vector<BlockRow> rows;             // the keys of the chunk's blocks
     std::vector<float> weights;         // [4, lanes]: a row group's weights of the keys used …
     std::vector<const Stored*> values;  // … and their value rows
+    std::vector<const Stored*> head_values;  // a head's value rows of the whole block
   };
 
   // rows[j − first] = where key j of sequence b lies, for j in [first, last).
@@ -354,9 +359,14 @@ class DecodeKernel {
     // 1. Query rows and ranges, clipped to the chunk.
     for (std::int64_t r = 0; r < item_rows_; ++r) {
       const std::int64_t i = PositionOf(r);
-      const float* q = o_.q.row(b, i, HeadOf(r));
-      for (std::int64_t e = 0; e < dim; ++e)
-        s.queries[static_cast<std::size_t>(r * dim + e)] = scale * q[e];
+      if (products_) {
+        const std::uint16_t* q = o_.q16.row(b, i, HeadOf(r));
+        std::copy(q, q + dim, s.queries16.begin() + r * dim);
+      } else {
+        const float* q = o_.q.row(b, i, HeadOf(r));
+        for (std::int64_t e = 0; e < dim; ++e)
+          s.queries[static_cast<std::size_t>(r * dim + e)] = scale * q[e];
+      }
       const detail::KeyInterval keys = detail::visible_keys_within(
           p_, b, HeadOf(r), i, detail::visible_keys(p_, b, HeadOf(r), i), chunk_first, chunk_last);
       s.first[r] = keys.first;
@@ -401,6 +411,15 @@ class DecodeKernel {
               PrefetchRow(row_of(start + t + k + prefetch_keys_).key + hk * KeyHeadStride(), dim);
           }
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
+            if constexpr (std::is_same_v<Stored, std::uint16_t>) {
+              if (products_) {
+                bf16_decode_scores(
+                    static_cast<int>(std::min<std::int64_t>(4, (hk + 1) * rows_ - r)),
+                    s.queries16.data() + r * dim, dim, key_rows, static_cast<int>(keys), dim, scale,
+                    s.scores.get() + r * lanes_ + t, lanes_);
+                continue;
+              }
+            }
             ForGroup((hk + 1) * rows_ - r, [&](auto group) {
               constexpr int G = decltype(group)::value;
               const float* queries = s.queries.data() + r * dim;
@@ -454,25 +473,51 @@ class DecodeKernel {
       for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
         for (std::int64_t t = 0; t < lanes_ && start + lanes_ + t < blocks_end; ++t)
           PrefetchRow(row_of(start + lanes_ + t).value + hk * ValueHeadStride(), p_.v_dim);
+        bool head_values_found = false;
         for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
           const std::int64_t group_rows = std::min<std::int64_t>(4, (hk + 1) * rows_ - r);
+          // Usually the group weighs every key of a whole block: then its weights are the
+          // scores as they lie, and the value rows are the head's (found once per head).
+          const float* weights = s.weights.data();
+          const Stored* const* values = s.values.data();
           std::int64_t used = 0;
-          for (std::int64_t t = 0; t < count; ++t) {
-            bool weighed = false;
-            for (std::int64_t i = 0; i < group_rows; ++i)
-              weighed |= s.scores[(r + i) * lanes_ + t] != 0.0f;
-            if (!weighed) continue;
-            const BlockRow& row = row_of(start + t);
-            const float value_scale = ValueScale(row, hk);
-            for (std::int64_t i = 0; i < group_rows; ++i)
-              s.weights[static_cast<std::size_t>(i * lanes_ + used)] =
-                  s.scores[(r + i) * lanes_ + t] * value_scale;
-            s.values[static_cast<std::size_t>(used++)] = row.value + hk * ValueHeadStride();
+          if (!kInt8 && count == lanes_ &&
+              WeighsEveryKey(s.scores.get() + r * lanes_, group_rows)) {
+            if (!head_values_found) {
+              for (std::int64_t t = 0; t < count; ++t)
+                s.head_values[static_cast<std::size_t>(t)] =
+                    row_of(start + t).value + hk * ValueHeadStride();
+              head_values_found = true;
+            }
+            weights = s.scores.get() + r * lanes_;
+            values = s.head_values.data();
+            used = count;
+          } else {  // the keys some row of the group weighs, and their weights
+            for (std::int64_t t = 0; t < count; ++t) {
+              bool weighed = false;
+              for (std::int64_t i = 0; i < group_rows; ++i)
+                weighed |= s.scores[(r + i) * lanes_ + t] != 0.0f;
+              if (!weighed) continue;
+              const BlockRow& row = row_of(start + t);
+              const float value_scale = ValueScale(row, hk);
+              for (std::int64_t i = 0; i < group_rows; ++i)
+                s.weights[static_cast<std::size_t>(i * lanes_ + used)] =
+                    s.scores[(r + i) * lanes_ + t] * value_scale;
+              s.values[static_cast<std::size_t>(used++)] = row.value + hk * ValueHeadStride();
+            }
           }
           if (used == 0) continue;
+          if constexpr (std::is_same_v<Stored, std::uint16_t>) {
+            if (products_) {
+              bf16_decode_accumulate(static_cast<int>(group_rows), weights, lanes_, values,
+                                     static_cast<int>(used), p_.v_dim,
+                                     s.accumulator.data() + r * p_.v_dim, p_.v_dim);
+              continue;
+            }
+          }
           ForGroup(group_rows, [&](auto group) {
-            AccumulateRows<decltype(group)::value>(s.weights.data(), lanes_, s.values.data(), used,
-                                                   p_.v_dim, s.accumulator.data() + r * p_.v_dim);
+            AccumulateRows<decltype(group)::value>(weights, lanes_, values, used, p_.v_dim,
+                                                   s.accumulator.data() + r * p_.v_dim);
           });
         }
       }
@@ -488,6 +533,15 @@ class DecodeKernel {
       lse[r] = empty ? -std::numeric_limits<double>::infinity()
                      : static_cast<double>(s.row_max[r]) + std::log(double{s.row_sum[r]});
     }
+  }
+
+  // Whether some of the `rows` rows of weights (lanes_ apart) weighs each key of the block.
+  bool WeighsEveryKey(const float* weights, std::int64_t rows) const {
+    const FloatTag d;
+    auto weighed = hn::Ne(hn::Load(d, weights), hn::Zero(d));
+    for (std::int64_t i = 1; i < rows; ++i)
+      weighed = hn::Or(weighed, hn::Ne(hn::Load(d, weights + i * lanes_), hn::Zero(d)));
+    return hn::AllTrue(d, weighed);
   }
 
   // The operands of this Stored type: float32 (k, v), int8 (k8, v8, with scales) or 16-bit.
@@ -534,9 +588,13 @@ class DecodeKernel {
   const std::int64_t rows_;       // query rows per key/value head: Nq · group
   const std::int64_t item_rows_;  // query rows of an item: all key heads, Hk · Nq · group
   const std::int64_t chunks_;     // key chunks per batch
-  // Keys ahead whose rows are prefetched: about kPrefetchBytes of K (or V) ahead.
+  // Both products on vdpbf16ps (FusedOperands::bf16_products): bfloat16 queries as they came
+  // (q16), the weights rounded to bfloat16.
+  const bool products_ = o_.bf16_products;
+  // Keys ahead whose rows are prefetched: about kPrefetchBytes of K (or V) ahead, and at least
+  // two of the key pass's tiles of four keys (with one key ahead, S4 in 16 bits was ~10% slower).
   const std::int64_t prefetch_keys_ = std::max<std::int64_t>(
-      1, kPrefetchBytes /
+      8, kPrefetchBytes /
              std::max<std::int64_t>(
                  1, p_.kv_heads* o_.score_dim* static_cast<std::int64_t>(sizeof(Stored))));
 };
@@ -546,7 +604,7 @@ void DecodeForward(const FusedOperands& operands) {
     DecodeKernel<std::int8_t>(operands).Run();
   } else if (operands.bf16_keys_and_values && operands.half == DType::float16) {
     DecodeKernel<hwy::float16_t>(operands).Run();
-  } else if (operands.bf16_keys_and_values) {
+  } else if (operands.bf16_keys_and_values || operands.bf16_products) {
     DecodeKernel<std::uint16_t>(operands).Run();
   } else {
     DecodeKernel<float>(operands).Run();
@@ -571,7 +629,8 @@ bool decode_attention_supports(const AttentionProblem& p) {
 }
 
 void decode_attention(const AttentionProblem& p) {
-  const FusedOperands operands = prepare_fused_operands(p, Bfloat16Operands::keys_and_values);
+  const FusedOperands operands =
+      prepare_fused_operands(p, Bfloat16Operands::products_or_keys_and_values);
   apply_simd_environment();
   HWY_DYNAMIC_DISPATCH(DecodeForward)(operands);
 }

@@ -989,7 +989,9 @@ FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands
     adopt_int8(operands.v8, operands.v_scale, p.v);
     return operands;
   }
-  if (bf16 == Bfloat16Operands::products && p.dtype == DType::bfloat16 && score.query.identity() &&
+  const bool products_wanted =
+      bf16 == Bfloat16Operands::products || bf16 == Bfloat16Operands::products_or_keys_and_values;
+  if (products_wanted && p.dtype == DType::bfloat16 && score.query.identity() &&
       keys_as_they_are(score) && HWY_DYNAMIC_DISPATCH(TargetRunsBf16Tiles)()) {
     operands.bf16_products = true;
     operands.score_dim = p.k_dim;

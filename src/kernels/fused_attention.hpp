@@ -52,8 +52,9 @@ struct FusedOperands {
 // where the CPU and score allow (q16, k16, v16, bf16_products), else kept as far as the score
 // compares them as they are and converted by the fused kernel as it packs its tiles (k16, v16,
 // and q16 with bf16_queries: no float32 copy of the inputs); or K and V kept (k16, v16) with q
-// widened, for kernels that read K and V once and convert on the fly.
-enum class Bfloat16Operands { widen, products, keys_and_values };
+// widened, for kernels that read K and V once and convert on the fly; or, for such a kernel that
+// also has the products, the products' operands where they run, else keys_and_values.
+enum class Bfloat16Operands { widen, products, keys_and_values, products_or_keys_and_values };
 
 // Packs q, k, v to unit stride where needed and applies the bilinear / additive projections.
 FusedOperands prepare_fused_operands(const AttentionProblem& problem, Bfloat16Operands bf16);
