@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <type_traits>
 
 namespace qkv::kernels {
 
@@ -22,6 +23,22 @@ bool cpu_has_avx512_bf16() {
 }
 
 namespace {
+
+// f(std::integral_constant<int, n>{}) for n = count clamped to 1 … 4: a tile's rows (or keys) as
+// a compile-time constant.
+template <class F>
+void with_count(int count, const F& f) {
+  switch (count) {
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    default:
+      return f(std::integral_constant<int, 1>{});
+  }
+}
 
 template <int kRows>
 void score_tile(const std::uint32_t* q_pairs, std::int64_t q_stride, const std::uint32_t* key_pairs,
@@ -72,27 +89,6 @@ void accumulate_tile(const std::uint32_t* p_pairs, std::int64_t p_stride,
   for (int r = 0; r < kRows; ++r)
     for (int c = 0; c < kVectors; ++c)
       _mm512_store_ps(acc_rows + r * acc_stride + c * 16, acc[r][c]);
-}
-
-template <int kRows>
-void accumulate_rows(int vectors, const std::uint32_t* p_pairs, std::int64_t p_stride,
-                     const std::uint32_t* value_pairs, std::int64_t value_stride,
-                     std::int64_t pair_count, const float* correction, float* acc,
-                     std::int64_t acc_stride) {
-  switch (vectors) {
-    case 4:
-      return accumulate_tile<kRows, 4>(p_pairs, p_stride, value_pairs, value_stride, pair_count,
-                                       correction, acc, acc_stride);
-    case 3:
-      return accumulate_tile<kRows, 3>(p_pairs, p_stride, value_pairs, value_stride, pair_count,
-                                       correction, acc, acc_stride);
-    case 2:
-      return accumulate_tile<kRows, 2>(p_pairs, p_stride, value_pairs, value_stride, pair_count,
-                                       correction, acc, acc_stride);
-    default:
-      return accumulate_tile<kRows, 1>(p_pairs, p_stride, value_pairs, value_stride, pair_count,
-                                       correction, acc, acc_stride);
-  }
 }
 
 // The lanes of 16 sums (SumsOfLanes in the decode kernel, here on 16-lane vectors): each of the M
@@ -149,22 +145,6 @@ void decode_scores(const std::uint16_t* queries, std::int64_t query_stride,
   finish_sums<kSums>(acc, 1, sums);
   for (int g = 0; g < kRows; ++g)
     for (int k = 0; k < kKeys; ++k) scores[g * score_stride + k] = scale * sums[g * kKeys + k];
-}
-
-template <int kRows>
-void decode_scores_rows(const std::uint16_t* queries, std::int64_t query_stride,
-                        const std::uint16_t* const* keys, int key_count, std::int64_t n,
-                        float scale, float* scores, std::int64_t score_stride) {
-  switch (key_count) {
-    case 4:
-      return decode_scores<kRows, 4>(queries, query_stride, keys, n, scale, scores, score_stride);
-    case 3:
-      return decode_scores<kRows, 3>(queries, query_stride, keys, n, scale, scores, score_stride);
-    case 2:
-      return decode_scores<kRows, 2>(queries, query_stride, keys, n, scale, scores, score_stride);
-    default:
-      return decode_scores<kRows, 1>(queries, query_stride, keys, n, scale, scores, score_stride);
-  }
 }
 
 // kBlocks blocks of 32 elements of every row's accumulator stay in registers (2 vectors each)
@@ -245,20 +225,10 @@ void bf16_score_tile(int rows, const std::uint32_t* q_pairs, std::int64_t q_stri
                      const std::uint32_t* key_pairs, std::int64_t key_stride,
                      std::int64_t pair_count, float scale, float* scores,
                      std::int64_t score_stride) {
-  switch (rows) {
-    case 4:
-      return score_tile<4>(q_pairs, q_stride, key_pairs, key_stride, pair_count, scale, scores,
-                           score_stride);
-    case 3:
-      return score_tile<3>(q_pairs, q_stride, key_pairs, key_stride, pair_count, scale, scores,
-                           score_stride);
-    case 2:
-      return score_tile<2>(q_pairs, q_stride, key_pairs, key_stride, pair_count, scale, scores,
-                           score_stride);
-    default:
-      return score_tile<1>(q_pairs, q_stride, key_pairs, key_stride, pair_count, scale, scores,
-                           score_stride);
-  }
+  with_count(rows, [&](auto r) {
+    score_tile<r.value>(q_pairs, q_stride, key_pairs, key_stride, pair_count, scale, scores,
+                        score_stride);
+  });
 }
 
 void bf16_pair_rows(int rows, const float* p, std::int64_t p_stride, std::int64_t count,
@@ -277,54 +247,30 @@ void bf16_accumulate_tile(int rows, int vectors, const std::uint32_t* p_pairs,
                           std::int64_t p_stride, const std::uint32_t* value_pairs,
                           std::int64_t value_stride, std::int64_t pair_count,
                           const float* correction, float* acc, std::int64_t acc_stride) {
-  switch (rows) {
-    case 4:
-      return accumulate_rows<4>(vectors, p_pairs, p_stride, value_pairs, value_stride, pair_count,
-                                correction, acc, acc_stride);
-    case 3:
-      return accumulate_rows<3>(vectors, p_pairs, p_stride, value_pairs, value_stride, pair_count,
-                                correction, acc, acc_stride);
-    case 2:
-      return accumulate_rows<2>(vectors, p_pairs, p_stride, value_pairs, value_stride, pair_count,
-                                correction, acc, acc_stride);
-    default:
-      return accumulate_rows<1>(vectors, p_pairs, p_stride, value_pairs, value_stride, pair_count,
-                                correction, acc, acc_stride);
-  }
+  with_count(rows, [&](auto r) {
+    with_count(vectors, [&](auto c) {
+      accumulate_tile<r.value, c.value>(p_pairs, p_stride, value_pairs, value_stride, pair_count,
+                                        correction, acc, acc_stride);
+    });
+  });
 }
 
 void bf16_decode_scores(int rows, const std::uint16_t* queries, std::int64_t query_stride,
                         const std::uint16_t* const* keys, int key_count, std::int64_t n,
                         float scale, float* scores, std::int64_t score_stride) {
-  switch (rows) {
-    case 4:
-      return decode_scores_rows<4>(queries, query_stride, keys, key_count, n, scale, scores,
-                                   score_stride);
-    case 3:
-      return decode_scores_rows<3>(queries, query_stride, keys, key_count, n, scale, scores,
-                                   score_stride);
-    case 2:
-      return decode_scores_rows<2>(queries, query_stride, keys, key_count, n, scale, scores,
-                                   score_stride);
-    default:
-      return decode_scores_rows<1>(queries, query_stride, keys, key_count, n, scale, scores,
-                                   score_stride);
-  }
+  with_count(rows, [&](auto r) {
+    with_count(key_count, [&](auto k) {
+      decode_scores<r.value, k.value>(queries, query_stride, keys, n, scale, scores, score_stride);
+    });
+  });
 }
 
 void bf16_decode_accumulate(int rows, const float* weights, std::int64_t weight_stride,
                             const std::uint16_t* const* values, int count, std::int64_t n,
                             float* acc, std::int64_t acc_stride) {
-  switch (rows) {
-    case 4:
-      return decode_accumulate<4>(weights, weight_stride, values, count, n, acc, acc_stride);
-    case 3:
-      return decode_accumulate<3>(weights, weight_stride, values, count, n, acc, acc_stride);
-    case 2:
-      return decode_accumulate<2>(weights, weight_stride, values, count, n, acc, acc_stride);
-    default:
-      return decode_accumulate<1>(weights, weight_stride, values, count, n, acc, acc_stride);
-  }
+  with_count(rows, [&](auto r) {
+    decode_accumulate<r.value>(weights, weight_stride, values, count, n, acc, acc_stride);
+  });
 }
 
 }  // namespace qkv::kernels

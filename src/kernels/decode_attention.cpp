@@ -13,7 +13,9 @@
 // there is a single head. The chunk size depends on the problem only, never on the thread count,
 // so results are bitwise the same for any number of threads. For one item, with R = Nq · group
 // rows per key head and Hk·R rows in all:
-//   1. the query rows, times the scale, go to scratch; each row's visible range is found, and
+//   1. the query rows go to scratch (times the scale; or as they came, in bfloat16, for the
+//      AVX-512 BF16 products: bf16_decode_scores, bf16_decode_accumulate, which round the
+//      weights to bfloat16 as the fused kernel does); each row's visible range is found, and
 //      where each key row of the chunk lies (a KV cache's pages: a RowMap lookup per key, for
 //      every head), so that rows a few KiB ahead can be prefetched wherever their page is;
 //   2. keys are walked in blocks of one vector's width, four keys at a time across the heads:
