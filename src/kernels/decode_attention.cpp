@@ -399,7 +399,7 @@ class DecodeKernel {
     for (std::int64_t start = first_block; start < seen_last; start += lanes_) {
       const std::int64_t count = std::min(lanes_, chunk_last - start);
       // 2a. Scores: four keys at a time (one at a time at a block's ragged end), head by head,
-      // each head's query rows in groups of up to four against the keys (DotTile).
+      // each head's query rows in groups of up to four against the keys (ScoreGroup).
       for (std::int64_t t = 0; t < count;) {
         const std::int64_t keys = count - t >= 4 ? 4 : 1;
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
@@ -413,28 +413,8 @@ class DecodeKernel {
               PrefetchRow(row_of(start + t + k + prefetch_keys_).key + hk * KeyHeadStride(), dim);
           }
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
-            if constexpr (std::is_same_v<Stored, std::uint16_t>) {
-              if (products_) {
-                bf16_decode_scores(
-                    static_cast<int>(std::min<std::int64_t>(4, (hk + 1) * rows_ - r)),
-                    s.queries16.data() + r * dim, dim, key_rows, static_cast<int>(keys), dim, scale,
-                    s.scores.get() + r * lanes_ + t, lanes_);
-                continue;
-              }
-            }
-            ForGroup((hk + 1) * rows_ - r, [&](auto group) {
-              constexpr int G = decltype(group)::value;
-              const float* queries = s.queries.data() + r * dim;
-              float* scores = s.scores.get() + r * lanes_ + t;
-              if (keys == 1) {
-                DotTile<G, 1>(queries, key_rows, dim, key_scales, scores, lanes_);
-              } else if constexpr (kTileKeys<G> == 4) {
-                DotTile<G, 4>(queries, key_rows, dim, key_scales, scores, lanes_);
-              } else {
-                DotTile<G, 2>(queries, key_rows, dim, key_scales, scores, lanes_);
-                DotTile<G, 2>(queries, key_rows + 2, dim, key_scales + 2, scores + 2, lanes_);
-              }
-            });
+            ScoreGroup(std::min<std::int64_t>(4, (hk + 1) * rows_ - r), r, key_rows, key_scales,
+                       keys, s, s.scores.get() + r * lanes_ + t);
           }
         }
         t += keys;
@@ -475,22 +455,20 @@ class DecodeKernel {
       for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
         for (std::int64_t t = 0; t < lanes_ && start + lanes_ + t < blocks_end; ++t)
           PrefetchRow(row_of(start + lanes_ + t).value + hk * ValueHeadStride(), p_.v_dim);
-        bool head_values_found = false;
+        if (!kInt8 && count == lanes_) {
+          for (std::int64_t t = 0; t < count; ++t)
+            s.head_values[static_cast<std::size_t>(t)] =
+                row_of(start + t).value + hk * ValueHeadStride();
+        }
         for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
           const std::int64_t group_rows = std::min<std::int64_t>(4, (hk + 1) * rows_ - r);
           // Usually the group weighs every key of a whole block: then its weights are the
-          // scores as they lie, and the value rows are the head's (found once per head).
+          // scores as they lie, and the value rows are the head's.
           const float* weights = s.weights.data();
           const Stored* const* values = s.values.data();
           std::int64_t used = 0;
           if (!kInt8 && count == lanes_ &&
               WeighsEveryKey(s.scores.get() + r * lanes_, group_rows)) {
-            if (!head_values_found) {
-              for (std::int64_t t = 0; t < count; ++t)
-                s.head_values[static_cast<std::size_t>(t)] =
-                    row_of(start + t).value + hk * ValueHeadStride();
-              head_values_found = true;
-            }
             weights = s.scores.get() + r * lanes_;
             values = s.head_values.data();
             used = count;
@@ -508,19 +486,7 @@ class DecodeKernel {
               s.values[static_cast<std::size_t>(used++)] = row.value + hk * ValueHeadStride();
             }
           }
-          if (used == 0) continue;
-          if constexpr (std::is_same_v<Stored, std::uint16_t>) {
-            if (products_) {
-              bf16_decode_accumulate(static_cast<int>(group_rows), weights, lanes_, values,
-                                     static_cast<int>(used), p_.v_dim,
-                                     s.accumulator.data() + r * p_.v_dim, p_.v_dim);
-              continue;
-            }
-          }
-          ForGroup(group_rows, [&](auto group) {
-            AccumulateRows<decltype(group)::value>(weights, lanes_, values, used, p_.v_dim,
-                                                   s.accumulator.data() + r * p_.v_dim);
-          });
+          if (used > 0) AccumulateGroup(group_rows, weights, values, used, s, r);
         }
       }
     }
@@ -535,6 +501,50 @@ class DecodeKernel {
       lse[r] = empty ? -std::numeric_limits<double>::infinity()
                      : static_cast<double>(s.row_max[r]) + std::log(double{s.row_sum[r]});
     }
+  }
+
+  // The scores of query rows r … r + rows − 1 (rows ≤ 4, one key/value head) against `keys` (1 or
+  // 4) key rows, into scores[g · lanes_ + k]: on the bfloat16 products, or DotTile.
+  void ScoreGroup(std::int64_t rows, std::int64_t r, const Stored* const* key_rows,
+                  const float* key_scales, std::int64_t keys, Scratch& s, float* scores) const {
+    const std::int64_t dim = o_.score_dim;
+    if constexpr (std::is_same_v<Stored, std::uint16_t>) {
+      if (products_) {
+        bf16_decode_scores(static_cast<int>(rows), s.queries16.data() + r * dim, dim, key_rows,
+                           static_cast<int>(keys), dim, static_cast<float>(p_.scale), scores,
+                           lanes_);
+        return;
+      }
+    }
+    const float* queries = s.queries.data() + r * dim;
+    ForGroup(rows, [&](auto group) {
+      constexpr int G = decltype(group)::value;
+      if (keys == 1) {
+        DotTile<G, 1>(queries, key_rows, dim, key_scales, scores, lanes_);
+      } else if constexpr (kTileKeys<G> == 4) {
+        DotTile<G, 4>(queries, key_rows, dim, key_scales, scores, lanes_);
+      } else {
+        DotTile<G, 2>(queries, key_rows, dim, key_scales, scores, lanes_);
+        DotTile<G, 2>(queries, key_rows + 2, dim, key_scales + 2, scores + 2, lanes_);
+      }
+    });
+  }
+
+  // accumulator rows r … r + rows − 1 (rows ≤ 4) += their weights (lanes_ apart) times the `used`
+  // value rows: on the bfloat16 products, or AccumulateRows.
+  void AccumulateGroup(std::int64_t rows, const float* weights, const Stored* const* values,
+                       std::int64_t used, Scratch& s, std::int64_t r) const {
+    float* accumulators = s.accumulator.data() + r * p_.v_dim;
+    if constexpr (std::is_same_v<Stored, std::uint16_t>) {
+      if (products_) {
+        bf16_decode_accumulate(static_cast<int>(rows), weights, lanes_, values,
+                               static_cast<int>(used), p_.v_dim, accumulators, p_.v_dim);
+        return;
+      }
+    }
+    ForGroup(rows, [&](auto group) {
+      AccumulateRows<decltype(group)::value>(weights, lanes_, values, used, p_.v_dim, accumulators);
+    });
   }
 
   // Whether some of the `rows` rows of weights (lanes_ apart) weighs each key of the block.
