@@ -23,7 +23,11 @@ namespace qkv {
 // key row (slot, h) stands for k[…, h, d] · k_scale[…, h] (v likewise), the scales laid out like
 // the rows, [Bc, capacity, Hk] or [num_pages, page_size, Hk]. A row is quantized as it is
 // appended: scale = max_d |x_d| / 127 (rounded to float32), k = round(x / scale) (ties to even),
-// so |x − k·scale| ≤ scale / 2 for every element. docs/contract.md §9 says why per token.
+// so |x − k·scale| ≤ scale / 2 for every element. docs/contract.md §9 says why per token. Where
+// the score compares the keys as they are (dot-product and bilinear scores), the query rows are
+// rounded to int8 by the same rule, so that their products with the keys are integer dot
+// products (llama.cpp's q8_0 scheme); attention is that of the rounded queries against the
+// dequantized cache (§9 bounds how far a score moves).
 struct KVCache {
   MutableTensorView k, v;
   std::optional<TensorView> block_table;  // [B, max_pages], int32 or int64: paged

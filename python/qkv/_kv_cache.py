@@ -50,7 +50,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     k_cache_scale, v_cache_scale [B_cache, capacity, Hk] (paged: [num_blocks, page_size, Hk]), one
     scale per row and head: a cached element stands for its int8 value times its row's scale. New
     rows are quantized as they are written (scale = max|x| / 127, round to nearest even), the
-    scales written in place beside them; the kernels read the int8 cache as it lies.
+    scales written in place beside them; the kernels read the int8 cache as it lies. With an int8
+    cache each query row is rounded to int8 by the same rule before its products with the keys,
+    which are then integer dot products (llama.cpp's q8_0 scheme; contract section 9).
 
     Returns out [B, Nq, Hq, D] in q's dtype, and with return_softmax_lse also LSE [B, Hq, Nq]
     (float32; float64 for float64 inputs).

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "api/forward.hpp"
+#include "core/int8_rows.hpp"
 #include "core/problem.hpp"
 #include "core/row_map.hpp"
 #include "qkv/error.hpp"
@@ -254,27 +255,6 @@ void require_position(const RotaryTable& table, std::int64_t position, const cha
                     table.positions, what, position));
 }
 
-// The float32 scale of a row quantized to int8 (qkv/kv_cache.hpp): max |x| / 127, 0 for a row of
-// zeros; NaN when the row holds a NaN or an infinity (the caller refuses it).
-float int8_scale(const std::vector<double>& row, std::int64_t n) {
-  double largest = 0;
-  for (std::int64_t d = 0; d < n; ++d) {
-    const double x = row[static_cast<std::size_t>(d)];
-    if (!std::isfinite(x)) return std::numeric_limits<float>::quiet_NaN();
-    largest = std::max(largest, std::abs(x));
-  }
-  return static_cast<float>(largest / 127);
-}
-
-// out[d] = round(row[d] / scale), ties to even, within ±127 (scale rounded to float32 may make
-// the largest quotient 127 + a few ULP); zeros when scale is 0.
-void quantize_row(const std::vector<double>& row, std::int64_t n, float scale, std::int8_t* out) {
-  for (std::int64_t d = 0; d < n; ++d) {
-    const double quotient = scale > 0 ? row[static_cast<std::size_t>(d)] / scale : 0.0;
-    out[d] = static_cast<std::int8_t>(std::clamp(std::nearbyint(quotient), -127.0, 127.0));
-  }
-}
-
 // The new keys (rotated at their slots) and values, written into the cache at each sequence's
 // seqlens: converted to the cache's dtype, or quantized into an int8 cache with the scales
 // computed beforehand (so that a row that cannot be quantized is refused before any write).
@@ -299,7 +279,7 @@ class Appender {
         for (std::int64_t h = 0; h < c_.kv_heads; ++h) {
           for (const bool keys : {true, false}) {
             Load(keys, b, t, h);
-            const float scale = int8_scale(row_, keys ? c_.k_dim : c_.v_dim);
+            const float scale = detail::int8_row_scale(row_.data(), keys ? c_.k_dim : c_.v_dim);
             if (!std::isfinite(scale))
               throw Error(fmt::format(
                   "{}: expected finite values to quantize into the int8 cache, got a NaN or an "
@@ -327,9 +307,10 @@ class Appender {
               const MutableTensorView& storage = keys ? cache_.k : cache_.v;
               const MutableTensorView& scales = keys ? *cache_.k_scale : *cache_.v_scale;
               const float scale = (keys ? key_scales_ : value_scales_)[row_index];
-              quantize_row(row_, dim, scale,
-                           static_cast<std::int8_t*>(storage.data) + r0 * storage.strides[0] +
-                               r1 * storage.strides[1] + h * storage.strides[2]);
+              detail::quantize_int8_row(row_.data(), dim, scale,
+                                        static_cast<std::int8_t*>(storage.data) +
+                                            r0 * storage.strides[0] + r1 * storage.strides[1] +
+                                            h * storage.strides[2]);
               static_cast<float*>(scales.data)[r0 * scales.strides[0] + r1 * scales.strides[1] +
                                                h * scales.strides[2]] = scale;
             } else {

@@ -9,8 +9,9 @@
 
 #include <algorithm>
 #include <array>
-#include <bit>
 #include <type_traits>
+
+#include "kernels/avx512_tiles.hpp"
 
 namespace qkv::kernels {
 
@@ -24,21 +25,7 @@ bool cpu_has_avx512_bf16() {
 
 namespace {
 
-// f(std::integral_constant<int, n>{}) for n = count clamped to 1 … 4: a tile's rows (or keys) as
-// a compile-time constant.
-template <class F>
-void with_count(int count, const F& f) {
-  switch (count) {
-    case 4:
-      return f(std::integral_constant<int, 4>{});
-    case 3:
-      return f(std::integral_constant<int, 3>{});
-    case 2:
-      return f(std::integral_constant<int, 2>{});
-    default:
-      return f(std::integral_constant<int, 1>{});
-  }
-}
+using avx512::with_count;
 
 template <int kRows>
 void score_tile(const std::uint32_t* q_pairs, std::int64_t q_stride, const std::uint32_t* key_pairs,
@@ -91,32 +78,6 @@ void accumulate_tile(const std::uint32_t* p_pairs, std::int64_t p_stride,
       _mm512_store_ps(acc_rows + r * acc_stride + c * 16, acc[r][c]);
 }
 
-// The lanes of 16 sums (SumsOfLanes in the decode kernel, here on 16-lane vectors): each of the M
-// vectors of v holds `inputs` inputs' partial sums, 16 / inputs adjacent lanes each, in input
-// order; adding the even lanes of a pair of vectors to their odd lanes halves both.
-// sums[i] = the sum of input i.
-template <int M>
-void finish_sums(const __m512* v, int inputs, float* sums) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-  if constexpr (M > 1) {
-    __m512 halved[M / 2];
-    for (int i = 0; i < M / 2; ++i) {
-      halved[i] = _mm512_add_ps(_mm512_permutex2var_ps(v[2 * i], even, v[2 * i + 1]),
-                                _mm512_permutex2var_ps(v[2 * i], odd, v[2 * i + 1]));
-    }
-    finish_sums<M / 2>(halved, 2 * inputs, sums);
-  } else {
-    __m512 x = v[0];
-    for (int width = 16 / inputs; width > 1; width /= 2)
-      x = _mm512_add_ps(_mm512_permutex2var_ps(x, even, x), _mm512_permutex2var_ps(x, odd, x));
-    // A whole store (a masked store's data cannot be forwarded to the loads that follow).
-    alignas(64) float all[16];
-    _mm512_store_ps(all, x);
-    for (int i = 0; i < inputs; ++i) sums[i] = all[i];
-  }
-}
-
 // The 32 bfloat16 elements of `row` from e on, those at or past n zero.
 inline __m512i load_bf16(const std::uint16_t* row, std::int64_t e, std::int64_t n) {
   if (n - e >= 32) return _mm512_loadu_si512(row + e);
@@ -128,21 +89,13 @@ template <int kRows, int kKeys>
 void decode_scores(const std::uint16_t* queries, std::int64_t query_stride,
                    const std::uint16_t* const* keys, std::int64_t n, float scale, float* scores,
                    std::int64_t score_stride) {
-  // One sum per (row, key), padded with zero sums to a power of two for finish_sums.
-  constexpr int kSums = static_cast<int>(std::bit_ceil(static_cast<unsigned>(kRows * kKeys)));
-  __m512 acc[kSums];
-  for (int i = 0; i < kSums; ++i) acc[i] = _mm512_setzero_ps();
-  for (std::int64_t e = 0; e < n; e += 32) {
-    __m512bh key[kKeys];
-    for (int k = 0; k < kKeys; ++k) key[k] = (__m512bh)load_bf16(keys[k], e, n);
-    for (int g = 0; g < kRows; ++g) {
-      const auto query = (__m512bh)load_bf16(queries + g * query_stride, e, n);
-      for (int k = 0; k < kKeys; ++k)
-        acc[g * kKeys + k] = _mm512_dpbf16_ps(acc[g * kKeys + k], query, key[k]);
-    }
-  }
-  float sums[kSums];
-  finish_sums<kSums>(acc, 1, sums);
+  float sums[kRows * kKeys];
+  avx512::tile_sums<kRows, kKeys>(
+      n, 32, _mm512_setzero_ps(),
+      [&](int k, std::int64_t e) { return (__m512bh)load_bf16(keys[k], e, n); },
+      [&](int g, std::int64_t e) { return (__m512bh)load_bf16(queries + g * query_stride, e, n); },
+      [](__m512 sum, __m512bh query, __m512bh key) { return _mm512_dpbf16_ps(sum, query, key); },
+      sums);
   for (int g = 0; g < kRows; ++g)
     for (int k = 0; k < kKeys; ++k) scores[g * score_stride + k] = scale * sums[g * kKeys + k];
 }

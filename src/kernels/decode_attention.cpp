@@ -15,7 +15,9 @@
 // rows per key head and Hk·R rows in all:
 //   1. the query rows go to scratch (times the scale; or as they came, in bfloat16, for the
 //      AVX-512 BF16 products: bf16_decode_scores, bf16_decode_accumulate, which round the
-//      weights to bfloat16 as the fused kernel does); each row's visible range is found, and
+//      weights to bfloat16 as the fused kernel does; or, with an int8 cache, rounded to int8,
+//      for the AVX-512 VNNI key products int8_decode_scores or as floats, the scales applied
+//      after the sum); each row's visible range is found, and
 //      where each key row of the chunk lies (a KV cache's pages: a RowMap lookup per key, for
 //      every head), so that rows a few KiB ahead can be prefetched wherever their page is;
 //   2. keys are walked in blocks of one vector's width, four keys at a time across the heads:
@@ -46,6 +48,7 @@
 #include <bit>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <span>
 #include <type_traits>
 #include <vector>
@@ -54,6 +57,7 @@
 #include "kernels/bf16_microkernels.hpp"
 #include "kernels/decode_attention.hpp"
 #include "kernels/fused_attention.hpp"
+#include "kernels/int8_microkernels.hpp"
 #include "kernels/score_operands.hpp"
 #include "kernels/simd_dispatch.hpp"
 
@@ -74,7 +78,8 @@ using FloatTag = hn::ScalableTag<float>;
 
 // Vector registers of the target: AVX-512 has 32, AVX2 and SSE4 16 (NEON and SVE have 32 but
 // take the 16-register sizes: their speed cannot be measured here).
-constexpr int kVectorRegisters = (HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL) ? 32 : 16;
+constexpr bool kAvx512Target = HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL;
+constexpr int kVectorRegisters = kAvx512Target ? 32 : 16;
 
 #if HWY_TARGET != HWY_SCALAR  // (whose vectors have one lane: nothing to shuffle)
 // The tail of SumsOfLanes: each of the M vectors of v holds the partial sums of `inputs` input
@@ -92,6 +97,7 @@ HWY_INLINE void FinishSums(D d, const VectorArray<D, M>& v, std::size_t inputs,
   }
   if constexpr (M > 1) {
     VectorArray<D, M / 2> halved;
+#pragma GCC unroll 16
     for (int i = 0; i < M / 2; ++i) {
       const auto low = v.Get(2 * i), high = v.Get(2 * i + 1);
       halved.Set(i, hn::Add(hn::ConcatEven(d, high, low), hn::ConcatOdd(d, high, low)));
@@ -130,7 +136,9 @@ constexpr int kTileKeys = G * 4 <= kVectorRegisters / 2 ? 4 : 2;
 // out[g · out_stride + k] = factors[k] · Σ_d queries[g · n + d] · keys[k][d] for the G query
 // rows and K keys of one key/value head: each query vector is loaded once for K keys and each key
 // vector (widened) once for G rows, G·K independent chains of multiply-adds, and the G·K sums
-// are reduced together (SumsOfLanes).
+// are reduced together (SumsOfLanes). The loops over the tile are marked for unrolling so that
+// GCC unrolls them before it decides where the sums live: else it kept them on the stack, zeroed
+// by a `rep stos` on every call.
 template <int G, int K, class Stored>
 HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* HWY_RESTRICT keys,
                         std::int64_t n, const float* HWY_RESTRICT factors, float* HWY_RESTRICT out,
@@ -138,13 +146,17 @@ HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* 
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   VectorArray<FloatTag, G * K> sum;
+#pragma GCC unroll 16
   for (int i = 0; i < G * K; ++i) sum.Set(i, hn::Zero(d));
   std::int64_t e = 0;
   for (; e + lanes <= n; e += lanes) {
     VectorArray<FloatTag, K> key;
+#pragma GCC unroll 4
     for (int k = 0; k < K; ++k) key.Set(k, LoadWidened(d, keys[k] + e));
+#pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
       const auto q = hn::LoadU(d, queries + g * n + e);
+#pragma GCC unroll 4
       for (int k = 0; k < K; ++k) sum.Set(g * K + k, hn::MulAdd(q, key.Get(k), sum.Get(g * K + k)));
     }
   }
@@ -154,6 +166,7 @@ HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* 
     SumsOfLanes<G * K>(d, sum, sums);
   } else {  // three rows: SumsOfLanes takes a power of two (the padding's sums are zero)
     VectorArray<FloatTag, kPadded> padded;
+#pragma GCC unroll 16
     for (int i = 0; i < kPadded; ++i) padded.Set(i, i < G * K ? sum.Get(i) : hn::Zero(d));
     SumsOfLanes<kPadded>(d, padded, sums);
   }
@@ -312,8 +325,12 @@ class DecodeKernel {
 
   struct Scratch {
     explicit Scratch(const DecodeKernel& k)
-        : queries(static_cast<std::size_t>(k.products_ ? 0 : k.item_rows_ * k.o_.score_dim)),
+        : queries(static_cast<std::size_t>(
+              k.products_ || k.int8_products_ ? 0 : k.item_rows_ * k.o_.score_dim)),
           queries16(static_cast<std::size_t>(k.products_ ? k.item_rows_ * k.o_.score_dim : 0)),
+          queries8(static_cast<std::size_t>(k.int8_products_ ? k.item_rows_ * k.o_.score_dim : 0)),
+          query_sums(static_cast<std::size_t>(k.int8_products_ ? k.item_rows_ : 0)),
+          row_factors(static_cast<std::size_t>(kInt8 ? k.item_rows_ : 0)),
           scores(hwy::AllocateAligned<float>(
               static_cast<std::size_t>(std::max<std::int64_t>(1, k.item_rows_ * k.lanes_)))),
           accumulator(static_cast<std::size_t>(k.item_rows_ * k.p_.v_dim)),
@@ -323,9 +340,16 @@ class DecodeKernel {
           last(static_cast<std::size_t>(k.item_rows_)),
           weights(static_cast<std::size_t>(4 * k.lanes_)),
           values(static_cast<std::size_t>(k.lanes_)),
-          head_values(static_cast<std::size_t>(k.lanes_)) {}
-    std::vector<float> queries;                 // [rows, D], times the scale …
-    std::vector<std::uint16_t> queries16;       // … or bfloat16 as they came, for the products
+          head_values(static_cast<std::size_t>(k.lanes_)),
+          head_value_scales(hwy::AllocateAligned<float>(static_cast<std::size_t>(k.lanes_))) {}
+    std::vector<float> queries;            // [rows, D], times the scale …
+    std::vector<std::uint16_t> queries16;  // … or bfloat16 as they came, for the products
+    // An int8 cache's: the query rows rounded to int8 (FusedOperands::q8), for the products
+    // (queries8, with each row's sum) or as floats (queries), and each row's factor, its scale
+    // times the softmax scale, by which its integer products are multiplied.
+    std::vector<std::int8_t> queries8;
+    std::vector<std::int32_t> query_sums;
+    std::vector<float> row_factors;
     hwy::AlignedFreeUniquePtr<float[]> scores;  // [rows, lanes]: one block
     std::vector<float> accumulator;             // [rows, Dv]
     std::vector<float> row_max, row_sum;
@@ -333,7 +357,8 @@ class DecodeKernel {
     std::vector<BlockRow> rows;             // the keys of the chunk's blocks
     std::vector<float> weights;         // [4, lanes]: a row group's weights of the keys used …
     std::vector<const Stored*> values;  // … and their value rows
-    std::vector<const Stored*> head_values;  // a head's value rows of the whole block
+    std::vector<const Stored*> head_values;  // a head's value rows of the whole block …
+    hwy::AlignedFreeUniquePtr<float[]> head_value_scales;  // … and their scales (int8)
   };
 
   // rows[j − first] = where key j of sequence b lies, for j in [first, last).
@@ -361,7 +386,17 @@ class DecodeKernel {
     // 1. Query rows and ranges, clipped to the chunk.
     for (std::int64_t r = 0; r < item_rows_; ++r) {
       const std::int64_t i = PositionOf(r);
-      if (products_) {
+      if constexpr (kInt8) {
+        const std::int8_t* q = o_.q8.row(b, i, HeadOf(r));
+        s.row_factors[static_cast<std::size_t>(r)] = *o_.q_scale.row(b, i, HeadOf(r)) * scale;
+        if (int8_products_) {
+          std::copy(q, q + dim, s.queries8.begin() + r * dim);
+          s.query_sums[static_cast<std::size_t>(r)] = std::accumulate(q, q + dim, std::int32_t{0});
+        } else {
+          for (std::int64_t e = 0; e < dim; ++e)
+            s.queries[static_cast<std::size_t>(r * dim + e)] = q[e];
+        }
+      } else if (products_) {
         const std::uint16_t* q = o_.q16.row(b, i, HeadOf(r));
         std::copy(q, q + dim, s.queries16.begin() + r * dim);
       } else {
@@ -455,21 +490,30 @@ class DecodeKernel {
       for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
         for (std::int64_t t = 0; t < lanes_ && start + lanes_ + t < blocks_end; ++t)
           PrefetchRow(row_of(start + lanes_ + t).value + hk * ValueHeadStride(), p_.v_dim);
-        if (!kInt8 && count == lanes_) {
-          for (std::int64_t t = 0; t < count; ++t)
+        if (count == lanes_) {
+          for (std::int64_t t = 0; t < count; ++t) {
             s.head_values[static_cast<std::size_t>(t)] =
                 row_of(start + t).value + hk * ValueHeadStride();
+            if constexpr (kInt8) s.head_value_scales[t] = ValueScale(row_of(start + t), hk);
+          }
         }
         for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
           const std::int64_t group_rows = std::min<std::int64_t>(4, (hk + 1) * rows_ - r);
           // Usually the group weighs every key of a whole block: then its weights are the
-          // scores as they lie, and the value rows are the head's.
+          // scores as they lie (int8: times the value rows' scales, a vector at a time), and
+          // the value rows are the head's.
           const float* weights = s.weights.data();
           const Stored* const* values = s.values.data();
           std::int64_t used = 0;
-          if (!kInt8 && count == lanes_ &&
-              WeighsEveryKey(s.scores.get() + r * lanes_, group_rows)) {
-            weights = s.scores.get() + r * lanes_;
+          if (count == lanes_ && WeighsEveryKey(s.scores.get() + r * lanes_, group_rows)) {
+            if constexpr (kInt8) {
+              const auto value_scales = hn::Load(d, s.head_value_scales.get());
+              for (std::int64_t i = 0; i < group_rows; ++i)
+                hn::StoreU(hn::Mul(hn::Load(d, s.scores.get() + (r + i) * lanes_), value_scales), d,
+                           s.weights.data() + i * lanes_);
+            } else {
+              weights = s.scores.get() + r * lanes_;
+            }
             values = s.head_values.data();
             used = count;
           } else {  // the keys some row of the group weighs, and their weights
@@ -504,10 +548,19 @@ class DecodeKernel {
   }
 
   // The scores of query rows r … r + rows − 1 (rows ≤ 4, one key/value head) against `keys` (1 or
-  // 4) key rows, into scores[g · lanes_ + k]: on the bfloat16 products, or DotTile.
+  // 4) key rows, into scores[g · lanes_ + k]: on the bfloat16 or int8 products, or DotTile (with
+  // an int8 cache, on the rounded queries as floats, whose products are the same integers).
   void ScoreGroup(std::int64_t rows, std::int64_t r, const Stored* const* key_rows,
                   const float* key_scales, std::int64_t keys, Scratch& s, float* scores) const {
     const std::int64_t dim = o_.score_dim;
+    if constexpr (kInt8) {
+      if (int8_products_) {
+        int8_decode_scores(static_cast<int>(rows), s.queries8.data() + r * dim, dim,
+                           s.query_sums.data() + r, key_rows, static_cast<int>(keys), dim,
+                           key_scales, s.row_factors.data() + r, scores, lanes_);
+        return;
+      }
+    }
     if constexpr (std::is_same_v<Stored, std::uint16_t>) {
       if (products_) {
         bf16_decode_scores(static_cast<int>(rows), s.queries16.data() + r * dim, dim, key_rows,
@@ -528,6 +581,10 @@ class DecodeKernel {
         DotTile<G, 2>(queries, key_rows + 2, dim, key_scales + 2, scores + 2, lanes_);
       }
     });
+    if constexpr (kInt8) {
+      for (std::int64_t g = 0; g < rows; ++g)
+        for (std::int64_t k = 0; k < keys; ++k) scores[g * lanes_ + k] *= s.row_factors[r + g];
+    }
   }
 
   // accumulator rows r … r + rows − 1 (rows ≤ 4) += their weights (lanes_ apart) times the `used`
@@ -603,6 +660,9 @@ class DecodeKernel {
   // Both products on vdpbf16ps (FusedOperands::bf16_products): bfloat16 queries as they came
   // (q16), the weights rounded to bfloat16.
   const bool products_ = o_.bf16_products;
+  // An int8 cache's key products on vpdpbusd (int8_decode_scores), where the CPU has it.
+  const bool int8_products_ =
+      kInt8 && kAvx512Target && o_.score_dim <= kInt8ProductsMaxLength && cpu_has_avx512_vnni();
   // Keys ahead whose rows are prefetched: about kPrefetchBytes of K (or V) ahead, and at least
   // two of the key pass's tiles of four keys (with one key ahead, S4 in 16 bits was ~10% slower).
   const std::int64_t prefetch_keys_ = std::max<std::int64_t>(

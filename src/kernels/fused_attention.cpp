@@ -58,9 +58,9 @@
 #include <vector>
 
 #include "core/dropout.hpp"
-#include "kernels/bf16_microkernels.hpp"
-
+#include "core/int8_rows.hpp"
 #include "core/sinks.hpp"
+#include "kernels/bf16_microkernels.hpp"
 #include "kernels/fused_attention.hpp"
 #include "kernels/score_operands.hpp"
 #include "kernels/simd_dispatch.hpp"
@@ -962,6 +962,47 @@ bool fused_attention_supports(const AttentionProblem& problem) {
          problem.dtype == DType::float16;
 }
 
+namespace {
+
+// FusedOperands::q8 and q_scale from the float32 query rows [batch, length, heads, score_dim] in
+// operands.q, which then holds their rounded values q8 · q_scale instead. A row holding a NaN or
+// an infinity gets the scale NaN, so that its scores, and its output, are NaN as they would be
+// unrounded.
+void round_queries_to_int8(FusedOperands& operands, std::int64_t batch, std::int64_t length,
+                           std::int64_t heads) {
+  const std::int64_t dim = operands.score_dim;
+  const auto rows = static_cast<std::size_t>(batch * length * heads);
+  RowMajorOperand<float> rounded;
+  rounded.storage.resize(rows * static_cast<std::size_t>(dim));
+  operands.q8.storage.resize(rows * static_cast<std::size_t>(dim));
+  operands.q_scale.storage.resize(rows);
+  for (std::int64_t b = 0; b < batch; ++b)
+    for (std::int64_t i = 0; i < length; ++i)
+      for (std::int64_t h = 0; h < heads; ++h) {
+        const std::int64_t r = (b * length + i) * heads + h;
+        const float* q = operands.q.row(b, i, h);
+        const float scale = detail::int8_row_scale(q, dim);
+        std::int8_t* q8 = operands.q8.storage.data() + r * dim;
+        detail::quantize_int8_row(q, dim, scale, q8);
+        operands.q_scale.storage[static_cast<std::size_t>(r)] = scale;
+        for (std::int64_t e = 0; e < dim; ++e)
+          rounded.storage[static_cast<std::size_t>(r * dim + e)] =
+              static_cast<float>(q8[e]) * scale;
+      }
+  const auto point_at_storage = [&](auto& operand, std::int64_t row_length) {
+    operand.data = operand.storage.data();
+    operand.stride_h = row_length;
+    operand.stride_n = heads * row_length;
+    operand.stride_b = length * heads * row_length;
+  };
+  point_at_storage(rounded, dim);
+  point_at_storage(operands.q8, dim);
+  point_at_storage(operands.q_scale, 1);
+  operands.q = std::move(rounded);
+}
+
+}  // namespace
+
 FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands bf16) {
   FusedOperands operands;
   operands.problem = &p;
@@ -983,6 +1024,7 @@ FusedOperands prepare_fused_operands(const AttentionProblem& p, Bfloat16Operands
     operands.additive_v = std::move(vectors.additive_v);
     if (operands.int8_keys) {
       adopt_int8(operands.k8, operands.k_scale, p.k);
+      round_queries_to_int8(operands, p.batch, p.q_len, p.q_heads);
     } else {
       operands.k = std::move(vectors.k);
     }

@@ -46,6 +46,12 @@ struct FusedOperands {
   bool int8_keys = false, int8_values = false;
   RowMajorOperand<std::int8_t> k8, v8;
   RowMajorOperand<float> k_scale, v_scale;
+  // With int8_keys the query rows are rounded to int8 by the cache's own rule
+  // (core/int8_rows.hpp), so that a score is an integer dot product times two scales: q8 holds
+  // them [B, Nq, Hq, D] and q_scale their scales [B, Nq, Hq] (row(b, i, h) points at row (b, i,
+  // h)'s); q holds q8 · q_scale in float32 for the kernels that multiply in float32.
+  RowMajorOperand<std::int8_t> q8;
+  RowMajorOperand<float> q_scale;
 };
 
 // What happens to bfloat16 inputs: widened to float32 (q, k, v); kept for the bf16 products

@@ -203,12 +203,16 @@ def test_int8_caches_quantize_in_place_and_attend_to_what_they_hold(paged, q_dty
         for got, was in zip((k_cache, v_cache, k_scale, v_scale), before):
             assert torch.equal(got[unused], was[unused])
 
-    # The attention over the dequantized cache, within the float32 rule (q rounded as given).
+    # The attention over the dequantized cache, within the float32 rule, of the queries the
+    # kernels compare: rotated, rounded to q's dtype
     queries = rotate(q.double(), cos, sin,
                      (seqlens.long()[:, None, None] + torch.arange(new)[None, :, None])
                      .expand(batch, new, hq), True)
     if q_dtype == torch.float16:  # the kernels read rotated float16 queries rounded
         queries = queries.half().double()
+    # and each row rounded to int8 as the cache's rows are (the contract, int8 caches).
+    values, scales = quantized(queries.float())
+    queries = values.double() * scales.double()[..., None]
     dequantized = [(slot_rows(c).float() * slot_rows(s)[..., None]).double()
                    for c, s in ((k_cache, k_scale), (v_cache, v_scale))]
     ends = [int(n) + new for n in seqlens]

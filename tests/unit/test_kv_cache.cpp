@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <random>
 
@@ -75,6 +76,14 @@ float quantize(const std::vector<double>& row, Tensor& cache, std::int64_t at) {
         << "element " << e;
   }
   return scale;
+}
+
+// A row replaced by its int8 rounding q · scale (the rule of quantize, computed here apart).
+void round_to_int8(std::vector<double>& row) {
+  double largest = 0;
+  for (const double x : row) largest = std::max(largest, std::abs(x));
+  const auto scale = static_cast<float>(largest / 127);
+  for (double& x : row) x = scale > 0 ? std::nearbyint(x / scale) * scale : 0.0;
 }
 
 void rotate(const Tensor& cos, const Tensor& sin, std::int64_t half, bool interleaved,
@@ -241,7 +250,9 @@ void expect_cache_call_matches_steps(const CacheCase& c) {
   for (std::int64_t b = 0; b < batch; ++b) {
     const std::int64_t first = c.leftpad.empty() ? 0 : c.leftpad[b];
     const std::int64_t length = c.seqlens[b] + c.new_len - first;
-    Tensor qb(DType::float32, {1, c.q_len, hq, d});
+    Tensor qb(DType::float32, {1, c.q_len, hq, d}),
+        unrounded_qb(DType::float32, {1, c.q_len, hq, d});
+    double largest_query = 0;  // element, before the int8 rounding
     Tensor kb(DType::float32, {1, length, hk, d}), vb(DType::float32, {1, length, hk, d});
     for (std::int64_t i = 0; i < c.q_len; ++i)
       for (std::int64_t h = 0; h < hq; ++h) {
@@ -252,11 +263,18 @@ void expect_cache_call_matches_steps(const CacheCase& c) {
                  row.data());
         for (std::int64_t e = 0; e < d; ++e) {
           // The kernels read bfloat16 queries rounded: so does the reference.
-          const double v = c.dtype == DType::bfloat16
-                               ? from_bfloat16(to_bfloat16(static_cast<float>(row[e])))
-                               : row[e];
-          qb.data<float>()[(i * hq + h) * d + e] = static_cast<float>(v);
+          if (c.dtype == DType::bfloat16)
+            row[e] = from_bfloat16(to_bfloat16(static_cast<float>(row[e])));
+          row[e] = static_cast<float>(row[e]);
         }
+        for (std::int64_t e = 0; e < d; ++e) {
+          unrounded_qb.data<float>()[(i * hq + h) * d + e] = static_cast<float>(row[e]);
+          largest_query = std::max(largest_query, std::abs(row[e]));
+        }
+        // With an int8 cache the query rows are rounded to int8 as its rows are (the contract).
+        if (c.int8_cache) round_to_int8(row);
+        for (std::int64_t e = 0; e < d; ++e)
+          qb.data<float>()[(i * hq + h) * d + e] = static_cast<float>(row[e]);
       }
     for (std::int64_t j = 0; j < length; ++j) {
       const auto [r0, r1] = l.locate(c, b, first + j);
@@ -300,6 +318,32 @@ void expect_cache_call_matches_steps(const CacheCase& c) {
     EXPECT_LE(error, 2.0 * floor + 1e-6 * (1 + magnitude))
         << "sequence " << b << " (floor " << floor << ")";
     EXPECT_LE(lse_error, c.dtype == DType::bfloat16 ? 1e-3 : 1e-5) << "sequence " << b;
+    if (c.int8_cache) {
+      // The contract's bound on the query rounding: a score moves by at most
+      // scale · ‖k‖₁ · max |q| / 254, so the LSE (1-Lipschitz in the scores) as far.
+      double largest_key_norm = 0;
+      for (std::int64_t j = 0; j < length; ++j)
+        for (std::int64_t h = 0; h < hk; ++h) {
+          double norm = 0;
+          for (std::int64_t e = 0; e < d; ++e)
+            norm += std::abs(kb.data<float>()[(j * hk + h) * d + e]);
+          largest_key_norm = std::max(largest_key_norm, norm);
+        }
+      const double bound =
+          largest_key_norm * largest_query / (254 * std::sqrt(static_cast<double>(d)));
+      Tensor unrounded_lse(DType::float64, {1, hq, c.q_len});
+      attention_reference(unrounded_qb.view(), kb.view(), vb.view(), alone,
+                          {reference.mutable_view(), unrounded_lse.mutable_view(), {}});
+      double moved = 0;
+      for (std::int64_t n = 0; n < unrounded_lse.numel(); ++n) {
+        const double want = unrounded_lse.data<double>()[n];
+        if (!std::isinf(want))
+          moved =
+              std::max(moved, std::abs(lse.data<double>()[b * unrounded_lse.numel() + n] - want));
+      }
+      EXPECT_LE(moved, bound + 1e-5) << "sequence " << b;
+      EXPECT_GT(moved, 0.0) << "sequence " << b;  // (the queries are rounded)
+    }
   }
 }
 
@@ -415,6 +459,12 @@ TEST(KVCache, Int8CacheDecode) {
   c.sinks = false;
   c.kv_heads = 1;
   expect_cache_call_matches_steps(c);
+  // Rows longer than one AVX-512 vector of bytes, with a tail; groups of four query rows.
+  c.dim = 80;
+  c.q_heads = 8;
+  c.kv_heads = 2;
+  c.softcap = 0;
+  expect_cache_call_matches_steps(c);
 }
 
 TEST(KVCache, Int8CachePrefillAndBfloat16Queries) {
@@ -466,6 +516,42 @@ void expect_refused(const std::function<void(Small&)>& change, const std::string
   }
   EXPECT_EQ(std::memcmp(s.k_cache.raw(), k_before.raw(), k_before.nbytes()), 0) << "cache touched";
   EXPECT_EQ(std::memcmp(s.pages_k.raw(), pages_before.raw(), pages_before.nbytes()), 0);
+}
+
+// With an int8 cache a query row holding a NaN gets the NaN scale of the int8 rounding: its
+// output is what the unrounded row gives against the dequantized cache in float32, and the other
+// rows' are as without the NaN (contract §9).
+TEST(KVCache, Int8CacheQueryRowWithNaN) {
+  Tensor k8(DType::int8, {2, 6, 2, 4}), v8(DType::int8, {2, 6, 2, 4});
+  Tensor k_scales(DType::float32, {2, 6, 2}), v_scales(DType::float32, {2, 6, 2});
+  Tensor k32(DType::float32, {2, 6, 2, 4}), v32(DType::float32, {2, 6, 2, 4});
+  for (std::int64_t n = 0; n < k8.numel(); ++n) {
+    k8.data<std::int8_t>()[n] = static_cast<std::int8_t>(n % 7 - 3);
+    v8.data<std::int8_t>()[n] = static_cast<std::int8_t>(n % 5 - 2);
+    k32.data<float>()[n] = static_cast<float>(n % 7 - 3) * 0.25f;
+    v32.data<float>()[n] = static_cast<float>(n % 5 - 2) * 0.25f;
+  }
+  for (std::int64_t n = 0; n < k_scales.numel(); ++n)
+    k_scales.data<float>()[n] = v_scales.data<float>()[n] = 0.25f;
+  const auto run = [&](bool int8, bool nan) {
+    Small s;
+    Tensor k = int8 ? k8 : k32, v = int8 ? v8 : v32, ks = k_scales, vs = v_scales;
+    s.cache.k = k.mutable_view();
+    s.cache.v = v.mutable_view();
+    if (int8) {
+      s.cache.k_scale = ks.mutable_view();
+      s.cache.v_scale = vs.mutable_view();
+    }
+    if (nan) s.q.data<float>()[1] = std::numeric_limits<float>::quiet_NaN();  // row (b 0, h 0)
+    s.run();
+    return s.out;
+  };
+  const Tensor with_nan = run(true, true), without = run(true, false), float32 = run(false, true);
+  for (std::int64_t n = 0; n < with_nan.numel(); ++n) {
+    const float got = with_nan.data<float>()[n];
+    const float want = n < 4 ? float32.data<float>()[n] : without.data<float>()[n];
+    EXPECT_TRUE(std::isnan(want) ? std::isnan(got) : got == want) << "element " << n;
+  }
 }
 
 TEST(KVCache, RefusesWhatWouldCorruptOrMisread) {
