@@ -14,6 +14,7 @@ namespace qkv {
 // the union of the key sets, exactly as if it had been computed at once:
 //   LSE = log Σ_p e^(LSE_p),   O = Σ_p e^(LSE_p − LSE) · O_p   (in float64, rounded once).
 // Parts that saw no key (LSE_p = -inf) contribute nothing; rows no part saw get O = 0, LSE = -inf.
+// A part with LSE_p = NaN makes its row's O and LSE NaN.
 // All tensors float32, float64, bfloat16 or float16, any strides; `out` may be one of the parts'
 // storage. Throws qkv::Error naming the argument when counts, shapes or dtypes disagree. With
 // normalization sigmoid (no normalizer: each part's O is already a plain sum), O = Σ_p O_p and LSE

@@ -12,13 +12,23 @@ namespace qkv::detail {
 // One row of attention over the union of disjoint key sets, from each set's (O_p, LSE_p):
 //   LSE = log Σ_p e^(LSE_p),   O = Σ_p e^(LSE_p − LSE) · O_p.
 // Parts with LSE_p = -inf (no visible key) weigh nothing; when every part is empty the row gets
-// O = 0 and LSE = -inf. `weights` is scratch with one entry per part. Returns LSE.
+// O = 0 and LSE = -inf. A part with LSE_p = NaN (a NaN among its scores) makes O and LSE NaN.
+// `weights` is scratch with one entry per part. Returns LSE.
 //   lse_of(p) → LSE_p;  out_of(p, d) → O_p[d];  store(d, value) writes O[d].
 template <class Real, class LseOf, class OutOf, class Store>
 Real merge_row(std::span<Real> weights, std::int64_t dim, LseOf lse_of, OutOf out_of, Store store) {
   const auto parts = static_cast<std::int64_t>(weights.size());
   Real largest = -std::numeric_limits<Real>::infinity();
-  for (std::int64_t p = 0; p < parts; ++p) largest = std::max<Real>(largest, lse_of(p));
+  bool any_nan = false;  // (std::max would drop it)
+  for (std::int64_t p = 0; p < parts; ++p) {
+    const Real lse = lse_of(p);
+    any_nan |= std::isnan(lse);
+    largest = std::max<Real>(largest, lse);
+  }
+  if (any_nan) {
+    for (std::int64_t d = 0; d < dim; ++d) store(d, std::numeric_limits<Real>::quiet_NaN());
+    return std::numeric_limits<Real>::quiet_NaN();
+  }
   if (largest == -std::numeric_limits<Real>::infinity()) {
     for (std::int64_t d = 0; d < dim; ++d) store(d, Real{0});
     return largest;

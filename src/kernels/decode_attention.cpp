@@ -466,10 +466,14 @@ class DecodeKernel {
                               scores + from);
         }
         const float block_max = hn::GetLane(hn::MaxOfLanes(d, hn::Load(d, scores)));
-        const float new_max = std::max(s.row_max[r], block_max);
+        float new_max = std::max(s.row_max[r], block_max);
         if (new_max == kMinusInfinity) {
-          std::fill(scores, scores + lanes_, 0.0f);
-          continue;
+          if (AnyNaN(d, scores, 0, lanes_)) {
+            new_max = std::numeric_limits<float>::quiet_NaN();  // then P, the sum and O are NaN
+          } else {
+            std::fill(scores, scores + lanes_, 0.0f);
+            continue;
+          }
         }
         if (new_max != s.row_max[r]) {
           const float correction = std::exp(s.row_max[r] - new_max);

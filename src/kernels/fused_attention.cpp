@@ -736,11 +736,15 @@ class FusedKernel {
     }
     const float tile_max = hn::GetLane(hn::MaxOfLanes(d, maximum));
     const float old_max = s.row_max[r];
-    const float new_max = std::max(old_max, tile_max);
-    if (new_max == -std::numeric_limits<float>::infinity()) {  // nothing visible yet
-      s.correction[r] = 1.0f;
-      std::fill(scores, scores + key_tile_, 0.0f);
-      return;
+    float new_max = std::max(old_max, tile_max);
+    if (new_max == -std::numeric_limits<float>::infinity()) {
+      if (AnyNaN(d, scores, span.begin, span.end)) {
+        new_max = std::numeric_limits<float>::quiet_NaN();  // then P, the sum and O are NaN
+      } else {                                              // nothing visible yet
+        s.correction[r] = 1.0f;
+        std::fill(scores, scores + key_tile_, 0.0f);
+        return;
+      }
     }
     // e^(old − new): 1 while the maximum holds (most tiles), 0 when old_max = -inf.
     const float correction = new_max == old_max ? 1.0f : std::exp(old_max - new_max);

@@ -12,7 +12,6 @@
 
 #include <immintrin.h>
 
-
 #include "kernels/avx512_tiles.hpp"
 
 namespace qkv::kernels {

@@ -13,6 +13,8 @@
 #include <hwy/contrib/math/math-inl.h>
 #include <hwy/highway.h>
 
+#include <cstdint>
+
 HWY_BEFORE_NAMESPACE();
 namespace qkv::kernels {
 namespace HWY_NAMESPACE {
@@ -69,6 +71,19 @@ template <class D, class V = hwy::HWY_NAMESPACE::Vec<D>>
 HWY_INLINE V SoftCapTanh(D d, V score, V inverse_cap) {
   namespace hn = hwy::HWY_NAMESPACE;
   return hn::Tanh(d, hn::Mul(score, inverse_cap));
+}
+
+// Whether any of scores[begin, end) (whole vectors) is NaN. The online softmax's
+// running maximum drops a NaN (x86's max returns its second operand when either is NaN), so a row
+// whose visible scores are all NaN (a NaN in its query) looked like a row that sees no key and
+// came out 0; the kernels ask this on that rare path and make such a row NaN, as PyTorch does.
+template <class D>
+HWY_INLINE bool AnyNaN(D d, const float* HWY_RESTRICT scores, std::int64_t begin,
+                       std::int64_t end) {
+  namespace hn = hwy::HWY_NAMESPACE;
+  for (std::int64_t t = begin; t < end; t += static_cast<std::int64_t>(hn::Lanes(d)))
+    if (!hn::AllFalse(d, hn::IsNaN(hn::LoadU(d, scores + t)))) return true;
+  return false;
 }
 
 }  // namespace HWY_NAMESPACE

@@ -109,8 +109,12 @@ class StreamingKernel {
       }
     }
     apply_score_options(p_, b, h, i, first, count, scores);
+    // NaN if a score is (std::max would drop it, and a row of NaN scores would look empty).
     double block_max = -std::numeric_limits<double>::infinity();
-    for (std::int64_t t = 0; t < count; ++t) block_max = std::max(block_max, scores[t]);
+    for (std::int64_t t = 0; t < count; ++t) {
+      if (std::isnan(scores[t])) return scores[t];
+      block_max = std::max(block_max, scores[t]);
+    }
     return block_max;
   }
 
@@ -128,7 +132,7 @@ class StreamingKernel {
       const double block_max = score_block(b, h, i, start, count, scores);
       if (block_max == kMinusInfinity) continue;  // nothing visible in this block
       // Step 2: online softmax (sigmoid attention: each weight on its own).
-      if (!p_.sigmoid && block_max > running_max) {
+      if (!p_.sigmoid && (block_max > running_max || std::isnan(block_max))) {
         const double correction =
             std::exp(running_max - block_max);  // 0 on the first visible block
         running_sum *= correction;

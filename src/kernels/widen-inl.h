@@ -40,7 +40,23 @@ HWY_INLINE hn::Vec<D> LoadWidened(D d, const std::uint16_t* p) {
 }
 template <class D>
 HWY_INLINE hn::Vec<D> LoadWidened(D d, const hwy::float16_t* p) {
-  return hn::PromoteTo(d, hn::LoadU(hn::Rebind<hwy::float16_t, D>(), p));
+  const auto widened = hn::PromoteTo(d, hn::LoadU(hn::Rebind<hwy::float16_t, D>(), p));
+#if HWY_TARGET == HWY_SSE4 || HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_EMU128 || \
+    HWY_TARGET == HWY_SCALAR
+  // Without F16C, Highway 1.0.3 widens the exponent 31 (infinity, NaN) as an ordinary one, to a
+  // finite 2^16 · (1 + m / 1024): those are put back, the sign and mantissa kept.
+  const hn::RebindToUnsigned<D> du32;
+  const auto bits = hn::PromoteTo(
+      du32, hn::LoadU(hn::Rebind<std::uint16_t, D>(), reinterpret_cast<const std::uint16_t*>(p)));
+  const auto exponent_bits = hn::Set(du32, 0x7C00);
+  const auto special = hn::Eq(hn::And(bits, exponent_bits), exponent_bits);
+  const auto restored = hn::Or(
+      hn::Or(hn::ShiftLeft<16>(hn::And(bits, hn::Set(du32, 0x8000))), hn::Set(du32, 0x7F800000)),
+      hn::ShiftLeft<13>(hn::And(bits, hn::Set(du32, 0x3FF))));
+  return hn::IfThenElse(hn::RebindMask(d, special), hn::BitCast(d, restored), widened);
+#else
+  return widened;
+#endif
 }
 
 template <class D>

@@ -173,7 +173,8 @@ class LiteralForward {
       const Real s = score(b, h, i, j);
       scores_[static_cast<std::size_t>(j)] = stage<kBfloat16Stages>(s);
       visible_[static_cast<std::size_t>(j)] = key_visible(p_, b, h, i, j) ? 1 : 0;
-      if (visible_[static_cast<std::size_t>(j)] && s > row_max) row_max = s;
+      // (A NaN score makes the maximum NaN, and so the row: s > row_max would drop it.)
+      if (visible_[static_cast<std::size_t>(j)] && (s > row_max || std::isnan(s))) row_max = s;
       if (scores_out_.present)
         scores_out_.store(visible_[static_cast<std::size_t>(j)]
                               ? static_cast<double>(s)

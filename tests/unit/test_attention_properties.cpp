@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -309,6 +310,47 @@ TEST(AttentionEdges, FullyMaskedRowsGiveZerosNotNaN) {
           EXPECT_GT(empty_rows, 0) << way.name;
           for (std::int64_t n = 0; n < r.out.numel(); ++n)
             ASSERT_TRUE(std::isfinite(element(r.out, n)));
+        }
+      }
+    }
+  }
+}
+
+// A NaN in a query row makes that row's output and LSE NaN, as PyTorch's, on every path (the
+// split-KV decode for one row, the fused kernel, the float64 kernel, the reference), and leaves
+// the other rows finite. (The online softmax's maximum drops a NaN: such a row once came out as
+// a row that sees no key, O = 0.)
+TEST(AttentionEdges, NaNInAQueryRowMakesThatRowNaN) {
+  for (const std::int64_t q_len : {1, 40}) {
+    for (DType dtype : {DType::float32, DType::float64, DType::bfloat16, DType::float16}) {
+      AttentionCase c;
+      c.q_len = q_len;
+      c.k_len = 300;  // (the decode's chunks: more than one would merge; one here)
+      c.causal = true;
+      AttentionInputs in = make_inputs(c, dtype);
+      // Element 0 of query row (b 0, i Nq − 1, h 0).
+      auto* q = static_cast<unsigned char*>(const_cast<void*>(in.q.data)) +
+                (q_len - 1) * in.q.strides[1] * static_cast<std::int64_t>(dtype_size(dtype));
+      if (dtype == DType::float32) {
+        *reinterpret_cast<float*>(q) = std::numeric_limits<float>::quiet_NaN();
+      } else if (dtype == DType::float64) {
+        *reinterpret_cast<double*>(q) = std::numeric_limits<double>::quiet_NaN();
+      } else {
+        *reinterpret_cast<std::uint16_t*>(q) = dtype == DType::bfloat16 ? 0x7FC0 : 0x7E00;
+      }
+      for (Evaluator evaluator : {Evaluator::fast, Evaluator::reference}) {
+        const AttentionResults r = evaluate(c, in, evaluator, dtype, false);
+        for (std::int64_t row = 0; row < r.lse.numel(); ++row) {
+          const std::int64_t b = row / (c.q_heads * c.q_len), h = (row / c.q_len) % c.q_heads,
+                             i = row % c.q_len;
+          const bool nan_row = b == 0 && h == 0 && i == q_len - 1;
+          EXPECT_EQ(std::isnan(element(r.lse, row)), nan_row)
+              << dtype_name(dtype) << " Nq " << q_len << " row " << row;
+          for (std::int64_t d = 0; d < c.v_dim; ++d) {
+            const double o = element(r.out, ((b * c.q_len + i) * c.q_heads + h) * c.v_dim + d);
+            ASSERT_EQ(std::isnan(o), nan_row) << dtype_name(dtype) << " Nq " << q_len;
+            ASSERT_TRUE(nan_row || std::isfinite(o));
+          }
         }
       }
     }
