@@ -1,6 +1,7 @@
 // What the AVX-512 microkernels (bf16_microkernels.cpp, int8_microkernels.cpp) share: the count
-// of a tile's rows or keys as a compile-time constant, and the tree that reduces the lanes of
-// many sums at once. Only for translation units compiled for AVX-512 F.
+// of a tile's rows or keys as a compile-time constant, the tree that reduces the lanes of many
+// sums at once, and the decode's score tile built on it. Only for translation units compiled for
+// AVX-512 F.
 #pragma once
 
 #include <immintrin.h>

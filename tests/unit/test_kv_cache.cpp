@@ -518,6 +518,62 @@ void expect_refused(const std::function<void(Small&)>& change, const std::string
   EXPECT_EQ(std::memcmp(s.pages_k.raw(), pages_before.raw(), pages_before.nbytes()), 0);
 }
 
+// With an int8 cache the bilinear score rounds the query it compares, Wᵀq, to int8 (contract §9):
+// its attention is the dot score's of the rounded Wᵀq against the dequantized cache.
+TEST(KVCache, Int8CacheBilinearRoundsTheComparedQuery) {
+  constexpr std::int64_t d = 16, slots = 8, length = 6;  // 5 cached + 1 new
+  const Tensor q = random_float32({1, 1, 2, d}, 11), w = random_float32({d, d}, 12);
+  Tensor k8 = random_tensor(DType::int8, {1, slots, 1, d}, 13);
+  Tensor v8 = random_tensor(DType::int8, {1, slots, 1, d}, 14);
+  Tensor k_scales(DType::float32, {1, slots, 1}), v_scales(DType::float32, {1, slots, 1});
+  for (std::int64_t j = 0; j < slots; ++j) {
+    k_scales.data<float>()[j] = 0.02f;
+    v_scales.data<float>()[j] = 0.03f;
+  }
+  const Tensor k_new = random_float32({1, 1, 1, d}, 15), v_new = random_float32({1, 1, 1, d}, 16);
+  const Tensor seqlens = int64_tensor({length - 1}, {1});
+  KVCache cache{k8.mutable_view(), v8.mutable_view(), {}, seqlens.view(), {}, {}};
+  cache.k_scale = k_scales.mutable_view();
+  cache.v_scale = v_scales.mutable_view();
+  AttentionOptions options;
+  options.score = Score::bilinear;
+  options.w = w.view();
+  Tensor out(DType::float64, {1, 1, 2, d}), lse(DType::float64, {1, 2, 1});
+  attention_with_kv_cache(q.view(), cache, k_new.view(), v_new.view(), RotaryEmbedding{}, options,
+                          {out.mutable_view(), lse.mutable_view(), {}});
+
+  Tensor compared(DType::float32, {1, 1, 2, d});
+  for (std::int64_t h = 0; h < 2; ++h) {
+    std::vector<double> row(static_cast<std::size_t>(d), 0.0);
+    for (std::int64_t c = 0; c < d; ++c) {
+      for (std::int64_t e = 0; e < d; ++e)
+        row[static_cast<std::size_t>(c)] +=
+            double{q.data<float>()[h * d + e]} * double{w.data<float>()[e * d + c]};
+      row[static_cast<std::size_t>(c)] = static_cast<float>(row[static_cast<std::size_t>(c)]);
+    }
+    round_to_int8(row);
+    for (std::int64_t c = 0; c < d; ++c)
+      compared.data<float>()[h * d + c] = static_cast<float>(row[static_cast<std::size_t>(c)]);
+  }
+  Tensor keys(DType::float32, {1, length, 1, d}), values(DType::float32, {1, length, 1, d});
+  for (std::int64_t n = 0; n < length * d; ++n) {  // the cache after the append, dequantized
+    keys.data<float>()[n] =
+        static_cast<float>(k8.data<std::int8_t>()[n]) * k_scales.data<float>()[n / d];
+    values.data<float>()[n] =
+        static_cast<float>(v8.data<std::int8_t>()[n]) * v_scales.data<float>()[n / d];
+  }
+  AttentionOptions dot;
+  dot.score = Score::dot;
+  dot.scale = 1.0;  // the bilinear score's default
+  Tensor reference(DType::float64, {1, 1, 2, d}), reference_lse(DType::float64, {1, 2, 1});
+  attention_reference(compared.view(), keys.view(), values.view(), dot,
+                      {reference.mutable_view(), reference_lse.mutable_view(), {}});
+  for (std::int64_t n = 0; n < reference.numel(); ++n)
+    EXPECT_NEAR(out.data<double>()[n], reference.data<double>()[n], 1e-5) << "element " << n;
+  for (std::int64_t n = 0; n < reference_lse.numel(); ++n)
+    EXPECT_NEAR(lse.data<double>()[n], reference_lse.data<double>()[n], 1e-5) << "row " << n;
+}
+
 // With an int8 cache a query row holding a NaN gets the NaN scale of the int8 rounding: its
 // output is what the unrounded row gives against the dequantized cache in float32, and the other
 // rows' are as without the NaN (contract §9).
