@@ -465,6 +465,9 @@ TEST(KVCache, Int8CacheDecode) {
   c.kv_heads = 2;
   c.softcap = 0;
   expect_cache_call_matches_steps(c);
+  // Groups of three rows: 12 sums, padded to 16 for the reduction tree.
+  c.q_heads = 6;
+  expect_cache_call_matches_steps(c);
 }
 
 TEST(KVCache, Int8CachePrefillAndBfloat16Queries) {
