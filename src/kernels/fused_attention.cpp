@@ -139,7 +139,11 @@ class FusedKernel {
         key_tile_(TVectors * lanes_),
         v_stride_((p_.v_dim + lanes_ - 1) / lanes_ * lanes_),
         item_group_(p_.q_heads / operands.key_heads),
-        positions_(std::max<std::int64_t>(1, kItemRows / item_group_)),
+        // (no more positions than the sequence has: a short one, several tokens of a decoding
+        // step, would leave rows of every register tile empty, their products computed for
+        // nothing)
+        positions_(std::clamp<std::int64_t>(kItemRows / item_group_, 1,
+                                            std::max<std::int64_t>(1, p_.q_len))),
         rows_(positions_ * item_group_),
         tiles_((p_.k_len + key_tile_ - 1) / key_tile_),
         bf16_(operands.bf16_products),

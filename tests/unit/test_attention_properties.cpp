@@ -221,8 +221,8 @@ TEST(AttentionProperties, WeightsRequestDoesNotChangeOutput) {
   EXPECT_EQ(max_abs_difference(with.lse, without.lse), 0.0);
 }
 
-// Bitwise the same results for 1, 2 and 3 threads: prefill (fused), decode (split-KV), additive,
-// and bfloat16 prefill (the BF16 tiles where the CPU has them) and decode.
+// Bitwise the same results for 1, 2 and 3 threads: prefill (fused), decode (split-KV, one token
+// and two), additive, and bfloat16 prefill (the BF16 tiles where the CPU has them) and decode.
 TEST(AttentionProperties, ThreadCountDoesNotChangeResults) {
   AttentionCase prefill = masked_case();
   prefill.q_len = 130;
@@ -231,11 +231,16 @@ TEST(AttentionProperties, ThreadCountDoesNotChangeResults) {
   decode.k_len = 5000;
   decode.q_heads = 4;
   decode.kv_heads = 1;
+  AttentionCase several_tokens = decode;  // 32 rows on the one key head: split-KV as well
+  several_tokens.q_len = 2;
+  several_tokens.q_heads = 16;
+  several_tokens.causal = true;
   AttentionCase additive = masked_case();
   additive.score = Score::additive;
   for (const auto& [c, dtype] :
        std::vector<std::pair<AttentionCase, DType>>{{prefill, DType::float32},
                                                     {decode, DType::float32},
+                                                    {several_tokens, DType::float32},
                                                     {additive, DType::float32},
                                                     {prefill, DType::bfloat16},
                                                     {decode, DType::bfloat16}}) {

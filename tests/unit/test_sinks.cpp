@@ -97,7 +97,10 @@ TEST(Sinks, AreAColumnWithNoValueOnEveryKernel) {
 // Keys split in two blocks (key_offset), each call given the sinks, merged: the result of the
 // whole call. Only the block holding key 0 joins them; the sinks' gradient likewise.
 TEST(Sinks, JoinOnceWhenBlocksAreMerged) {
-  const Problem s{1, 20, 50, 2, 2, 8};
+  // Two sequences: with one, 20 rows per key/value head would be decode-shaped
+  // (decode_attention_supports), and the whole call's backward would re-derive LSE and Δ, which
+  // a block of keys cannot; the gradients below are compared bit for bit.
+  const Problem s{2, 20, 50, 2, 2, 8};
   const Tensor q = random_float32({s.batch, s.q_len, s.q_heads, s.dim}, 4);
   const Tensor k = random_float32({s.batch, s.k_len, s.kv_heads, s.dim}, 5);
   const Tensor v = random_float32({s.batch, s.k_len, s.kv_heads, s.dim}, 6);
