@@ -20,6 +20,7 @@
 #include <random>
 #include <string>
 #include <string_view>
+#include <thread>
 
 #include "qkv/attention.hpp"
 #include "qkv/backward.hpp"
@@ -35,12 +36,6 @@ constexpr double kNaiveLimitBytes = 2.0 * 1024 * 1024 * 1024;
 double milliseconds_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
       .count();
-}
-
-double median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const std::size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
 template <class Work>
@@ -158,6 +153,18 @@ void naive_additive_attention(const Shape& s, const float* q, const float* k, co
 }
 
 }  // namespace
+
+double median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+void wait_for_openblas_threads_to_sleep() {
+  // Each thread spins for 2^28 cycles (OpenBLAS's default thread timeout: 0.07 s at 4 GHz, 0.1 s
+  // at 2.7) before it waits on a condition variable.
+  std::this_thread::sleep_for(std::chrono::milliseconds(250));
+}
 
 std::vector<Shape> default_shapes() {
   return {parse_shape("S1"), parse_shape("S2"), parse_shape("S3"),

@@ -79,6 +79,13 @@ std::string cpu_name();
 // OpenBLAS sgemm of 2048³ (median of several runs).
 GemmResult measure_sgemm(int threads);
 
+// Returns once OpenBLAS's threads, which spin for a while after each call waiting for more work,
+// have gone to sleep (a fixed pause, longer than their spin).
+void wait_for_openblas_threads_to_sleep();
+
+// The median of `values` (not empty).
+double median(std::vector<double> values);
+
 // Memory read bandwidth in GB/s: a 512 MiB buffer summed by `threads` threads (median of runs).
 double measure_read_bandwidth(int threads);
 
@@ -88,7 +95,9 @@ double key_value_bytes(const Shape& shape, DType dtype);
 struct ShapeResult {
   Shape shape;
   DType dtype = DType::float32;
-  double median_ms = 0, gflops = 0, ratio_to_sgemm = 0;
+  double median_ms = 0, gflops = 0;
+  // The OpenBLAS sgemm measured right after the shape, and gflops over it.
+  double sgemm_gflops = 0, ratio_to_sgemm = 0;
   // Peak resident memory of the process while the shape ran (inputs included; memory still held
   // from earlier shapes too: run one shape alone for its own figure).
   double peak_mib = 0;

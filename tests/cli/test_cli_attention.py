@@ -311,6 +311,12 @@ def test_bench_json_reports_every_figure(tmp_path):
         assert shape["median_ms"] > 0 and shape["floor_ms"] > 0 and shape["peak_mib"] > 0
         assert shape["baseline_ms"] > 0 and shape["speedup_over_baseline"] > 0
     assert shapes[0]["ratio_to_sgemm"] > 0 and shapes[2]["tanh_per_second"] > 0
+    # Each shape's ratio is to the sgemm measured right after it; the heading's is their median.
+    for shape in shapes[:2]:
+        ratio = shape["gflops"] / shape["sgemm_gflops"]
+        # printed to 4 decimals, from GFLOP/s printed to 2
+        assert abs(shape["ratio_to_sgemm"] - ratio) <= 5e-5 + 0.005 * (1 + ratio) / shape["sgemm_gflops"]
+    assert report["sgemm"]["gflops"] == sorted(s["sgemm_gflops"] for s in shapes)[1]
 
 
 def test_bench_takes_values_of_another_width(tmp_path):

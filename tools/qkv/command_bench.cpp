@@ -87,31 +87,45 @@ void run_bench(const BenchFlags& flags) {
   if (backward && dtype == DType::int8)
     throw Error("--dtype: expected f32, bf16 or f16 with --pass backward, got i8 (a KV cache)");
   const int threads = flags.threads > 0 ? flags.threads : omp_get_max_threads();
-  // qkv first, then the baselines, then sgemm: OpenBLAS's threads never run beside qkv's.
+  // Each shape's ratio is to an sgemm measured right after it: on a shared machine the speed of
+  // both drifts by ±20% within minutes, and one sgemm for a run of many shapes left the ratios of
+  // the first ones to a machine seconds or minutes later. OpenBLAS's threads wait for work
+  // spinning for a while after each call: the next shape starts after they have gone to sleep,
+  // so that they never run beside qkv's. The baselines (OpenBLAS too) come after every shape.
   // The backward has no memory floor to report.
   const double bandwidth = backward ? 0.0 : bench::measure_read_bandwidth(threads);
   std::vector<bench::ShapeResult> results;
+  bench::GemmResult gemm;
+  std::vector<double> sgemm_gflops;
   for (const bench::Shape& shape : shapes) {
     results.push_back(
         backward ? bench::measure_qkv_backward(shape, dtype, threads, flags.repetitions)
                  : bench::measure_qkv(shape, dtype, threads, bandwidth, flags.repetitions));
+    gemm = bench::measure_sgemm(threads);
+    bench::ShapeResult& result = results.back();
+    result.sgemm_gflops = gemm.gflops;
+    result.ratio_to_sgemm = result.gflops / gemm.gflops;
+    sgemm_gflops.push_back(gemm.gflops);
+    bench::wait_for_openblas_threads_to_sleep();
   }
+  gemm.gflops = bench::median(sgemm_gflops);  // the run's, for the heading
   for (bench::ShapeResult& result : results) {
     if (!backward) bench::measure_baseline(result, threads, flags.repetitions);
   }
-  const bench::GemmResult gemm = bench::measure_sgemm(threads);
-  for (bench::ShapeResult& result : results) result.ratio_to_sgemm = result.gflops / gemm.gflops;
   if (!flags.json) {
     fmt::print("qkv bench ({} pass) on {}: {} threads, SIMD target {}, {}{}\n", flags.pass,
                bench::cpu_name(), threads, simd_target(),
                dtype == DType::int8 ? std::string("an int8 KV cache (float32 queries and output)")
                                     : fmt::format("{} inputs and output", dtype_name(dtype)),
                backward ? "; dQ, dK, dV from the saved O and LSE, FLOPs = 2.5 × forward" : "");
-    fmt::print("OpenBLAS sgemm 2048³: {:.1f} GFLOP/s (kernel {}{})\n", gemm.gflops, gemm.kernel,
-               gemm.coretype.empty() ? ""
-                                     : fmt::format(", forced by OPENBLAS_CORETYPE={}; unset it "
-                                                   "to measure the best kernel",
-                                                   gemm.coretype));
+    fmt::print(
+        "OpenBLAS sgemm 2048³: {:.1f} GFLOP/s, the median of the run (kernel {}{}); "
+        "each shape's ÷sgemm is to the sgemm measured right after it\n",
+        gemm.gflops, gemm.kernel,
+        gemm.coretype.empty() ? ""
+                              : fmt::format(", forced by OPENBLAS_CORETYPE={}; unset it "
+                                            "to measure the best kernel",
+                                            gemm.coretype));
     fmt::print("memory read bandwidth: {:.1f} GB/s (floor = bytes of K and V{} at this rate)\n\n",
                bandwidth, dtype == DType::int8 ? " and their scales" : "");
     fmt::print("{:<20} {:>9} {:>14} {:>7} {:>9} {:>8} {:>12} {:>8}\n", "shape", "ms", "throughput",
@@ -148,12 +162,13 @@ void run_bench(const BenchFlags& flags) {
         "{}\n    {{\"shape\": \"{}\", \"batch\": {}, \"q_heads\": {}, \"kv_heads\": {}, "
         "\"q_len\": {}, \"k_len\": {}, \"head_dim\": {}, \"value_dim\": {}, "
         "\"additive_dim\": {}, \"causal\": {}, "
-        "\"median_ms\": {:.6g}, \"gflops\": {:.2f}, \"ratio_to_sgemm\": {:.4f}, "
+        "\"median_ms\": {:.6g}, \"gflops\": {:.2f}, \"sgemm_gflops\": {:.2f}, "
+        "\"ratio_to_sgemm\": {:.4f}, "
         "\"tanh_per_second\": {:.4g}, \"floor_ms\": {:.6g}, \"peak_mib\": {:.1f}, "
         "\"baseline_ms\": {:.6g}, \"speedup_over_baseline\": {:.3f}}}",
         rows.empty() ? "" : ",", s.name, s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len,
         s.head_dim, s.value_dim, s.additive_dim, s.causal ? "true" : "false", r.median_ms, r.gflops,
-        r.ratio_to_sgemm, r.tanh_per_second, r.floor_ms, r.peak_mib, r.naive_ms,
+        r.sgemm_gflops, r.ratio_to_sgemm, r.tanh_per_second, r.floor_ms, r.peak_mib, r.naive_ms,
         r.speedup_over_naive);
   }
   fmt::print(
