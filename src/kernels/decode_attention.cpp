@@ -66,17 +66,22 @@
 namespace qkv::kernels {
 // Query rows per key/value head (Nq · Hq/Hk) up to which this kernel computes a problem: always
 // up to kDecodeRows; up to kFewHeadsDecodeRows when the problem has a single (batch, key/value
-// head) pair, the fused kernel's only parallel dimension at so few rows (several tokens of a
+// head) pair or heads of at least kWideHeadDim. The fused kernel's only parallel dimension at so
+// few rows is the pairs: with one it runs on one core, and packs K and V that it reads once, where
+// this kernel splits the keys over every core and reads them in place (several tokens of a
 // decoding step against one sequence's cache, DeepSeek's absorbed MLA with its one key/value
-// head): there the fused kernel runs on one core, and packs K and V that it reads once, where
-// this kernel splits the keys over every core and reads them in place (Zen 4, 2 threads:
-// B1 H16 Hk1 Nq2 Nk8192 D576 Dv512 11.8 -> 3.2-4.2 ms, B1 H8 Hk1 Nq8 Nk8192 D128 2.6-2.9
-// -> 1.9-2.5; with two pairs the two kernels tied, with four at D = 128 the fused kernel was
-// faster). A rule of the problem alone, never of the thread count: results stay bitwise the same
-// for any number of threads.
+// head); and wide heads' tiles (295 KiB of keys at D = 576) pass from L2 once for every four rows,
+// where this kernel keeps four keys in L1 for all rows. Zen 4, 2 threads, ms, fused → this kernel:
+//   B1 H16 Hk1 Nq2 Nk8192 D576 Dv512: 11.8 → 3.2-4.2
+//   B8 H16 Hk1 Nq2 Nk4096 D576 Dv512: 21.4 → 14.9
+//   B2 H16 Hk2 Nq4 Nk8192 D256:        9.5 → 8.3-8.5
+//   B1 H8  Hk1 Nq8 Nk8192 D128:    2.6-2.9 → 1.9-2.5
+// With four pairs at D = 128 the fused kernel was as fast or faster (B1 H32 Hk4 Nq8 Nk8192: 6.5
+// against 7.9-9.6). A rule of the problem alone, never of the thread count: results stay bitwise
+// the same for any number of threads.
 constexpr std::int64_t kDecodeRows = 16;
 constexpr std::int64_t kFewHeadsDecodeRows = 64;
-constexpr std::int64_t kFewHeads = 1;
+constexpr std::int64_t kWideHeadDim = 256;
 constexpr std::int64_t kChunkKeys = 1024;  // keys per work item
 }  // namespace qkv::kernels
 #endif
@@ -712,7 +717,8 @@ bool decode_attention_supports(const AttentionProblem& p) {
   return (p.dtype == DType::float32 || p.dtype == DType::bfloat16 || p.dtype == DType::float16) &&
          p.form == detail::ScoreForm::dot && !p.weights.present && p.dropout == 0 && !p.sigmoid &&
          (p.q_len * p.group_size <= kDecodeRows ||
-          (p.q_len * p.group_size <= kFewHeadsDecodeRows && p.batch * p.kv_heads <= kFewHeads)) &&
+          (p.q_len * p.group_size <= kFewHeadsDecodeRows &&
+           (p.batch * p.kv_heads == 1 || p.q_dim >= kWideHeadDim))) &&
          // an int8 cache's keys are read as they lie only when the score compares them so
          (p.k.dtype != DType::int8 || keys_as_they_are(detail::score_unit(p.score).operands(p)));
 }

@@ -294,16 +294,17 @@ std::vector<AttentionCase> shape_zoo() {
   }
   // 9. Several tokens against few key/value heads (a decoding step's draft tokens, DeepSeek's
   // absorbed MLA with its one key/value head): 17 to 64 rows per key head, split-KV with a single
-  // (batch, key head) pair; with three pairs, the fused kernel's items hold fewer positions than
-  // it would give them (Nq < 64 / group) or a ragged last block of positions.
-  for (int variant = 0; variant < 5; ++variant) {
+  // (batch, key head) pair or with wide heads (D ≥ 256, variant 5); with three pairs, the fused
+  // kernel's items hold fewer positions than it would give them (Nq < 64 / group) or a ragged
+  // last block of positions.
+  for (int variant = 0; variant < 6; ++variant) {
     AttentionCase c;
-    c.batch = variant == 3 ? 3 : 1;
-    c.q_len = std::array<std::int64_t, 5>{2, 4, 8, 2, 5}[variant];
+    c.batch = variant == 3 ? 3 : variant == 5 ? 2 : 1;
+    c.q_len = std::array<std::int64_t, 6>{2, 4, 8, 2, 5, 8}[variant];
     c.k_len = 1500;  // two of the split-KV's chunks
-    c.q_heads = variant == 2 ? 8 : 16;
-    c.kv_heads = 1;
-    c.q_dim = 40;
+    c.q_heads = variant == 2 || variant == 5 ? 8 : 16;
+    c.kv_heads = variant == 5 ? 2 : 1;
+    c.q_dim = variant == 5 ? 256 : 40;
     c.v_dim = 24;
     c.causal = variant != 2;
     c.window_left = variant == 1 ? 700 : -1;
