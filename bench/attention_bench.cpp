@@ -161,8 +161,9 @@ double median(std::vector<double> values) {
 }
 
 void wait_for_openblas_threads_to_sleep() {
-  // Each thread spins for 2^28 cycles (OpenBLAS's default thread timeout: 0.07 s at 4 GHz, 0.1 s
-  // at 2.7) before it waits on a condition variable.
+  // Each thread spins for a while (OpenBLAS's thread timeout, a number of cycles) before it waits
+  // on a condition variable. 250 ms is more than enough: S1 measured after an sgemm and this pause
+  // ran as fast as S1 measured first (Zen 4, four in a row, three runs).
   std::this_thread::sleep_for(std::chrono::milliseconds(250));
 }
 

@@ -70,8 +70,9 @@ namespace qkv::kernels {
 // few rows is the pairs: with one it runs on one core, and packs K and V that it reads once, where
 // this kernel splits the keys over every core and reads them in place (several tokens of a
 // decoding step against one sequence's cache, DeepSeek's absorbed MLA with its one key/value
-// head); and wide heads' tiles (295 KiB of keys at D = 576) pass from L2 once for every four rows,
-// where this kernel keeps four keys in L1 for all rows. Zen 4, 2 threads, ms, fused → this kernel:
+// head); and with wide heads the fused kernel reads each key and value tile (295 KiB of keys at
+// D = 576, beyond L1) once for every four rows, where this kernel reads four keys (9 KiB) once for
+// all rows. Zen 4, 2 threads, ms, fused → this kernel:
 //   B1 H16 Hk1 Nq2 Nk8192 D576 Dv512: 11.8 → 3.2-4.2
 //   B8 H16 Hk1 Nq2 Nk4096 D576 Dv512: 21.4 → 14.9
 //   B2 H16 Hk2 Nq4 Nk8192 D256:        9.5 → 8.3-8.5
