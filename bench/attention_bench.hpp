@@ -108,6 +108,10 @@ struct ShapeResult {
   // The baseline: GEMM → softmax → GEMM with the N×N matrix (0 when that matrix would exceed
   // 2 GiB); for additive shapes, every score computed plainly with std::tanh into that matrix.
   double naive_ms = 0, speedup_over_naive = 0;
+  // Shapes with a block mask (documents, a sliding window): the same shape without it, measured
+  // right after, and the share of (query, key) pairs the mask shows: the time the mask should
+  // take, as a share of dense_ms.
+  double dense_ms = 0, visible_share = 1;
 };
 
 // Phase 1: qkv's attention_forward on one shape, inputs and output in `dtype` (float32 or

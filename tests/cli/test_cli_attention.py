@@ -319,6 +319,24 @@ def test_bench_json_reports_every_figure(tmp_path):
     assert report["sgemm"]["gflops"] == sorted(s["sgemm_gflops"] for s in shapes)[1]
 
 
+def test_bench_times_a_block_mask_beside_the_same_shape_without_it(tmp_path):
+    """Issue 13's yardstick in one run: a block-masked shape's time beside the dense shape's, and
+    the share of pairs the mask shows (4 documents: exactly 1/4; a window of 16 behind each of 128
+    queries: (17·128 − 16·17/2) / 128²)."""
+    import json
+    result = run("bench", "--shapes", "B1H2N128D16docs32,B1H2N128D16slide16,B1H2N128D16",
+                 "--repetitions", "1", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    docs, slide, dense = json.loads(result.stdout)["shapes"]
+    assert docs["dense_ms"] > 0 and slide["dense_ms"] > 0 and dense["dense_ms"] == 0
+    assert docs["visible_share"] == 0.25
+    assert abs(slide["visible_share"] - (17 * 128 - 16 * 17 / 2) / 128**2) <= 1e-6
+    assert dense["visible_share"] == 1
+    table = run("bench", "--shapes", "B1H2N128D16docs32", "--repetitions", "1", cwd=tmp_path)
+    assert "of the time of the same shape without its block mask" in table.stdout
+    assert "which shows 0.250 of the (query, key) pairs" in table.stdout
+
+
 def test_bench_takes_values_of_another_width(tmp_path):
     """Dv<dv>: DeepSeek's MLA shapes (queries and keys of D, values of Dv), forward and backward;
     the FLOPs count D for Q·Kᵀ and Dv for P·V, the decode floor K's and V's own widths."""

@@ -101,8 +101,15 @@ void run_bench(const BenchFlags& flags) {
     results.push_back(
         backward ? bench::measure_qkv_backward(shape, dtype, threads, flags.repetitions)
                  : bench::measure_qkv(shape, dtype, threads, bandwidth, flags.repetitions));
-    gemm = bench::measure_sgemm(threads);
     bench::ShapeResult& result = results.back();
+    if (!backward && (shape.documents > 0 || shape.sliding_window > 0)) {
+      bench::Shape dense = shape;
+      dense.documents = dense.sliding_window = 0;
+      result.dense_ms =
+          bench::measure_qkv(dense, dtype, threads, bandwidth, flags.repetitions).median_ms;
+      result.visible_share = shape.visible_share();
+    }
+    gemm = bench::measure_sgemm(threads);
     result.sgemm_gflops = gemm.gflops;
     result.ratio_to_sgemm = result.gflops / gemm.gflops;
     sgemm_gflops.push_back(gemm.gflops);
@@ -148,6 +155,13 @@ void run_bench(const BenchFlags& flags) {
     fmt::print("{:<20} {:>9.2f} {:>14} {:>7} {:>9} {:>8.0f} {}\n", shape.name, r.median_ms,
                throughput, ratio, floor, r.peak_mib, baseline);
   }
+  for (const bench::ShapeResult& r : results) {
+    if (flags.json || r.dense_ms <= 0) continue;
+    fmt::print(
+        "{}: {:.3f} of the time of the same shape without its block mask ({:.2f} against "
+        "{:.2f} ms), which shows {:.3f} of the (query, key) pairs\n",
+        r.shape.name, r.median_ms / r.dense_ms, r.median_ms, r.dense_ms, r.visible_share);
+  }
   if (!flags.json) {
     fmt::print(
         "\nbaseline: GEMM → softmax → GEMM in float32 with OpenBLAS (the N×N matrix in "
@@ -165,11 +179,12 @@ void run_bench(const BenchFlags& flags) {
         "\"median_ms\": {:.6g}, \"gflops\": {:.2f}, \"sgemm_gflops\": {:.2f}, "
         "\"ratio_to_sgemm\": {:.4f}, "
         "\"tanh_per_second\": {:.4g}, \"floor_ms\": {:.6g}, \"peak_mib\": {:.1f}, "
-        "\"baseline_ms\": {:.6g}, \"speedup_over_baseline\": {:.3f}}}",
+        "\"baseline_ms\": {:.6g}, \"speedup_over_baseline\": {:.3f}, \"dense_ms\": {:.6g}, "
+        "\"visible_share\": {:.6g}}}",
         rows.empty() ? "" : ",", s.name, s.batch, s.q_heads, s.kv_heads, s.q_len, s.k_len,
         s.head_dim, s.value_dim, s.additive_dim, s.causal ? "true" : "false", r.median_ms, r.gflops,
         r.sgemm_gflops, r.ratio_to_sgemm, r.tanh_per_second, r.floor_ms, r.peak_mib, r.naive_ms,
-        r.speedup_over_naive);
+        r.speedup_over_naive, r.dense_ms, r.visible_share);
   }
   fmt::print(
       "{{\n  \"pass\": \"{}\", \"cpu\": \"{}\", \"threads\": {}, \"simd_target\": \"{}\", "
