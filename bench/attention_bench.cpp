@@ -481,7 +481,7 @@ struct BenchProblem {
     options.window_left = s.window;
     options.sink_tokens = s.sink_tokens;
     options.threads = threads;
-    if (s.documents > 0 || s.sliding_window > 0) {
+    if (s.block_masked()) {
       const Shape shape = s;
       block_mask =
           BlockMask::from_mask_mod([&shape](std::int64_t, std::int64_t, std::int64_t i,

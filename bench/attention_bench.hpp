@@ -37,8 +37,10 @@ struct Shape {
   // Whether the GEMM → softmax → GEMM baseline computes this shape (it knows no masks but causal,
   // no sinks, no sigmoid).
   bool baseline_applies() const {
-    return documents == 0 && sliding_window == 0 && window < 0 && !sinks && !sigmoid && !kv_cache();
+    return !block_masked() && window < 0 && !sinks && !sigmoid && !kv_cache();
   }
+  // Whether the shape's documents or sliding window are given as a block mask.
+  bool block_masked() const { return documents > 0 || sliding_window > 0; }
   // The share of the Nq × Nk pairs the masks leave visible (1 without masks).
   double visible_share() const;
   // Whether query i sees key j under the shape's masks.

@@ -102,7 +102,7 @@ void run_bench(const BenchFlags& flags) {
         backward ? bench::measure_qkv_backward(shape, dtype, threads, flags.repetitions)
                  : bench::measure_qkv(shape, dtype, threads, bandwidth, flags.repetitions));
     bench::ShapeResult& result = results.back();
-    if (!backward && (shape.documents > 0 || shape.sliding_window > 0)) {
+    if (!backward && shape.block_masked()) {
       bench::Shape dense = shape;
       dense.documents = dense.sliding_window = 0;
       result.dense_ms =
