@@ -483,7 +483,7 @@ class DecodeKernel {
           apply_score_options(p_, b, HeadOf(r), PositionOf(r), start + from, to - from,
                               scores + from);
         }
-        const float block_max = hn::GetLane(hn::MaxOfLanes(d, hn::Load(d, scores)));
+        const float block_max = LargestLane(d, hn::Load(d, scores));
         float new_max = std::max(s.row_max[r], block_max);
         if (new_max == kMinusInfinity) {
           if (AnyNaN(d, scores, 0, lanes_)) {

@@ -738,7 +738,7 @@ class FusedKernel {
     for (std::int64_t t = span.begin; t < span.end; t += lanes_) {
       maximum = hn::Max(maximum, hn::Load(d, scores + t));
     }
-    const float tile_max = hn::GetLane(hn::MaxOfLanes(d, maximum));
+    const float tile_max = LargestLane(d, maximum);
     const float old_max = s.row_max[r];
     float new_max = std::max(old_max, tile_max);
     if (new_max == -std::numeric_limits<float>::infinity()) {

@@ -448,7 +448,7 @@ class BackwardKernel {
     Vec maximum = hn::Set(d, -std::numeric_limits<float>::infinity());
     for (std::int64_t t = 0; t < kBlock; t += lanes_)
       maximum = hn::Max(maximum, hn::LoadU(d, scores + t));
-    float new_max = std::max(rows_of.max[r], hn::GetLane(hn::MaxOfLanes(d, maximum)));
+    float new_max = std::max(rows_of.max[r], LargestLane(d, maximum));
     if (new_max == -std::numeric_limits<float>::infinity()) {
       if (!AnyNaN(d, scores, 0, kBlock)) return;
       new_max = std::numeric_limits<float>::quiet_NaN();  // (AnyNaN says why)

@@ -14,6 +14,7 @@
 #include <hwy/highway.h>
 
 #include <cstdint>
+#include <limits>
 
 HWY_BEFORE_NAMESPACE();
 namespace qkv::kernels {
@@ -71,6 +72,21 @@ template <class D, class V = hwy::HWY_NAMESPACE::Vec<D>>
 HWY_INLINE V SoftCapTanh(D d, V score, V inverse_cap) {
   namespace hn = hwy::HWY_NAMESPACE;
   return hn::Tanh(d, hn::Mul(score, inverse_cap));
+}
+
+// The largest lane of v; −inf when every lane is −inf, which is how the kernels recognise a row
+// that sees no key yet. Highway 1.0's EMU128 target (the fallback in clang's builds) starts its
+// MaxOfLanes from the lowest finite float, so there all −inf reduced to −3.4·10³⁸: the row then
+// counted as seen, with a sum of 0 and an output of 0 · (1 / 0) = NaN. That value comes back
+// only from lanes that are all −inf or hold it themselves, and is checked only then.
+template <class D, class V = hwy::HWY_NAMESPACE::Vec<D>>
+HWY_INLINE float LargestLane(D d, V v) {
+  namespace hn = hwy::HWY_NAMESPACE;
+  const float largest = hn::GetLane(hn::MaxOfLanes(d, v));
+  if (largest != hwy::LowestValue<float>()) return largest;
+  const V minus_infinity = hn::Set(d, -std::numeric_limits<float>::infinity());
+  return hn::AllTrue(d, hn::Eq(v, minus_infinity)) ? -std::numeric_limits<float>::infinity()
+                                                   : largest;
 }
 
 // Whether any of scores[begin, end) (whole vectors) is NaN. The online softmax's
