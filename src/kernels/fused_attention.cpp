@@ -130,6 +130,21 @@ void SigmoidAttentionWeights(const float* scores, float bias, float* out, std::i
               [&](auto score) { return SigmoidWeights(FloatTag(), score, negative_bias); });
 }
 
+// The largest of in[0, count), reduced as SoftmaxRow reduces a row's scores: a running Max of
+// whole vectors (the last one padded with −inf), then LargestLane.
+float LargestOfScores(const float* in, std::int64_t count) {
+  const FloatTag d;
+  constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
+  const auto width = static_cast<std::int64_t>(hn::Lanes(d));
+  HWY_ALIGN float lanes[hn::MaxLanes(d)];
+  auto maximum = hn::Set(d, kMinusInfinity);
+  for (std::int64_t i = 0; i < count; i += width) {
+    for (std::int64_t t = 0; t < width; ++t) lanes[t] = i + t < count ? in[i + t] : kMinusInfinity;
+    maximum = hn::Max(maximum, hn::Load(d, lanes));
+  }
+  return LargestLane(d, maximum);
+}
+
 class FusedKernel {
  public:
   explicit FusedKernel(const FusedOperands& operands)
@@ -964,6 +979,7 @@ HWY_EXPORT(FusedForward);
 HWY_EXPORT(TargetRunsBf16Tiles);
 HWY_EXPORT(SoftmaxExp);
 HWY_EXPORT(SigmoidAttentionWeights);
+HWY_EXPORT(LargestOfScores);
 
 bool fused_attention_supports(const AttentionProblem& problem) {
   return problem.dtype == DType::float32 || problem.dtype == DType::bfloat16 ||
@@ -1093,6 +1109,11 @@ void softmax_exp(const float* in, float* out, std::int64_t count) {
 void sigmoid_weights(const float* scores, float bias, float* out, std::int64_t count) {
   apply_simd_environment();
   HWY_DYNAMIC_DISPATCH(SigmoidAttentionWeights)(scores, bias, out, count);
+}
+
+float largest_score(const float* in, std::int64_t count) {
+  apply_simd_environment();
+  return HWY_DYNAMIC_DISPATCH(LargestOfScores)(in, count);
 }
 
 }  // namespace qkv::kernels

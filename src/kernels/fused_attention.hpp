@@ -77,4 +77,10 @@ void softmax_exp(const float* in, float* out, std::int64_t count);
 // included); NaN for a NaN score.
 void sigmoid_weights(const float* scores, float bias, float* out, std::int64_t count);
 
+// The largest of in[0, count) as the kernels reduce a row's scores (a running maximum of
+// vectors, then LargestLane, kernels/score_math-inl.h), on the SIMD target in use, for the test
+// that checks it on every target. −inf when every score is −inf, or count is 0: how the online
+// softmax tells a row that sees no key yet.
+float largest_score(const float* in, std::int64_t count);
+
 }  // namespace qkv::kernels

@@ -88,6 +88,27 @@ TEST(Simd, SoftmaxExpErrorBoundOverItsRange) {
   force_simd_target("");
 }
 
+// The kernels' reduction of a row's scores to the largest: −inf when all are −inf (a
+// row that sees no key yet), on every target. Highway 1.0's EMU128 target (clang's fallback)
+// reduced it to the lowest finite float, and such rows came out NaN; the lowest finite float
+// itself, beside −inf, must still come back as it is.
+TEST(Simd, LargestLaneOfHiddenScoresIsMinusInfinity) {
+  constexpr float kMinusInfinity = -std::numeric_limits<float>::infinity();
+  constexpr float kLowest = std::numeric_limits<float>::lowest();
+  const std::vector<float> all_hidden(40, kMinusInfinity);
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    for (const std::int64_t count : {1, 3, 4, 16, 40})
+      EXPECT_EQ(kernels::largest_score(all_hidden.data(), count), kMinusInfinity) << target;
+    EXPECT_EQ(kernels::largest_score(all_hidden.data(), 0), kMinusInfinity) << target;
+    const float lowest_first[] = {kLowest, kMinusInfinity};
+    EXPECT_EQ(kernels::largest_score(lowest_first, 2), kLowest) << target;
+    const float mixed[] = {kMinusInfinity, -3.5f};
+    EXPECT_EQ(kernels::largest_score(mixed, 2), -3.5f) << target;
+  }
+  force_simd_target("");
+}
+
 // sigmoid_weights: P = 1 / (1 + e^x), x = −bias − score, within 2 ULP of the double-precision
 // value wherever that is a normal float (x < 87.3), from x = −120 (P = 1) up; exactly 0 from
 // x = 88.4 on and for a hidden key (score = −inf); NaN for a NaN score. The bias is swept too,
