@@ -77,12 +77,15 @@ HWY_INLINE V SoftCapTanh(D d, V score, V inverse_cap) {
 // The largest lane of v; −inf when every lane is −inf, which is how the kernels recognise a row
 // that sees no key yet. Highway 1.0's EMU128 target (the fallback in clang's builds) starts its
 // MaxOfLanes from the lowest finite float, so there all −inf reduced to −3.4·10³⁸: the row then
-// counted as seen, with a sum of 0 and an output of 0 · (1 / 0) = NaN. That value comes back
-// only from lanes that are all −inf or hold it themselves, and is checked only then.
+// counted as seen, with a sum of 0 and an output of 0 · (1 / 0) = NaN. That target alone checks
+// the value (it comes back only from lanes that are all −inf or hold it themselves); every other
+// target's reduction is −inf for −inf lanes and runs as it is (tests/unit/test_simd.cpp checks
+// both on every target).
 template <class D, class V = hwy::HWY_NAMESPACE::Vec<D>>
 HWY_INLINE float LargestLane(D d, V v) {
   namespace hn = hwy::HWY_NAMESPACE;
   const float largest = hn::GetLane(hn::MaxOfLanes(d, v));
+  if constexpr (HWY_TARGET != HWY_EMU128) return largest;
   if (largest != hwy::LowestValue<float>()) return largest;
   const V minus_infinity = hn::Set(d, -std::numeric_limits<float>::infinity());
   return hn::AllTrue(d, hn::Eq(v, minus_infinity)) ? -std::numeric_limits<float>::infinity()
