@@ -23,7 +23,7 @@ enum class BlockKind : std::uint8_t { empty = 0, partial = 1, full = 2 };
 // elsewhere) and reused across calls: AttentionOptions::block_mask. The kernels skip empty blocks
 // and test pairs only in partial ones, so a mask that leaves a fraction f of the blocks non-empty
 // costs about f of the dense attention. Memory: one byte per block, q_block·kv_block bits per
-// partial block.
+// partial block, and two integers per query row when each row's visible keys are one run.
 class BlockMask {
  public:
   BlockMask() = default;
@@ -79,6 +79,19 @@ class BlockMask {
     if (partial < 0) return nullptr;
     return bits_.data() + (partial * shape_.q_block + q_idx - qb * shape_.q_block) * words_per_row_;
   }
+  // Whether each query row's visible keys are one run (or none), as they are under causal masks,
+  // sliding windows, documents, prefix LM and their intersections, and some block is partial.
+  // The kernels then take a row's run as its visible interval and need no element test: the bits
+  // of the partial blocks only serve the reference and visible().
+  bool rows_are_runs() const { return !runs_.empty(); }
+  // When rows_are_runs(): the visible keys [run_first, run_last) of row q_idx of (b, h), equal
+  // when it sees none.
+  std::int64_t run_first(std::int64_t b, std::int64_t h, std::int64_t q_idx) const {
+    return runs_[static_cast<std::size_t>(2 * run_index(b, h, q_idx))];
+  }
+  std::int64_t run_last(std::int64_t b, std::int64_t h, std::int64_t q_idx) const {
+    return runs_[static_cast<std::size_t>(2 * run_index(b, h, q_idx) + 1)];
+  }
   // The share of blocks that are not empty (what a kernel computes of the dense attention).
   double density() const;
 
@@ -92,12 +105,18 @@ class BlockMask {
   void set_block(std::int64_t block, const std::uint8_t* pairs, std::int64_t pair_stride,
                  std::int64_t q_count, std::int64_t kv_count);
   void finish();
+  void find_runs();
   std::int64_t row_index(std::int64_t b, std::int64_t h, std::int64_t qb) const {
     return ((shape_.batch == 1 ? 0 : b) * shape_.heads + (shape_.heads == 1 ? 0 : h)) * q_blocks_ +
            qb;
   }
   std::int64_t block_index(std::int64_t b, std::int64_t h, std::int64_t qb, std::int64_t kb) const {
     return row_index(b, h, qb) * kv_blocks_ + kb;
+  }
+  std::int64_t run_index(std::int64_t b, std::int64_t h, std::int64_t q_idx) const {
+    return ((shape_.batch == 1 ? 0 : b) * shape_.heads + (shape_.heads == 1 ? 0 : h)) *
+               shape_.q_len +
+           q_idx;
   }
 
   BlockMaskShape shape_;
@@ -107,6 +126,7 @@ class BlockMask {
   std::vector<std::int64_t> partial_of_;  // per block: its index among the partial ones, or -1
   std::vector<std::uint64_t> bits_;       // per partial block: q_block rows of words_per_row_
   std::vector<std::int64_t> spans_;       // per (b, h, qb): first_key, last_key
+  std::vector<std::int64_t> runs_;        // per (b, h, q_idx): its run, when every row is one
 };
 
 // Combinators of mask_mods (FlexAttention's and_masks, or_masks, noop_mask): a pair is visible

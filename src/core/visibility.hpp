@@ -2,7 +2,9 @@
 // that the position masks, a boolean mask made of runs (core/mask_runs.hpp) and the block mask's
 // non-empty blocks leave (nothing outside it is ever scored), then the element tests inside it —
 // any other boolean mask and the block mask's partial blocks — which turn hidden scores into -inf.
-// Empty blocks inside the interval cost one lookup, full ones no test at all.
+// Empty blocks inside the interval cost one lookup, full ones no test at all; a block mask whose
+// rows are each one run (BlockMask::rows_are_runs) gives each row its run as the interval, and
+// its partial blocks need no test either.
 #pragma once
 
 #include <algorithm>
@@ -54,7 +56,13 @@ inline KeyInterval narrow_to_block_mask(const AttentionProblem& p, std::int64_t 
                                         std::int64_t i, KeyInterval keys) {
   if (p.block_mask == nullptr || keys.empty()) return keys;
   const BlockMask& mask = *p.block_mask;
-  h += p.head_offset;  // the block mask's heads are the whole problem's
+  h += p.head_offset;          // the block mask's heads are the whole problem's
+  if (mask.rows_are_runs()) {  // the row's run, in the problem's own key positions
+    const std::int64_t q_idx = i + p.query_offset;
+    const KeyInterval run = keys.intersect(
+        {mask.run_first(b, h, q_idx) - p.key_offset, mask.run_last(b, h, q_idx) - p.key_offset});
+    return run.empty() ? KeyInterval{} : run;
+  }
   const std::int64_t kv_block = mask.shape().kv_block;
   const std::int64_t q_idx = i + p.query_offset, offset = p.key_offset;
   // In global key positions [g_first, g_last).
@@ -157,6 +165,20 @@ void hide_masked_keys(const AttentionProblem& p, std::int64_t b, std::int64_t h,
   h += p.head_offset;
   const std::int64_t kv_block = mask.shape().kv_block;
   const std::int64_t q_idx = i + p.query_offset, qb = q_idx / mask.shape().q_block;
+  if (mask.rows_are_runs()) {  // only the keys outside the row's run, none inside the interval
+    const std::int64_t run_first = mask.run_first(b, h, q_idx) - p.key_offset;
+    const std::int64_t run_last = mask.run_last(b, h, q_idx) - p.key_offset;
+    if (run_first >= run_last) {
+      std::fill(scores, scores + count, kHidden);
+      return;
+    }
+    const std::int64_t end = j0 + count;
+    const std::int64_t before = std::clamp(run_first, j0, end);
+    const std::int64_t after = std::clamp(run_last, before, end);
+    std::fill(scores, scores + (before - j0), kHidden);
+    std::fill(scores + (after - j0), scores + count, kHidden);
+    return;
+  }
   // Block by block in global key positions g = j + key_offset.
   const std::int64_t g_begin = j0 + p.key_offset, g_end = g_begin + count;
   for (std::int64_t g0 = g_begin; g0 < g_end;) {

@@ -1,11 +1,14 @@
 // Block masks: built from a mask_mod (or from blocks), each block classified from its pairs, each
-// pair kept; the combinators; bad blocks refused; and a block-masked attention that equals the
-// same mask given as a boolean tensor.
+// pair kept, each row's run kept when every row is one; the combinators; bad blocks refused; and a
+// block-masked attention that equals the same mask given as a boolean tensor.
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "attention_case.hpp"
@@ -115,6 +118,61 @@ TEST(BlockMask, FromBlocksEqualsFromMaskMod) {
       for (std::int64_t j = 0; j < 37; ++j) EXPECT_EQ(given.visible(0, h, i, j), rule(0, h, i, j));
 }
 
+// The visible keys [first, last) of row i of (b, h) under a rule when they are one run (or none:
+// first == last), else nullopt.
+template <class Rule>
+std::optional<std::pair<std::int64_t, std::int64_t>> run_of(const Rule& rule, std::int64_t b,
+                                                            std::int64_t h, std::int64_t i,
+                                                            std::int64_t kv_len) {
+  std::int64_t first = -1, last = -1;
+  for (std::int64_t j = 0; j < kv_len; ++j) {
+    if (!rule(b, h, i, j)) continue;
+    if (first >= 0 && last != j) return std::nullopt;  // a hidden key inside the row
+    if (first < 0) first = j;
+    last = j + 1;
+  }
+  if (first < 0) return std::pair<std::int64_t, std::int64_t>{0, 0};
+  return std::pair{first, last};
+}
+
+// Masks whose rows are each one run (causal, a sliding window, documents, prefix LM, on blocks
+// that cut their edges) keep each row's run; one hidden key inside one row, or the rule above,
+// keeps none (the kernels then test the bits); so does a mask without partial blocks.
+TEST(BlockMask, KeepsEachRowsRunWhenEveryRowIsOne) {
+  using I = std::int64_t;
+  const auto causal = [](I, I, I i, I j) { return j <= i; };
+  const auto window = [](I, I h, I i, I j) { return j <= i && i - j <= 9 + h; };
+  const auto documents = [](I b, I, I i, I j) { return i / (7 + b) == j / (7 + b); };
+  const auto prefix_lm = or_masks(causal, [](I, I, I, I j) { return j < 21; });
+  const auto holed = [](I, I, I i, I j) { return j <= i && !(i == 30 && j == 3); };
+  const BlockMaskShape shape{2, 2, 45, 61, 8, 16};
+  const auto check = [&](const auto& rule, bool runs) {
+    const BlockMask mask = BlockMask::from_mask_mod(rule, shape);
+    ASSERT_EQ(mask.rows_are_runs(), runs);
+    if (!runs) return;
+    for (I b = 0; b < 2; ++b)
+      for (I h = 0; h < 2; ++h)
+        for (I i = 0; i < 45; ++i) {
+          const auto want = run_of(rule, b, h, i, 61);
+          ASSERT_TRUE(want.has_value());
+          if (want->first == want->second) {
+            EXPECT_EQ(mask.run_first(b, h, i), mask.run_last(b, h, i)) << b << h << " " << i;
+          } else {
+            EXPECT_EQ(mask.run_first(b, h, i), want->first) << b << h << " " << i;
+            EXPECT_EQ(mask.run_last(b, h, i), want->second) << b << h << " " << i;
+          }
+        }
+  };
+  check(causal, true);
+  check(window, true);
+  check(documents, true);
+  check(prefix_lm, true);
+  check(holed, false);
+  check(rule, false);
+  // Documents of 16 on blocks of 16: every block empty or full, nothing to keep.
+  check([](I, I, I i, I j) { return i / 16 == j / 16; }, false);
+}
+
 TEST(BlockMask, RefusesWhatDoesNotFit) {
   const BlockMaskShape shape{1, 1, 10, 10, 4, 4};  // 3 × 3 blocks
   const std::vector<std::uint8_t> partial_none;
@@ -136,8 +194,18 @@ TEST(BlockMask, RefusesWhatDoesNotFit) {
 }
 
 // The block mask of a rule and the boolean tensor of the same rule give the same attention, on
-// the fused kernel (float32) and in the reference.
-TEST(BlockMask, AttentionEqualsTheSameMaskAsATensor) {
+// the fused kernel (float32) and in the reference: a rule with hidden keys inside rows (the
+// partial blocks' bits tested) and one whose rows are runs (their runs taken as the intervals).
+class BlockMaskAttention : public ::testing::TestWithParam<bool> {};
+
+TEST_P(BlockMaskAttention, EqualsTheSameMaskAsATensor) {
+  const bool runs = GetParam();
+  const auto window = [](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+    return j <= i && i - j <= 5 + 3 * h + b;
+  };
+  const auto visible = [&](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
+    return runs ? window(b, h, i, j) : rule(b, h, i, j);
+  };
   AttentionCase c;
   c.batch = 2;
   c.q_len = 45;
@@ -145,11 +213,12 @@ TEST(BlockMask, AttentionEqualsTheSameMaskAsATensor) {
   c.q_heads = 3;
   c.kv_heads = 1;
   const AttentionInputs inputs = make_inputs(c, DType::float32);
-  const BlockMask mask = BlockMask::from_mask_mod(rule, {2, 3, 45, 61, 8, 16});
+  const BlockMask mask = BlockMask::from_mask_mod(visible, {2, 3, 45, 61, 8, 16});
+  ASSERT_EQ(mask.rows_are_runs(), runs);
   Tensor dense(DType::boolean, {2, 3, 45, 61});
   for (std::int64_t n = 0; n < dense.numel(); ++n) {
     const std::int64_t j = n % 61, i = n / 61 % 45, h = n / (61 * 45) % 3, b = n / (61 * 45 * 3);
-    dense.data<bool>()[n] = rule(b, h, i, j);
+    dense.data<bool>()[n] = visible(b, h, i, j);
   }
   AttentionInputs by_blocks = inputs, by_tensor = inputs;
   by_blocks.options.block_mask = &mask;
@@ -162,6 +231,11 @@ TEST(BlockMask, AttentionEqualsTheSameMaskAsATensor) {
     EXPECT_EQ(max_abs_difference(a.weights, b.weights), 0.0);
   }
 }
+
+INSTANTIATE_TEST_SUITE_P(HolesAndRuns, BlockMaskAttention, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& param) {
+                           return param.param ? std::string("Runs") : std::string("Holes");
+                         });
 
 }  // namespace
 }  // namespace qkv::testing
