@@ -213,7 +213,9 @@ def attention(q, k, v, *, score="scaled_dot", scale=None, w=None, wq=None, wk=No
     first n keys stay visible past it (StreamingLLM). key_lengths [B] ints: keys j >= length are
     padding; key_starts [B] ints: keys j < start are padding too (left padding). mask: bool,
     broadcastable to [B, Hq, Nq, Nk], True = may attend. dropout_p on the weights, with
-    dropout_seed (drawn when None). threads: None = all cores.
+    dropout_seed (drawn when None). threads: None = as many as OpenMP's count, which PyTorch sets
+    once torch is imported (torch.set_num_threads; until then its own choice, which was 1 on a
+    2-core virtual machine), else OMP_NUM_THREADS or every core.
 
     Returns O [B, Nq, Hq, Dv] in v's dtype, followed by LSE [B, Hq, Nq] and the weights
     [B, Hq, Nq, Nk] when asked for (float32; float64 for float64 inputs). A query that sees no
