@@ -481,24 +481,7 @@ class FusedKernel {
         std::fill(keys + d * key_tile_ + keys_in_tile, keys + (d + 1) * key_tile_, 0.0f);
       }
     }
-    if (!o_.bf16_keys_and_values && !o_.int8_keys) {
-      PackFloatKeys(b, first_head, end_head, tile, keys_in_tile);
-      return;
-    }
-    thread_local std::vector<float> widened;  // one key row widened, before the transpose
-    widened.resize(static_cast<std::size_t>(dim));
-    for (std::int64_t t = 0; t < keys_in_tile; ++t) {
-      const std::int64_t j = tile * key_tile_ + t;
-      for (std::int64_t kh = first_head; kh < end_head; ++kh) {
-        if (o_.bf16_keys_and_values) {  // bfloat16 or float16 widened as it is packed
-          WidenRow(o_.k16.row(b, j, kh), widened.data(), dim, o_.half);
-        } else {  // int8 times its scale
-          DequantizeRow(o_.k8.row(b, j, kh), *o_.k_scale.row(b, j, kh), widened.data(), dim);
-        }
-        float* keys = KeyTile(b, kh, tile);
-        for (std::int64_t d = 0; d < dim; ++d) keys[d * key_tile_ + t] = widened[d];
-      }
-    }
+    PackKeys(b, first_head, end_head, tile, keys_in_tile);
   }
 
   // Value tile `tile` of (b, hv) for value heads first_head … end_head − 1, key by key and, for
@@ -525,21 +508,25 @@ class FusedKernel {
     }
   }
 
-  // Kᵀ of the float32 keys of tile `tile` (its first `count` keys) for key heads first_head …
-  // end_head − 1, four keys at a time and, for those four, head by head: each 4 × 4 block (4 keys
-  // × 4 elements of D) is transposed in 128-bit registers, so that each of the tile's D rows is
-  // written four floats at once. A key at a time writes one float to each of D rows, a store per
-  // element that cost more than the scores of a short sequence. The last keys and elements of D
+  // Kᵀ of the keys of tile `tile` (its first `count` keys) for key heads first_head … end_head − 1,
+  // four keys at a time and, for those four, head by head: each 4 × 4 block (4 keys × 4 elements
+  // of D) is transposed in 128-bit registers, so that each of the tile's D rows is written four
+  // floats at once. A key at a time writes one float to each of D rows, a store per element that
+  // cost more than the scores of a short sequence (bfloat16 S1 on AVX2 was 9% slower than float32
+  // that way). Float32 rows are read where they lie; bfloat16, float16 and int8 rows are first
+  // widened (int8: times their scale) into four rows of scratch. The last keys and elements of D
   // that do not fill a block go one at a time.
-  void PackFloatKeys(std::int64_t b, std::int64_t first_head, std::int64_t end_head,
-                     std::int64_t tile, std::int64_t count) const {
+  void PackKeys(std::int64_t b, std::int64_t first_head, std::int64_t end_head, std::int64_t tile,
+                std::int64_t count) const {
     const std::int64_t dim = o_.score_dim;
+    thread_local std::vector<float> widened;  // four key rows, when they are not float32
+    if (o_.bf16_keys_and_values || o_.int8_keys) widened.resize(static_cast<std::size_t>(4 * dim));
     const float* rows[4];
     for (std::int64_t t0 = 0; t0 < count; t0 += 4) {
       const std::int64_t group = std::min<std::int64_t>(4, count - t0);
       for (std::int64_t kh = first_head; kh < end_head; ++kh) {
         for (std::int64_t t = 0; t < group; ++t)
-          rows[t] = o_.k.row(b, tile * key_tile_ + t0 + t, kh);
+          rows[t] = FloatKeyRow(b, tile * key_tile_ + t0 + t, kh, widened.data() + t * dim);
         float* keys = KeyTile(b, kh, tile);
         std::int64_t d0 = 0;
 #if HWY_TARGET != HWY_SCALAR  // (which has no 4-lane vectors)
@@ -569,6 +556,20 @@ class FusedKernel {
         }
       }
     }
+  }
+
+  // Key row j of key head kh in float32: where it lies, or widened into `scratch` [D] (bfloat16
+  // and float16 exactly, int8 times its scale).
+  const float* FloatKeyRow(std::int64_t b, std::int64_t j, std::int64_t kh, float* scratch) const {
+    if (o_.bf16_keys_and_values) {
+      WidenRow(o_.k16.row(b, j, kh), scratch, o_.score_dim, o_.half);
+      return scratch;
+    }
+    if (o_.int8_keys) {
+      DequantizeRow(o_.k8.row(b, j, kh), *o_.k_scale.row(b, j, kh), scratch, o_.score_dim);
+      return scratch;
+    }
+    return o_.k.row(b, j, kh);
   }
 
   // The bf16 mode's tiles, same order as above, in 32-bit words of two bfloat16 values:
