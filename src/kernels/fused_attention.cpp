@@ -512,15 +512,15 @@ class FusedKernel {
   // four keys at a time and, for those four, head by head: each 4 × 4 block (4 keys × 4 elements
   // of D) is transposed in 128-bit registers, so that each of the tile's D rows is written four
   // floats at once. A key at a time writes one float to each of D rows, a store per element that
-  // cost more than the scores of a short sequence (bfloat16 S1 on AVX2 was 9% slower than float32
-  // that way). Float32 rows are read where they lie; bfloat16, float16 and int8 rows are first
-  // widened (int8: times their scale) into four rows of scratch. The last keys and elements of D
-  // that do not fill a block go one at a time.
+  // cost more than the scores of a short sequence (bfloat16 and float16 S1 on AVX2 took 4-9% more
+  // than float32 that way). Float32 rows are read where they lie; bfloat16, float16 and int8 rows
+  // are first widened (int8: times their scale) into four rows of scratch. The last keys and
+  // elements of D that do not fill a block go one at a time.
   void PackKeys(std::int64_t b, std::int64_t first_head, std::int64_t end_head, std::int64_t tile,
                 std::int64_t count) const {
     const std::int64_t dim = o_.score_dim;
     thread_local std::vector<float> widened;  // four key rows, when they are not float32
-    if (o_.bf16_keys_and_values || o_.int8_keys) widened.resize(static_cast<std::size_t>(4 * dim));
+    widened.resize(static_cast<std::size_t>(4 * dim));
     const float* rows[4];
     for (std::int64_t t0 = 0; t0 < count; t0 += 4) {
       const std::int64_t group = std::min<std::int64_t>(4, count - t0);
