@@ -31,6 +31,7 @@ std::string AttentionCase::name() const {
   if (prefix_length > 0) text += fmt::format("_prefix{}", prefix_length);
   if (block_mask == BlockMaskRule::documents) text += fmt::format("_documents{}", mask_block);
   if (block_mask == BlockMaskRule::strided) text += fmt::format("_strided{}", mask_block);
+  if (block_mask == BlockMaskRule::head_windows) text += fmt::format("_headwindows{}", mask_block);
   if (score_mod == ScoreModRule::relative_bias) text += "_relbias";
   if (score_mod == ScoreModRule::capped_slopes) text += "_cappedslopes";
   if (window_left >= 0 || window_right >= 0) {
@@ -66,6 +67,8 @@ bool block_mask_rule_visible(BlockMaskRule rule, std::int64_t b, std::int64_t h,
     }
     case BlockMaskRule::strided:
       return (kv_idx / 16 + h) % 3 != 0 && (q_idx + kv_idx) % 5 != 0;
+    case BlockMaskRule::head_windows:  // a causal window per head: each row one run
+      return kv_idx <= q_idx && q_idx - kv_idx <= 2 + 3 * h;
   }
   return true;
 }
@@ -132,12 +135,13 @@ AttentionInputs make_inputs(const AttentionCase& c, DType dtype) {
   o.window_right = c.window_right;
   if (c.block_mask != BlockMaskRule::none) {
     const BlockMaskRule rule = c.block_mask;
-    BlockMaskShape shape{rule == BlockMaskRule::documents ? c.batch : 1,
-                         rule == BlockMaskRule::strided ? c.q_heads : 1,
-                         c.q_len,
-                         c.k_len,
-                         c.mask_block,
-                         c.mask_block};
+    BlockMaskShape shape{
+        rule == BlockMaskRule::documents ? c.batch : 1,
+        rule == BlockMaskRule::strided || rule == BlockMaskRule::head_windows ? c.q_heads : 1,
+        c.q_len,
+        c.k_len,
+        c.mask_block,
+        c.mask_block};
     in.block_mask = std::make_shared<BlockMask>(BlockMask::from_mask_mod(
         [rule](std::int64_t b, std::int64_t h, std::int64_t i, std::int64_t j) {
           return block_mask_rule_visible(rule, b, h, i, j);

@@ -18,8 +18,10 @@ namespace qkv::testing {
 // Block masks of the tests, as mask_mods on global positions (blocks of mask_block × mask_block):
 //   documents: batch b is cut into documents of 11 + 5b positions; a query sees its document;
 //   strided:   per head h, key blocks kb ≡ −h (mod 3) are hidden whole (empty blocks between
-//              non-empty ones) and pairs with (q_idx + kv_idx) % 5 == 0 too (partial blocks).
-enum class BlockMaskRule { none, documents, strided };
+//              non-empty ones) and pairs with (q_idx + kv_idx) % 5 == 0 too (partial blocks);
+//   head_windows: per head h, a causal window of 3 + 3h keys (each row one run: the kernels take
+//              it as the row's interval, BlockMask::rows_are_runs).
+enum class BlockMaskRule { none, documents, strided, head_windows };
 
 // score_mods of the tests, each reading a learned parameter:
 //   relative_bias: s + table(h, q_idx − kv_idx + Nk − 1), table [Hq, Nq + Nk − 1];

@@ -139,7 +139,7 @@ INSTANTIATE_TEST_SUITE_P(
                                 BlockMaskRule::documents, ScoreModRule::relative_bias, 9}));
 
 // Head blocks (head-parallel attention): query_head_offset gives dropout, a per-head block mask
-// and a score_mod's parameters the global head.
+// (tested bit by bit, or taken as each row's run) and a score_mod's parameters the global head.
 class HeadBlocks : public ::testing::TestWithParam<int> {};
 
 TEST_P(HeadBlocks, EqualWhole) {
@@ -152,6 +152,7 @@ TEST_P(HeadBlocks, EqualWhole) {
     c.block_mask = BlockMaskRule::strided;  // one block mask per head
     c.score_mod = ScoreModRule::capped_slopes;
   }
+  if (GetParam() == 2) c.block_mask = BlockMaskRule::head_windows;  // per head, rows are runs
   AttentionInputs in = make_inputs(c, DType::float64);
   if (GetParam() == 0) {
     in.options.dropout = 0.4;
@@ -177,7 +178,7 @@ TEST_P(HeadBlocks, EqualWhole) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(DropoutAndPerHeadMasks, HeadBlocks, ::testing::Values(0, 1));
+INSTANTIATE_TEST_SUITE_P(DropoutAndPerHeadMasks, HeadBlocks, ::testing::Values(0, 1, 2));
 
 TEST(AttentionBlocks, OffsetsAreChecked) {
   AttentionCase c;
