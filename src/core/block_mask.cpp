@@ -175,10 +175,9 @@ void BlockMask::finish() {
   find_runs();
 }
 
-// Each row's visible keys, followed from block to block as stretches of visible keys in
-// increasing order (a full block's keys, a partial block's runs of set bits): one run when each
-// stretch starts where the one before it ended. Without a partial block every row is already
-// described by its blocks, and nothing is stored.
+// A row's visible keys are one run when there are as many of them as keys from its first visible
+// key to its last: counted over its full blocks and the set bits of its partial ones. Without a
+// partial block every row is already described by its blocks, and nothing is stored.
 void BlockMask::find_runs() {
   runs_.clear();
   if (std::none_of(kinds_.begin(), kinds_.end(),
@@ -190,47 +189,32 @@ void BlockMask::find_runs() {
   for (std::int64_t row = 0; row < shape_.batch * shape_.heads * shape_.q_len; ++row) {
     const std::int64_t q_idx = row % shape_.q_len, bh = row / shape_.q_len;
     const std::int64_t qb = q_idx / shape_.q_block, r = q_idx - qb * shape_.q_block;
-    std::int64_t first = 0, last = 0;  // the run so far: empty until a visible key
-    bool one_run = true;
-    const auto add = [&](std::int64_t begin, std::int64_t end) {
-      if (first == last) {
-        first = begin;
-        last = end;
-      } else if (begin == last) {
-        last = end;
-      } else {
-        one_run = false;
-      }
+    std::int64_t first = -1, last = -1, visible = 0;  // keys [first, last) hold `visible` ones
+    const auto see = [&](std::int64_t begin, std::int64_t end, std::int64_t count) {
+      if (first < 0) first = begin;
+      last = end;
+      visible += count;
     };
-    for (std::int64_t kb = 0; kb < kv_blocks_ && one_run; ++kb) {
+    for (std::int64_t kb = 0; kb < kv_blocks_; ++kb) {
       const auto block = static_cast<std::size_t>((bh * q_blocks_ + qb) * kv_blocks_ + kb);
       const std::int64_t j0 = kb * shape_.kv_block;
-      const std::int64_t kv_count = std::min(shape_.kv_block, shape_.kv_len - j0);
-      if (kinds_[block] == BlockKind::full) add(j0, j0 + kv_count);
-      if (kinds_[block] != BlockKind::partial) continue;
-      const std::uint64_t* bits =
-          bits_.data() + (partial_of_[block] * shape_.q_block + r) * words_per_row_;
-      for (std::int64_t t = 0; t < kv_count;) {  // the block's runs of set bits
-        const std::uint64_t word = bits[t / 64] >> (t % 64);
-        if (word == 0) {
-          t = (t / 64 + 1) * 64;
-          continue;
+      if (kinds_[block] == BlockKind::full) {
+        const std::int64_t end = std::min(shape_.kv_len, j0 + shape_.kv_block);
+        see(j0, end, end - j0);
+      } else if (kinds_[block] == BlockKind::partial) {
+        const std::uint64_t* bits =
+            bits_.data() + (partial_of_[block] * shape_.q_block + r) * words_per_row_;
+        for (std::int64_t w = 0; w < words_per_row_; ++w) {
+          if (bits[w] == 0) continue;
+          const std::int64_t base = j0 + 64 * w;
+          see(base + std::countr_zero(bits[w]), base + 64 - std::countl_zero(bits[w]),
+              std::popcount(bits[w]));
         }
-        const std::int64_t begin = t + std::countr_zero(word);
-        std::int64_t end = begin;  // past its last set bit, a word at a time
-        for (;;) {
-          const int ones = std::countr_one(bits[end / 64] >> (end % 64));
-          end += ones;
-          if (ones == 0 || end % 64 != 0 || end >= kv_count) break;
-        }
-        end = std::min(end, kv_count);
-        add(j0 + begin, j0 + end);
-        t = end;
       }
     }
-    if (!one_run) return;  // runs_ stays empty: the kernels test the partial blocks' bits
-    runs[static_cast<std::size_t>(2 * row)] = first;
-    runs[static_cast<std::size_t>(2 * row + 1)] = last;
+    if (visible != last - first && first >= 0) return;  // a hole: the kernels test the bits
+    runs[static_cast<std::size_t>(2 * row)] = std::max<std::int64_t>(first, 0);
+    runs[static_cast<std::size_t>(2 * row + 1)] = std::max<std::int64_t>(last, 0);
   }
   runs_ = std::move(runs);
 }

@@ -493,15 +493,10 @@ class FusedKernel {
       for (std::int64_t hv = first_head; hv < end_head; ++hv) {
         float* value_row = ValueTile(b, hv, tile) + t * v_stride_;
         std::int64_t d = 0;
-        if (j < p_.k_len && o_.bf16_keys_and_values) {
-          WidenRow(o_.v16.row(b, j, hv), value_row, p_.v_dim, o_.half);
+        if (j < p_.k_len) {  // widened in place, or copied from where a float32 row lies
+          const float* value = FloatRow(Operand::values, b, j, hv, value_row);
+          if (value != value_row) std::copy(value, value + p_.v_dim, value_row);
           d = p_.v_dim;
-        } else if (j < p_.k_len && o_.int8_values) {
-          DequantizeRow(o_.v8.row(b, j, hv), *o_.v_scale.row(b, j, hv), value_row, p_.v_dim);
-          d = p_.v_dim;
-        } else if (j < p_.k_len) {
-          const float* value = o_.v.row(b, j, hv);
-          for (; d < p_.v_dim; ++d) value_row[d] = value[d];
         }
         std::fill(value_row + d, value_row + v_stride_, 0.0f);
       }
@@ -526,7 +521,8 @@ class FusedKernel {
       const std::int64_t group = std::min<std::int64_t>(4, count - t0);
       for (std::int64_t kh = first_head; kh < end_head; ++kh) {
         for (std::int64_t t = 0; t < group; ++t)
-          rows[t] = FloatKeyRow(b, tile * key_tile_ + t0 + t, kh, widened.data() + t * dim);
+          rows[t] =
+              FloatRow(Operand::keys, b, tile * key_tile_ + t0 + t, kh, widened.data() + t * dim);
         float* keys = KeyTile(b, kh, tile);
         std::int64_t d0 = 0;
 #if HWY_TARGET != HWY_SCALAR  // (which has no 4-lane vectors)
@@ -558,18 +554,23 @@ class FusedKernel {
     }
   }
 
-  // Key row j of key head kh in float32: where it lies, or widened into `scratch` [D] (bfloat16
-  // and float16 exactly, int8 times its scale).
-  const float* FloatKeyRow(std::int64_t b, std::int64_t j, std::int64_t kh, float* scratch) const {
+  // Row j of head h of K or V in float32: where it lies, or widened into `scratch` [D or Dv]
+  // (bfloat16 and float16 exactly, int8 times its scale).
+  enum class Operand { keys, values };
+  const float* FloatRow(Operand operand, std::int64_t b, std::int64_t j, std::int64_t h,
+                        float* scratch) const {
+    const bool keys = operand == Operand::keys;
+    const std::int64_t length = keys ? o_.score_dim : p_.v_dim;
     if (o_.bf16_keys_and_values) {
-      WidenRow(o_.k16.row(b, j, kh), scratch, o_.score_dim, o_.half);
+      WidenRow((keys ? o_.k16 : o_.v16).row(b, j, h), scratch, length, o_.half);
       return scratch;
     }
-    if (o_.int8_keys) {
-      DequantizeRow(o_.k8.row(b, j, kh), *o_.k_scale.row(b, j, kh), scratch, o_.score_dim);
+    if (keys ? o_.int8_keys : o_.int8_values) {
+      DequantizeRow((keys ? o_.k8 : o_.v8).row(b, j, h),
+                    *(keys ? o_.k_scale : o_.v_scale).row(b, j, h), scratch, length);
       return scratch;
     }
-    return o_.k.row(b, j, kh);
+    return (keys ? o_.k : o_.v).row(b, j, h);
   }
 
   // The bf16 mode's tiles, same order as above, in 32-bit words of two bfloat16 values:
