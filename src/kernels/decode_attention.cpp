@@ -16,10 +16,10 @@
 //   1. the query rows go to scratch (times the scale; or as they came, in bfloat16, for the
 //      AVX-512 BF16 products: bf16_decode_scores, bf16_decode_accumulate, which round the
 //      weights to bfloat16 as the fused kernel does; or, with an int8 cache, rounded to int8,
-//      for the AVX-512 VNNI key products int8_decode_scores or as floats, the scales applied
-//      after the sum); each row's visible range is found, and
-//      where each key row of the chunk lies (a KV cache's pages: a RowMap lookup per key, for
-//      every head), so that rows a few KiB ahead can be prefetched wherever their page is;
+//      for the AVX-512 VNNI key products int8_decode_scores or widened to int16 for
+//      Int8DotTile, the scales applied after the exact integer sum); each row's visible range is
+//      found, and where each key row of the chunk lies (a KV cache's pages: a RowMap lookup per
+//      key, for every head), so that rows a few KiB ahead can be prefetched wherever their page is;
 //   2. keys are walked in blocks of one vector's width, four keys at a time across the heads:
 //      for each head hk the four key rows are dotted with hk's R query rows, up to four rows at a
 //      time (a register tile of rows × keys, SIMD along D, then one tree of horizontal sums for
@@ -107,7 +107,7 @@ constexpr int kVectorRegisters = kAvx512Target ? 32 : 16;
 // lane. sums[i] = the sum of input i.
 template <int M, class D>
 HWY_INLINE void FinishSums(D d, const VectorArray<D, M>& v, std::size_t inputs,
-                           float* HWY_RESTRICT sums) {
+                           hn::TFromD<D>* HWY_RESTRICT sums) {
   const std::size_t lanes = hn::Lanes(d);
   if (inputs == lanes) {  // one lane per input: done (more inputs than lanes: M vectors of them)
     for (int i = 0; i < M; ++i) hn::StoreU(v.Get(i), d, sums + static_cast<std::size_t>(i) * lanes);
@@ -125,7 +125,7 @@ HWY_INLINE void FinishSums(D d, const VectorArray<D, M>& v, std::size_t inputs,
     auto x = v.Get(0);
     for (std::size_t width = lanes / inputs; width > 1; width /= 2)
       x = hn::Add(hn::ConcatEven(d, x, x), hn::ConcatOdd(d, x, x));
-    HWY_ALIGN float all[hn::MaxLanes(D())];
+    HWY_ALIGN hn::TFromD<D> all[hn::MaxLanes(D())];
     hn::Store(x, d, all);
     for (std::size_t i = 0; i < inputs; ++i) sums[i] = all[i];
   }
@@ -137,7 +137,7 @@ HWY_INLINE void FinishSums(D d, const VectorArray<D, M>& v, std::size_t inputs,
 // shuffles instead of N separate horizontal sums (each a chain of log2(lanes) shuffles and
 // additions, which was a third of the decode's key pass).
 template <int N, class D>
-HWY_INLINE void SumsOfLanes(D d, const VectorArray<D, N>& v, float* HWY_RESTRICT sums) {
+HWY_INLINE void SumsOfLanes(D d, const VectorArray<D, N>& v, hn::TFromD<D>* HWY_RESTRICT sums) {
 #if HWY_TARGET == HWY_SCALAR
   (void)d;
   for (int i = 0; i < N; ++i) sums[i] = hn::GetLane(v.Get(i));
@@ -194,6 +194,70 @@ HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* 
       for (std::int64_t tail = e; tail < n; ++tail)
         total += queries[g * n + tail] * Widened(keys[k][tail]);
       out[g * out_stride + k] = factors[k] * total;
+    }
+  }
+}
+
+// out[g · out_stride + k] = float(Σ_e queries[g · n + e] · keys[k][e]) · factors[k] ·
+// row_factors[g] (in that order, as int8_decode_scores takes them; in place, since a scalar
+// multiplication after the tile read four scalar stores back as a vector, a failed store
+// forwarding) for the G query rows and K keys of one key/value head of an int8 cache, where the CPU
+// has no int8 dot products (AVX2, AVX-512 without VNNI, NEON): the int8 query rows widened to int16
+// once per chunk, each key vector widened to int16 as it is loaded (one instruction for a vector of
+// int16, where the float tile takes two for half as many floats), and pairs of products summed
+// into int32 lanes (vpmaddwd on x86). Each pair is at most 2 · 128² in magnitude, so the sums
+// are exact integers for n up to kInt8ProductsMaxLength, as int8_decode_scores's are: both give
+// float(sum) · factor, and the float tile gives the same wherever its float sums are exact.
+template <int G, int K>
+HWY_INLINE void Int8DotTile(const std::int16_t* HWY_RESTRICT queries,
+                            const std::int8_t* const* HWY_RESTRICT keys, std::int64_t n,
+                            const float* HWY_RESTRICT factors,
+                            const float* HWY_RESTRICT row_factors, float* HWY_RESTRICT out,
+                            std::int64_t out_stride) {
+  using Int16Tag = hn::ScalableTag<std::int16_t>;
+  using Int32Tag = hn::Repartition<std::int32_t, Int16Tag>;
+  const Int16Tag d16;
+  const hn::Rebind<std::int8_t, Int16Tag> d8;
+  const Int32Tag d32;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d16));
+  // Two accumulators per pair: Highway's widening multiply-add may put the products of the odd
+  // lanes into the second (NEON); x86 leaves it zero. Only the lanes' total is used.
+  VectorArray<Int32Tag, G * K> sum, odd_sum;
+#pragma GCC unroll 16
+  for (int i = 0; i < G * K; ++i) {
+    sum.Set(i, hn::Zero(d32));
+    odd_sum.Set(i, hn::Zero(d32));
+  }
+  std::int64_t e = 0;
+  for (; e + lanes <= n; e += lanes) {
+    VectorArray<Int16Tag, K> key;
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) key.Set(k, hn::PromoteTo(d16, hn::LoadU(d8, keys[k] + e)));
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const auto q = hn::LoadU(d16, queries + g * n + e);
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) {
+        auto odd = odd_sum.Get(g * K + k);
+        sum.Set(g * K + k,
+                hn::ReorderWidenMulAccumulate(d32, q, key.Get(k), sum.Get(g * K + k), odd));
+        odd_sum.Set(g * K + k, odd);
+      }
+    }
+  }
+  constexpr int kPadded = static_cast<int>(std::bit_ceil(static_cast<unsigned>(G * K)));
+  VectorArray<Int32Tag, kPadded> both;  // (the padding's sums are zero)
+#pragma GCC unroll 16
+  for (int i = 0; i < kPadded; ++i)
+    both.Set(i, i < G * K ? hn::Add(sum.Get(i), odd_sum.Get(i)) : hn::Zero(d32));
+  std::int32_t sums[kPadded];
+  SumsOfLanes<kPadded>(d32, both, sums);
+  for (int g = 0; g < G; ++g) {
+    for (int k = 0; k < K; ++k) {
+      std::int32_t total = sums[g * K + k];
+      for (std::int64_t tail = e; tail < n; ++tail)
+        total += std::int32_t{queries[g * n + tail]} * std::int32_t{keys[k][tail]};
+      out[g * out_stride + k] = static_cast<float>(total) * factors[k] * row_factors[g];
     }
   }
 }
@@ -343,11 +407,13 @@ class DecodeKernel {
 
   struct Scratch {
     explicit Scratch(const DecodeKernel& k)
-        : queries(static_cast<std::size_t>(
-              k.products_ || k.int8_products_ ? 0 : k.item_rows_ * k.o_.score_dim)),
+        : queries(
+              static_cast<std::size_t>(k.products_ || kInt8 ? 0 : k.item_rows_ * k.o_.score_dim)),
           queries16(static_cast<std::size_t>(k.products_ ? k.item_rows_ * k.o_.score_dim : 0)),
           queries8(static_cast<std::size_t>(k.int8_products_ ? k.item_rows_ * k.o_.score_dim : 0)),
           query_sums(static_cast<std::size_t>(k.int8_products_ ? k.item_rows_ : 0)),
+          queries_int16(static_cast<std::size_t>(
+              kInt8 && !k.int8_products_ ? k.item_rows_ * k.o_.score_dim : 0)),
           row_factors(static_cast<std::size_t>(kInt8 ? k.item_rows_ : 0)),
           scores(hwy::AllocateAligned<float>(
               static_cast<std::size_t>(std::max<std::int64_t>(1, k.item_rows_ * k.lanes_)))),
@@ -359,14 +425,16 @@ class DecodeKernel {
           weights(static_cast<std::size_t>(4 * k.lanes_)),
           values(static_cast<std::size_t>(k.lanes_)),
           head_values(static_cast<std::size_t>(k.lanes_)),
-          head_value_scales(hwy::AllocateAligned<float>(static_cast<std::size_t>(k.lanes_))) {}
+          value_scales(hwy::AllocateAligned<float>(
+              static_cast<std::size_t>(kInt8 ? k.p_.kv_heads * k.lanes_ : 1))) {}
     std::vector<float> queries;            // [rows, D], times the scale …
     std::vector<std::uint16_t> queries16;  // … or bfloat16 as they came, for the products
-    // An int8 cache's: the query rows rounded to int8 (FusedOperands::q8), for the products
-    // (queries8, with each row's sum) or as floats (queries), and each row's factor, its scale
-    // times the softmax scale, by which its integer products are multiplied.
+    // An int8 cache's: the query rows rounded to int8 (FusedOperands::q8), for the VNNI products
+    // (queries8, with each row's sum) or widened to int16 (Int8DotTile), and each row's factor,
+    // its scale times the softmax scale, by which its integer products are multiplied.
     std::vector<std::int8_t> queries8;
     std::vector<std::int32_t> query_sums;
+    std::vector<std::int16_t> queries_int16;
     std::vector<float> row_factors;
     hwy::AlignedFreeUniquePtr<float[]> scores;  // [rows, lanes]: one block
     std::vector<float> accumulator;             // [rows, Dv]
@@ -375,8 +443,11 @@ class DecodeKernel {
     std::vector<BlockRow> rows;             // the keys of the chunk's blocks
     std::vector<float> weights;         // [4, lanes]: a row group's weights of the keys used …
     std::vector<const Stored*> values;  // … and their value rows
-    std::vector<const Stored*> head_values;  // a head's value rows of the whole block …
-    hwy::AlignedFreeUniquePtr<float[]> head_value_scales;  // … and their scales (int8)
+    std::vector<const Stored*> head_values;  // a head's value rows of the whole block
+    // An int8 cache's value scales of the block, [Hk, lanes]: gathered in the key pass, read as
+    // vectors in the value pass (gathered there, head by head, the vector load of eight scalar
+    // stores just made waited on a failed store forwarding).
+    hwy::AlignedFreeUniquePtr<float[]> value_scales;
   };
 
   // rows[j − first] = where key j of sequence b lies, for j in [first, last).
@@ -411,8 +482,7 @@ class DecodeKernel {
           std::copy(q, q + dim, s.queries8.begin() + r * dim);
           s.query_sums[static_cast<std::size_t>(r)] = std::accumulate(q, q + dim, std::int32_t{0});
         } else {
-          for (std::int64_t e = 0; e < dim; ++e)
-            s.queries[static_cast<std::size_t>(r * dim + e)] = q[e];
+          std::copy(q, q + dim, s.queries_int16.begin() + r * dim);
         }
       } else if (products_) {
         const std::uint16_t* q = o_.q16.row(b, i, HeadOf(r));
@@ -462,8 +532,12 @@ class DecodeKernel {
             const BlockRow& row = row_of(start + t + k);
             key_rows[k] = row.key + hk * KeyHeadStride();
             key_scales[k] = KeyScale(row, hk);
-            if (start + t + k + prefetch_keys_ < blocks_end)
-              PrefetchRow(row_of(start + t + k + prefetch_keys_).key + hk * KeyHeadStride(), dim);
+            if constexpr (kInt8) s.value_scales[hk * lanes_ + t + k] = ValueScale(row, hk);
+            if (start + t + k + prefetch_keys_ < blocks_end) {
+              const BlockRow& ahead = row_of(start + t + k + prefetch_keys_);
+              PrefetchRow(ahead.key + hk * KeyHeadStride(), dim);
+              if (kInt8 && hk == 0) PrefetchScales(ahead);
+            }
           }
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
             ScoreGroup(std::min<std::int64_t>(4, (hk + 1) * rows_ - r), r, key_rows, key_scales,
@@ -516,7 +590,6 @@ class DecodeKernel {
           for (std::int64_t t = 0; t < count; ++t) {
             s.head_values[static_cast<std::size_t>(t)] =
                 row_of(start + t).value + hk * ValueHeadStride();
-            if constexpr (kInt8) s.head_value_scales[t] = ValueScale(row_of(start + t), hk);
           }
         }
         for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
@@ -529,7 +602,7 @@ class DecodeKernel {
           std::int64_t used = 0;
           if (count == lanes_ && WeighsEveryKey(s.scores.get() + r * lanes_, group_rows)) {
             if constexpr (kInt8) {
-              const auto value_scales = hn::Load(d, s.head_value_scales.get());
+              const auto value_scales = hn::Load(d, s.value_scales.get() + hk * lanes_);
               for (std::int64_t i = 0; i < group_rows; ++i)
                 hn::StoreU(hn::Mul(hn::Load(d, s.scores.get() + (r + i) * lanes_), value_scales), d,
                            s.weights.data() + i * lanes_);
@@ -570,8 +643,8 @@ class DecodeKernel {
   }
 
   // The scores of query rows r … r + rows − 1 (rows ≤ 4, one key/value head) against `keys` (1 or
-  // 4) key rows, into scores[g · lanes_ + k]: on the bfloat16 or int8 products, or DotTile (with
-  // an int8 cache, on the rounded queries as floats, whose products are the same integers).
+  // 4) key rows, into scores[g · lanes_ + k]: on the bfloat16 or VNNI int8 products, or DotTile
+  // (Int8DotTile with an int8 cache).
   void ScoreGroup(std::int64_t rows, std::int64_t r, const Stored* const* key_rows,
                   const float* key_scales, std::int64_t keys, Scratch& s, float* scores) const {
     const std::int64_t dim = o_.score_dim;
@@ -591,22 +664,26 @@ class DecodeKernel {
         return;
       }
     }
-    const float* queries = s.queries.data() + r * dim;
+    // tile<G, K>(first key, its scores): DotTile, or Int8DotTile on an int8 cache's int16 queries.
+    const auto tile = [&]<int G, int K>(std::int64_t k, float* out) {
+      if constexpr (kInt8) {
+        Int8DotTile<G, K>(s.queries_int16.data() + r * dim, key_rows + k, dim, key_scales + k,
+                          s.row_factors.data() + r, out, lanes_);
+      } else {
+        DotTile<G, K>(s.queries.data() + r * dim, key_rows + k, dim, key_scales + k, out, lanes_);
+      }
+    };
     ForGroup(rows, [&](auto group) {
       constexpr int G = decltype(group)::value;
       if (keys == 1) {
-        DotTile<G, 1>(queries, key_rows, dim, key_scales, scores, lanes_);
+        tile.template operator()<G, 1>(0, scores);
       } else if constexpr (kTileKeys<G> == 4) {
-        DotTile<G, 4>(queries, key_rows, dim, key_scales, scores, lanes_);
+        tile.template operator()<G, 4>(0, scores);
       } else {
-        DotTile<G, 2>(queries, key_rows, dim, key_scales, scores, lanes_);
-        DotTile<G, 2>(queries, key_rows + 2, dim, key_scales + 2, scores + 2, lanes_);
+        tile.template operator()<G, 2>(0, scores);
+        tile.template operator()<G, 2>(2, scores + 2);
       }
     });
-    if constexpr (kInt8) {
-      for (std::int64_t g = 0; g < rows; ++g)
-        for (std::int64_t k = 0; k < keys; ++k) scores[g * lanes_ + k] *= s.row_factors[r + g];
-    }
   }
 
   // accumulator rows r … r + rows − 1 (rows ≤ 4) += their weights (lanes_ apart) times the `used`
@@ -633,6 +710,23 @@ class DecodeKernel {
     for (std::int64_t i = 1; i < rows; ++i)
       weighed = hn::Or(weighed, hn::Ne(hn::Load(d, weights + i * lanes_), hn::Zero(d)));
     return hn::AllTrue(d, weighed);
+  }
+
+  // An int8 cache's scales of a key's rows in every head, key and value, asked for as its key
+  // rows are: each is read at the key's first head (a miss there stalled the key and value
+  // passes: about a tenth of S4's samples on AVX2), so once per line they lie on.
+  void PrefetchScales(const BlockRow& row) const {
+    const auto prefetch_heads = [&](const float* first, std::int64_t stride) {
+      std::uintptr_t line = ~std::uintptr_t{0};
+      for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
+        const float* scale = first + hk * stride;
+        if (reinterpret_cast<std::uintptr_t>(scale) / 64 == line) continue;
+        line = reinterpret_cast<std::uintptr_t>(scale) / 64;
+        __builtin_prefetch(scale, /*write=*/0, /*locality=*/2);
+      }
+    };
+    prefetch_heads(row.key_scale, o_.k_scale.stride_h);
+    prefetch_heads(row.value_scale, o_.v_scale.stride_h);
   }
 
   // The operands of this Stored type: float32 (k, v), int8 (k8, v8, with scales) or 16-bit.

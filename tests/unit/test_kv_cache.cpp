@@ -16,12 +16,14 @@
 #include <limits>
 #include <numeric>
 #include <random>
+#include <string>
 
 #include "attention_case.hpp"
 #include "core/problem.hpp"
 #include "qkv/error.hpp"
 #include "qkv/kv_cache.hpp"
 #include "qkv/reference.hpp"
+#include "qkv/simd.hpp"
 #include "reference/naive_attention.hpp"
 
 namespace qkv::testing {
@@ -445,29 +447,36 @@ TEST(KVCache, Bfloat16Cache) {
 // int8 caches: the appended rows quantized byte for byte as the contract says, the output against
 // the reference on the dequantized cache within the float32 rule — decode (the split-KV kernel)
 // and prefill (the fused kernel), contiguous and paged, GQA and MQA, with rotary, sinks, soft caps
-// and windows, float32 and bfloat16 queries.
+// and windows, float32 and bfloat16 queries. The decode runs on every SIMD target: its key
+// products are the VNNI tile's or the int16 tile's (Int8DotTile) depending on the target.
 TEST(KVCache, Int8CacheDecode) {
-  CacheCase c;
-  c.int8_cache = true;
-  c.seqlens = {0, 17, 47, 30};
-  c.rotary_half = 4;
-  c.sinks = true;
-  expect_cache_call_matches_steps(c);
-  c.page_size = 16;
-  c.seqlens = {0, 16, 31, 45};
-  c.softcap = 5.0;
-  c.sinks = false;
-  c.kv_heads = 1;
-  expect_cache_call_matches_steps(c);
-  // Rows longer than one AVX-512 vector of bytes, with a tail; groups of four query rows.
-  c.dim = 80;
-  c.q_heads = 8;
-  c.kv_heads = 2;
-  c.softcap = 0;
-  expect_cache_call_matches_steps(c);
-  // Groups of three rows: 12 sums, padded to 16 for the reduction tree.
-  c.q_heads = 6;
-  expect_cache_call_matches_steps(c);
+  for (const std::string& target : simd_targets_under_test()) {
+    SCOPED_TRACE(target);
+    force_simd_target(target);
+    CacheCase c;
+    c.int8_cache = true;
+    c.seqlens = {0, 17, 47, 30};
+    c.rotary_half = 4;
+    c.sinks = true;
+    expect_cache_call_matches_steps(c);
+    c.page_size = 16;
+    c.seqlens = {0, 16, 31, 45};
+    c.softcap = 5.0;
+    c.sinks = false;
+    c.kv_heads = 1;
+    expect_cache_call_matches_steps(c);
+    // Rows longer than one AVX-512 vector of bytes (and than two AVX2 vectors of int16), with a
+    // tail; groups of four query rows.
+    c.dim = 80;
+    c.q_heads = 8;
+    c.kv_heads = 2;
+    c.softcap = 0;
+    expect_cache_call_matches_steps(c);
+    // Groups of three rows: 12 sums, padded to 16 for the reduction tree.
+    c.q_heads = 6;
+    expect_cache_call_matches_steps(c);
+  }
+  force_simd_target("");
 }
 
 TEST(KVCache, Int8CachePrefillAndBfloat16Queries) {
