@@ -206,8 +206,8 @@ HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* 
 // once per chunk, each key vector widened to int16 as it is loaded (one instruction for a vector of
 // int16, where the float tile takes two for half as many floats), and pairs of products summed
 // into int32 lanes (vpmaddwd on x86). Each pair is at most 2 · 128² in magnitude, so the sums
-// are exact integers for n up to kInt8ProductsMaxLength, as int8_decode_scores's are: both give
-// float(sum) · factor, and the float tile gives the same wherever its float sums are exact.
+// are exact integers for n up to kInt8ProductsMaxLength (longer int8 rows go to the fused kernel:
+// decode_attention_supports), as int8_decode_scores's are: both give float(sum) · factors.
 template <int G, int K>
 HWY_INLINE void Int8DotTile(const std::int16_t* HWY_RESTRICT queries,
                             const std::int8_t* const* HWY_RESTRICT keys, std::int64_t n,
@@ -814,8 +814,10 @@ bool decode_attention_supports(const AttentionProblem& p) {
          (p.q_len * p.group_size <= kDecodeRows ||
           (p.q_len * p.group_size <= kFewHeadsDecodeRows &&
            (p.batch * p.kv_heads == 1 || p.q_dim >= kWideHeadDim))) &&
-         // an int8 cache's keys are read as they lie only when the score compares them so
-         (p.k.dtype != DType::int8 || keys_as_they_are(detail::score_unit(p.score).operands(p)));
+         // an int8 cache's keys are read as they lie only when the score compares them so, and
+         // their integer products are exact in int32 up to kInt8ProductsMaxLength
+         (p.k.dtype != DType::int8 || (keys_as_they_are(detail::score_unit(p.score).operands(p)) &&
+                                       p.k_dim <= kInt8ProductsMaxLength));
 }
 
 void decode_attention(const AttentionProblem& p) {

@@ -479,6 +479,41 @@ TEST(KVCache, Int8CacheDecode) {
   force_simd_target("");
 }
 
+// Rows past kInt8ProductsMaxLength: the decode's int32 sums could overflow there (127 · 127 ·
+// 140000 > 2³¹), so such rows take the fused kernel. Key 0 equals the query (score √D ≈ 374),
+// key 1 is zero: all the weight is on key 0 (an overflowed sum would put it on key 1).
+TEST(KVCache, Int8RowsLongerThanExactIntegerSums) {
+  constexpr std::int64_t d = 140000;
+  Tensor q(DType::float32, {1, 1, 1, d});
+  Tensor k8(DType::int8, {1, 2, 1, d}), v8(DType::int8, {1, 2, 1, d});
+  Tensor k_scales(DType::float32, {1, 2, 1}), v_scales(DType::float32, {1, 2, 1});
+  for (std::int64_t e = 0; e < d; ++e) {
+    q.data<float>()[e] = 1.0f;
+    k8.data<std::int8_t>()[e] = 127;
+    k8.data<std::int8_t>()[d + e] = 0;
+    v8.data<std::int8_t>()[e] = 1;
+    v8.data<std::int8_t>()[d + e] = -1;
+  }
+  k_scales.data<float>()[0] = k_scales.data<float>()[1] = 1.0f / 127;
+  v_scales.data<float>()[0] = v_scales.data<float>()[1] = 1.0f;
+  const Tensor seqlens = int64_tensor({2}, {1});
+  KVCache cache{k8.mutable_view(), v8.mutable_view(), {}, seqlens.view(), {}, {}};
+  cache.k_scale = k_scales.mutable_view();
+  cache.v_scale = v_scales.mutable_view();
+  for (const std::string& target : simd_targets_under_test()) {
+    force_simd_target(target);
+    Tensor out(DType::float32, {1, 1, 1, d}), lse(DType::float32, {1, 1, 1});
+    attention_with_kv_cache(q.view(), cache, std::nullopt, std::nullopt, {}, AttentionOptions{},
+                            {out.mutable_view(), lse.mutable_view(), {}});
+    EXPECT_EQ(out.data<float>()[0], 1.0f) << target;
+    EXPECT_EQ(out.data<float>()[d - 1], 1.0f) << target;
+    // (within the bound of a float32 sum of d products: d · 2⁻²⁴ of the score)
+    const double score = std::sqrt(static_cast<double>(d));
+    EXPECT_NEAR(lse.data<float>()[0], score, static_cast<double>(d) * 0x1p-24 * score) << target;
+  }
+  force_simd_target("");
+}
+
 TEST(KVCache, Int8CachePrefillAndBfloat16Queries) {
   CacheCase c;
   c.int8_cache = true;
