@@ -533,11 +533,8 @@ class DecodeKernel {
             key_rows[k] = row.key + hk * KeyHeadStride();
             key_scales[k] = KeyScale(row, hk);
             if constexpr (kInt8) s.value_scales[hk * lanes_ + t + k] = ValueScale(row, hk);
-            if (start + t + k + prefetch_keys_ < blocks_end) {
-              const BlockRow& ahead = row_of(start + t + k + prefetch_keys_);
-              PrefetchRow(ahead.key + hk * KeyHeadStride(), dim);
-              if (kInt8 && hk == 0) PrefetchScales(ahead);
-            }
+            if (start + t + k + prefetch_keys_ < blocks_end)
+              PrefetchRow(row_of(start + t + k + prefetch_keys_).key + hk * KeyHeadStride(), dim);
           }
           for (std::int64_t r = hk * rows_; r < (hk + 1) * rows_; r += 4) {
             ScoreGroup(std::min<std::int64_t>(4, (hk + 1) * rows_ - r), r, key_rows, key_scales,
@@ -710,23 +707,6 @@ class DecodeKernel {
     for (std::int64_t i = 1; i < rows; ++i)
       weighed = hn::Or(weighed, hn::Ne(hn::Load(d, weights + i * lanes_), hn::Zero(d)));
     return hn::AllTrue(d, weighed);
-  }
-
-  // An int8 cache's scales of a key's rows in every head, key and value, asked for as its key
-  // rows are: each is read at the key's first head (a miss there stalled the key and value
-  // passes: about a tenth of S4's samples on AVX2), so once per line they lie on.
-  void PrefetchScales(const BlockRow& row) const {
-    const auto prefetch_heads = [&](const float* first, std::int64_t stride) {
-      std::uintptr_t line = ~std::uintptr_t{0};
-      for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-        const float* scale = first + hk * stride;
-        if (reinterpret_cast<std::uintptr_t>(scale) / 64 == line) continue;
-        line = reinterpret_cast<std::uintptr_t>(scale) / 64;
-        __builtin_prefetch(scale, /*write=*/0, /*locality=*/2);
-      }
-    };
-    prefetch_heads(row.key_scale, o_.k_scale.stride_h);
-    prefetch_heads(row.value_scale, o_.v_scale.stride_h);
   }
 
   // The operands of this Stored type: float32 (k, v), int8 (k8, v8, with scales) or 16-bit.
