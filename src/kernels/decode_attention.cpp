@@ -132,17 +132,30 @@ HWY_INLINE void FinishSums(D d, const VectorArray<D, M>& v, std::size_t inputs,
 }
 #endif
 
-// sums[i] = the sum of the lanes of v[i], for N (a power of two) vectors at once: a tree of
-// pairwise additions across the vectors, N·(1 − 1/lanes) additions and twice as many two-vector
-// shuffles instead of N separate horizontal sums (each a chain of log2(lanes) shuffles and
-// additions, which was a third of the decode's key pass).
+// The room SumsOfLanes<N> needs for its sums: N rounded up to a power of two.
+template <int N>
+constexpr int kPaddedSums = static_cast<int>(std::bit_ceil(static_cast<unsigned>(N)));
+
+// sums[i] = the sum of the lanes of v[i], for N vectors at once: a tree of pairwise additions
+// across the vectors, N·(1 − 1/lanes) additions and twice as many two-vector shuffles instead of
+// N separate horizontal sums (each a chain of log2(lanes) shuffles and additions, which was a
+// third of the decode's key pass). The tree takes a power of two: N = 3 · 4 (three rows of a
+// tile) is padded with zero vectors to kPaddedSums<N>, whose sums past N are zero.
 template <int N, class D>
 HWY_INLINE void SumsOfLanes(D d, const VectorArray<D, N>& v, hn::TFromD<D>* HWY_RESTRICT sums) {
 #if HWY_TARGET == HWY_SCALAR
   (void)d;
   for (int i = 0; i < N; ++i) sums[i] = hn::GetLane(v.Get(i));
 #else
-  FinishSums<N>(d, v, 1, sums);
+  constexpr int kPadded = kPaddedSums<N>;
+  if constexpr (kPadded == N) {
+    FinishSums<N>(d, v, 1, sums);
+  } else {
+    VectorArray<D, kPadded> padded;
+#pragma GCC unroll 16
+    for (int i = 0; i < kPadded; ++i) padded.Set(i, i < N ? v.Get(i) : hn::Zero(d));
+    FinishSums<kPadded>(d, padded, 1, sums);
+  }
 #endif
 }
 
@@ -178,16 +191,8 @@ HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* 
       for (int k = 0; k < K; ++k) sum.Set(g * K + k, hn::MulAdd(q, key.Get(k), sum.Get(g * K + k)));
     }
   }
-  constexpr int kPadded = static_cast<int>(std::bit_ceil(static_cast<unsigned>(G * K)));
-  float sums[kPadded];
-  if constexpr (kPadded == G * K) {
-    SumsOfLanes<G * K>(d, sum, sums);
-  } else {  // three rows: SumsOfLanes takes a power of two (the padding's sums are zero)
-    VectorArray<FloatTag, kPadded> padded;
-#pragma GCC unroll 16
-    for (int i = 0; i < kPadded; ++i) padded.Set(i, i < G * K ? sum.Get(i) : hn::Zero(d));
-    SumsOfLanes<kPadded>(d, padded, sums);
-  }
+  float sums[kPaddedSums<G * K>];
+  SumsOfLanes<G * K>(d, sum, sums);
   for (int g = 0; g < G; ++g) {
     for (int k = 0; k < K; ++k) {
       float total = sums[g * K + k];
@@ -245,13 +250,11 @@ HWY_INLINE void Int8DotTile(const std::int16_t* HWY_RESTRICT queries,
       }
     }
   }
-  constexpr int kPadded = static_cast<int>(std::bit_ceil(static_cast<unsigned>(G * K)));
-  VectorArray<Int32Tag, kPadded> both;  // (the padding's sums are zero)
+  VectorArray<Int32Tag, G * K> both;
 #pragma GCC unroll 16
-  for (int i = 0; i < kPadded; ++i)
-    both.Set(i, i < G * K ? hn::Add(sum.Get(i), odd_sum.Get(i)) : hn::Zero(d32));
-  std::int32_t sums[kPadded];
-  SumsOfLanes<kPadded>(d32, both, sums);
+  for (int i = 0; i < G * K; ++i) both.Set(i, hn::Add(sum.Get(i), odd_sum.Get(i)));
+  std::int32_t sums[kPaddedSums<G * K>];
+  SumsOfLanes<G * K>(d32, both, sums);
   for (int g = 0; g < G; ++g) {
     for (int k = 0; k < K; ++k) {
       std::int32_t total = sums[g * K + k];
@@ -756,9 +759,9 @@ class DecodeKernel {
   // Both products on vdpbf16ps (FusedOperands::bf16_products): bfloat16 queries as they came
   // (q16), the weights rounded to bfloat16.
   const bool products_ = o_.bf16_products;
-  // An int8 cache's key products on vpdpbusd (int8_decode_scores), where the CPU has it.
-  const bool int8_products_ =
-      kInt8 && kAvx512Target && o_.score_dim <= kInt8ProductsMaxLength && cpu_has_avx512_vnni();
+  // An int8 cache's key products on vpdpbusd (int8_decode_scores), where the CPU has it (its rows
+  // are at most kInt8ProductsMaxLength long: decode_attention_supports).
+  const bool int8_products_ = kInt8 && kAvx512Target && cpu_has_avx512_vnni();
   // Keys ahead whose rows are prefetched: about kPrefetchBytes of K (or V) ahead, and at least
   // two of the key pass's tiles of four keys (with one key ahead, S4 in 16 bits was ~10% slower).
   const std::int64_t prefetch_keys_ = std::max<std::int64_t>(

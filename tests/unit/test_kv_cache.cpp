@@ -507,7 +507,7 @@ TEST(KVCache, Int8RowsLongerThanExactIntegerSums) {
                             {out.mutable_view(), lse.mutable_view(), {}});
     EXPECT_EQ(out.data<float>()[0], 1.0f) << target;
     EXPECT_EQ(out.data<float>()[d - 1], 1.0f) << target;
-    // (within the bound of a float32 sum of d products: d · 2⁻²⁴ of the score)
+    // (within the rounding of a float32 score of d terms, |s| · 2⁻²⁴ per term: contract §7)
     const double score = std::sqrt(static_cast<double>(d));
     EXPECT_NEAR(lse.data<float>()[0], score, static_cast<double>(d) * 0x1p-24 * score) << target;
   }
