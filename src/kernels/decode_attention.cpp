@@ -47,6 +47,7 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <numeric>
 #include <span>
@@ -164,16 +165,17 @@ HWY_INLINE void SumsOfLanes(D d, const VectorArray<D, N>& v, hn::TFromD<D>* HWY_
 template <int G>
 constexpr int kTileKeys = G * 4 <= kVectorRegisters / 2 ? 4 : 2;
 
-// out[g · out_stride + k] = factors[k] · Σ_d queries[g · n + d] · keys[k][d] for the G query
-// rows and K keys of one key/value head: each query vector is loaded once for K keys and each key
-// vector (widened) once for G rows, G·K independent chains of multiply-adds, and the G·K sums
-// are reduced together (SumsOfLanes). The loops over the tile are marked for unrolling so that
-// GCC unrolls them before it decides where the sums live: else it kept them on the stack, zeroed
-// by a `rep stos` on every call.
+// out[g · out_stride + k] = Σ_d queries[g · n + d] · keys[k][d] for the G query rows and K keys
+// of one key/value head: each query vector is loaded once for K keys and each key vector
+// (widened) once for G rows, G·K independent chains of multiply-adds, and the G·K sums are
+// reduced together (SumsOfLanes), each row's K sums then copied out as one piece (a scalar loop
+// that also multiplied each sum by a key scale, 1 for every key that is not int8, held a quarter
+// of the tile's samples at G = 4, GQA's group). The loops over the tile are marked for unrolling
+// so that GCC unrolls them before it decides where the sums live: else it kept them on the stack,
+// zeroed by a `rep stos` on every call.
 template <int G, int K, class Stored>
 HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* HWY_RESTRICT keys,
-                        std::int64_t n, const float* HWY_RESTRICT factors, float* HWY_RESTRICT out,
-                        std::int64_t out_stride) {
+                        std::int64_t n, float* HWY_RESTRICT out, std::int64_t out_stride) {
   const FloatTag d;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   VectorArray<FloatTag, G * K> sum;
@@ -191,16 +193,18 @@ HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* 
       for (int k = 0; k < K; ++k) sum.Set(g * K + k, hn::MulAdd(q, key.Get(k), sum.Get(g * K + k)));
     }
   }
-  float sums[kPaddedSums<G * K>];
+  HWY_ALIGN float sums[kPaddedSums<G * K>];
   SumsOfLanes<G * K>(d, sum, sums);
-  for (int g = 0; g < G; ++g) {
-    for (int k = 0; k < K; ++k) {
-      float total = sums[g * K + k];
-      for (std::int64_t tail = e; tail < n; ++tail)
-        total += queries[g * n + tail] * Widened(keys[k][tail]);
-      out[g * out_stride + k] = factors[k] * total;
+  if (e < n) {
+    for (int g = 0; g < G; ++g) {
+      for (int k = 0; k < K; ++k) {
+        for (std::int64_t tail = e; tail < n; ++tail)
+          sums[g * K + k] += queries[g * n + tail] * Widened(keys[k][tail]);
+      }
     }
   }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) std::memcpy(out + g * out_stride, sums + g * K, K * sizeof(float));
 }
 
 // out[g · out_stride + k] = float(Σ_e queries[g · n + e] · keys[k][e]) · factors[k] ·
@@ -422,7 +426,8 @@ class DecodeKernel {
               static_cast<std::size_t>(std::max<std::int64_t>(1, k.item_rows_ * k.lanes_)))),
           accumulator(static_cast<std::size_t>(k.item_rows_ * k.p_.v_dim)),
           row_max(static_cast<std::size_t>(k.item_rows_)),
-          row_sum(static_cast<std::size_t>(k.item_rows_)),
+          lane_sums(hwy::AllocateAligned<float>(
+              static_cast<std::size_t>(std::max<std::int64_t>(1, k.item_rows_ * k.lanes_)))),
           first(static_cast<std::size_t>(k.item_rows_)),
           last(static_cast<std::size_t>(k.item_rows_)),
           weights(static_cast<std::size_t>(4 * k.lanes_)),
@@ -441,7 +446,10 @@ class DecodeKernel {
     std::vector<float> row_factors;
     hwy::AlignedFreeUniquePtr<float[]> scores;  // [rows, lanes]: one block
     std::vector<float> accumulator;             // [rows, Dv]
-    std::vector<float> row_max, row_sum;
+    std::vector<float> row_max;
+    // Each row's running sum l, lane by lane ([rows, lanes]): the lanes are added once, at the
+    // chunk's end, not once per block (a horizontal sum per row and block was ~5% of GQA's time).
+    hwy::AlignedFreeUniquePtr<float[]> lane_sums;
     std::vector<std::int64_t> first, last;  // visible key ranges
     std::vector<BlockRow> rows;             // the keys of the chunk's blocks
     std::vector<float> weights;         // [4, lanes]: a row group's weights of the keys used …
@@ -500,7 +508,7 @@ class DecodeKernel {
       s.first[r] = keys.first;
       s.last[r] = keys.last;
       s.row_max[r] = kMinusInfinity;
-      s.row_sum[r] = 0.0f;
+      hn::Store(hn::Zero(d), d, s.lane_sums.get() + r * lanes_);
     }
     std::fill(s.accumulator.begin(), s.accumulator.end(), 0.0f);
     // Only the keys some row sees are read: a window's or a block mask's hidden keys, and the gap
@@ -530,11 +538,11 @@ class DecodeKernel {
         const std::int64_t keys = count - t >= 4 ? 4 : 1;
         for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
           const Stored* key_rows[4];
-          float key_scales[4];
+          float key_scales[4] = {};  // an int8 cache's
           for (std::int64_t k = 0; k < keys; ++k) {
             const BlockRow& row = row_of(start + t + k);
             key_rows[k] = row.key + hk * KeyHeadStride();
-            key_scales[k] = KeyScale(row, hk);
+            if constexpr (kInt8) key_scales[k] = KeyScale(row, hk);
             if constexpr (kInt8) s.value_scales[hk * lanes_ + t + k] = ValueScale(row, hk);
             if (start + t + k + prefetch_keys_ < blocks_end)
               PrefetchRow(row_of(start + t + k + prefetch_keys_).key + hk * KeyHeadStride(), dim);
@@ -569,14 +577,16 @@ class DecodeKernel {
         }
         if (new_max != s.row_max[r]) {
           const float correction = std::exp(s.row_max[r] - new_max);
-          s.row_sum[r] *= correction;
+          float* lane_sums = s.lane_sums.get() + r * lanes_;
+          hn::Store(hn::Mul(hn::Load(d, lane_sums), hn::Set(d, correction)), d, lane_sums);
           float* accumulator = s.accumulator.data() + r * p_.v_dim;
           for (std::int64_t e = 0; e < p_.v_dim; ++e) accumulator[e] *= correction;
           s.row_max[r] = new_max;
         }
         const auto weights = KernelExp(d, hn::Sub(hn::Load(d, scores), hn::Set(d, new_max)));
         hn::Store(weights, d, scores);
-        s.row_sum[r] += hn::GetLane(hn::SumOfLanes(d, weights));
+        float* lane_sums = s.lane_sums.get() + r * lanes_;
+        hn::Store(hn::Add(hn::Load(d, lane_sums), weights), d, lane_sums);
       }
       // 2d. Value rows into their head's accumulators, head by head, in groups of up to four
       // rows: each group's accumulators stay in registers while the block's value rows pass,
@@ -633,12 +643,14 @@ class DecodeKernel {
     // 3. The chunk's partial result.
     for (std::int64_t r = 0; r < item_rows_; ++r) {
       const bool empty = s.row_max[r] == kMinusInfinity;
-      const float inverse = empty ? 0.0f : 1.0f / s.row_sum[r];
+      const float row_sum =
+          hn::GetLane(hn::SumOfLanes(d, hn::Load(d, s.lane_sums.get() + r * lanes_)));
+      const float inverse = empty ? 0.0f : 1.0f / row_sum;
       for (std::int64_t e = 0; e < p_.v_dim; ++e) {
         out[r * p_.v_dim + e] = s.accumulator[static_cast<std::size_t>(r * p_.v_dim + e)] * inverse;
       }
       lse[r] = empty ? -std::numeric_limits<double>::infinity()
-                     : static_cast<double>(s.row_max[r]) + std::log(double{s.row_sum[r]});
+                     : static_cast<double>(s.row_max[r]) + std::log(double{row_sum});
     }
   }
 
@@ -670,7 +682,7 @@ class DecodeKernel {
         Int8DotTile<G, K>(s.queries_int16.data() + r * dim, key_rows + k, dim, key_scales + k,
                           s.row_factors.data() + r, out, lanes_);
       } else {
-        DotTile<G, K>(s.queries.data() + r * dim, key_rows + k, dim, key_scales + k, out, lanes_);
+        DotTile<G, K>(s.queries.data() + r * dim, key_rows + k, dim, out, lanes_);
       }
     };
     ForGroup(rows, [&](auto group) {
