@@ -5,7 +5,7 @@
 // head, about kItemRows rows in all: the K/V tiles loaded for the item serve the whole group.
 // The workers (kernels/workers.hpp) take items one at a time (longest first), each thread
 // claiming its next item while it computes the current one, to prefetch that item's Q and O rows
-// (PrefetchItem); each thread keeps its scratch between calls.
+// (PrefetchNextRows); each thread keeps its scratch between calls.
 //
 // Once per call, for all items, K and V are packed into tiles of T = TVectors vectors of keys
 // (128 keys on AVX-512 and AVX2): Kᵀ as [D, T] (keys along the vector lanes), V as [T, Dv']
@@ -76,7 +76,8 @@ constexpr std::int64_t kItemRows = 64;  // query rows per work item (all heads o
 // is a new page every few rows, and the hardware prefetcher lets each read wait for memory. The
 // copy of an item's Q rows asks for the row kRowsAhead ahead instead (K and V are copied across
 // heads, front to back: PackKeysAndValues), and each thread asks for the Q and O rows of the item
-// it takes next while it computes the current one (PrefetchItem; M2 in `qkv bench` 7% faster).
+// it takes next while it computes the current one, a few rows between each of its blocks
+// (PrefetchNextRows).
 constexpr std::int64_t kRowsAhead = 4;
 HWY_INLINE void PrefetchBytes(const void* start, std::int64_t length) {
   const char* bytes = static_cast<const char*>(start);
@@ -181,9 +182,9 @@ class FusedKernel {
     };
     parallel_for_each_ahead(
         worker_threads(p_), items, [this] { return Scratch(*this); },
-        [&](Scratch&, std::int64_t item) {
-          const auto [b, kh, i0] = item_start(item);
-          PrefetchItem(b, kh, i0);
+        [&](Scratch& scratch, std::int64_t item) {
+          scratch.next_item = item_start(item);
+          scratch.next_row = 0;
         },
         [&](Scratch& scratch, std::int64_t item) {
           const auto [b, kh, i0] = item_start(item);
@@ -219,6 +220,9 @@ class FusedKernel {
     std::vector<float> row_max, correction;
     std::vector<float> lse_low;  // after step 3: LSE − row_max, row_max then holding float(LSE)
     std::vector<std::int64_t> first, last;  // each row's visible key range
+    // The item the thread takes next (b, kh, i0), and the first of its rows not yet prefetched.
+    std::array<std::int64_t, 3> next_item{};
+    std::int64_t next_row = std::numeric_limits<std::int64_t>::max();
   };
 
   // Row r of the item of key head kh is query head kh·item_group + r / positions, at position
@@ -228,13 +232,18 @@ class FusedKernel {
   }
   std::int64_t ValueHead(std::int64_t kh) const { return kh * item_group_ / p_.group_size; }
 
-  // Asks for the Q rows an item reads and the O rows it writes (a whole [H, D] row apart each:
-  // read or written as the item starts and ends, they would wait on memory one short row at a
-  // time), so that they arrive while the thread computes the item before it.
-  void PrefetchItem(std::int64_t b, std::int64_t kh, std::int64_t i0) const {
+  // Asks for the Q rows the thread's next item reads and the O rows it writes (a whole [H, D] row
+  // apart each: read or written as the item starts and ends, they would wait on memory one short
+  // row at a time), `count` rows at a time between the current item's blocks, so that they arrive
+  // while it computes. Asked for all at once, 2·rows·D·4 bytes of them (32 KiB at D = 64) would
+  // stall the core until the miss buffers drained, as long as the loads themselves.
+  void PrefetchNextRows(Scratch& s, std::int64_t count) const {
+    if (s.next_row >= rows_) return;
+    const auto [b, kh, i0] = s.next_item;
     const std::int64_t positions = std::min(positions_, p_.q_len - i0);
     const bool float_out = p_.out.dtype == DType::float32 && p_.out.strides[3] == 1;
-    for (std::int64_t r = 0; r < rows_; ++r) {
+    const std::int64_t end = std::min(rows_, s.next_row + count);
+    for (std::int64_t r = s.next_row; r < end; ++r) {
       const std::int64_t t = r % positions_, h = HeadOf(kh, r);
       if (t >= positions) continue;
       if (o_.bf16_queries || bf16_) {
@@ -246,6 +255,7 @@ class FusedKernel {
         PrefetchBytes(reinterpret_cast<const float*>(p_.out.data) + p_.out.offset(b, i0 + t, h),
                       p_.v_dim * 4);
     }
+    s.next_row = end;
   }
 
   void ComputeItem(std::int64_t b, std::int64_t kh, std::int64_t i0, Scratch& s) const {
@@ -292,7 +302,15 @@ class FusedKernel {
     std::fill(s.row_sum, s.row_sum + rows_ * lanes_, 0.0f);
     std::fill(s.accumulator, s.accumulator + rows_ * v_stride_, 0.0f);
 
-    // 2. Key tiles that meet the item's key range.
+    // 2. Key tiles that meet the item's key range; the next item's rows prefetched over the first
+    // half of their blocks.
+    const std::int64_t row_blocks = (rows_ + kBlockRows - 1) / kBlockRows;
+    const std::int64_t steps =
+        std::max<std::int64_t>(1, item_last > item_first
+                                      ? (item_last - 1) / key_tile_ - item_first / key_tile_ + 1
+                                      : 0) *
+        row_blocks;
+    const std::int64_t prefetch_rows = (2 * rows_ + steps - 1) / steps;
     for (std::int64_t tile = item_first / key_tile_; tile * key_tile_ < item_last; ++tile) {
       const std::int64_t start = tile * key_tile_;
       const std::int64_t count = std::min(key_tile_, p_.k_len - start);
@@ -303,6 +321,7 @@ class FusedKernel {
       const bool full = blocks == TileBlocks::full;
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
+        PrefetchNextRows(s, prefetch_rows);
         const KeySpan span = VisibleSpan(s, b, kh, i0, r0, block, start, count, full);
         if (span.begin >= span.end) continue;
         ScoreBlock(s, keys, kh, r0, block, span);
@@ -322,6 +341,7 @@ class FusedKernel {
       }
     }
 
+    PrefetchNextRows(s, rows_);  // an item without visible keys
     // 3. Normalize and write.
     for (std::int64_t r = 0; r < rows_; ++r) {
       const std::int64_t t = r % positions_;
@@ -638,7 +658,7 @@ class FusedKernel {
       }
       return;
     }
-    // Whole register tiles, then the last vectors of the span one at a time.
+    // Whole register tiles, then the last vectors of the span as one narrower tile.
     const std::int64_t end = span.end / lanes_;
     std::int64_t c0 = span.begin / lanes_;
     for (; c0 + kTileVectors <= end; c0 += kTileVectors) {
@@ -648,11 +668,24 @@ class FusedKernel {
         ScoreTile<kRows, false, kTileVectors>(s, k, kh, r0, c0);
       }
     }
-    for (; c0 < end; ++c0) {
-      if (o_.additive) {
-        ScoreTile<kRows, true, 1>(s, k, kh, r0, c0);
+    ScoreNarrowTile<kRows, kTileVectors - 1>(s, k, kh, r0, c0, end - c0);
+  }
+
+  // Scores of the `vectors` vectors of keys from c0 (fewer than a register tile's), in one tile of
+  // that width: its kRows × vectors accumulators keep more multiply-adds in flight than a tile of
+  // one vector at a time, whose kRows chains wait on each other's latency (the edges of a window
+  // or a block mask: 6-7% of M2's time in `qkv bench`, 13% of a mask showing only the diagonal).
+  // Each score is summed in the same order whatever the tile's width.
+  template <int kRows, int kVectors>
+  void ScoreNarrowTile(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0,
+                       std::int64_t c0, std::int64_t vectors) const {
+    if constexpr (kVectors > 0) {
+      if (vectors != kVectors) {
+        ScoreNarrowTile<kRows, kVectors - 1>(s, k, kh, r0, c0, vectors);
+      } else if (o_.additive) {
+        ScoreTile<kRows, true, kVectors>(s, k, kh, r0, c0);
       } else {
-        ScoreTile<kRows, false, 1>(s, k, kh, r0, c0);
+        ScoreTile<kRows, false, kVectors>(s, k, kh, r0, c0);
       }
     }
   }
