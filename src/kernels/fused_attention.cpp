@@ -672,10 +672,12 @@ class FusedKernel {
   }
 
   // Scores of the `vectors` vectors of keys from c0 (fewer than a register tile's), in one tile of
-  // that width: its kRows × vectors accumulators keep more multiply-adds in flight than a tile of
-  // one vector at a time, whose kRows chains wait on each other's latency (the edges of a window
-  // or a block mask: 6-7% of M2's time in `qkv bench`, 13% of a mask showing only the diagonal).
-  // Each score is summed in the same order whatever the tile's width.
+  // that width: its kRows × vectors accumulators keep more multiply-adds in flight than tiles of
+  // one vector, whose kRows chains wait on each other's latency. Spans end mid-tile at the edges
+  // of a window or of a block mask's blocks: one-vector tiles held 6-7% of M2's time in
+  // `qkv bench` (AVX-512; the whole 4 × 4 tiles 22%). A span of a single vector (a causal
+  // diagonal, four rows wide) still takes the one-vector tile. Each score is summed in the same
+  // order whatever the tile's width.
   template <int kRows, int kVectors>
   void ScoreNarrowTile(Scratch& s, const float* k, std::int64_t kh, std::int64_t r0,
                        std::int64_t c0, std::int64_t vectors) const {
