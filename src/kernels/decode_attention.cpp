@@ -160,6 +160,18 @@ HWY_INLINE void SumsOfLanes(D d, const VectorArray<D, N>& v, hn::TFromD<D>* HWY_
 #endif
 }
 
+// sums[g · K + k] += Σ product(g, k, e') over the elements e' = e … n − 1 that a whole vector
+// did not reach (D not a multiple of the lanes), for the G rows and K keys of a key tile; nothing
+// when D is.
+template <int G, int K, class Sum, class Product>
+HWY_INLINE void AddRowTails(std::int64_t e, std::int64_t n, Sum* HWY_RESTRICT sums,
+                            const Product& product) {
+  if (e >= n) return;
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < K; ++k)
+      for (std::int64_t tail = e; tail < n; ++tail) sums[g * K + k] += product(g, k, tail);
+}
+
 // Keys per tile of the key pass for G query rows: G·K accumulators, K key vectors and a query
 // vector must fit the registers (AVX-512, 4 rows: 16 + 4 + 1 of 32; AVX2, 4 rows: 8 + 2 + 1 of 16).
 template <int G>
@@ -195,14 +207,9 @@ HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* 
   }
   HWY_ALIGN float sums[kPaddedSums<G * K>];
   SumsOfLanes<G * K>(d, sum, sums);
-  if (e < n) {
-    for (int g = 0; g < G; ++g) {
-      for (int k = 0; k < K; ++k) {
-        for (std::int64_t tail = e; tail < n; ++tail)
-          sums[g * K + k] += queries[g * n + tail] * Widened(keys[k][tail]);
-      }
-    }
-  }
+  AddRowTails<G, K>(e, n, sums, [&](int g, int k, std::int64_t tail) {
+    return queries[g * n + tail] * Widened(keys[k][tail]);
+  });
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) std::memcpy(out + g * out_stride, sums + g * K, K * sizeof(float));
 }
@@ -261,14 +268,9 @@ HWY_INLINE void Int8DotTile(const std::int16_t* HWY_RESTRICT queries,
   for (int i = 0; i < G * K; ++i) both.Set(i, hn::Add(sum.Get(i), odd_sum.Get(i)));
   HWY_ALIGN std::int32_t sums[kPaddedSums<G * K>];
   SumsOfLanes<G * K>(d32, both, sums);
-  if (e < n) {
-    for (int g = 0; g < G; ++g) {
-      for (int k = 0; k < K; ++k) {
-        for (std::int64_t tail = e; tail < n; ++tail)
-          sums[g * K + k] += std::int32_t{queries[g * n + tail]} * std::int32_t{keys[k][tail]};
-      }
-    }
-  }
+  AddRowTails<G, K>(e, n, sums, [&](int g, int k, std::int64_t tail) {
+    return std::int32_t{queries[g * n + tail]} * std::int32_t{keys[k][tail]};
+  });
   const hn::CappedTag<float, K> dk;
   const hn::RebindToSigned<decltype(dk)> dk32;
   const auto step = static_cast<int>(hn::Lanes(dk));

@@ -302,8 +302,8 @@ class FusedKernel {
     std::fill(s.row_sum, s.row_sum + rows_ * lanes_, 0.0f);
     std::fill(s.accumulator, s.accumulator + rows_ * v_stride_, 0.0f);
 
-    // 2. Key tiles that meet the item's key range; the next item's rows prefetched over the first
-    // half of their blocks.
+    // 2. Key tiles that meet the item's key range; before each block, a few of the next item's
+    // rows are prefetched, all of them by the middle of the item's blocks.
     const std::int64_t row_blocks = (rows_ + kBlockRows - 1) / kBlockRows;
     const std::int64_t steps =
         std::max<std::int64_t>(1, item_last > item_first
