@@ -407,6 +407,17 @@ class DecodeKernel {
           const std::int64_t b = row / item_rows_, r = row % item_rows_;
           const std::int64_t h = HeadOf(r), i = PositionOf(r);
           const std::int64_t first_item = b * chunks_;
+          if (parts == 1) {  // one chunk and no sink: merging it would give it back exactly
+            const float* part = partial_out + (first_item * item_rows_ + r) * p_.v_dim;
+            if (float_rows) {
+              std::copy(part, part + p_.v_dim,
+                        reinterpret_cast<float*>(p_.out.data) + p_.out.offset(b, i, h));
+            } else {
+              for (std::int64_t e = 0; e < p_.v_dim; ++e) p_.out.store(part[e], b, i, h, e);
+            }
+            if (p_.lse.present) p_.lse.store(partial_lse[first_item * item_rows_ + r], b, h, i);
+            return;
+          }
           const double lse = detail::merge_weights<double>(m.weights, [&](std::int64_t c) {
             return c < chunks_ ? partial_lse[(first_item + c) * item_rows_ + r] : p_.sinks.load(h);
           });
