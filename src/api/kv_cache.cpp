@@ -235,31 +235,6 @@ RotaryTable check_rotary(const RotaryEmbedding& rotary, std::int64_t q_dim, std:
   return table;
 }
 
-// row[d] = in(i0, i1, i2, d) for d < dim, in double; a float32 row with unit stride read as a row
-// (element by element through the input's dtype switch, the rows of a decoding step's new keys,
-// values and rotated queries took 7 µs of the 45 of B1 H32 Hk8 against 128 cached keys: now 40).
-void load_row(const detail::StridedInput& in, std::int64_t i0, std::int64_t i1, std::int64_t i2,
-              std::int64_t dim, double* row) {
-  if (in.dtype == DType::float32 && in.strides[3] == 1) {
-    const float* first = reinterpret_cast<const float*>(in.data) + in.offset(i0, i1, i2);
-    for (std::int64_t d = 0; d < dim; ++d) row[d] = first[d];
-    return;
-  }
-  for (std::int64_t d = 0; d < dim; ++d) row[d] = in.load(i0, i1, i2, d);
-}
-
-// out(i0, i1, i2, d) = row[d] for d < dim, rounded to the output's dtype (float32 written as a
-// row).
-void store_row(const detail::StridedOutput& out, std::int64_t i0, std::int64_t i1, std::int64_t i2,
-               std::int64_t dim, const double* row) {
-  if (out.dtype == DType::float32 && out.strides[3] == 1) {
-    float* first = reinterpret_cast<float*>(out.data) + out.offset(i0, i1, i2);
-    for (std::int64_t d = 0; d < dim; ++d) first[d] = static_cast<float>(row[d]);
-    return;
-  }
-  for (std::int64_t d = 0; d < dim; ++d) out.store(row[d], i0, i1, i2, d);
-}
-
 // row[0 … 2·half) turned by the angles of `position` (docs: RotaryEmbedding), in double.
 void rotate(const RotaryTable& table, std::int64_t position, double* row) {
   for (std::int64_t t = 0; t < table.half; ++t) {
@@ -339,7 +314,7 @@ class Appender {
               static_cast<float*>(scales.data)[r0 * scales.strides[0] + r1 * scales.strides[1] +
                                                h * scales.strides[2]] = scale;
             } else {
-              store_row(keys ? k_out : v_out, r0, r1, h, dim, row_.data());
+              (keys ? k_out : v_out).store_row(row_.data(), dim, r0, r1, h);
             }
           }
         }
@@ -351,7 +326,7 @@ class Appender {
   void Load(bool keys, std::int64_t b, std::int64_t t, std::int64_t h) {
     const detail::StridedInput& in = keys ? keys_ : values_;
     const std::int64_t dim = keys ? c_.k_dim : c_.v_dim;
-    load_row(in, b, t, h, dim, row_.data());
+    in.load_row(row_.data(), dim, b, t, h);
     if (keys && table_.present())
       rotate(table_, c_.seqlens[static_cast<std::size_t>(b)] + t, row_.data());
   }
@@ -437,10 +412,10 @@ void attention_with_kv_cache(const TensorView& q, const KVCache& cache,
     for (std::int64_t b = 0; b < batch; ++b)
       for (std::int64_t i = 0; i < q_len; ++i)
         for (std::int64_t h = 0; h < q_heads; ++h) {
-          load_row(in, b, i, h, q.shape[3], row.data());
+          in.load_row(row.data(), q.shape[3], b, i, h);
           rotate(table, c.seqlens[static_cast<std::size_t>(b)] + (positions_advance ? i : 0),
                  row.data());
-          store_row(out, b, i, h, q.shape[3], row.data());
+          out.store_row(row.data(), q.shape[3], b, i, h);
         }
     queries = rotated_q.view();
   }

@@ -389,11 +389,10 @@ class DecodeKernel {
         });
     // 3'. Merge the chunks of each (batch, row); a sink joins as one more part, once, with
     // LSE = sink and O = 0 (core/sinks.hpp). The row's sums are gathered in double, chunk after
-    // chunk (as detail::merge_row adds the parts), and a float32 output with unit stride is
-    // written as a row. (Element by element through merge_row's callbacks and the output's dtype
-    // switch, the merge was 70% of a small decoding step: B1 H32 Hk8 Nk16 took 22 µs, now 6.4.)
+    // chunk (as detail::merge_row adds the parts), and written as a row (StridedOutput::store_row).
+    // (Element by element through merge_row's callbacks and the output's dtype switch, the merge
+    // was 70% of a small decoding step: B1 H32 Hk8 Nk16 took 22 µs, now 6.4.)
     const std::int64_t parts = chunks_ + (p_.sinks.present ? 1 : 0);
-    const bool float_rows = p_.out.dtype == DType::float32 && p_.out.strides[3] == 1;
     struct MergeScratch {
       std::vector<double> weights, sums;
     };
@@ -408,13 +407,8 @@ class DecodeKernel {
           const std::int64_t h = HeadOf(r), i = PositionOf(r);
           const std::int64_t first_item = b * chunks_;
           if (parts == 1) {  // one chunk and no sink: merging it would give it back exactly
-            const float* part = partial_out + (first_item * item_rows_ + r) * p_.v_dim;
-            if (float_rows) {
-              std::copy(part, part + p_.v_dim,
-                        reinterpret_cast<float*>(p_.out.data) + p_.out.offset(b, i, h));
-            } else {
-              for (std::int64_t e = 0; e < p_.v_dim; ++e) p_.out.store(part[e], b, i, h, e);
-            }
+            p_.out.store_row(partial_out + (first_item * item_rows_ + r) * p_.v_dim, p_.v_dim, b, i,
+                             h);
             if (p_.lse.present) p_.lse.store(partial_lse[first_item * item_rows_ + r], b, h, i);
             return;
           }
@@ -430,12 +424,7 @@ class DecodeKernel {
             const float* part = partial_out + ((first_item + c) * item_rows_ + r) * p_.v_dim;
             for (std::int64_t e = 0; e < p_.v_dim; ++e) sums[e] += weight * double{part[e]};
           }
-          if (float_rows) {
-            float* out = reinterpret_cast<float*>(p_.out.data) + p_.out.offset(b, i, h);
-            for (std::int64_t e = 0; e < p_.v_dim; ++e) out[e] = static_cast<float>(sums[e]);
-          } else {
-            for (std::int64_t e = 0; e < p_.v_dim; ++e) p_.out.store(sums[e], b, i, h, e);
-          }
+          p_.out.store_row(sums, p_.v_dim, b, i, h);
           if (p_.lse.present) p_.lse.store(lse, b, h, i);
         });
   }
