@@ -611,14 +611,15 @@ class DecodeKernel {
             continue;
           }
         }
-        if (new_max != s.row_max[r]) {
+        // The row's first visible block finds its sum and accumulator zero: nothing to rescale.
+        if (new_max != s.row_max[r] && s.row_max[r] != kMinusInfinity) {
           const float correction = std::exp(s.row_max[r] - new_max);
           float* lane_sums = s.lane_sums.get() + r * lanes_;
           hn::Store(hn::Mul(hn::Load(d, lane_sums), hn::Set(d, correction)), d, lane_sums);
           float* accumulator = s.accumulator.data() + r * p_.v_dim;
           for (std::int64_t e = 0; e < p_.v_dim; ++e) accumulator[e] *= correction;
-          s.row_max[r] = new_max;
         }
+        s.row_max[r] = new_max;
         const auto weights = KernelExp(d, hn::Sub(hn::Load(d, scores), hn::Set(d, new_max)));
         hn::Store(weights, d, scores);
         float* lane_sums = s.lane_sums.get() + r * lanes_;
