@@ -318,7 +318,9 @@ class FusedKernel {
       const float* values = ValueTile(b, ValueHead(kh), tile);
       const TileBlocks blocks = ClassifyTile(b, kh, i0, positions, start, count);
       if (blocks == TileBlocks::empty) continue;
-      const bool full = blocks == TileBlocks::full;
+      // Whether the block mask can hide nothing inside the rows' intervals: its blocks here are
+      // all full, or its rows are runs, which the intervals already are within (visible_keys).
+      const bool full = blocks == TileBlocks::full || block_mask_rows_are_runs_;
       for (std::int64_t r0 = 0; r0 < rows_; r0 += kBlockRows) {
         const int block = static_cast<int>(std::min<std::int64_t>(kBlockRows, rows_ - r0));
         PrefetchNextRows(s, prefetch_rows);
@@ -410,8 +412,8 @@ class FusedKernel {
     std::int64_t begin = 0, end = 0;
     std::int64_t seen_begin = 0, seen_end = 0;
   };
-  // `blocks_full`: the block mask shows the whole tile to every row of the item (ClassifyTile),
-  // so that it narrows nothing.
+  // `blocks_full`: the block mask hides nothing of the tile inside the rows' intervals (its blocks
+  // there are all full, ClassifyTile, or its rows are runs), so that it narrows nothing.
   KeySpan VisibleSpan(const Scratch& s, std::int64_t b, std::int64_t kh, std::int64_t i0,
                       std::int64_t r0, int block, std::int64_t start, std::int64_t count,
                       bool blocks_full = false) const {
@@ -1036,6 +1038,7 @@ class FusedKernel {
     copy.block_mask = nullptr;
     return copy;
   }();
+  const bool block_mask_rows_are_runs_ = p_.block_mask != nullptr && p_.block_mask->rows_are_runs();
   const detail::DropoutMask dropout_{p_};
   const std::int64_t lanes_;             // floats per vector on this target
   const std::int64_t key_tile_;          // keys per tile: kTileVectors vectors
