@@ -653,7 +653,22 @@ namespace {
 // The calling thread's buffers, one per role, kept between calls at the largest size seen (as
 // the forward keeps its packed K and V): first-touch page faults would cost more than the
 // small problems themselves.
-enum Role { kQ, kK, kV, kDout, kLseHigh, kLseLow, kDelta, kDq, kDk, kDv, kDva, kDbias, kRoles };
+enum Role {
+  kQ,
+  kK,
+  kV,
+  kDout,
+  kLseHigh,
+  kLseLow,
+  kDelta,
+  kDq,
+  kDk,
+  kDv,
+  kDva,
+  kDbias,
+  kDqSum,
+  kRoles
+};
 
 float* buffer(Role role, std::int64_t count) {
   thread_local ReusedBuffer buffers[kRoles];
@@ -727,6 +742,7 @@ void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64
         }
         for (std::int64_t r = 0; r < out_dim; ++r)
           target[r] = static_cast<float>(factor * values[r]);
+        std::fill(target + out_dim, target + stride, 0.0f);  // the padding
       }
     }
   });
@@ -822,7 +838,7 @@ struct BackwardDoor {
   const std::int64_t key_group;  // query heads per transformed key head
   BackwardOperands o;
   std::vector<float> additive_v;     // [Hq, A]: scale·v
-  std::vector<float> dq_sum;         // ∂L/∂q' [B, Hq, Nq, dim], the chunks summed
+  float* dq_sum = nullptr;           // ∂L/∂q' [B, Hq, Nq, dim], the chunks summed
   std::vector<double> factor_parts;  // ∂L/∂factor[h] of each (row, head), when wanted
   detail::ScoreModGradients score_mod_gradients;
 };
@@ -835,10 +851,11 @@ void BackwardDoor::PackOperands() {
   const std::int64_t ss = o.score_stride, vs = o.value_stride;
   const auto key_source = [this](std::int64_t kh) { return KeySource(kh); };
   const auto same = same_head;
-  float* q = zeroed(kQ, B * Hq * Nq * ss, threads);
-  float* k = zeroed(kK, B * o.key_heads * Nk * ss, threads);
-  float* v = zeroed(kV, B * Hk * Nk * vs, threads);
-  float* dout = zeroed(kDout, B * Hq * Nq * vs, threads);
+  // (every element written by pack_rows, the padding too: no zeroing beforehand)
+  float* q = buffer(kQ, B * Hq * Nq * ss);
+  float* k = buffer(kK, B * o.key_heads * Nk * ss);
+  float* v = buffer(kV, B * Hk * Nk * vs);
+  float* dout = buffer(kDout, B * Hq * Nq * vs);
   pack_rows(q, p.q, B, Nq, Hq, p.q_dim, ss, o.additive ? 1.0 : p.scale,
             query_transform.identity() ? nullptr : &query_transform, same, threads);
   pack_rows(k, p.k, B, Nk, o.key_heads, p.k_dim, ss, 1.0,
@@ -980,12 +997,12 @@ void BackwardDoor::InputGradients() {
   // projection: dot/bilinear carry the scale in q.
   const std::int64_t dim = o.score_dim;
   const double dq_factor = o.additive ? 1.0 : p.scale;
-  dq_sum.assign(static_cast<std::size_t>(B * Hq * Nq * dim), 0.0f);
+  dq_sum = buffer(kDqSum, B * Hq * Nq * dim);  // every element written below
   parallel_for(threads, B * Hq * Nq, [&](std::int64_t row) {
     for (std::int64_t a = 0; a < dim; ++a) {
       float sum = 0.0f;
       for (std::int64_t c = 0; c < o.chunks; ++c) sum += dq[(c * B * Hq * Nq + row) * ss + a];
-      dq_sum[static_cast<std::size_t>(row * dim + a)] = static_cast<float>(dq_factor * sum);
+      dq_sum[row * dim + a] = static_cast<float>(dq_factor * sum);
     }
   });
   // Each row of dQ (dK) from its compared vector's gradient, back through the unit's transform;
@@ -1003,7 +1020,7 @@ void BackwardDoor::InputGradients() {
       input.resize(static_cast<std::size_t>(p.q_dim));
       row.resize(static_cast<std::size_t>(p.q_dim));
       for (std::int64_t h = 0; h < Hq; ++h) {
-        const float* source = dq_sum.data() + ((b * Hq + h) * Nq + i) * dim;
+        const float* source = dq_sum + ((b * Hq + h) * Nq + i) * dim;
         std::copy(source, source + dim, compared.begin());
         if (query_transform.identity()) {
           std::copy(compared.begin(), compared.end(), row.begin());
@@ -1071,7 +1088,7 @@ void BackwardDoor::ParameterGradients() {
   // The score's parameters. A transform's matrix M (x' = M x): dM = Σ dx' ⊗ x over the rows, as
   // outer products of the compared vectors' gradients with the raw inputs (packed densely for
   // the purpose); stored transposed for a transposed matrix (bilinear's q' = Wᵀq: dW = Σ q ⊗ dq').
-  const DenseRows d_queries{dq_sum.data(), Hq, Nq, dim};
+  const DenseRows d_queries{dq_sum, Hq, Nq, dim};
   const DenseRows d_keys{dk, o.key_heads, Nk, ss};
   const auto matrix_gradient = [&](const detail::RowTransform& transform) {
     return transform.matrix != nullptr && transform.matrix_gradient != nullptr &&
