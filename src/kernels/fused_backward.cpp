@@ -706,6 +706,17 @@ void read_row(const StridedInput& x, std::int64_t b, std::int64_t n, std::int64_
   }
 }
 
+// Σ a[d]·b[d] over d < n in double, as four interleaved partial sums: one running sum waited
+// on each addition's latency, 9% of a backward with a sliding window of 256 (B1 H8 N4096 D64).
+double dot_in_double(const float* a, const double* b, std::int64_t n) {
+  double part[4] = {0.0, 0.0, 0.0, 0.0};
+  std::int64_t d = 0;
+  for (; d + 4 <= n; d += 4)
+    for (int k = 0; k < 4; ++k) part[k] += static_cast<double>(a[d + k]) * b[d + k];
+  for (; d < n; ++d) part[0] += static_cast<double>(a[d]) * b[d];
+  return (part[0] + part[1]) + (part[2] + part[3]);
+}
+
 // y[b, n, h, 0 : count) = values, rounded to y's dtype.
 void write_row(const detail::StridedOutput& y, std::int64_t b, std::int64_t n, std::int64_t h,
                std::int64_t count, const double* values) {
@@ -921,8 +932,7 @@ void BackwardDoor::RowStatistics() {
       }
       if (!rederive) {
         read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
-        for (std::int64_t d = 0; d < p.v_dim; ++d)
-          sum += static_cast<double>(dout[row * vs + d]) * out_row[static_cast<std::size_t>(d)];
+        sum = dot_in_double(dout + row * vs, out_row.data(), p.v_dim);
       }
       if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
       const double lse = inputs.lse.load(b, h, i);
