@@ -99,6 +99,14 @@ constexpr int kBlockRows = kTileVectors == 4 ? 4 : 5;
 // (8 vectors) and on AVX2 (16: forced on Zen 4, S3 and S5 6-8% faster than 64 keys, S2 2-5%).
 constexpr int TVectors = kTileVectors == 4 ? 8 : 16;
 
+// Keys transposed at once as PackKeys packs a key tile: 8 × 8 blocks in 256-bit registers on x86
+// where the target has them (Transpose8x8), 4 × 4 elsewhere (and for the last keys of a tile).
+#if HWY_ARCH_X86 && HWY_MAX_BYTES >= 32
+constexpr std::int64_t kPackKeys = 8;
+#else
+constexpr std::int64_t kPackKeys = 4;
+#endif
+
 using FloatTag = hn::ScalableTag<float>;
 
 // out[0 … n) = the bfloat16 or float16 values in[0 … n) as float32 (kernels/widen-inl.h).
@@ -540,62 +548,53 @@ class FusedKernel {
   void PackKeys(std::int64_t b, std::int64_t first_head, std::int64_t end_head, std::int64_t tile,
                 std::int64_t count) const {
     const std::int64_t dim = o_.score_dim;
-    thread_local std::vector<float> widened;  // eight key rows, when they are not float32
-    widened.resize(static_cast<std::size_t>(8 * dim));
-    std::int64_t t0 = 0;
-#if HWY_ARCH_X86 && HWY_MAX_BYTES >= 32
-    const float* rows8[8];
-    for (; t0 + 8 <= count; t0 += 8) {
-      for (std::int64_t kh = first_head; kh < end_head; ++kh) {
-        for (std::int64_t t = 0; t < 8; ++t)
-          rows8[t] =
-              FloatRow(Operand::keys, b, tile * key_tile_ + t0 + t, kh, widened.data() + t * dim);
-        float* keys = KeyTile(b, kh, tile) + t0;
-        std::int64_t d0 = 0;
-        for (; d0 + 8 <= dim; d0 += 8) Transpose8x8(rows8, d0, keys + d0 * key_tile_);
-        for (; d0 < dim; ++d0) {
-          for (std::int64_t t = 0; t < 8; ++t) keys[d0 * key_tile_ + t] = rows8[t][d0];
-        }
-      }
-    }
-#endif
-    const float* rows[4];
-    for (; t0 < count; t0 += 4) {
-      const std::int64_t group = std::min<std::int64_t>(4, count - t0);
+    thread_local std::vector<float> widened;  // a group's key rows, when they are not float32
+    widened.resize(static_cast<std::size_t>(kPackKeys * dim));
+    const float* rows[kPackKeys];
+    for (std::int64_t t0 = 0; t0 < count;) {
+      const std::int64_t group =
+          count - t0 >= kPackKeys ? kPackKeys : std::min<std::int64_t>(4, count - t0);
       for (std::int64_t kh = first_head; kh < end_head; ++kh) {
         for (std::int64_t t = 0; t < group; ++t)
           rows[t] =
               FloatRow(Operand::keys, b, tile * key_tile_ + t0 + t, kh, widened.data() + t * dim);
-        float* keys = KeyTile(b, kh, tile);
+        float* keys = KeyTile(b, kh, tile) + t0;
         std::int64_t d0 = 0;
+#if HWY_ARCH_X86 && HWY_MAX_BYTES >= 32
+        if (group == 8) {
+          for (; d0 + 8 <= dim; d0 += 8) Transpose8x8(rows, d0, keys + d0 * key_tile_);
+        }
+#endif
 #if HWY_TARGET != HWY_SCALAR  // (which has no 4-lane vectors)
-        const hn::FixedTag<float, 4> d4;
         if (group == 4) {
-          for (; d0 + 4 <= dim; d0 += 4) {
-            // Rows a, b, c, e of 4 elements each: interleave pairs of rows, then join the halves.
-            const auto ab_low = hn::InterleaveLower(d4, hn::LoadU(d4, rows[0] + d0),
-                                                    hn::LoadU(d4, rows[1] + d0));  // a0 b0 a1 b1
-            const auto ab_high = hn::InterleaveUpper(d4, hn::LoadU(d4, rows[0] + d0),
-                                                     hn::LoadU(d4, rows[1] + d0));  // a2 b2 a3 b3
-            const auto ce_low =
-                hn::InterleaveLower(d4, hn::LoadU(d4, rows[2] + d0), hn::LoadU(d4, rows[3] + d0));
-            const auto ce_high =
-                hn::InterleaveUpper(d4, hn::LoadU(d4, rows[2] + d0), hn::LoadU(d4, rows[3] + d0));
-            float* out = keys + d0 * key_tile_ + t0;
-            hn::StoreU(hn::ConcatLowerLower(d4, ce_low, ab_low), d4, out);
-            hn::StoreU(hn::ConcatUpperUpper(d4, ce_low, ab_low), d4, out + key_tile_);
-            hn::StoreU(hn::ConcatLowerLower(d4, ce_high, ab_high), d4, out + 2 * key_tile_);
-            hn::StoreU(hn::ConcatUpperUpper(d4, ce_high, ab_high), d4, out + 3 * key_tile_);
-          }
+          for (; d0 + 4 <= dim; d0 += 4) Transpose4x4(rows, d0, keys + d0 * key_tile_);
         }
 #endif
         for (; d0 < dim; ++d0) {
-          float* out = keys + d0 * key_tile_ + t0;
-          for (std::int64_t t = 0; t < group; ++t) out[t] = rows[t][d0];
+          for (std::int64_t t = 0; t < group; ++t) keys[d0 * key_tile_ + t] = rows[t][d0];
         }
       }
+      t0 += group;
     }
   }
+
+#if HWY_TARGET != HWY_SCALAR
+  // out[e · key_tile_ + t] = rows[t][d0 + e] for 4 rows t and 4 elements e, in 128-bit
+  // registers: rows a, b, c, e interleaved in pairs, then the pairs' halves joined.
+  void Transpose4x4(const float* const* rows, std::int64_t d0, float* out) const {
+    const hn::FixedTag<float, 4> d4;
+    const auto a = hn::LoadU(d4, rows[0] + d0), b = hn::LoadU(d4, rows[1] + d0);
+    const auto c = hn::LoadU(d4, rows[2] + d0), e = hn::LoadU(d4, rows[3] + d0);
+    const auto ab_low = hn::InterleaveLower(d4, a, b);   // a0 b0 a1 b1
+    const auto ab_high = hn::InterleaveUpper(d4, a, b);  // a2 b2 a3 b3
+    const auto ce_low = hn::InterleaveLower(d4, c, e);
+    const auto ce_high = hn::InterleaveUpper(d4, c, e);
+    hn::StoreU(hn::ConcatLowerLower(d4, ce_low, ab_low), d4, out);
+    hn::StoreU(hn::ConcatUpperUpper(d4, ce_low, ab_low), d4, out + key_tile_);
+    hn::StoreU(hn::ConcatLowerLower(d4, ce_high, ab_high), d4, out + 2 * key_tile_);
+    hn::StoreU(hn::ConcatUpperUpper(d4, ce_high, ab_high), d4, out + 3 * key_tile_);
+  }
+#endif
 
 #if HWY_ARCH_X86 && HWY_MAX_BYTES >= 32
   // out[e · key_tile_ + t] = rows[t][d0 + e] for 8 rows t and 8 elements e: an 8 × 8 block

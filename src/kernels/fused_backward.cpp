@@ -691,21 +691,6 @@ std::int64_t padded(std::int64_t n) {
   return (n + kBackwardPad - 1) / kBackwardPad * kBackwardPad;
 }
 
-// x[b, n, h, 0 : count) widened to double, straight from the storage when the last dimension
-// has unit stride.
-void read_row(const StridedInput& x, std::int64_t b, std::int64_t n, std::int64_t h,
-              std::int64_t count, double* out) {
-  if (x.strides[3] == 1 && x.dtype == DType::float32) {
-    const float* row = x.pointer<float>(b, n, h);
-    for (std::int64_t c = 0; c < count; ++c) out[c] = row[c];
-  } else if (x.strides[3] == 1 && x.dtype == DType::bfloat16) {
-    const std::uint16_t* row = x.pointer<std::uint16_t>(b, n, h);
-    for (std::int64_t c = 0; c < count; ++c) out[c] = from_bfloat16(row[c]);
-  } else {
-    for (std::int64_t c = 0; c < count; ++c) out[c] = x.load(b, n, h, c);
-  }
-}
-
 // Σ a[d]·b[d] over d < n in double, as four interleaved partial sums: one running sum waited
 // on each addition's latency, 9% of a backward with a sliding window of 256 (B1 H8 N4096 D64).
 double dot_in_double(const float* a, const double* b, std::int64_t n) {
@@ -715,17 +700,6 @@ double dot_in_double(const float* a, const double* b, std::int64_t n) {
     for (int k = 0; k < 4; ++k) part[k] += static_cast<double>(a[d + k]) * b[d + k];
   for (; d < n; ++d) part[0] += static_cast<double>(a[d]) * b[d];
   return (part[0] + part[1]) + (part[2] + part[3]);
-}
-
-// y[b, n, h, 0 : count) = values, rounded to y's dtype.
-void write_row(const detail::StridedOutput& y, std::int64_t b, std::int64_t n, std::int64_t h,
-               std::int64_t count, const double* values) {
-  if (y.strides[3] == 1 && y.dtype == DType::float32) {
-    float* row = reinterpret_cast<float*>(y.data) + y.offset(b, n, h);
-    for (std::int64_t c = 0; c < count; ++c) row[c] = static_cast<float>(values[c]);
-  } else {
-    for (std::int64_t c = 0; c < count; ++c) y.store(values[c], b, n, h, c);
-  }
 }
 
 // A [B, N, H, D] input as dense [B, H, N, stride] float rows, times `factor`, each row through
@@ -745,7 +719,7 @@ void pack_rows(float* out, const StridedInput& x, std::int64_t batch, std::int64
     for (std::int64_t n = n0; n < std::min(length, n0 + kRowsPerPass); ++n) {
       for (std::int64_t h = 0; h < heads; ++h) {
         float* target = out + ((b * heads + h) * length + n) * stride;
-        read_row(x, b, n, source_head(h), in_dim, row.data());
+        x.load_row(row.data(), in_dim, b, n, source_head(h));
         const double* values = row.data();
         if (transform != nullptr) {
           transform->apply(h, row.data(), transformed.data());
@@ -931,7 +905,7 @@ void BackwardDoor::RowStatistics() {
         continue;
       }
       if (!rederive) {
-        read_row(inputs.out, b, i, h, p.v_dim, out_row.data());
+        inputs.out.load_row(out_row.data(), p.v_dim, b, i, h);
         sum = dot_in_double(dout + row * vs, out_row.data(), p.v_dim);
       }
       if (inputs.dlse.present) sum -= inputs.dlse.load(b, h, i);
@@ -1035,12 +1009,12 @@ void BackwardDoor::InputGradients() {
         if (query_transform.identity()) {
           std::copy(compared.begin(), compared.end(), row.begin());
         } else {
-          read_row(p.q, b, i, h, p.q_dim, input.data());
+          p.q.load_row(input.data(), p.q_dim, b, i, h);
           const double d_factor =
               query_transform.backward(h, input.data(), compared.data(), row.data());
           if (query_factor) factor_parts[static_cast<std::size_t>(index * Hq + h)] = d_factor;
         }
-        if (out) write_row(*out, b, i, h, p.q_dim, row.data());
+        if (out) out->store_row(row.data(), p.q_dim, b, i, h);
       }
     });
   }
@@ -1056,7 +1030,7 @@ void BackwardDoor::InputGradients() {
       total.resize(static_cast<std::size_t>(p.k_dim));
       for (std::int64_t hk = 0; hk < Hk; ++hk) {
         std::fill(total.begin(), total.end(), 0.0);
-        if (!key_transform.identity()) read_row(p.k, b, j, hk, p.k_dim, input.data());
+        if (!key_transform.identity()) p.k.load_row(input.data(), p.k_dim, b, j, hk);
         for (std::int64_t kh = hk * heads_per_key; kh < (hk + 1) * heads_per_key; ++kh) {
           const float* source = dk + ((b * o.key_heads + kh) * Nk + j) * ss;
           std::copy(source, source + dim, compared.begin());
@@ -1068,7 +1042,7 @@ void BackwardDoor::InputGradients() {
           for (std::int64_t d = 0; d < p.k_dim; ++d)
             total[static_cast<std::size_t>(d)] += row[static_cast<std::size_t>(d)];
         }
-        write_row(out, b, j, hk, p.k_dim, total.data());
+        out.store_row(total.data(), p.k_dim, b, j, hk);
       }
     });
   }
@@ -1081,7 +1055,7 @@ void BackwardDoor::InputGradients() {
       for (std::int64_t hv = 0; hv < Hk; ++hv) {
         const float* values = dv + ((b * Hk + hv) * Nk + j) * vs;
         for (std::int64_t d = 0; d < p.v_dim; ++d) row[static_cast<std::size_t>(d)] = values[d];
-        write_row(out, b, j, hv, p.v_dim, row.data());
+        out.store_row(row.data(), p.v_dim, b, j, hv);
       }
     });
   }
