@@ -377,12 +377,17 @@ class FusedKernel {
         inverse *= static_cast<float>(joined.keys_share);
       }
       const float* accumulator = s.accumulator + r * v_stride_;
-      if (p_.out.dtype == DType::float32 && p_.out.strides[3] == 1) {  // most calls: no rounding
-        float* out = reinterpret_cast<float*>(p_.out.data) + p_.out.offset(b, i, h);
-        for (std::int64_t d = 0; d < p_.v_dim; ++d) out[d] = accumulator[d] * inverse;
-      } else {
+      std::byte* out = p_.out.data +
+                       p_.out.offset(b, i, h) * static_cast<std::int64_t>(dtype_size(p_.out.dtype));
+      if (p_.out.strides[3] != 1 || p_.out.dtype == DType::float64) {
         for (std::int64_t d = 0; d < p_.v_dim; ++d)
           p_.out.store(accumulator[d] * inverse, b, i, h, d);
+      } else if (p_.out.dtype == DType::float32) {  // most calls: no rounding
+        NarrowRow(accumulator, inverse, reinterpret_cast<float*>(out), p_.v_dim);
+      } else if (p_.out.dtype == DType::bfloat16) {
+        NarrowRow(accumulator, inverse, reinterpret_cast<std::uint16_t*>(out), p_.v_dim);
+      } else {
+        NarrowRow(accumulator, inverse, reinterpret_cast<hwy::float16_t*>(out), p_.v_dim);
       }
       if (p_.lse.present) p_.lse.store(lse, b, h, i);
       // Kept for the weights pass as two floats, lse_high + lse_low = LSE to about 2⁻⁴⁸·|LSE|.

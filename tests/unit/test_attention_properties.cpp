@@ -4,8 +4,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <numeric>
@@ -16,6 +18,7 @@
 #include "qkv/attention.hpp"
 #include "qkv/error.hpp"
 #include "qkv/reference.hpp"
+#include "qkv/simd.hpp"
 
 namespace qkv::testing {
 namespace {
@@ -416,6 +419,48 @@ TEST(AttentionProperties, BFloat16OutputIsTheFloat32ResultRounded) {
           << c.name();
     }
   }
+}
+
+// The kernels round a row of O to bfloat16 or float16 a vector at a time where the target can
+// (kernels/widen-inl.h): bit for bit as to_bfloat16 and to_float16 round, for every kind of
+// float32, on every target. With one key, each row of O is its value row: the values hold ties
+// of both roundings, the ends of float16's range and of its subnormals, float32 subnormals,
+// infinities, NaNs with payloads, and random bit patterns; 75 of them a row (whole vectors and a
+// tail).
+TEST(AttentionProperties, NarrowOutputsRoundAsTheScalarConversionsOnEveryTarget) {
+  constexpr std::int64_t kBatch = 8, kQueries = 40, kValueDim = 75;
+  std::vector<std::uint32_t> bits = {
+      0x3f808000u, 0x3f818000u, 0xbf808000u, 0x3f801000u, 0x3f803000u,  // ties, to even
+      0x477fe000u, 0x477ff000u, 0x477fefffu, 0xc77ff000u, 0x47800000u,  // float16's largest
+      0x38800000u, 0x387fffffu, 0x33800000u, 0x33c00000u, 0x33000000u,  // its subnormals
+      0x00000001u, 0x80400000u, 0x00000000u, 0x80000000u, 0x7f7fffffu,  // float32's ends
+      0x7f800000u, 0xff800000u, 0x7f800001u, 0xffc12345u, 0x7fbfffffu,  // infinities, NaNs
+      0x7fc00000u, 0x3f7fffffu, 0x3f7f8000u, 0x477f8000u, 0x37fff000u};
+  std::mt19937 random(7);
+  while (bits.size() < static_cast<std::size_t>(kBatch * kValueDim)) bits.push_back(random());
+  Tensor q(DType::float32, {kBatch, kQueries, 1, 4}), k(DType::float32, {kBatch, 1, 1, 4});
+  Tensor v(DType::float32, {kBatch, 1, 1, kValueDim});
+  std::fill(q.data<float>(), q.data<float>() + q.numel(), 0.5f);
+  std::fill(k.data<float>(), k.data<float>() + k.numel(), 0.25f);
+  std::memcpy(v.data<float>(), bits.data(), v.nbytes());
+  const std::string best = simd_target();
+  for (const std::string& target : simd_targets()) {
+    force_simd_target(target);
+    Tensor wide(DType::float32, {kBatch, kQueries, 1, kValueDim});
+    attention_forward(q.view(), k.view(), v.view(), {}, {wide.mutable_view(), {}, {}});
+    for (DType narrow_dtype : {DType::bfloat16, DType::float16}) {
+      Tensor narrow(narrow_dtype, {kBatch, kQueries, 1, kValueDim});
+      attention_forward(q.view(), k.view(), v.view(), {}, {narrow.mutable_view(), {}, {}});
+      for (std::int64_t n = 0; n < narrow.numel(); ++n) {
+        const float x = wide.data<float>()[n];
+        ASSERT_EQ(narrow.data<std::uint16_t>()[n],
+                  narrow_dtype == DType::bfloat16 ? to_bfloat16(x) : to_float16(x))
+            << target << " " << dtype_name(narrow_dtype) << " element " << n << " of O, "
+            << std::hex << std::bit_cast<std::uint32_t>(x);
+      }
+    }
+  }
+  force_simd_target(best);
 }
 
 }  // namespace
