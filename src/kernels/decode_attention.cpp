@@ -133,6 +133,52 @@ HWY_INLINE void FinishSums(D d, const VectorArray<D, M>& v, std::size_t inputs,
 }
 #endif
 
+#if HWY_TARGET == HWY_AVX2
+// FinishSums on AVX2, whose vectors are two blocks of four lanes: the pairs of lanes are added
+// within each block (vshufps takes the even and the odd lanes of two vectors inside the blocks),
+// where ConcatEven and ConcatOdd over the whole vector also move lanes across the blocks (vpermq,
+// one of Zen 3's slower shuffles) at every level; the two blocks are added once, at the end. The
+// same pairs are added as in FinishSums, in the same order: the sums are bitwise the same.
+//   pairs(a, b), per block: [a0 + a1, a2 + a3, b0 + b1, b2 + b3].
+template <class D>
+HWY_INLINE hn::Vec<D> AddPairsInBlocks(D d, hn::Vec<D> a, hn::Vec<D> b) {
+  const hn::Repartition<float, D> df;
+  const __m256 fa = hn::BitCast(df, a).raw, fb = hn::BitCast(df, b).raw;
+  return hn::Add(hn::BitCast(d, hn::Vec<decltype(df)>{_mm256_shuffle_ps(fa, fb, 0x88)}),
+                 hn::BitCast(d, hn::Vec<decltype(df)>{_mm256_shuffle_ps(fa, fb, 0xDD)}));
+}
+
+// sums[i] = the sum of the lanes of v[i] for M = 2, 4 or 8 vectors.
+template <int M, class D>
+HWY_INLINE void FinishSumsInBlocks(D d, const VectorArray<D, M>& v,
+                                   hn::TFromD<D>* HWY_RESTRICT sums) {
+  static_assert(M == 2 || M == 4 || M == 8);
+  // Each block of quads[i] holds the block's sums of inputs 4i … 4i + 3 (M = 2: of 0, 1, 0, 1).
+  VectorArray<D, (M + 3) / 4> quads;
+  if constexpr (M == 2) {
+    const auto pairs = AddPairsInBlocks(d, v.Get(0), v.Get(1));
+    quads.Set(0, AddPairsInBlocks(d, pairs, pairs));
+  } else {
+#pragma GCC unroll 2
+    for (int i = 0; i < M / 4; ++i) {
+      quads.Set(i, AddPairsInBlocks(d, AddPairsInBlocks(d, v.Get(4 * i), v.Get(4 * i + 1)),
+                                    AddPairsInBlocks(d, v.Get(4 * i + 2), v.Get(4 * i + 3))));
+    }
+  }
+  if constexpr (M == 8) {  // the low blocks of both, then their high blocks: the eight sums
+    const auto low = hn::ConcatLowerLower(d, quads.Get(1), quads.Get(0));
+    const auto high = hn::ConcatUpperUpper(d, quads.Get(1), quads.Get(0));
+    hn::StoreU(hn::Add(low, high), d, sums);
+  } else {
+    const hn::Half<D> d4;
+    const auto four = hn::Add(hn::LowerHalf(d4, quads.Get(0)), hn::UpperHalf(d4, quads.Get(0)));
+    HWY_ALIGN hn::TFromD<D> all[4];
+    hn::Store(four, d4, all);
+    for (int i = 0; i < M; ++i) sums[i] = all[i];
+  }
+}
+#endif
+
 // The room SumsOfLanes<N> needs for its sums: N rounded up to a power of two.
 template <int N>
 constexpr int kPaddedSums = static_cast<int>(std::bit_ceil(static_cast<unsigned>(N)));
@@ -149,13 +195,22 @@ HWY_INLINE void SumsOfLanes(D d, const VectorArray<D, N>& v, hn::TFromD<D>* HWY_
   for (int i = 0; i < N; ++i) sums[i] = hn::GetLane(v.Get(i));
 #else
   constexpr int kPadded = kPaddedSums<N>;
+  const auto finish = [&](const VectorArray<D, kPadded>& all) {
+#if HWY_TARGET == HWY_AVX2
+    if constexpr (kPadded >= 2 && kPadded <= 8) {
+      FinishSumsInBlocks<kPadded>(d, all, sums);
+      return;
+    }
+#endif
+    FinishSums<kPadded>(d, all, 1, sums);
+  };
   if constexpr (kPadded == N) {
-    FinishSums<N>(d, v, 1, sums);
+    finish(v);
   } else {
     VectorArray<D, kPadded> padded;
 #pragma GCC unroll 16
     for (int i = 0; i < kPadded; ++i) padded.Set(i, i < N ? v.Get(i) : hn::Zero(d));
-    FinishSums<kPadded>(d, padded, 1, sums);
+    finish(padded);
   }
 #endif
 }
