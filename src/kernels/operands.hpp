@@ -195,13 +195,20 @@ void adopt_or_pack(RowMajorOperand<T>& operand, const StridedInput& input, std::
   operand.stride_h = dim;
   operand.stride_n = heads * dim;
   operand.stride_b = length * heads * dim;
-  for (std::int64_t b = 0; b < batch; ++b)
-    for (std::int64_t n = 0; n < length; ++n)
-      for (std::int64_t h = 0; h < heads; ++h)
-        for (std::int64_t d = 0; d < dim; ++d)
-          operand.storage[static_cast<std::size_t>(b * operand.stride_b + n * operand.stride_n +
-                                                   h * operand.stride_h + d)] =
-              StoredAs<T>(input.load(b, n, h, d), input.dtype);
+  for (std::int64_t b = 0; b < batch; ++b) {
+    for (std::int64_t n = 0; n < length; ++n) {
+      for (std::int64_t h = 0; h < heads; ++h) {
+        T* row = operand.storage.data() + b * operand.stride_b + n * operand.stride_n +
+                 h * operand.stride_h;
+        if constexpr (kHalf) {
+          for (std::int64_t d = 0; d < dim; ++d)
+            row[d] = StoredAs<T>(input.load(b, n, h, d), input.dtype);
+        } else {  // float or double: a row at a time
+          input.load_row(row, dim, b, n, h);
+        }
+      }
+    }
+  }
   operand.data = operand.storage.data();
 }
 

@@ -400,23 +400,30 @@ TEST(AttentionEdges, ExtremeLogitsStayFinite) {
 namespace qkv::testing {
 namespace {
 
-// A bfloat16 output is the float32 result rounded once: the kernels accumulate in float32 and
-// round only when they store.
-TEST(AttentionProperties, BFloat16OutputIsTheFloat32ResultRounded) {
+// A bfloat16 or float16 output is the float32 result rounded once: the kernels accumulate in
+// float32 and round only when they store (the fused kernel, and the split-KV decode's merge of one
+// chunk or of several).
+TEST(AttentionProperties, SixteenBitOutputIsTheFloat32ResultRounded) {
   AttentionCase prefill = masked_case();
   AttentionCase decode;
   decode.q_len = 1;
   decode.k_len = 3000;
   decode.q_heads = 4;
   decode.kv_heads = 2;
-  for (const AttentionCase& c : {prefill, decode}) {
-    const AttentionInputs in = make_inputs(c, DType::bfloat16);
-    const AttentionResults wide = evaluate(c, in, Evaluator::fast, DType::float32, false);
-    Tensor narrow(DType::bfloat16, {c.batch, c.q_len, c.q_heads, c.v_dim});
-    attention_forward(in.q, in.k, in.v, in.options, {narrow.mutable_view(), {}, {}});
-    for (std::int64_t n = 0; n < narrow.numel(); ++n) {
-      ASSERT_EQ(narrow.data<std::uint16_t>()[n], to_bfloat16(wide.out.data<float>()[n]))
-          << c.name();
+  AttentionCase one_chunk = decode;
+  one_chunk.k_len = 500;
+  for (DType dtype : {DType::bfloat16, DType::float16}) {
+    for (const AttentionCase& c : {prefill, decode, one_chunk}) {
+      const AttentionInputs in = make_inputs(c, dtype);
+      const AttentionResults wide = evaluate(c, in, Evaluator::fast, DType::float32, false);
+      Tensor narrow(dtype, {c.batch, c.q_len, c.q_heads, c.v_dim});
+      attention_forward(in.q, in.k, in.v, in.options, {narrow.mutable_view(), {}, {}});
+      for (std::int64_t n = 0; n < narrow.numel(); ++n) {
+        const float x = wide.out.data<float>()[n];
+        ASSERT_EQ(narrow.data<std::uint16_t>()[n],
+                  dtype == DType::bfloat16 ? to_bfloat16(x) : to_float16(x))
+            << c.name() << " " << dtype_name(dtype);
+      }
     }
   }
 }
