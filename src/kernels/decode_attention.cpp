@@ -444,7 +444,8 @@ class DecodeKernel {
         });
     // 3'. Merge the chunks of each (batch, row); a sink joins as one more part, once, with
     // LSE = sink and O = 0 (core/sinks.hpp). The row's sums are gathered in double, chunk after
-    // chunk (as detail::merge_row adds the parts), and written as a row (StridedOutput::store_row).
+    // chunk (as detail::merge_row adds the parts), and written as a row (StridedOutput::store_row;
+    // a single chunk's float32 row by StoreRow, a vector at a time).
     // (Element by element through merge_row's callbacks and the output's dtype switch, the merge
     // was 70% of a small decoding step: B1 H32 Hk8 Nk16 took 22 µs, now 6.4.)
     const std::int64_t parts = chunks_ + (p_.sinks.present ? 1 : 0);
@@ -462,8 +463,8 @@ class DecodeKernel {
           const std::int64_t h = HeadOf(r), i = PositionOf(r);
           const std::int64_t first_item = b * chunks_;
           if (parts == 1) {  // one chunk and no sink: merging it would give it back exactly
-            p_.out.store_row(partial_out + (first_item * item_rows_ + r) * p_.v_dim, p_.v_dim, b, i,
-                             h);
+            StoreRow(p_.out, partial_out + (first_item * item_rows_ + r) * p_.v_dim, 1.0f, p_.v_dim,
+                     b, i, h);
             if (p_.lse.present) p_.lse.store(partial_lse[first_item * item_rows_ + r], b, h, i);
             return;
           }

@@ -376,19 +376,7 @@ class FusedKernel {
         lse = joined.lse;
         inverse *= static_cast<float>(joined.keys_share);
       }
-      const float* accumulator = s.accumulator + r * v_stride_;
-      std::byte* out = p_.out.data +
-                       p_.out.offset(b, i, h) * static_cast<std::int64_t>(dtype_size(p_.out.dtype));
-      if (p_.out.strides[3] != 1 || p_.out.dtype == DType::float64) {
-        for (std::int64_t d = 0; d < p_.v_dim; ++d)
-          p_.out.store(accumulator[d] * inverse, b, i, h, d);
-      } else if (p_.out.dtype == DType::float32) {  // most calls: no rounding
-        NarrowRow(accumulator, inverse, reinterpret_cast<float*>(out), p_.v_dim);
-      } else if (p_.out.dtype == DType::bfloat16) {
-        NarrowRow(accumulator, inverse, reinterpret_cast<std::uint16_t*>(out), p_.v_dim);
-      } else {
-        NarrowRow(accumulator, inverse, reinterpret_cast<hwy::float16_t*>(out), p_.v_dim);
-      }
+      StoreRow(p_.out, s.accumulator + r * v_stride_, inverse, p_.v_dim, b, i, h);
       if (p_.lse.present) p_.lse.store(lse, b, h, i);
       // Kept for the weights pass as two floats, lse_high + lse_low = LSE to about 2⁻⁴⁸·|LSE|.
       s.row_max[r] = static_cast<float>(lse);

@@ -1,7 +1,7 @@
 // Storage types widened to float32, per SIMD target: the kernels keep bfloat16 and float16 inputs
 // as they come and widen a vector (or a row) at a time as they read them, and round rows of
-// float32 results back to those types a vector at a time as they write them. Included after
-// hwy/highway.h by the fused and split-KV kernels.
+// float32 results back to those types a vector at a time as they write them (StoreRow). Included
+// after hwy/highway.h by the fused and split-KV kernels.
 //   float:           as it is;
 //   std::uint16_t:   bfloat16, the upper half of a float32: a 16-bit shift;
 //   hwy::float16_t:  IEEE binary16: Highway's PromoteTo (F16C's vcvtph2ps on x86);
@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "core/problem.hpp"
 #include "qkv/tensor.hpp"
 
 HWY_BEFORE_NAMESPACE();
@@ -131,6 +132,8 @@ HWY_INLINE void StoreNarrowed(D /*d*/, hn::Vec<D> x, std::uint16_t* HWY_RESTRICT
 // first made the quiet NaN of its sign that to_float16 gives.
 template <class D>
 HWY_INLINE void StoreNarrowed(D d, hn::Vec<D> x, hwy::float16_t* HWY_RESTRICT p) {
+  static_assert(kNativeFloat16Rounding || !std::is_same_v<D, D>,
+                "Highway's emulated float16 conversion truncates: round with to_float16");
   const hn::RebindToUnsigned<D> du32;
   const auto quiet_nan =
       hn::BitCast(d, hn::Or(hn::And(hn::BitCast(du32, x), hn::Set(du32, 0x80000000u)),
@@ -172,6 +175,24 @@ HWY_INLINE void NarrowRow(const float* HWY_RESTRICT in, float factor, Stored* HW
     }
   }
   for (; i < n; ++i) StoreNarrowed(in[i] * factor, out + i);
+}
+
+// Row (b, i, h) of out = row[0 … n) · factor: NarrowRow where out has unit stride along its last
+// dimension and is float32, bfloat16 or float16; else through StridedOutput::store, element by
+// element (float64, or a strided view).
+HWY_INLINE void StoreRow(const detail::StridedOutput& out, const float* row, float factor,
+                         std::int64_t n, std::int64_t b, std::int64_t i, std::int64_t h) {
+  std::byte* first =
+      out.data + out.offset(b, i, h) * static_cast<std::int64_t>(dtype_size(out.dtype));
+  if (out.strides[3] != 1 || out.dtype == DType::float64) {
+    for (std::int64_t d = 0; d < n; ++d) out.store(row[d] * factor, b, i, h, d);
+  } else if (out.dtype == DType::float32) {
+    NarrowRow(row, factor, reinterpret_cast<float*>(first), n);
+  } else if (out.dtype == DType::bfloat16) {
+    NarrowRow(row, factor, reinterpret_cast<std::uint16_t*>(first), n);
+  } else {
+    NarrowRow(row, factor, reinterpret_cast<hwy::float16_t*>(first), n);
+  }
 }
 
 }  // namespace HWY_NAMESPACE
