@@ -232,100 +232,113 @@ HWY_INLINE void AddRowTails(std::int64_t e, std::int64_t n, Sum* HWY_RESTRICT su
 template <int G>
 constexpr int kTileKeys = G * 4 <= kVectorRegisters / 2 ? 4 : 2;
 
+// The sums a key tile adds its products in: float32, or int32 for an int8 cache's int16 queries.
+template <class Query>
+using TileSum = std::conditional_t<std::is_same_v<Query, std::int16_t>, std::int32_t, float>;
+
+// sums[g · K + k] = Σ_e queries[g · n + e] · keys[k][e] for the G query rows and K keys of one
+// key/value head (sums has room for kPaddedSums<G · K>): the register tile of the key pass. Each
+// query vector is loaded once for the K keys and each key vector, widened as it is loaded, once
+// for the G rows: G·K independent chains of multiply-adds. The G·K sums are then reduced together
+// (SumsOfLanes) and the elements past the last whole vector added (AddRowTails). The products:
+//   float queries: float32 lanes; float, bfloat16 or float16 keys widened to float32;
+//   int16 queries, an int8 cache's where the CPU has no int8 dot products (AVX2, AVX-512 without
+//     VNNI, NEON): each key vector widened to int16 (one instruction for a vector of int16, where
+//     float takes two for half as many elements), pairs of products summed into int32 lanes
+//     (vpmaddwd on x86). Each pair is at most 2 · 128² in magnitude, so the sums are exact
+//     integers for n up to kInt8ProductsMaxLength (longer int8 rows go to the fused kernel:
+//     decode_attention_supports), as int8_decode_scores's are. Highway's widening multiply-add
+//     may put the odd lanes' products into a second accumulator (NEON; x86 leaves it zero): only
+//     the lanes' total is used.
+// The loops over the tile are marked for unrolling so that GCC unrolls them before it decides
+// where the sums live: else it kept them on the stack, zeroed by a `rep stos` on every call.
+template <int G, int K, class Query, class Stored>
+HWY_INLINE void TileSums(const Query* HWY_RESTRICT queries, const Stored* const* HWY_RESTRICT keys,
+                         std::int64_t n, TileSum<Query>* HWY_RESTRICT sums) {
+  constexpr bool kIntegerProducts = std::is_same_v<Query, std::int16_t>;
+  static_assert(kIntegerProducts ? std::is_same_v<Stored, std::int8_t>
+                                 : std::is_same_v<Query, float>);
+  using QueryTag = hn::ScalableTag<Query>;
+  using SumTag = hn::Repartition<TileSum<Query>, QueryTag>;
+  const QueryTag dq;
+  const SumTag ds;
+  const auto lanes = static_cast<std::int64_t>(hn::Lanes(dq));
+  VectorArray<SumTag, G * K> sum;
+  VectorArray<SumTag, kIntegerProducts ? G * K : 1> odd_sum;
+#pragma GCC unroll 16
+  for (int i = 0; i < G * K; ++i) {
+    sum.Set(i, hn::Zero(ds));
+    if constexpr (kIntegerProducts) odd_sum.Set(i, hn::Zero(ds));
+  }
+  std::int64_t e = 0;
+  for (; e + lanes <= n; e += lanes) {
+    VectorArray<QueryTag, K> key;
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      if constexpr (kIntegerProducts) {
+        key.Set(k, hn::PromoteTo(dq, hn::LoadU(hn::Rebind<std::int8_t, QueryTag>(), keys[k] + e)));
+      } else {
+        key.Set(k, LoadWidened(dq, keys[k] + e));
+      }
+    }
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g) {
+      const auto q = hn::LoadU(dq, queries + g * n + e);
+#pragma GCC unroll 4
+      for (int k = 0; k < K; ++k) {
+        const int i = g * K + k;
+        if constexpr (kIntegerProducts) {
+          auto odd = odd_sum.Get(i);
+          sum.Set(i, hn::ReorderWidenMulAccumulate(ds, q, key.Get(k), sum.Get(i), odd));
+          odd_sum.Set(i, odd);
+        } else {
+          sum.Set(i, hn::MulAdd(q, key.Get(k), sum.Get(i)));
+        }
+      }
+    }
+  }
+  if constexpr (kIntegerProducts) {
+#pragma GCC unroll 16
+    for (int i = 0; i < G * K; ++i) sum.Set(i, hn::Add(sum.Get(i), odd_sum.Get(i)));
+  }
+  SumsOfLanes<G * K>(ds, sum, sums);
+  AddRowTails<G, K>(e, n, sums, [&](int g, int k, std::int64_t tail) {
+    if constexpr (kIntegerProducts) {
+      return std::int32_t{queries[g * n + tail]} * std::int32_t{keys[k][tail]};
+    } else {
+      return queries[g * n + tail] * Widened(keys[k][tail]);
+    }
+  });
+}
+
 // out[g · out_stride + k] = Σ_d queries[g · n + d] · keys[k][d] for the G query rows and K keys
-// of one key/value head: each query vector is loaded once for K keys and each key vector
-// (widened) once for G rows, G·K independent chains of multiply-adds, and the G·K sums are
-// reduced together (SumsOfLanes), each row's K sums then copied out as one piece (a scalar loop
-// that also multiplied each sum by a key scale, 1 for every key that is not int8, held a quarter
-// of the tile's samples at G = 4, GQA's group). The loops over the tile are marked for unrolling
-// so that GCC unrolls them before it decides where the sums live: else it kept them on the stack,
-// zeroed by a `rep stos` on every call.
+// of one key/value head (TileSums), each row's K sums copied out as one piece (a scalar loop that
+// also multiplied each sum by a key scale, 1 for every key that is not int8, held a quarter of
+// the tile's samples at G = 4, GQA's group).
 template <int G, int K, class Stored>
 HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* HWY_RESTRICT keys,
                         std::int64_t n, float* HWY_RESTRICT out, std::int64_t out_stride) {
-  const FloatTag d;
-  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
-  VectorArray<FloatTag, G * K> sum;
-#pragma GCC unroll 16
-  for (int i = 0; i < G * K; ++i) sum.Set(i, hn::Zero(d));
-  std::int64_t e = 0;
-  for (; e + lanes <= n; e += lanes) {
-    VectorArray<FloatTag, K> key;
-#pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) key.Set(k, LoadWidened(d, keys[k] + e));
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      const auto q = hn::LoadU(d, queries + g * n + e);
-#pragma GCC unroll 4
-      for (int k = 0; k < K; ++k) sum.Set(g * K + k, hn::MulAdd(q, key.Get(k), sum.Get(g * K + k)));
-    }
-  }
   HWY_ALIGN float sums[kPaddedSums<G * K>];
-  SumsOfLanes<G * K>(d, sum, sums);
-  AddRowTails<G, K>(e, n, sums, [&](int g, int k, std::int64_t tail) {
-    return queries[g * n + tail] * Widened(keys[k][tail]);
-  });
+  TileSums<G, K>(queries, keys, n, sums);
 #pragma GCC unroll 4
   for (int g = 0; g < G; ++g) std::memcpy(out + g * out_stride, sums + g * K, K * sizeof(float));
 }
 
 // out[g · out_stride + k] = float(Σ_e queries[g · n + e] · keys[k][e]) · factors[k] ·
 // row_factors[g] (in that order, as int8_decode_scores takes them) for the G query rows and K keys
-// of one key/value head of an int8 cache, where the CPU has no int8 dot products (AVX2, AVX-512
-// without VNNI, NEON): the int8 query rows widened to int16 once per chunk, each key vector
-// widened to int16 as it is loaded (one instruction for a vector of int16, where the float tile
-// takes two for half as many floats), and pairs of products summed into int32 lanes (vpmaddwd on
-// x86). Each pair is at most 2 · 128² in magnitude, so the sums are exact integers for n up to
-// kInt8ProductsMaxLength (longer int8 rows go to the fused kernel: decode_attention_supports), as
-// int8_decode_scores's are: both give float(sum) · factors. The factors are applied in the tile,
-// a row's K scores at once (a scalar multiplication after the tile read four scalar stores back
-// as a vector, a failed store forwarding; a scalar loop over the sums in the tile cost 12% of K1
-// under forced AVX2).
+// of one key/value head of an int8 cache, on its int16 query rows (the int8 rows widened once per
+// chunk; TileSums sums the products exactly in int32). Both give float(sum) · factors. The
+// factors are applied in the tile, a row's K scores at once (a scalar multiplication after the
+// tile read four scalar stores back as a vector, a failed store forwarding; a scalar loop over
+// the sums in the tile cost 12% of K1 under forced AVX2).
 template <int G, int K>
 HWY_INLINE void Int8DotTile(const std::int16_t* HWY_RESTRICT queries,
                             const std::int8_t* const* HWY_RESTRICT keys, std::int64_t n,
                             const float* HWY_RESTRICT factors,
                             const float* HWY_RESTRICT row_factors, float* HWY_RESTRICT out,
                             std::int64_t out_stride) {
-  using Int16Tag = hn::ScalableTag<std::int16_t>;
-  using Int32Tag = hn::Repartition<std::int32_t, Int16Tag>;
-  const Int16Tag d16;
-  const hn::Rebind<std::int8_t, Int16Tag> d8;
-  const Int32Tag d32;
-  const auto lanes = static_cast<std::int64_t>(hn::Lanes(d16));
-  // Two accumulators per pair: Highway's widening multiply-add may put the products of the odd
-  // lanes into the second (NEON); x86 leaves it zero. Only the lanes' total is used.
-  VectorArray<Int32Tag, G * K> sum, odd_sum;
-#pragma GCC unroll 16
-  for (int i = 0; i < G * K; ++i) {
-    sum.Set(i, hn::Zero(d32));
-    odd_sum.Set(i, hn::Zero(d32));
-  }
-  std::int64_t e = 0;
-  for (; e + lanes <= n; e += lanes) {
-    VectorArray<Int16Tag, K> key;
-#pragma GCC unroll 4
-    for (int k = 0; k < K; ++k) key.Set(k, hn::PromoteTo(d16, hn::LoadU(d8, keys[k] + e)));
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) {
-      const auto q = hn::LoadU(d16, queries + g * n + e);
-#pragma GCC unroll 4
-      for (int k = 0; k < K; ++k) {
-        auto odd = odd_sum.Get(g * K + k);
-        sum.Set(g * K + k,
-                hn::ReorderWidenMulAccumulate(d32, q, key.Get(k), sum.Get(g * K + k), odd));
-        odd_sum.Set(g * K + k, odd);
-      }
-    }
-  }
-  VectorArray<Int32Tag, G * K> both;
-#pragma GCC unroll 16
-  for (int i = 0; i < G * K; ++i) both.Set(i, hn::Add(sum.Get(i), odd_sum.Get(i)));
   HWY_ALIGN std::int32_t sums[kPaddedSums<G * K>];
-  SumsOfLanes<G * K>(d32, both, sums);
-  AddRowTails<G, K>(e, n, sums, [&](int g, int k, std::int64_t tail) {
-    return std::int32_t{queries[g * n + tail]} * std::int32_t{keys[k][tail]};
-  });
+  TileSums<G, K>(queries, keys, n, sums);
   const hn::CappedTag<float, K> dk;
   const hn::RebindToSigned<decltype(dk)> dk32;
   const auto step = static_cast<int>(hn::Lanes(dk));
