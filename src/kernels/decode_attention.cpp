@@ -327,10 +327,10 @@ HWY_INLINE void DotTile(const float* HWY_RESTRICT queries, const Stored* const* 
 // out[g · out_stride + k] = float(Σ_e queries[g · n + e] · keys[k][e]) · factors[k] ·
 // row_factors[g] (in that order, as int8_decode_scores takes them) for the G query rows and K keys
 // of one key/value head of an int8 cache, on its int16 query rows (the int8 rows widened once per
-// chunk; TileSums sums the products exactly in int32). Both give float(sum) · factors. The
-// factors are applied in the tile, a row's K scores at once (a scalar multiplication after the
-// tile read four scalar stores back as a vector, a failed store forwarding; a scalar loop over
-// the sums in the tile cost 12% of K1 under forced AVX2).
+// chunk). TileSums sums the products exactly in int32, as int8_decode_scores does: both give
+// float(sum) · factors. The factors are applied in the tile, a row's K scores at once (a scalar
+// multiplication after the tile read four scalar stores back as a vector, a failed store
+// forwarding; a scalar loop over the sums in the tile cost 12% of K1 under forced AVX2).
 template <int G, int K>
 HWY_INLINE void Int8DotTile(const std::int16_t* HWY_RESTRICT queries,
                             const std::int8_t* const* HWY_RESTRICT keys, std::int64_t n,
