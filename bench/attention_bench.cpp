@@ -5,6 +5,7 @@
 
 #include <cblas.h>
 #include <fmt/format.h>
+#include <hwy/aligned_allocator.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -26,6 +27,8 @@
 #include "qkv/backward.hpp"
 #include "qkv/error.hpp"
 #include "qkv/kv_cache.hpp"
+#include "qkv/simd.hpp"
+#include "read_loop.hpp"
 
 namespace qkv::bench {
 
@@ -320,35 +323,27 @@ double attention_flops(const Shape& s) {
 }
 
 double measure_read_bandwidth(int threads) {
-  // XOR of 16-byte vectors (GCC's vector extension: SSE2 or NEON, whatever the target's baseline),
-  // four independent chains, one 64-byte line per step: the loop is limited by memory alone. (A
-  // single chain of 8-byte words, which is what GCC made of the plain loop at -O2, folds one load
-  // per cycle, below what one core can pull from memory; eight chains of words still read ~10%
-  // below a plain AVX2 read loop.)
-  using Vector = std::uint64_t __attribute__((vector_size(16)));
-  constexpr std::size_t kChains = 4;
-  const std::size_t lines = std::size_t{512} << 14;  // 512 MiB in lines of four vectors
-  std::vector<Vector> buffer(lines * kChains, Vector{0x5555, 0x5555});
+  simd_target();  // QKV_SIMD applied: the loop reads in the vectors the kernels use
+  const std::size_t words = std::size_t{512} << 17;  // 512 MiB
+  const hwy::AlignedFreeUniquePtr<std::uint64_t[]> buffer =
+      hwy::AllocateAligned<std::uint64_t>(words);
+  std::fill(buffer.get(), buffer.get() + words, std::uint64_t{0x5555});
+  // Whole 4 KiB pages to each thread, so that each reads its part from the start of a line.
+  constexpr std::size_t kPageWords = 512;
+  const std::size_t pages = words / kPageWords;
   std::uint64_t total = 0;
   const double ms = median_ms(5, [&] {
     std::uint64_t folded = 0;
 #pragma omp parallel num_threads(threads) reduction(^ : folded)
     {
-      Vector a{}, b{}, c{}, d{};
-#pragma omp for schedule(static)
-      for (std::size_t line = 0; line < lines; ++line) {
-        const Vector* words = buffer.data() + line * kChains;
-        a ^= words[0];
-        b ^= words[1];
-        c ^= words[2];
-        d ^= words[3];
-      }
-      const Vector all = a ^ b ^ c ^ d;
-      folded ^= all[0] ^ all[1];
+      const auto thread = static_cast<std::size_t>(omp_get_thread_num());
+      const auto count = static_cast<std::size_t>(omp_get_num_threads());
+      const std::size_t first = pages * thread / count, last = pages * (thread + 1) / count;
+      folded ^= fold_words(buffer.get() + first * kPageWords, (last - first) * kPageWords);
     }
     total ^= folded;
   });
-  return total != 1 ? static_cast<double>(lines) * 64.0 / (ms * 1e6) : 0.0;
+  return total != 1 ? static_cast<double>(words) * 8.0 / (ms * 1e6) : 0.0;
 }
 
 double key_value_bytes(const Shape& s, DType dtype) {

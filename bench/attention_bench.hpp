@@ -88,7 +88,8 @@ void wait_for_openblas_threads_to_sleep();
 // The median of `values` (not empty).
 double median(std::vector<double> values);
 
-// Memory read bandwidth in GB/s: a 512 MiB buffer summed by `threads` threads (median of runs).
+// Memory read bandwidth in GB/s: a 512 MiB buffer read by `threads` threads in the vectors of the
+// SIMD target the kernels run on (QKV_SIMD applied first), median of runs.
 double measure_read_bandwidth(int threads);
 
 // Bytes of K and V that attention must read at least once.

@@ -133,8 +133,10 @@ void run_bench(const BenchFlags& flags) {
                               : fmt::format(", forced by OPENBLAS_CORETYPE={}; unset it "
                                             "to measure the best kernel",
                                             gemm.coretype));
-    fmt::print("memory read bandwidth: {:.1f} GB/s (floor = bytes of K and V{} at this rate)\n\n",
-               bandwidth, dtype == DType::int8 ? " and their scales" : "");
+    fmt::print(
+        "memory read bandwidth: {:.1f} GB/s, read in the target's vectors "
+        "(floor = bytes of K and V{} at this rate)\n\n",
+        bandwidth, dtype == DType::int8 ? " and their scales" : "");
     fmt::print("{:<20} {:>9} {:>14} {:>7} {:>9} {:>8} {:>12} {:>8}\n", "shape", "ms", "throughput",
                "÷sgemm", "floor ms", "peak MiB", "baseline ms", "speed-up");
   }
