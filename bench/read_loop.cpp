@@ -1,8 +1,9 @@
 // The bench's memory read loop, in the vectors of the SIMD target that runs (Highway's dynamic
-// dispatch, QKV_SIMD included). On two threads of a Sapphire Rapids machine, a loop of 16-byte
-// vectors (what every x86 and ARM target has) read 23-25 GB/s, where one of AVX2's 32-byte loads
-// read 28-30 and one of AVX-512's 64-byte loads 30-31: the memory floors of the bench had been
-// 20% below what the machine can read. Four loads a step read 26 GB/s in AVX2 vectors, eight 28-30.
+// dispatch, QKV_SIMD included). On two threads of an Intel Xeon (Sapphire Rapids or later), a loop
+// of 16-byte vectors (what every x86 and ARM target has) read 23-25 GB/s, where one of AVX2's
+// 32-byte loads read 28-30 and one of AVX-512's 64-byte loads 30-31: the memory floors of the bench
+// had been 20% below what the machine can read. Four loads a step read 26 GB/s in AVX2 vectors,
+// eight 28-30.
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "read_loop.cpp"
