@@ -328,9 +328,9 @@ double measure_read_bandwidth(int threads) {
   const hwy::AlignedFreeUniquePtr<std::uint64_t[]> buffer =
       hwy::AllocateAligned<std::uint64_t>(words);
   std::fill(buffer.get(), buffer.get() + words, std::uint64_t{0x5555});
-  // Whole 4 KiB pages to each thread, so that each reads its part from the start of a line.
-  constexpr std::size_t kPageWords = 512;
-  const std::size_t pages = words / kPageWords;
+  // Whole 4 KiB blocks to each thread, so that each thread's part starts on a cache line.
+  constexpr std::size_t kBlockWords = 512;
+  const std::size_t blocks = words / kBlockWords;
   std::uint64_t total = 0;
   const double ms = median_ms(5, [&] {
     std::uint64_t folded = 0;
@@ -338,8 +338,8 @@ double measure_read_bandwidth(int threads) {
     {
       const auto thread = static_cast<std::size_t>(omp_get_thread_num());
       const auto count = static_cast<std::size_t>(omp_get_num_threads());
-      const std::size_t first = pages * thread / count, last = pages * (thread + 1) / count;
-      folded ^= fold_words(buffer.get() + first * kPageWords, (last - first) * kPageWords);
+      const std::size_t first = blocks * thread / count, last = blocks * (thread + 1) / count;
+      folded ^= fold_words(buffer.get() + first * kBlockWords, (last - first) * kBlockWords);
     }
     total ^= folded;
   });

@@ -36,7 +36,12 @@ std::uint64_t FoldWords(const std::uint64_t* HWY_RESTRICT words, std::size_t cou
     e = hn::Xor(e,
                 hn::Xor(hn::LoadU(d, words + i + 3 * lanes), hn::LoadU(d, words + i + 7 * lanes)));
   }
-  std::uint64_t folded = hn::GetLane(hn::SumOfLanes(d, hn::Xor(hn::Xor(a, b), hn::Xor(c, e))));
+  // The lanes folded one by one (SumOfLanes of 64-bit lanes adds them as signed integers on
+  // AVX-512, whose overflow UBSan reports).
+  HWY_ALIGN std::uint64_t lanes_of[hn::MaxLanes(d)];
+  hn::Store(hn::Xor(hn::Xor(a, b), hn::Xor(c, e)), d, lanes_of);
+  std::uint64_t folded = 0;
+  for (std::size_t lane = 0; lane < lanes; ++lane) folded ^= lanes_of[lane];
   for (; i < count; ++i) folded ^= words[i];
   return folded;
 }
