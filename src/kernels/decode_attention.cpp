@@ -396,12 +396,14 @@ HWY_INLINE void AccumulateRows(const float* HWY_RESTRICT weights, std::int64_t w
 // K and V are read front to back, a few rows at a time with work in between; the hardware
 // prefetcher alone keeps too few lines in flight (and cannot know where a KV cache's next page
 // is), so the kernel asks for the lines of the key rows it will read about kPrefetchBytes later,
-// and for the value rows as far ahead as it starts each head's values.
+// and, as it starts each head's values, for that head's value rows of the next block (of fewer
+// keys ahead when a block's value rows pass kValuePrefetchBytes: value_prefetch_keys_).
 // It asks for them into L2 (locality 2: prefetcht1 on x86, PLDL2KEEP on ARM), not L1: a prefetch
 // into L1 holds one of the core's few L1 miss buffers until its line arrives, so the prefetches
 // themselves stalled the loop at a score of lines in flight; into L2 the core keeps several
 // times more (Zen 4, S4: 12.1-13.7 -> 6.8-8.8 ms, 1.1-1.2x the memory floor instead of 1.6x).
 constexpr std::int64_t kPrefetchBytes = 8192;
+constexpr std::int64_t kValuePrefetchBytes = 32768;
 template <class Stored>
 HWY_INLINE void PrefetchRow(const Stored* row, std::int64_t length) {
   const char* first = reinterpret_cast<const char*>(row);
@@ -697,15 +699,13 @@ class DecodeKernel {
       // 2d. Value rows into their head's accumulators, head by head, in groups of up to four
       // rows: each group's accumulators stay in registers while the block's value rows pass,
       // each value row read once per group. A key no row of the group weighs is not read (a
-      // hidden key's values may be anything). On the way, the head's value rows from the block's
-      // first key + prefetch_keys_ on are asked for, a block's worth (with AVX2's blocks of 8 keys
-      // and 8 keys ahead: the next block's, as before). With AVX-512's blocks of 16 keys, asking
-      // for the next block's instead, S4 in float32 took 1.06-1.44 times its memory floor on an
-      // Intel Xeon of the Sapphire Rapids generation, against 1.01-1.05 (why the nearer rows do
-      // better was not found out: half of them are asked for just before they are read).
+      // hidden key's values may be anything). On the way, a block's worth of the head's value
+      // rows value_prefetch_keys_ ahead are asked for.
       for (std::int64_t hk = 0; hk < p_.kv_heads; ++hk) {
-        for (std::int64_t t = 0; t < lanes_ && start + prefetch_keys_ + t < blocks_end; ++t)
-          PrefetchRow(row_of(start + prefetch_keys_ + t).value + hk * ValueHeadStride(), p_.v_dim);
+        for (std::int64_t t = 0; t < lanes_ && start + value_prefetch_keys_ + t < blocks_end; ++t) {
+          PrefetchRow(row_of(start + value_prefetch_keys_ + t).value + hk * ValueHeadStride(),
+                      p_.v_dim);
+        }
         if (count == lanes_) {
           for (std::int64_t t = 0; t < count; ++t) {
             s.head_values[static_cast<std::size_t>(t)] =
@@ -890,6 +890,17 @@ class DecodeKernel {
       8, kPrefetchBytes /
              std::max<std::int64_t>(
                  1, p_.kv_heads* o_.score_dim* static_cast<std::int64_t>(sizeof(Stored))));
+  // Keys ahead whose value rows are prefetched, as each head's value pass starts: the next
+  // block's, unless a block's value rows of all heads pass kValuePrefetchBytes, then fewer keys
+  // (about that many bytes), down to 8. On an Intel Xeon of the Sapphire Rapids generation
+  // (AVX-512, blocks of 16 keys), 8 keys ahead instead of 16 took 0.89 of the time of S4 in
+  // float32 (16 KiB of values a key) and 0.94 with GQA (B1 H32 Hk8 D128, 4 KiB a key), but 1.17
+  // for K1's int8 cache (1 KiB a key); with AVX2's blocks of 8 keys it is always the next block.
+  const std::int64_t value_prefetch_keys_ = std::min<std::int64_t>(
+      lanes_, std::max<std::int64_t>(
+                  8, kValuePrefetchBytes /
+                         std::max<std::int64_t>(
+                             1, p_.kv_heads* p_.v_dim* static_cast<std::int64_t>(sizeof(Stored)))));
 };
 
 void DecodeForward(const FusedOperands& operands) {
